@@ -1,0 +1,106 @@
+//! The one place errors become HTTP: a status and `{"error":{"code":"…","message":"…"}}` with a stable
+//! code. A 5xx says nothing internal; its full cause chain is logged here, once.
+
+use crate::metrics::Metrics;
+use crate::pipeline::enqueue::EnqueueError;
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An API failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// Well-formed JSON with wrong types, missing or unknown fields, or invalid values.
+    #[error("{0}")]
+    Invalid(String),
+    /// Missing or unknown API key.
+    #[error("missing or unknown API key")]
+    Unauthorized,
+    /// A body, a batch or an event's data over its limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such route.
+    #[error("no such endpoint")]
+    NotFound,
+    /// Temporarily unable to accept: overloaded, shutting down, or a dependency is down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An unexpected failure (details only in the log).
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// The error code of a response, left in its extensions for the metrics middleware.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
+/// Middleware: counts every error response under its code.
+pub async fn count_errors(
+    axum::extract::State(metrics): axum::extract::State<Metrics>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        metrics.api_error(code);
+    }
+    response
+}
+
+impl From<EnqueueError> for ApiError {
+    fn from(error: EnqueueError) -> Self {
+        match error {
+            EnqueueError::StoreFailed => Self::Internal(Box::new(error)),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::Error> for ApiError {
+    fn from(error: crate::store::Error) -> Self {
+        if error.is_unavailable() {
+            Self::Unavailable("the event store is unavailable; retry later".into())
+        } else {
+            Self::Internal(Box::new(error))
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            Self::Internal(source) => {
+                tracing::error!(error = ?source, "request failed");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = Json(json!({ "error": { "code": code, "message": message } }));
+        let mut response = if status == StatusCode::SERVICE_UNAVAILABLE {
+            (status, [(header::RETRY_AFTER, "1")], body).into_response()
+        } else {
+            (status, body).into_response()
+        };
+        response.extensions_mut().insert(ErrorCode(code));
+        response
+    }
+}

@@ -1,0 +1,76 @@
+//! The HTTP API for producers and operators (axum): enqueue events (single and batch), mint socket
+//! tokens, and health checks. Handlers validate input into `event` types once, here at the edge;
+//! every failure is an [`error::ApiError`], mapped to HTTP in one place.
+
+pub mod error;
+mod events;
+mod extract;
+mod health;
+mod tokens;
+
+pub use extract::KeyCache;
+
+use crate::metrics::Metrics;
+use crate::pipeline::enqueue::Enqueue;
+use crate::queue::PublisherHandle;
+use crate::socket::token::TokenSigner;
+use crate::store::Store;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use std::sync::Arc;
+
+/// Limits the API enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// Largest `data` of one event, serialised.
+    pub max_data_bytes: usize,
+    /// Longest token lifetime.
+    pub max_token_ttl_secs: u64,
+}
+
+/// What handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    /// PostgreSQL (key lookups, readiness).
+    pub store: Store,
+    /// The group-commit front.
+    pub enqueue: Enqueue,
+    /// For readiness: is the broker reachable.
+    pub publisher: PublisherHandle,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// API key lookups.
+    pub keys: Arc<KeyCache>,
+    /// Mints socket tokens.
+    pub signer: TokenSigner,
+    /// Limits.
+    pub limits: Arc<Limits>,
+}
+
+/// The API routes.
+pub fn routes(state: ApiState) -> Router {
+    let max_body = state.limits.max_body_bytes;
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/api/v1/events", post(events::create))
+        .route("/api/v1/events/batch", post(events::create_batch))
+        .route("/api/v1/tokens", post(tokens::create))
+        .route("/healthz", get(health::live))
+        .route("/readyz", get(health::ready))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            error::count_errors,
+        ))
+}
+
+/// Answers unknown routes with the JSON error body.
+pub async fn not_found() -> error::ApiError {
+    error::ApiError::NotFound
+}

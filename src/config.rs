@@ -1,0 +1,534 @@
+//! Settings: every knob Herald has, with defaults that work on localhost.
+//!
+//! Layers, later wins: `Settings::default()` < a TOML file (`--config`) < `HERALD_*` environment
+//! variables. A handful of names are given by the issues and kept as they are (`HERALD_DATABASE_URL`,
+//! `HERALD_AMQP_URL`, `HERALD_HTTP_ADDR`, `HERALD_STATSD_ADDR`, `HERALD_SECRET`); every other setting
+//! is reachable as `HERALD_<SECTION>__<KEY>`, e.g. `HERALD_QUEUE__PREFETCH=200`. Unknown keys are
+//! errors that name the key, so a typo never silently falls back to a default.
+//!
+//! Tests build `Settings` in code and never set environment variables: the environment is shared by
+//! every test of a process.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Environment variables with fixed names, and the setting each one sets.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("HERALD_DATABASE_URL", "store.database_url"),
+    ("HERALD_AMQP_URL", "queue.amqp_url"),
+    ("HERALD_HTTP_ADDR", "http.addr"),
+    ("HERALD_STATSD_ADDR", "metrics.statsd_addr"),
+    ("HERALD_SECRET", "socket.secret"),
+];
+
+/// Prefix of every Herald environment variable.
+pub const ENV_PREFIX: &str = "HERALD_";
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The settings file could not be read.
+    #[error("cannot read settings file {path}")]
+    ReadFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The settings file is not valid TOML.
+    #[error("settings file {path} is not valid TOML")]
+    ParseFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable names no setting.
+    #[error("{var} names no setting (see `herald serve --help` for the list)")]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+    },
+    /// A value has the wrong type or an unknown key.
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+}
+
+/// All of Herald's settings, one sub-struct per module.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The HTTP listener (API and WebSockets).
+    pub http: HttpSettings,
+    /// PostgreSQL.
+    pub store: StoreSettings,
+    /// RabbitMQ.
+    pub queue: QueueSettings,
+    /// Enqueue, outbox relay and worker pool.
+    pub pipeline: PipelineSettings,
+    /// Phoenix Channels sockets and their tokens.
+    pub socket: SocketSettings,
+    /// StatsD.
+    pub metrics: MetricsSettings,
+    /// Process-wide settings.
+    pub node: NodeSettings,
+}
+
+/// The HTTP listener.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 lets the OS choose (tests).
+    pub addr: SocketAddr,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Longest time a request may take before it is answered 503/timeout.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// PostgreSQL.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Connection URL; the database is created by `herald migrate` when missing.
+    pub database_url: Secret,
+    /// Pool size. The group commit uses one connection at a time; the rest serve status updates,
+    /// the relay, gap fills and API reads.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection (and for the first connect).
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            database_url: Secret::new("postgres://postgres@127.0.0.1:5432/herald"),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// RabbitMQ.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    /// AMQP URL (the vhost is its path, `%2f` for `/`).
+    pub amqp_url: Secret,
+    /// Prefix of every exchange and queue name, so deployments (and tests) can share a broker.
+    pub prefix: String,
+    /// `quorum` (replicated, the default) or `classic`.
+    pub queue_type: String,
+    /// `basic_qos` prefetch: the worker pool's demand, and so its concurrency bound.
+    pub prefetch: u16,
+    /// Committed events waiting to be published; when full, the outbox relay publishes them later.
+    pub publish_buffer: usize,
+    /// Publishes awaiting a broker confirm at once (pipelined confirms).
+    pub max_inflight_confirms: usize,
+    /// A confirm not received within this is treated as a failed publish (the relay retries it).
+    pub confirm_timeout_ms: u64,
+    /// Timeout of one connection attempt.
+    pub connect_timeout_ms: u64,
+    /// Upper bound of the reconnect backoff.
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: "herald".into(),
+            queue_type: "quorum".into(),
+            prefetch: 200,
+            publish_buffer: 10_000,
+            max_inflight_confirms: 1_000,
+            confirm_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            reconnect_max_backoff_ms: 5_000,
+        }
+    }
+}
+
+/// Enqueue, relay and worker pool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Events waiting for the group commit; when full, requests wait up to `enqueue_timeout_ms`.
+    pub enqueue_buffer: usize,
+    /// Most events in one group commit.
+    pub max_commit_batch: usize,
+    /// How long a request may wait for room in the enqueue buffer before it gets 503.
+    pub enqueue_timeout_ms: u64,
+    /// Most events in one `POST /api/v1/events/batch`.
+    pub max_batch_events: usize,
+    /// Largest `data` of one event, serialised.
+    pub max_data_bytes: usize,
+    /// Rows still unpublished after this long are republished by the outbox relay.
+    pub relay_grace_ms: u64,
+    /// How often the relay looks for such rows.
+    pub relay_interval_ms: u64,
+    /// Most rows the relay claims at once.
+    pub relay_batch: i64,
+    /// Most status updates in one batched UPDATE.
+    pub max_status_batch: usize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            enqueue_buffer: 20_000,
+            max_commit_batch: 1_000,
+            enqueue_timeout_ms: 5_000,
+            max_batch_events: 1_000,
+            max_data_bytes: 64 * 1024,
+            relay_grace_ms: 10_000,
+            relay_interval_ms: 1_000,
+            relay_batch: 1_000,
+            max_status_batch: 1_000,
+        }
+    }
+}
+
+/// Phoenix Channels sockets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketSettings {
+    /// Key that signs socket tokens. Without it a development key is used, loudly.
+    pub secret: Option<Secret>,
+    /// Lifetime of a socket token.
+    pub token_ttl_secs: u64,
+    /// Frames waiting to be written to one connection; a client that lets it fill is disconnected.
+    pub outbound_buffer: usize,
+    /// Channels one connection may join.
+    pub max_channels: usize,
+    /// A connection that sends nothing (not even a heartbeat) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A write that does not complete within this closes the connection.
+    pub write_timeout_ms: u64,
+    /// tungstenite read buffer per connection (the default 128 KiB costs ~134 KB per idle socket).
+    pub read_buffer_bytes: usize,
+    /// tungstenite write buffer per connection.
+    pub write_buffer_bytes: usize,
+    /// Largest frame a client may send.
+    pub max_frame_bytes: usize,
+    /// Most events fetched from PostgreSQL to fill one gap in a user's sequence.
+    pub max_gap_fill: i64,
+}
+
+impl Default for SocketSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            token_ttl_secs: 24 * 3600,
+            outbound_buffer: 256,
+            max_channels: 100,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 4 * 1024,
+            max_frame_bytes: 64 * 1024,
+            max_gap_fill: 1_000,
+        }
+    }
+}
+
+/// StatsD.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// StatsD UDP address (`host:port`); empty disables metrics.
+    pub statsd_addr: String,
+    /// Prefix of every metric name; empty for none.
+    pub prefix: String,
+    /// How often buffered metrics are sent.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            statsd_addr: "127.0.0.1:8125".into(),
+            prefix: String::new(),
+            flush_interval_ms: 100,
+        }
+    }
+}
+
+/// Process-wide settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Bound on the whole graceful shutdown; what is left is aborted (and redelivered later).
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A string that never reaches logs: its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself: call this only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Settings {
+    /// Loads settings: defaults, then the TOML file if given, then `HERALD_*` variables from `env`.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, an unknown variable, or a value of the wrong type.
+    pub fn load(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut merged = to_value(&Settings::default())?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                path: path.into(),
+                source,
+            })?;
+            let table: Value = toml::from_str(&text).map_err(|source| Error::ParseFile {
+                path: path.into(),
+                source,
+            })?;
+            merge(&mut merged, table);
+        }
+        for (var, raw) in env {
+            let Some(path) = env_path(&var) else { continue };
+            set_path(&mut merged, &path, raw).map_err(|()| Error::UnknownEnv { var })?;
+        }
+        let settings: Settings =
+            serde_json::from_value(merged).map_err(|e| Error::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
+        if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
+            return bad("queue.queue_type", "must be quorum or classic");
+        }
+        if self.queue.prefetch == 0 {
+            return bad("queue.prefetch", "must be at least 1");
+        }
+        for (key, value) in [
+            ("pipeline.enqueue_buffer", self.pipeline.enqueue_buffer),
+            ("pipeline.max_commit_batch", self.pipeline.max_commit_batch),
+            ("pipeline.max_batch_events", self.pipeline.max_batch_events),
+            ("pipeline.max_status_batch", self.pipeline.max_status_batch),
+            ("queue.publish_buffer", self.queue.publish_buffer),
+            (
+                "queue.max_inflight_confirms",
+                self.queue.max_inflight_confirms,
+            ),
+            ("socket.outbound_buffer", self.socket.outbound_buffer),
+            ("socket.max_channels", self.socket.max_channels),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if self.pipeline.max_batch_events > self.pipeline.enqueue_buffer {
+            return bad(
+                "pipeline.max_batch_events",
+                "must not exceed pipeline.enqueue_buffer",
+            );
+        }
+        Ok(())
+    }
+
+    /// Every setting as `(environment variable, default value)`, for `--help`.
+    pub fn env_help() -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        if let Ok(defaults) = to_value(&Settings::default()) {
+            flatten("", &defaults, &mut rows);
+        }
+        rows.into_iter()
+            .map(|(path, value)| {
+                let alias = ENV_ALIASES.iter().find(|(_, p)| *p == path);
+                let var = match alias {
+                    Some((var, _)) => (*var).to_owned(),
+                    None => format!("{ENV_PREFIX}{}", path.replace('.', "__").to_uppercase()),
+                };
+                (var, value)
+            })
+            .collect()
+    }
+
+    /// How long the whole graceful shutdown may take.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.shutdown_timeout_ms)
+    }
+}
+
+fn to_value(settings: &Settings) -> Result<Value, Error> {
+    serde_json::to_value(settings).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Maps `HERALD_QUEUE__PREFETCH` to `["queue", "prefetch"]`; `None` for variables that are not ours.
+fn env_path(var: &str) -> Option<Vec<String>> {
+    if let Some((_, path)) = ENV_ALIASES.iter().find(|(name, _)| *name == var) {
+        return Some(path.split('.').map(str::to_owned).collect());
+    }
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    // HERALD_LOG (tracing) and HERALD_CONFIG (the file) are read by the binary, not by Settings.
+    if rest == "LOG" || rest == "CONFIG" {
+        return None;
+    }
+    Some(rest.split("__").map(str::to_lowercase).collect())
+}
+
+/// Sets the leaf at `path` from the raw string, typed like the default found there.
+fn set_path(root: &mut Value, path: &[String], raw: String) -> Result<(), ()> {
+    let mut node = root;
+    for key in path {
+        node = node.as_object_mut().ok_or(())?.get_mut(key).ok_or(())?;
+    }
+    *node = match node {
+        Value::Number(_) => raw
+            .parse::<serde_json::Number>()
+            .map(Value::Number)
+            .unwrap_or(Value::String(raw)),
+        Value::Bool(_) => match raw.as_str() {
+            "true" | "1" => Value::Bool(true),
+            "false" | "0" => Value::Bool(false),
+            _ => Value::String(raw),
+        },
+        Value::Object(_) => return Err(()),
+        _ => Value::String(raw),
+    };
+    Ok(())
+}
+
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    // Unknown keys stay, so deserialisation rejects them by name.
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
+}
+
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => flatten_map(prefix, map, out),
+        Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+        Value::Null => out.push((prefix.to_owned(), "(unset)".into())),
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+fn flatten_map(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, String)>) {
+    for (key, value) in map {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        flatten(&path, value, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_without_file_or_env() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(s.http.addr.port(), 4000);
+        assert_eq!(s.queue.prefetch, 200);
+    }
+
+    #[test]
+    fn aliases_and_nested_variables_apply() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("HERALD_HTTP_ADDR", "0.0.0.0:8080"),
+                ("HERALD_QUEUE__PREFETCH", "50"),
+                ("HERALD_SECRET", "s3cret"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.http.addr.port(), 8080);
+        assert_eq!(s.queue.prefetch, 50);
+        assert_eq!(s.socket.secret.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn unknown_variable_and_bad_value_are_named() {
+        let err = Settings::load(None, env(&[("HERALD_QUEUE__PREFECT", "5")])).unwrap_err();
+        assert!(err.to_string().contains("HERALD_QUEUE__PREFECT"), "{err}");
+        let err = Settings::load(None, env(&[("HERALD_QUEUE__PREFETCH", "many")])).unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s = Settings::default();
+        assert!(!format!("{s:?}").contains("guest:guest"));
+    }
+
+    #[test]
+    fn help_lists_every_setting_with_aliases() {
+        let rows = Settings::env_help();
+        assert!(rows.iter().any(|(v, _)| v == "HERALD_DATABASE_URL"));
+        assert!(
+            rows.iter()
+                .any(|(v, d)| v == "HERALD_QUEUE__PREFETCH" && d == "200")
+        );
+    }
+}

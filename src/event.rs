@@ -1,0 +1,210 @@
+//! Types shared by every stage: what an event is, and the validated names it carries.
+//!
+//! Input is parsed into these once, at the edge (HTTP API), so the stages after it never re-check.
+//! This module depends on nothing else in the crate.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+use uuid::Uuid;
+
+/// Longest accepted user id, in bytes. Topics embed it, so it bounds every topic string too.
+pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest accepted event name, in bytes.
+pub const MAX_EVENT_NAME_BYTES: usize = 64;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// A user id: 1 to 128 bytes, no whitespace or control characters (it becomes part of a topic).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(String);
+
+impl UserId {
+    /// Validates `raw` as a user id.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with it, fit for an API error.
+    pub fn parse(raw: impl Into<String>) -> Result<Self, String> {
+        let raw = raw.into();
+        if raw.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if raw.len() > MAX_USER_ID_BYTES {
+            return Err(format!("must be at most {MAX_USER_ID_BYTES} bytes"));
+        }
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain whitespace or control characters".into());
+        }
+        Ok(Self(raw))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The topic a user's sockets join: `user:<id>`.
+    pub fn topic(&self) -> String {
+        format!("{USER_TOPIC_PREFIX}{}", self.0)
+    }
+}
+
+/// Topics of user channels start with this.
+pub const USER_TOPIC_PREFIX: &str = "user:";
+
+impl TryFrom<String> for UserId {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, String> {
+        Self::parse(raw)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(id: UserId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An event name such as `push` or `push_timed`: `[A-Za-z0-9_.:-]{1,64}`, and not `phx_*`, which the
+/// Phoenix protocol reserves for its own control events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventName(String);
+
+impl EventName {
+    /// The name used when a producer gives none.
+    pub fn default_push() -> Self {
+        Self("push".into())
+    }
+
+    /// Validates `raw` as an event name.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with it, fit for an API error.
+    pub fn parse(raw: impl Into<String>) -> Result<Self, String> {
+        let raw = raw.into();
+        if raw.is_empty() || raw.len() > MAX_EVENT_NAME_BYTES {
+            return Err(format!("must be 1 to {MAX_EVENT_NAME_BYTES} bytes"));
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        {
+            return Err("may contain only letters, digits and _ . : -".into());
+        }
+        if raw.starts_with("phx_") {
+            return Err("must not start with phx_ (reserved by the Phoenix protocol)".into());
+        }
+        Ok(Self(raw))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EventName {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, String> {
+        Self::parse(raw)
+    }
+}
+
+impl From<EventName> for String {
+    fn from(name: EventName) -> String {
+        name.0
+    }
+}
+
+/// An event as it travels through RabbitMQ and reaches the worker: everything needed to push it,
+/// so the worker never reads PostgreSQL on the normal path.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The event id (UUID v7, so ids sort by creation time).
+    pub id: Uuid,
+    /// Whose event it is.
+    pub user_id: UserId,
+    /// The user's sequence number: gap-free and increasing per user.
+    pub seq: i64,
+    /// The event name pushed to the client.
+    pub event: EventName,
+    /// When the API accepted it, Unix milliseconds.
+    pub at: i64,
+    /// The producer's data, kept as raw JSON so it is never re-encoded on the way.
+    pub data: Box<RawValue>,
+}
+
+impl Envelope {
+    /// The payload a client receives: the data plus the event id, the seq and `at`.
+    pub fn push_payload(&self) -> String {
+        #[derive(Serialize)]
+        struct Payload<'a> {
+            id: &'a Uuid,
+            seq: i64,
+            at: i64,
+            data: &'a RawValue,
+        }
+        let payload = Payload {
+            id: &self.id,
+            seq: self.seq,
+            at: self.at,
+            data: &self.data,
+        };
+        // Serialising plain fields and already-valid raw JSON cannot fail.
+        serde_json::to_string(&payload).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every wall-clock timestamp Herald exchanges.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_checked() {
+        assert!(UserId::parse("42").is_ok());
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a b").is_err());
+        assert!(UserId::parse("x".repeat(129)).is_err());
+        assert_eq!(UserId::parse("7").unwrap().topic(), "user:7");
+    }
+
+    #[test]
+    fn event_names_are_checked() {
+        assert!(EventName::parse("push_timed").is_ok());
+        assert!(EventName::parse("phx_join").is_err());
+        assert!(EventName::parse("a/b").is_err());
+        assert!(EventName::parse("").is_err());
+    }
+
+    #[test]
+    fn push_payload_carries_id_seq_at_and_raw_data() {
+        let env = Envelope {
+            id: Uuid::nil(),
+            user_id: UserId::parse("1").unwrap(),
+            seq: 3,
+            event: EventName::default_push(),
+            at: 1700,
+            data: RawValue::from_string(r#"{"n": 1}"#.into()).unwrap(),
+        };
+        assert_eq!(
+            env.push_payload(),
+            r#"{"id":"00000000-0000-0000-0000-000000000000","seq":3,"at":1700,"data":{"n": 1}}"#
+        );
+    }
+}

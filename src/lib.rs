@@ -1,0 +1,24 @@
+//! Herald: durable real-time notification delivery.
+//!
+//! Backends enqueue events over HTTP (`api`); each event is committed to PostgreSQL (`store`) before the
+//! answer, published to RabbitMQ with confirms (`queue`, `pipeline`), consumed by a worker pool that
+//! broadcasts it to the user's topic (`pubsub`), and pushed to the user's Phoenix Channels clients
+//! (`socket`). Every stage reports to StatsD (`metrics`).
+//!
+//! Dependencies point one way: `api`, `socket` and `pipeline` use `store`, `queue`, `pubsub` and
+//! `metrics`; those leaves use none of each other (only the shared types in `event`).
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod metrics;
+pub mod pipeline;
+pub mod pubsub;
+pub mod queue;
+pub mod socket;
+pub mod store;
+
+pub use app::App;
+pub use config::Settings;

@@ -1,0 +1,216 @@
+//! The `herald` binary: parses the command line, starts tracing, loads `Settings`, and runs the
+//! subcommand. `anyhow` lives here only.
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use herald::App;
+use herald::config::Settings;
+use herald::event::UserId;
+use herald::socket::token::{DEVELOPMENT_SECRET, TokenSigner, now_unix_secs};
+use herald::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Herald: durable real-time notification delivery (HTTP API -> PostgreSQL -> RabbitMQ -> Phoenix
+/// Channels).
+#[derive(Parser)]
+#[command(name = "herald", version)]
+struct Cli {
+    /// A TOML settings file (environment variables override it).
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    config: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node: HTTP API and WebSockets, outbox relay, worker pool.
+    Serve,
+    /// Create the database if it is missing and apply the migrations.
+    Migrate,
+    /// Manage producers and their API keys.
+    Producers {
+        #[command(subcommand)]
+        command: ProducersCommand,
+    },
+    /// Print a signed socket token for a user.
+    Token {
+        /// The user id.
+        user_id: String,
+        /// Lifetime in seconds (default: socket.token_ttl_secs).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum ProducersCommand {
+    /// Create a producer and print its API key (shown once; only its hash is stored).
+    Add {
+        /// A unique name, e.g. billing.
+        name: String,
+    },
+    /// Give a producer a new API key (the old one stops working within 30 s).
+    RotateKey {
+        /// The producer.
+        name: String,
+    },
+    /// List producers.
+    List,
+}
+
+fn settings_help() -> String {
+    let mut text = String::from("Settings (environment variables; defaults in brackets):\n");
+    for (var, default) in Settings::env_help() {
+        text.push_str(&format!("  {var} [{default}]\n"));
+    }
+    text.push_str("  HERALD_LOG [info]  log filter (tracing EnvFilter syntax)\n");
+    text
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let help = settings_help();
+    let command = Cli::command().mut_subcommand("serve", |c| c.after_help(help.clone()));
+    let command = command.mut_subcommand("demo", |c| c.after_help(help));
+    let cli = Cli::from_arg_matches(&command.get_matches())?;
+    init_tracing();
+    let settings =
+        Settings::load(cli.config.as_deref(), std::env::vars()).context("cannot load settings")?;
+    match cli.command {
+        Command::Serve => serve(settings).await,
+        Command::Migrate => migrate(&settings).await.map(|_| ()),
+        Command::Producers { command } => producers(&settings, command).await,
+        Command::Token { user_id, ttl_secs } => token(&settings, &user_id, ttl_secs),
+        Command::Demo => demo(settings).await,
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    tracing::info!(settings = ?settings, "effective settings");
+    let app = App::build(settings).await.context("cannot start herald")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    app.run(shutdown).await.context("herald failed")
+}
+
+/// Cancels `shutdown` on SIGTERM or ctrl-c.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("signal received: shutting down");
+    shutdown.cancel();
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<Store> {
+    if Store::create_database_if_missing(&settings.store)
+        .await
+        .context("cannot create the database")?
+    {
+        tracing::info!("created the database");
+    }
+    let store = Store::connect(&settings.store).await?;
+    store.migrate().await?;
+    tracing::info!("migrations applied");
+    Ok(store)
+}
+
+async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.store).await?;
+    match command {
+        ProducersCommand::Add { name } => {
+            let (producer, key) = store.create_producer(&name).await?;
+            println!(
+                "producer {} created; its API key (shown once):",
+                producer.name
+            );
+            println!("{}", key.expose());
+        }
+        ProducersCommand::RotateKey { name } => {
+            let (producer, key) = store
+                .rotate_producer_key(&name)
+                .await?
+                .with_context(|| format!("no producer named {name}"))?;
+            println!("new API key of {} (shown once):", producer.name);
+            println!("{}", key.expose());
+        }
+        ProducersCommand::List => {
+            for producer in store.list_producers().await? {
+                println!("{}", producer.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn signer(settings: &Settings) -> TokenSigner {
+    match &settings.socket.secret {
+        Some(secret) => TokenSigner::new(secret.expose()),
+        None => {
+            eprintln!("warning: HERALD_SECRET is not set; signing with the development secret");
+            TokenSigner::new(DEVELOPMENT_SECRET)
+        }
+    }
+}
+
+fn token(settings: &Settings, user_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<()> {
+    let user = UserId::parse(user_id).map_err(|why| anyhow::anyhow!("user id {why}"))?;
+    let ttl = ttl_secs.unwrap_or(settings.socket.token_ttl_secs);
+    println!("{}", signer(settings).sign(&user, now_unix_secs() + ttl));
+    Ok(())
+}
+
+async fn demo(settings: Settings) -> anyhow::Result<()> {
+    let store = migrate(&settings).await?;
+    let (_, key) = match store.rotate_producer_key("demo").await? {
+        Some(rekeyed) => rekeyed,
+        None => store.create_producer("demo").await?,
+    };
+    store.close().await;
+    let app = App::build(settings.clone())
+        .await
+        .context("cannot start herald")?;
+    let addr = app.http_addr();
+    let user = UserId::parse("42").map_err(anyhow::Error::msg)?;
+    let token = signer(&settings).sign(&user, now_unix_secs() + settings.socket.token_ttl_secs);
+    println!(
+        "\nHerald is running on http://{addr}  (ctrl-c stops it)\n\n\
+         API key of producer \"demo\" (new each time the demo starts):\n  {key}\n\n\
+         1. Connect as user 42 (Phoenix Channels v2), e.g. with the official JS client:\n\
+         \x20    new Socket(\"ws://{addr}/socket\", {{params: {{token: \"{token}\"}}}}).channel(\"user:42\").join()\n\
+         \x20  or any WebSocket client:\n\
+         \x20    ws://{addr}/socket/websocket?vsn=2.0.0&token={token}\n\
+         \x20    send: [\"1\",\"1\",\"user:42\",\"phx_join\",{{}}]\n\n\
+         2. Send user 42 an event:\n\
+         \x20    curl -i -X POST http://{addr}/api/v1/events -H 'Authorization: Bearer {key}' \\\n\
+         \x20      -H 'Content-Type: application/json' -d '{{\"user_id\":\"42\",\"event\":\"push_timed\",\"data\":{{\"n\":1}}}}'\n",
+        key = key.expose()
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    app.run(shutdown).await.context("herald failed")
+}

@@ -1,0 +1,235 @@
+//! Every StatsD metric Herald emits, named in one place (one method per telemetry event).
+//!
+//! Call sites never spell a metric name. Tags are DogStatsD (`name:1|c|#tag:value`) and always of low
+//! cardinality: never a user id or an event id. Metrics are buffered and sent every
+//! `metrics.flush_interval_ms` (or when a packet is full), so hot paths cost a mutex and a format, not
+//! a syscall.
+
+use crate::config::MetricsSettings;
+use cadence::prelude::*;
+use cadence::{BufferedUdpMetricSink, NopMetricSink, StatsdClient};
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The socket tag of user sockets.
+pub const USER_SOCKET: &str = "UserSocket";
+/// The channel tag of user channels.
+pub const USER_CHANNEL: &str = "UserChannel";
+
+/// Why metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up StatsD to {addr}")]
+pub struct Error {
+    addr: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// A cheap handle to the StatsD client.
+#[derive(Clone)]
+pub struct Metrics {
+    client: Arc<StatsdClient>,
+}
+
+fn status(success: bool) -> &'static str {
+    if success { "success" } else { "fail" }
+}
+
+impl Metrics {
+    /// Builds the client; an empty `statsd_addr` gives a client that sends nothing.
+    ///
+    /// # Errors
+    /// The UDP socket cannot be bound or the address does not resolve.
+    pub fn new(settings: &MetricsSettings) -> Result<Self, Error> {
+        let client = if settings.statsd_addr.is_empty() {
+            StatsdClient::from_sink(&settings.prefix, NopMetricSink)
+        } else {
+            let fail = |source: Box<dyn std::error::Error + Send + Sync>| Error {
+                addr: settings.statsd_addr.clone(),
+                source,
+            };
+            let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| fail(Box::new(e)))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| fail(Box::new(e)))?;
+            let sink = BufferedUdpMetricSink::from(settings.statsd_addr.as_str(), socket)
+                .map_err(|e| fail(Box::new(e)))?;
+            StatsdClient::builder(&settings.prefix, sink)
+                .with_error_handler(|e| tracing::debug!(error = %e, "statsd send failed"))
+                .build()
+        };
+        Ok(Self {
+            client: Arc::new(client),
+        })
+    }
+
+    /// A client that sends nothing (for tools that need no metrics).
+    pub fn disabled() -> Self {
+        Self {
+            client: Arc::new(StatsdClient::from_sink("", NopMetricSink)),
+        }
+    }
+
+    /// Sends what is buffered.
+    pub fn flush(&self) {
+        let _ = self.client.flush();
+    }
+
+    /// A socket connect attempt: the token was accepted or refused.
+    pub fn socket_connect(&self, socket: &'static str, success: bool) {
+        self.client
+            .count_with_tags("socket_connect", 1)
+            .with_tag("status", status(success))
+            .with_tag("socket", socket)
+            .send();
+    }
+
+    /// A channel join was accepted or refused.
+    pub fn channel_join(&self, channel: &'static str, success: bool) {
+        self.client
+            .count_with_tags("channel_join", 1)
+            .with_tag("status", status(success))
+            .with_tag("channel", channel)
+            .send();
+    }
+
+    /// An event reached a client socket; `latency_ms` is push time minus enqueue time (wall clock).
+    pub fn push_delivered(&self, latency_ms: u64) {
+        self.client
+            .histogram("pipeline.push_delivered", latency_ms)
+            .ok();
+    }
+
+    /// One worker delivery finished (broadcast, outcome recorded, acked).
+    pub fn worker_processed(&self, elapsed: Duration, outcome: &'static str) {
+        self.client
+            .time_with_tags("pipeline.worker.process_time", elapsed)
+            .with_tag("outcome", outcome)
+            .send();
+    }
+
+    /// Events accepted by the API (new rows), per request.
+    pub fn events_accepted(&self, count: usize, endpoint: &'static str) {
+        if count > 0 {
+            self.client
+                .count_with_tags("api.events.accepted", count as i64)
+                .with_tag("endpoint", endpoint)
+                .send();
+        }
+    }
+
+    /// Events the API recognised as retries of an idempotency key.
+    pub fn events_duplicate(&self, count: usize) {
+        if count > 0 {
+            self.client.count("api.events.duplicate", count as i64).ok();
+        }
+    }
+
+    /// An API request answered with an error code.
+    pub fn api_error(&self, code: &'static str) {
+        self.client
+            .count_with_tags("api.errors", 1)
+            .with_tag("code", code)
+            .send();
+    }
+
+    /// One group commit: how many events, and how long the transaction took.
+    pub fn commit(&self, events: usize, elapsed: Duration) {
+        self.client
+            .histogram("store.commit.batch_size", events as u64)
+            .ok();
+        self.client.time("store.commit.time", elapsed).ok();
+    }
+
+    /// A status UPDATE batch (`kind` = published or outcome).
+    pub fn status_batch(&self, kind: &'static str, rows: usize, elapsed: Duration) {
+        self.client
+            .histogram_with_tags("store.status.batch_size", rows as u64)
+            .with_tag("kind", kind)
+            .send();
+        self.client
+            .time_with_tags("store.status.time", elapsed)
+            .with_tag("kind", kind)
+            .send();
+    }
+
+    /// Publishes confirmed by the broker.
+    pub fn publish_confirmed(&self, count: usize) {
+        self.client
+            .count("queue.publish.confirmed", count as i64)
+            .ok();
+    }
+
+    /// Publishes not confirmed (nack, timeout, lost connection); the relay republishes them.
+    pub fn publish_unconfirmed(&self, count: usize, reason: &'static str) {
+        self.client
+            .count_with_tags("queue.publish.unconfirmed", count as i64)
+            .with_tag("reason", reason)
+            .send();
+    }
+
+    /// Committed events not handed to the publisher (buffer full or broker down); the relay owns them.
+    pub fn publish_deferred(&self, count: usize) {
+        if count > 0 {
+            self.client
+                .count("queue.publish.deferred", count as i64)
+                .ok();
+        }
+    }
+
+    /// A RabbitMQ connection was lost or could not be made (`role` = publisher or consumer).
+    pub fn queue_connection_lost(&self, role: &'static str) {
+        self.client
+            .count_with_tags("queue.connection.lost", 1)
+            .with_tag("role", role)
+            .send();
+    }
+
+    /// Events the outbox relay republished.
+    pub fn relay_republished(&self, count: usize) {
+        if count > 0 {
+            self.client
+                .count("pipeline.relay.republished", count as i64)
+                .ok();
+        }
+    }
+
+    /// A delivery's outcome (`pushed`, `offline`, `failed`).
+    pub fn delivery_outcome(&self, outcome: &'static str) {
+        self.client
+            .count_with_tags("pipeline.worker.delivered", 1)
+            .with_tag("outcome", outcome)
+            .send();
+    }
+
+    /// A connection was dropped because its outbound queue was full (a client that does not read).
+    pub fn socket_overflow(&self) {
+        self.client.count("socket.outbound.overflow", 1).ok();
+    }
+
+    /// A client frame could not be decoded.
+    pub fn socket_malformed_frame(&self, reason: &'static str) {
+        self.client
+            .count_with_tags("socket.frame.malformed", 1)
+            .with_tag("reason", reason)
+            .send();
+    }
+
+    /// A channel saw a seq it had already pushed (a redelivery) and dropped it.
+    pub fn socket_duplicate_dropped(&self) {
+        self.client.count("socket.push.duplicate", 1).ok();
+    }
+
+    /// A channel filled a gap in a user's sequence from PostgreSQL (`count` events).
+    pub fn socket_gap_filled(&self, count: usize) {
+        self.client
+            .count("socket.push.gap_filled", count as i64)
+            .ok();
+    }
+
+    /// Open WebSocket connections on this node.
+    pub fn socket_connections(&self, open: u64) {
+        self.client.gauge("socket.connections", open).ok();
+    }
+}

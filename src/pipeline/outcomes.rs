@@ -1,0 +1,67 @@
+//! The delivery-outcome writer: workers submit each delivery's outcome and wait until it is stored
+//! (batched UPDATEs), and only then ack, so an acked message always has its outcome recorded.
+
+use super::batch::{Batcher, Flush};
+use super::retry;
+use crate::metrics::Metrics;
+use crate::store::{Outcome, Store};
+use std::future::Future;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Attempts at one outcome batch before giving up (about 15 s of backoff): a longer database outage
+/// leaves the deliveries unacked, and the broker redelivers them.
+const TRIES: u32 = 10;
+
+/// Writes outcomes in batches.
+pub struct OutcomeWriter {
+    store: Store,
+    metrics: Metrics,
+}
+
+/// The outcome could not be stored.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("the delivery outcome could not be stored")]
+pub struct NotRecorded;
+
+/// The handle workers use.
+pub type Outcomes = Batcher<OutcomeWriter>;
+
+/// The writer's handle and task (spawn it); the task ends when `close` is cancelled and everything
+/// submitted before is written.
+pub fn writer(
+    store: Store,
+    metrics: Metrics,
+    capacity: usize,
+    max_batch: usize,
+    close: CancellationToken,
+) -> (Outcomes, impl Future<Output = ()> + Send) {
+    Batcher::new(OutcomeWriter { store, metrics }, capacity, max_batch, close)
+}
+
+impl Flush for OutcomeWriter {
+    type Item = Outcome;
+    type Output = Result<(), NotRecorded>;
+
+    async fn flush(&self, outcomes: Vec<Outcome>) -> Vec<Self::Output> {
+        {
+            let started = Instant::now();
+            let result = retry("record outcomes", TRIES, || {
+                self.store.record_outcomes(&outcomes)
+            })
+            .await;
+            let answer = match result {
+                Ok(()) => {
+                    self.metrics
+                        .status_batch("outcome", outcomes.len(), started.elapsed());
+                    Ok(())
+                }
+                Err(error) => {
+                    tracing::error!(error = ?error, events = outcomes.len(), "cannot record delivery outcomes");
+                    Err(NotRecorded)
+                }
+            };
+            vec![answer; outcomes.len()]
+        }
+    }
+}

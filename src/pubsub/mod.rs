@@ -1,0 +1,210 @@
+//! Topic fan-out: a broadcast on a topic reaches every subscriber of that topic.
+//!
+//! Subscribers are the channels joined on this node's sockets; each is a bounded queue into its
+//! connection. The worker calls [`PubSub::broadcast`] without knowing where a user's sockets are; the
+//! socket code calls `subscribe`/`unsubscribe`. Both talk only to this type, so a cross-node
+//! implementation (riding RabbitMQ, see ARCHITECTURE.md) can fill it in without changing either.
+//!
+//! A subscriber whose queue is full is not waited for: it is told to disconnect (its client catches up
+//! when it reconnects), so one slow client never delays the others. Depends on nothing else in Herald.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One message to every subscriber of a topic. Shared (`Arc`) by all of them: built once.
+#[derive(Debug)]
+pub struct Message {
+    /// The topic, e.g. `user:42`.
+    pub topic: Arc<str>,
+    /// The event name the client sees.
+    pub event: Arc<str>,
+    /// Ordering key within the topic (the user's seq), if the topic has one.
+    pub seq: Option<i64>,
+    /// The payload, already JSON.
+    pub payload: Arc<str>,
+    /// When the event was accepted, Unix ms, for the end-to-end latency metric.
+    pub enqueued_at_ms: Option<i64>,
+}
+
+/// A subscriber: a bounded queue into a connection, and the switch that disconnects it when that
+/// queue overflows.
+#[derive(Clone, Debug)]
+pub struct Subscriber {
+    /// Where messages go.
+    pub queue: mpsc::Sender<Arc<Message>>,
+    /// Cancelled when the queue was full: the connection must close.
+    pub overflowed: CancellationToken,
+}
+
+/// Identifies one subscription, for `unsubscribe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SubscriptionId(u64);
+
+/// What a broadcast reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Subscribers whose queue took the message.
+    pub delivered: usize,
+    /// Subscribers dropped because their queue was full.
+    pub overflowed: usize,
+}
+
+/// Why a broadcast failed. The in-memory fan-out cannot fail; a cross-node one can.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The fan-out transport is unavailable.
+    #[error("pubsub transport unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The topic registry; a cheap `Clone`.
+#[derive(Clone, Default)]
+pub struct PubSub {
+    inner: Arc<Registry>,
+}
+
+type Subscribers = Vec<(SubscriptionId, Subscriber)>;
+
+#[derive(Default)]
+struct Registry {
+    // A std RwLock: held only to copy senders or edit the map, never across an await.
+    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
+    next_id: AtomicU64,
+}
+
+impl PubSub {
+    /// A registry with no topics.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes `subscriber` to `topic`.
+    pub fn subscribe(&self, topic: &str, subscriber: Subscriber) -> SubscriptionId {
+        let id = SubscriptionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+        topics
+            .entry(Arc::from(topic))
+            .or_default()
+            .push((id, subscriber));
+        id
+    }
+
+    /// Removes a subscription; the topic goes when its last subscriber does.
+    pub fn unsubscribe(&self, topic: &str, id: SubscriptionId) {
+        let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(subs) = topics.get_mut(topic) {
+            subs.retain(|(sid, _)| *sid != id);
+            if subs.is_empty() {
+                topics.remove(topic);
+            }
+        }
+    }
+
+    /// Sends `message` to every current subscriber of its topic.
+    ///
+    /// # Errors
+    /// Only a cross-node transport can fail; the local fan-out always succeeds.
+    pub async fn broadcast(&self, message: Message) -> Result<Reach, Error> {
+        Ok(self.broadcast_local(Arc::new(message)))
+    }
+
+    fn broadcast_local(&self, message: Arc<Message>) -> Reach {
+        let mut reach = Reach::default();
+        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        let Some(subs) = topics.get(&message.topic) else {
+            return reach;
+        };
+        for (_, sub) in subs {
+            match sub.queue.try_send(Arc::clone(&message)) {
+                Ok(()) => reach.delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    sub.overflowed.cancel();
+                    reach.overflowed += 1;
+                }
+                // The connection is closing and will unsubscribe; it was not reached.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        reach
+    }
+
+    /// Topics with at least one subscriber on this node.
+    pub fn topic_count(&self) -> usize {
+        self.inner.topics.read().map(|t| t.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            event: "push".into(),
+            seq: Some(1),
+            payload: "{}".into(),
+            enqueued_at_ms: None,
+        }
+    }
+
+    fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Arc<Message>>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let sub = Subscriber {
+            queue,
+            overflowed: CancellationToken::new(),
+        };
+        (sub, rx)
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_only_the_topic() {
+        let pubsub = PubSub::new();
+        let (a, mut rx_a) = subscriber(4);
+        let (b, mut rx_b) = subscriber(4);
+        pubsub.subscribe("user:1", a);
+        pubsub.subscribe("user:2", b);
+        let reach = pubsub.broadcast(message("user:1")).await.unwrap();
+        assert_eq!(reach.delivered, 1);
+        assert_eq!(&*rx_a.recv().await.unwrap().topic, "user:1");
+        assert!(rx_b.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_flags_its_subscriber_and_spares_others() {
+        let pubsub = PubSub::new();
+        let (slow, _rx_slow) = subscriber(1);
+        let (fast, mut rx_fast) = subscriber(8);
+        let flag = slow.overflowed.clone();
+        pubsub.subscribe("user:1", slow);
+        pubsub.subscribe("user:1", fast);
+        pubsub.broadcast(message("user:1")).await.unwrap();
+        let reach = pubsub.broadcast(message("user:1")).await.unwrap();
+        assert_eq!(
+            reach,
+            Reach {
+                delivered: 1,
+                overflowed: 1
+            }
+        );
+        assert!(flag.is_cancelled());
+        assert!(rx_fast.recv().await.is_some() && rx_fast.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_removes_the_topic() {
+        let pubsub = PubSub::new();
+        let (a, _rx) = subscriber(1);
+        let id = pubsub.subscribe("user:1", a);
+        assert_eq!(pubsub.topic_count(), 1);
+        pubsub.unsubscribe("user:1", id);
+        assert_eq!(pubsub.topic_count(), 0);
+        assert_eq!(
+            pubsub.broadcast(message("user:1")).await.unwrap().delivered,
+            0
+        );
+    }
+}

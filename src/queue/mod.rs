@@ -1,0 +1,291 @@
+//! RabbitMQ: the topology Herald declares, the publisher (persistent messages, pipelined confirms) and
+//! the consumer (manual acks, prefetch as demand).
+//!
+//! The broker may be down at any moment: nothing here panics or gives up on a lost connection. The
+//! publisher reconnects with backoff and reports what was confirmed; what was not stays unpublished in
+//! PostgreSQL for the outbox relay. Depends on no other Herald module.
+
+mod publisher;
+
+pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle};
+
+use crate::config::QueueSettings;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use std::time::Duration;
+
+/// A RabbitMQ failure, named for what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection within the timeout.
+    #[error("cannot connect to RabbitMQ")]
+    Connect(#[source] lapin::Error),
+    /// The connection attempt timed out.
+    #[error("connecting to RabbitMQ timed out")]
+    ConnectTimeout,
+    /// Declaring exchanges, queues or bindings failed.
+    #[error("cannot declare the topology ({what})")]
+    Topology {
+        /// What was being declared.
+        what: String,
+        /// Why.
+        #[source]
+        source: lapin::Error,
+    },
+    /// Opening a channel or starting to consume failed.
+    #[error("cannot {what}")]
+    Channel {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+/// The names of everything Herald declares, all under one prefix.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// The durable work queue events are published to.
+    pub events_queue: String,
+    /// Where rejected (dead) events go.
+    pub dead_letter_exchange: String,
+    /// The queue holding dead events for operators.
+    pub dead_letter_queue: String,
+}
+
+impl Topology {
+    /// Names for `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            events_queue: format!("{prefix}.events"),
+            dead_letter_exchange: format!("{prefix}.dead"),
+            dead_letter_queue: format!("{prefix}.events.dead"),
+        }
+    }
+}
+
+/// Connects with a timeout. Each role (publisher, consumer) has its own connection, so flow control
+/// on a publishing connection never stalls consumption.
+///
+/// # Errors
+/// Unreachable broker, refused credentials, or the timeout.
+pub async fn connect(settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(format!("herald-{role}").into());
+    let attempt = Connection::connect(settings.amqp_url.expose(), properties);
+    match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), attempt).await {
+        Ok(result) => result.map_err(Error::Connect),
+        Err(_) => Err(Error::ConnectTimeout),
+    }
+}
+
+/// Opens a channel on `connection`.
+///
+/// # Errors
+/// The connection is gone.
+pub async fn open_channel(connection: &Connection) -> Result<Channel, Error> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|source| Error::Channel {
+            what: "open a channel",
+            source,
+        })
+}
+
+/// Declares the topology; idempotent, run on every (re)connect of every role.
+///
+/// # Errors
+/// A declaration failed (e.g. an existing queue with other arguments).
+pub async fn declare_topology(channel: &Channel, settings: &QueueSettings) -> Result<(), Error> {
+    let names = Topology::new(&settings.prefix);
+    let fail = |what: &str| {
+        let what = what.to_owned();
+        move |source| Error::Topology { what, source }
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            names.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail(&names.dead_letter_exchange))?;
+    channel
+        .queue_declare(
+            names.dead_letter_queue.as_str().into(),
+            durable,
+            queue_arguments(settings, None),
+        )
+        .await
+        .map_err(fail(&names.dead_letter_queue))?;
+    channel
+        .queue_bind(
+            names.dead_letter_queue.as_str().into(),
+            names.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail("dead-letter binding"))?;
+    channel
+        .queue_declare(
+            names.events_queue.as_str().into(),
+            durable,
+            queue_arguments(settings, Some(&names.dead_letter_exchange)),
+        )
+        .await
+        .map_err(fail(&names.events_queue))?;
+    Ok(())
+}
+
+fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    // Quorum queues replicate and survive a broker node's loss; classic is for single-node setups.
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(settings.queue_type.as_str().into()),
+    );
+    if let Some(exchange) = dead_letter_exchange {
+        // A message nacked without requeue (a failed delivery) goes here instead of vanishing.
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(exchange.into()),
+        );
+    }
+    args
+}
+
+/// Deletes every queue and exchange of the topology (tests and benchmarks clean up with it).
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn delete_topology(settings: &QueueSettings) -> Result<(), Error> {
+    let connection = connect(settings, "cleanup").await?;
+    let channel = open_channel(&connection).await?;
+    let names = Topology::new(&settings.prefix);
+    for queue in [&names.events_queue, &names.dead_letter_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            names.dead_letter_exchange.as_str().into(),
+            Default::default(),
+        )
+        .await;
+    let _ = connection.close(200, "cleanup done".into()).await;
+    Ok(())
+}
+
+/// A consumer on the events queue with `prefetch` unacked deliveries at most: the worker pool's demand.
+pub struct EventConsumer {
+    /// Keeps the connection open while deliveries are acked.
+    pub connection: Connection,
+    /// The channel deliveries are acked on.
+    pub channel: Channel,
+    /// The delivery stream.
+    pub consumer: Consumer,
+    /// The consumer tag, to cancel it at shutdown.
+    pub tag: String,
+}
+
+/// Connects, declares the topology and starts consuming the events queue with manual acks.
+///
+/// # Errors
+/// Any step failed; the caller reconnects with backoff.
+pub async fn consume_events(settings: &QueueSettings, tag: &str) -> Result<EventConsumer, Error> {
+    let connection = connect(settings, "consumer").await?;
+    let channel = open_channel(&connection).await?;
+    declare_topology(&channel, settings).await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|source| Error::Channel {
+            what: "set prefetch",
+            source,
+        })?;
+    let consumer = channel
+        .basic_consume(
+            Topology::new(&settings.prefix).events_queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| Error::Channel {
+            what: "start consuming",
+            source,
+        })?;
+    Ok(EventConsumer {
+        connection,
+        channel,
+        consumer,
+        tag: tag.to_owned(),
+    })
+}
+
+/// Exponential backoff for reconnects: 100 ms doubling up to a cap.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at 100 ms, never above `max`.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+
+    #[test]
+    fn names_share_the_prefix() {
+        let t = Topology::new("test_1");
+        assert_eq!(t.events_queue, "test_1.events");
+        assert_eq!(t.dead_letter_queue, "test_1.events.dead");
+    }
+}

@@ -1,0 +1,315 @@
+//! The publisher: persistent messages to the events queue with publisher confirms, pipelined.
+//!
+//! Awaiting each confirm before the next publish caps near 2.5k msgs/s on our box; here up to
+//! `max_inflight_confirms` publishes are outstanding at once and confirms are collected as they come.
+//! Order is kept: one channel, publishes issued in the order they were handed in.
+//!
+//! What the broker confirmed is reported as [`PublisherEvent::Confirmed`]; everything else (nack,
+//! timeout, lost connection, unroutable) is reported as unconfirmed and simply left to the outbox
+//! relay, because the event is already safe in PostgreSQL.
+
+use super::{Backoff, Error, Topology, connect, declare_topology, open_channel};
+use crate::config::QueueSettings;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A message to publish: the event id (message id, and what the confirm reports) and its body.
+#[derive(Debug)]
+pub struct OutgoingMessage {
+    /// The event id.
+    pub id: Uuid,
+    /// The serialised envelope.
+    pub body: Vec<u8>,
+}
+
+/// What happened to published messages, for the pipeline to record and count.
+#[derive(Debug)]
+pub enum PublisherEvent {
+    /// The broker confirmed these (persisted to the queue).
+    Confirmed(Vec<Uuid>),
+    /// These were not confirmed; they stay unpublished in PostgreSQL for the relay.
+    Unconfirmed {
+        /// How many.
+        count: usize,
+        /// Why: `nack`, `timeout`, `unroutable` or `connection_lost`.
+        reason: &'static str,
+    },
+    /// The connection was lost, or an attempt to make one failed.
+    Disconnected,
+}
+
+/// The sending side, cheap to clone: enqueue and the outbox relay both publish through it.
+#[derive(Clone, Debug)]
+pub struct PublisherHandle {
+    tx: mpsc::Sender<OutgoingMessage>,
+    connected: Arc<AtomicBool>,
+}
+
+impl PublisherHandle {
+    /// Hands a message over without waiting. Gives it back when the broker is down or the buffer is
+    /// full: the caller leaves it to the relay.
+    ///
+    /// # Errors
+    /// The message, not taken.
+    pub fn try_publish(&self, message: OutgoingMessage) -> Result<(), OutgoingMessage> {
+        if !self.is_connected() {
+            return Err(message);
+        }
+        self.tx.try_send(message).map_err(|e| e.into_inner())
+    }
+
+    /// Hands a message over, waiting for room in the buffer while the broker is up.
+    ///
+    /// # Errors
+    /// The message, not taken: the broker is down or the publisher stopped.
+    pub async fn publish(&self, message: OutgoingMessage) -> Result<(), OutgoingMessage> {
+        if !self.is_connected() {
+            return Err(message);
+        }
+        self.tx.send(message).await.map_err(|e| e.0)
+    }
+
+    /// True while a confirmed channel to the broker is open.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// The publishing task's state; [`Publisher::run`] drives it.
+pub struct Publisher {
+    settings: QueueSettings,
+    rx: mpsc::Receiver<OutgoingMessage>,
+    events: mpsc::Sender<PublisherEvent>,
+    connected: Arc<AtomicBool>,
+    routing_key: String,
+}
+
+enum PumpEnd {
+    /// Intake closed and every confirm settled.
+    Drained,
+    /// The connection or channel failed.
+    Lost(lapin::Error),
+}
+
+impl Publisher {
+    /// A publisher, its handle, and the stream of what became of publishes.
+    pub fn new(settings: QueueSettings) -> (Self, PublisherHandle, mpsc::Receiver<PublisherEvent>) {
+        let (tx, rx) = mpsc::channel(settings.publish_buffer);
+        let (events, events_rx) = mpsc::channel(1024);
+        let connected = Arc::new(AtomicBool::new(false));
+        let routing_key = Topology::new(&settings.prefix).events_queue;
+        let handle = PublisherHandle {
+            tx,
+            connected: Arc::clone(&connected),
+        };
+        let publisher = Self {
+            settings,
+            rx,
+            events,
+            connected,
+            routing_key,
+        };
+        (publisher, handle, events_rx)
+    }
+
+    /// Connects (and reconnects, with backoff) and publishes until `stop` is cancelled; then publishes
+    /// what is buffered, settles outstanding confirms, and returns. While the broker is down, buffered
+    /// messages wait; new ones are refused by the handle and left to the relay.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(
+            self.settings.reconnect_max_backoff_ms,
+        ));
+        while !stop.is_cancelled() {
+            let link = tokio::select! {
+                link = self.open() => link,
+                () = stop.cancelled() => break,
+            };
+            let (connection, channel) = match link {
+                Ok(link) => link,
+                Err(error) => {
+                    tracing::warn!(error = %error, "publisher cannot reach RabbitMQ; retrying");
+                    self.report(PublisherEvent::Disconnected).await;
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = stop.cancelled() => break,
+                    }
+                }
+            };
+            backoff.reset();
+            tracing::info!(queue = %self.routing_key, "publisher connected");
+            self.connected.store(true, Ordering::Relaxed);
+            let end = self.pump(&channel, &stop).await;
+            self.connected.store(false, Ordering::Relaxed);
+            match end {
+                PumpEnd::Drained => {
+                    let _ = connection.close(200, "herald shutting down".into()).await;
+                    return;
+                }
+                PumpEnd::Lost(error) => {
+                    tracing::warn!(error = %error, "publisher lost RabbitMQ; reconnecting");
+                    self.report(PublisherEvent::Disconnected).await;
+                }
+            }
+        }
+        // Stopped while disconnected: whatever is still buffered stays 'accepted' in PostgreSQL.
+        self.rx.close();
+        let mut left = 0;
+        while self.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            self.report(PublisherEvent::Unconfirmed {
+                count: left,
+                reason: "connection_lost",
+            })
+            .await;
+        }
+    }
+
+    async fn open(&self) -> Result<(Connection, Channel), Error> {
+        let connection = connect(&self.settings, "publisher").await?;
+        let channel = open_channel(&connection).await?;
+        declare_topology(&channel, &self.settings).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| Error::Channel {
+                what: "enable publisher confirms",
+                source,
+            })?;
+        Ok((connection, channel))
+    }
+
+    async fn pump(&mut self, channel: &Channel, stop: &CancellationToken) -> PumpEnd {
+        let confirm_timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
+        let max_inflight = self.settings.max_inflight_confirms;
+        let mut pending = FuturesUnordered::new();
+        let mut confirmed: Vec<Uuid> = Vec::new();
+        let mut stopping = false;
+        let mut intake_open = true;
+        loop {
+            if !intake_open && pending.is_empty() {
+                self.flush_confirmed(&mut confirmed).await;
+                return PumpEnd::Drained;
+            }
+            tokio::select! {
+                biased;
+                Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                    match settle(result) {
+                        Ok(()) => confirmed.push(id),
+                        Err(Settled::Unconfirmed(reason)) => {
+                            self.report(PublisherEvent::Unconfirmed { count: 1, reason }).await;
+                        }
+                        Err(Settled::Lost(error)) => {
+                            self.flush_confirmed(&mut confirmed).await;
+                            self.report(PublisherEvent::Unconfirmed {
+                                count: 1 + pending.len(),
+                                reason: "connection_lost",
+                            })
+                            .await;
+                            return PumpEnd::Lost(error);
+                        }
+                    }
+                }
+                () = stop.cancelled(), if !stopping => {
+                    // Stop taking new messages; publish those already buffered, then drain.
+                    stopping = true;
+                    self.rx.close();
+                }
+                message = self.rx.recv(), if intake_open && pending.len() < max_inflight => {
+                    let Some(message) = message else {
+                        intake_open = false;
+                        continue;
+                    };
+                    match self.publish_one(channel, &message).await {
+                        Ok(confirm) => pending.push(confirmation(message.id, confirm, confirm_timeout)),
+                        Err(error) => {
+                            self.flush_confirmed(&mut confirmed).await;
+                            self.report(PublisherEvent::Unconfirmed {
+                                count: 1 + pending.len(),
+                                reason: "connection_lost",
+                            })
+                            .await;
+                            return PumpEnd::Lost(error);
+                        }
+                    }
+                }
+            }
+            if pending.is_empty() || confirmed.len() >= 512 {
+                self.flush_confirmed(&mut confirmed).await;
+            }
+        }
+    }
+
+    async fn publish_one(
+        &self,
+        channel: &Channel,
+        message: &OutgoingMessage,
+    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2) // persistent: survives a broker restart
+            .with_content_type("application/json".into())
+            .with_message_id(message.id.to_string().into());
+        channel
+            .basic_publish(
+                "".into(), // the default exchange routes by queue name
+                self.routing_key.as_str().into(),
+                // mandatory: an unroutable message (queue deleted) comes back instead of vanishing
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.body,
+                properties,
+            )
+            .await
+    }
+
+    async fn flush_confirmed(&self, confirmed: &mut Vec<Uuid>) {
+        if !confirmed.is_empty() {
+            self.report(PublisherEvent::Confirmed(std::mem::take(confirmed)))
+                .await;
+        }
+    }
+
+    async fn report(&self, event: PublisherEvent) {
+        // The receiver lives as long as the node; if it is gone we are shutting down anyway.
+        let _ = self.events.send(event).await;
+    }
+}
+
+type ConfirmResult = Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>;
+
+async fn confirmation(
+    id: Uuid,
+    confirm: lapin::PublisherConfirm,
+    limit: Duration,
+) -> (Uuid, ConfirmResult) {
+    (id, tokio::time::timeout(limit, confirm).await)
+}
+
+enum Settled {
+    Unconfirmed(&'static str),
+    Lost(lapin::Error),
+}
+
+fn settle(result: ConfirmResult) -> Result<(), Settled> {
+    match result {
+        Err(_) => Err(Settled::Unconfirmed("timeout")),
+        Ok(Err(error)) => Err(Settled::Lost(error)),
+        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(Settled::Unconfirmed("nack")),
+        Ok(Ok(confirmation)) => match confirmation.take_message() {
+            Some(_) => Err(Settled::Unconfirmed("unroutable")),
+            None => Ok(()),
+        },
+    }
+}

@@ -1,0 +1,154 @@
+//! The socket node: Phoenix Channels over WebSocket at `/socket/websocket`, so the official `phoenix`
+//! JavaScript client works unchanged (see ../shared/PHOENIX_PROTOCOL.md).
+//!
+//! A connection is authorised before the upgrade: a missing, forged or expired token gets HTTP 403 and
+//! no WebSocket. A connected user may join only `user:<own id>`. Protocol parsing is in
+//! [`protocol`] (pure), the per-connection loop in `connection`, per-channel ordering in [`channel`].
+
+pub mod channel;
+mod connection;
+pub mod protocol;
+pub mod token;
+
+use crate::config::SocketSettings;
+use crate::metrics::{Metrics, USER_SOCKET};
+use crate::pubsub::PubSub;
+use crate::store::Store;
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use protocol::Vsn;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use token::{TokenSigner, now_unix_secs};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a connection needs; cheap to clone.
+#[derive(Clone)]
+pub struct SocketState {
+    /// Where channels subscribe.
+    pub pubsub: PubSub,
+    /// For filling gaps in a user's sequence.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Limits and timeouts.
+    pub settings: Arc<SocketSettings>,
+    /// Verifies connect tokens.
+    pub signer: TokenSigner,
+    /// Cancelled when the node drains: every connection closes with 1012.
+    pub closing: CancellationToken,
+    /// Tracks connection tasks, so shutdown can wait for their close frames.
+    pub tracker: TaskTracker,
+    /// Open connections, for the gauge.
+    pub open: Arc<AtomicU64>,
+}
+
+impl SocketState {
+    /// Open connections on this node.
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// The socket routes: `/socket/websocket` (the JS client appends `/websocket` to `/socket`).
+pub fn routes(state: SocketState) -> Router {
+    Router::new()
+        .route("/socket/websocket", get(user_socket))
+        .with_state(state)
+}
+
+/// The subprotocol prefix under which the JS client's `authToken` travels.
+const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
+
+async fn user_socket(
+    State(state): State<SocketState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
+        state.metrics.socket_connect(USER_SOCKET, false);
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    let token = params
+        .get("token")
+        .cloned()
+        .or_else(|| header_token(&headers));
+    let user = match token.map(|t| state.signer.verify(&t, now_unix_secs())) {
+        Some(Ok(user)) => user,
+        Some(Err(error)) => {
+            tracing::debug!(error = %error, "socket token refused");
+            state.metrics.socket_connect(USER_SOCKET, false);
+            return StatusCode::FORBIDDEN.into_response();
+        }
+        None => {
+            state.metrics.socket_connect(USER_SOCKET, false);
+            return StatusCode::FORBIDDEN.into_response();
+        }
+    };
+    state.metrics.socket_connect(USER_SOCKET, true);
+    let settings = &state.settings;
+    let in_flight = state.tracker.token();
+    upgrade
+        .read_buffer_size(settings.read_buffer_bytes)
+        .write_buffer_size(settings.write_buffer_bytes)
+        .max_write_buffer_size(
+            settings.write_buffer_bytes + 2 * settings.max_frame_bytes + 1024 * 1024,
+        )
+        .max_message_size(settings.max_frame_bytes)
+        .max_frame_size(settings.max_frame_bytes)
+        .protocols(["phoenix"])
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("socket", user_id = %user);
+            let state = state.clone();
+            tracing::Instrument::instrument(
+                async move {
+                    let _in_flight = in_flight;
+                    connection::serve(socket, vsn, user, state).await;
+                },
+                span,
+            )
+        })
+}
+
+/// The token offered as `Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.<base64url token>`.
+fn header_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|p| {
+            p.trim()
+                .strip_prefix(BEARER_PROTOCOL_PREFIX)
+                .map(str::to_owned)
+        })
+        .and_then(|encoded| URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('=')).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_token_is_decoded_from_the_subprotocol() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "phoenix, base64url.bearer.phx.c2VrcmV0LXRva2Vu"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(header_token(&headers).as_deref(), Some("sekret-token"));
+        assert_eq!(header_token(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,423 @@
+//! The events repository: the group-committed insert (with per-user seq and idempotency), batched
+//! status changes, the outbox relay's claim, and the reads that fill gaps.
+
+use super::{Error, Store};
+use crate::event::{Envelope, EventName, UserId};
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap};
+use uuid::Uuid;
+
+/// An event to insert, validated by the API.
+#[derive(Debug)]
+pub struct NewEvent {
+    /// Chosen by Herald (UUID v7).
+    pub id: Uuid,
+    /// Who sent it.
+    pub producer_id: i64,
+    /// Whose it is.
+    pub user_id: UserId,
+    /// Its name.
+    pub event: EventName,
+    /// The producer's data, raw JSON.
+    pub data: Box<RawValue>,
+    /// Unique per producer when present: a retry with the same key returns the original event.
+    pub idempotency_key: Option<String>,
+    /// When the API accepted it, Unix ms.
+    pub enqueued_at_ms: i64,
+}
+
+impl NewEvent {
+    /// The envelope of this event once it has its seq.
+    pub fn into_envelope(self, seq: i64) -> Envelope {
+        Envelope {
+            id: self.id,
+            user_id: self.user_id,
+            seq,
+            event: self.event,
+            at: self.enqueued_at_ms,
+            data: self.data,
+        }
+    }
+}
+
+/// What became of one event of an insert batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// A new row, numbered `seq` for its user.
+    Inserted {
+        /// The user's sequence number.
+        seq: i64,
+    },
+    /// The idempotency key was used before: this is the original event.
+    Duplicate {
+        /// The original event.
+        id: Uuid,
+        /// Its seq.
+        seq: i64,
+        /// Its current status.
+        status: String,
+    },
+}
+
+/// The result of one delivery attempt, recorded in a batched UPDATE.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The broadcast reached `sockets` subscribers (0: nobody online; kept for catch-up).
+    Delivered {
+        /// The event.
+        id: Uuid,
+        /// Sockets reached.
+        sockets: i32,
+    },
+    /// The attempt failed.
+    Failed {
+        /// The event.
+        id: Uuid,
+        /// Why, for operators.
+        error: String,
+    },
+}
+
+/// An event read back from PostgreSQL (relay, gap fill).
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredEvent {
+    /// Event id.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: String,
+    /// The user's seq.
+    pub seq: i64,
+    /// Name.
+    pub event: String,
+    /// Data as JSON text.
+    pub data: String,
+    /// Enqueue time, Unix ms.
+    pub at: i64,
+}
+
+impl StoredEvent {
+    /// Converts to an envelope; `None` if the row holds values the API would never have accepted.
+    pub fn into_envelope(self) -> Option<Envelope> {
+        Some(Envelope {
+            id: self.id,
+            user_id: UserId::parse(self.user_id).ok()?,
+            seq: self.seq,
+            event: EventName::parse(self.event).ok()?,
+            at: self.at,
+            data: RawValue::from_string(self.data).ok()?,
+        })
+    }
+}
+
+const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
+     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at";
+
+impl Store {
+    /// Inserts a batch of events in one transaction and numbers them per user.
+    ///
+    /// Steps, each one statement: claim the idempotency keys (a concurrent duplicate waits on the
+    /// unique index, then is seen); bump each user's counter once by its number of new events, in
+    /// user order so concurrent batches cannot deadlock; insert the rows with `UNNEST`. Events of one
+    /// user get consecutive seqs in input order.
+    ///
+    /// # Errors
+    /// The transaction failed; nothing of the batch is stored.
+    pub async fn insert_events(&self, events: &[NewEvent]) -> Result<Vec<InsertOutcome>, Error> {
+        let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
+        let mut outcomes: Vec<Option<InsertOutcome>> = vec![None; events.len()];
+        let repeats = claim_idempotency_keys(&mut tx, events, &mut outcomes).await?;
+        let repeated: std::collections::HashSet<usize> = repeats.iter().map(|(i, _)| *i).collect();
+
+        let fresh: Vec<usize> = (0..events.len())
+            .filter(|&i| outcomes[i].is_none() && !repeated.contains(&i))
+            .collect();
+        let mut per_user: BTreeMap<&str, i64> = BTreeMap::new();
+        for &i in &fresh {
+            *per_user.entry(events[i].user_id.as_str()).or_default() += 1;
+        }
+        let (users, counts): (Vec<&str>, Vec<i64>) = per_user.iter().map(|(u, c)| (*u, *c)).unzip();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "INSERT INTO user_seqs AS s (user_id, last_seq)
+             SELECT * FROM UNNEST($1::text[], $2::int8[])
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+             RETURNING user_id, last_seq",
+        )
+        .bind(&users)
+        .bind(&counts)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(Error::query("bump user seqs"))?;
+        // The next seq to hand out per user: last_seq - count + 1.
+        let mut next: HashMap<String, i64> = rows
+            .into_iter()
+            .map(|(user, last)| {
+                let count = per_user.get(user.as_str()).copied().unwrap_or(0);
+                (user, last - count + 1)
+            })
+            .collect();
+
+        let n = fresh.len();
+        let (mut ids, mut producers, mut user_ids, mut seqs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut names, mut datas, mut keys, mut ats) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for &i in &fresh {
+            let e = &events[i];
+            let slot = next
+                .get_mut(e.user_id.as_str())
+                .ok_or_else(|| Error::Query {
+                    what: "bump user seqs",
+                    source: sqlx::Error::RowNotFound,
+                })?;
+            let seq = *slot;
+            *slot += 1;
+            outcomes[i] = Some(InsertOutcome::Inserted { seq });
+            ids.push(e.id);
+            producers.push(e.producer_id);
+            user_ids.push(e.user_id.as_str());
+            seqs.push(seq);
+            names.push(e.event.as_str());
+            datas.push(e.data.get());
+            keys.push(e.idempotency_key.as_deref());
+            ats.push(e.enqueued_at_ms);
+        }
+        if n > 0 {
+            sqlx::query(
+                "INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
+                 SELECT id, p, u, s, e, d::jsonb, k, to_timestamp(t / 1000.0)
+                 FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
+                             $7::text[], $8::int8[]) AS x(id, p, u, s, e, d, k, t)",
+            )
+            .bind(&ids)
+            .bind(&producers)
+            .bind(&user_ids)
+            .bind(&seqs)
+            .bind(&names)
+            .bind(&datas)
+            .bind(&keys)
+            .bind(&ats)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::query("insert events"))?;
+        }
+        tx.commit().await.map_err(Error::query("commit events"))?;
+        // Repeats inside the batch answer like their first occurrence, new or old.
+        for (i, j) in repeats {
+            outcomes[i] = Some(match &outcomes[j] {
+                Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
+                    id: events[j].id,
+                    seq: *seq,
+                    status: "accepted".into(),
+                },
+                Some(dup) => dup.clone(),
+                None => InsertOutcome::Inserted { seq: 0 },
+            });
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(InsertOutcome::Inserted { seq: 0 }))
+            .collect())
+    }
+
+    /// Marks events whose publish the broker confirmed. Never moves an event backwards (a worker may
+    /// have delivered it before the confirm arrived).
+    ///
+    /// # Errors
+    /// The update failed.
+    pub async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE events SET status = 'published', published_at = now()
+             WHERE id = ANY($1) AND status = 'accepted'",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("mark published"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records delivery outcomes, two statements at most per batch.
+    ///
+    /// # Errors
+    /// An update failed.
+    pub async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), Error> {
+        let (mut ok_ids, mut ok_sockets, mut bad_ids, mut bad_errors) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Delivered { id, sockets } => {
+                    ok_ids.push(*id);
+                    ok_sockets.push(*sockets);
+                }
+                Outcome::Failed { id, error } => {
+                    bad_ids.push(*id);
+                    bad_errors.push(error.as_str());
+                }
+            }
+        }
+        if !ok_ids.is_empty() {
+            sqlx::query(
+                "UPDATE events e SET status = 'delivered', delivered_at = now(),
+                        attempts = e.attempts + 1, push_count = x.n, last_error = NULL
+                 FROM UNNEST($1::uuid[], $2::int4[]) AS x(id, n) WHERE e.id = x.id",
+            )
+            .bind(&ok_ids)
+            .bind(&ok_sockets)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("record deliveries"))?;
+        }
+        if !bad_ids.is_empty() {
+            sqlx::query(
+                "UPDATE events e SET status = 'failed', failed_at = now(),
+                        attempts = e.attempts + 1, last_error = x.err
+                 FROM UNNEST($1::uuid[], $2::text[]) AS x(id, err)
+                 WHERE e.id = x.id AND e.status <> 'delivered'",
+            )
+            .bind(&bad_ids)
+            .bind(&bad_errors)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("record failures"))?;
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` events still unpublished `grace_ms` after they were accepted (or last
+    /// claimed), oldest first, for the outbox relay. The claim stamps `relayed_at`, so relays on other
+    /// nodes skip these rows for the next grace period.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn claim_unpublished(
+        &self,
+        grace_ms: u64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let sql = format!(
+            "WITH due AS (
+                 SELECT id FROM events
+                 WHERE status = 'accepted'
+                   AND enqueued_at < now() - make_interval(secs => $1 / 1000.0)
+                   AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
+                 ORDER BY enqueued_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE events e SET relayed_at = now() FROM due WHERE e.id = due.id
+             RETURNING {}",
+            STORED_EVENT_COLUMNS
+                .split(", ")
+                .map(|c| format!("e.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
+            .bind(grace_ms as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("claim unpublished events"))?;
+        // Publish each user's events in seq order.
+        rows.sort_by(|a, b| (a.at, &a.user_id, a.seq).cmp(&(b.at, &b.user_id, b.seq)));
+        Ok(rows)
+    }
+
+    /// Events of `user_id` with `after < seq < before`, in seq order, at most `limit`.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn events_between(
+        &self,
+        user_id: &str,
+        after: i64,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        sqlx::query_as::<_, StoredEvent>(&format!(
+            "SELECT {STORED_EVENT_COLUMNS} FROM events
+             WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq LIMIT $4"
+        ))
+        .bind(user_id)
+        .bind(after)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::query("read events of a user"))
+    }
+}
+
+/// Claims the batch's idempotency keys and fills `outcomes` for events whose key a committed event
+/// holds. Returns the events that repeat a key used earlier in this batch, as (index, first index).
+async fn claim_idempotency_keys(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    events: &[NewEvent],
+    outcomes: &mut [Option<InsertOutcome>],
+) -> Result<Vec<(usize, usize)>, Error> {
+    // First occurrence of each (producer, key) in the batch; later ones repeat it.
+    let mut first: BTreeMap<(i64, &str), usize> = BTreeMap::new();
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if let Some(key) = e.idempotency_key.as_deref() {
+            match first.get(&(e.producer_id, key)) {
+                Some(&j) => repeats.push((i, j)),
+                None => {
+                    first.insert((e.producer_id, key), i);
+                }
+            }
+        }
+    }
+    if first.is_empty() {
+        return Ok(repeats);
+    }
+    // Sorted (BTreeMap order), so concurrent transactions take the index locks in one order.
+    let producers: Vec<i64> = first.keys().map(|(p, _)| *p).collect();
+    let keys: Vec<&str> = first.keys().map(|(_, k)| *k).collect();
+    let ids: Vec<Uuid> = first.values().map(|&i| events[i].id).collect();
+    let claimed: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys (producer_id, key, event_id)
+         SELECT * FROM UNNEST($1::int8[], $2::text[], $3::uuid[])
+         ON CONFLICT DO NOTHING RETURNING producer_id, key",
+    )
+    .bind(&producers)
+    .bind(&keys)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(Error::query("claim idempotency keys"))?;
+
+    if claimed.len() < first.len() {
+        let claimed: std::collections::HashSet<(i64, &str)> =
+            claimed.iter().map(|(p, k)| (*p, k.as_str())).collect();
+        let (taken_p, taken_k): (Vec<i64>, Vec<&str>) = first
+            .keys()
+            .filter(|pk| !claimed.contains(pk))
+            .map(|(p, k)| (*p, *k))
+            .unzip();
+        let originals: Vec<(i64, String, Uuid, i64, String)> = sqlx::query_as(
+            "SELECT k.producer_id, k.key, e.id, e.seq, e.status
+             FROM UNNEST($1::int8[], $2::text[]) AS x(p, k)
+             JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
+             JOIN events e ON e.id = k.event_id",
+        )
+        .bind(&taken_p)
+        .bind(&taken_k)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(Error::query("read idempotent originals"))?;
+        for (producer, key, id, seq, status) in originals {
+            if let Some(&i) = first.get(&(producer, key.as_str())) {
+                outcomes[i] = Some(InsertOutcome::Duplicate { id, seq, status });
+            }
+        }
+    }
+    Ok(repeats)
+}

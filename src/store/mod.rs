@@ -1,0 +1,154 @@
+//! PostgreSQL: the source of truth. Owns the schema (`migrations/`), the events repository and the
+//! producers (API keys).
+//!
+//! Every write on a hot path is batched: events are inserted many rows per statement with `UNNEST`,
+//! and status changes are one `UPDATE ... FROM UNNEST` per batch. Depends on no other Herald module
+//! but the shared `event` types.
+
+mod events;
+mod producers;
+
+pub use events::{InsertOutcome, NewEvent, Outcome, StoredEvent};
+pub use producers::{ApiKey, Producer};
+
+use crate::config::StoreSettings;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A failure of the store, named for what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database URL is not a valid PostgreSQL URL.
+    #[error("invalid database URL")]
+    Url(#[source] sqlx::Error),
+    /// Could not connect or create the database.
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("cannot apply migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("{what} failed")]
+    Query {
+        /// What was being done.
+        what: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A unique name is taken (producer names).
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+impl Error {
+    fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self::Query { what, source }
+    }
+
+    /// True when the database could not be reached (as opposed to a bad query): worth a retry, and a
+    /// 503 rather than a 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Query { source, .. } => matches!(
+                source,
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::WorkerCrashed
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A cheap handle to the PostgreSQL pool.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool; fails when PostgreSQL cannot be reached within the acquire timeout.
+    ///
+    /// # Errors
+    /// A bad URL or an unreachable database.
+    pub async fn connect(settings: &StoreSettings) -> Result<Self, Error> {
+        let options = PgConnectOptions::from_str(settings.database_url.expose())
+            .map_err(Error::Url)?
+            // Every statement is bounded: a stuck query fails instead of holding a request forever.
+            .options([("statement_timeout", "30s")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .connect_with(options)
+            .await
+            .map_err(Error::Connect)?;
+        Ok(Self { pool })
+    }
+
+    /// Creates the database named in `settings` when it does not exist.
+    ///
+    /// # Errors
+    /// PostgreSQL unreachable, or the user may not create databases.
+    pub async fn create_database_if_missing(settings: &StoreSettings) -> Result<bool, Error> {
+        let url = settings.database_url.expose();
+        if Postgres::database_exists(url)
+            .await
+            .map_err(Error::Connect)?
+        {
+            return Ok(false);
+        }
+        Postgres::create_database(url)
+            .await
+            .map_err(Error::Connect)?;
+        Ok(true)
+    }
+
+    /// Drops the database named in `settings` (tests and benchmarks clean up with it).
+    ///
+    /// # Errors
+    /// PostgreSQL unreachable.
+    pub async fn drop_database(settings: &StoreSettings) -> Result<(), Error> {
+        Postgres::force_drop_database(settings.database_url.expose())
+            .await
+            .map_err(Error::Connect)
+    }
+
+    /// Applies `migrations/` (embedded in the binary).
+    ///
+    /// # Errors
+    /// A migration failed or the recorded ones differ from the embedded ones.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        sqlx::migrate!("./migrations")
+            .run(&self.pool)
+            .await
+            .map_err(Error::Migrate)
+    }
+
+    /// Checks that PostgreSQL answers.
+    ///
+    /// # Errors
+    /// It does not.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("ping"))?;
+        Ok(())
+    }
+
+    /// The pool, for tests that inspect rows.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
