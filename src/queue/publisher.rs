@@ -13,7 +13,7 @@ use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -147,7 +147,7 @@ impl Publisher {
             backoff.reset();
             tracing::info!(queue = %self.routing_key, "publisher connected");
             self.connected.store(true, Ordering::Relaxed);
-            let end = self.pump(&channel, &stop).await;
+            let end = self.pump(&connection, &channel, &stop).await;
             self.connected.store(false, Ordering::Relaxed);
             match end {
                 PumpEnd::Drained => {
@@ -189,7 +189,15 @@ impl Publisher {
         Ok((connection, channel))
     }
 
-    async fn pump(&mut self, channel: &Channel, stop: &CancellationToken) -> PumpEnd {
+    async fn pump(
+        &mut self,
+        connection: &Connection,
+        channel: &Channel,
+        stop: &CancellationToken,
+    ) -> PumpEnd {
+        // Without this an idle publisher would notice a dead connection only at its next publish,
+        // and readiness would lie until then.
+        let mut connection_events = connection.events_listener();
         let confirm_timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
         let max_inflight = self.settings.max_inflight_confirms;
         let mut pending = FuturesUnordered::new();
@@ -220,6 +228,27 @@ impl Publisher {
                         }
                     }
                 }
+                Some(event) = connection_events.next() => match event {
+                    Event::Error(error) => {
+                        self.flush_confirmed(&mut confirmed).await;
+                        if !pending.is_empty() {
+                            self.report(PublisherEvent::Unconfirmed {
+                                count: pending.len(),
+                                reason: "connection_lost",
+                            })
+                            .await;
+                        }
+                        return PumpEnd::Lost(error);
+                    }
+                    // A blocked connection (broker memory or disk alarm) would stall publishes:
+                    // refuse new ones meanwhile, so they wait in the outbox instead.
+                    Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(reason, "RabbitMQ blocked the publisher");
+                        self.connected.store(false, Ordering::Relaxed);
+                    }
+                    Event::ConnectionUnblocked => self.connected.store(true, Ordering::Relaxed),
+                    _ => {}
+                },
                 () = stop.cancelled(), if !stopping => {
                     // Stop taking new messages; publish those already buffered, then drain.
                     stopping = true;

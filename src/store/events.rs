@@ -310,14 +310,10 @@ impl Store {
                    AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
                  ORDER BY enqueued_at
                  LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE events e SET relayed_at = now() FROM due WHERE e.id = due.id
-             RETURNING {}",
-            STORED_EVENT_COLUMNS
-                .split(", ")
-                .map(|c| format!("e.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+                 FOR UPDATE SKIP LOCKED),
+             claimed AS (
+                 UPDATE events e SET relayed_at = now() FROM due WHERE e.id = due.id RETURNING e.*)
+             SELECT {STORED_EVENT_COLUMNS} FROM claimed"
         );
         let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(grace_ms as f64)

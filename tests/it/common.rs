@@ -1,0 +1,430 @@
+//! Test harness: a whole node per test on port 0, with a fresh `herald_test_<uuid>` database and a
+//! fresh queue prefix, a Phoenix v2 WebSocket client, a StatsD listener and a TCP proxy that can cut
+//! a dependency off.
+
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use herald::App;
+use herald::config::{Secret, Settings};
+use herald::socket::token::{TokenSigner, now_unix_secs};
+use herald::store::Store;
+use serde_json::{Value, json};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single awaited thing may take before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+pub const TEST_SECRET: &str = "test-secret";
+
+static TRACING: Once = Once::new();
+
+/// Logs only when TEST_LOG is set (e.g. TEST_LOG=debug).
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+fn admin_url() -> String {
+    std::env::var("HERALD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn amqp_url() -> String {
+    std::env::var("HERALD_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Settings for a fresh, isolated node: port 0, its own database and queue prefix, fast relay.
+pub fn test_settings() -> Settings {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut s = Settings::default();
+    s.http.addr = "127.0.0.1:0".parse().unwrap();
+    s.store.database_url = Secret::new(format!("{}/herald_test_{id}", admin_url()));
+    s.store.max_connections = 8;
+    s.queue.amqp_url = Secret::new(amqp_url());
+    s.queue.prefix = format!("test_{id}");
+    s.queue.reconnect_max_backoff_ms = 300;
+    s.queue.connect_timeout_ms = 2_000;
+    s.pipeline.relay_grace_ms = 1_000;
+    s.pipeline.relay_interval_ms = 200;
+    s.metrics.statsd_addr = String::new();
+    s.socket.secret = Some(Secret::new(TEST_SECRET));
+    s.node.shutdown_timeout_ms = 15_000;
+    s
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub settings: Settings,
+    pub store: Store,
+    pub api_key: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), herald::app::Error>>>,
+    /// Drop the database and queues when this app is dropped (false for an app handed to a restart).
+    cleanup: bool,
+}
+
+/// A node with default test settings, its broker connected.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// A node with test settings adjusted by `adjust`, its broker connected.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let app = spawn_unready(adjust).await;
+    app.wait_ready().await;
+    app
+}
+
+/// A node that may not reach RabbitMQ (the caller decides what to wait for).
+pub async fn spawn_unready(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    init_tracing();
+    let mut settings = test_settings();
+    adjust(&mut settings);
+    Store::create_database_if_missing(&settings.store)
+        .await
+        .expect("test database created");
+    let store = Store::connect(&settings.store)
+        .await
+        .expect("store connects");
+    store.migrate().await.expect("migrations apply");
+    let (_, key) = store.create_producer("test").await.expect("producer");
+    start(settings, store, key.expose().to_owned()).await
+}
+
+async fn start(settings: Settings, store: Store, api_key: String) -> TestApp {
+    let app = App::build(settings.clone()).await.expect("app builds");
+    let addr = app.http_addr();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    TestApp {
+        addr,
+        settings,
+        store,
+        api_key,
+        http: reqwest::Client::new(),
+        shutdown,
+        task: Some(task),
+        cleanup: true,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until("node ready (PostgreSQL and RabbitMQ)", PATIENCE, || async {
+            let r = self.http.get(self.url("/readyz")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+
+    pub async fn post_event(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1/events"))
+            .bearer_auth(&self.api_key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_batch(&self, events: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1/events/batch"))
+            .bearer_auth(&self.api_key)
+            .json(&json!({ "events": events }))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let user = herald::event::UserId::parse(user).unwrap();
+        TokenSigner::new(TEST_SECRET).sign(&user, now_unix_secs() + 3600)
+    }
+
+    /// Connects a v2 client as `user`.
+    pub async fn connect(&self, user: &str) -> WsClient {
+        let url = format!(
+            "ws://{}/socket/websocket?token={}&vsn=2.0.0",
+            self.addr,
+            self.token(user)
+        );
+        let (ws, _) = timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        WsClient { ws, next_ref: 0 }
+    }
+
+    /// Connects as `user` and joins `user:<user>`.
+    pub async fn connect_joined(&self, user: &str) -> WsClient {
+        let mut client = self.connect(user).await;
+        let reply = client.join(&format!("user:{user}"), json!({})).await;
+        assert_eq!(reply[4]["status"], "ok", "join refused: {reply}");
+        client
+    }
+
+    /// Status of an event row.
+    pub async fn status_of(&self, id: &str) -> Option<String> {
+        let id = uuid::Uuid::parse_str(id).ok()?;
+        sqlx::query_scalar("SELECT status FROM events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.store.pool())
+            .await
+            .expect("query")
+    }
+
+    /// Cancels the node and waits for its drain to finish.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            timeout(PATIENCE, task)
+                .await
+                .expect("node drains in time")
+                .expect("node task joins")
+                .expect("node ran cleanly");
+        }
+    }
+
+    /// Stops this node and starts a new one on the same database and queues.
+    pub async fn restart(mut self) -> TestApp {
+        self.stop().await;
+        self.cleanup = false;
+        let settings = self.settings.clone();
+        let store = Store::connect(&settings.store)
+            .await
+            .expect("store connects");
+        let app = start(settings, store, self.api_key.clone()).await;
+        app.wait_ready().await;
+        app
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if !self.cleanup {
+            return;
+        }
+        // Async cleanup from Drop (also when a test panicked): a thread with its own runtime.
+        let settings = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let _ = herald::queue::delete_topology(&settings.queue).await;
+                let _ = Store::drop_database(&settings.store).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A Phoenix Channels v2 client over a real WebSocket.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_ref: u64,
+}
+
+impl WsClient {
+    pub fn next_ref(&mut self) -> String {
+        self.next_ref += 1;
+        self.next_ref.to_string()
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("frame sent");
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// The next text frame, parsed; panics after PATIENCE.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("no frame within {PATIENCE:?}"))
+    }
+
+    /// The next text frame within `limit`, or None. Panics if the connection closed.
+    pub async fn try_recv(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(serde_json::from_str(&text).expect("server frames are JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => panic!("connection closed: {frame:?}"),
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the server to close; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Joins `topic` and returns the reply frame.
+    pub async fn join(&mut self, topic: &str, params: Value) -> Value {
+        let r = self.next_ref();
+        self.send(json!([r, r, topic, "phx_join", params])).await;
+        let reply = self.recv().await;
+        assert_eq!(
+            reply[3], "phx_reply",
+            "expected the join reply, got {reply}"
+        );
+        assert_eq!(reply[1], r.as_str(), "reply echoes the ref");
+        reply
+    }
+
+    /// The next pushed event (not a reply), as [join_ref, ref, topic, event, payload].
+    pub async fn recv_push(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame[3] != "phx_reply" {
+                return frame;
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns Some, failing after `limit`.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A UDP listener standing in for StatsD.
+pub struct StatsdListener {
+    socket: UdpSocket,
+    pub addr: SocketAddr,
+}
+
+impl StatsdListener {
+    pub async fn bind() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        Self { socket, addr }
+    }
+
+    /// Waits for a metric line starting with `prefix`; returns the line.
+    pub async fn expect_line(&self, prefix: &str) -> String {
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let received = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no StatsD line starting with {prefix}"))
+                .unwrap();
+            let packet = String::from_utf8_lossy(&buf[..received]).to_string();
+            if let Some(line) = packet.lines().find(|l| l.starts_with(prefix)) {
+                return line.to_owned();
+            }
+        }
+    }
+}
+
+/// A TCP proxy in front of a dependency; `cut` drops every connection and refuses new ones until
+/// `restore`. Lets one test make RabbitMQ unreachable without touching the shared broker.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, up_rx) = watch::channel(true);
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*up_rx.borrow() {
+                    continue; // dropped: refused while cut
+                }
+                let target = target.clone();
+                let mut up_rx = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up_rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Arc::new(Self { addr, up })
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}

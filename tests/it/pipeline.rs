@@ -1,0 +1,165 @@
+//! The seed's pipeline tests: events reach the right user's channel, in order, and are measured.
+
+use crate::common::{StatsdListener, spawn_app, spawn_app_with};
+use herald::event::{EventName, UserId, now_unix_ms};
+use herald::store::NewEvent;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+#[tokio::test]
+async fn ten_events_arrive_in_order_as_push_timed() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("1").await;
+    let join_ref = "1";
+    // Enqueued back to back: each request starts when the previous 202 arrives, none waits for delivery.
+    for n in 1..=10 {
+        let r = app
+            .post_event(json!({"user_id": "1", "event": "push_timed", "data": {"n": n}}))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let mut seqs = Vec::new();
+    for n in 1..=10 {
+        let push = client.recv_push().await;
+        assert_eq!(
+            push[0], join_ref,
+            "pushed in the channel form, with the join ref"
+        );
+        assert_eq!(push[1], Value::Null);
+        assert_eq!(push[2], "user:1");
+        assert_eq!(push[3], "push_timed");
+        let payload = &push[4];
+        assert_eq!(
+            payload["data"]["n"], n,
+            "events arrive in enqueue order: {push}"
+        );
+        assert!(payload["id"].is_string() && payload["at"].is_i64());
+        seqs.push(payload["seq"].as_i64().unwrap());
+    }
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<i64>>(),
+        "per-user seq is gap-free"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_delivered_in_order() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("5").await;
+    let events: Vec<Value> = (1..=50)
+        .map(|n| json!({"user_id": 5, "data": {"n": n}}))
+        .collect();
+    let r = app.post_batch(Value::Array(events)).await;
+    assert_eq!(r.status(), 202);
+    for n in 1..=50 {
+        let push = client.recv_push().await;
+        assert_eq!(push[3], "push", "event defaults to push");
+        assert_eq!(push[4]["data"]["n"], n);
+    }
+}
+
+#[tokio::test]
+async fn an_event_for_user_1_never_reaches_user_2() {
+    let app = spawn_app().await;
+    let mut user1 = app.connect_joined("1").await;
+    let mut user2 = app.connect_joined("2").await;
+    for n in 1..=5 {
+        app.post_event(json!({"user_id": "1", "data": {"n": n}}))
+            .await;
+    }
+    app.post_event(json!({"user_id": "2", "data": {"sentinel": true}}))
+        .await;
+    // Both users' events went through the same pipeline; user 2 sees only its own.
+    for _ in 1..=5 {
+        assert_eq!(user1.recv_push().await[2], "user:1");
+    }
+    let push = user2.recv_push().await;
+    assert_eq!(push[2], "user:2");
+    assert_eq!(push[4]["data"]["sentinel"], true);
+    assert!(user2.try_recv(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn a_delivered_event_is_measured_in_statsd() {
+    let statsd = StatsdListener::bind().await;
+    let app = spawn_app_with(|s| s.metrics.statsd_addr = statsd.addr.to_string()).await;
+    let mut client = app.connect_joined("3").await;
+    app.post_event(json!({"user_id": "3", "event": "push_timed", "data": {}}))
+        .await;
+    client.recv_push().await;
+    let line = statsd.expect_line("pipeline.push_delivered:").await;
+    assert!(line.ends_with("|h"), "a histogram in ms: {line}");
+    let ms: u64 = line["pipeline.push_delivered:".len()..line.len() - 2]
+        .parse()
+        .expect("an integer latency");
+    assert!(ms < 60_000, "a plausible latency: {line}");
+}
+
+#[tokio::test]
+async fn delivered_events_are_recorded_with_their_socket_count() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("8").await;
+    let online = app.post_event(json!({"user_id": "8"})).await;
+    let online: Value = online.json().await.unwrap();
+    client.recv_push().await;
+    let offline = app.post_event(json!({"user_id": "nobody"})).await;
+    let offline: Value = offline.json().await.unwrap();
+    for (body, sockets) in [(&online, 1), (&offline, 0)] {
+        let id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+        let row: (String, Option<i32>) =
+            crate::common::wait_until("delivered status", crate::common::PATIENCE, || async {
+                let row: (String, Option<i32>) =
+                    sqlx::query_as("SELECT status, push_count FROM events WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(app.store.pool())
+                        .await
+                        .ok()?;
+                (row.0 == "delivered").then_some(row)
+            })
+            .await;
+        assert_eq!(
+            row.1,
+            Some(sockets),
+            "nobody online is delivered to 0 sockets, not failed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_late_event_is_filled_in_before_a_later_one() {
+    // A long relay grace keeps the relay out of the way: the gap can only be filled by the socket.
+    let app = spawn_app_with(|s| s.pipeline.relay_grace_ms = 600_000).await;
+    let mut client = app.connect_joined("9").await;
+    app.post_event(json!({"user_id": "9", "data": {"n": 1}}))
+        .await;
+    assert_eq!(client.recv_push().await[4]["seq"], 1);
+    // Seq 2 is committed but never published (as if its publish had failed).
+    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let late = NewEvent {
+        id: uuid::Uuid::now_v7(),
+        producer_id: producer,
+        user_id: UserId::parse("9").unwrap(),
+        event: EventName::default_push(),
+        data: RawValue::from_string(r#"{"n":2}"#.into()).unwrap(),
+        idempotency_key: None,
+        enqueued_at_ms: now_unix_ms(),
+    };
+    app.store.insert_events(&[late]).await.unwrap();
+    app.post_event(json!({"user_id": "9", "data": {"n": 3}}))
+        .await;
+    let second = client.recv_push().await;
+    let third = client.recv_push().await;
+    assert_eq!(
+        (second[4]["seq"].as_i64(), second[4]["data"]["n"].as_i64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(
+        (third[4]["seq"].as_i64(), third[4]["data"]["n"].as_i64()),
+        (Some(3), Some(3))
+    );
+}

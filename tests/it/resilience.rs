@@ -1,0 +1,176 @@
+//! Nothing answered 2xx is lost: not while RabbitMQ is unreachable, not across a graceful shutdown.
+
+use crate::common::{PATIENCE, TcpProxy, spawn_app, spawn_unready, wait_until};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[tokio::test]
+async fn the_api_accepts_while_rabbitmq_is_unreachable_and_delivers_when_it_returns() {
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let proxy_addr = proxy.addr;
+    let app = spawn_unready(move |s| {
+        s.queue.amqp_url =
+            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+    })
+    .await;
+    app.wait_ready().await;
+    let mut client = app.connect_joined("11").await;
+    app.post_event(json!({"user_id": "11", "data": {"n": 0}}))
+        .await;
+    assert_eq!(client.recv_push().await[4]["data"]["n"], 0);
+
+    proxy.cut();
+    wait_until("readyz reports RabbitMQ down", PATIENCE, || async {
+        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    for n in 1..=20 {
+        let r = app
+            .post_event(json!({"user_id": "11", "data": {"n": n}}))
+            .await;
+        assert_eq!(
+            r.status(),
+            202,
+            "the API keeps accepting while the broker is unreachable"
+        );
+    }
+    let accepted: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'accepted'")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(accepted, 20, "held in the outbox");
+
+    proxy.restore();
+    for n in 1..=20 {
+        let push = client.recv_push().await;
+        assert_eq!(push[4]["data"]["n"], n, "the backlog drains in order");
+    }
+    wait_until("every event delivered", PATIENCE, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_mid_stream_loses_nothing() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("12").await;
+    // Stream events from a concurrent producer while the node shuts down under it.
+    let http = app.http.clone();
+    let url = app.url("/api/v1/events");
+    let key = app.api_key.clone();
+    let producer = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        for n in 0..100_000 {
+            let sent = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&json!({"user_id": "12", "data": {"n": n}}))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    let body: Value = r.json().await.unwrap();
+                    accepted.push(body["id"].as_str().unwrap().to_owned());
+                }
+                _ => break, // the node stopped taking requests
+            }
+        }
+        accepted
+    });
+    // Let the stream get going, and the client see part of it.
+    for _ in 0..20 {
+        client.recv_push().await;
+    }
+    let mut app = app;
+    app.stop().await;
+    assert_eq!(
+        client.closed().await,
+        Some(1012),
+        "sockets are told to reconnect elsewhere"
+    );
+    let accepted = tokio::time::timeout(PATIENCE, producer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(accepted.len() >= 20, "the stream was running");
+
+    // Every 2xx is committed...
+    let ids: Vec<uuid::Uuid> = accepted.iter().map(|id| id.parse().unwrap()).collect();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored as usize,
+        accepted.len(),
+        "every accepted event is in PostgreSQL"
+    );
+
+    // ...and after a restart every one of them ends delivered (none stuck accepted or published).
+    let app = app.restart().await;
+    wait_until(
+        "every accepted event delivered",
+        Duration::from_secs(30),
+        || async {
+            let delivered: Vec<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT id FROM events WHERE id = ANY($1) AND status = 'delivered'",
+            )
+            .bind(&ids)
+            .fetch_all(app.store.pool())
+            .await
+            .ok()?;
+            let delivered: HashSet<_> = delivered.into_iter().collect();
+            (delivered.len() == ids.len()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_delivers_what_was_left_unpublished() {
+    // Events accepted while the broker is unreachable and the node then stops: the next node's
+    // relay publishes them.
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let proxy_addr = proxy.addr;
+    let mut app = spawn_unready(move |s| {
+        s.queue.amqp_url =
+            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+    })
+    .await;
+    app.wait_ready().await;
+    proxy.cut();
+    wait_until("publisher disconnected", PATIENCE, || async {
+        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    for n in 0..5 {
+        assert_eq!(
+            app.post_event(json!({"user_id": "13", "data": {"n": n}}))
+                .await
+                .status(),
+            202
+        );
+    }
+    app.stop().await;
+    proxy.restore();
+    let app = app.restart().await;
+    wait_until("relayed and delivered", PATIENCE, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+}

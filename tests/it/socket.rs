@@ -1,0 +1,150 @@
+//! The socket: authorisation at the upgrade and at join, and the Phoenix v2 control frames.
+
+use crate::common::spawn_app;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+async fn upgrade_status(url: String) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => 101,
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_bad_or_missing_token_is_refused_at_the_upgrade() {
+    let app = spawn_app().await;
+    let base = format!("ws://{}/socket/websocket", app.addr);
+    assert_eq!(upgrade_status(format!("{base}?vsn=2.0.0")).await, 403);
+    assert_eq!(
+        upgrade_status(format!("{base}?token=forged.sig&vsn=2.0.0")).await,
+        403
+    );
+    let other_secret = herald::socket::token::TokenSigner::new("another-secret")
+        .sign(&herald::event::UserId::parse("1").unwrap(), u64::MAX / 2);
+    assert_eq!(
+        upgrade_status(format!("{base}?token={other_secret}&vsn=2.0.0")).await,
+        403
+    );
+    let expired = herald::socket::token::TokenSigner::new(crate::common::TEST_SECRET)
+        .sign(&herald::event::UserId::parse("1").unwrap(), 1);
+    assert_eq!(
+        upgrade_status(format!("{base}?token={expired}&vsn=2.0.0")).await,
+        403
+    );
+    let token = app.token("1");
+    assert_eq!(
+        upgrade_status(format!("{base}?token={token}&vsn=3.0.0")).await,
+        403
+    );
+    assert_eq!(
+        upgrade_status(format!("{base}?token={token}&vsn=2.0.0")).await,
+        101
+    );
+}
+
+#[tokio::test]
+async fn another_users_topic_is_refused() {
+    let app = spawn_app().await;
+    let mut client = app.connect("1").await;
+    let reply = client.join("user:2", json!({})).await;
+    assert_eq!(reply[0], reply[1], "the reply carries the join's ref");
+    assert_eq!(
+        reply[4],
+        json!({"status": "error", "response": {"reason": "unauthorized"}})
+    );
+    let reply = client.join("room:1", json!({})).await;
+    assert_eq!(reply[0], Value::Null, "no route: null join ref");
+    assert_eq!(reply[4]["response"]["reason"], "unmatched topic");
+    // Nothing stayed joined: user 2's events do not reach this socket.
+    app.post_event(json!({"user_id": "2"})).await;
+    assert!(client.try_recv(Duration::from_millis(500)).await.is_none());
+}
+
+#[tokio::test]
+async fn heartbeat_leave_and_duplicate_join_follow_the_protocol() {
+    let app = spawn_app().await;
+    let mut client = app.connect("4").await;
+    client
+        .send(json!([null, "hb1", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!([null, "hb1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    // Join twice: the new join is answered, then the old instance is closed with its own ref.
+    client
+        .send(json!(["j1", "j1", "user:4", "phx_join", {}]))
+        .await;
+    assert_eq!(client.recv().await[4]["status"], "ok");
+    client
+        .send(json!(["j2", "j2", "user:4", "phx_join", {}]))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!(["j2", "j2", "user:4", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        client.recv().await,
+        json!(["j1", "j1", "user:4", "phx_close", {}])
+    );
+    app.post_event(json!({"user_id": "4"})).await;
+    let push = client.recv_push().await;
+    assert_eq!(push[0], "j2", "only the new join receives events");
+    // A stale leave is ignored; the current one is answered, then closed.
+    client
+        .send(json!(["j1", "l0", "user:4", "phx_leave", {}]))
+        .await;
+    client
+        .send(json!(["j2", "l1", "user:4", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!(["j2", "l1", "user:4", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        client.recv().await,
+        json!(["j2", "j2", "user:4", "phx_close", {}])
+    );
+    // After leaving, a push to the topic is unmatched.
+    client
+        .send(json!(["j2", "p1", "user:4", "hello", {}]))
+        .await;
+    assert_eq!(
+        client.recv().await[4]["response"]["reason"],
+        "unmatched topic"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_only_that_connection() {
+    let app = spawn_app().await;
+    let mut bad = app.connect("6").await;
+    let mut good = app.connect_joined("6").await;
+    bad.send_text("this is not json").await;
+    assert_eq!(bad.closed().await, Some(1007));
+    app.post_event(json!({"user_id": "6"})).await;
+    assert_eq!(good.recv_push().await[2], "user:6");
+}
+
+#[tokio::test]
+async fn v1_clients_are_served_object_frames() {
+    let app = spawn_app().await;
+    let url = format!(
+        "ws://{}/socket/websocket?token={}",
+        app.addr,
+        app.token("7")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    let join = json!({"topic": "user:7", "event": "phx_join", "payload": {}, "ref": "1"});
+    ws.send(join.to_string().into()).await.unwrap();
+    let reply: Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(
+        reply,
+        json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+    );
+}
