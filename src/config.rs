@@ -87,8 +87,6 @@ pub struct HttpSettings {
     pub addr: SocketAddr,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
-    /// Longest time a request may take before it is answered 503/timeout.
-    pub request_timeout_ms: u64,
 }
 
 impl Default for HttpSettings {
@@ -96,7 +94,6 @@ impl Default for HttpSettings {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 4000)),
             max_body_bytes: 4 * 1024 * 1024,
-            request_timeout_ms: 30_000,
         }
     }
 }
