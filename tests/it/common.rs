@@ -296,6 +296,20 @@ impl WsClient {
         }
     }
 
+    /// The next frame, or None once the connection has closed or ended (never panics on the end).
+    pub async fn next_or_end(&mut self) -> Option<Value> {
+        loop {
+            match timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("frame or end in time")
+            {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).ok(),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Waits for the server to close; returns the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         loop {

@@ -1,6 +1,6 @@
 //! The socket: authorisation at the upgrade and at join, and the Phoenix v2 control frames.
 
-use crate::common::spawn_app;
+use crate::common::{PATIENCE, spawn_app, spawn_app_with, wait_until};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -146,5 +146,47 @@ async fn v1_clients_are_served_object_frames() {
     assert_eq!(
         reply,
         json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_disconnected_without_holding_up_others() {
+    let app = spawn_app_with(|s| {
+        s.socket.outbound_buffer = 2;
+        s.socket.write_timeout_ms = 1_000;
+    })
+    .await;
+    let mut lazy = app.connect_joined("20").await;
+    let mut other = app.connect_joined("21").await;
+    // ~24 MB for a client that reads nothing: far more than the kernel buffers between them hold.
+    let blob = "x".repeat(60_000);
+    let total = 400;
+    for _ in 0..total / 50 {
+        let events: Vec<Value> = (0..50)
+            .map(|_| json!({"user_id": "20", "data": {"blob": blob}}))
+            .collect();
+        assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
+    }
+    // Every broadcast finished (outcomes recorded) although one client stopped reading...
+    wait_until("all broadcasts done", PATIENCE, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+    // ...and other users are still served.
+    app.post_event(json!({"user_id": "21"})).await;
+    assert_eq!(other.recv_push().await[2], "user:21");
+    // The lazy client finds its connection ended before all of its events were written to it.
+    let mut received = 0;
+    while lazy.next_or_end().await.is_some() {
+        received += 1;
+    }
+    assert!(
+        received < total,
+        "the connection was cut ({received} of {total} frames)"
     );
 }
