@@ -10,6 +10,7 @@
 
 use crate::api::{self, ApiState, KeyCache, Limits};
 use crate::config::Settings;
+use crate::demo::Demo;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::worker::Worker;
@@ -50,6 +51,9 @@ pub enum Error {
     /// The HTTP server failed.
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
+    /// The demo is enabled but its files are missing.
+    #[error(transparent)]
+    Demo(#[from] crate::demo::MissingAsset),
 }
 
 /// A node, built and ready to run.
@@ -61,6 +65,7 @@ pub struct App {
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
+    demo: Option<Demo>,
 }
 
 impl App {
@@ -92,8 +97,23 @@ impl App {
                 DEVELOPMENT_SECRET.to_owned()
             }
         };
+        let signer = TokenSigner::new(&secret);
+        let demo = if settings.demo.enabled {
+            tracing::warn!(
+                "the demo is enabled: /demo mints tokens for any user; development only"
+            );
+            let producer = store.ensure_producer("demo").await?;
+            Some(Demo::load(
+                &settings.demo.assets_dir,
+                signer.clone(),
+                producer.id,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
-            signer: TokenSigner::new(&secret),
+            demo,
+            signer,
             settings,
             store,
             metrics,
@@ -126,6 +146,7 @@ impl App {
             signer,
             listener,
             http_addr,
+            demo,
         } = self;
         let pipeline = &settings.pipeline;
 
@@ -193,6 +214,7 @@ impl App {
             flusher_stop.clone(),
         ));
 
+        let demo_routes = demo.map(|demo| demo.routes(enqueue.clone()));
         let api_state = ApiState {
             store: store.clone(),
             enqueue,
@@ -207,9 +229,11 @@ impl App {
                 max_token_ttl_secs: settings.socket.token_ttl_secs,
             }),
         };
-        let router = api::routes(api_state)
-            .merge(socket::routes(socket_state.clone()))
-            .fallback(api::not_found);
+        let mut router = api::routes(api_state).merge(socket::routes(socket_state.clone()));
+        if let Some(demo_routes) = demo_routes {
+            router = router.merge(demo_routes);
+        }
+        let router = router.fallback(api::not_found);
 
         tracing::info!(addr = %http_addr, "herald serving HTTP and WebSockets");
         let served = axum::serve(listener, router)

@@ -77,6 +77,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// Process-wide settings.
     pub node: NodeSettings,
+    /// The development demo page.
+    pub demo: DemoSettings,
 }
 
 /// The HTTP listener.
@@ -225,6 +227,12 @@ pub struct SocketSettings {
     pub max_frame_bytes: usize,
     /// Most events fetched from PostgreSQL to fill one gap in a user's sequence.
     pub max_gap_fill: i64,
+    /// Client pushes queued for one channel task; beyond it a push is answered "too many requests".
+    pub channel_inbox: usize,
+    /// How long the stats channel's `slow_ping` holds its channel (the inline-handler pitfall).
+    pub stats_slow_ping_ms: u64,
+    /// `parallel_slow_ping` tasks one stats channel may run at once.
+    pub stats_max_parallel: usize,
 }
 
 impl Default for SocketSettings {
@@ -240,6 +248,9 @@ impl Default for SocketSettings {
             write_buffer_bytes: 4 * 1024,
             max_frame_bytes: 64 * 1024,
             max_gap_fill: 1_000,
+            channel_inbox: 16,
+            stats_slow_ping_ms: 3_000,
+            stats_max_parallel: 10,
         }
     }
 }
@@ -278,6 +289,26 @@ impl Default for NodeSettings {
     fn default() -> Self {
         Self {
             shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// The demo page (`/demo`): a person picks a user, watches pushes arrive and sends test events.
+/// Development only: it mints tokens for any user and enqueues without an API key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoSettings {
+    /// Serve the page and its dev-only endpoints. Never in production.
+    pub enabled: bool,
+    /// Folder with the page and its npm install (`npm ci` there brings the phoenix client).
+    pub assets_dir: String,
+}
+
+impl Default for DemoSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            assets_dir: "demo".into(),
         }
     }
 }
@@ -356,6 +387,7 @@ impl Settings {
             ),
             ("socket.outbound_buffer", self.socket.outbound_buffer),
             ("socket.max_channels", self.socket.max_channels),
+            ("socket.channel_inbox", self.socket.channel_inbox),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod metrics;
 pub mod pipeline;

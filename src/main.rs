@@ -41,8 +41,16 @@ enum Command {
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
-    /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve.
+    /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve
+    /// with the demo page on /demo.
     Demo,
+    /// Delete this deployment's RabbitMQ queues and exchanges (HERALD_QUEUE__PREFIX) and drop its
+    /// database. For tests and throwaway environments.
+    Destroy {
+        /// Required: nothing is deleted without it.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -73,7 +81,13 @@ fn settings_help() -> String {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs go to stderr, so a command's output (an API key, a token) stays clean on stdout.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }
 
 #[tokio::main]
@@ -91,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Producers { command } => producers(&settings, command).await,
         Command::Token { user_id, ttl_secs } => token(&settings, &user_id, ttl_secs),
         Command::Demo => demo(settings).await,
+        Command::Destroy { yes } => destroy(&settings, yes).await,
     }
 }
 
@@ -184,7 +199,19 @@ fn token(settings: &Settings, user_id: &str, ttl_secs: Option<u64>) -> anyhow::R
     Ok(())
 }
 
-async fn demo(settings: Settings) -> anyhow::Result<()> {
+async fn destroy(settings: &Settings, yes: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(yes, "refusing to delete anything without --yes");
+    herald::queue::delete_topology(&settings.queue).await?;
+    Store::drop_database(&settings.store).await?;
+    println!(
+        "deleted the queues of prefix {} and the database",
+        settings.queue.prefix
+    );
+    Ok(())
+}
+
+async fn demo(mut settings: Settings) -> anyhow::Result<()> {
+    settings.demo.enabled = true;
     let store = migrate(&settings).await?;
     let (_, key) = match store.rotate_producer_key("demo").await? {
         Some(rekeyed) => rekeyed,
@@ -198,7 +225,8 @@ async fn demo(settings: Settings) -> anyhow::Result<()> {
     let user = UserId::parse("42").map_err(anyhow::Error::msg)?;
     let token = signer(&settings).sign(&user, now_unix_secs() + settings.socket.token_ttl_secs);
     println!(
-        "\nHerald is running on http://{addr}  (ctrl-c stops it)\n\n\
+        "\nHerald is running on http://{addr}  (ctrl-c stops it)\n\
+         Demo page: http://{addr}/demo\n\n\
          API key of producer \"demo\" (new each time the demo starts):\n  {key}\n\n\
          1. Connect as user 42 (Phoenix Channels v2), e.g. with the official JS client:\n\
          \x20    new Socket(\"ws://{addr}/socket\", {{params: {{token: \"{token}\"}}}}).channel(\"user:42\").join()\n\

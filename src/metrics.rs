@@ -16,6 +16,10 @@ use std::time::Duration;
 pub const USER_SOCKET: &str = "UserSocket";
 /// The channel tag of user channels.
 pub const USER_CHANNEL: &str = "UserChannel";
+/// The socket tag of the stats socket.
+pub const STATS_SOCKET: &str = "StatsSocket";
+/// The channel tag of stats channels.
+pub const STATS_CHANNEL: &str = "StatsChannel";
 
 /// Why metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +230,11 @@ impl Metrics {
         self.client
             .count("socket.push.gap_filled", count as i64)
             .ok();
+    }
+
+    /// A stats channel `ping` was handled.
+    pub fn stats_ping(&self, elapsed: Duration) {
+        self.client.time("stats_channel.ping", elapsed).ok();
     }
 
     /// Open WebSocket connections on this node.

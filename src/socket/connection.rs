@@ -1,17 +1,20 @@
-//! One WebSocket connection: the Phoenix protocol loop for a user's socket.
+//! One WebSocket connection: the Phoenix protocol loop.
 //!
 //! The connection task owns the socket and everything about it: its joined channels, its bounded
-//! outbound queue (what pubsub feeds), its idle timer. It reads client frames, answers them, and
-//! writes pushed events through each channel's order guard. A bad frame closes only this connection;
-//! nothing a client sends can panic the node.
+//! queues (pubsub broadcasts in, channel tasks' frames in), its idle timer. It reads client frames,
+//! answers control frames itself, routes client pushes to channels, and writes pushed events through
+//! each user channel's order guard. A bad frame closes only this connection; nothing a client sends
+//! can panic the node.
 
 use super::SocketState;
-use super::channel::{Admit, JoinedChannel};
+use super::channel::{Admit, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
+use super::stats::StatsChannel;
 use crate::event::{USER_TOPIC_PREFIX, UserId, now_unix_ms};
-use crate::metrics::USER_CHANNEL;
+use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,8 +33,19 @@ mod close_code {
     pub const INVALID: u16 = 1007;
     /// Policy violation: a client that does not read its events.
     pub const POLICY: u16 = 1008;
+    /// Message too big.
+    pub const TOO_BIG: u16 = 1009;
     /// Service restart: the node is draining; clients reconnect elsewhere.
     pub const RESTART: u16 = 1012;
+}
+
+/// Which socket a connection came in on.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// `/socket`: an authenticated user, who may join `user:<own id>`.
+    User(UserId),
+    /// `/stats_socket`: no token; any topic is a stats channel.
+    Stats,
 }
 
 /// Why the loop ended.
@@ -45,32 +59,37 @@ enum End {
 struct Connection {
     ws: WebSocket,
     vsn: Vsn,
-    user: UserId,
+    endpoint: Endpoint,
     state: SocketState,
     channels: HashMap<String, JoinedChannel>,
     subscriber: Subscriber,
+    to_connection: mpsc::Sender<ToConnection>,
     write_timeout: Duration,
 }
 
-/// Runs a connection of `user` until it closes.
-pub async fn serve(ws: WebSocket, vsn: Vsn, user: UserId, state: SocketState) {
-    let (queue, mut inbox) = mpsc::channel(state.settings.outbound_buffer);
+/// Runs a connection until it closes.
+pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketState) {
+    let (queue, mut broadcasts) = mpsc::channel(state.settings.outbound_buffer);
+    let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
     let overflowed = CancellationToken::new();
     let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
     state.open.fetch_add(1, Ordering::Relaxed);
     let mut connection = Connection {
         ws,
         vsn,
-        user,
+        endpoint,
         state: state.clone(),
         channels: HashMap::new(),
         subscriber: Subscriber {
             queue,
             overflowed: overflowed.clone(),
         },
+        to_connection,
         write_timeout,
     };
-    let end = connection.run(&mut inbox, &overflowed).await;
+    let end = connection
+        .run(&mut broadcasts, &mut from_channels, &overflowed)
+        .await;
     connection.leave_all();
     if let End::Close(code, why) = end {
         tracing::debug!(code, reason = why, "closing connection");
@@ -86,7 +105,8 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, user: UserId, state: SocketState) {
 impl Connection {
     async fn run(
         &mut self,
-        inbox: &mut mpsc::Receiver<Arc<PubSubMessage>>,
+        broadcasts: &mut mpsc::Receiver<Arc<PubSubMessage>>,
+        from_channels: &mut mpsc::Receiver<ToConnection>,
         overflowed: &CancellationToken,
     ) -> End {
         let idle_limit = Duration::from_millis(self.state.settings.idle_timeout_ms);
@@ -105,7 +125,8 @@ impl Connection {
                     idle.as_mut().reset(Instant::now() + idle_limit);
                     self.on_client_message(received).await
                 }
-                Some(message) = inbox.recv() => self.deliver(&message).await,
+                Some(message) = broadcasts.recv() => self.deliver(&message).await,
+                Some(request) = from_channels.recv() => self.on_channel_request(request).await,
             };
             if let Err(end) = step {
                 return end;
@@ -130,6 +151,11 @@ impl Connection {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
             Some(Ok(Message::Close(_))) | None => Err(End::Gone),
             Some(Err(error)) => {
+                let error = error.into_inner();
+                if let Some(tungstenite::Error::Capacity(_)) = error.downcast_ref() {
+                    self.state.metrics.socket_malformed_frame("oversized");
+                    return Err(End::Close(close_code::TOO_BIG, "frame too large"));
+                }
                 tracing::debug!(error = %error, "websocket read failed");
                 Err(End::Gone)
             }
@@ -153,21 +179,27 @@ impl Connection {
     }
 
     async fn join(&mut self, frame: Frame) -> Result<(), End> {
-        let Some(requested) = frame.topic.strip_prefix(USER_TOPIC_PREFIX) else {
-            // No channel route: Phoenix answers with a null join ref.
-            return self
-                .reply(&frame, &null(), "error", &reason("unmatched topic"))
-                .await;
+        let channel_tag = match &self.endpoint {
+            Endpoint::User(_) => USER_CHANNEL,
+            Endpoint::Stats => STATS_CHANNEL,
         };
-        if requested != self.user.as_str() {
-            self.state.metrics.channel_join(USER_CHANNEL, false);
-            return self
-                .reply(&frame, &frame.join_ref, "error", &reason("unauthorized"))
-                .await;
+        if let Err(refusal) = self.admit_join(&frame) {
+            return match refusal {
+                // No route: Phoenix answers with a null join ref, and no handler was involved.
+                Refusal::Unmatched => {
+                    self.reply(&frame, &null(), "error", &reason("unmatched topic"))
+                        .await
+                }
+                Refusal::Reason(why) => {
+                    self.state.metrics.channel_join(channel_tag, false);
+                    self.reply(&frame, &frame.join_ref, "error", &reason(why))
+                        .await
+                }
+            };
         }
         let previous = self.channels.remove(&frame.topic);
         if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
-            self.state.metrics.channel_join(USER_CHANNEL, false);
+            self.state.metrics.channel_join(channel_tag, false);
             return self
                 .reply(
                     &frame,
@@ -178,23 +210,17 @@ impl Connection {
                 .await;
         }
         if let Some(previous) = &previous {
-            self.state
-                .pubsub
-                .unsubscribe(&frame.topic, previous.subscription);
+            self.stop_channel(&frame.topic, previous);
         }
-        let subscription = self
-            .state
-            .pubsub
-            .subscribe(&frame.topic, self.subscriber.clone());
+        let kind = self.start_channel(&frame);
         self.channels.insert(
             frame.topic.clone(),
             JoinedChannel {
                 join_ref: frame.join_ref.clone(),
-                subscription,
-                last_seq: None,
+                kind,
             },
         );
-        self.state.metrics.channel_join(USER_CHANNEL, true);
+        self.state.metrics.channel_join(channel_tag, true);
         self.reply(&frame, &frame.join_ref, "ok", "{}").await?;
         // A second join of a joined topic replaces the first; the old instance is closed with its own
         // (now stale) join ref, which the client ignores.
@@ -204,37 +230,114 @@ impl Connection {
         Ok(())
     }
 
+    /// Routes and authorises a join.
+    fn admit_join(&self, frame: &Frame) -> Result<(), Refusal> {
+        if !frame.payload.get().trim_start().starts_with('{') {
+            return Err(Refusal::Reason("join params must be an object"));
+        }
+        match &self.endpoint {
+            Endpoint::User(user) => {
+                let requested = frame
+                    .topic
+                    .strip_prefix(USER_TOPIC_PREFIX)
+                    .ok_or(Refusal::Unmatched)?;
+                if requested != user.as_str() {
+                    return Err(Refusal::Reason("unauthorized"));
+                }
+                Ok(())
+            }
+            // The seed's StatsChannel: "invalid" always fails, every other topic joins.
+            Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::Reason("always fails")),
+            Endpoint::Stats => Ok(()),
+        }
+    }
+
+    fn start_channel(&self, frame: &Frame) -> ChannelKind {
+        match &self.endpoint {
+            Endpoint::User(_) => ChannelKind::User {
+                subscription: self
+                    .state
+                    .pubsub
+                    .subscribe(&frame.topic, self.subscriber.clone()),
+                guard: OrderGuard::default(),
+            },
+            Endpoint::Stats => ChannelKind::Stats(StatsChannel::spawn(
+                self.vsn,
+                &frame.topic,
+                &frame.join_ref,
+                self.to_connection.clone(),
+                &self.state.settings,
+                self.state.metrics.clone(),
+            )),
+        }
+    }
+
+    fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
+        if let ChannelKind::User { subscription, .. } = &channel.kind {
+            self.state.pubsub.unsubscribe(topic, *subscription);
+        }
+        // A stats channel stops when its handle is dropped.
+    }
+
     async fn leave(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self.reply(&frame, &frame.join_ref, "ok", "{}").await;
         };
-        if frame.has_join_ref() && channel.join_ref.get() != frame.join_ref.get() {
-            return Ok(()); // stale: an earlier instance of this channel
+        if is_stale(&frame, &channel.join_ref) {
+            return Ok(());
         }
         let Some(channel) = self.channels.remove(&frame.topic) else {
             return Ok(());
         };
-        self.state
-            .pubsub
-            .unsubscribe(&frame.topic, channel.subscription);
+        self.stop_channel(&frame.topic, &channel);
         self.reply(&frame, &channel.join_ref, "ok", "{}").await?;
         self.close_channel(&frame.topic, &channel.join_ref).await
     }
 
-    /// A client event on a channel. User channels take none yet, so a joined channel answers with
-    /// an error reply instead of crashing (what Phoenix would do).
+    /// A client event on a channel: stats channels take it in their own task; user channels take no
+    /// client events yet and answer with an error reply instead of crashing (what Phoenix would do).
     async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
                 .reply(&frame, &null(), "error", &reason("unmatched topic"))
                 .await;
         };
-        if frame.has_join_ref() && channel.join_ref.get() != frame.join_ref.get() {
-            return Ok(()); // stale
+        if is_stale(&frame, &channel.join_ref) {
+            return Ok(());
         }
         let join_ref = channel.join_ref.clone();
-        self.reply(&frame, &join_ref, "error", &reason("unknown event"))
-            .await
+        match &channel.kind {
+            ChannelKind::Stats(stats) => match stats.push(frame) {
+                Ok(()) => Ok(()),
+                Err(frame) => {
+                    self.reply(&frame, &join_ref, "error", &reason("too many requests"))
+                        .await
+                }
+            },
+            ChannelKind::User { .. } => {
+                self.reply(&frame, &join_ref, "error", &reason("unknown event"))
+                    .await
+            }
+        }
+    }
+
+    async fn on_channel_request(&mut self, request: ToConnection) -> Result<(), End> {
+        match request {
+            ToConnection::Frame(text) => self.send(text).await,
+            ToConnection::Close { topic, join_ref } => {
+                let current = self
+                    .channels
+                    .get(&topic)
+                    .is_some_and(|c| c.join_ref.get() == join_ref.get());
+                if !current {
+                    return Ok(());
+                }
+                if let Some(channel) = self.channels.remove(&topic) {
+                    self.stop_channel(&topic, &channel);
+                }
+                self.close_channel(&topic, &join_ref).await
+            }
+        }
     }
 
     /// Pushes a broadcast through the channel's order guard.
@@ -242,11 +345,14 @@ impl Connection {
         let Some(channel) = self.channels.get(&*message.topic) else {
             return Ok(()); // left while the message was queued
         };
+        let ChannelKind::User { guard, .. } = &channel.kind else {
+            return Ok(());
+        };
         let Some(seq) = message.seq else {
             let join_ref = channel.join_ref.clone();
             return self.push(&join_ref, message).await;
         };
-        match channel.admit(seq) {
+        match guard.admit(seq) {
             Admit::Duplicate => {
                 self.state.metrics.socket_duplicate_dropped();
                 Ok(())
@@ -259,13 +365,16 @@ impl Connection {
         }
     }
 
-    /// Pushes the events of this user between `after` and `before` (exclusive) from PostgreSQL.
+    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL.
     async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<(), End> {
+        let Endpoint::User(user) = &self.endpoint else {
+            return Ok(());
+        };
         let rows = self
             .state
             .store
             .events_between(
-                self.user.as_str(),
+                user.as_str(),
                 after,
                 before,
                 self.state.settings.max_gap_fill,
@@ -307,17 +416,17 @@ impl Connection {
         };
         let join_ref = channel.join_ref.clone();
         self.push(&join_ref, message).await?;
-        if let Some(channel) = self.channels.get_mut(topic) {
-            channel.pushed(seq);
+        if let Some(JoinedChannel {
+            kind: ChannelKind::User { guard, .. },
+            ..
+        }) = self.channels.get_mut(topic)
+        {
+            guard.pushed(seq);
         }
         Ok(())
     }
 
-    async fn push(
-        &mut self,
-        join_ref: &serde_json::value::RawValue,
-        message: &PubSubMessage,
-    ) -> Result<(), End> {
+    async fn push(&mut self, join_ref: &RawValue, message: &PubSubMessage) -> Result<(), End> {
         let text = protocol::encode(
             self.vsn,
             join_ref,
@@ -338,7 +447,7 @@ impl Connection {
     async fn reply(
         &mut self,
         frame: &Frame,
-        join_ref: &serde_json::value::RawValue,
+        join_ref: &RawValue,
         status: &str,
         response: &str,
     ) -> Result<(), End> {
@@ -353,11 +462,7 @@ impl Connection {
         self.send(text).await
     }
 
-    async fn close_channel(
-        &mut self,
-        topic: &str,
-        join_ref: &serde_json::value::RawValue,
-    ) -> Result<(), End> {
+    async fn close_channel(&mut self, topic: &str, join_ref: &RawValue) -> Result<(), End> {
         let text = protocol::encode(self.vsn, join_ref, join_ref, topic, "phx_close", "{}");
         self.send(text).await
     }
@@ -377,8 +482,23 @@ impl Connection {
     }
 
     fn leave_all(&mut self) {
-        for (topic, channel) in self.channels.drain() {
-            self.state.pubsub.unsubscribe(&topic, channel.subscription);
+        let channels: Vec<_> = self.channels.drain().collect();
+        for (topic, channel) in channels {
+            self.stop_channel(&topic, &channel);
         }
     }
+}
+
+/// Why a join is refused.
+enum Refusal {
+    /// No channel serves this topic.
+    Unmatched,
+    /// The channel refused, with this reason.
+    Reason(&'static str),
+}
+
+/// A frame whose non-null join ref is not the channel's current one belongs to an earlier instance
+/// of the channel: Phoenix ignores it.
+fn is_stale(frame: &Frame, current: &RawValue) -> bool {
+    frame.has_join_ref() && frame.join_ref.get() != current.get()
 }

@@ -1,17 +1,22 @@
-//! The socket node: Phoenix Channels over WebSocket at `/socket/websocket`, so the official `phoenix`
-//! JavaScript client works unchanged (see ../shared/PHOENIX_PROTOCOL.md).
+//! The socket node: Phoenix Channels over WebSocket, so the official `phoenix` JavaScript client works
+//! unchanged (see ../shared/PHOENIX_PROTOCOL.md).
 //!
-//! A connection is authorised before the upgrade: a missing, forged or expired token gets HTTP 403 and
-//! no WebSocket. A connected user may join only `user:<own id>`. Protocol parsing is in
-//! [`protocol`] (pure), the per-connection loop in `connection`, per-channel ordering in [`channel`].
+//! Two endpoints. `/socket/websocket` (UserSocket): a connection is authorised before the upgrade, and
+//! a missing, forged or expired token gets HTTP 403 and no WebSocket; a connected user may join only
+//! `user:<own id>`. `/stats_socket/websocket` (StatsSocket): no token; any topic is a stats channel
+//! (see [`stats`]). Protocol parsing is in [`protocol`] (pure), the per-connection loop in
+//! `connection`, channel state and per-user ordering in [`channel`].
 
 pub mod channel;
 mod connection;
 pub mod protocol;
+pub mod stats;
 pub mod token;
 
+use connection::Endpoint;
+
 use crate::config::SocketSettings;
-use crate::metrics::{Metrics, USER_SOCKET};
+use crate::metrics::{Metrics, STATS_SOCKET, USER_SOCKET};
 use crate::pubsub::PubSub;
 use crate::store::Store;
 use axum::Router;
@@ -58,10 +63,11 @@ impl SocketState {
     }
 }
 
-/// The socket routes: `/socket/websocket` (the JS client appends `/websocket` to `/socket`).
+/// The socket routes (the JS client appends `/websocket` to the endpoint it is given).
 pub fn routes(state: SocketState) -> Router {
     Router::new()
         .route("/socket/websocket", get(user_socket))
+        .route("/stats_socket/websocket", get(stats_socket))
         .with_state(state)
 }
 
@@ -95,7 +101,34 @@ async fn user_socket(
         }
     };
     state.metrics.socket_connect(USER_SOCKET, true);
-    let settings = &state.settings;
+    let span = tracing::info_span!("socket", user_id = %user);
+    upgrade_to(upgrade, vsn, Endpoint::User(user), state, span)
+}
+
+async fn stats_socket(
+    State(state): State<SocketState>,
+    Query(params): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
+        state.metrics.socket_connect(STATS_SOCKET, false);
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    state.metrics.socket_connect(STATS_SOCKET, true);
+    let span = tracing::info_span!("stats_socket");
+    upgrade_to(upgrade, vsn, Endpoint::Stats, state, span)
+}
+
+/// Completes an accepted upgrade with Herald's buffer limits and runs the connection, tracked so a
+/// draining node can wait for its close frame.
+fn upgrade_to(
+    upgrade: WebSocketUpgrade,
+    vsn: Vsn,
+    endpoint: Endpoint,
+    state: SocketState,
+    span: tracing::Span,
+) -> Response {
+    let settings = Arc::clone(&state.settings);
     let in_flight = state.tracker.token();
     upgrade
         .read_buffer_size(settings.read_buffer_bytes)
@@ -107,12 +140,10 @@ async fn user_socket(
         .max_frame_size(settings.max_frame_bytes)
         .protocols(["phoenix"])
         .on_upgrade(move |socket| {
-            let span = tracing::info_span!("socket", user_id = %user);
-            let state = state.clone();
             tracing::Instrument::instrument(
                 async move {
                     let _in_flight = in_flight;
-                    connection::serve(socket, vsn, user, state).await;
+                    connection::serve(socket, vsn, endpoint, state).await;
                 },
                 span,
             )

@@ -82,6 +82,25 @@ impl Store {
         Ok(producer.map(|p| (p, key)))
     }
 
+    /// The producer named `name`, created with a key nobody sees when missing (for the demo, which
+    /// enqueues as `demo` without a key).
+    ///
+    /// # Errors
+    /// The queries failed.
+    pub async fn ensure_producer(&self, name: &str) -> Result<Producer, Error> {
+        match self.create_producer(name).await {
+            Ok((producer, _unseen_key)) => Ok(producer),
+            Err(Error::Conflict(_)) => {
+                sqlx::query_as::<_, Producer>("SELECT id, name FROM producers WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(Error::query("find producer"))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
     /// The producer owning the key with this digest.
     ///
     /// # Errors

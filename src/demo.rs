@@ -1,0 +1,172 @@
+//! The development demo (the seed's socket.js, made visible): a page where a person picks a user id,
+//! connects with the official phoenix client (served from its npm package, no CDN), watches pushes
+//! arrive with their delivery latency, sends test events, and tries the stats channel.
+//!
+//! Off unless `demo.enabled`: its endpoints mint tokens for any user and enqueue without an API key,
+//! as the `demo` producer. An edge module like `api`; nothing depends on it.
+
+use crate::api::error::ApiError;
+use crate::event::{EventName, UserId, now_unix_ms};
+use crate::pipeline::enqueue::Enqueue;
+use crate::socket::token::{TokenSigner, now_unix_secs};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Why the demo could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("demo asset {path} is missing: run `npm ci` in {dir} (scripts/demo does)")]
+pub struct MissingAsset {
+    path: String,
+    dir: String,
+}
+
+/// The page's files, read once at start.
+struct Assets {
+    index: String,
+    app: String,
+    phoenix: String,
+}
+
+/// The demo, loaded at start (so a missing asset stops the node with a clear message).
+pub struct Demo {
+    assets: Arc<Assets>,
+    signer: TokenSigner,
+    producer_id: i64,
+}
+
+/// What the demo endpoints need.
+#[derive(Clone)]
+struct DemoState {
+    assets: Arc<Assets>,
+    enqueue: Enqueue,
+    signer: TokenSigner,
+    producer_id: i64,
+}
+
+impl Demo {
+    /// Reads the page and the phoenix client bundle from `dir`; events are sent as `producer_id`.
+    ///
+    /// # Errors
+    /// A file is missing (the npm install has not run).
+    pub fn load(dir: &str, signer: TokenSigner, producer_id: i64) -> Result<Self, MissingAsset> {
+        let read = |relative: &str| {
+            let path = Path::new(dir).join(relative);
+            std::fs::read_to_string(&path).map_err(|_| MissingAsset {
+                path: path.display().to_string(),
+                dir: dir.to_owned(),
+            })
+        };
+        let assets = Assets {
+            index: read("index.html")?,
+            app: read("app.js")?,
+            phoenix: read("node_modules/phoenix/priv/static/phoenix.mjs")?,
+        };
+        Ok(Self {
+            assets: Arc::new(assets),
+            signer,
+            producer_id,
+        })
+    }
+
+    /// The demo routes, enqueueing through `enqueue`.
+    pub fn routes(self, enqueue: Enqueue) -> Router {
+        let state = DemoState {
+            assets: self.assets,
+            enqueue,
+            signer: self.signer,
+            producer_id: self.producer_id,
+        };
+        routes(state)
+    }
+}
+
+fn routes(state: DemoState) -> Router {
+    Router::new()
+        .route("/demo", get(index))
+        .route("/demo/app.js", get(app_js))
+        .route("/demo/phoenix.mjs", get(phoenix_js))
+        .route("/demo/token", post(token))
+        .route("/demo/events", post(send_event))
+        .with_state(state)
+}
+
+async fn index(State(state): State<DemoState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        state.assets.index.clone(),
+    )
+}
+
+async fn app_js(State(state): State<DemoState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript")],
+        state.assets.app.clone(),
+    )
+}
+
+async fn phoenix_js(State(state): State<DemoState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript")],
+        state.assets.phoenix.clone(),
+    )
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    user_id: String,
+}
+
+async fn token(
+    State(state): State<DemoState>,
+    Json(request): Json<TokenRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let user = UserId::parse(request.user_id)
+        .map_err(|why| ApiError::Invalid(format!("user_id: {why}")))?;
+    let token = state.signer.sign(&user, now_unix_secs() + 3600);
+    Ok(Json(json!({ "token": token, "user_id": user })))
+}
+
+#[derive(Deserialize)]
+struct EventRequest {
+    user_id: String,
+    event: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+async fn send_event(
+    State(state): State<DemoState>,
+    Json(request): Json<EventRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let user_id = UserId::parse(request.user_id)
+        .map_err(|why| ApiError::Invalid(format!("user_id: {why}")))?;
+    let event = match request.event {
+        Some(name) => {
+            EventName::parse(name).map_err(|why| ApiError::Invalid(format!("event: {why}")))?
+        }
+        None => EventName::default_push(),
+    };
+    let data = match request.data {
+        Some(data) => data,
+        None => RawValue::from_string("{}".into()).map_err(|e| ApiError::Internal(Box::new(e)))?,
+    };
+    let event = crate::store::NewEvent {
+        id: uuid::Uuid::now_v7(),
+        producer_id: state.producer_id,
+        user_id,
+        event,
+        data,
+        idempotency_key: None,
+        enqueued_at_ms: now_unix_ms(),
+    };
+    let accepted = state.enqueue.enqueue(vec![event]).await?;
+    let first = accepted.first().map(|a| json!({"id": a.id, "seq": a.seq}));
+    Ok(Json(first.unwrap_or(Value::Null)))
+}
