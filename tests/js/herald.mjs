@@ -1,0 +1,234 @@
+// Test harness: runs the real `herald` binary on a free port with its own database and queue prefix,
+// and cleans both up afterwards (`herald destroy --yes`). Tests talk to it with the official phoenix
+// client, raw `ws` sockets, plain fetch, and a UDP listener standing in for StatsD.
+
+import {spawn, execFile} from "node:child_process"
+import {randomUUID} from "node:crypto"
+import dgram from "node:dgram"
+import net from "node:net"
+import {fileURLToPath} from "node:url"
+import {Socket} from "phoenix"
+import WebSocket from "ws"
+
+export const REPO = fileURLToPath(new URL("../../", import.meta.url))
+const HERALD = process.env.TEST_HERALD_BIN ?? `${REPO}target/debug/herald`
+export const PATIENCE_MS = 20_000
+
+function run(args, env) {
+  return new Promise((resolve, reject) => {
+    execFile(HERALD, args, {env}, (error, stdout, stderr) => {
+      if (error) reject(new Error(`herald ${args.join(" ")} failed: ${stderr || error.message}`))
+      else resolve(stdout)
+    })
+  })
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer()
+    server.on("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      const {port} = server.address()
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+/** Polls `check` until it returns a truthy value; fails after `limit` ms. */
+export async function waitFor(what, check, limit = PATIENCE_MS) {
+  const deadline = Date.now() + limit
+  for (;;) {
+    const value = await check()
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 25))
+  }
+}
+
+/** Resolves with what `register(resolve)` reports, or fails after PATIENCE_MS. */
+export function within(what, register, limit = PATIENCE_MS) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), limit)
+    register((value) => {
+      clearTimeout(timer)
+      resolve(value)
+    }, (error) => {
+      clearTimeout(timer)
+      reject(error)
+    })
+  })
+}
+
+export class Herald {
+  constructor(env, port, key) {
+    this.env = env
+    this.port = port
+    this.key = key
+    this.child = null
+    this.log = ""
+  }
+
+  /** A fresh node; `settings` are extra HERALD_* variables. */
+  static async start(settings = {}) {
+    const id = randomUUID().replaceAll("-", "")
+    const port = await freePort()
+    const env = {
+      ...process.env,
+      HERALD_DATABASE_URL: `postgres://postgres@127.0.0.1:5432/herald_js_${id}`,
+      HERALD_QUEUE__PREFIX: `js_${id}`,
+      HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
+      HERALD_SECRET: "js-test-secret",
+      HERALD_STATSD_ADDR: "",
+      HERALD_PIPELINE__RELAY_GRACE_MS: "1000",
+      HERALD_PIPELINE__RELAY_INTERVAL_MS: "200",
+      HERALD_LOG: "info",
+      ...settings,
+    }
+    await run(["migrate"], env)
+    const key = (await run(["producers", "add", "js"], env)).trim().split("\n").pop()
+    const node = new Herald(env, port, key)
+    await node.serve()
+    return node
+  }
+
+  get url() {
+    return `http://127.0.0.1:${this.port}`
+  }
+
+  /** The endpoint the phoenix client is given (it appends /websocket). */
+  get socketUrl() {
+    return `ws://127.0.0.1:${this.port}/socket`
+  }
+
+  get statsSocketUrl() {
+    return `ws://127.0.0.1:${this.port}/stats_socket`
+  }
+
+  async serve() {
+    this.child = spawn(HERALD, ["serve"], {env: this.env, stdio: ["ignore", "ignore", "pipe"]})
+    this.child.stderr.on("data", (chunk) => { this.log += chunk })
+    const exited = new Promise((resolve) => this.child.once("exit", resolve))
+    this.exited = exited
+    await waitFor("herald ready", async () => {
+      if (this.child.exitCode !== null) throw new Error(`herald exited:\n${this.log}`)
+      try {
+        return (await fetch(`${this.url}/readyz`)).ok
+      } catch {
+        return false
+      }
+    })
+  }
+
+  /** SIGTERM, and wait for the drain to finish. */
+  async stop() {
+    if (!this.child || this.child.exitCode !== null) return
+    this.child.kill("SIGTERM")
+    await this.exited
+  }
+
+  async restart() {
+    await this.stop()
+    await this.serve()
+  }
+
+  /** Stops the node and deletes its queues and database. */
+  async destroy() {
+    await this.stop()
+    await run(["destroy", "--yes"], this.env)
+  }
+
+  async api(path, body) {
+    const response = await fetch(`${this.url}${path}`, {
+      method: "POST",
+      headers: {authorization: `Bearer ${this.key}`, "content-type": "application/json"},
+      body: JSON.stringify(body),
+    })
+    const json = await response.json()
+    if (!response.ok) throw new Error(`${path}: ${response.status} ${JSON.stringify(json)}`)
+    return json
+  }
+
+  async token(userId) {
+    return (await this.api("/api/v1/tokens", {user_id: userId})).token
+  }
+
+  async send(userId, data, event = "push") {
+    return this.api("/api/v1/events", {user_id: userId, event, data})
+  }
+
+  /** An official phoenix client Socket for `userId`, not yet connected. */
+  async userSocket(userId, options = {}) {
+    const token = await this.token(userId)
+    return new Socket(this.socketUrl, {transport: WebSocket, params: {token}, ...options})
+  }
+}
+
+/** Joins `channel`; resolves with the reply, rejects with the error response. */
+export function join(channel) {
+  return within(`join of ${channel.topic}`, (resolve, reject) => {
+    channel.join()
+      .receive("ok", resolve)
+      .receive("error", (response) => reject(Object.assign(new Error("join refused"), {response})))
+      .receive("timeout", () => reject(new Error("join timed out")))
+  })
+}
+
+/** Pushes `event` on `channel`; resolves with {status, response, ms}. */
+export function push(channel, event, payload = {}, timeout = PATIENCE_MS) {
+  const sent = performance.now()
+  return within(`reply to ${event}`, (resolve) => {
+    channel.push(event, payload, timeout)
+      .receive("ok", (response) => resolve({status: "ok", response, ms: performance.now() - sent}))
+      .receive("error", (response) => resolve({status: "error", response, ms: performance.now() - sent}))
+      .receive("timeout", () => resolve({status: "timeout"}))
+  }, timeout + 1000)
+}
+
+/** A raw WebSocket to `url`, with a queue of received text frames. */
+export async function rawSocket(url) {
+  const ws = new WebSocket(url)
+  const frames = []
+  const waiters = []
+  ws.on("message", (data) => {
+    frames.push(JSON.parse(data.toString()))
+    while (waiters.length) waiters.shift()()
+  })
+  const closed = new Promise((resolve) => ws.on("close", (code) => resolve(code)))
+  await within("raw socket open", (resolve, reject) => {
+    ws.once("open", resolve)
+    ws.once("error", reject)
+  })
+  return {
+    ws,
+    closed,
+    send: (frame) => ws.send(typeof frame === "string" ? frame : JSON.stringify(frame)),
+    next: () => within("a frame", (resolve) => {
+      const take = () => (frames.length ? resolve(frames.shift()) : waiters.push(take))
+      take()
+    }),
+  }
+}
+
+/** A UDP listener standing in for StatsD; `line(prefix)` waits for a metric line. */
+export async function statsd() {
+  const socket = dgram.createSocket("udp4")
+  const lines = []
+  const waiters = []
+  socket.on("message", (packet) => {
+    lines.push(...packet.toString().split("\n").filter(Boolean))
+    while (waiters.length) waiters.shift()()
+  })
+  await new Promise((resolve) => socket.bind(0, "127.0.0.1", resolve))
+  return {
+    addr: `127.0.0.1:${socket.address().port}`,
+    lines,
+    line: (prefix) => within(`StatsD line ${prefix}`, (resolve) => {
+      const look = () => {
+        const found = lines.find((l) => l.startsWith(prefix))
+        found ? resolve(found) : waiters.push(look)
+      }
+      look()
+    }),
+    close: () => socket.close(),
+  }
+}
