@@ -75,8 +75,10 @@ impl Topology {
 /// # Errors
 /// Unreachable broker, refused credentials, or the timeout.
 pub async fn connect(settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(format!("herald-{role}").into());
+    // The prefix in the name lets an operator (or a test sharing the broker) find this
+    // deployment's connections, e.g. to close only those with `rabbitmqctl close_connection`.
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("herald-{}-{role}", settings.prefix).into());
     let attempt = Connection::connect(settings.amqp_url.expose(), properties);
     match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), attempt).await {
         Ok(result) => result.map_err(Error::Connect),
