@@ -13,6 +13,9 @@ use crate::config::Settings;
 use crate::demo::Demo;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
+use crate::pipeline::faults::Faults;
+use crate::pipeline::replay::ReplayJobs;
+use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay};
 use crate::pubsub::PubSub;
@@ -54,6 +57,9 @@ pub enum Error {
     /// The demo is enabled but its files are missing.
     #[error(transparent)]
     Demo(#[from] crate::demo::MissingAsset),
+    /// `faults.fail_events` holds a rule that does not parse.
+    #[error("invalid faults.fail_events: {0}")]
+    Faults(String),
 }
 
 /// A node, built and ready to run.
@@ -66,6 +72,7 @@ pub struct App {
     listener: TcpListener,
     http_addr: SocketAddr,
     demo: Option<Demo>,
+    faults: Arc<Faults>,
 }
 
 impl App {
@@ -111,7 +118,15 @@ impl App {
         } else {
             None
         };
+        let faults = Faults::new(&settings.faults).map_err(Error::Faults)?;
+        if !faults.is_empty() {
+            tracing::warn!(
+                rules = ?settings.faults.fail_events,
+                "fault injection is ON: chosen events' deliveries will fail (tests only)"
+            );
+        }
         Ok(Self {
+            faults: Arc::new(faults),
             demo,
             signer,
             settings,
@@ -147,6 +162,7 @@ impl App {
             listener,
             http_addr,
             demo,
+            faults,
         } = self;
         let pipeline = &settings.pipeline;
 
@@ -192,6 +208,10 @@ impl App {
             pubsub: pubsub.clone(),
             outcomes,
             metrics: metrics.clone(),
+            retry: Arc::new(RetryPolicy::new(&settings.retry)),
+            retry_delays_ms: settings.retry.delays_ms().into(),
+            attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
+            faults,
         };
         let worker_task = tokio::spawn(worker.run(settings.queue.clone(), shutdown.child_token()));
 
@@ -214,6 +234,13 @@ impl App {
             flusher_stop.clone(),
         ));
 
+        let replays = ReplayJobs::new(
+            store.clone(),
+            publisher_handle.clone(),
+            metrics.clone(),
+            &settings.replay,
+            shutdown.child_token(),
+        );
         let demo_routes = demo.map(|demo| demo.routes(enqueue.clone()));
         let api_state = ApiState {
             store: store.clone(),
@@ -228,6 +255,9 @@ impl App {
                 max_data_bytes: pipeline.max_data_bytes,
                 max_token_ttl_secs: settings.socket.token_ttl_secs,
             }),
+            admin_keys: Arc::new(KeyCache::new(Duration::from_secs(30), 1_000)),
+            replays: replays.clone(),
+            default_replay_rate: settings.replay.default_rate,
         };
         let mut router = api::routes(api_state).merge(socket::routes(socket_state.clone()));
         if let Some(demo_routes) = demo_routes {
@@ -247,6 +277,7 @@ impl App {
 
         tracing::info!("shutting down: draining in-flight work");
         let deadline = Instant::now() + settings.shutdown_timeout();
+        drain("replay jobs", deadline, replays.shutdown()).await;
         commit_close.cancel();
         drain("group commit", deadline, commit_task).await;
         drain("outbox relay", deadline, relay_task).await;

@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -79,6 +80,12 @@ pub struct Settings {
     pub node: NodeSettings,
     /// The development demo page.
     pub demo: DemoSettings,
+    /// Delivery retries: backoff schedule and attempt limit, per event name where needed.
+    pub retry: RetrySettings,
+    /// Operator replay (CLI and admin API).
+    pub replay: ReplaySettings,
+    /// Test-only fault injection; off (empty) by default.
+    pub faults: FaultSettings,
 }
 
 /// The HTTP listener.
@@ -313,6 +320,100 @@ impl Default for DemoSettings {
     }
 }
 
+/// Delivery retries. A failed attempt is retried through RabbitMQ delay queues (one per distinct
+/// delay, whose messages expire back into the work queue), never by a sleeping task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Delay before each retry, in order (`HERALD_RETRY__SCHEDULE_MS=1000,5000,...`); when
+    /// `max_attempts` asks for more retries than listed, the last delay repeats.
+    pub schedule_ms: Vec<u64>,
+    /// Attempts in all, the first included; after the last the event is failed and dead-lettered.
+    pub max_attempts: u32,
+    /// Each delay is drawn uniformly within this fraction either side of the scheduled one
+    /// (0.1: 10 s becomes 9 to 11 s), so events failed together do not retry together.
+    pub jitter: f64,
+    /// Bound on one attempt; an attempt that takes longer has failed (and is retried).
+    pub attempt_timeout_ms: u64,
+    /// Per event name, a schedule and limit of its own (settings file only:
+    /// `[retry.events.invoice_paid]` with `schedule_ms` and/or `max_attempts`).
+    pub events: BTreeMap<String, EventRetrySettings>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            schedule_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
+            max_attempts: 6,
+            jitter: 0.1,
+            attempt_timeout_ms: 10_000,
+            events: BTreeMap::new(),
+        }
+    }
+}
+
+/// One event name's retry policy; what is left out comes from `[retry]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventRetrySettings {
+    /// Delays before each retry.
+    pub schedule_ms: Option<Vec<u64>>,
+    /// Attempts in all.
+    pub max_attempts: Option<u32>,
+}
+
+impl RetrySettings {
+    /// Every distinct delay of every schedule: one delay queue each.
+    pub fn delays_ms(&self) -> Vec<u64> {
+        let mut delays: Vec<u64> = self
+            .events
+            .values()
+            .filter_map(|e| e.schedule_ms.as_ref())
+            .chain(std::iter::once(&self.schedule_ms))
+            .flatten()
+            .copied()
+            .collect();
+        delays.sort_unstable();
+        delays.dedup();
+        delays
+    }
+}
+
+/// Operator replay.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplaySettings {
+    /// Events per second a replay publishes unless told otherwise (`--rate`, `"rate"`).
+    pub default_rate: u32,
+    /// Events claimed per step (one UPDATE each).
+    pub page: i64,
+    /// Replay jobs one node runs at once through the admin API; more are refused (429).
+    pub max_jobs: usize,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        Self {
+            default_rate: 1_000,
+            page: 500,
+            max_jobs: 2,
+        }
+    }
+}
+
+/// Test-only fault injection, off by default: makes chosen events' delivery attempts fail, so tests
+/// (and a curious operator on a test node) can watch retries, dead letters and replay. A node with
+/// rules logs a warning at start. Never set it in production.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Rules `event[:attempts][:mode]` (`HERALD_FAULTS__FAIL_EVENTS=poison,flaky:2,slow:hang`):
+    /// attempts of events with that name fail; with `attempts`, only each event's first that many
+    /// attempts on this node fail. `mode` is `error` (default), `panic` (the attempt panics) or
+    /// `hang` (it never finishes, so the attempt timeout fails it).
+    pub fail_events: Vec<String>,
+}
+
 /// A string that never reaches logs: its `Debug` is redacted.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -393,6 +494,41 @@ impl Settings {
                 return bad(key, "must be at least 1");
             }
         }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.retry.jitter) {
+            return bad("retry.jitter", "must be at least 0 and below 1");
+        }
+        if self.retry.max_attempts > 1 && self.retry.schedule_ms.is_empty() {
+            return bad(
+                "retry.schedule_ms",
+                "must list a delay when retries are allowed",
+            );
+        }
+        for (name, policy) in &self.retry.events {
+            if policy.max_attempts == Some(0) {
+                return bad(
+                    &format!("retry.events.{name}.max_attempts"),
+                    "must be at least 1",
+                );
+            }
+            if policy.schedule_ms.as_ref().is_some_and(Vec::is_empty) {
+                return bad(
+                    &format!("retry.events.{name}.schedule_ms"),
+                    "must not be empty",
+                );
+            }
+        }
+        if self.retry.delays_ms().contains(&0) {
+            return bad("retry.schedule_ms", "delays must be at least 1 ms");
+        }
+        if self.replay.page <= 0 || self.replay.default_rate == 0 || self.replay.max_jobs == 0 {
+            return bad(
+                "replay",
+                "page, default_rate and max_jobs must be at least 1",
+            );
+        }
         if self.pipeline.max_batch_events > self.pipeline.enqueue_buffer {
             return bad(
                 "pipeline.max_batch_events",
@@ -460,6 +596,20 @@ fn set_path(root: &mut Value, path: &[String], raw: String) -> Result<(), ()> {
             _ => Value::String(raw),
         },
         Value::Object(_) => return Err(()),
+        // A list is comma-separated, its items typed like the default's (strings when it is empty).
+        Value::Array(items) => {
+            let numbers = matches!(items.first(), Some(Value::Number(_)));
+            Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| match item.parse::<serde_json::Number>() {
+                        Ok(n) if numbers => Value::Number(n),
+                        _ => Value::String(item.to_owned()),
+                    })
+                    .collect(),
+            )
+        }
         _ => Value::String(raw),
     };
     Ok(())
@@ -543,6 +693,38 @@ mod tests {
         assert!(err.to_string().contains("HERALD_QUEUE__PREFECT"), "{err}");
         let err = Settings::load(None, env(&[("HERALD_QUEUE__PREFETCH", "many")])).unwrap_err();
         assert!(matches!(err, Error::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn lists_come_from_comma_separated_variables() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("HERALD_RETRY__SCHEDULE_MS", "100, 200,400"),
+                ("HERALD_RETRY__MAX_ATTEMPTS", "4"),
+                ("HERALD_FAULTS__FAIL_EVENTS", "poison,flaky:2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.retry.schedule_ms, vec![100, 200, 400]);
+        assert_eq!(s.faults.fail_events, vec!["poison", "flaky:2"]);
+        let err = Settings::load(None, env(&[("HERALD_RETRY__MAX_ATTEMPTS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("retry.max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn per_event_retry_policies_come_from_the_file_and_add_delay_queues() {
+        let dir = std::env::temp_dir().join(format!("herald-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("retry.toml");
+        std::fs::write(
+            &file,
+            "[retry]\nschedule_ms = [10, 20]\n[retry.events.invoice]\nschedule_ms = [20, 50]\nmax_attempts = 2\n",
+        )
+        .unwrap();
+        let s = Settings::load(file.to_str(), env(&[])).unwrap();
+        assert_eq!(s.retry.events["invoice"].max_attempts, Some(2));
+        assert_eq!(s.retry.delays_ms(), vec![10, 20, 50]);
     }
 
     #[test]

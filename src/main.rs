@@ -10,6 +10,8 @@ use herald::socket::token::{DEVELOPMENT_SECRET, TokenSigner, now_unix_secs};
 use herald::store::Store;
 use tokio_util::sync::CancellationToken;
 
+mod replay;
+
 /// Herald: durable real-time notification delivery (HTTP API -> PostgreSQL -> RabbitMQ -> Phoenix
 /// Channels).
 #[derive(Parser)]
@@ -44,6 +46,9 @@ enum Command {
     /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve
     /// with the demo page on /demo.
     Demo,
+    /// Replay events through delivery again (by default: failed ones). Safe to repeat: an event
+    /// already delivered is replayed only with --include-delivered.
+    Replay(replay::ReplayArgs),
     /// Delete this deployment's RabbitMQ queues and exchanges (HERALD_QUEUE__PREFIX) and drop its
     /// database. For tests and throwaway environments.
     Destroy {
@@ -59,6 +64,18 @@ enum ProducersCommand {
     Add {
         /// A unique name, e.g. billing.
         name: String,
+        /// Give it the admin role: its key may use the admin API (list, inspect and replay every
+        /// producer's events).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Grant or revoke the admin role of an existing producer.
+    SetAdmin {
+        /// The producer.
+        name: String,
+        /// Revoke instead of grant.
+        #[arg(long)]
+        revoke: bool,
     },
     /// Give a producer a new API key (the old one stops working within 30 s).
     RotateKey {
@@ -106,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Token { user_id, ttl_secs } => token(&settings, &user_id, ttl_secs),
         Command::Demo => demo(settings).await,
         Command::Destroy { yes } => destroy(&settings, yes).await,
+        Command::Replay(args) => replay::run(settings, args).await,
     }
 }
 
@@ -157,11 +175,15 @@ async fn migrate(settings: &Settings) -> anyhow::Result<Store> {
 async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Result<()> {
     let store = Store::connect(&settings.store).await?;
     match command {
-        ProducersCommand::Add { name } => {
+        ProducersCommand::Add { name, admin } => {
             let (producer, key) = store.create_producer(&name).await?;
+            if admin {
+                store.set_producer_admin(&name, true).await?;
+            }
             println!(
-                "producer {} created; its API key (shown once):",
-                producer.name
+                "producer {} created{}; its API key (shown once):",
+                producer.name,
+                if admin { " with the admin role" } else { "" }
             );
             println!("{}", key.expose());
         }
@@ -173,9 +195,20 @@ async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Re
             println!("new API key of {} (shown once):", producer.name);
             println!("{}", key.expose());
         }
+        ProducersCommand::SetAdmin { name, revoke } => {
+            store
+                .set_producer_admin(&name, !revoke)
+                .await?
+                .with_context(|| format!("no producer named {name}"))?;
+            let what = if revoke { "no longer has" } else { "now has" };
+            println!("{name} {what} the admin role");
+        }
         ProducersCommand::List => {
-            for producer in store.list_producers().await? {
-                println!("{}", producer.name);
+            for (producer, admin) in store.list_producer_roles().await? {
+                match admin {
+                    true => println!("{} (admin)", producer.name),
+                    false => println!("{}", producer.name),
+                }
             }
         }
     }
@@ -202,6 +235,7 @@ fn token(settings: &Settings, user_id: &str, ttl_secs: Option<u64>) -> anyhow::R
 async fn destroy(settings: &Settings, yes: bool) -> anyhow::Result<()> {
     anyhow::ensure!(yes, "refusing to delete anything without --yes");
     herald::queue::delete_topology(&settings.queue).await?;
+    herald::queue::delete_retry_queues(&settings.queue, &settings.retry.delays_ms()).await?;
     Store::drop_database(&settings.store).await?;
     println!(
         "deleted the queues of prefix {} and the database",

@@ -207,6 +207,40 @@ impl Metrics {
             .send();
     }
 
+    /// A failed delivery attempt was scheduled for a retry through a delay queue. `attempt` is the
+    /// attempt that failed (1 .. max_attempts - 1: low cardinality).
+    pub fn retry_scheduled(&self, attempt: u32) {
+        self.client
+            .count_with_tags("pipeline.retry.scheduled", 1)
+            .with_tag("attempt", &attempt.to_string())
+            .send();
+    }
+
+    /// An event's last attempt failed: it is marked failed and its message dead-lettered.
+    pub fn dead_lettered(&self) {
+        self.client.count("pipeline.dead_lettered", 1).ok();
+    }
+
+    /// Events an operator replay handed to the publisher (`source` = cli or api), per step.
+    pub fn replay_published(&self, count: usize, source: &'static str) {
+        if count > 0 {
+            self.client
+                .count_with_tags("pipeline.replay.published", count as i64)
+                .with_tag("source", source)
+                .send();
+        }
+    }
+
+    /// Events a replay claimed but could not hand over (broker down): the outbox relay sends them.
+    pub fn replay_deferred(&self, count: usize, source: &'static str) {
+        if count > 0 {
+            self.client
+                .count_with_tags("pipeline.replay.deferred", count as i64)
+                .with_tag("source", source)
+                .send();
+        }
+    }
+
     /// A connection was dropped because its outbound queue was full (a client that does not read).
     pub fn socket_overflow(&self) {
         self.client.count("socket.outbound.overflow", 1).ok();

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// A limit on concurrent work (replay jobs) is reached; retry later.
+    #[error("{0}")]
+    Busy(String),
     /// Temporarily unable to accept: overloaded, shutting down, or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +45,7 @@ impl ApiError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -76,6 +80,9 @@ impl From<EnqueueError> for ApiError {
 
 impl From<crate::store::Error> for ApiError {
     fn from(error: crate::store::Error) -> Self {
+        if let crate::store::Error::Invalid(why) = error {
+            return Self::Invalid(why);
+        }
         if error.is_unavailable() {
             Self::Unavailable("the event store is unavailable; retry later".into())
         } else {

@@ -222,3 +222,19 @@ fn validate(
         enqueued_at_ms: now_unix_ms(),
     })
 }
+
+/// `GET /api/v1/events/{id}`: a producer reads its own event's status (another producer's id is
+/// answered 404, as if it did not exist).
+pub async fn get_one(
+    State(state): State<ApiState>,
+    Authenticated(producer): Authenticated,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::store::EventRecord>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    state
+        .store
+        .event_record(id, Some(producer.id))
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}

@@ -91,7 +91,7 @@ impl KeyCache {
         }
     }
 
-    fn get(&self, hash: &[u8; 32]) -> Option<Option<Producer>> {
+    pub(super) fn get(&self, hash: &[u8; 32]) -> Option<Option<Producer>> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .get(hash)
@@ -99,7 +99,7 @@ impl KeyCache {
             .map(|(producer, _)| producer.clone())
     }
 
-    fn put(&self, hash: [u8; 32], producer: Option<Producer>) {
+    pub(super) fn put(&self, hash: [u8; 32], producer: Option<Producer>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= self.max_entries {
             // Crude but bounded: unknown keys cannot grow memory without limit.

@@ -1,7 +1,9 @@
-//! The HTTP API for producers and operators (axum): enqueue events (single and batch), mint socket
-//! tokens, and health checks. Handlers validate input into `event` types once, here at the edge;
+//! The HTTP API for producers and operators (axum): enqueue events (single and batch), read one's
+//! own event, mint socket tokens, health checks, and the admin API (list and inspect events, replay
+//! jobs) behind keys with the admin role. Handlers validate input into `event` types once, here at the edge;
 //! every failure is an [`error::ApiError`], mapped to HTTP in one place.
 
+mod admin;
 pub mod error;
 mod events;
 mod extract;
@@ -12,6 +14,7 @@ pub use extract::KeyCache;
 
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
+use crate::pipeline::replay::ReplayJobs;
 use crate::queue::PublisherHandle;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
@@ -50,6 +53,12 @@ pub struct ApiState {
     pub signer: TokenSigner,
     /// Limits.
     pub limits: Arc<Limits>,
+    /// Admin key lookups (a separate cache: a key's admin role is looked up on its own).
+    pub admin_keys: Arc<KeyCache>,
+    /// The node's replay jobs (admin API).
+    pub replays: ReplayJobs,
+    /// Replay rate when a job names none.
+    pub default_replay_rate: u32,
 }
 
 /// The API routes.
@@ -59,7 +68,12 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/events", post(events::create))
         .route("/api/v1/events/batch", post(events::create_batch))
+        .route("/api/v1/events/{id}", get(events::get_one))
         .route("/api/v1/tokens", post(tokens::create))
+        .route("/api/v1/admin/events", get(admin::list_events))
+        .route("/api/v1/admin/events/{id}", get(admin::get_event))
+        .route("/api/v1/admin/replays", post(admin::start_replay))
+        .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
         .route("/healthz", get(health::live))
         .route("/readyz", get(health::ready))
         .layer(DefaultBodyLimit::max(max_body))

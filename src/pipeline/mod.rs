@@ -6,9 +6,12 @@
 
 pub mod batch;
 pub mod enqueue;
+pub mod faults;
 pub mod outcomes;
 pub mod published;
 pub mod relay;
+pub mod replay;
+pub mod retry;
 pub mod worker;
 
 use crate::event::Envelope;

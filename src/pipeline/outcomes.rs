@@ -1,10 +1,11 @@
-//! The delivery-outcome writer: workers submit each delivery's outcome and wait until it is stored
-//! (batched UPDATEs), and only then ack, so an acked message always has its outcome recorded.
+//! The delivery-outcome writer: workers submit each attempt and wait until it is stored (one batched
+//! statement updates the events and inserts their attempt rows), and only then ack, so an acked
+//! message always has its attempt recorded.
 
 use super::batch::{Batcher, Flush};
 use super::retry;
 use crate::metrics::Metrics;
-use crate::store::{Outcome, Store};
+use crate::store::{AttemptRecord, Store};
 use std::future::Future;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,14 +41,14 @@ pub fn writer(
 }
 
 impl Flush for OutcomeWriter {
-    type Item = Outcome;
+    type Item = AttemptRecord;
     type Output = Result<(), NotRecorded>;
 
-    async fn flush(&self, outcomes: Vec<Outcome>) -> Vec<Self::Output> {
+    async fn flush(&self, outcomes: Vec<AttemptRecord>) -> Vec<Self::Output> {
         {
             let started = Instant::now();
-            let result = retry("record outcomes", TRIES, || {
-                self.store.record_outcomes(&outcomes)
+            let result = retry("record attempts", TRIES, || {
+                self.store.record_attempts(&outcomes)
             })
             .await;
             let answer = match result {

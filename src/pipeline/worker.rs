@@ -1,25 +1,43 @@
 //! The worker pool (GenStage's ConsumerSupervisor): RabbitMQ's prefetch is the demand, and every
 //! delivery runs in its own task, so at most `prefetch` run at once.
 //!
-//! A task broadcasts its event to `user:<id>`, waits until the outcome is stored, then acks. A failure
-//! is nacked without requeue: the message goes to the dead-letter queue and the event is marked
-//! `failed`, never looping.
+//! A task makes one delivery attempt: it broadcasts the event to `user:<id>` under the attempt
+//! timeout, catching a panic. The attempt ends one of three ways, each recorded in PostgreSQL with
+//! its start and end (`delivery_attempts`, batched) before the message is settled:
+//!
+//! - **pushed**: the broadcast reached n >= 1 sockets: `delivered`, ack.
+//! - **offline**: nobody is subscribed: also `delivered` (push_count 0), ack. Not an error; the
+//!   event waits in PostgreSQL for the client's catch-up.
+//! - **failed**: the attempt itself failed (pubsub or store unreachable, an encoding error, a panic,
+//!   the timeout). If the retry policy allows another attempt, the message is published to the
+//!   delay queue of the next delay (expiring back into the events queue as the next attempt), the
+//!   event stays `published` with `last_error` and `next_attempt_at`, and the original is acked:
+//!   no task sleeps holding a prefetch slot, and nothing is requeued in a loop. After the last
+//!   attempt the event is `failed` and the message is nacked into the dead-letter queue.
 //!
 //! Per-user order: deliveries arrive in queue order, which for one user is seq order. Tasks of
 //! different users run concurrently, but each task first waits for the previous task of the same user
-//! (a "lane"): one user's events are broadcast strictly one after another, in arrival order.
+//! (a "lane"): one user's events are attempted strictly one after another, in arrival order. A
+//! failed event does not hold its user's lane while it waits for its retry: the next events go on,
+//! and the user's socket channel, seeing a seq skip ahead, fills the missing one from PostgreSQL
+//! first. So a client still sees n before n + 1, and the retry of n, when it comes, is a duplicate
+//! the channel drops (see README, "Retries and order").
 
+use super::faults::Faults;
 use super::outcomes::Outcomes;
+use super::retry::{Decision, RetryPolicy, random_unit};
 use crate::config::QueueSettings;
-use crate::event::{Envelope, USER_TOPIC_PREFIX};
+use crate::event::{Envelope, USER_TOPIC_PREFIX, now_unix_ms};
 use crate::metrics::Metrics;
 use crate::pubsub::{Message, PubSub};
-use crate::queue::{self, Backoff};
-use crate::store::Outcome;
-use futures_util::StreamExt;
+use crate::queue::{self, Backoff, RetryMessage, RetryPublishError};
+use crate::store::{AttemptRecord, AttemptResult};
+use futures_util::{FutureExt, StreamExt};
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -33,10 +51,36 @@ use uuid::Uuid;
 pub struct Worker {
     /// Where events are broadcast.
     pub pubsub: PubSub,
-    /// Where outcomes are recorded.
+    /// Where attempts are recorded.
     pub outcomes: Outcomes,
     /// Metrics.
     pub metrics: Metrics,
+    /// When to retry, and when to give up.
+    pub retry: Arc<RetryPolicy>,
+    /// Every distinct retry delay: one delay queue each.
+    pub retry_delays_ms: Arc<[u64]>,
+    /// Bound on one attempt.
+    pub attempt_timeout: Duration,
+    /// The test fault injector (empty in production).
+    pub faults: Arc<Faults>,
+}
+
+/// Where a consumer session sends retries: a confirm-mode channel on its own connection.
+#[derive(Clone)]
+struct RetryRoute {
+    channel: Channel,
+    prefix: Arc<str>,
+    confirm_timeout: Duration,
+}
+
+/// What to do with the message once the attempt is recorded.
+enum Settle {
+    /// Delivered: ack once recorded.
+    Ack,
+    /// A retry copy is in a delay queue: ack, recorded or not (the retry records its own attempt).
+    AckRetried,
+    /// The last attempt failed: into the dead-letter queue once recorded.
+    DeadLetter,
 }
 
 impl Worker {
@@ -48,14 +92,19 @@ impl Worker {
         let tag = format!("herald-worker-{}", Uuid::now_v7().simple());
         while !stop.is_cancelled() {
             let link = tokio::select! {
-                link = queue::consume_events(&settings, &tag) => link,
+                link = queue::consume_events(&settings, &tag, &self.retry_delays_ms) => link,
                 () = stop.cancelled() => return,
             };
             match link {
                 Ok(consumer) => {
                     backoff.reset();
                     tracing::info!(prefetch = settings.prefetch, "worker consuming");
-                    self.consume(consumer, &stop).await;
+                    let route = RetryRoute {
+                        channel: consumer.retry_channel.clone(),
+                        prefix: settings.prefix.as_str().into(),
+                        confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
+                    };
+                    self.consume(consumer, route, &stop).await;
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");
@@ -69,7 +118,12 @@ impl Worker {
         }
     }
 
-    async fn consume(&self, mut link: queue::EventConsumer, stop: &CancellationToken) {
+    async fn consume(
+        &self,
+        mut link: queue::EventConsumer,
+        route: RetryRoute,
+        stop: &CancellationToken,
+    ) {
         let tasks = TaskTracker::new();
         let lanes = Lanes::default();
         loop {
@@ -83,7 +137,7 @@ impl Worker {
                     break;
                 }
                 next = link.consumer.next() => match next {
-                    Some(Ok(delivery)) => self.dispatch(delivery, &lanes, &tasks),
+                    Some(Ok(delivery)) => self.dispatch(delivery, &lanes, &tasks, &route),
                     Some(Err(error)) => {
                         tracing::warn!(error = %error, "consumer lost RabbitMQ; reconnecting");
                         self.metrics.queue_connection_lost("consumer");
@@ -103,7 +157,7 @@ impl Worker {
         let _ = link.connection.close(200, "worker stopping".into()).await;
     }
 
-    fn dispatch(&self, delivery: Delivery, lanes: &Lanes, tasks: &TaskTracker) {
+    fn dispatch(&self, delivery: Delivery, lanes: &Lanes, tasks: &TaskTracker, route: &RetryRoute) {
         let envelope = match serde_json::from_slice::<Envelope>(&delivery.data) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -114,50 +168,153 @@ impl Worker {
         };
         let mut lane = lanes.enter(envelope.user_id.as_str());
         let worker = self.clone();
-        let span = tracing::info_span!("deliver", event_id = %envelope.id, seq = envelope.seq);
+        let route = route.clone();
+        let attempt = queue::attempt_of(&delivery.properties);
+        let span =
+            tracing::info_span!("deliver", event_id = %envelope.id, seq = envelope.seq, attempt);
         tasks.spawn(
             async move {
                 lane.wait_turn().await;
-                worker.deliver(envelope, delivery).await;
+                worker.deliver(envelope, delivery, attempt, &route).await;
                 lane.leave();
             }
             .instrument(span),
         );
     }
 
-    async fn deliver(&self, envelope: Envelope, delivery: Delivery) {
+    async fn deliver(
+        &self,
+        envelope: Envelope,
+        delivery: Delivery,
+        attempt: u32,
+        route: &RetryRoute,
+    ) {
         let started = Instant::now();
-        let id = envelope.id;
-        let message = Message {
-            topic: format!("{USER_TOPIC_PREFIX}{}", envelope.user_id).into(),
-            event: envelope.event.as_str().into(),
-            seq: Some(envelope.seq),
-            payload: envelope.push_payload().into(),
-            enqueued_at_ms: Some(envelope.at),
-        };
-        let (outcome, label) = match self.pubsub.broadcast(message).await {
-            Ok(reach) => {
-                let sockets = reach.delivered as i32;
+        let started_at_ms = now_unix_ms();
+        let result = self.attempt(&envelope).await;
+        let finished_at_ms = now_unix_ms();
+        let (result, label, settle) = match result {
+            Ok(sockets) => {
                 let label = if sockets > 0 { "pushed" } else { "offline" };
-                (Outcome::Delivered { id, sockets }, label)
+                (AttemptResult::Delivered { sockets }, label, Settle::Ack)
             }
-            Err(error) => (
-                Outcome::Failed {
-                    id,
-                    error: error.to_string(),
-                },
-                "failed",
-            ),
+            Err(error) => {
+                tracing::warn!(error = %error, "delivery attempt failed");
+                let (result, settle) = self
+                    .after_failure(&envelope, &delivery, attempt, error, route)
+                    .await;
+                (result, "failed", settle)
+            }
         };
-        let failed = matches!(outcome, Outcome::Failed { .. });
-        match self.outcomes.submit(outcome).await {
-            Ok(Ok(())) if failed => nack_to_dead_letter(&delivery).await,
-            Ok(Ok(())) => ack(&delivery).await,
-            // Not recorded: leave the message to a later attempt rather than lose the record.
-            _ => requeue(&delivery).await,
+        let record = AttemptRecord {
+            id: envelope.id,
+            started_at_ms,
+            finished_at_ms,
+            result,
+        };
+        let recorded = matches!(self.outcomes.submit(record).await, Ok(Ok(())));
+        match settle {
+            Settle::Ack if recorded => ack(&delivery).await,
+            Settle::AckRetried => ack(&delivery).await,
+            Settle::DeadLetter if recorded => {
+                nack_to_dead_letter(&delivery).await;
+                self.metrics.dead_lettered();
+            }
+            // Not recorded (PostgreSQL unreachable for the writer's whole backoff, ~15 s): requeue,
+            // so the event is not left `published` with nobody holding its message. The writer's
+            // backoff paces this; it is never an immediate loop.
+            Settle::Ack | Settle::DeadLetter => requeue(&delivery).await,
         }
         self.metrics.delivery_outcome(label);
         self.metrics.worker_processed(started.elapsed(), label);
+    }
+
+    /// One attempt: the fault injector (tests), then the broadcast, under the attempt timeout, with
+    /// a panic caught and reported as a failure. Returns the sockets reached.
+    async fn attempt(&self, envelope: &Envelope) -> Result<i32, String> {
+        let work = async {
+            self.faults.inject(envelope).await?;
+            let message = Message {
+                topic: format!("{USER_TOPIC_PREFIX}{}", envelope.user_id).into(),
+                event: envelope.event.as_str().into(),
+                seq: Some(envelope.seq),
+                payload: envelope.push_payload().into(),
+                enqueued_at_ms: Some(envelope.at),
+            };
+            let reach = self
+                .pubsub
+                .broadcast(message)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(i32::try_from(reach.delivered).unwrap_or(i32::MAX))
+        };
+        match tokio::time::timeout(self.attempt_timeout, AssertUnwindSafe(work).catch_unwind())
+            .await
+        {
+            Err(_) => Err(format!(
+                "timed out after {} ms",
+                self.attempt_timeout.as_millis()
+            )),
+            Ok(Err(panic)) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Schedules the next attempt through its delay queue, or gives up; returns what to record.
+    async fn after_failure(
+        &self,
+        envelope: &Envelope,
+        delivery: &Delivery,
+        attempt: u32,
+        error: String,
+        route: &RetryRoute,
+    ) -> (AttemptResult, Settle) {
+        let Decision::Retry {
+            delay_ms,
+            wait_ms,
+            next_attempt,
+        } = self
+            .retry
+            .decide(envelope.event.as_str(), attempt, random_unit())
+        else {
+            return (AttemptResult::Failed { error }, Settle::DeadLetter);
+        };
+        let message_id = envelope.id.to_string();
+        let retry = RetryMessage {
+            delay_ms,
+            expiration_ms: wait_ms,
+            attempt: next_attempt,
+            message_id: &message_id,
+            body: &delivery.data,
+        };
+        match queue::publish_retry(&route.channel, &route.prefix, &retry, route.confirm_timeout)
+            .await
+        {
+            Ok(()) => {
+                self.metrics.retry_scheduled(attempt);
+                let retry_at_ms = now_unix_ms() + i64::try_from(wait_ms).unwrap_or(i64::MAX / 2);
+                (
+                    AttemptResult::Retrying { error, retry_at_ms },
+                    Settle::AckRetried,
+                )
+            }
+            // The connection is going: the ack would fail too, and the broker redelivers this
+            // message as the same attempt. Record the attempt as one to be retried now.
+            Err(RetryPublishError::Lost(lost)) => {
+                tracing::warn!(error = %lost, "cannot schedule a retry: connection lost");
+                let retry_at_ms = now_unix_ms();
+                (
+                    AttemptResult::Retrying { error, retry_at_ms },
+                    Settle::AckRetried,
+                )
+            }
+            // The broker refuses the delay queue: give up visibly rather than loop.
+            Err(refused) => {
+                tracing::error!(error = %refused, "cannot schedule a retry; failing the event");
+                let error = format!("{error}; and {refused}");
+                (AttemptResult::Failed { error }, Settle::DeadLetter)
+            }
+        }
     }
 
     async fn reject_undecodable(&self, delivery: Delivery, error: serde_json::Error) {
@@ -168,15 +325,29 @@ impl Worker {
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok());
         if let Some(id) = id {
-            let outcome = Outcome::Failed {
+            let now = now_unix_ms();
+            let record = AttemptRecord {
                 id,
-                error: format!("undecodable message: {error}"),
+                started_at_ms: now,
+                finished_at_ms: now,
+                result: AttemptResult::Failed {
+                    error: format!("undecodable message: {error}"),
+                },
             };
-            let _ = self.outcomes.submit(outcome).await;
+            let _ = self.outcomes.submit(record).await;
         }
         nack_to_dead_letter(&delivery).await;
+        self.metrics.dead_lettered();
         self.metrics.delivery_outcome("failed");
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 async fn ack(delivery: &Delivery) {

@@ -67,6 +67,183 @@ impl Topology {
             dead_letter_queue: format!("{prefix}.events.dead"),
         }
     }
+
+    /// The delay queue for retries after `delay_ms`: no consumer; its messages expire back into
+    /// the events queue.
+    pub fn retry_queue(prefix: &str, delay_ms: u64) -> String {
+        format!("{prefix}.retry.{delay_ms}ms")
+    }
+}
+
+/// The header carrying which attempt a delivery is (1 when absent: a first publish or a replay).
+pub const ATTEMPT_HEADER: &str = "x-herald-attempt";
+
+/// The attempt number a delivery carries in [`ATTEMPT_HEADER`]; 1 when absent or unreadable.
+pub fn attempt_of(properties: &lapin::BasicProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(ATTEMPT_HEADER).cloned());
+    let n: Option<i64> = match value {
+        Some(AMQPValue::LongLongInt(n)) => Some(n),
+        Some(AMQPValue::LongInt(n)) => Some(i64::from(n)),
+        Some(AMQPValue::LongUInt(n)) => Some(i64::from(n)),
+        Some(AMQPValue::ShortInt(n)) => Some(i64::from(n)),
+        Some(AMQPValue::ShortUInt(n)) => Some(i64::from(n)),
+        Some(AMQPValue::ShortShortInt(n)) => Some(i64::from(n)),
+        Some(AMQPValue::ShortShortUInt(n)) => Some(i64::from(n)),
+        _ => None,
+    };
+    n.and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// Declares one delay queue per retry delay. Each has no consumer: a message published to it with
+/// a per-message expiration (the jittered delay) is dead-lettered, when it expires, through the
+/// default exchange straight back into the events queue. Quorum delay queues dead-letter
+/// at-least-once, so a retry is never lost between the two queues.
+///
+/// # Errors
+/// A declaration failed (e.g. an existing queue with other arguments).
+pub async fn declare_retry_queues(
+    channel: &Channel,
+    settings: &QueueSettings,
+    delays_ms: &[u64],
+) -> Result<(), Error> {
+    let names = Topology::new(&settings.prefix);
+    for &delay in delays_ms {
+        let queue = Topology::retry_queue(&settings.prefix, delay);
+        let mut args = queue_arguments(settings, Some(""));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.events_queue.as_str().into()),
+        );
+        if settings.queue_type == "quorum" {
+            // At-least-once dead-lettering needs reject-publish overflow; no length limit is set,
+            // so nothing is ever rejected.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(|source| Error::Topology {
+                what: queue.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Deletes the delay queues of `delays_ms` (tests and `herald destroy` clean up with it).
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn delete_retry_queues(settings: &QueueSettings, delays_ms: &[u64]) -> Result<(), Error> {
+    let connection = connect(settings, "cleanup").await?;
+    let channel = open_channel(&connection).await?;
+    for &delay in delays_ms {
+        let queue = Topology::retry_queue(&settings.prefix, delay);
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "cleanup done".into()).await;
+    Ok(())
+}
+
+/// Why a retry could not be scheduled.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryPublishError {
+    /// The channel or connection failed: the delivery will be redelivered.
+    #[error("cannot publish the retry")]
+    Lost(#[source] lapin::Error),
+    /// The broker refused it (nack, unroutable) or did not confirm it in time.
+    #[error("the broker did not take the retry ({0})")]
+    Refused(&'static str),
+}
+
+/// A retry to publish: the message again, bound for a delay queue.
+#[derive(Debug)]
+pub struct RetryMessage<'a> {
+    /// The scheduled delay: names the delay queue.
+    pub delay_ms: u64,
+    /// The jittered delay: the message's expiration in that queue.
+    pub expiration_ms: u64,
+    /// The attempt it comes back as.
+    pub attempt: u32,
+    /// The event id.
+    pub message_id: &'a str,
+    /// The unchanged envelope.
+    pub body: &'a [u8],
+}
+
+/// Publishes `retry` to its delay queue and waits for the broker's confirm (`channel` is in
+/// confirm mode). Concurrent calls pipeline their confirms on the one channel.
+///
+/// # Errors
+/// Lost channel, nack, unroutable or confirm timeout.
+pub async fn publish_retry(
+    channel: &Channel,
+    prefix: &str,
+    retry: &RetryMessage<'_>,
+    confirm_timeout: Duration,
+) -> Result<(), RetryPublishError> {
+    let RetryMessage {
+        delay_ms,
+        expiration_ms,
+        attempt,
+        message_id,
+        body,
+    } = *retry;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_expiration(expiration_ms.max(1).to_string().into())
+        .with_headers(headers);
+    let queue = Topology::retry_queue(prefix, delay_ms);
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(RetryPublishError::Lost)?;
+    match tokio::time::timeout(confirm_timeout, confirm).await {
+        Err(_) => Err(RetryPublishError::Refused("confirm timeout")),
+        Ok(Err(error)) => Err(RetryPublishError::Lost(error)),
+        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(RetryPublishError::Refused("nack")),
+        Ok(Ok(confirmation)) => match confirmation.take_message() {
+            Some(_) => Err(RetryPublishError::Refused("unroutable")),
+            None => Ok(()),
+        },
+    }
 }
 
 /// Connects with a timeout. Each role (publisher, consumer) has its own connection, so flow control
@@ -203,18 +380,35 @@ pub struct EventConsumer {
     pub channel: Channel,
     /// The delivery stream.
     pub consumer: Consumer,
+    /// A confirm-mode channel on the same connection, for publishing retries: if the connection
+    /// goes, unacked deliveries and unconfirmed retries go together (and are redelivered).
+    pub retry_channel: Channel,
     /// The consumer tag, to cancel it at shutdown.
     pub tag: String,
 }
 
-/// Connects, declares the topology and starts consuming the events queue with manual acks.
+/// Connects, declares the topology (with the delay queues of `retry_delays_ms`) and starts
+/// consuming the events queue with manual acks.
 ///
 /// # Errors
 /// Any step failed; the caller reconnects with backoff.
-pub async fn consume_events(settings: &QueueSettings, tag: &str) -> Result<EventConsumer, Error> {
+pub async fn consume_events(
+    settings: &QueueSettings,
+    tag: &str,
+    retry_delays_ms: &[u64],
+) -> Result<EventConsumer, Error> {
     let connection = connect(settings, "consumer").await?;
     let channel = open_channel(&connection).await?;
     declare_topology(&channel, settings).await?;
+    declare_retry_queues(&channel, settings, retry_delays_ms).await?;
+    let retry_channel = open_channel(&connection).await?;
+    retry_channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(|source| Error::Channel {
+            what: "enable confirms on the retry channel",
+            source,
+        })?;
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await
@@ -238,6 +432,7 @@ pub async fn consume_events(settings: &QueueSettings, tag: &str) -> Result<Event
         connection,
         channel,
         consumer,
+        retry_channel,
         tag: tag.to_owned(),
     })
 }
@@ -289,5 +484,20 @@ mod tests {
         let t = Topology::new("test_1");
         assert_eq!(t.events_queue, "test_1.events");
         assert_eq!(t.dead_letter_queue, "test_1.events.dead");
+        assert_eq!(Topology::retry_queue("test_1", 500), "test_1.retry.500ms");
+    }
+
+    #[test]
+    fn the_attempt_header_reads_any_integer_and_defaults_to_one() {
+        let with = |value: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert(ATTEMPT_HEADER.into(), value);
+            lapin::BasicProperties::default().with_headers(headers)
+        };
+        assert_eq!(attempt_of(&lapin::BasicProperties::default()), 1);
+        assert_eq!(attempt_of(&with(AMQPValue::LongLongInt(3))), 3);
+        assert_eq!(attempt_of(&with(AMQPValue::LongInt(2))), 2);
+        assert_eq!(attempt_of(&with(AMQPValue::LongLongInt(-4))), 1);
+        assert_eq!(attempt_of(&with(AMQPValue::LongString("x".into()))), 1);
     }
 }

@@ -59,25 +59,6 @@ pub enum InsertOutcome {
     },
 }
 
-/// The result of one delivery attempt, recorded in a batched UPDATE.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// The broadcast reached `sockets` subscribers (0: nobody online; kept for catch-up).
-    Delivered {
-        /// The event.
-        id: Uuid,
-        /// Sockets reached.
-        sockets: i32,
-    },
-    /// The attempt failed.
-    Failed {
-        /// The event.
-        id: Uuid,
-        /// Why, for operators.
-        error: String,
-    },
-}
-
 /// An event read back from PostgreSQL (relay, gap fill).
 #[derive(Debug, sqlx::FromRow)]
 pub struct StoredEvent {
@@ -109,7 +90,7 @@ impl StoredEvent {
     }
 }
 
-const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
+pub(super) const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
      (extract(epoch FROM enqueued_at) * 1000)::int8 AS at";
 
 impl Store {
@@ -242,53 +223,6 @@ impl Store {
         .await
         .map_err(Error::query("mark published"))?;
         Ok(done.rows_affected())
-    }
-
-    /// Records delivery outcomes, two statements at most per batch.
-    ///
-    /// # Errors
-    /// An update failed.
-    pub async fn record_outcomes(&self, outcomes: &[Outcome]) -> Result<(), Error> {
-        let (mut ok_ids, mut ok_sockets, mut bad_ids, mut bad_errors) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Delivered { id, sockets } => {
-                    ok_ids.push(*id);
-                    ok_sockets.push(*sockets);
-                }
-                Outcome::Failed { id, error } => {
-                    bad_ids.push(*id);
-                    bad_errors.push(error.as_str());
-                }
-            }
-        }
-        if !ok_ids.is_empty() {
-            sqlx::query(
-                "UPDATE events e SET status = 'delivered', delivered_at = now(),
-                        attempts = e.attempts + 1, push_count = x.n, last_error = NULL
-                 FROM UNNEST($1::uuid[], $2::int4[]) AS x(id, n) WHERE e.id = x.id",
-            )
-            .bind(&ok_ids)
-            .bind(&ok_sockets)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::query("record deliveries"))?;
-        }
-        if !bad_ids.is_empty() {
-            sqlx::query(
-                "UPDATE events e SET status = 'failed', failed_at = now(),
-                        attempts = e.attempts + 1, last_error = x.err
-                 FROM UNNEST($1::uuid[], $2::text[]) AS x(id, err)
-                 WHERE e.id = x.id AND e.status <> 'delivered'",
-            )
-            .bind(&bad_ids)
-            .bind(&bad_errors)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::query("record failures"))?;
-        }
-        Ok(())
     }
 
     /// Claims up to `limit` events still unpublished `grace_ms` after they were accepted (or last

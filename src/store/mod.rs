@@ -5,10 +5,15 @@
 //! and status changes are one `UPDATE ... FROM UNNEST` per batch. Depends on no other Herald module
 //! but the shared `event` types.
 
+mod delivery;
 mod events;
 mod producers;
 
-pub use events::{InsertOutcome, NewEvent, Outcome, StoredEvent};
+pub use delivery::{
+    AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
+    ReplayJobRecord,
+};
+pub use events::{InsertOutcome, NewEvent, StoredEvent};
 pub use producers::{ApiKey, Producer};
 
 use crate::config::StoreSettings;
@@ -42,6 +47,9 @@ pub enum Error {
     /// A unique name is taken (producer names).
     #[error("{0} already exists")]
     Conflict(String),
+    /// A value the caller gave is invalid (e.g. a time that is not one).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Error {

@@ -113,6 +113,56 @@ impl Store {
             .map_err(Error::query("find producer"))
     }
 
+    /// The producer owning the key with this digest, if it has the admin role.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn admin_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<Producer>, Error> {
+        sqlx::query_as::<_, Producer>(
+            "SELECT id, name FROM producers WHERE key_hash = $1 AND admin",
+        )
+        .bind(&hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::query("find admin"))
+    }
+
+    /// Grants (or revokes) the admin role: an admin key may list, inspect and replay every
+    /// producer's events. `None` if there is no such producer.
+    ///
+    /// # Errors
+    /// The update failed.
+    pub async fn set_producer_admin(
+        &self,
+        name: &str,
+        admin: bool,
+    ) -> Result<Option<Producer>, Error> {
+        sqlx::query_as::<_, Producer>(
+            "UPDATE producers SET admin = $2 WHERE name = $1 RETURNING id, name",
+        )
+        .bind(name)
+        .bind(admin)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::query("set producer role"))
+    }
+
+    /// All producers by name, each with whether it is an admin.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn list_producer_roles(&self) -> Result<Vec<(Producer, bool)>, Error> {
+        let rows: Vec<(i64, String, bool)> =
+            sqlx::query_as("SELECT id, name, admin FROM producers ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::query("list producers"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, admin)| (Producer { id, name }, admin))
+            .collect())
+    }
+
     /// All producers, by name.
     ///
     /// # Errors

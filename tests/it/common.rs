@@ -65,6 +65,10 @@ pub fn test_settings() -> Settings {
     s.metrics.statsd_addr = String::new();
     s.socket.secret = Some(Secret::new(TEST_SECRET));
     s.node.shutdown_timeout_ms = 15_000;
+    // A fast retry schedule: 100 ms, then 200 ms, four attempts in all.
+    s.retry.schedule_ms = vec![100, 200];
+    s.retry.max_attempts = 4;
+    s.retry.attempt_timeout_ms = 5_000;
     s
 }
 
@@ -195,6 +199,90 @@ impl TestApp {
             .expect("query")
     }
 
+    /// A new producer with the admin role; returns its key.
+    pub async fn admin_key(&self) -> String {
+        let name = format!("ops-{}", uuid::Uuid::now_v7().simple());
+        let (_, key) = self.store.create_producer(&name).await.expect("producer");
+        self.store
+            .set_producer_admin(&name, true)
+            .await
+            .expect("admin role")
+            .expect("producer exists");
+        key.expose().to_owned()
+    }
+
+    /// GET `path` with `key`; returns the status and the JSON body.
+    pub async fn get_json(&self, path: &str, key: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST `body` to `path` with `key`; returns the status and the JSON body.
+    pub async fn post_json(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts one event and returns its id.
+    pub async fn enqueue(&self, body: Value) -> String {
+        let r = self.post_event(body).await;
+        assert_eq!(r.status(), 202);
+        let body: Value = r.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until event `id` has `status`; returns (attempts, last_error).
+    pub async fn wait_status(&self, id: &str, status: &str) -> (i32, Option<String>) {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        wait_until(&format!("event {id} {status}"), PATIENCE, || async {
+            let row: (String, i32, Option<String>) =
+                sqlx::query_as("SELECT status, attempts, last_error FROM events WHERE id = $1")
+                    .bind(uuid)
+                    .fetch_one(self.store.pool())
+                    .await
+                    .ok()?;
+            (row.0 == status).then_some((row.1, row.2))
+        })
+        .await
+    }
+
+    /// Messages waiting in the dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        let connection = herald::queue::connect(&self.settings.queue, "test-probe")
+            .await
+            .expect("broker");
+        let channel = herald::queue::open_channel(&connection).await.unwrap();
+        let names = herald::queue::Topology::new(&self.settings.queue.prefix);
+        let queue = channel
+            .queue_declare(
+                names.dead_letter_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("dead-letter queue exists");
+        let _ = connection.close(200, "probe done".into()).await;
+        queue.message_count()
+    }
+
     /// Cancels the node and waits for its drain to finish.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
@@ -241,6 +329,8 @@ impl Drop for TestApp {
             };
             rt.block_on(async {
                 let _ = herald::queue::delete_topology(&settings.queue).await;
+                let delays = settings.retry.delays_ms();
+                let _ = herald::queue::delete_retry_queues(&settings.queue, &delays).await;
                 let _ = Store::drop_database(&settings.store).await;
             });
         })
@@ -441,4 +531,62 @@ impl TcpProxy {
     pub fn restore(&self) {
         self.up.send_replace(true);
     }
+}
+
+/// The environment that makes a `herald` child use `settings`' database, queues and schedule.
+pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
+    let list = |items: &[u64]| {
+        items
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    vec![
+        (
+            "HERALD_DATABASE_URL",
+            settings.store.database_url.expose().to_owned(),
+        ),
+        (
+            "HERALD_AMQP_URL",
+            settings.queue.amqp_url.expose().to_owned(),
+        ),
+        ("HERALD_HTTP_ADDR", settings.http.addr.to_string()),
+        ("HERALD_STATSD_ADDR", settings.metrics.statsd_addr.clone()),
+        ("HERALD_SECRET", TEST_SECRET.to_owned()),
+        ("HERALD_QUEUE__PREFIX", settings.queue.prefix.clone()),
+        (
+            "HERALD_QUEUE__RECONNECT_MAX_BACKOFF_MS",
+            settings.queue.reconnect_max_backoff_ms.to_string(),
+        ),
+        (
+            "HERALD_STORE__ACQUIRE_TIMEOUT_MS",
+            settings.store.acquire_timeout_ms.to_string(),
+        ),
+        (
+            "HERALD_PIPELINE__RELAY_GRACE_MS",
+            settings.pipeline.relay_grace_ms.to_string(),
+        ),
+        (
+            "HERALD_PIPELINE__RELAY_INTERVAL_MS",
+            settings.pipeline.relay_interval_ms.to_string(),
+        ),
+        (
+            "HERALD_RETRY__SCHEDULE_MS",
+            list(&settings.retry.schedule_ms),
+        ),
+        (
+            "HERALD_RETRY__MAX_ATTEMPTS",
+            settings.retry.max_attempts.to_string(),
+        ),
+        (
+            "HERALD_FAULTS__FAIL_EVENTS",
+            settings.faults.fail_events.join(","),
+        ),
+        ("HERALD_NODE__SHUTDOWN_TIMEOUT_MS", "5000".to_owned()),
+        ("HERALD_LOG", "herald=info,warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }

@@ -1,8 +1,10 @@
 //! Integration tests: one binary (one link), each test with its own node, database and queue names,
 //! against the real PostgreSQL and RabbitMQ.
 
+mod admin;
 mod api;
 mod common;
 mod pipeline;
 mod resilience;
+mod retry;
 mod socket;

@@ -1,0 +1,307 @@
+//! The admin API, for operators: list events with filters and keyset pagination, read one event
+//! with its attempts, start a replay job and read its progress. Every route needs a key whose
+//! producer has the admin role (`herald producers add NAME --admin`); any other key gets 401, as
+//! a missing one does, so the routes reveal nothing to producers.
+
+use super::ApiState;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
+use crate::store::{ApiKey, EventFilter, Producer};
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Most events one listing page holds.
+const MAX_PAGE: i64 = 1_000;
+/// Events per page unless `limit` says otherwise.
+const DEFAULT_PAGE: i64 = 100;
+
+/// An admin behind `Authorization: Bearer <key>`.
+pub struct Admin(pub Producer);
+
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let key = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(ApiError::Unauthorized)?;
+        let hash = ApiKey::hash(key);
+        if let Some(cached) = state.admin_keys.get(&hash) {
+            return cached.map(Admin).ok_or(ApiError::Unauthorized);
+        }
+        let admin = state.store.admin_by_key_hash(&hash).await?;
+        state.admin_keys.put(hash, admin.clone());
+        admin.map(Admin).ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// The filter of a listing or a replay, as an operator writes it; times are RFC 3339 or relative
+/// (`2h`: two hours ago).
+#[derive(Debug, Default, Deserialize)]
+pub struct FilterParams {
+    /// Statuses, comma-separated in a query string.
+    #[serde(default)]
+    status: Option<StringOrList>,
+    producer: Option<String>,
+    user_id: Option<String>,
+    event: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    /// Event ids, comma-separated in a query string.
+    #[serde(default)]
+    ids: Option<StringOrList>,
+}
+
+/// `"a,b"` or `["a", "b"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    fn items(self) -> Vec<String> {
+        let items = match self {
+            Self::One(text) => text.split(',').map(str::to_owned).collect(),
+            Self::Many(items) => items,
+        };
+        items
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+impl FilterParams {
+    async fn into_filter(self, state: &ApiState) -> Result<EventFilter, ApiError> {
+        let ids = self
+            .ids
+            .map(StringOrList::items)
+            .unwrap_or_default()
+            .iter()
+            .map(|id| {
+                Uuid::parse_str(id)
+                    .map_err(|_| ApiError::Invalid(format!("ids: {id:?} is not an event id")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let time =
+            |text: Option<String>, key: &'static str| async move {
+                match text {
+                    None => Ok(None),
+                    Some(text) => state.store.parse_time(&text).await.map(Some).map_err(|e| {
+                        match ApiError::from(e) {
+                            ApiError::Invalid(why) => ApiError::Invalid(format!("{key}: {why}")),
+                            other => other,
+                        }
+                    }),
+                }
+            };
+        let filter = EventFilter {
+            statuses: self.status.map(StringOrList::items).unwrap_or_default(),
+            producer: self.producer,
+            user_id: self.user_id,
+            event: self.event,
+            since_ms: time(self.since, "since").await?,
+            until_ms: time(self.until, "until").await?,
+            ids,
+        };
+        filter
+            .validate()
+            .map_err(|why| ApiError::Invalid(format!("status: {why}")))?;
+        Ok(filter)
+    }
+}
+
+/// The keys of a filter.
+const FILTER_KEYS: [&str; 7] = [
+    "status", "producer", "user_id", "event", "since", "until", "ids",
+];
+
+/// Reads a JSON object into `T`, refusing keys outside `FILTER_KEYS` and `own` (serde's
+/// `deny_unknown_fields` does not work through `flatten`), with a JSON 422 when it does not fit.
+fn parse_object<T: serde::de::DeserializeOwned>(
+    object: serde_json::Map<String, Value>,
+    own: &[&str],
+) -> Result<T, ApiError> {
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !FILTER_KEYS.contains(&k.as_str()) && !own.contains(&k.as_str()))
+    {
+        let mut known: Vec<&str> = FILTER_KEYS.iter().chain(own).copied().collect();
+        known.sort_unstable();
+        return Err(ApiError::Invalid(format!(
+            "unknown field `{unknown}` (known: {})",
+            known.join(", ")
+        )));
+    }
+    serde_json::from_value(Value::Object(object)).map_err(|e| ApiError::Invalid(e.to_string()))
+}
+
+/// The listing's own parameters, next to the filter.
+#[derive(Deserialize)]
+struct ListParams {
+    #[serde(flatten)]
+    filter: FilterParams,
+    limit: Option<String>,
+    /// The `next` cursor of the previous page.
+    before: Option<String>,
+}
+
+/// `GET /api/v1/admin/events?status=failed&producer=billing&user_id=42&event=x&since=2h&until=...
+/// &ids=a,b&limit=100&before=<cursor>`: newest first; `next` is the cursor of the following page
+/// (null on the last one).
+pub async fn list_events(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let object = raw
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let params: ListParams = parse_object(object, &["limit", "before"])?;
+    let limit = match params.limit {
+        None => DEFAULT_PAGE,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::Invalid(format!("limit: must be 1 to {MAX_PAGE}")))?,
+    };
+    let before = params
+        .before
+        .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::Invalid("before: not a cursor".into())))
+        .transpose()?;
+    let filter = params.filter.into_filter(&state).await?;
+    let events = state.store.list_events(&filter, before, limit).await?;
+    let next = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(json!({ "events": events, "next": next })))
+}
+
+/// `GET /api/v1/admin/events/{id}`: the event, its data, and every attempt.
+pub async fn get_event(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let event = state
+        .store
+        .event_record(id, None)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let data: Value = state
+        .store
+        .event_data(id)
+        .await?
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(Value::Null);
+    let attempts = state.store.attempts_of(id).await?;
+    let mut body = serde_json::to_value(event).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    body["data"] = data;
+    body["attempt_log"] =
+        serde_json::to_value(attempts).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    Ok(Json(body))
+}
+
+/// A replay request: the filter, plus how.
+#[derive(Deserialize)]
+pub struct ReplayRequest {
+    #[serde(flatten)]
+    filter: FilterParams,
+    /// Also replay events already delivered (off: they are skipped).
+    #[serde(default)]
+    include_delivered: bool,
+    /// Events per second at most.
+    rate: Option<u32>,
+    /// Only count what would be replayed.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /api/v1/admin/replays`: `202 {"id", "status": "running", "matched"}`, or with
+/// `"dry_run": true`, `200 {"dry_run": true, "matched"}`.
+pub async fn start_replay(
+    State(state): State<ApiState>,
+    Admin(admin): Admin,
+    ApiJson(body): ApiJson<serde_json::Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: ReplayRequest = parse_object(body, &["include_delivered", "rate", "dry_run"])?;
+    let rate = request.rate.unwrap_or(state.default_replay_rate);
+    if rate == 0 {
+        return Err(ApiError::Invalid("rate: must be at least 1".into()));
+    }
+    let filter = request.filter.into_filter(&state).await?;
+    let filter = replay_filter(filter, request.include_delivered).map_err(|e| match e {
+        crate::pipeline::replay::ReplayError::Invalid(why) => ApiError::Invalid(why),
+        crate::pipeline::replay::ReplayError::Store(e) => e.into(),
+    })?;
+    let matched = state.store.count_events(&filter).await?;
+    if request.dry_run {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "dry_run": true, "matched": matched })),
+        ));
+    }
+    let id = Uuid::now_v7();
+    let recorded = serde_json::to_string(&filter).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    state
+        .store
+        .create_replay_job(id, &recorded, matched, admin.id)
+        .await?;
+    if let Err(busy) = state.replays.start(id, filter, rate, matched) {
+        let _ = state
+            .store
+            .update_replay_job(id, 0, 0, Some(("failed", Some(&busy.to_string()))))
+            .await;
+        return Err(ApiError::Busy(busy.to_string()));
+    }
+    tracing::info!(job = %id, admin = %admin.name, matched, rate, "replay job started");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "status": "running", "matched": matched })),
+    ))
+}
+
+/// `GET /api/v1/admin/replays/{id}`: the job's status and progress.
+pub async fn get_replay(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let job = state
+        .store
+        .replay_job(id, JOB_STALE_MS)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let filter: Value = serde_json::from_str(&job.filter).unwrap_or(Value::Null);
+    Ok(Json(json!({
+        "id": job.id,
+        "status": job.status,
+        "filter": filter,
+        "matched": job.matched,
+        "replayed": job.replayed,
+        "deferred": job.deferred,
+        "error": job.error,
+        "started_at": job.started_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+    })))
+}

@@ -1,0 +1,305 @@
+//! Operator replay: put chosen events back through delivery, shared by `herald replay` (CLI) and
+//! the admin API's replay jobs.
+//!
+//! A replay claims matching events page by page (keyset on id, oldest first), moves each back to
+//! `accepted` (the outbox) in the same statement, and hands it to the publisher at the given rate;
+//! the broker's confirm marks it `published` as for any new event, and it is delivered with a fresh
+//! attempt budget. The claim stamps `relayed_at`, so the outbox relay leaves claimed events to the
+//! replay for one grace period and takes over any the replay could not publish (broker down, the
+//! process died): a replay never strands an event.
+//!
+//! Safe to repeat: by default only `failed` events match (with explicit ids: any event not yet
+//! delivered), and a replayed event is no longer `failed` unless it fails again. Delivered events
+//! are replayed only when asked explicitly (`include_delivered`). A client whose channel already
+//! pushed an event's seq drops the replayed copy; one joining later gets it from history.
+
+use super::outgoing;
+use crate::metrics::Metrics;
+use crate::queue::PublisherHandle;
+use crate::store::{self, EventFilter, Store};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Why a replay did not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The request is invalid (named).
+    #[error("{0}")]
+    Invalid(String),
+    /// PostgreSQL failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// What a replay has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Events the filter matched at the start (the progress bar's length).
+    pub matched: i64,
+    /// Events handed to the publisher.
+    pub replayed: u64,
+    /// Events claimed but refused by the publisher (broker down): the outbox relay sends them.
+    pub deferred: u64,
+    /// True once the replay ended (all done, stopped, or failed).
+    pub finished: bool,
+}
+
+/// The filter a replay actually uses: statuses default to `failed` (with explicit ids: every status
+/// but `delivered`), and `delivered` is allowed only with `include_delivered`.
+///
+/// # Errors
+/// An unknown status, or `delivered` asked for without `include_delivered`.
+pub fn replay_filter(
+    mut filter: EventFilter,
+    include_delivered: bool,
+) -> Result<EventFilter, ReplayError> {
+    filter.validate().map_err(ReplayError::Invalid)?;
+    if filter.statuses.is_empty() {
+        filter.statuses = if filter.ids.is_empty() {
+            vec!["failed".into()]
+        } else {
+            vec!["accepted".into(), "published".into(), "failed".into()]
+        };
+    }
+    let asks_delivered = filter.statuses.iter().any(|s| s == "delivered");
+    if asks_delivered && !include_delivered {
+        return Err(ReplayError::Invalid(
+            "delivered events are replayed only when asked explicitly (include_delivered)".into(),
+        ));
+    }
+    if include_delivered && !asks_delivered {
+        filter.statuses.push("delivered".into());
+    }
+    Ok(filter)
+}
+
+/// How a replay runs.
+#[derive(Clone, Debug)]
+pub struct Pace {
+    /// Events per second at most.
+    pub rate: u32,
+    /// Most events claimed at once.
+    pub page: i64,
+    /// For the metrics: `cli` or `api`.
+    pub source: &'static str,
+}
+
+/// Replays what `filter` (already through [`replay_filter`]) matches, reporting through
+/// `progress`, until done or `stop` is cancelled. Events are claimed at most half a second's worth
+/// at a time, so none waits in `accepted` long enough for the relay to race the replay.
+///
+/// # Errors
+/// A claim failed; what was replayed before stays replayed (the sent progress says how much).
+pub async fn run(
+    store: &Store,
+    publisher: &PublisherHandle,
+    metrics: &Metrics,
+    filter: &EventFilter,
+    pace: &Pace,
+    progress: &watch::Sender<Progress>,
+    stop: &CancellationToken,
+) -> Result<Progress, ReplayError> {
+    let rate = pace.rate.max(1);
+    let claim = pace.page.min(i64::from(rate / 2).max(1));
+    let started = Instant::now();
+    let mut done = Progress {
+        matched: progress.borrow().matched,
+        ..Progress::default()
+    };
+    let mut after: Option<Uuid> = None;
+    while !stop.is_cancelled() {
+        let rows = store.claim_for_replay(filter, after, claim).await?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.id);
+        let (mut sent, mut deferred) = (0usize, 0usize);
+        for row in rows {
+            let Some(envelope) = row.into_envelope() else {
+                continue;
+            };
+            // Refused (broker down): the event stays `accepted` and the relay publishes it.
+            if publisher.is_connected() && publisher.publish(outgoing(&envelope)).await.is_ok() {
+                sent += 1;
+            } else {
+                deferred += 1;
+            }
+        }
+        done.replayed += sent as u64;
+        done.deferred += deferred as u64;
+        metrics.replay_published(sent, pace.source);
+        metrics.replay_deferred(deferred, pace.source);
+        progress.send_replace(done);
+        // The rate limit: the next page waits until the events so far fit in `rate` per second.
+        let due = started
+            + Duration::from_secs_f64((done.replayed + done.deferred) as f64 / f64::from(rate));
+        tokio::select! {
+            () = tokio::time::sleep_until(due) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    done.finished = true;
+    progress.send_replace(done);
+    Ok(done)
+}
+
+/// A running job's progress is written to PostgreSQL this often; a job silent for
+/// [`JOB_STALE_MS`] reads as `interrupted` (its node stopped).
+const JOB_REPORT_EVERY: Duration = Duration::from_millis(250);
+/// See [`JOB_REPORT_EVERY`].
+pub const JOB_STALE_MS: i64 = 30_000;
+
+/// No free slot for another replay job on this node.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} replay jobs are already running on this node; retry when one finishes")]
+pub struct Busy(pub usize);
+
+/// The replay jobs of one node (admin API): at most `max_jobs` at once, stopped at shutdown.
+#[derive(Clone)]
+pub struct ReplayJobs {
+    store: Store,
+    publisher: PublisherHandle,
+    metrics: Metrics,
+    page: i64,
+    max_jobs: usize,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    tracker: tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+}
+
+impl ReplayJobs {
+    /// Jobs publishing through `publisher`; they stop when `stop` is cancelled.
+    pub fn new(
+        store: Store,
+        publisher: PublisherHandle,
+        metrics: Metrics,
+        settings: &crate::config::ReplaySettings,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            metrics,
+            page: settings.page,
+            max_jobs: settings.max_jobs,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_jobs)),
+            tracker: tokio_util::task::TaskTracker::new(),
+            stop,
+        }
+    }
+
+    /// Starts job `id` (already recorded as running, with `matched`) in the background.
+    ///
+    /// # Errors
+    /// Every slot is taken.
+    pub fn start(
+        &self,
+        id: Uuid,
+        filter: EventFilter,
+        rate: u32,
+        matched: i64,
+    ) -> Result<(), Busy> {
+        let permit = std::sync::Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| Busy(self.max_jobs))?;
+        let jobs = self.clone();
+        self.tracker.spawn(async move {
+            jobs.run_job(id, filter, rate, matched).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn run_job(&self, id: Uuid, filter: EventFilter, rate: u32, matched: i64) {
+        let (progress, mut watched) = watch::channel(Progress {
+            matched,
+            ..Progress::default()
+        });
+        let pace = Pace {
+            rate,
+            page: self.page,
+            source: "api",
+        };
+        let replay = run(
+            &self.store,
+            &self.publisher,
+            &self.metrics,
+            &filter,
+            &pace,
+            &progress,
+            &self.stop,
+        );
+        tokio::pin!(replay);
+        let mut tick = tokio::time::interval(JOB_REPORT_EVERY);
+        let result = loop {
+            tokio::select! {
+                result = &mut replay => break result,
+                _ = tick.tick() => {
+                    if watched.has_changed().unwrap_or(false) {
+                        let now = *watched.borrow_and_update();
+                        self.report(id, now, None).await;
+                    }
+                }
+            }
+        };
+        let last = *progress.borrow();
+        let end = match &result {
+            Ok(_) if self.stop.is_cancelled() => ("interrupted", None),
+            Ok(_) => ("done", None),
+            Err(error) => {
+                tracing::error!(error = ?error, job = %id, "replay job failed");
+                ("failed", Some(error.to_string()))
+            }
+        };
+        tracing::info!(job = %id, status = end.0, replayed = last.replayed, deferred = last.deferred, "replay job ended");
+        self.report(id, last, Some((end.0, end.1.as_deref()))).await;
+    }
+
+    async fn report(&self, id: Uuid, progress: Progress, end: Option<(&str, Option<&str>)>) {
+        let written = self
+            .store
+            .update_replay_job(id, progress.replayed as i64, progress.deferred as i64, end)
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(error = ?error, job = %id, "cannot record replay progress");
+        }
+    }
+
+    /// Stops the jobs (each records itself `interrupted`) and waits for them.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_default_to_failed_and_delivered_needs_asking() {
+        let f = replay_filter(EventFilter::default(), false).unwrap();
+        assert_eq!(f.statuses, vec!["failed"]);
+        let ids = EventFilter {
+            ids: vec![Uuid::nil()],
+            ..EventFilter::default()
+        };
+        let f = replay_filter(ids.clone(), false).unwrap();
+        assert!(!f.statuses.contains(&"delivered".to_owned()));
+        let f = replay_filter(ids, true).unwrap();
+        assert!(f.statuses.contains(&"delivered".to_owned()));
+        let delivered = EventFilter {
+            statuses: vec!["delivered".into()],
+            ..EventFilter::default()
+        };
+        assert!(replay_filter(delivered.clone(), false).is_err());
+        assert!(replay_filter(delivered, true).is_ok());
+        let bad = EventFilter {
+            statuses: vec!["lost".into()],
+            ..EventFilter::default()
+        };
+        assert!(replay_filter(bad, true).is_err());
+    }
+}

@@ -1,0 +1,558 @@
+//! Delivery attempts and what operators read and replay: the batched attempt writer (one statement
+//! per batch updates the events and inserts their attempt rows), event listings with keyset
+//! pagination, the replay claim, and replay jobs.
+//!
+//! Times cross this boundary as Unix milliseconds going in and RFC 3339 strings (UTC) coming out,
+//! formatted by PostgreSQL, so Herald needs no date library.
+
+use super::{Error, Store, StoredEvent};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The statuses an event can have, in lifecycle order.
+pub const EVENT_STATUSES: [&str; 4] = ["accepted", "published", "delivered", "failed"];
+
+/// One delivery attempt, and what it leaves the event as.
+#[derive(Clone, Debug)]
+pub struct AttemptRecord {
+    /// The event.
+    pub id: Uuid,
+    /// When the attempt started, Unix ms.
+    pub started_at_ms: i64,
+    /// When it ended, Unix ms.
+    pub finished_at_ms: i64,
+    /// How it ended.
+    pub result: AttemptResult,
+}
+
+/// How a delivery attempt ended.
+#[derive(Clone, Debug)]
+pub enum AttemptResult {
+    /// The broadcast reached `sockets` subscribers (0: nobody online, kept for catch-up): the event is
+    /// delivered.
+    Delivered {
+        /// Sockets reached.
+        sockets: i32,
+    },
+    /// The attempt failed and another one is scheduled: the event stays `published`.
+    Retrying {
+        /// Why it failed.
+        error: String,
+        /// When the next attempt is due, Unix ms.
+        retry_at_ms: i64,
+    },
+    /// The attempt failed and it was the last one: the event is `failed` (and dead-lettered).
+    Failed {
+        /// Why it failed.
+        error: String,
+    },
+}
+
+/// Which events an operator means: every field narrows the selection; empty means "any".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventFilter {
+    /// Any of these statuses (see [`EVENT_STATUSES`]).
+    pub statuses: Vec<String>,
+    /// The producer's name.
+    pub producer: Option<String>,
+    /// The user.
+    pub user_id: Option<String>,
+    /// The event name.
+    pub event: Option<String>,
+    /// Enqueued at or after, Unix ms.
+    pub since_ms: Option<i64>,
+    /// Enqueued before, Unix ms.
+    pub until_ms: Option<i64>,
+    /// Only these events.
+    pub ids: Vec<Uuid>,
+}
+
+impl EventFilter {
+    /// Checks the statuses named.
+    ///
+    /// # Errors
+    /// A status that does not exist, named.
+    pub fn validate(&self) -> Result<(), String> {
+        match self
+            .statuses
+            .iter()
+            .find(|s| !EVENT_STATUSES.contains(&s.as_str()))
+        {
+            Some(bad) => Err(format!(
+                "unknown status {bad:?} (one of {})",
+                EVENT_STATUSES.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An event as operators and producers read it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct EventRecord {
+    /// Event id.
+    pub id: Uuid,
+    /// The producer's name.
+    pub producer: String,
+    /// Owner.
+    pub user_id: String,
+    /// The user's seq.
+    pub seq: i64,
+    /// Event name.
+    pub event: String,
+    /// Current status.
+    pub status: String,
+    /// Delivery attempts so far (replays included).
+    pub attempts: i32,
+    /// The error of the last failed attempt, until the event is delivered.
+    pub last_error: Option<String>,
+    /// Sockets the delivering broadcast reached (0: nobody online).
+    pub push_count: Option<i32>,
+    /// When the API accepted it.
+    pub enqueued_at: String,
+    /// When the broker confirmed its publish.
+    pub published_at: Option<String>,
+    /// When it was delivered.
+    pub delivered_at: Option<String>,
+    /// When it was marked failed.
+    pub failed_at: Option<String>,
+    /// When the next attempt is due, while one is scheduled.
+    pub next_attempt_at: Option<String>,
+    /// Operator replays.
+    pub replays: i32,
+    /// The last replay.
+    pub replayed_at: Option<String>,
+}
+
+/// One recorded attempt, as read back.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct AttemptRow {
+    /// 1, 2, ... over the event's life.
+    pub attempt: i32,
+    /// Start.
+    pub started_at: String,
+    /// End.
+    pub finished_at: String,
+    /// `pushed`, `offline` or `failed`.
+    pub outcome: String,
+    /// Sockets reached.
+    pub sockets: Option<i32>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A replay job's progress, as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ReplayJobRecord {
+    /// Job id.
+    pub id: Uuid,
+    /// `running`, `done`, `failed` or `interrupted` (a running job whose node stopped reporting).
+    pub status: String,
+    /// The filter, as given (JSON text).
+    pub filter: String,
+    /// Events the filter matched when the job started.
+    pub matched: i64,
+    /// Events handed to the publisher.
+    pub replayed: i64,
+    /// Events claimed while the broker was unreachable: the outbox relay publishes them.
+    pub deferred: i64,
+    /// Why the job failed.
+    pub error: Option<String>,
+    /// Start.
+    pub started_at: String,
+    /// Last progress report.
+    pub updated_at: String,
+    /// End.
+    pub finished_at: Option<String>,
+}
+
+/// Formats a timestamptz column as RFC 3339 in UTC with milliseconds.
+macro_rules! rfc3339 {
+    ($col:literal) => {
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        )
+    };
+}
+
+const EVENT_RECORD_COLUMNS: &str = concat!(
+    "e.id, p.name AS producer, e.user_id, e.seq, e.event, e.status, e.attempts, e.last_error, ",
+    "e.push_count, ",
+    rfc3339!("e.enqueued_at"),
+    " AS enqueued_at, ",
+    rfc3339!("e.published_at"),
+    " AS published_at, ",
+    rfc3339!("e.delivered_at"),
+    " AS delivered_at, ",
+    rfc3339!("e.failed_at"),
+    " AS failed_at, ",
+    rfc3339!("e.next_attempt_at"),
+    " AS next_attempt_at, e.replays, ",
+    rfc3339!("e.replayed_at"),
+    " AS replayed_at"
+);
+
+/// The filter as SQL over `events e JOIN producers p`, with its binds at `$1..$7`.
+const FILTER_SQL: &str = "(cardinality($1::text[]) = 0 OR e.status = ANY($1))
+     AND ($2::text IS NULL OR p.name = $2)
+     AND ($3::text IS NULL OR e.user_id = $3)
+     AND ($4::text IS NULL OR e.event = $4)
+     AND ($5::int8 IS NULL OR e.enqueued_at >= to_timestamp($5 / 1000.0))
+     AND ($6::int8 IS NULL OR e.enqueued_at < to_timestamp($6 / 1000.0))
+     AND (cardinality($7::uuid[]) = 0 OR e.id = ANY($7))";
+
+type Query<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+fn bind_filter<'q, O>(query: Query<'q, O>, filter: &'q EventFilter) -> Query<'q, O> {
+    query
+        .bind(&filter.statuses)
+        .bind(filter.producer.as_deref())
+        .bind(filter.user_id.as_deref())
+        .bind(filter.event.as_deref())
+        .bind(filter.since_ms)
+        .bind(filter.until_ms)
+        .bind(&filter.ids)
+}
+
+impl Store {
+    /// Records a batch of delivery attempts in one statement: each event's status, attempt count,
+    /// error and schedule are updated, and one `delivery_attempts` row is inserted per attempt,
+    /// numbered from the event's new attempt count.
+    ///
+    /// Statuses never move backwards: a failure does not undo `delivered` (a duplicate copy may
+    /// have failed after another one delivered), and a scheduled retry moves `accepted` (a confirm
+    /// not yet recorded) to `published`, so the outbox relay leaves the event to its retry.
+    ///
+    /// # Errors
+    /// The statement failed; nothing of the batch is stored.
+    pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), Error> {
+        let n = records.len();
+        let (mut ids, mut kinds, mut sockets, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut started, mut finished, mut retry_at) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for record in records {
+            ids.push(record.id);
+            started.push(record.started_at_ms);
+            finished.push(record.finished_at_ms);
+            let (kind, reached, error, at) = match &record.result {
+                AttemptResult::Delivered { sockets } => ("delivered", Some(*sockets), None, None),
+                AttemptResult::Retrying { error, retry_at_ms } => {
+                    ("retrying", None, Some(error.as_str()), Some(*retry_at_ms))
+                }
+                AttemptResult::Failed { error } => ("failed", None, Some(error.as_str()), None),
+            };
+            kinds.push(kind);
+            sockets.push(reached);
+            errors.push(error);
+            retry_at.push(at);
+        }
+        sqlx::query(
+            "WITH x AS (
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int8[],
+                                      $6::int8[], $7::int8[])
+                     AS x(id, kind, sockets, err, started, finished, retry_at)),
+             upd AS (
+                 UPDATE events e SET
+                     attempts = e.attempts + 1,
+                     status = CASE
+                         WHEN x.kind = 'delivered' THEN 'delivered'
+                         WHEN e.status = 'delivered' THEN e.status
+                         WHEN x.kind = 'failed' THEN 'failed'
+                         WHEN e.status = 'accepted' THEN 'published'
+                         ELSE e.status END,
+                     delivered_at = CASE WHEN x.kind = 'delivered' THEN now() ELSE e.delivered_at END,
+                     failed_at = CASE WHEN x.kind = 'failed' AND e.status <> 'delivered' THEN now()
+                                      ELSE e.failed_at END,
+                     push_count = CASE WHEN x.kind = 'delivered' THEN x.sockets ELSE e.push_count END,
+                     last_error = CASE WHEN x.kind = 'delivered' THEN NULL
+                                       WHEN e.status = 'delivered' THEN e.last_error
+                                       ELSE x.err END,
+                     next_attempt_at = CASE WHEN x.kind = 'retrying' AND e.status <> 'delivered'
+                                            THEN to_timestamp(x.retry_at / 1000.0) END
+                 FROM x WHERE e.id = x.id
+                 RETURNING e.id, e.attempts)
+             INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
+             SELECT x.id, upd.attempts, to_timestamp(x.started / 1000.0), to_timestamp(x.finished / 1000.0),
+                    CASE WHEN x.kind <> 'delivered' THEN 'failed'
+                         WHEN x.sockets > 0 THEN 'pushed' ELSE 'offline' END,
+                    x.sockets, x.err
+             FROM x JOIN upd ON upd.id = x.id
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&sockets)
+        .bind(&errors)
+        .bind(&started)
+        .bind(&finished)
+        .bind(&retry_at)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("record delivery attempts"))?;
+        Ok(())
+    }
+
+    /// One event; with `producer_id`, only if that producer sent it (so a producer cannot probe
+    /// other producers' ids).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn event_record(
+        &self,
+        id: Uuid,
+        producer_id: Option<i64>,
+    ) -> Result<Option<EventRecord>, Error> {
+        sqlx::query_as::<_, EventRecord>(&format!(
+            "SELECT {EVENT_RECORD_COLUMNS} FROM events e JOIN producers p ON p.id = e.producer_id
+             WHERE e.id = $1 AND ($2::int8 IS NULL OR e.producer_id = $2)"
+        ))
+        .bind(id)
+        .bind(producer_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::query("read an event"))
+    }
+
+    /// The event's data, as JSON text.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn event_data(&self, id: Uuid) -> Result<Option<String>, Error> {
+        sqlx::query_scalar("SELECT data::text FROM events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::query("read an event's data"))
+    }
+
+    /// The attempts of an event, first to last.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn attempts_of(&self, id: Uuid) -> Result<Vec<AttemptRow>, Error> {
+        sqlx::query_as::<_, AttemptRow>(concat!(
+            "SELECT attempt, ",
+            rfc3339!("started_at"),
+            " AS started_at, ",
+            rfc3339!("finished_at"),
+            " AS finished_at, outcome, sockets, error
+             FROM delivery_attempts WHERE event_id = $1 ORDER BY attempt"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::query("read attempts"))
+    }
+
+    /// Events matching `filter`, newest first, at most `limit`, strictly older than `before` (the
+    /// last id of the previous page: keyset pagination, stable while events are added).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn list_events(
+        &self,
+        filter: &EventFilter,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>, Error> {
+        let sql = format!(
+            "SELECT {EVENT_RECORD_COLUMNS} FROM events e JOIN producers p ON p.id = e.producer_id
+             WHERE {FILTER_SQL} AND ($8::uuid IS NULL OR e.id < $8)
+             ORDER BY e.id DESC LIMIT $9"
+        );
+        bind_filter(sqlx::query_as::<_, EventRecord>(&sql), filter)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("list events"))
+    }
+
+    /// How many events match `filter`.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn count_events(&self, filter: &EventFilter) -> Result<i64, Error> {
+        let sql = format!(
+            "SELECT count(*) FROM events e JOIN producers p ON p.id = e.producer_id WHERE {FILTER_SQL}"
+        );
+        let (count,): (i64,) = bind_filter(sqlx::query_as(&sql), filter)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("count events"))?;
+        Ok(count)
+    }
+
+    /// Claims the next `limit` events matching `filter` with an id above `after`, oldest first, for
+    /// replay: each goes back to `accepted` (the outbox), stamped as just relayed so the outbox relay
+    /// leaves it to the replaying process for one grace period, and takes it over if that process
+    /// dies. Returns them in id order, which for one user is seq order.
+    ///
+    /// # Errors
+    /// The statement failed; nothing was claimed.
+    pub async fn claim_for_replay(
+        &self,
+        filter: &EventFilter,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let sql = format!(
+            "WITH due AS (
+                 SELECT e.id FROM events e JOIN producers p ON p.id = e.producer_id
+                 WHERE {FILTER_SQL} AND ($8::uuid IS NULL OR e.id > $8)
+                 ORDER BY e.id LIMIT $9
+                 FOR UPDATE OF e SKIP LOCKED),
+             claimed AS (
+                 UPDATE events e SET status = 'accepted', relayed_at = now(), next_attempt_at = NULL,
+                        replays = e.replays + 1, replayed_at = now()
+                 FROM due WHERE e.id = due.id RETURNING e.*)
+             SELECT {} FROM claimed ORDER BY id",
+            super::events::STORED_EVENT_COLUMNS
+        );
+        bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("claim events for replay"))
+    }
+
+    /// Parses a time as PostgreSQL reads a `timestamptz` (`2026-11-30T12:00:00Z`, `2026-11-30`,
+    /// `now`, ...), or `<n>s|m|h|d` meaning that long ago; returns Unix ms.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for text that is not a time; a query error otherwise.
+    pub async fn parse_time(&self, text: &str) -> Result<i64, Error> {
+        let text = text.trim();
+        let relative = text
+            .strip_suffix(['s', 'm', 'h', 'd'])
+            .and_then(|n| n.parse::<i64>().ok())
+            .zip(text.chars().last());
+        let (sql, arg) = match relative {
+            Some((n, unit)) => {
+                let unit = match unit {
+                    's' => "seconds",
+                    'm' => "minutes",
+                    'h' => "hours",
+                    _ => "days",
+                };
+                (
+                    "SELECT (extract(epoch FROM now() - ($1 || ' ' || $2)::interval) * 1000)::int8",
+                    (n.to_string(), unit),
+                )
+            }
+            None => (
+                "SELECT (extract(epoch FROM ($1 || $2)::timestamptz) * 1000)::int8",
+                (text.to_owned(), ""),
+            ),
+        };
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(arg.0)
+            .bind(arg.1)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|source| match &source {
+                sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                    Error::Invalid(format!("{text:?} is not a time"))
+                }
+                _ => Error::Query {
+                    what: "parse a time",
+                    source,
+                },
+            })
+    }
+
+    /// Records a new running replay job.
+    ///
+    /// # Errors
+    /// The insert failed.
+    pub async fn create_replay_job(
+        &self,
+        id: Uuid,
+        filter: &str,
+        matched: i64,
+        created_by: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO replay_jobs (id, filter, status, matched, created_by)
+             VALUES ($1, $2::text::jsonb, 'running', $3, $4)",
+        )
+        .bind(id)
+        .bind(filter)
+        .bind(matched)
+        .bind(created_by)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("create a replay job"))?;
+        Ok(())
+    }
+
+    /// Writes a job's progress; with `status`, also its end.
+    ///
+    /// # Errors
+    /// The update failed.
+    pub async fn update_replay_job(
+        &self,
+        id: Uuid,
+        replayed: i64,
+        deferred: i64,
+        end: Option<(&str, Option<&str>)>,
+    ) -> Result<(), Error> {
+        let (status, error) = end.map_or((None, None), |(s, e)| (Some(s), e));
+        sqlx::query(
+            "UPDATE replay_jobs SET replayed = $2, deferred = $3, updated_at = now(),
+                    status = COALESCE($4, status), error = COALESCE($5, error),
+                    finished_at = CASE WHEN $4 IS NULL THEN NULL ELSE now() END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(replayed)
+        .bind(deferred)
+        .bind(status)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("update a replay job"))?;
+        Ok(())
+    }
+
+    /// A replay job. A `running` job that has not reported for `stale_ms` (its node stopped) reads
+    /// as `interrupted`; replay is safe to repeat, so the operator starts it again.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn replay_job(
+        &self,
+        id: Uuid,
+        stale_ms: i64,
+    ) -> Result<Option<ReplayJobRecord>, Error> {
+        sqlx::query_as::<_, ReplayJobRecord>(concat!(
+            "SELECT id, CASE WHEN status = 'running'
+                                  AND updated_at < now() - make_interval(secs => $2 / 1000.0)
+                             THEN 'interrupted' ELSE status END AS status,
+                    filter::text AS filter, matched, replayed, deferred, error, ",
+            rfc3339!("started_at"),
+            " AS started_at, ",
+            rfc3339!("updated_at"),
+            " AS updated_at, ",
+            rfc3339!("finished_at"),
+            " AS finished_at FROM replay_jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(stale_ms as f64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::query("read a replay job"))
+    }
+}
