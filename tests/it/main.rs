@@ -3,6 +3,7 @@
 
 mod admin;
 mod api;
+mod chaos;
 mod common;
 mod pipeline;
 mod resilience;

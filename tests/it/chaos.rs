@@ -1,0 +1,395 @@
+//! Chaos: the real `herald` binary as a child process, 5,000 events streamed at it by a producer
+//! that retries with idempotency keys (as a real backend would), and a fault mid-stream: SIGKILL
+//! and a restart, the node's RabbitMQ connections closed by the broker, or PostgreSQL unreachable
+//! for a while. Afterwards every accepted event must end `delivered` or `failed` (the injected
+//! poison events, after their retries), none left `accepted` or `published`, and duplicates only
+//! as at-least-once allows: the same event id delivered again, never a second event.
+
+use crate::common::{PATIENCE, TcpProxy, node_env, test_settings, wait_until};
+use herald::config::{Secret, Settings};
+use herald::store::Store;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Events streamed per run.
+const EVENTS: usize = 5_000;
+/// Concurrent producer requests.
+const CONCURRENCY: usize = 8;
+/// Every this-many-th event is a poison event (fails every attempt).
+const POISON_EVERY: usize = 100;
+/// The fault strikes once this many events are accepted.
+const FAULT_AT: usize = 1_500;
+
+/// A `herald serve` child; its log (stderr) is kept for a failing test to show.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    /// Starts `herald serve` and waits (off the runtime: the test's proxy runs on it) for its
+    /// address.
+    async fn start(env: &[(String, String)], log: &Arc<Mutex<Vec<String>>>) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("serve")
+            .env_clear()
+            .envs(env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("herald starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("herald serving HTTP") {
+                    let addr = line
+                        .rsplit("addr=")
+                        .next()
+                        .and_then(|a| a.trim().parse().ok());
+                    if let Some(addr) = addr {
+                        let _ = tx.send(addr);
+                    }
+                }
+                let mut sink = sink.lock().unwrap();
+                if sink.len() > 2_000 {
+                    sink.drain(..1_000);
+                }
+                sink.push(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(PATIENCE))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| panic!("herald did not start: {:?}", log_tail(log)));
+        Self { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn log_tail(log: &Mutex<Vec<String>>) -> Vec<String> {
+    let log = log.lock().unwrap();
+    log.iter().rev().take(30).rev().cloned().collect()
+}
+
+/// Drops the run's database and queues, also when the test fails.
+struct Cleanup(Settings);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let settings = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let _ = herald::queue::delete_topology(&settings.queue).await;
+                let delays = settings.retry.delays_ms();
+                let _ = herald::queue::delete_retry_queues(&settings.queue, &delays).await;
+                let _ = Store::drop_database(&settings.store).await;
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL the node, start a new one.
+    Kill,
+    /// Close the node's RabbitMQ connections from the broker (`rabbitmqctl close_connection`).
+    BrokerConnectionsClosed,
+    /// Make PostgreSQL unreachable for two seconds (a TCP proxy cuts every connection).
+    PostgresUnreachable,
+}
+
+/// What the producer saw.
+#[derive(Default)]
+struct Sent {
+    requests: AtomicUsize,
+    accepted: AtomicUsize,
+    ids: Mutex<Vec<String>>,
+}
+
+/// Streams `EVENTS` events, each retried (same idempotency key) until answered 2xx, to the address
+/// `addr` holds (it changes when the node is restarted).
+async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, sent: Arc<Sent>) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (http, key, addr, sent, next) = (
+            http.clone(),
+            api_key.clone(),
+            addr.clone(),
+            Arc::clone(&sent),
+            Arc::clone(&next),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= EVENTS {
+                    return;
+                }
+                let event = if i % POISON_EVERY == 0 {
+                    "poison"
+                } else {
+                    "push"
+                };
+                let body =
+                    json!({"user_id": format!("u{}", i % 50), "event": event, "data": {"i": i}});
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "event {i} never accepted"
+                    );
+                    sent.requests.fetch_add(1, Ordering::Relaxed);
+                    let url = format!("http://{}/api/v1/events", *addr.borrow());
+                    let answer = http
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .header("Idempotency-Key", format!("chaos-{i}"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    if let Ok(r) = answer
+                        && r.status().is_success()
+                        && let Ok(body) = r.json::<Value>().await
+                    {
+                        sent.ids
+                            .lock()
+                            .unwrap()
+                            .push(body["id"].as_str().unwrap().to_owned());
+                        sent.accepted.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    // Refused, 503 or cut off: retry, as a backend would (the key dedupes).
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Closes this node's connections only (by the queue prefix in their names): other tests share
+/// the broker.
+fn close_broker_connections(prefix: &str) -> usize {
+    // The plain table: the pid column in the form close_connection takes (JSON's is not).
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("herald-{prefix}-");
+    let mut closed = 0;
+    for line in listed.lines().filter(|line| line.contains(&needle)) {
+        let Some(pid) = line.split('\t').next() else {
+            continue;
+        };
+        let status = Command::new("rabbitmqctl")
+            .args(["close_connection", pid.trim(), "chaos test", "-q"])
+            .status()
+            .expect("rabbitmqctl runs");
+        closed += usize::from(status.success());
+    }
+    closed
+}
+
+async fn run_chaos(fault: Fault) {
+    let mut settings = test_settings();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.faults.fail_events = vec!["poison".into()];
+    settings.retry.schedule_ms = vec![100, 200];
+    settings.retry.max_attempts = 3;
+    settings.store.acquire_timeout_ms = 2_000;
+    let _cleanup = Cleanup(settings.clone());
+    Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = Store::connect(&settings.store).await.unwrap();
+    store.migrate().await.unwrap();
+    let (_, key) = store.create_producer("chaos").await.unwrap();
+
+    // The node reaches PostgreSQL through a proxy the test can cut.
+    let proxy = TcpProxy::start("127.0.0.1:5432").await;
+    let mut node_settings = settings.clone();
+    let direct = settings.store.database_url.expose();
+    let db_name = direct.rsplit('/').next().unwrap();
+    node_settings.store.database_url =
+        Secret::new(format!("postgres://postgres@{}/{db_name}", proxy.addr));
+    let env = node_env(&node_settings);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut node = Node::start(&env, &log).await;
+
+    let (addr_tx, addr_rx) = watch::channel(node.addr);
+    let sent = Arc::new(Sent::default());
+    let streamer = tokio::spawn(stream(key.expose().to_owned(), addr_rx, Arc::clone(&sent)));
+    wait_until("the stream under way", PATIENCE, || async {
+        (sent.accepted.load(Ordering::Relaxed) >= FAULT_AT).then_some(())
+    })
+    .await;
+    match fault {
+        Fault::Kill => {
+            node.kill();
+            node = Node::start(&env, &log).await;
+            addr_tx.send_replace(node.addr);
+        }
+        Fault::BrokerConnectionsClosed => {
+            let prefix = settings.queue.prefix.clone();
+            let closed = tokio::task::spawn_blocking(move || close_broker_connections(&prefix))
+                .await
+                .unwrap();
+            assert!(
+                closed >= 2,
+                "the publisher's and consumer's connections: {closed}"
+            );
+        }
+        Fault::PostgresUnreachable => {
+            proxy.cut();
+            // The outage's length, not a synchronisation: the stream keeps going meanwhile.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            proxy.restore();
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), streamer)
+        .await
+        .expect("the stream ends")
+        .unwrap();
+
+    // Every accepted event ends delivered or failed, within the relay's grace and the retries.
+    let ids: Vec<uuid::Uuid> = sent
+        .ids
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|i| i.parse().unwrap())
+        .collect();
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
+        )
+        .fetch_one(store.pool())
+        .await
+        .ok()
+    };
+    let settled = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if pending().await == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if settled.is_err() {
+        panic!(
+            "{} events still accepted or published; node log: {:#?}",
+            pending().await.unwrap_or(-1),
+            log_tail(&log)
+        );
+    }
+    let (stored, delivered, failed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'delivered'),
+                count(*) FILTER (WHERE status = 'failed') FROM events",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT event_id FROM delivery_attempts WHERE outcome <> 'failed'
+                               GROUP BY event_id HAVING count(*) > 1) d",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    println!(
+        "chaos ({fault:?}): sent {EVENTS} events in {} requests; accepted {} ({} distinct ids); \
+         stored {stored}; delivered {delivered}; failed {failed} (poison, by design); \
+         duplicates {duplicates} (the same event id delivered again, as at-least-once allows)",
+        sent.requests.load(Ordering::Relaxed),
+        ids.len(),
+        unique.len(),
+    );
+    assert_eq!(
+        unique.len(),
+        EVENTS,
+        "every event was accepted once, under one id"
+    );
+    assert_eq!(
+        stored as usize, EVENTS,
+        "retries with the same key made no second event"
+    );
+    let accepted_stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted_stored as usize, EVENTS,
+        "every 2xx is in PostgreSQL"
+    );
+    assert_eq!(
+        failed as usize,
+        EVENTS / POISON_EVERY,
+        "exactly the poison events failed"
+    );
+    assert_eq!(delivered + failed, stored, "nothing is left in between");
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (event = 'poison') <> (status = 'failed')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(bad, 0, "poison events failed, and only they");
+    drop(node);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn chaos_sigkill_mid_stream_then_restart() {
+    run_chaos(Fault::Kill).await;
+}
+
+#[tokio::test]
+async fn chaos_broker_closes_the_nodes_connections_mid_stream() {
+    run_chaos(Fault::BrokerConnectionsClosed).await;
+}
+
+#[tokio::test]
+async fn chaos_postgres_unreachable_mid_stream() {
+    run_chaos(Fault::PostgresUnreachable).await;
+}
