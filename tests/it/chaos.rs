@@ -94,22 +94,7 @@ struct Cleanup(Settings);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let settings = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let _ = herald::queue::delete_topology(&settings.queue).await;
-                let delays = settings.retry.delays_ms();
-                let _ = herald::queue::delete_retry_queues(&settings.queue, &delays).await;
-                let _ = Store::drop_database(&settings.store).await;
-            });
-        })
-        .join();
+        crate::common::cleanup(self.0.clone());
     }
 }
 

@@ -318,24 +318,42 @@ impl Drop for TestApp {
         if !self.cleanup {
             return;
         }
-        // Async cleanup from Drop (also when a test panicked): a thread with its own runtime.
-        let settings = self.settings.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let _ = herald::queue::delete_topology(&settings.queue).await;
-                let delays = settings.retry.delays_ms();
-                let _ = herald::queue::delete_retry_queues(&settings.queue, &delays).await;
-                let _ = Store::drop_database(&settings.store).await;
-            });
-        })
-        .join();
+        cleanup(self.settings.clone());
     }
+}
+
+/// Deletes a test's queues (delay queues included) and drops its database, from Drop too (also when
+/// a test panicked): a thread with its own runtime. The broker may be slow to accept a connection
+/// while the suite loads both cores, so the cleanup connection gets a long timeout and a few tries;
+/// a short one leaked whole topologies. It goes straight to the broker: a test's `TcpProxy` runs on
+/// the test's runtime, which is blocked while this runs.
+pub fn cleanup(mut settings: Settings) {
+    settings.queue.connect_timeout_ms = 10_000;
+    settings.queue.amqp_url = Secret::new(amqp_url());
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let delays = settings.retry.delays_ms();
+            for _ in 0..3 {
+                if herald::queue::delete_topology(&settings.queue)
+                    .await
+                    .is_ok()
+                    && herald::queue::delete_retry_queues(&settings.queue, &delays)
+                        .await
+                        .is_ok()
+                {
+                    break;
+                }
+            }
+            let _ = Store::drop_database(&settings.store).await;
+        });
+    })
+    .join();
 }
 
 /// A Phoenix Channels v2 client over a real WebSocket.
