@@ -216,6 +216,7 @@ impl App {
 
         let demo_routes = demo.map(|demo| demo.routes(enqueue.clone()));
         let api_state = ApiState {
+            pubsub: socket_state.pubsub.clone(),
             store: store.clone(),
             enqueue,
             publisher: publisher_handle,

@@ -48,10 +48,22 @@ impl UserId {
     pub fn topic(&self) -> String {
         format!("{USER_TOPIC_PREFIX}{}", self.0)
     }
+
+    /// The socket id every connection of this user listens on: `users_socket:<id>`.
+    pub fn socket_id(&self) -> String {
+        format!("{SOCKET_ID_PREFIX}{}", self.0)
+    }
 }
 
 /// Topics of user channels start with this.
 pub const USER_TOPIC_PREFIX: &str = "user:";
+
+/// Every connection of a user listens on `users_socket:<id>` (the Phoenix socket id): a
+/// [`DISCONNECT_EVENT`] broadcast there closes all of them.
+pub const SOCKET_ID_PREFIX: &str = "users_socket:";
+
+/// The event that closes every connection of a user.
+pub const DISCONNECT_EVENT: &str = "disconnect";
 
 impl TryFrom<String> for UserId {
     type Error = String;

@@ -7,11 +7,13 @@ mod events;
 mod extract;
 mod health;
 mod tokens;
+mod users;
 
 pub use extract::KeyCache;
 
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
+use crate::pubsub::PubSub;
 use crate::queue::PublisherHandle;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
@@ -50,6 +52,8 @@ pub struct ApiState {
     pub signer: TokenSigner,
     /// Limits.
     pub limits: Arc<Limits>,
+    /// For operator broadcasts (disconnecting a user's sockets).
+    pub pubsub: PubSub,
 }
 
 /// The API routes.
@@ -60,6 +64,10 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/events", post(events::create))
         .route("/api/v1/events/batch", post(events::create_batch))
         .route("/api/v1/tokens", post(tokens::create))
+        .route(
+            "/api/v1/users/{user_id}/disconnect",
+            post(users::disconnect),
+        )
         .route("/healthz", get(health::live))
         .route("/readyz", get(health::ready))
         .layer(DefaultBodyLimit::max(max_body))

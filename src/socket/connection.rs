@@ -10,7 +10,7 @@ use super::SocketState;
 use super::channel::{Admit, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
-use crate::event::{USER_TOPIC_PREFIX, UserId, now_unix_ms};
+use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Close codes Herald uses (RFC 6455 and the IANA registry).
 mod close_code {
-    /// Going away: idle timeout.
+    /// Going away: idle timeout, or the user's connections were disconnected by the server.
     pub const GOING_AWAY: u16 = 1001;
     /// Unsupported data: binary frames.
     pub const UNSUPPORTED: u16 = 1003;
@@ -74,6 +74,20 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
     let overflowed = CancellationToken::new();
     let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
     state.open.fetch_add(1, Ordering::Relaxed);
+    // The socket id: a "disconnect" broadcast there closes every connection of the user.
+    let socket_id = match &endpoint {
+        Endpoint::User(user) => {
+            let subscriber = Subscriber {
+                queue: queue.clone(),
+                overflowed: overflowed.clone(),
+            };
+            Some((
+                user.socket_id(),
+                state.pubsub.subscribe(&user.socket_id(), subscriber),
+            ))
+        }
+        Endpoint::Stats => None,
+    };
     let mut connection = Connection {
         ws,
         vsn,
@@ -91,6 +105,9 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
         .run(&mut broadcasts, &mut from_channels, &overflowed)
         .await;
     connection.leave_all();
+    if let Some((topic, subscription)) = socket_id {
+        state.pubsub.unsubscribe(&topic, subscription);
+    }
     if let End::Close(code, why) = end {
         tracing::debug!(code, reason = why, "closing connection");
         let frame = Message::Close(Some(CloseFrame {
@@ -342,6 +359,15 @@ impl Connection {
 
     /// Pushes a broadcast through the channel's order guard.
     async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), End> {
+        if message.topic.starts_with(SOCKET_ID_PREFIX) {
+            if &*message.event == DISCONNECT_EVENT {
+                return Err(End::Close(
+                    close_code::GOING_AWAY,
+                    "disconnected by the server",
+                ));
+            }
+            return Ok(());
+        }
         let Some(channel) = self.channels.get(&*message.topic) else {
             return Ok(()); // left while the message was queued
         };

@@ -190,3 +190,25 @@ async fn a_client_that_does_not_read_is_disconnected_without_holding_up_others()
         "the connection was cut ({received} of {total} frames)"
     );
 }
+
+#[tokio::test]
+async fn disconnecting_a_user_closes_all_of_its_connections_with_1001() {
+    let app = spawn_app().await;
+    let mut first = app.connect_joined("30").await;
+    let mut second = app.connect("30").await;
+    let mut bystander = app.connect_joined("31").await;
+    let r = app
+        .http
+        .post(app.url("/api/v1/users/30/disconnect"))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["connections"], 2);
+    assert_eq!(first.closed().await, Some(1001));
+    assert_eq!(second.closed().await, Some(1001));
+    app.post_event(json!({"user_id": "31"})).await;
+    assert_eq!(bystander.recv_push().await[2], "user:31");
+}

@@ -176,6 +176,21 @@ describe("channels", () => {
   })
 })
 
+describe("server-side disconnect", () => {
+  it("a disconnect of the user closes its sockets with 1001, and the client comes back", async () => {
+    const socket = await herald.userSocket("14")
+    let opens = 0
+    const closes = []
+    socket.onOpen(() => { opens += 1 })
+    socket.onClose((event) => closes.push(event.code))
+    await connect(socket)
+    const response = await herald.api("/api/v1/users/14/disconnect", {})
+    assert.equal(response.connections, 1)
+    await waitFor("closed with 1001 and reconnected", () => closes[0] === 1001 && opens === 2)
+    socket.disconnect()
+  })
+})
+
 describe("restarts", () => {
   it("reconnects and rejoins by itself after the server restarts, then receives new events", async () => {
     const socket = await herald.userSocket("10")
