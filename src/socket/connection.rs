@@ -238,13 +238,46 @@ impl Connection {
             },
         );
         self.state.metrics.channel_join(channel_tag, true);
-        self.reply(&frame, &frame.join_ref, "ok", "{}").await?;
+        let catch_up = match &self.endpoint {
+            Endpoint::User(user) => Some(catch_up_plan(&self.state, user, &frame.payload).await),
+            Endpoint::Stats => None,
+        };
+        let response = catch_up
+            .as_ref()
+            .map_or_else(|| "{}".to_owned(), CatchUp::response);
+        self.reply(&frame, &frame.join_ref, "ok", &response).await?;
         // A second join of a joined topic replaces the first; the old instance is closed with its own
         // (now stale) join ref, which the client ignores.
         if let Some(previous) = previous {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
         }
+        if let Some(CatchUp {
+            from: Some(after), ..
+        }) = catch_up
+        {
+            self.catch_up(&frame.topic, after).await?;
+        }
         Ok(())
+    }
+
+    /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
+    /// (which wait in the connection's queue and are dropped by the order guard if already sent).
+    async fn catch_up(&mut self, topic: &str, after: i64) -> Result<(), End> {
+        if let Some(JoinedChannel {
+            kind: ChannelKind::User { guard, .. },
+            ..
+        }) = self.channels.get_mut(topic)
+        {
+            guard.pushed(after);
+        }
+        let mut from = after;
+        loop {
+            let pushed = self.fill_gap(topic, from, i64::MAX).await?;
+            match pushed {
+                Some(last) if last > from => from = last,
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Routes and authorises a join.
@@ -391,30 +424,30 @@ impl Connection {
         }
     }
 
-    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL.
-    async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<(), End> {
+    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL, at most
+    /// `socket.max_gap_fill` of them; returns the last seq pushed when a full page was pushed (so a
+    /// caller paging through history knows to go on).
+    async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<Option<i64>, End> {
         let Endpoint::User(user) = &self.endpoint else {
-            return Ok(());
+            return Ok(None);
         };
+        let page = self.state.settings.max_gap_fill;
         let rows = self
             .state
             .store
-            .events_between(
-                user.as_str(),
-                after,
-                before,
-                self.state.settings.max_gap_fill,
-            )
+            .events_between(user.as_str(), after, before, page)
             .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(error) => {
                 // Pushing on beats holding the user's stream; the client sees the gap in seq.
                 tracing::warn!(error = ?error, after, before, "cannot fill a gap in a user's events");
-                return Ok(());
+                return Ok(None);
             }
         };
         self.state.metrics.socket_gap_filled(rows.len());
+        let full_page = rows.len() as i64 >= page;
+        let mut last = None;
         for row in rows {
             let Some(envelope) = row.into_envelope() else {
                 continue;
@@ -427,8 +460,9 @@ impl Connection {
                 enqueued_at_ms: Some(envelope.at),
             };
             self.push_seq(topic, envelope.seq, &message).await?;
+            last = Some(envelope.seq);
         }
-        Ok(())
+        Ok(if full_page { last } else { None })
     }
 
     async fn push_seq(
@@ -512,6 +546,58 @@ impl Connection {
         for (topic, channel) in channels {
             self.stop_channel(&topic, &channel);
         }
+    }
+}
+
+/// Reads what a user channel join needs to say and do: the user's current last seq, and whether the
+/// requested `last_seq` is still fully covered by what retention kept.
+async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> CatchUp {
+    let requested = serde_json::from_str::<UserJoinParams>(params.get())
+        .ok()
+        .and_then(|p| p.last_seq)
+        .filter(|seq| *seq >= 0);
+    match state.store.user_seq_bounds(user.as_str()).await {
+        Ok((oldest, last)) => CatchUp {
+            from: requested,
+            last_seq: last.unwrap_or(0),
+            // Retention removed events the client has not seen.
+            missed: matches!((requested, oldest), (Some(r), Some(o)) if o > r + 1)
+                || matches!((requested, oldest, last), (Some(r), None, Some(l)) if l > r),
+        },
+        Err(error) => {
+            tracing::warn!(error = ?error, "cannot read a user's seq bounds; catching up on the next event");
+            CatchUp {
+                from: requested,
+                last_seq: 0,
+                missed: false,
+            }
+        }
+    }
+}
+
+/// Join params of a user channel; other params are the client's business and ignored.
+#[derive(serde::Deserialize)]
+struct UserJoinParams {
+    last_seq: Option<i64>,
+}
+
+/// What a user channel join answers and whether it catches up.
+#[derive(Default)]
+struct CatchUp {
+    /// Catch up after this seq (the client's `last_seq`).
+    from: Option<i64>,
+    /// The user's latest seq now.
+    last_seq: i64,
+    /// Events after `from` were already removed by retention: the client missed them.
+    missed: bool,
+}
+
+impl CatchUp {
+    fn response(&self) -> String {
+        format!(
+            r#"{{"last_seq":{},"missed":{}}}"#,
+            self.last_seq, self.missed
+        )
     }
 }
 

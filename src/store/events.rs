@@ -326,6 +326,25 @@ impl Store {
         Ok(rows)
     }
 
+    /// The oldest seq still stored for `user_id` (retention prunes older ones) and the last seq
+    /// handed out, if any.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn user_seq_bounds(
+        &self,
+        user_id: &str,
+    ) -> Result<(Option<i64>, Option<i64>), Error> {
+        sqlx::query_as(
+            "SELECT (SELECT min(seq) FROM events WHERE user_id = $1),
+                    (SELECT last_seq FROM user_seqs WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("read a user's seq bounds"))
+    }
+
     /// Events of `user_id` with `after < seq < before`, in seq order, at most `limit`.
     ///
     /// # Errors

@@ -2,6 +2,7 @@
 //! against the real PostgreSQL and RabbitMQ.
 
 mod api;
+mod catchup;
 mod common;
 mod pipeline;
 mod resilience;
