@@ -232,6 +232,13 @@ impl Metrics {
             .ok();
     }
 
+    /// Clients acknowledged having shown events (delivered to a person, not just pushed).
+    pub fn client_acked(&self, count: u64) {
+        if count > 0 {
+            self.client.count("socket.client_acked", count as i64).ok();
+        }
+    }
+
     /// A stats channel `ping` was handled.
     pub fn stats_ping(&self, elapsed: Duration) {
         self.client.time("stats_channel.ping", elapsed).ok();

@@ -364,6 +364,13 @@ impl Connection {
                         .await
                 }
             },
+            ChannelKind::User { .. } if frame.event == ACK_EVENT => {
+                let Endpoint::User(user) = &self.endpoint else {
+                    return Ok(());
+                };
+                let (status, response) = record_acks(&self.state, user, &frame).await;
+                self.reply(&frame, &join_ref, status, &response).await
+            }
             ChannelKind::User { .. } => {
                 self.reply(&frame, &join_ref, "error", &reason("unknown event"))
                     .await
@@ -573,6 +580,40 @@ async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) ->
             }
         }
     }
+}
+
+/// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).
+async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'static str, String) {
+    let ids = match serde_json::from_str::<AckParams>(frame.payload.get()) {
+        Ok(params) if params.ids.len() <= MAX_ACK_IDS => params.ids,
+        _ => {
+            return (
+                "error",
+                reason("ack takes {\"ids\": [event ids]}, at most 1000"),
+            );
+        }
+    };
+    match state.store.record_acks(user.as_str(), &ids).await {
+        Ok(acked) => {
+            state.metrics.client_acked(acked);
+            ("ok", format!(r#"{{"acked":{acked}}}"#))
+        }
+        Err(error) => {
+            tracing::warn!(error = ?error, "cannot record client acks");
+            ("error", reason("acks could not be recorded; retry"))
+        }
+    }
+}
+
+/// The user channel event by which a client acknowledges events it has shown.
+const ACK_EVENT: &str = "ack";
+/// Most ids in one ack.
+const MAX_ACK_IDS: usize = 1_000;
+
+/// Payload of an ack.
+#[derive(serde::Deserialize)]
+struct AckParams {
+    ids: Vec<uuid::Uuid>,
 }
 
 /// Join params of a user channel; other params are the client's business and ignored.

@@ -345,6 +345,24 @@ impl Store {
         .map_err(Error::query("read a user's seq bounds"))
     }
 
+    /// Records that a client of `user_id` showed these events (only that user's events; an event
+    /// keeps its first acknowledgement). Returns how many were newly acknowledged.
+    ///
+    /// # Errors
+    /// The update failed.
+    pub async fn record_acks(&self, user_id: &str, ids: &[Uuid]) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE events SET acked_at = now()
+             WHERE id = ANY($1) AND user_id = $2 AND acked_at IS NULL",
+        )
+        .bind(ids)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("record client acks"))?;
+        Ok(done.rows_affected())
+    }
+
     /// Events of `user_id` with `after < seq < before`, in seq order, at most `limit`.
     ///
     /// # Errors

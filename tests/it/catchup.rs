@@ -105,3 +105,35 @@ async fn joining_in_the_middle_of_a_stream_misses_nothing_and_repeats_nothing() 
     assert_eq!(seqs, (1..=total).collect::<Vec<i64>>());
     assert!(client.try_recv(Duration::from_millis(300)).await.is_none());
 }
+
+#[tokio::test]
+async fn a_client_acknowledges_events_it_has_shown() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("43").await;
+    app.post_event(json!({"user_id": "43"})).await;
+    let other: Value = app
+        .post_event(json!({"user_id": "44"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let push = client.recv_push().await;
+    let id = push[4]["id"].as_str().unwrap().to_owned();
+    let other_id = other["id"].as_str().unwrap().to_owned();
+    // Another user's event id is ignored: a client acknowledges only its own user's events.
+    client
+        .send(json!(["1", "a1", "user:43", "ack", {"ids": [id, other_id]}]))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply[4], json!({"status": "ok", "response": {"acked": 1}}));
+    let acked: Vec<(String, bool)> =
+        sqlx::query_as("SELECT user_id, acked_at IS NOT NULL FROM events ORDER BY user_id")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(acked, vec![("43".into(), true), ("44".into(), false)]);
+    client
+        .send(json!(["1", "a2", "user:43", "ack", {"ids": "nope"}]))
+        .await;
+    assert_eq!(client.recv().await[4]["status"], "error");
+}
