@@ -65,6 +65,11 @@ pub const SOCKET_ID_PREFIX: &str = "users_socket:";
 /// The event that closes every connection of a user.
 pub const DISCONNECT_EVENT: &str = "disconnect";
 
+/// A node-local message telling user channels to fetch what they may have missed from PostgreSQL
+/// (sent after the node's fan-out queue reconnects). Producers cannot send it: event names starting
+/// with `phx_` are refused at the API.
+pub const RESYNC_EVENT: &str = "phx_herald_resync";
+
 impl TryFrom<String> for UserId {
     type Error = String;
     fn try_from(raw: String) -> Result<Self, String> {

@@ -5,7 +5,7 @@
 pub mod error;
 mod events;
 mod extract;
-mod health;
+pub mod health;
 mod tokens;
 mod users;
 
@@ -14,12 +14,11 @@ pub use extract::KeyCache;
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
 use crate::pubsub::PubSub;
-use crate::queue::PublisherHandle;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::post;
 use std::sync::Arc;
 
 /// Limits the API enforces.
@@ -42,8 +41,6 @@ pub struct ApiState {
     pub store: Store,
     /// The group-commit front.
     pub enqueue: Enqueue,
-    /// For readiness: is the broker reachable.
-    pub publisher: PublisherHandle,
     /// Metrics.
     pub metrics: Metrics,
     /// API key lookups.
@@ -68,8 +65,6 @@ pub fn routes(state: ApiState) -> Router {
             "/api/v1/users/{user_id}/disconnect",
             post(users::disconnect),
         )
-        .route("/healthz", get(health::live))
-        .route("/readyz", get(health::ready))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(

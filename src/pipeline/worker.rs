@@ -37,6 +37,8 @@ pub struct Worker {
     pub outcomes: Outcomes,
     /// Metrics.
     pub metrics: Metrics,
+    /// True while consuming (readiness).
+    pub consuming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Worker {
@@ -55,7 +57,11 @@ impl Worker {
                 Ok(consumer) => {
                     backoff.reset();
                     tracing::info!(prefetch = settings.prefetch, "worker consuming");
+                    self.consuming
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     self.consume(consumer, &stop).await;
+                    self.consuming
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");

@@ -10,7 +10,9 @@ use super::SocketState;
 use super::channel::{Admit, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
-use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms};
+use crate::event::{
+    DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
+};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -81,10 +83,15 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
                 queue: queue.clone(),
                 overflowed: overflowed.clone(),
             };
-            Some((
-                user.socket_id(),
-                state.pubsub.subscribe(&user.socket_id(), subscriber),
-            ))
+            let topic = user.socket_id();
+            match state.pubsub.subscribe(&topic, subscriber).await {
+                Ok(subscription) => Some((topic, subscription)),
+                Err(error) => {
+                    // The connection still works; only a server-side disconnect would miss it.
+                    tracing::warn!(error = %error, "cannot subscribe to the socket id");
+                    None
+                }
+            }
         }
         Endpoint::Stats => None,
     };
@@ -229,7 +236,21 @@ impl Connection {
         if let Some(previous) = &previous {
             self.stop_channel(&frame.topic, previous);
         }
-        let kind = self.start_channel(&frame);
+        let kind = match self.start_channel(&frame).await {
+            Ok(kind) => kind,
+            Err(error) => {
+                tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
+                self.state.metrics.channel_join(channel_tag, false);
+                return self
+                    .reply(
+                        &frame,
+                        &frame.join_ref,
+                        "error",
+                        &reason("unavailable, retry"),
+                    )
+                    .await;
+            }
+        };
         self.channels.insert(
             frame.topic.clone(),
             JoinedChannel {
@@ -302,13 +323,14 @@ impl Connection {
         }
     }
 
-    fn start_channel(&self, frame: &Frame) -> ChannelKind {
-        match &self.endpoint {
+    async fn start_channel(&mut self, frame: &Frame) -> Result<ChannelKind, crate::pubsub::Error> {
+        Ok(match &self.endpoint {
             Endpoint::User(_) => ChannelKind::User {
                 subscription: self
                     .state
                     .pubsub
-                    .subscribe(&frame.topic, self.subscriber.clone()),
+                    .subscribe(&frame.topic, self.subscriber.clone())
+                    .await?,
                 guard: OrderGuard::default(),
             },
             Endpoint::Stats => ChannelKind::Stats(StatsChannel::spawn(
@@ -319,7 +341,7 @@ impl Connection {
                 &self.state.settings,
                 self.state.metrics.clone(),
             )),
-        }
+        })
     }
 
     fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
@@ -414,6 +436,13 @@ impl Connection {
         let ChannelKind::User { guard, .. } = &channel.kind else {
             return Ok(());
         };
+        if &*message.event == RESYNC_EVENT {
+            // Broadcasts may have been lost while the node's fan-out queue was away.
+            return match guard.last() {
+                Some(after) => self.catch_up(&message.topic, after).await,
+                None => Ok(()),
+            };
+        }
         let Some(seq) = message.seq else {
             let join_ref = channel.join_ref.clone();
             return self.push(&join_ref, message).await;

@@ -3,6 +3,7 @@
 
 mod api;
 mod catchup;
+mod cluster;
 mod common;
 mod pipeline;
 mod resilience;

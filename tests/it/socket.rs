@@ -84,7 +84,7 @@ async fn heartbeat_leave_and_duplicate_join_follow_the_protocol() {
         .await;
     assert_eq!(
         client.recv().await,
-        json!(["j2", "j2", "user:4", "phx_reply", {"status": "ok", "response": {}}])
+        json!(["j2", "j2", "user:4", "phx_reply", {"status": "ok", "response": {"last_seq": 0, "missed": false}}])
     );
     assert_eq!(
         client.recv().await,
@@ -145,7 +145,7 @@ async fn v1_clients_are_served_object_frames() {
         serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(
         reply,
-        json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+        json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {"last_seq": 0, "missed": false}}, "ref": "1"})
     );
 }
 

@@ -51,7 +51,7 @@ describe("channels", () => {
   it("joins its own user topic and is refused others, with the reasons", async () => {
     const socket = await herald.userSocket("2")
     await connect(socket)
-    assert.deepEqual(await join(socket.channel("user:2")), {})
+    assert.deepEqual(await join(socket.channel("user:2")), {last_seq: 0, missed: false})
     const other = socket.channel("user:3")
     await assert.rejects(join(other), (e) => e.response?.reason === "unauthorized")
     other.leave()
@@ -223,7 +223,7 @@ describe("serializers and bad input", () => {
     raw.send({topic: "phoenix", event: "heartbeat", payload: {}, ref: "1"})
     assert.deepEqual(await raw.next(), {topic: "phoenix", event: "phx_reply", payload: {status: "ok", response: {}}, ref: "1"})
     raw.send({topic: "user:11", event: "phx_join", payload: {}, ref: "2", join_ref: "2"})
-    assert.deepEqual(await raw.next(), {topic: "user:11", event: "phx_reply", payload: {status: "ok", response: {}}, ref: "2"})
+    assert.deepEqual(await raw.next(), {topic: "user:11", event: "phx_reply", payload: {status: "ok", response: {last_seq: 0, missed: false}}, ref: "2"})
     await herald.send("11", {v: 1})
     const event = await raw.next()
     assert.equal(event.event, "push")
