@@ -1,5 +1,7 @@
-//! Builds a node and runs it: every role in one process (HTTP API, sockets, outbox relay, worker
-//! pool), started together and shut down in order.
+//! Builds a node and runs its roles (`node.roles`): `api` (producer HTTP API, group commit, publisher,
+//! outbox relay), `worker` (consumer, broadcasts), `socket` (WebSockets, and in cluster mode the
+//! node's fan-out queue). One process may run them all; many may split them. Every node serves
+//! /healthz and /readyz.
 //!
 //! Shutdown reverses startup. (1) Intake stops: the listener closes and the consumer is cancelled.
 //! (2) Work drains upstream to downstream: in-flight requests finish, the group commit writes every
@@ -8,8 +10,10 @@
 //! publishes what it holds and settles its confirms, then PostgreSQL closes and StatsD is flushed.
 //! One `node.shutdown_timeout_ms` bounds it all; what is left then is redelivered or relayed later.
 
+use crate::api::health::Health;
 use crate::api::{self, ApiState, KeyCache, Limits};
-use crate::config::Settings;
+use crate::cluster::{self, RabbitTransport};
+use crate::config::{Roles, Settings};
 use crate::demo::Demo;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
@@ -18,7 +22,7 @@ use crate::pipeline::replay::ReplayJobs;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay};
-use crate::pubsub::PubSub;
+use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::Publisher;
 use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
 use crate::socket::{self, SocketState};
@@ -26,9 +30,11 @@ use crate::store::{self, Store};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,9 +71,12 @@ pub enum Error {
 /// A node, built and ready to run.
 pub struct App {
     settings: Settings,
+    node: String,
+    roles: Roles,
     store: Store,
     metrics: Metrics,
     pubsub: PubSub,
+    bind_requests: Option<mpsc::Receiver<BindRequest>>,
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
@@ -80,9 +89,11 @@ impl App {
     /// build: the API accepts while the broker is down, and the broker roles connect when it is up.
     ///
     /// # Errors
-    /// PostgreSQL unreachable, the address taken, or StatsD misconfigured.
+    /// PostgreSQL unreachable, the address taken, StatsD misconfigured, or demo files missing.
     pub async fn build(settings: Settings) -> Result<Self, Error> {
-        let metrics = Metrics::new(&settings.metrics)?;
+        let roles = settings.roles();
+        let node = node_name(&settings.node.name);
+        let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
         let store = Store::connect(&settings.store).await?;
         let listener = TcpListener::bind(settings.http.addr)
             .await
@@ -105,7 +116,7 @@ impl App {
             }
         };
         let signer = TokenSigner::new(&secret);
-        let demo = if settings.demo.enabled {
+        let demo = if settings.demo.enabled && roles.api {
             tracing::warn!(
                 "the demo is enabled: /demo mints tokens for any user; development only"
             );
@@ -118,6 +129,14 @@ impl App {
         } else {
             None
         };
+        let (pubsub, bind_requests) = if settings.cluster() {
+            let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub);
+            let timeout = Duration::from_millis(settings.pubsub.bind_timeout_ms);
+            let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);
+            (pubsub, Some(requests))
+        } else {
+            (PubSub::new(), None)
+        };
         let faults = Faults::new(&settings.faults).map_err(Error::Faults)?;
         if !faults.is_empty() {
             tracing::warn!(
@@ -127,14 +146,17 @@ impl App {
         }
         Ok(Self {
             faults: Arc::new(faults),
-            demo,
-            signer,
             settings,
+            node,
+            roles,
             store,
             metrics,
-            pubsub: PubSub::new(),
+            pubsub,
+            bind_requests,
+            signer,
             listener,
             http_addr,
+            demo,
         })
     }
 
@@ -148,16 +170,19 @@ impl App {
         &self.store
     }
 
-    /// Runs every role until `shutdown` is cancelled, then drains (see the module docs).
+    /// Runs this node's roles until `shutdown` is cancelled, then drains (see the module docs).
     ///
     /// # Errors
     /// The HTTP server failed; the node still drained.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self {
             settings,
+            node,
+            roles,
             store,
             metrics,
             pubsub,
+            bind_requests,
             signer,
             listener,
             http_addr,
@@ -165,67 +190,139 @@ impl App {
             faults,
         } = self;
         let pipeline = &settings.pipeline;
+        let mut links: Vec<(&'static str, Arc<AtomicBool>)> = Vec::new();
+        let mut router = axum::Router::new();
 
-        let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
-        let publisher_stop = CancellationToken::new();
-        let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
-        let recorder_task = tokio::spawn(published::record(
-            reports,
-            store.clone(),
-            metrics.clone(),
-            pipeline.max_status_batch,
-        ));
+        // api: group commit, publisher and its confirm recorder, outbox relay, producer routes.
+        let mut api_tasks = None;
+        if roles.api {
+            let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
+            links.push(("publisher", publisher_handle.connected_flag()));
+            let publisher_stop = CancellationToken::new();
+            let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
+            let recorder_task = tokio::spawn(published::record(
+                reports,
+                store.clone(),
+                metrics.clone(),
+                pipeline.max_status_batch,
+            ));
+            let commit_close = CancellationToken::new();
+            let (enqueue, commit_task) = Enqueue::new(
+                store.clone(),
+                publisher_handle.clone(),
+                metrics.clone(),
+                pipeline,
+                commit_close.clone(),
+            );
+            let commit_task = tokio::spawn(commit_task);
+            let replays = ReplayJobs::new(
+                store.clone(),
+                publisher_handle.clone(),
+                metrics.clone(),
+                &settings.replay,
+                shutdown.child_token(),
+            );
+            let relay_task = tokio::spawn(relay::run(
+                store.clone(),
+                publisher_handle,
+                metrics.clone(),
+                pipeline.clone(),
+                shutdown.child_token(),
+            ));
+            if let Some(demo) = demo {
+                router = router.merge(demo.routes(enqueue.clone()));
+            }
+            let api_state = ApiState {
+                pubsub: pubsub.clone(),
+                store: store.clone(),
+                enqueue,
+                metrics: metrics.clone(),
+                keys: Arc::new(KeyCache::new(Duration::from_secs(30), 10_000)),
+                signer: signer.clone(),
+                limits: Arc::new(Limits {
+                    max_body_bytes: settings.http.max_body_bytes,
+                    max_batch_events: pipeline.max_batch_events,
+                    max_data_bytes: pipeline.max_data_bytes,
+                    max_token_ttl_secs: settings.socket.token_ttl_secs,
+                }),
+                admin_keys: Arc::new(KeyCache::new(Duration::from_secs(30), 1_000)),
+                replays: replays.clone(),
+                default_replay_rate: settings.replay.default_rate,
+            };
+            router = router.merge(api::routes(api_state));
+            api_tasks = Some(ApiTasks {
+                replays,
+                commit_close,
+                commit_task,
+                relay_task,
+                publisher_stop,
+                publisher_task,
+                recorder_task,
+            });
+        }
 
-        let commit_close = CancellationToken::new();
-        let (enqueue, commit_task) = Enqueue::new(
-            store.clone(),
-            publisher_handle.clone(),
-            metrics.clone(),
-            pipeline,
-            commit_close.clone(),
-        );
-        let commit_task = tokio::spawn(commit_task);
+        // worker: consumer, broadcasts, outcome writer.
+        let mut worker_tasks = None;
+        if roles.worker {
+            let outcomes_close = CancellationToken::new();
+            let (outcomes, outcome_task) = outcomes::writer(
+                store.clone(),
+                metrics.clone(),
+                usize::from(settings.queue.prefetch) * 2,
+                pipeline.max_status_batch,
+                outcomes_close.clone(),
+            );
+            let consuming = Arc::new(AtomicBool::new(false));
+            links.push(("consumer", Arc::clone(&consuming)));
+            let worker = Worker {
+                pubsub: pubsub.clone(),
+                outcomes,
+                metrics: metrics.clone(),
+                consuming,
+                retry: Arc::new(RetryPolicy::new(&settings.retry)),
+                retry_delays_ms: settings.retry.delays_ms().into(),
+                attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
+                faults,
+            };
+            worker_tasks = Some(WorkerTasks {
+                worker_task: tokio::spawn(
+                    worker.run(settings.queue.clone(), shutdown.child_token()),
+                ),
+                outcomes_close,
+                outcome_task: tokio::spawn(outcome_task),
+            });
+        }
 
-        let outcomes_close = CancellationToken::new();
-        let (outcomes, outcome_task) = outcomes::writer(
-            store.clone(),
-            metrics.clone(),
-            usize::from(settings.queue.prefetch) * 2,
-            pipeline.max_status_batch,
-            outcomes_close.clone(),
-        );
-        let outcome_task = tokio::spawn(outcome_task);
-
-        let relay_task = tokio::spawn(relay::run(
-            store.clone(),
-            publisher_handle.clone(),
-            metrics.clone(),
-            pipeline.clone(),
-            shutdown.child_token(),
-        ));
-
-        let worker = Worker {
-            pubsub: pubsub.clone(),
-            outcomes,
-            metrics: metrics.clone(),
-            retry: Arc::new(RetryPolicy::new(&settings.retry)),
-            retry_delays_ms: settings.retry.delays_ms().into(),
-            attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
-            faults,
-        };
-        let worker_task = tokio::spawn(worker.run(settings.queue.clone(), shutdown.child_token()));
-
+        // socket: WebSockets, and in cluster mode this node's fan-out queue.
         let sockets_closing = CancellationToken::new();
         let socket_state = SocketState {
-            pubsub,
+            pubsub: pubsub.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             settings: Arc::new(settings.socket.clone()),
-            signer: signer.clone(),
+            signer,
             closing: sockets_closing.clone(),
             tracker: TaskTracker::new(),
             open: Arc::new(AtomicU64::new(0)),
         };
+        let mut fanout_task = None;
+        if roles.socket {
+            router = router.merge(socket::routes(socket_state.clone()));
+            if let Some(requests) = bind_requests {
+                let connected = Arc::new(AtomicBool::new(false));
+                links.push(("fanout", Arc::clone(&connected)));
+                fanout_task = Some(tokio::spawn(cluster::run_node_queue(
+                    settings.queue.clone(),
+                    node.clone(),
+                    pubsub.clone(),
+                    requests,
+                    connected,
+                    metrics.clone(),
+                    shutdown.child_token(),
+                )));
+            }
+        }
+
         let flusher_stop = CancellationToken::new();
         let flusher = tokio::spawn(flush_metrics(
             metrics.clone(),
@@ -233,39 +330,17 @@ impl App {
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
-
-        let replays = ReplayJobs::new(
-            store.clone(),
-            publisher_handle.clone(),
-            metrics.clone(),
-            &settings.replay,
-            shutdown.child_token(),
-        );
-        let demo_routes = demo.map(|demo| demo.routes(enqueue.clone()));
-        let api_state = ApiState {
+        let health = Health {
             store: store.clone(),
-            enqueue,
-            publisher: publisher_handle,
-            metrics: metrics.clone(),
-            keys: Arc::new(KeyCache::new(Duration::from_secs(30), 10_000)),
-            signer,
-            limits: Arc::new(Limits {
-                max_body_bytes: settings.http.max_body_bytes,
-                max_batch_events: pipeline.max_batch_events,
-                max_data_bytes: pipeline.max_data_bytes,
-                max_token_ttl_secs: settings.socket.token_ttl_secs,
-            }),
-            admin_keys: Arc::new(KeyCache::new(Duration::from_secs(30), 1_000)),
-            replays: replays.clone(),
-            default_replay_rate: settings.replay.default_rate,
+            node: node.clone(),
+            roles: roles.names(),
+            links,
         };
-        let mut router = api::routes(api_state).merge(socket::routes(socket_state.clone()));
-        if let Some(demo_routes) = demo_routes {
-            router = router.merge(demo_routes);
-        }
-        let router = router.fallback(api::not_found);
+        let router = router
+            .merge(api::health::routes(health))
+            .fallback(api::not_found);
 
-        tracing::info!(addr = %http_addr, "herald serving HTTP and WebSockets");
+        tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
@@ -277,19 +352,32 @@ impl App {
 
         tracing::info!("shutting down: draining in-flight work");
         let deadline = Instant::now() + settings.shutdown_timeout();
-        drain("replay jobs", deadline, replays.shutdown()).await;
-        commit_close.cancel();
-        drain("group commit", deadline, commit_task).await;
-        drain("outbox relay", deadline, relay_task).await;
-        drain("worker pool", deadline, worker_task).await;
+        if let Some(api) = &api_tasks {
+            drain("replay jobs", deadline, api.replays.shutdown()).await;
+            api.commit_close.cancel();
+        }
+        if let Some(api) = api_tasks.as_mut() {
+            drain("group commit", deadline, &mut api.commit_task).await;
+            drain("outbox relay", deadline, &mut api.relay_task).await;
+        }
+        if let Some(worker) = worker_tasks.as_mut() {
+            drain("worker pool", deadline, &mut worker.worker_task).await;
+        }
         sockets_closing.cancel();
         socket_state.tracker.close();
         drain("sockets", deadline, socket_state.tracker.wait()).await;
-        outcomes_close.cancel();
-        drain("outcome writer", deadline, outcome_task).await;
-        publisher_stop.cancel();
-        drain("publisher", deadline, publisher_task).await;
-        drain("confirm recorder", deadline, recorder_task).await;
+        if let Some(task) = fanout_task {
+            drain("fan-out queue", deadline, task).await;
+        }
+        if let Some(mut worker) = worker_tasks {
+            worker.outcomes_close.cancel();
+            drain("outcome writer", deadline, &mut worker.outcome_task).await;
+        }
+        if let Some(mut api) = api_tasks {
+            api.publisher_stop.cancel();
+            drain("publisher", deadline, &mut api.publisher_task).await;
+            drain("confirm recorder", deadline, &mut api.recorder_task).await;
+        }
         store.close().await;
         flusher_stop.cancel();
         let _ = flusher.await;
@@ -297,6 +385,39 @@ impl App {
         tracing::info!("shutdown complete");
         served
     }
+}
+
+/// The api role's long-lived tasks and the switches that stop them.
+struct ApiTasks {
+    /// Operator replay jobs: stopped before the publisher they publish through.
+    replays: ReplayJobs,
+    commit_close: CancellationToken,
+    commit_task: JoinHandle<()>,
+    relay_task: JoinHandle<()>,
+    publisher_stop: CancellationToken,
+    publisher_task: JoinHandle<()>,
+    recorder_task: JoinHandle<()>,
+}
+
+/// The worker role's long-lived tasks.
+struct WorkerTasks {
+    worker_task: JoinHandle<()>,
+    outcomes_close: CancellationToken,
+    outcome_task: JoinHandle<()>,
+}
+
+/// `node.name`, or `<hostname>-<pid>` when it is empty.
+fn node_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "herald".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Waits for one stage of the drain, up to the shared deadline.

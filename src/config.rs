@@ -86,6 +86,8 @@ pub struct Settings {
     pub replay: ReplaySettings,
     /// Test-only fault injection; off (empty) by default.
     pub faults: FaultSettings,
+    /// Topic fan-out within and across nodes.
+    pub pubsub: PubSubSettings,
 }
 
 /// The HTTP listener.
@@ -290,12 +292,102 @@ impl Default for MetricsSettings {
 pub struct NodeSettings {
     /// Bound on the whole graceful shutdown; what is left is aborted (and redelivered later).
     pub shutdown_timeout_ms: u64,
+    /// The roles this node runs, comma-separated: `api`, `worker`, `socket`.
+    pub roles: String,
+    /// This node's name in /readyz and metric tags; empty means `<hostname>-<pid>`.
+    pub name: String,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
         Self {
             shutdown_timeout_ms: 30_000,
+            roles: "api,worker,socket".into(),
+            name: String::new(),
+        }
+    }
+}
+
+/// The roles a node runs. One box can run all of them; many boxes can split them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    /// HTTP API for producers, group commit, publisher, outbox relay.
+    pub api: bool,
+    /// Consumes the events queue and broadcasts to users' topics.
+    pub worker: bool,
+    /// Serves WebSockets (user and stats sockets).
+    pub socket: bool,
+}
+
+impl Roles {
+    /// Parses `api,worker,socket` (any non-empty subset).
+    ///
+    /// # Errors
+    /// An unknown or missing role.
+    pub fn parse(list: &str) -> Result<Self, Error> {
+        let mut roles = Roles {
+            api: false,
+            worker: false,
+            socket: false,
+        };
+        for role in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            match role {
+                "api" => roles.api = true,
+                "worker" => roles.worker = true,
+                "socket" => roles.socket = true,
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "node.roles: unknown role {other} (roles are api, worker, socket)"
+                    )));
+                }
+            }
+        }
+        if !(roles.api || roles.worker || roles.socket) {
+            return Err(Error::Invalid("node.roles: name at least one role".into()));
+        }
+        Ok(roles)
+    }
+
+    /// True when the node runs every role.
+    pub fn all(&self) -> bool {
+        self.api && self.worker && self.socket
+    }
+
+    /// The roles, comma-separated, for /readyz and logs.
+    pub fn names(&self) -> String {
+        [
+            ("api", self.api),
+            ("worker", self.worker),
+            ("socket", self.socket),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+}
+
+/// Topic fan-out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PubSubSettings {
+    /// `local`: broadcasts reach this node's sockets only (one node does everything). `cluster`:
+    /// broadcasts ride RabbitMQ to every socket node with subscribers; needed by any deployment of
+    /// more than one node.
+    pub mode: String,
+    /// How long a join waits for its topic's binding on this node's fan-out queue.
+    pub bind_timeout_ms: u64,
+    /// How long a worker waits for the broker to confirm a cross-node broadcast.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for PubSubSettings {
+    fn default() -> Self {
+        Self {
+            mode: "local".into(),
+            bind_timeout_ms: 5_000,
+            publish_timeout_ms: 5_000,
         }
     }
 }
@@ -529,6 +621,18 @@ impl Settings {
                 "page, default_rate and max_jobs must be at least 1",
             );
         }
+        let roles = Roles::parse(&self.node.roles)?;
+        match self.pubsub.mode.as_str() {
+            "cluster" => {}
+            "local" if roles.all() => {}
+            "local" => {
+                return bad(
+                    "pubsub.mode",
+                    "a node that does not run every role needs pubsub.mode = cluster",
+                );
+            }
+            _ => return bad("pubsub.mode", "must be local or cluster"),
+        }
         if self.pipeline.max_batch_events > self.pipeline.enqueue_buffer {
             return bad(
                 "pipeline.max_batch_events",
@@ -554,6 +658,20 @@ impl Settings {
                 (var, value)
             })
             .collect()
+    }
+
+    /// The roles this node runs (validated at load).
+    pub fn roles(&self) -> Roles {
+        Roles::parse(&self.node.roles).unwrap_or(Roles {
+            api: true,
+            worker: true,
+            socket: true,
+        })
+    }
+
+    /// True when broadcasts ride RabbitMQ between nodes.
+    pub fn cluster(&self) -> bool {
+        self.pubsub.mode == "cluster"
     }
 
     /// How long the whole graceful shutdown may take.

@@ -48,10 +48,27 @@ impl UserId {
     pub fn topic(&self) -> String {
         format!("{USER_TOPIC_PREFIX}{}", self.0)
     }
+
+    /// The socket id every connection of this user listens on: `users_socket:<id>`.
+    pub fn socket_id(&self) -> String {
+        format!("{SOCKET_ID_PREFIX}{}", self.0)
+    }
 }
 
 /// Topics of user channels start with this.
 pub const USER_TOPIC_PREFIX: &str = "user:";
+
+/// Every connection of a user listens on `users_socket:<id>` (the Phoenix socket id): a
+/// [`DISCONNECT_EVENT`] broadcast there closes all of them.
+pub const SOCKET_ID_PREFIX: &str = "users_socket:";
+
+/// The event that closes every connection of a user.
+pub const DISCONNECT_EVENT: &str = "disconnect";
+
+/// A node-local message telling user channels to fetch what they may have missed from PostgreSQL
+/// (sent after the node's fan-out queue reconnects). Producers cannot send it: event names starting
+/// with `phx_` are refused at the API.
+pub const RESYNC_EVENT: &str = "phx_herald_resync";
 
 impl TryFrom<String> for UserId {
     type Error = String;

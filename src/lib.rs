@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod event;

@@ -27,7 +27,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node: HTTP API and WebSockets, outbox relay, worker pool.
-    Serve,
+    Serve {
+        /// Roles to run, comma-separated (api, worker, socket); overrides HERALD_NODE__ROLES. A node
+        /// without every role needs HERALD_PUBSUB__MODE=cluster.
+        #[arg(long)]
+        roles: Option<String>,
+    },
     /// Create the database if it is missing and apply the migrations.
     Migrate,
     /// Manage producers and their API keys.
@@ -114,10 +119,13 @@ async fn main() -> anyhow::Result<()> {
     let command = command.mut_subcommand("demo", |c| c.after_help(help));
     let cli = Cli::from_arg_matches(&command.get_matches())?;
     init_tracing();
-    let settings =
-        Settings::load(cli.config.as_deref(), std::env::vars()).context("cannot load settings")?;
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    if let Command::Serve { roles: Some(roles) } = &cli.command {
+        env.push(("HERALD_NODE__ROLES".into(), roles.clone()));
+    }
+    let settings = Settings::load(cli.config.as_deref(), env).context("cannot load settings")?;
     match cli.command {
-        Command::Serve => serve(settings).await,
+        Command::Serve { .. } => serve(settings).await,
         Command::Migrate => migrate(&settings).await.map(|_| ()),
         Command::Producers { command } => producers(&settings, command).await,
         Command::Token { user_id, ttl_secs } => token(&settings, &user_id, ttl_secs),

@@ -7,7 +7,7 @@
 
 use crate::config::MetricsSettings;
 use cadence::prelude::*;
-use cadence::{BufferedUdpMetricSink, NopMetricSink, StatsdClient};
+use cadence::{BufferedUdpMetricSink, Metric, MetricBuilder, NopMetricSink, StatsdClient};
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,9 @@ pub struct Error {
 #[derive(Clone)]
 pub struct Metrics {
     client: Arc<StatsdClient>,
+    /// Tags every metric carries, last (so each metric's own tags keep their documented order).
+    node: Arc<str>,
+    roles: Arc<str>,
 }
 
 fn status(success: bool) -> &'static str {
@@ -41,11 +44,12 @@ fn status(success: bool) -> &'static str {
 }
 
 impl Metrics {
-    /// Builds the client; an empty `statsd_addr` gives a client that sends nothing.
+    /// Builds the client for node `node` running `roles` (`api+worker+socket`); an empty
+    /// `statsd_addr` gives a client that sends nothing.
     ///
     /// # Errors
     /// The UDP socket cannot be bound or the address does not resolve.
-    pub fn new(settings: &MetricsSettings) -> Result<Self, Error> {
+    pub fn new(settings: &MetricsSettings, node: &str, roles: &str) -> Result<Self, Error> {
         let client = if settings.statsd_addr.is_empty() {
             StatsdClient::from_sink(&settings.prefix, NopMetricSink)
         } else {
@@ -65,6 +69,8 @@ impl Metrics {
         };
         Ok(Self {
             client: Arc::new(client),
+            node: node.into(),
+            roles: roles.into(),
         })
     }
 
@@ -72,7 +78,20 @@ impl Metrics {
     pub fn disabled() -> Self {
         Self {
             client: Arc::new(StatsdClient::from_sink("", NopMetricSink)),
+            node: "".into(),
+            roles: "".into(),
         }
+    }
+
+    /// Adds the node's identity tags to a metric.
+    fn tagged<'m, 'c, T>(&'c self, metric: MetricBuilder<'m, 'c, T>) -> MetricBuilder<'m, 'c, T>
+    where
+        T: Metric + From<String>,
+        'c: 'm,
+    {
+        metric
+            .with_tag("node", &self.node)
+            .with_tag("roles", &self.roles)
     }
 
     /// Sends what is buffered.
@@ -82,129 +101,166 @@ impl Metrics {
 
     /// A socket connect attempt: the token was accepted or refused.
     pub fn socket_connect(&self, socket: &'static str, success: bool) {
-        self.client
-            .count_with_tags("socket_connect", 1)
-            .with_tag("status", status(success))
-            .with_tag("socket", socket)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("socket_connect", 1)
+                .with_tag("status", status(success))
+                .with_tag("socket", socket),
+        )
+        .send();
     }
 
     /// A channel join was accepted or refused.
     pub fn channel_join(&self, channel: &'static str, success: bool) {
-        self.client
-            .count_with_tags("channel_join", 1)
-            .with_tag("status", status(success))
-            .with_tag("channel", channel)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("channel_join", 1)
+                .with_tag("status", status(success))
+                .with_tag("channel", channel),
+        )
+        .send();
     }
 
     /// An event reached a client socket; `latency_ms` is push time minus enqueue time (wall clock).
     pub fn push_delivered(&self, latency_ms: u64) {
-        self.client
-            .histogram("pipeline.push_delivered", latency_ms)
-            .ok();
+        self.tagged(
+            self.client
+                .histogram_with_tags("pipeline.push_delivered", latency_ms),
+        )
+        .send();
     }
 
     /// One worker delivery finished (broadcast, outcome recorded, acked).
     pub fn worker_processed(&self, elapsed: Duration, outcome: &'static str) {
-        self.client
-            .time_with_tags("pipeline.worker.process_time", elapsed)
-            .with_tag("outcome", outcome)
-            .send();
+        self.tagged(
+            self.client
+                .time_with_tags("pipeline.worker.process_time", elapsed)
+                .with_tag("outcome", outcome),
+        )
+        .send();
     }
 
     /// Events accepted by the API (new rows), per request.
     pub fn events_accepted(&self, count: usize, endpoint: &'static str) {
         if count > 0 {
-            self.client
-                .count_with_tags("api.events.accepted", count as i64)
-                .with_tag("endpoint", endpoint)
-                .send();
+            self.tagged(
+                self.client
+                    .count_with_tags("api.events.accepted", count as i64)
+                    .with_tag("endpoint", endpoint),
+            )
+            .send();
         }
     }
 
     /// Events the API recognised as retries of an idempotency key.
     pub fn events_duplicate(&self, count: usize) {
         if count > 0 {
-            self.client.count("api.events.duplicate", count as i64).ok();
+            self.tagged(
+                self.tagged(
+                    self.client
+                        .count_with_tags("api.events.duplicate", count as i64),
+                ),
+            )
+            .send();
         }
     }
 
     /// An API request answered with an error code.
     pub fn api_error(&self, code: &'static str) {
-        self.client
-            .count_with_tags("api.errors", 1)
-            .with_tag("code", code)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("api.errors", 1)
+                .with_tag("code", code),
+        )
+        .send();
     }
 
     /// One group commit: how many events, and how long the transaction took.
     pub fn commit(&self, events: usize, elapsed: Duration) {
-        self.client
-            .histogram("store.commit.batch_size", events as u64)
-            .ok();
-        self.client.time("store.commit.time", elapsed).ok();
+        self.tagged(
+            self.client
+                .histogram_with_tags("store.commit.batch_size", events as u64),
+        )
+        .send();
+        self.tagged(self.tagged(self.client.time_with_tags("store.commit.time", elapsed)))
+            .send();
     }
 
     /// A status UPDATE batch (`kind` = published or outcome).
     pub fn status_batch(&self, kind: &'static str, rows: usize, elapsed: Duration) {
-        self.client
-            .histogram_with_tags("store.status.batch_size", rows as u64)
-            .with_tag("kind", kind)
-            .send();
-        self.client
-            .time_with_tags("store.status.time", elapsed)
-            .with_tag("kind", kind)
-            .send();
+        self.tagged(
+            self.client
+                .histogram_with_tags("store.status.batch_size", rows as u64)
+                .with_tag("kind", kind),
+        )
+        .send();
+        self.tagged(
+            self.client
+                .time_with_tags("store.status.time", elapsed)
+                .with_tag("kind", kind),
+        )
+        .send();
     }
 
     /// Publishes confirmed by the broker.
     pub fn publish_confirmed(&self, count: usize) {
-        self.client
-            .count("queue.publish.confirmed", count as i64)
-            .ok();
+        self.tagged(
+            self.client
+                .count_with_tags("queue.publish.confirmed", count as i64),
+        )
+        .send();
     }
 
     /// Publishes not confirmed (nack, timeout, lost connection); the relay republishes them.
     pub fn publish_unconfirmed(&self, count: usize, reason: &'static str) {
-        self.client
-            .count_with_tags("queue.publish.unconfirmed", count as i64)
-            .with_tag("reason", reason)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("queue.publish.unconfirmed", count as i64)
+                .with_tag("reason", reason),
+        )
+        .send();
     }
 
     /// Committed events not handed to the publisher (buffer full or broker down); the relay owns them.
     pub fn publish_deferred(&self, count: usize) {
         if count > 0 {
-            self.client
-                .count("queue.publish.deferred", count as i64)
-                .ok();
+            self.tagged(
+                self.client
+                    .count_with_tags("queue.publish.deferred", count as i64),
+            )
+            .send();
         }
     }
 
     /// A RabbitMQ connection was lost or could not be made (`role` = publisher or consumer).
     pub fn queue_connection_lost(&self, role: &'static str) {
-        self.client
-            .count_with_tags("queue.connection.lost", 1)
-            .with_tag("role", role)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("queue.connection.lost", 1)
+                .with_tag("role", role),
+        )
+        .send();
     }
 
     /// Events the outbox relay republished.
     pub fn relay_republished(&self, count: usize) {
         if count > 0 {
-            self.client
-                .count("pipeline.relay.republished", count as i64)
-                .ok();
+            self.tagged(
+                self.client
+                    .count_with_tags("pipeline.relay.republished", count as i64),
+            )
+            .send();
         }
     }
 
     /// A delivery's outcome (`pushed`, `offline`, `failed`).
     pub fn delivery_outcome(&self, outcome: &'static str) {
-        self.client
-            .count_with_tags("pipeline.worker.delivered", 1)
-            .with_tag("outcome", outcome)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("pipeline.worker.delivered", 1)
+                .with_tag("outcome", outcome),
+        )
+        .send();
     }
 
     /// A failed delivery attempt was scheduled for a retry through a delay queue. `attempt` is the
@@ -243,36 +299,57 @@ impl Metrics {
 
     /// A connection was dropped because its outbound queue was full (a client that does not read).
     pub fn socket_overflow(&self) {
-        self.client.count("socket.outbound.overflow", 1).ok();
+        self.tagged(self.tagged(self.client.count_with_tags("socket.outbound.overflow", 1)))
+            .send();
     }
 
     /// A client frame could not be decoded.
     pub fn socket_malformed_frame(&self, reason: &'static str) {
-        self.client
-            .count_with_tags("socket.frame.malformed", 1)
-            .with_tag("reason", reason)
-            .send();
+        self.tagged(
+            self.client
+                .count_with_tags("socket.frame.malformed", 1)
+                .with_tag("reason", reason),
+        )
+        .send();
     }
 
     /// A channel saw a seq it had already pushed (a redelivery) and dropped it.
     pub fn socket_duplicate_dropped(&self) {
-        self.client.count("socket.push.duplicate", 1).ok();
+        self.tagged(self.tagged(self.client.count_with_tags("socket.push.duplicate", 1)))
+            .send();
     }
 
     /// A channel filled a gap in a user's sequence from PostgreSQL (`count` events).
     pub fn socket_gap_filled(&self, count: usize) {
-        self.client
-            .count("socket.push.gap_filled", count as i64)
-            .ok();
+        self.tagged(
+            self.client
+                .count_with_tags("socket.push.gap_filled", count as i64),
+        )
+        .send();
+    }
+
+    /// Clients acknowledged having shown events (delivered to a person, not just pushed).
+    pub fn client_acked(&self, count: u64) {
+        if count > 0 {
+            self.tagged(
+                self.tagged(
+                    self.client
+                        .count_with_tags("socket.client_acked", count as i64),
+                ),
+            )
+            .send();
+        }
     }
 
     /// A stats channel `ping` was handled.
     pub fn stats_ping(&self, elapsed: Duration) {
-        self.client.time("stats_channel.ping", elapsed).ok();
+        self.tagged(self.tagged(self.client.time_with_tags("stats_channel.ping", elapsed)))
+            .send();
     }
 
     /// Open WebSocket connections on this node.
     pub fn socket_connections(&self, open: u64) {
-        self.client.gauge("socket.connections", open).ok();
+        self.tagged(self.tagged(self.client.gauge_with_tags("socket.connections", open)))
+            .send();
     }
 }

@@ -85,7 +85,8 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let rate = args.rate.unwrap_or(settings.replay.default_rate).max(1);
-    let metrics = Metrics::new(&settings.metrics)?;
+    // The replay runs as a tool, not a node: tagged as such in StatsD.
+    let metrics = Metrics::new(&settings.metrics, "herald-replay", "replay")?;
 
     // A publisher of our own, with the confirm recorder marking replayed events published.
     let (publisher, handle, reports) = Publisher::new(settings.queue.clone());

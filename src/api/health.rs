@@ -1,33 +1,65 @@
-//! `GET /healthz` (the process is up) and `GET /readyz` (PostgreSQL and RabbitMQ are reachable).
+//! `GET /healthz` (the process is up) and `GET /readyz` (what this node's roles depend on is
+//! reachable), both naming the node and its roles. Served by every node, whatever its roles.
 
-use super::ApiState;
-use axum::Json;
+use crate::store::Store;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Liveness: answering at all is the check.
-pub async fn live() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// What the health endpoints report on.
+#[derive(Clone)]
+pub struct Health {
+    /// PostgreSQL, pinged by /readyz.
+    pub store: Store,
+    /// This node's name.
+    pub node: String,
+    /// Its roles, e.g. `api,worker`.
+    pub roles: String,
+    /// The RabbitMQ links its roles use (publisher, consumer, fanout), each up or down.
+    pub links: Vec<(&'static str, Arc<AtomicBool>)>,
 }
 
-/// Readiness: 200 when both dependencies answer, else 503; each check is reported.
-pub async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
+/// The health routes.
+pub fn routes(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(live))
+        .route("/readyz", get(ready))
+        .with_state(health)
+}
+
+async fn live(State(health): State<Health>) -> Json<Value> {
+    Json(json!({ "status": "ok", "node": health.node, "roles": health.roles }))
+}
+
+async fn ready(State(health): State<Health>) -> (StatusCode, Json<Value>) {
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let postgres = matches!(
-        tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await,
+        tokio::time::timeout(Duration::from_secs(2), health.store.ping()).await,
         Ok(Ok(()))
     );
-    let rabbitmq = state.publisher.is_connected();
-    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if postgres && rabbitmq {
+    let mut links = Map::new();
+    let mut rabbitmq = true;
+    for (name, up) in &health.links {
+        let up = up.load(Ordering::Relaxed);
+        rabbitmq &= up;
+        links.insert((*name).to_owned(), word(up).into());
+    }
+    let ok = postgres && rabbitmq;
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
-        "checks": { "postgres": word(postgres), "rabbitmq": word(rabbitmq) },
+        "status": if ok { "ready" } else { "unavailable" },
+        "node": health.node,
+        "roles": health.roles,
+        "checks": { "postgres": word(postgres), "rabbitmq": word(rabbitmq), "rabbitmq_links": links },
     });
     (status, Json(body))
 }

@@ -7,15 +7,16 @@ mod admin;
 pub mod error;
 mod events;
 mod extract;
-mod health;
+pub mod health;
 mod tokens;
+mod users;
 
 pub use extract::KeyCache;
 
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::replay::ReplayJobs;
-use crate::queue::PublisherHandle;
+use crate::pubsub::PubSub;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
 use axum::Router;
@@ -43,8 +44,6 @@ pub struct ApiState {
     pub store: Store,
     /// The group-commit front.
     pub enqueue: Enqueue,
-    /// For readiness: is the broker reachable.
-    pub publisher: PublisherHandle,
     /// Metrics.
     pub metrics: Metrics,
     /// API key lookups.
@@ -53,6 +52,8 @@ pub struct ApiState {
     pub signer: TokenSigner,
     /// Limits.
     pub limits: Arc<Limits>,
+    /// For operator broadcasts (disconnecting a user's sockets).
+    pub pubsub: PubSub,
     /// Admin key lookups (a separate cache: a key's admin role is looked up on its own).
     pub admin_keys: Arc<KeyCache>,
     /// The node's replay jobs (admin API).
@@ -70,12 +71,14 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/events/batch", post(events::create_batch))
         .route("/api/v1/events/{id}", get(events::get_one))
         .route("/api/v1/tokens", post(tokens::create))
+        .route(
+            "/api/v1/users/{user_id}/disconnect",
+            post(users::disconnect),
+        )
         .route("/api/v1/admin/events", get(admin::list_events))
         .route("/api/v1/admin/events/{id}", get(admin::get_event))
         .route("/api/v1/admin/replays", post(admin::start_replay))
         .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
-        .route("/healthz", get(health::live))
-        .route("/readyz", get(health::ready))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(

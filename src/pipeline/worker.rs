@@ -55,6 +55,8 @@ pub struct Worker {
     pub outcomes: Outcomes,
     /// Metrics.
     pub metrics: Metrics,
+    /// True while consuming (readiness).
+    pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// When to retry, and when to give up.
     pub retry: Arc<RetryPolicy>,
     /// Every distinct retry delay: one delay queue each.
@@ -104,7 +106,11 @@ impl Worker {
                         prefix: settings.prefix.as_str().into(),
                         confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
                     };
+                    self.consuming
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     self.consume(consumer, route, &stop).await;
+                    self.consuming
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");

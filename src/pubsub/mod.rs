@@ -6,12 +6,21 @@
 //! implementation (riding RabbitMQ, see ARCHITECTURE.md) can fill it in without changing either.
 //!
 //! A subscriber whose queue is full is not waited for: it is told to disconnect (its client catches up
-//! when it reconnects), so one slow client never delays the others. Depends on nothing else in Herald.
+//! when it reconnects), so one slow client never delays the others.
+//!
+//! In cluster mode a broadcast goes to a [`Transport`] (RabbitMQ, wired in `crate::cluster`) that
+//! reaches every node with subscribers to the topic, and each node hands what it receives to
+//! [`PubSub::deliver_local`]. Which topics a node wants is reconciled by one binder task, fed
+//! [`BindRequest`]s in order, so a bind and an unbind of one topic can never cross. Depends on
+//! nothing else in Herald.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// One message to every subscriber of a topic. Shared (`Arc`) by all of them: built once.
@@ -46,13 +55,14 @@ pub struct SubscriptionId(u64);
 /// What a broadcast reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reach {
-    /// Subscribers whose queue took the message.
+    /// Subscribers whose queue took the message. In cluster mode, where other nodes' sockets are not
+    /// counted: 1 when at least one node subscribes to the topic, 0 when none does.
     pub delivered: usize,
     /// Subscribers dropped because their queue was full.
     pub overflowed: usize,
 }
 
-/// Why a broadcast failed. The in-memory fan-out cannot fail; a cross-node one can.
+/// Why a broadcast or a subscription failed. The in-memory fan-out cannot fail; a cross-node one can.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The fan-out transport is unavailable.
@@ -60,10 +70,35 @@ pub enum Error {
     Unavailable(String),
 }
 
+/// A boxed future, as trait objects need.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Carries broadcasts to every node subscribed to a topic.
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes `message`; resolves to whether any node subscribes to its topic.
+    fn publish<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<bool, Error>>;
+}
+
+/// Asks the binder to make this node's subscription to `topic` match its local subscribers.
+#[derive(Debug)]
+pub struct BindRequest {
+    /// The topic to reconcile.
+    pub topic: String,
+    /// Told when done (for a join that must not miss events), or None (an unbind).
+    pub done: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
 /// The topic registry; a cheap `Clone`.
 #[derive(Clone, Default)]
 pub struct PubSub {
     inner: Arc<Registry>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+struct Cluster {
+    transport: Arc<dyn Transport>,
+    binder: mpsc::Sender<BindRequest>,
+    bind_timeout: Duration,
 }
 
 type Subscribers = Vec<(SubscriptionId, Subscriber)>;
@@ -76,42 +111,145 @@ struct Registry {
 }
 
 impl PubSub {
-    /// A registry with no topics.
+    /// A registry with no topics, fanning out on this node only.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Subscribes `subscriber` to `topic`.
-    pub fn subscribe(&self, topic: &str, subscriber: Subscriber) -> SubscriptionId {
-        let id = SubscriptionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-        topics
-            .entry(Arc::from(topic))
-            .or_default()
-            .push((id, subscriber));
-        id
+    /// A registry whose broadcasts ride `transport` to every subscribed node. The receiver carries
+    /// the binder's requests: whoever runs this node's fan-out queue must serve them.
+    pub fn cluster(
+        transport: Arc<dyn Transport>,
+        bind_timeout: Duration,
+    ) -> (Self, mpsc::Receiver<BindRequest>) {
+        let (binder, requests) = mpsc::channel(1024);
+        let cluster = Cluster {
+            transport,
+            binder,
+            bind_timeout,
+        };
+        let pubsub = Self {
+            inner: Arc::default(),
+            cluster: Some(Arc::new(cluster)),
+        };
+        (pubsub, requests)
     }
 
-    /// Removes a subscription; the topic goes when its last subscriber does.
-    pub fn unsubscribe(&self, topic: &str, id: SubscriptionId) {
-        let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(subs) = topics.get_mut(topic) {
-            subs.retain(|(sid, _)| *sid != id);
-            if subs.is_empty() {
-                topics.remove(topic);
+    /// Subscribes `subscriber` to `topic`. In cluster mode, returns once this node receives the
+    /// topic's broadcasts, so a join never misses an event published after its reply.
+    ///
+    /// # Errors
+    /// The node's fan-out queue could not be bound in time (the subscription is undone).
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        subscriber: Subscriber,
+    ) -> Result<SubscriptionId, Error> {
+        let id = SubscriptionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        {
+            let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+            topics
+                .entry(Arc::from(topic))
+                .or_default()
+                .push((id, subscriber));
+        }
+        let Some(cluster) = &self.cluster else {
+            return Ok(id);
+        };
+        let (done, bound) = oneshot::channel();
+        let request = BindRequest {
+            topic: topic.to_owned(),
+            done: Some(done),
+        };
+        let outcome = async {
+            cluster
+                .binder
+                .send(request)
+                .await
+                .map_err(|_| Error::Unavailable("the fan-out binder stopped".into()))?;
+            bound
+                .await
+                .map_err(|_| Error::Unavailable("the fan-out binder stopped".into()))?
+        };
+        match tokio::time::timeout(cluster.bind_timeout, outcome).await {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(error)) => {
+                self.unsubscribe(topic, id);
+                Err(error)
+            }
+            Err(_) => {
+                self.unsubscribe(topic, id);
+                Err(Error::Unavailable("binding the topic timed out".into()))
             }
         }
     }
 
-    /// Sends `message` to every current subscriber of its topic.
+    /// Removes a subscription; the topic goes when its last subscriber does (and, in cluster mode,
+    /// the node stops receiving it).
+    pub fn unsubscribe(&self, topic: &str, id: SubscriptionId) {
+        let emptied = {
+            let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+            match topics.get_mut(topic) {
+                Some(subs) => {
+                    subs.retain(|(sid, _)| *sid != id);
+                    if subs.is_empty() {
+                        topics.remove(topic);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            }
+        };
+        if let (true, Some(cluster)) = (emptied, &self.cluster) {
+            // A lost unbind only costs traffic this node drops; the binder reconciles on reconnect.
+            let _ = cluster.binder.try_send(BindRequest {
+                topic: topic.to_owned(),
+                done: None,
+            });
+        }
+    }
+
+    /// Sends `message` to every current subscriber of its topic, on this node or (cluster mode) on
+    /// every node.
     ///
     /// # Errors
     /// Only a cross-node transport can fail; the local fan-out always succeeds.
     pub async fn broadcast(&self, message: Message) -> Result<Reach, Error> {
-        Ok(self.broadcast_local(Arc::new(message)))
+        match &self.cluster {
+            Some(cluster) => {
+                let routed = cluster.transport.publish(&message).await?;
+                Ok(Reach {
+                    delivered: usize::from(routed),
+                    overflowed: 0,
+                })
+            }
+            None => Ok(self.deliver_local(Arc::new(message))),
+        }
     }
 
-    fn broadcast_local(&self, message: Arc<Message>) -> Reach {
+    /// True when this node has subscribers to `topic`.
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        self.inner
+            .topics
+            .read()
+            .map(|t| t.contains_key(topic))
+            .unwrap_or(false)
+    }
+
+    /// The topics this node has subscribers to.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner
+            .topics
+            .read()
+            .map(|t| t.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Hands `message` to this node's subscribers of its topic (what a node does with a broadcast
+    /// it receives from another).
+    pub fn deliver_local(&self, message: Arc<Message>) -> Reach {
         let mut reach = Reach::default();
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         let Some(subs) = topics.get(&message.topic) else {
@@ -165,8 +303,8 @@ mod tests {
         let pubsub = PubSub::new();
         let (a, mut rx_a) = subscriber(4);
         let (b, mut rx_b) = subscriber(4);
-        pubsub.subscribe("user:1", a);
-        pubsub.subscribe("user:2", b);
+        pubsub.subscribe("user:1", a).await.unwrap();
+        pubsub.subscribe("user:2", b).await.unwrap();
         let reach = pubsub.broadcast(message("user:1")).await.unwrap();
         assert_eq!(reach.delivered, 1);
         assert_eq!(&*rx_a.recv().await.unwrap().topic, "user:1");
@@ -179,8 +317,8 @@ mod tests {
         let (slow, _rx_slow) = subscriber(1);
         let (fast, mut rx_fast) = subscriber(8);
         let flag = slow.overflowed.clone();
-        pubsub.subscribe("user:1", slow);
-        pubsub.subscribe("user:1", fast);
+        pubsub.subscribe("user:1", slow).await.unwrap();
+        pubsub.subscribe("user:1", fast).await.unwrap();
         pubsub.broadcast(message("user:1")).await.unwrap();
         let reach = pubsub.broadcast(message("user:1")).await.unwrap();
         assert_eq!(
@@ -198,7 +336,7 @@ mod tests {
     async fn unsubscribe_removes_the_topic() {
         let pubsub = PubSub::new();
         let (a, _rx) = subscriber(1);
-        let id = pubsub.subscribe("user:1", a);
+        let id = pubsub.subscribe("user:1", a).await.unwrap();
         assert_eq!(pubsub.topic_count(), 1);
         pubsub.unsubscribe("user:1", id);
         assert_eq!(pubsub.topic_count(), 0);

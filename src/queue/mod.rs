@@ -5,6 +5,7 @@
 //! publisher reconnects with backoff and reports what was confirmed; what was not stays unpublished in
 //! PostgreSQL for the outbox relay. Depends on no other Herald module.
 
+pub mod fanout;
 mod publisher;
 
 pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle};
@@ -36,6 +37,9 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// The broker refused a message.
+    #[error("RabbitMQ refused the message")]
+    Nacked,
     /// Opening a channel or starting to consume failed.
     #[error("cannot {what}")]
     Channel {
@@ -362,12 +366,14 @@ pub async fn delete_topology(settings: &QueueSettings) -> Result<(), Error> {
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    let _ = channel
-        .exchange_delete(
-            names.dead_letter_exchange.as_str().into(),
-            Default::default(),
-        )
-        .await;
+    for exchange in [
+        names.dead_letter_exchange,
+        fanout::exchange_name(&settings.prefix),
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    }
     let _ = connection.close(200, "cleanup done".into()).await;
     Ok(())
 }

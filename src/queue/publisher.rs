@@ -81,6 +81,11 @@ impl PublisherHandle {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+
+    /// The flag behind [`Self::is_connected`], for readiness checks.
+    pub fn connected_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.connected)
+    }
 }
 
 /// The publishing task's state; [`Publisher::run`] drives it.

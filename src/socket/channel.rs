@@ -41,6 +41,11 @@ impl OrderGuard {
         }
     }
 
+    /// The last seq pushed, once one was.
+    pub fn last(&self) -> Option<i64> {
+        self.last_seq
+    }
+
     /// Records that `seq` was pushed.
     pub fn pushed(&mut self, seq: i64) {
         self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));

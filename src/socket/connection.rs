@@ -10,7 +10,9 @@ use super::SocketState;
 use super::channel::{Admit, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
-use crate::event::{USER_TOPIC_PREFIX, UserId, now_unix_ms};
+use crate::event::{
+    DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
+};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -25,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Close codes Herald uses (RFC 6455 and the IANA registry).
 mod close_code {
-    /// Going away: idle timeout.
+    /// Going away: idle timeout, or the user's connections were disconnected by the server.
     pub const GOING_AWAY: u16 = 1001;
     /// Unsupported data: binary frames.
     pub const UNSUPPORTED: u16 = 1003;
@@ -74,6 +76,25 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
     let overflowed = CancellationToken::new();
     let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
     state.open.fetch_add(1, Ordering::Relaxed);
+    // The socket id: a "disconnect" broadcast there closes every connection of the user.
+    let socket_id = match &endpoint {
+        Endpoint::User(user) => {
+            let subscriber = Subscriber {
+                queue: queue.clone(),
+                overflowed: overflowed.clone(),
+            };
+            let topic = user.socket_id();
+            match state.pubsub.subscribe(&topic, subscriber).await {
+                Ok(subscription) => Some((topic, subscription)),
+                Err(error) => {
+                    // The connection still works; only a server-side disconnect would miss it.
+                    tracing::warn!(error = %error, "cannot subscribe to the socket id");
+                    None
+                }
+            }
+        }
+        Endpoint::Stats => None,
+    };
     let mut connection = Connection {
         ws,
         vsn,
@@ -91,6 +112,9 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
         .run(&mut broadcasts, &mut from_channels, &overflowed)
         .await;
     connection.leave_all();
+    if let Some((topic, subscription)) = socket_id {
+        state.pubsub.unsubscribe(&topic, subscription);
+    }
     if let End::Close(code, why) = end {
         tracing::debug!(code, reason = why, "closing connection");
         let frame = Message::Close(Some(CloseFrame {
@@ -212,7 +236,21 @@ impl Connection {
         if let Some(previous) = &previous {
             self.stop_channel(&frame.topic, previous);
         }
-        let kind = self.start_channel(&frame);
+        let kind = match self.start_channel(&frame).await {
+            Ok(kind) => kind,
+            Err(error) => {
+                tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
+                self.state.metrics.channel_join(channel_tag, false);
+                return self
+                    .reply(
+                        &frame,
+                        &frame.join_ref,
+                        "error",
+                        &reason("unavailable, retry"),
+                    )
+                    .await;
+            }
+        };
         self.channels.insert(
             frame.topic.clone(),
             JoinedChannel {
@@ -221,13 +259,46 @@ impl Connection {
             },
         );
         self.state.metrics.channel_join(channel_tag, true);
-        self.reply(&frame, &frame.join_ref, "ok", "{}").await?;
+        let catch_up = match &self.endpoint {
+            Endpoint::User(user) => Some(catch_up_plan(&self.state, user, &frame.payload).await),
+            Endpoint::Stats => None,
+        };
+        let response = catch_up
+            .as_ref()
+            .map_or_else(|| "{}".to_owned(), CatchUp::response);
+        self.reply(&frame, &frame.join_ref, "ok", &response).await?;
         // A second join of a joined topic replaces the first; the old instance is closed with its own
         // (now stale) join ref, which the client ignores.
         if let Some(previous) = previous {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
         }
+        if let Some(CatchUp {
+            from: Some(after), ..
+        }) = catch_up
+        {
+            self.catch_up(&frame.topic, after).await?;
+        }
         Ok(())
+    }
+
+    /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
+    /// (which wait in the connection's queue and are dropped by the order guard if already sent).
+    async fn catch_up(&mut self, topic: &str, after: i64) -> Result<(), End> {
+        if let Some(JoinedChannel {
+            kind: ChannelKind::User { guard, .. },
+            ..
+        }) = self.channels.get_mut(topic)
+        {
+            guard.pushed(after);
+        }
+        let mut from = after;
+        loop {
+            let pushed = self.fill_gap(topic, from, i64::MAX).await?;
+            match pushed {
+                Some(last) if last > from => from = last,
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Routes and authorises a join.
@@ -252,13 +323,14 @@ impl Connection {
         }
     }
 
-    fn start_channel(&self, frame: &Frame) -> ChannelKind {
-        match &self.endpoint {
+    async fn start_channel(&mut self, frame: &Frame) -> Result<ChannelKind, crate::pubsub::Error> {
+        Ok(match &self.endpoint {
             Endpoint::User(_) => ChannelKind::User {
                 subscription: self
                     .state
                     .pubsub
-                    .subscribe(&frame.topic, self.subscriber.clone()),
+                    .subscribe(&frame.topic, self.subscriber.clone())
+                    .await?,
                 guard: OrderGuard::default(),
             },
             Endpoint::Stats => ChannelKind::Stats(StatsChannel::spawn(
@@ -269,7 +341,7 @@ impl Connection {
                 &self.state.settings,
                 self.state.metrics.clone(),
             )),
-        }
+        })
     }
 
     fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
@@ -314,6 +386,13 @@ impl Connection {
                         .await
                 }
             },
+            ChannelKind::User { .. } if frame.event == ACK_EVENT => {
+                let Endpoint::User(user) = &self.endpoint else {
+                    return Ok(());
+                };
+                let (status, response) = record_acks(&self.state, user, &frame).await;
+                self.reply(&frame, &join_ref, status, &response).await
+            }
             ChannelKind::User { .. } => {
                 self.reply(&frame, &join_ref, "error", &reason("unknown event"))
                     .await
@@ -342,12 +421,28 @@ impl Connection {
 
     /// Pushes a broadcast through the channel's order guard.
     async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), End> {
+        if message.topic.starts_with(SOCKET_ID_PREFIX) {
+            if &*message.event == DISCONNECT_EVENT {
+                return Err(End::Close(
+                    close_code::GOING_AWAY,
+                    "disconnected by the server",
+                ));
+            }
+            return Ok(());
+        }
         let Some(channel) = self.channels.get(&*message.topic) else {
             return Ok(()); // left while the message was queued
         };
         let ChannelKind::User { guard, .. } = &channel.kind else {
             return Ok(());
         };
+        if &*message.event == RESYNC_EVENT {
+            // Broadcasts may have been lost while the node's fan-out queue was away.
+            return match guard.last() {
+                Some(after) => self.catch_up(&message.topic, after).await,
+                None => Ok(()),
+            };
+        }
         let Some(seq) = message.seq else {
             let join_ref = channel.join_ref.clone();
             return self.push(&join_ref, message).await;
@@ -365,30 +460,30 @@ impl Connection {
         }
     }
 
-    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL.
-    async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<(), End> {
+    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL, at most
+    /// `socket.max_gap_fill` of them; returns the last seq pushed when a full page was pushed (so a
+    /// caller paging through history knows to go on).
+    async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<Option<i64>, End> {
         let Endpoint::User(user) = &self.endpoint else {
-            return Ok(());
+            return Ok(None);
         };
+        let page = self.state.settings.max_gap_fill;
         let rows = self
             .state
             .store
-            .events_between(
-                user.as_str(),
-                after,
-                before,
-                self.state.settings.max_gap_fill,
-            )
+            .events_between(user.as_str(), after, before, page)
             .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(error) => {
                 // Pushing on beats holding the user's stream; the client sees the gap in seq.
                 tracing::warn!(error = ?error, after, before, "cannot fill a gap in a user's events");
-                return Ok(());
+                return Ok(None);
             }
         };
         self.state.metrics.socket_gap_filled(rows.len());
+        let full_page = rows.len() as i64 >= page;
+        let mut last = None;
         for row in rows {
             let Some(envelope) = row.into_envelope() else {
                 continue;
@@ -401,8 +496,9 @@ impl Connection {
                 enqueued_at_ms: Some(envelope.at),
             };
             self.push_seq(topic, envelope.seq, &message).await?;
+            last = Some(envelope.seq);
         }
-        Ok(())
+        Ok(if full_page { last } else { None })
     }
 
     async fn push_seq(
@@ -486,6 +582,92 @@ impl Connection {
         for (topic, channel) in channels {
             self.stop_channel(&topic, &channel);
         }
+    }
+}
+
+/// Reads what a user channel join needs to say and do: the user's current last seq, and whether the
+/// requested `last_seq` is still fully covered by what retention kept.
+async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> CatchUp {
+    let requested = serde_json::from_str::<UserJoinParams>(params.get())
+        .ok()
+        .and_then(|p| p.last_seq)
+        .filter(|seq| *seq >= 0);
+    match state.store.user_seq_bounds(user.as_str()).await {
+        Ok((oldest, last)) => CatchUp {
+            from: requested,
+            last_seq: last.unwrap_or(0),
+            // Retention removed events the client has not seen.
+            missed: matches!((requested, oldest), (Some(r), Some(o)) if o > r + 1)
+                || matches!((requested, oldest, last), (Some(r), None, Some(l)) if l > r),
+        },
+        Err(error) => {
+            tracing::warn!(error = ?error, "cannot read a user's seq bounds; catching up on the next event");
+            CatchUp {
+                from: requested,
+                last_seq: 0,
+                missed: false,
+            }
+        }
+    }
+}
+
+/// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).
+async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'static str, String) {
+    let ids = match serde_json::from_str::<AckParams>(frame.payload.get()) {
+        Ok(params) if params.ids.len() <= MAX_ACK_IDS => params.ids,
+        _ => {
+            return (
+                "error",
+                reason("ack takes {\"ids\": [event ids]}, at most 1000"),
+            );
+        }
+    };
+    match state.store.record_acks(user.as_str(), &ids).await {
+        Ok(acked) => {
+            state.metrics.client_acked(acked);
+            ("ok", format!(r#"{{"acked":{acked}}}"#))
+        }
+        Err(error) => {
+            tracing::warn!(error = ?error, "cannot record client acks");
+            ("error", reason("acks could not be recorded; retry"))
+        }
+    }
+}
+
+/// The user channel event by which a client acknowledges events it has shown.
+const ACK_EVENT: &str = "ack";
+/// Most ids in one ack.
+const MAX_ACK_IDS: usize = 1_000;
+
+/// Payload of an ack.
+#[derive(serde::Deserialize)]
+struct AckParams {
+    ids: Vec<uuid::Uuid>,
+}
+
+/// Join params of a user channel; other params are the client's business and ignored.
+#[derive(serde::Deserialize)]
+struct UserJoinParams {
+    last_seq: Option<i64>,
+}
+
+/// What a user channel join answers and whether it catches up.
+#[derive(Default)]
+struct CatchUp {
+    /// Catch up after this seq (the client's `last_seq`).
+    from: Option<i64>,
+    /// The user's latest seq now.
+    last_seq: i64,
+    /// Events after `from` were already removed by retention: the client missed them.
+    missed: bool,
+}
+
+impl CatchUp {
+    fn response(&self) -> String {
+        format!(
+            r#"{{"last_seq":{},"missed":{}}}"#,
+            self.last_seq, self.missed
+        )
     }
 }
 

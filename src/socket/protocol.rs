@@ -299,6 +299,59 @@ mod tests {
         );
     }
 
+    /// A cheap deterministic generator (xorshift), so the test needs no dependency and repeats.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn mutated_frames_never_panic_and_accepted_ones_round_trip() {
+        let seeds = [
+            r#"["5","7","user:1","echo",{"a":[1,2,{"b":null}]}]"#,
+            r#"[null,"1","phoenix","heartbeat",{}]"#,
+            r#"{"topic":"t","event":"e","payload":{},"ref":"1","join_ref":"2"}"#,
+        ];
+        let alphabet = br#"[]{}",:0123456789abcnul\ "#;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..20_000 {
+            let mut bytes = seeds[round % seeds.len()].as_bytes().to_vec();
+            for _ in 0..(xorshift(&mut state) % 4 + 1) {
+                let at = (xorshift(&mut state) as usize) % (bytes.len() + 1);
+                let byte = alphabet[(xorshift(&mut state) as usize) % alphabet.len()];
+                match xorshift(&mut state) % 3 {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, byte),
+                }
+            }
+            let Ok(text) = String::from_utf8(bytes) else {
+                continue;
+            };
+            for vsn in [Vsn::V1, Vsn::V2] {
+                if let Ok(frame) = decode(vsn, &text) {
+                    // What was accepted encodes back into a frame that decodes to the same fields.
+                    let again = encode(
+                        vsn,
+                        &frame.join_ref,
+                        &frame.msg_ref,
+                        &frame.topic,
+                        &frame.event,
+                        frame.payload.get(),
+                    );
+                    let back = decode(vsn, &again).expect("an encoded frame decodes");
+                    assert_eq!((back.topic, back.event), (frame.topic, frame.event));
+                    assert_eq!(back.msg_ref.get(), frame.msg_ref.get());
+                    assert_eq!(back.payload.get(), frame.payload.get());
+                }
+            }
+        }
+    }
+
     #[test]
     fn push_encodes_channel_form() {
         let push = encode(

@@ -260,6 +260,43 @@ impl Store {
         Ok(rows)
     }
 
+    /// The oldest seq still stored for `user_id` (retention prunes older ones) and the last seq
+    /// handed out, if any.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn user_seq_bounds(
+        &self,
+        user_id: &str,
+    ) -> Result<(Option<i64>, Option<i64>), Error> {
+        sqlx::query_as(
+            "SELECT (SELECT min(seq) FROM events WHERE user_id = $1),
+                    (SELECT last_seq FROM user_seqs WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("read a user's seq bounds"))
+    }
+
+    /// Records that a client of `user_id` showed these events (only that user's events; an event
+    /// keeps its first acknowledgement). Returns how many were newly acknowledged.
+    ///
+    /// # Errors
+    /// The update failed.
+    pub async fn record_acks(&self, user_id: &str, ids: &[Uuid]) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE events SET acked_at = now()
+             WHERE id = ANY($1) AND user_id = $2 AND acked_at IS NULL",
+        )
+        .bind(ids)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("record client acks"))?;
+        Ok(done.rows_affected())
+    }
+
     /// Events of `user_id` with `after < seq < before`, in seq order, at most `limit`.
     ///
     /// # Errors

@@ -49,11 +49,11 @@ impl Node {
         let sink = Arc::clone(log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("herald serving HTTP") {
+                if line.contains("herald serving") {
                     let addr = line
-                        .rsplit("addr=")
-                        .next()
-                        .and_then(|a| a.trim().parse().ok());
+                        .split_whitespace()
+                        .find_map(|field| field.strip_prefix("addr="))
+                        .and_then(|a| a.parse().ok());
                     if let Some(addr) = addr {
                         let _ = tx.send(addr);
                     }
@@ -67,9 +67,20 @@ impl Node {
         });
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(PATIENCE))
             .await
-            .unwrap()
-            .unwrap_or_else(|_| panic!("herald did not start: {:?}", log_tail(log)));
-        Self { child, addr }
+            .unwrap();
+        // Owned from here, so a failed start still kills the child (no orphan redeclaring queues).
+        let mut node = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        match addr {
+            Ok(addr) => node.addr = addr,
+            Err(_) => {
+                node.kill();
+                panic!("herald did not start: {:?}", log_tail(log));
+            }
+        }
+        node
     }
 
     fn kill(&mut self) {

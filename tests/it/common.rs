@@ -96,6 +96,35 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     app
 }
 
+/// A deployment of three nodes sharing one database and queue prefix, in cluster mode: `api,worker`,
+/// and two `socket` nodes. The first owns the cleanup.
+pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
+    let api = spawn_unready(|s| {
+        s.pubsub.mode = "cluster".into();
+        s.node.roles = "api,worker".into();
+        s.node.name = "api-worker".into();
+    })
+    .await;
+    api.wait_ready().await;
+    let mut nodes = Vec::new();
+    for name in ["socket-a", "socket-b"] {
+        let mut settings = api.settings.clone();
+        settings.http.addr = "127.0.0.1:0".parse().unwrap();
+        settings.node.roles = "socket".into();
+        settings.node.name = name.into();
+        let store = Store::connect(&settings.store)
+            .await
+            .expect("store connects");
+        let mut node = start(settings, store, api.api_key.clone()).await;
+        node.cleanup = false;
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    let b = nodes.pop().unwrap();
+    let a = nodes.pop().unwrap();
+    (api, a, b)
+}
+
 /// A node that may not reach RabbitMQ (the caller decides what to wait for).
 pub async fn spawn_unready(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     init_tracing();

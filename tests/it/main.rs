@@ -3,7 +3,9 @@
 
 mod admin;
 mod api;
+mod catchup;
 mod chaos;
+mod cluster;
 mod common;
 mod pipeline;
 mod resilience;

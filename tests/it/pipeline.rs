@@ -90,8 +90,14 @@ async fn a_delivered_event_is_measured_in_statsd() {
         .await;
     client.recv_push().await;
     let line = statsd.expect_line("pipeline.push_delivered:").await;
-    assert!(line.ends_with("|h"), "a histogram in ms: {line}");
-    let ms: u64 = line["pipeline.push_delivered:".len()..line.len() - 2]
+    // name:value|h|#tags, the tags naming the node and its roles.
+    let (metric, tags) = line.split_once("|#").expect("tagged");
+    assert!(metric.ends_with("|h"), "a histogram in ms: {line}");
+    assert!(
+        tags.contains("node:") && tags.contains("roles:api+worker+socket"),
+        "{line}"
+    );
+    let ms: u64 = metric["pipeline.push_delivered:".len()..metric.len() - 2]
         .parse()
         .expect("an integer latency");
     assert!(ms < 60_000, "a plausible latency: {line}");

@@ -84,7 +84,7 @@ async fn heartbeat_leave_and_duplicate_join_follow_the_protocol() {
         .await;
     assert_eq!(
         client.recv().await,
-        json!(["j2", "j2", "user:4", "phx_reply", {"status": "ok", "response": {}}])
+        json!(["j2", "j2", "user:4", "phx_reply", {"status": "ok", "response": {"last_seq": 0, "missed": false}}])
     );
     assert_eq!(
         client.recv().await,
@@ -145,7 +145,7 @@ async fn v1_clients_are_served_object_frames() {
         serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(
         reply,
-        json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+        json!({"topic": "user:7", "event": "phx_reply", "payload": {"status": "ok", "response": {"last_seq": 0, "missed": false}}, "ref": "1"})
     );
 }
 
@@ -189,4 +189,26 @@ async fn a_client_that_does_not_read_is_disconnected_without_holding_up_others()
         received < total,
         "the connection was cut ({received} of {total} frames)"
     );
+}
+
+#[tokio::test]
+async fn disconnecting_a_user_closes_all_of_its_connections_with_1001() {
+    let app = spawn_app().await;
+    let mut first = app.connect_joined("30").await;
+    let mut second = app.connect("30").await;
+    let mut bystander = app.connect_joined("31").await;
+    let r = app
+        .http
+        .post(app.url("/api/v1/users/30/disconnect"))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["connections"], 2);
+    assert_eq!(first.closed().await, Some(1001));
+    assert_eq!(second.closed().await, Some(1001));
+    app.post_event(json!({"user_id": "31"})).await;
+    assert_eq!(bystander.recv_push().await[2], "user:31");
 }

@@ -51,7 +51,7 @@ describe("channels", () => {
   it("joins its own user topic and is refused others, with the reasons", async () => {
     const socket = await herald.userSocket("2")
     await connect(socket)
-    assert.deepEqual(await join(socket.channel("user:2")), {})
+    assert.deepEqual(await join(socket.channel("user:2")), {last_seq: 0, missed: false})
     const other = socket.channel("user:3")
     await assert.rejects(join(other), (e) => e.response?.reason === "unauthorized")
     other.leave()
@@ -176,6 +176,21 @@ describe("channels", () => {
   })
 })
 
+describe("server-side disconnect", () => {
+  it("a disconnect of the user closes its sockets with 1001, and the client comes back", async () => {
+    const socket = await herald.userSocket("14")
+    let opens = 0
+    const closes = []
+    socket.onOpen(() => { opens += 1 })
+    socket.onClose((event) => closes.push(event.code))
+    await connect(socket)
+    const response = await herald.api("/api/v1/users/14/disconnect", {})
+    assert.equal(response.connections, 1)
+    await waitFor("closed with 1001 and reconnected", () => closes[0] === 1001 && opens === 2)
+    socket.disconnect()
+  })
+})
+
 describe("restarts", () => {
   it("reconnects and rejoins by itself after the server restarts, then receives new events", async () => {
     const socket = await herald.userSocket("10")
@@ -208,7 +223,7 @@ describe("serializers and bad input", () => {
     raw.send({topic: "phoenix", event: "heartbeat", payload: {}, ref: "1"})
     assert.deepEqual(await raw.next(), {topic: "phoenix", event: "phx_reply", payload: {status: "ok", response: {}}, ref: "1"})
     raw.send({topic: "user:11", event: "phx_join", payload: {}, ref: "2", join_ref: "2"})
-    assert.deepEqual(await raw.next(), {topic: "user:11", event: "phx_reply", payload: {status: "ok", response: {}}, ref: "2"})
+    assert.deepEqual(await raw.next(), {topic: "user:11", event: "phx_reply", payload: {status: "ok", response: {last_seq: 0, missed: false}}, ref: "2"})
     await herald.send("11", {v: 1})
     const event = await raw.next()
     assert.equal(event.event, "push")

@@ -1,0 +1,231 @@
+//! Cross-node fan-out, glued together: pubsub's [`Transport`] over the RabbitMQ fan-out publisher,
+//! and the socket node's loop that receives broadcasts for its topics and keeps its bindings equal to
+//! the topics its clients joined.
+//!
+//! Lives apart from `pubsub` and `queue` so neither leaf depends on the other.
+//!
+//! After a reconnect the node may have missed broadcasts (its exclusive queue was gone meanwhile), so
+//! it rebinds every wanted topic and then tells each local channel to resync from PostgreSQL
+//! ([`RESYNC_EVENT`]).
+
+use crate::config::{PubSubSettings, QueueSettings};
+use crate::event::RESYNC_EVENT;
+use crate::metrics::Metrics;
+use crate::pubsub::{BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Transport};
+use crate::queue::fanout::{FanoutPublisher, NodeQueue};
+use crate::queue::{self, Backoff};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A broadcast as it travels between nodes.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a> {
+    topic: &'a str,
+    event: &'a str,
+    seq: Option<i64>,
+    at: Option<i64>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// Broadcasts over RabbitMQ.
+pub struct RabbitTransport {
+    publisher: FanoutPublisher,
+    timeout: Duration,
+}
+
+impl RabbitTransport {
+    /// A transport publishing with `queue` settings.
+    pub fn new(queue: QueueSettings, pubsub: &PubSubSettings) -> Self {
+        Self {
+            publisher: FanoutPublisher::new(queue),
+            timeout: Duration::from_millis(pubsub.publish_timeout_ms),
+        }
+    }
+}
+
+impl Transport for RabbitTransport {
+    fn publish<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<bool, PubSubError>> {
+        Box::pin(async move {
+            let payload = RawValue::from_string(message.payload.to_string())
+                .map_err(|e| PubSubError::Unavailable(format!("payload is not JSON: {e}")))?;
+            let wire = Wire {
+                topic: &message.topic,
+                event: &message.event,
+                seq: message.seq,
+                at: message.enqueued_at_ms,
+                payload: &payload,
+            };
+            let body =
+                serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))?;
+            self.publisher
+                .publish(&message.topic, &body, self.timeout)
+                .await
+                .map_err(|e| PubSubError::Unavailable(e.to_string()))
+        })
+    }
+}
+
+/// Runs this node's fan-out queue until `stop`: delivers what arrives to local subscribers and
+/// serves bind requests. `connected` reports readiness.
+pub async fn run_node_queue(
+    settings: QueueSettings,
+    node: String,
+    pubsub: PubSub,
+    mut binds: mpsc::Receiver<BindRequest>,
+    connected: Arc<AtomicBool>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(settings.reconnect_max_backoff_ms));
+    let mut reconnected = false;
+    loop {
+        let opened = tokio::select! {
+            opened = NodeQueue::open(&settings, &node) => opened,
+            () = stop.cancelled() => return,
+        };
+        let mut link = match opened {
+            Ok(link) => link,
+            Err(error) => {
+                tracing::warn!(error = %error, "fan-out queue cannot reach RabbitMQ; retrying");
+                metrics.queue_connection_lost("fanout");
+                refuse_pending(&mut binds);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+        };
+        let mut bound = HashSet::new();
+        if let Err(error) = rebind_all(&link, &pubsub, &mut bound).await {
+            tracing::warn!(error = %error, "cannot rebind the fan-out queue; reconnecting");
+            continue;
+        }
+        backoff.reset();
+        connected.store(true, Ordering::Relaxed);
+        tracing::info!(queue = %link.queue, topics = bound.len(), "fan-out queue ready");
+        if reconnected {
+            resync_local(&pubsub);
+        }
+        reconnected = true;
+        let lost = serve(&mut link, &pubsub, &mut binds, &mut bound, &stop).await;
+        connected.store(false, Ordering::Relaxed);
+        match lost {
+            None => {
+                let _ = link
+                    .connection
+                    .close(200, "socket node stopping".into())
+                    .await;
+                return;
+            }
+            Some(error) => {
+                tracing::warn!(error = %error, "fan-out queue lost RabbitMQ; reconnecting");
+                metrics.queue_connection_lost("fanout");
+            }
+        }
+    }
+}
+
+/// Serves one connection's life; returns the error that ended it, or None when stopped.
+async fn serve(
+    link: &mut NodeQueue,
+    pubsub: &PubSub,
+    binds: &mut mpsc::Receiver<BindRequest>,
+    bound: &mut HashSet<String>,
+    stop: &CancellationToken,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            delivery = link.consumer.next() => match delivery {
+                Some(Ok(delivery)) => deliver(pubsub, &delivery.data),
+                Some(Err(error)) => return Some(error.to_string()),
+                None => return Some("the consumer stream ended".into()),
+            },
+            request = binds.recv() => {
+                let request = request?;
+                let result = reconcile(link, pubsub, bound, &request.topic).await;
+                let failed = result.as_ref().err().map(ToString::to_string);
+                if let Some(done) = request.done {
+                    let _ = done.send(result);
+                }
+                if failed.is_some() {
+                    return failed;
+                }
+            }
+        }
+    }
+}
+
+/// Binds or unbinds `topic` so the node receives it exactly while it has local subscribers.
+async fn reconcile(
+    link: &NodeQueue,
+    pubsub: &PubSub,
+    bound: &mut HashSet<String>,
+    topic: &str,
+) -> Result<(), PubSubError> {
+    let wanted = pubsub.has_subscribers(topic);
+    let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
+    if wanted && !bound.contains(topic) {
+        link.bind(topic).await.map_err(unavailable)?;
+        bound.insert(topic.to_owned());
+    } else if !wanted && bound.contains(topic) {
+        link.unbind(topic).await.map_err(unavailable)?;
+        bound.remove(topic);
+    }
+    Ok(())
+}
+
+async fn rebind_all(
+    link: &NodeQueue,
+    pubsub: &PubSub,
+    bound: &mut HashSet<String>,
+) -> Result<(), queue::Error> {
+    for topic in pubsub.topics() {
+        link.bind(&topic).await?;
+        bound.insert(topic);
+    }
+    Ok(())
+}
+
+/// Joins waiting on a bind while the broker is away are told at once rather than left to time out.
+fn refuse_pending(binds: &mut mpsc::Receiver<BindRequest>) {
+    while let Ok(request) = binds.try_recv() {
+        if let Some(done) = request.done {
+            let _ = done.send(Err(PubSubError::Unavailable("RabbitMQ unreachable".into())));
+        }
+    }
+}
+
+fn deliver(pubsub: &PubSub, body: &[u8]) {
+    let Ok(wire) = serde_json::from_slice::<Wire>(body) else {
+        tracing::warn!("undecodable broadcast dropped");
+        return;
+    };
+    pubsub.deliver_local(Arc::new(Message {
+        topic: wire.topic.into(),
+        event: wire.event.into(),
+        seq: wire.seq,
+        payload: wire.payload.get().into(),
+        enqueued_at_ms: wire.at,
+    }));
+}
+
+fn resync_local(pubsub: &PubSub) {
+    for topic in pubsub.topics() {
+        pubsub.deliver_local(Arc::new(Message {
+            topic: topic.as_str().into(),
+            event: RESYNC_EVENT.into(),
+            seq: None,
+            payload: "{}".into(),
+            enqueued_at_ms: None,
+        }));
+    }
+}

@@ -1,0 +1,227 @@
+//! Cross-node fan-out over RabbitMQ: a direct exchange keyed by topic (`{prefix}.fanout`), a
+//! publisher of broadcasts with confirms, and each socket node's own exclusive queue, bound to the
+//! topics its clients joined.
+//!
+//! A broadcast is published `mandatory`: when no node binds its topic the broker returns it, which
+//! tells the worker "nobody online" without counting sockets across nodes. The node queue is
+//! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
+//! and catch up from PostgreSQL.
+
+use super::{Error, connect, open_channel};
+use crate::config::QueueSettings;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The fan-out exchange of `prefix`.
+pub fn exchange_name(prefix: &str) -> String {
+    format!("{prefix}.fanout")
+}
+
+async fn declare_exchange(channel: &Channel, settings: &QueueSettings) -> Result<(), Error> {
+    let name = exchange_name(&settings.prefix);
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| Error::Topology { what: name, source })
+}
+
+/// Publishes broadcasts; shared by a worker's delivery tasks (publishes on one channel are
+/// pipelined, each task awaiting its own confirm). Reconnects lazily after a failure.
+pub struct FanoutPublisher {
+    settings: QueueSettings,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl FanoutPublisher {
+    /// A publisher that connects on first use.
+    pub fn new(settings: QueueSettings) -> Self {
+        Self {
+            settings,
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, Error> {
+        let mut link = self.link.lock().await;
+        if let Some((_, channel)) = link.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let connection = connect(
+            &self.settings,
+            &format!("{}-fanout-publisher", self.settings.prefix),
+        )
+        .await?;
+        let channel = open_channel(&connection).await?;
+        declare_exchange(&channel, &self.settings).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| Error::Channel {
+                what: "enable publisher confirms",
+                source,
+            })?;
+        *link = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes `body` for `topic`; resolves to whether any node binds the topic.
+    ///
+    /// # Errors
+    /// The broker is unreachable, refused the message, or did not confirm within `limit`.
+    pub async fn publish(&self, topic: &str, body: &[u8], limit: Duration) -> Result<bool, Error> {
+        let channel = self.channel().await?;
+        let exchange = exchange_name(&self.settings.prefix);
+        let attempt = async {
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    topic.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
+                    BasicProperties::default(),
+                )
+                .await?;
+            confirm.await
+        };
+        let confirmation = match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok(confirmation)) => confirmation,
+            Ok(Err(source)) => {
+                *self.link.lock().await = None;
+                return Err(Error::Channel {
+                    what: "publish a broadcast",
+                    source,
+                });
+            }
+            Err(_) => {
+                *self.link.lock().await = None;
+                return Err(Error::ConnectTimeout);
+            }
+        };
+        if confirmation.is_nack() {
+            return Err(Error::Nacked);
+        }
+        Ok(confirmation.take_message().is_none())
+    }
+}
+
+/// A socket node's fan-out queue and its delivery stream.
+pub struct NodeQueue {
+    /// Keeps the connection (and so the exclusive queue) alive.
+    pub connection: Connection,
+    /// Bindings are made on this channel.
+    pub channel: Channel,
+    /// The server-named queue.
+    pub queue: String,
+    /// Broadcasts for the bound topics (no acks: a missed broadcast is caught up from PostgreSQL).
+    pub consumer: Consumer,
+    exchange: String,
+}
+
+impl NodeQueue {
+    /// Connects, declares the exchange and an exclusive auto-delete queue, and starts consuming.
+    ///
+    /// # Errors
+    /// Any step failed; the caller reconnects with backoff.
+    pub async fn open(settings: &QueueSettings, node: &str) -> Result<Self, Error> {
+        let connection = connect(settings, &format!("{}-fanout-{node}", settings.prefix)).await?;
+        let channel = open_channel(&connection).await?;
+        declare_exchange(&channel, settings).await?;
+        let declared = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Topology {
+                what: "node fan-out queue".into(),
+                source,
+            })?;
+        let queue = declared.name().to_string();
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("herald-fanout-{node}").as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Channel {
+                what: "consume the node fan-out queue",
+                source,
+            })?;
+        Ok(Self {
+            connection,
+            channel,
+            queue,
+            consumer,
+            exchange: exchange_name(&settings.prefix),
+        })
+    }
+
+    /// Receives broadcasts of `topic` from now on.
+    ///
+    /// # Errors
+    /// The channel failed.
+    pub async fn bind(&self, topic: &str) -> Result<(), Error> {
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                topic.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Channel {
+                what: "bind a topic",
+                source,
+            })
+    }
+
+    /// Stops receiving broadcasts of `topic`.
+    ///
+    /// # Errors
+    /// The channel failed.
+    pub async fn unbind(&self, topic: &str) -> Result<(), Error> {
+        self.channel
+            .queue_unbind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                topic.into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Channel {
+                what: "unbind a topic",
+                source,
+            })
+    }
+}

@@ -1,0 +1,139 @@
+//! Catch-up on join: a client that passes `last_seq` gets everything after it from PostgreSQL, in
+//! order, then live events, with no gap and no duplicate across the switch.
+
+use crate::common::{spawn_app, spawn_app_with};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn seqs_until(client: &mut crate::common::WsClient, last: i64) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    while seqs.last().copied().unwrap_or(0) < last {
+        let push = client.recv_push().await;
+        seqs.push(push[4]["seq"].as_i64().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn a_join_with_last_seq_gets_the_backlog_in_pages_then_live_events() {
+    // A small page makes the catch-up go through several pages.
+    let app = spawn_app_with(|s| s.socket.max_gap_fill = 7).await;
+    let events: Vec<Value> = (1..=30)
+        .map(|n| json!({"user_id": "40", "data": {"n": n}}))
+        .collect();
+    assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
+    let mut client = app.connect("40").await;
+    let reply = client.join("user:40", json!({"last_seq": 10})).await;
+    assert_eq!(reply[4]["status"], "ok");
+    assert_eq!(
+        reply[4]["response"],
+        json!({"last_seq": 30, "missed": false})
+    );
+    app.post_event(json!({"user_id": "40", "data": {"n": 31}}))
+        .await;
+    let seqs = seqs_until(&mut client, 31).await;
+    assert_eq!(
+        seqs,
+        (11..=31).collect::<Vec<i64>>(),
+        "history then live, no gap, no repeat"
+    );
+    assert!(
+        client.try_recv(Duration::from_millis(300)).await.is_none(),
+        "nothing pushed twice"
+    );
+}
+
+#[tokio::test]
+async fn a_join_without_last_seq_reports_the_latest_seq_and_sends_no_history() {
+    let app = spawn_app().await;
+    app.post_event(json!({"user_id": "41"})).await;
+    app.post_event(json!({"user_id": "41"})).await;
+    // Both delivered (to nobody) before the client comes, so neither is a live push to it.
+    crate::common::wait_until("both delivered", crate::common::PATIENCE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'delivered'")
+            .fetch_one(app.store.pool())
+            .await
+            .ok()?;
+        (n == 2).then_some(())
+    })
+    .await;
+    let mut client = app.connect("41").await;
+    let reply = client.join("user:41", json!({})).await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"last_seq": 2, "missed": false})
+    );
+    assert!(client.try_recv(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn joining_in_the_middle_of_a_stream_misses_nothing_and_repeats_nothing() {
+    let app = spawn_app().await;
+    let total = 300;
+    let http = app.http.clone();
+    let url = app.url("/api/v1/events");
+    let key = app.api_key.clone();
+    let producer = tokio::spawn(async move {
+        for n in 1..=total {
+            let r = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&json!({"user_id": "42", "data": {"n": n}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+    });
+    // Join while the stream runs, asking for everything from the start.
+    crate::common::wait_until(
+        "part of the stream stored",
+        crate::common::PATIENCE,
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+            (n >= 50).then_some(())
+        },
+    )
+    .await;
+    let mut client = app.connect("42").await;
+    client.join("user:42", json!({"last_seq": 0})).await;
+    producer.await.unwrap();
+    let seqs = seqs_until(&mut client, total).await;
+    assert_eq!(seqs, (1..=total).collect::<Vec<i64>>());
+    assert!(client.try_recv(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn a_client_acknowledges_events_it_has_shown() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("43").await;
+    app.post_event(json!({"user_id": "43"})).await;
+    let other: Value = app
+        .post_event(json!({"user_id": "44"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let push = client.recv_push().await;
+    let id = push[4]["id"].as_str().unwrap().to_owned();
+    let other_id = other["id"].as_str().unwrap().to_owned();
+    // Another user's event id is ignored: a client acknowledges only its own user's events.
+    client
+        .send(json!(["1", "a1", "user:43", "ack", {"ids": [id, other_id]}]))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply[4], json!({"status": "ok", "response": {"acked": 1}}));
+    let acked: Vec<(String, bool)> =
+        sqlx::query_as("SELECT user_id, acked_at IS NOT NULL FROM events ORDER BY user_id")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(acked, vec![("43".into(), true), ("44".into(), false)]);
+    client
+        .send(json!(["1", "a2", "user:43", "ack", {"ids": "nope"}]))
+        .await;
+    assert_eq!(client.recv().await[4]["status"], "error");
+}

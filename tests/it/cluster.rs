@@ -1,0 +1,106 @@
+//! Several nodes, one deployment: an api+worker node and two socket nodes, fanning out over RabbitMQ.
+
+use crate::common::spawn_cluster;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn seqs(client: &mut crate::common::WsClient, count: usize) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    for _ in 0..count {
+        seqs.push(client.recv_push().await[4]["seq"].as_i64().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn users_on_different_nodes_get_their_own_events_once_per_socket() {
+    let (api, node_a, node_b) = spawn_cluster().await;
+    let mut alice_a = node_a.connect_joined("alice").await;
+    let mut bob_b = node_b.connect_joined("bob").await;
+    // Carol has a socket on each node.
+    let mut carol_a = node_a.connect_joined("carol").await;
+    let mut carol_b = node_b.connect_joined("carol").await;
+    for n in 1..=20 {
+        for user in ["alice", "bob", "carol"] {
+            let r = api
+                .post_event(json!({"user_id": user, "data": {"n": n}}))
+                .await;
+            assert_eq!(r.status(), 202);
+        }
+    }
+    for (client, user) in [
+        (&mut alice_a, "alice"),
+        (&mut bob_b, "bob"),
+        (&mut carol_a, "carol"),
+        (&mut carol_b, "carol"),
+    ] {
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            let push = client.recv_push().await;
+            assert_eq!(
+                push[2],
+                format!("user:{user}"),
+                "only the user's own events"
+            );
+            got.push(push[4]["data"]["n"].as_i64().unwrap());
+        }
+        assert_eq!(got, (1..=20).collect::<Vec<i64>>(), "{user}: in order");
+        assert!(
+            client.try_recv(Duration::from_millis(200)).await.is_none(),
+            "{user}: once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_moves_to_the_other_node_catches_up_without_gap_or_repeat() {
+    let (api, node_a, node_b) = spawn_cluster().await;
+    let mut client = node_a.connect_joined("dave").await;
+    api.post_event(json!({"user_id": "dave"})).await;
+    let seen = seqs(&mut client, 1).await[0];
+    drop(client);
+    // 1,000 events while the client is away.
+    for _ in 0..10 {
+        let batch: Vec<Value> = (0..100)
+            .map(|n| json!({"user_id": "dave", "data": {"n": n}}))
+            .collect();
+        assert_eq!(api.post_batch(Value::Array(batch)).await.status(), 202);
+    }
+    let mut client = node_b.connect("dave").await;
+    let reply = client.join("user:dave", json!({"last_seq": seen})).await;
+    assert_eq!(reply[4]["status"], "ok");
+    let caught_up = seqs(&mut client, 1000).await;
+    assert_eq!(caught_up, (seen + 1..=seen + 1000).collect::<Vec<i64>>());
+    api.post_event(json!({"user_id": "dave", "data": {"live": true}}))
+        .await;
+    let live = client.recv_push().await;
+    assert_eq!(live[4]["seq"].as_i64(), Some(seen + 1001));
+    assert!(client.try_recv(Duration::from_millis(200)).await.is_none());
+}
+
+#[tokio::test]
+async fn readiness_names_the_node_and_its_roles() {
+    let (api, node_a, _node_b) = spawn_cluster().await;
+    let ready: Value = api
+        .http
+        .get(node_a.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["node"], "socket-a");
+    assert_eq!(ready["roles"], "socket");
+    assert_eq!(ready["checks"]["rabbitmq_links"]["fanout"], "ok");
+    // A socket node serves no producer API.
+    let r = api
+        .http
+        .post(node_a.url("/api/v1/events"))
+        .bearer_auth(&api.api_key)
+        .json(&json!({"user_id": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
