@@ -755,6 +755,18 @@ fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
         Value::Object(map) => flatten_map(prefix, map, out),
         Value::String(s) => out.push((prefix.to_owned(), s.clone())),
         Value::Null => out.push((prefix.to_owned(), "(unset)".into())),
+        // Lists are set as comma-separated values, so show them that way.
+        Value::Array(items) if items.is_empty() => out.push((prefix.to_owned(), "(none)".into())),
+        Value::Array(items) => {
+            let items: Vec<String> = items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            out.push((prefix.to_owned(), items.join(",")));
+        }
         other => out.push((prefix.to_owned(), other.to_string())),
     }
 }
