@@ -4,6 +4,10 @@
 //! for a while. Afterwards every accepted event must end `delivered` or `failed` (the injected
 //! poison events, after their retries), none left `accepted` or `published`, and duplicates only
 //! as at-least-once allows: the same event id delivered again, never a second event.
+//!
+//! They load both cores for ~10 s each, which starved the suite's other tests (20 s patience) when
+//! run beside them, so they are `#[ignore]`d in the default run and `scripts/test` (hence CI) runs
+//! them right after it, on their own: `cargo test --test it chaos -- --ignored`.
 
 use crate::common::{PATIENCE, TcpProxy, node_env, test_settings, wait_until};
 use herald::config::{Secret, Settings};
@@ -25,6 +29,9 @@ const CONCURRENCY: usize = 8;
 const POISON_EVERY: usize = 100;
 /// The fault strikes once this many events are accepted.
 const FAULT_AT: usize = 1_500;
+/// How long one event may take to be accepted, and the stream to reach `FAULT_AT`: a bound for a
+/// stuck node, far above the ~2 s either takes on an idle box.
+const STREAM_PATIENCE: Duration = Duration::from_secs(120);
 
 /// A `herald serve` child; its log (stderr) is kept for a failing test to show.
 struct Node {
@@ -157,7 +164,7 @@ async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, sent: Arc<Se
                 };
                 let body =
                     json!({"user_id": format!("u{}", i % 50), "event": event, "data": {"i": i}});
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let deadline = tokio::time::Instant::now() + STREAM_PATIENCE;
                 loop {
                     assert!(
                         tokio::time::Instant::now() < deadline,
@@ -253,7 +260,8 @@ async fn run_chaos(fault: Fault) {
     let (addr_tx, addr_rx) = watch::channel(node.addr);
     let sent = Arc::new(Sent::default());
     let streamer = tokio::spawn(stream(key.expose().to_owned(), addr_rx, Arc::clone(&sent)));
-    wait_until("the stream under way", PATIENCE, || async {
+    // Generous: the box may be shared with builds and benchmarks; only progress matters here.
+    wait_until("the stream under way", STREAM_PATIENCE, || async {
         (sent.accepted.load(Ordering::Relaxed) >= FAULT_AT).then_some(())
     })
     .await;
@@ -280,10 +288,13 @@ async fn run_chaos(fault: Fault) {
             proxy.restore();
         }
     }
-    tokio::time::timeout(Duration::from_secs(120), streamer)
-        .await
-        .expect("the stream ends")
-        .unwrap();
+    let streamed = tokio::time::timeout(STREAM_PATIENCE * 2, streamer).await;
+    if !matches!(streamed, Ok(Ok(()))) {
+        panic!(
+            "the stream did not complete ({streamed:?}); node log: {:#?}",
+            log_tail(&log)
+        );
+    }
 
     // Every accepted event ends delivered or failed, within the relay's grace and the retries.
     let ids: Vec<uuid::Uuid> = sent
@@ -376,16 +387,19 @@ async fn run_chaos(fault: Fault) {
 }
 
 #[tokio::test]
+#[ignore = "heavy: scripts/test runs it after the suite (cargo test --test it chaos -- --ignored)"]
 async fn chaos_sigkill_mid_stream_then_restart() {
     run_chaos(Fault::Kill).await;
 }
 
 #[tokio::test]
+#[ignore = "heavy: scripts/test runs it after the suite (cargo test --test it chaos -- --ignored)"]
 async fn chaos_broker_closes_the_nodes_connections_mid_stream() {
     run_chaos(Fault::BrokerConnectionsClosed).await;
 }
 
 #[tokio::test]
+#[ignore = "heavy: scripts/test runs it after the suite (cargo test --test it chaos -- --ignored)"]
 async fn chaos_postgres_unreachable_mid_stream() {
     run_chaos(Fault::PostgresUnreachable).await;
 }
