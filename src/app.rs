@@ -18,7 +18,7 @@ use crate::demo::Demo;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::worker::Worker;
-use crate::pipeline::{outcomes, published, relay};
+use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::Publisher;
 use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
@@ -199,6 +199,12 @@ impl App {
                 commit_close.clone(),
             );
             let commit_task = tokio::spawn(commit_task);
+            let retention_task = tokio::spawn(retention::run(
+                store.clone(),
+                metrics.clone(),
+                settings.store.clone(),
+                shutdown.child_token(),
+            ));
             let relay_task = tokio::spawn(relay::run(
                 store.clone(),
                 publisher_handle,
@@ -225,6 +231,7 @@ impl App {
             };
             router = router.merge(api::routes(api_state));
             api_tasks = Some(ApiTasks {
+                retention_task,
                 commit_close,
                 commit_task,
                 relay_task,
@@ -327,6 +334,7 @@ impl App {
         if let Some(api) = api_tasks.as_mut() {
             drain("group commit", deadline, &mut api.commit_task).await;
             drain("outbox relay", deadline, &mut api.relay_task).await;
+            drain("retention", deadline, &mut api.retention_task).await;
         }
         if let Some(worker) = worker_tasks.as_mut() {
             drain("worker pool", deadline, &mut worker.worker_task).await;
@@ -357,6 +365,7 @@ impl App {
 
 /// The api role's long-lived tasks and the switches that stop them.
 struct ApiTasks {
+    retention_task: JoinHandle<()>,
     commit_close: CancellationToken,
     commit_task: JoinHandle<()>,
     relay_task: JoinHandle<()>,

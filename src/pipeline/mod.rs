@@ -9,6 +9,7 @@ pub mod enqueue;
 pub mod outcomes;
 pub mod published;
 pub mod relay;
+pub mod retention;
 pub mod worker;
 
 use crate::event::Envelope;
