@@ -24,6 +24,7 @@ use crate::queue::Publisher;
 use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
 use crate::socket::{self, SocketState};
 use crate::store::{self, Store};
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -317,6 +318,13 @@ impl App {
             .fallback(api::not_found);
 
         tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
+        // Small frames go out at once: with Nagle on, a second small write (a reply, then
+        // phx_close; one push after another) waits ~40 ms for the client's delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %error, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
