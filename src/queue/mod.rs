@@ -102,6 +102,20 @@ pub async fn open_channel(connection: &Connection) -> Result<Channel, Error> {
         })
 }
 
+/// Turns on publisher confirms: from now on the broker acknowledges each publish once it is safe.
+///
+/// # Errors
+/// The channel failed.
+pub async fn enable_confirms(channel: &Channel) -> Result<(), Error> {
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(|source| Error::Channel {
+            what: "enable publisher confirms",
+            source,
+        })
+}
+
 /// Declares the topology; idempotent, run on every (re)connect of every role.
 ///
 /// # Errors

@@ -49,14 +49,7 @@ async fn a_join_without_last_seq_reports_the_latest_seq_and_sends_no_history() {
     app.post_event(json!({"user_id": "41"})).await;
     app.post_event(json!({"user_id": "41"})).await;
     // Both delivered (to nobody) before the client comes, so neither is a live push to it.
-    crate::common::wait_until("both delivered", crate::common::PATIENCE, || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'delivered'")
-            .fetch_one(app.store.pool())
-            .await
-            .ok()?;
-        (n == 2).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
     let mut client = app.connect("41").await;
     let reply = client.join("user:41", json!({})).await;
     assert_eq!(
@@ -145,14 +138,7 @@ async fn retention_prunes_delivered_events_and_a_join_from_before_it_is_told() {
         .map(|n| json!({"user_id": "45", "data": {"n": n}}))
         .collect();
     app.post_batch(Value::Array(events)).await;
-    crate::common::wait_until("all delivered", crate::common::PATIENCE, || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'delivered'")
-            .fetch_one(app.store.pool())
-            .await
-            .ok()?;
-        (n == 10).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
     // Keep the newest 4 per user.
     let pruned = app.store.prune_events(0, 4, 1000).await.unwrap();
     assert_eq!(pruned, 6);

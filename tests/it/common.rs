@@ -268,6 +268,19 @@ impl TestApp {
             .expect("query")
     }
 
+    /// Waits until every event of the deployment is delivered.
+    pub async fn wait_all_delivered(&self) {
+        wait_until("every event delivered", PATIENCE, || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                    .fetch_one(self.store.pool())
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Cancels the node and waits for its drain to finish.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
