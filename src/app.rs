@@ -21,12 +21,13 @@ use crate::pipeline::faults::Faults;
 use crate::pipeline::replay::ReplayJobs;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
-use crate::pipeline::{outcomes, published, relay};
+use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::Publisher;
 use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
 use crate::socket::{self, SocketState};
 use crate::store::{self, Store};
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,6 +223,12 @@ impl App {
                 &settings.replay,
                 shutdown.child_token(),
             );
+            let retention_task = tokio::spawn(retention::run(
+                store.clone(),
+                metrics.clone(),
+                settings.store.clone(),
+                shutdown.child_token(),
+            ));
             let relay_task = tokio::spawn(relay::run(
                 store.clone(),
                 publisher_handle,
@@ -252,6 +259,7 @@ impl App {
             router = router.merge(api::routes(api_state));
             api_tasks = Some(ApiTasks {
                 replays,
+                retention_task,
                 commit_close,
                 commit_task,
                 relay_task,
@@ -341,6 +349,13 @@ impl App {
             .fallback(api::not_found);
 
         tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
+        // Small frames go out at once: with Nagle on, a second small write (a reply, then
+        // phx_close; one push after another) waits ~40 ms for the client's delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %error, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
@@ -359,6 +374,7 @@ impl App {
         if let Some(api) = api_tasks.as_mut() {
             drain("group commit", deadline, &mut api.commit_task).await;
             drain("outbox relay", deadline, &mut api.relay_task).await;
+            drain("retention", deadline, &mut api.retention_task).await;
         }
         if let Some(worker) = worker_tasks.as_mut() {
             drain("worker pool", deadline, &mut worker.worker_task).await;
@@ -391,6 +407,7 @@ impl App {
 struct ApiTasks {
     /// Operator replay jobs: stopped before the publisher they publish through.
     replays: ReplayJobs,
+    retention_task: JoinHandle<()>,
     commit_close: CancellationToken,
     commit_task: JoinHandle<()>,
     relay_task: JoinHandle<()>,

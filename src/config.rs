@@ -120,6 +120,13 @@ pub struct StoreSettings {
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and for the first connect).
     pub acquire_timeout_ms: u64,
+    /// Delivered events older than this are pruned (catch-up cannot reach further back); 0 keeps
+    /// them forever. Failed and undelivered events are never pruned.
+    pub retention_days: u64,
+    /// At most this many delivered events are kept per user (the newest); 0 for no limit.
+    pub retention_per_user: i64,
+    /// How often the api role prunes.
+    pub retention_interval_secs: u64,
 }
 
 impl Default for StoreSettings {
@@ -128,6 +135,9 @@ impl Default for StoreSettings {
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/herald"),
             max_connections: 16,
             acquire_timeout_ms: 5_000,
+            retention_days: 30,
+            retention_per_user: 10_000,
+            retention_interval_secs: 300,
         }
     }
 }

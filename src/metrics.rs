@@ -341,6 +341,17 @@ impl Metrics {
         }
     }
 
+    /// Delivered events pruned by retention.
+    pub fn events_pruned(&self, count: u64) {
+        if count > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("store.events.pruned", count as i64),
+            )
+            .send();
+        }
+    }
+
     /// A stats channel `ping` was handled.
     pub fn stats_ping(&self, elapsed: Duration) {
         self.tagged(self.tagged(self.client.time_with_tags("stats_channel.ping", elapsed)))

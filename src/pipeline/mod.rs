@@ -11,6 +11,7 @@ pub mod outcomes;
 pub mod published;
 pub mod relay;
 pub mod replay;
+pub mod retention;
 pub mod retry;
 pub mod worker;
 

@@ -7,11 +7,11 @@
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
 
-use super::{Error, connect, open_channel};
+use super::{Error, connect, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
@@ -69,13 +69,7 @@ impl FanoutPublisher {
         .await?;
         let channel = open_channel(&connection).await?;
         declare_exchange(&channel, &self.settings).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|source| Error::Channel {
-                what: "enable publisher confirms",
-                source,
-            })?;
+        enable_confirms(&channel).await?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
     }

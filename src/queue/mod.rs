@@ -281,6 +281,20 @@ pub async fn open_channel(connection: &Connection) -> Result<Channel, Error> {
         })
 }
 
+/// Turns on publisher confirms: from now on the broker acknowledges each publish once it is safe.
+///
+/// # Errors
+/// The channel failed.
+pub async fn enable_confirms(channel: &Channel) -> Result<(), Error> {
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(|source| Error::Channel {
+            what: "enable publisher confirms",
+            source,
+        })
+}
+
 /// Declares the topology; idempotent, run on every (re)connect of every role.
 ///
 /// # Errors
@@ -408,13 +422,7 @@ pub async fn consume_events(
     declare_topology(&channel, settings).await?;
     declare_retry_queues(&channel, settings, retry_delays_ms).await?;
     let retry_channel = open_channel(&connection).await?;
-    retry_channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .map_err(|source| Error::Channel {
-            what: "enable confirms on the retry channel",
-            source,
-        })?;
+    enable_confirms(&retry_channel).await?;
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await

@@ -8,11 +8,11 @@
 //! timeout, lost connection, unroutable) is reported as unconfirmed and simply left to the outbox
 //! relay, because the event is already safe in PostgreSQL.
 
-use super::{Backoff, Error, Topology, connect, declare_topology, open_channel};
+use super::{Backoff, Error, Topology, connect, declare_topology, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,13 +184,7 @@ impl Publisher {
         let connection = connect(&self.settings, "publisher").await?;
         let channel = open_channel(&connection).await?;
         declare_topology(&channel, &self.settings).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|source| Error::Channel {
-                what: "enable publisher confirms",
-                source,
-            })?;
+        enable_confirms(&channel).await?;
         Ok((connection, channel))
     }
 

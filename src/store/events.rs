@@ -279,6 +279,57 @@ impl Store {
         .map_err(Error::query("read a user's seq bounds"))
     }
 
+    /// Deletes up to `limit` delivered events past retention: older than `max_age_days` (0: no age
+    /// limit) or beyond the newest `per_user` of their user (0: no count limit). Returns how many.
+    /// Failed and undelivered events stay: they are still the pipeline's or an operator's business.
+    ///
+    /// # Errors
+    /// The delete failed.
+    pub async fn prune_events(
+        &self,
+        max_age_days: u64,
+        per_user: i64,
+        limit: i64,
+    ) -> Result<u64, Error> {
+        let mut pruned = 0;
+        if max_age_days > 0 {
+            pruned += sqlx::query(
+                "DELETE FROM events WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM events
+                     WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
+                     LIMIT $2))",
+            )
+            .bind(max_age_days as i32)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("prune old events"))?
+            .rows_affected();
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => $1)",
+            )
+            .bind(max_age_days as i32)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("prune old idempotency keys"))?;
+        }
+        if per_user > 0 {
+            pruned += sqlx::query(
+                "DELETE FROM events WHERE ctid = ANY(ARRAY(
+                     SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
+                     WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
+                     LIMIT $2))",
+            )
+            .bind(per_user)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("prune events beyond the per-user count"))?
+            .rows_affected();
+        }
+        Ok(pruned)
+    }
+
     /// Records that a client of `user_id` showed these events (only that user's events; an event
     /// keeps its first acknowledgement). Returns how many were newly acknowledged.
     ///

@@ -49,14 +49,7 @@ async fn a_join_without_last_seq_reports_the_latest_seq_and_sends_no_history() {
     app.post_event(json!({"user_id": "41"})).await;
     app.post_event(json!({"user_id": "41"})).await;
     // Both delivered (to nobody) before the client comes, so neither is a live push to it.
-    crate::common::wait_until("both delivered", crate::common::PATIENCE, || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'delivered'")
-            .fetch_one(app.store.pool())
-            .await
-            .ok()?;
-        (n == 2).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
     let mut client = app.connect("41").await;
     let reply = client.join("user:41", json!({})).await;
     assert_eq!(
@@ -136,4 +129,38 @@ async fn a_client_acknowledges_events_it_has_shown() {
         .send(json!(["1", "a2", "user:43", "ack", {"ids": "nope"}]))
         .await;
     assert_eq!(client.recv().await[4]["status"], "error");
+}
+
+#[tokio::test]
+async fn retention_prunes_delivered_events_and_a_join_from_before_it_is_told() {
+    let app = spawn_app().await;
+    let events: Vec<Value> = (1..=10)
+        .map(|n| json!({"user_id": "45", "data": {"n": n}}))
+        .collect();
+    app.post_batch(Value::Array(events)).await;
+    app.wait_all_delivered().await;
+    // Keep the newest 4 per user.
+    let pruned = app.store.prune_events(0, 4, 1000).await.unwrap();
+    assert_eq!(pruned, 6);
+    let mut client = app.connect("45").await;
+    let reply = client.join("user:45", json!({"last_seq": 2})).await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"last_seq": 10, "missed": true})
+    );
+    let seqs: Vec<i64> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(client.recv_push().await[4]["seq"].as_i64().unwrap());
+        }
+        v
+    };
+    assert_eq!(seqs, vec![7, 8, 9, 10], "what retention kept, in order");
+    // A client that is up to date has missed nothing.
+    let mut fresh = app.connect("45").await;
+    let reply = fresh.join("user:45", json!({"last_seq": 10})).await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"last_seq": 10, "missed": false})
+    );
 }

@@ -104,3 +104,52 @@ async fn readiness_names_the_node_and_its_roles() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn clients_of_a_killed_socket_node_reconnect_elsewhere_and_miss_nothing() {
+    let (api, _node_a, node_b) = spawn_cluster().await;
+    let (mut doomed, doomed_addr) = crate::common::spawn_process(&api.settings, "socket").await;
+    let mut client = crate::common::connect_to(doomed_addr, "erin").await;
+    client.join("user:erin", json!({})).await;
+    // A producer streams 300 events while the client's node dies under it.
+    let total = 300;
+    let http = api.http.clone();
+    let url = api.url("/api/v1/events");
+    let key = api.api_key.clone();
+    let producer = tokio::spawn(async move {
+        for n in 1..=total {
+            let r = http
+                .post(&url)
+                .bearer_auth(&key)
+                .json(&json!({"user_id": "erin", "data": {"n": n}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+    });
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(client.recv_push().await[4]["seq"].as_i64().unwrap());
+    }
+    doomed.kill().await.expect("SIGKILL");
+    // The client reads what reached it before the node died, then notices the connection is gone.
+    while let Some(frame) = client.next_or_end().await {
+        if let Some(seq) = frame[4]["seq"].as_i64() {
+            seen.push(seq);
+        }
+    }
+    let last = *seen.last().unwrap();
+    let mut client = node_b.connect("erin").await;
+    client.join("user:erin", json!({"last_seq": last})).await;
+    producer.await.unwrap();
+    while seen.last().copied() != Some(total) {
+        seen.push(client.recv_push().await[4]["seq"].as_i64().unwrap());
+    }
+    assert_eq!(
+        seen,
+        (1..=total).collect::<Vec<i64>>(),
+        "every event once, in order"
+    );
+    assert!(client.try_recv(Duration::from_millis(200)).await.is_none());
+}

@@ -125,6 +125,59 @@ pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
     (api, a, b)
 }
 
+/// The real `herald` binary serving `roles` on the deployment of `settings`, as a child process
+/// (killed when dropped). Returns it with its HTTP address once it is ready.
+pub async fn spawn_process(
+    settings: &Settings,
+    roles: &str,
+) -> (tokio::process::Child, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .env_clear()
+        .env("HERALD_DATABASE_URL", settings.store.database_url.expose())
+        .env("HERALD_AMQP_URL", settings.queue.amqp_url.expose())
+        .env("HERALD_QUEUE__PREFIX", &settings.queue.prefix)
+        .env("HERALD_HTTP_ADDR", addr.to_string())
+        .env("HERALD_SECRET", TEST_SECRET)
+        .env("HERALD_STATSD_ADDR", "")
+        .env("HERALD_PUBSUB__MODE", &settings.pubsub.mode)
+        .env("HERALD_NODE__ROLES", roles)
+        .env("HERALD_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("herald binary starts");
+    let http = reqwest::Client::new();
+    wait_until("the herald process ready", PATIENCE, || async {
+        let r = http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    (child, addr)
+}
+
+/// Connects a v2 client as `user` to the node at `addr`.
+pub async fn connect_to(addr: SocketAddr, user: &str) -> WsClient {
+    let token = TokenSigner::new(TEST_SECRET).sign(
+        &herald::event::UserId::parse(user).unwrap(),
+        now_unix_secs() + 3600,
+    );
+    let url = format!("ws://{addr}/socket/websocket?token={token}&vsn=2.0.0");
+    let (ws, _) = timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("upgrade accepted");
+    WsClient { ws, next_ref: 0 }
+}
+
 /// A node that may not reach RabbitMQ (the caller decides what to wait for).
 pub async fn spawn_unready(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     init_tracing();
@@ -198,16 +251,7 @@ impl TestApp {
 
     /// Connects a v2 client as `user`.
     pub async fn connect(&self, user: &str) -> WsClient {
-        let url = format!(
-            "ws://{}/socket/websocket?token={}&vsn=2.0.0",
-            self.addr,
-            self.token(user)
-        );
-        let (ws, _) = timeout(PATIENCE, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect in time")
-            .expect("upgrade accepted");
-        WsClient { ws, next_ref: 0 }
+        connect_to(self.addr, user).await
     }
 
     /// Connects as `user` and joins `user:<user>`.
@@ -310,6 +354,19 @@ impl TestApp {
             .expect("dead-letter queue exists");
         let _ = connection.close(200, "probe done".into()).await;
         queue.message_count()
+    }
+
+    /// Waits until every event of the deployment is delivered.
+    pub async fn wait_all_delivered(&self) {
+        wait_until("every event delivered", PATIENCE, || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                    .fetch_one(self.store.pool())
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        })
+        .await;
     }
 
     /// Cancels the node and waits for its drain to finish.

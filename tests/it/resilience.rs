@@ -47,15 +47,7 @@ async fn the_api_accepts_while_rabbitmq_is_unreachable_and_delivers_when_it_retu
         let push = client.recv_push().await;
         assert_eq!(push[4]["data"]["n"], n, "the backlog drains in order");
     }
-    wait_until("every event delivered", PATIENCE, || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
-                .fetch_one(app.store.pool())
-                .await
-                .ok()?;
-        (left == 0).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
 }
 
 #[tokio::test]
@@ -164,13 +156,5 @@ async fn a_restarted_node_delivers_what_was_left_unpublished() {
     app.stop().await;
     proxy.restore();
     let app = app.restart().await;
-    wait_until("relayed and delivered", PATIENCE, || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
-                .fetch_one(app.store.pool())
-                .await
-                .ok()?;
-        (left == 0).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
 }

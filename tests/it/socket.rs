@@ -1,6 +1,6 @@
 //! The socket: authorisation at the upgrade and at join, and the Phoenix v2 control frames.
 
-use crate::common::{PATIENCE, spawn_app, spawn_app_with, wait_until};
+use crate::common::{spawn_app, spawn_app_with};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -168,15 +168,7 @@ async fn a_client_that_does_not_read_is_disconnected_without_holding_up_others()
         assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
     }
     // Every broadcast finished (outcomes recorded) although one client stopped reading...
-    wait_until("all broadcasts done", PATIENCE, || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
-                .fetch_one(app.store.pool())
-                .await
-                .ok()?;
-        (left == 0).then_some(())
-    })
-    .await;
+    app.wait_all_delivered().await;
     // ...and other users are still served.
     app.post_event(json!({"user_id": "21"})).await;
     assert_eq!(other.recv_push().await[2], "user:21");

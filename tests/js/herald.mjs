@@ -91,6 +91,15 @@ export class Herald {
     return node
   }
 
+  /** Another node of the same deployment (same database and queues) with `settings` on top, e.g.
+   * {HERALD_NODE__ROLES: "socket"}. Stop it yourself; destroy() of the first node cleans up. */
+  async node(settings = {}) {
+    const port = await freePort()
+    const node = new Herald({...this.env, HERALD_HTTP_ADDR: `127.0.0.1:${port}`, ...settings}, port, this.key)
+    await node.serve()
+    return node
+  }
+
   get url() {
     return `http://127.0.0.1:${this.port}`
   }
