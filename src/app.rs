@@ -394,7 +394,8 @@ impl App {
             drain("publisher", deadline, &mut api.publisher_task).await;
             drain("confirm recorder", deadline, &mut api.recorder_task).await;
         }
-        store.close().await;
+        // Closing waits for connections in use; a stuck one must not hold the exit past the bound.
+        drain("PostgreSQL pool", deadline, store.close()).await;
         flusher_stop.cancel();
         let _ = flusher.await;
         metrics.flush();

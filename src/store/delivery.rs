@@ -113,8 +113,10 @@ pub struct EventRecord {
     pub enqueued_at: String,
     /// When the broker confirmed its publish.
     pub published_at: Option<String>,
-    /// When it was delivered.
+    /// When it was delivered (pushed to the sockets online then).
     pub delivered_at: Option<String>,
+    /// When a client acknowledged having shown it to its user (delivered to a person).
+    pub acked_at: Option<String>,
     /// When it was marked failed.
     pub failed_at: Option<String>,
     /// When the next attempt is due, while one is scheduled.
@@ -187,6 +189,8 @@ const EVENT_RECORD_COLUMNS: &str = concat!(
     " AS published_at, ",
     rfc3339!("e.delivered_at"),
     " AS delivered_at, ",
+    rfc3339!("e.acked_at"),
+    " AS acked_at, ",
     rfc3339!("e.failed_at"),
     " AS failed_at, ",
     rfc3339!("e.next_attempt_at"),

@@ -125,6 +125,22 @@ async fn a_client_acknowledges_events_it_has_shown() {
             .await
             .unwrap();
     assert_eq!(acked, vec![("43".into(), true), ("44".into(), false)]);
+    // The producer sees pushed vs shown on its event.
+    let read = |id: String| {
+        let request = app
+            .http
+            .get(app.url(&format!("/api/v1/events/{id}")))
+            .bearer_auth(&app.api_key)
+            .send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let shown = read(id.clone()).await;
+    assert!(
+        shown["delivered_at"].is_string() && shown["acked_at"].is_string(),
+        "{shown}"
+    );
+    let unshown = read(other_id.clone()).await;
+    assert!(unshown["acked_at"].is_null(), "{unshown}");
     client
         .send(json!(["1", "a2", "user:43", "ack", {"ids": "nope"}]))
         .await;
