@@ -1,0 +1,608 @@
+//! The benchmark harness: Herald against the raw ceilings of PostgreSQL, RabbitMQ and WebSocket,
+//! measured in the same run on the same box (scripts/bench; see BENCHMARKS.md).
+//!
+//! Our machines are shared and noisy, so no absolute figure means much on its own: every Herald
+//! figure is printed beside the raw ceiling of the component under it, measured minutes apart, and
+//! the ratio is the result. Three processes take part: this harness (it orchestrates, reads `/proc`,
+//! and runs the raw baselines while the node idles), the release `herald` binary it starts on a
+//! fresh database and queue prefix, and the load generator (this binary again, `loadgen`), which
+//! holds the N sockets and drives the API. A fourth, the bare echo server (`echo`), lives only for
+//! the memory baseline.
+//!
+//! A harness-less `[[bench]]`: its dependencies are dev-dependencies, so none of them reaches the
+//! `herald` binary, and `cargo bench` builds that binary in release mode for us to start.
+
+mod baseline;
+mod echo;
+mod loadgen;
+mod node;
+mod statsd;
+mod sys;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
+use node::{Names, Node};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// Herald's defaults the baselines must match.
+const PREFETCH: u16 = 200;
+const MAX_INFLIGHT_CONFIRMS: usize = 1000;
+/// Producers of the batch API (and connections of the UNNEST baseline).
+const BATCH_PRODUCERS: usize = 4;
+/// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
+/// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
+const E2E_WINDOW: u64 = 4000;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald-bench",
+    about = "Herald vs the raw ceilings under it, in one run"
+)]
+struct Cli {
+    /// A smoke run in under a minute: few sockets, short phases. Asserts nothing about speed.
+    #[arg(long)]
+    quick: bool,
+    /// Sockets connected (and joined) through the socket, end-to-end and latency figures.
+    #[arg(long)]
+    sockets: Option<usize>,
+    /// Concurrent clients of the single-event API, and connections of its one-row baseline.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// `cargo bench` appends this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Role {
+    /// (internal) The load generator, driven over stdin/stdout.
+    Loadgen {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// (internal) The bare tokio-tungstenite echo server of the memory baseline.
+    Echo,
+}
+
+/// Phase lengths, in seconds.
+struct Plan {
+    sockets: usize,
+    concurrency: usize,
+    ingest: f64,
+    e2e_warmup: f64,
+    e2e: f64,
+    latency_warmup: f64,
+    latency: f64,
+    prefill: u64,
+    quick: bool,
+}
+
+impl Plan {
+    fn new(cli: &Cli) -> Self {
+        let quick = cli.quick;
+        Self {
+            sockets: cli.sockets.unwrap_or(if quick { 200 } else { 10_000 }),
+            concurrency: cli.concurrency,
+            ingest: if quick { 2.0 } else { 10.0 },
+            e2e_warmup: if quick { 1.0 } else { 5.0 },
+            e2e: if quick { 3.0 } else { 15.0 },
+            latency_warmup: if quick { 0.5 } else { 3.0 },
+            latency: if quick { 1.5 } else { 10.0 },
+            prefill: if quick { 5_000 } else { 100_000 },
+            quick,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.role {
+        Some(Role::Loadgen { ref base, ref key }) => {
+            runtime.block_on(loadgen::run(base.clone(), key.clone()))
+        }
+        Some(Role::Echo) => runtime.block_on(echo::run()),
+        None => runtime.block_on(harness(Plan::new(&cli))),
+    }
+}
+
+/// The load generator process and its command pipe.
+struct Loadgen {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Loadgen {
+    fn start(base: &str, key: &str) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["loadgen", "--base", base, "--key", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the load generator")?;
+        let stdin = child.stdin.take().context("loadgen stdin")?;
+        let stdout = child.stdout.take().context("loadgen stdout")?;
+        Ok(Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    async fn send(&mut self, command: Value) -> anyhow::Result<()> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<Value> {
+        let line = self
+            .lines
+            .next_line()
+            .await?
+            .context("the load generator exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    async fn call(&mut self, command: Value) -> anyhow::Result<Value> {
+        self.send(command).await?;
+        self.recv().await
+    }
+}
+
+fn out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("bench")
+}
+
+fn say(what: impl AsRef<str>) {
+    eprintln!("[bench] {}", what.as_ref());
+}
+
+async fn harness(plan: Plan) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let nofile = sys::raise_nofile_limit();
+    if (nofile as usize) < plan.sockets + 1000 {
+        bail!(
+            "{} sockets need a higher open-files limit than {nofile}",
+            plan.sockets
+        );
+    }
+    std::fs::create_dir_all(out_dir())?;
+    let names = Names::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
+    say(format!(
+        "{} run: {} sockets, database {}, queue prefix {}",
+        if plan.quick { "quick" } else { "full" },
+        plan.sockets,
+        names.database,
+        names.prefix
+    ));
+    let (sink, statsd) = statsd::Sink::start()?;
+    let node = Node::start(bin, &names, statsd, out_dir().join("herald.log")).await?;
+    // A panic in a phase must still stop the node and drop the database and queues.
+    let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
+    say("stopping the node and cleaning up");
+    if plan.quick {
+        // The quick run's backlog is not worth a graceful drain: the database goes anyway.
+        sys::terminate(node.pid);
+    }
+    node.stop().await;
+    node::clean_up(&names).await;
+    let mut report = result?;
+    report["run_secs"] = json!(started.elapsed().as_secs_f64());
+    let table = render(&report);
+    println!("{table}");
+    let when = report["started_unix"].as_u64().unwrap_or(0);
+    let json_text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(
+        out_dir().join(format!("herald-bench-{when}.json")),
+        &json_text,
+    )?;
+    std::fs::write(out_dir().join("latest.json"), &json_text)?;
+    say(format!(
+        "done in {:.0} s; JSON in {}",
+        started.elapsed().as_secs_f64(),
+        out_dir().join("latest.json").display()
+    ));
+    smoke_check(&report)
+}
+
+/// Every figure produced a measurement (the harness works); speed is never asserted.
+fn smoke_check(report: &Value) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (figure, path) in [
+        ("ingest batch, raw", "/ingest_batch/raw/rate"),
+        ("ingest batch, herald", "/ingest_batch/herald/rate"),
+        ("ingest single, raw", "/ingest_single/raw/rate"),
+        ("ingest single, herald", "/ingest_single/herald/rate"),
+        ("end-to-end, raw", "/e2e/raw/rate"),
+        ("end-to-end, herald", "/e2e/herald/rate"),
+        ("latency 50%, raw", "/latency/1/raw/count"),
+        ("latency 50%, herald", "/latency/1/herald/count"),
+        ("RSS, echo", "/rss/raw/per_socket_bytes"),
+        ("RSS, herald", "/rss/herald/per_socket_bytes"),
+        ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
+        ("CPU, herald", "/cpu/herald/cpu_us_per_event"),
+    ] {
+        if !report
+            .pointer(path)
+            .and_then(Value::as_f64)
+            .is_some_and(|v| v > 0.0)
+        {
+            missing.push(figure);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("no measurement for: {}", missing.join(", "))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn run(
+    plan: &Plan,
+    names: &Names,
+    node: &Node,
+    sink: &statsd::Sink,
+) -> anyhow::Result<Value> {
+    let mut report = json!({
+        "started_unix": unix_now(),
+        "git": git_revision(),
+        "machine": sys::machine(),
+        "mode": if plan.quick { "quick" } else { "full" },
+        "sockets": plan.sockets,
+        "concurrency": plan.concurrency,
+        "batch": loadgen::BATCH,
+        "batch_producers": BATCH_PRODUCERS,
+        "prefetch": PREFETCH,
+        "e2e_window": E2E_WINDOW,
+    });
+    let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
+    let producer = baseline::create_raw_table(&pool).await?;
+    let mut load = Loadgen::start(&node.base, &node.api_key)?;
+
+    // Memory first, on a fresh node: what N idle sockets cost before any load grew the heap.
+    say(format!("RSS: bare echo server, {} sockets", plan.sockets));
+    report["rss"]["raw"] = echo_rss(&mut load, plan.sockets).await?;
+    say(format!(
+        "RSS: herald, {} sockets connected and joined",
+        plan.sockets
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = node.rss_bytes();
+    let connected = load
+        .call(json!({"cmd": "connect", "n": plan.sockets}))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = node.rss_bytes();
+    let n = connected["connected"].as_u64().unwrap_or(0);
+    report["rss"]["herald"] = json!({
+        "before_bytes": before, "after_bytes": after, "sockets": n,
+        "connect": connected,
+        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
+    });
+
+    say(format!(
+        "CPU: lapin consume+ack of {} messages",
+        plan.prefill
+    ));
+    report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, PREFETCH).await?;
+
+    say("end-to-end: raw broker publish+consume");
+    report["e2e"]["raw"] = baseline::broker_e2e(
+        names,
+        plan.e2e_warmup,
+        plan.e2e,
+        PREFETCH,
+        MAX_INFLIGHT_CONFIRMS,
+        E2E_WINDOW,
+    )
+    .await?;
+    say(format!(
+        "  {:.0} events/s",
+        report["e2e"]["raw"]["rate"].as_f64().unwrap_or(0.0)
+    ));
+
+    say("end-to-end: herald, enqueue -> pushed to sockets");
+    load.send(
+        json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
+                    "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
+    )
+    .await?;
+    let _start = load.recv().await?;
+    let cpu0 = node.cpu_time();
+    sink.take();
+    let end = load.recv().await?;
+    let cpu = node.cpu_time() - cpu0;
+    report["e2e"]["node_metrics"] = sink.take();
+    let done = load.recv().await?;
+    let delivered = end["events"].as_u64().unwrap_or(0);
+    let sustained = end["rate"].as_f64().unwrap_or(0.0);
+    say(format!("  {sustained:.0} events/s"));
+    report["e2e"]["herald"] = json!({
+        "events": delivered, "secs": end["secs"], "rate": sustained, "after": done,
+    });
+    report["cpu"]["herald"] = json!({
+        "events": delivered, "cpu_secs": cpu.as_secs_f64(),
+        "cpu_us_per_event": cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+    });
+
+    let mut latencies = Vec::new();
+    for fraction in [0.25, 0.5, 0.75] {
+        let rate = (sustained * fraction).max(10.0);
+        say(format!(
+            "latency at {:.0}% of sustained: {rate:.0} events/s",
+            fraction * 100.0
+        ));
+        sink.take();
+        let mut herald = load
+            .call(
+                json!({"cmd": "latency", "rate": rate, "warmup": plan.latency_warmup,
+                         "secs": plan.latency}),
+            )
+            .await?;
+        herald["node_metrics"] = sink.take();
+        let raw =
+            baseline::broker_latency(names, rate, plan.latency_warmup, plan.latency, PREFETCH)
+                .await?;
+        say(format!(
+            "  herald p50/p99/max {}/{}/{} ms; broker {:.1}/{:.1}/{:.1} ms",
+            herald["p50"],
+            herald["p99"],
+            herald["max"],
+            raw["p50"].as_f64().unwrap_or(0.0),
+            raw["p99"].as_f64().unwrap_or(0.0),
+            raw["max"].as_f64().unwrap_or(0.0)
+        ));
+        latencies.push(json!({"fraction": fraction, "rate": rate, "herald": herald, "raw": raw}));
+    }
+    report["latency"] = Value::Array(latencies);
+
+    // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above.
+    say("ingest: raw UNNEST and one-row inserts");
+    report["ingest_batch"]["raw"] = baseline::pg_unnest(
+        &pool,
+        producer,
+        plan.ingest,
+        BATCH_PRODUCERS,
+        loadgen::BATCH,
+    )
+    .await;
+    report["ingest_single"]["raw"] =
+        baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await;
+    say("ingest: herald batch API");
+    sink.take();
+    report["ingest_batch"]["herald"] = load
+        .call(json!({"cmd": "ingest_batch", "secs": plan.ingest, "producers": BATCH_PRODUCERS}))
+        .await?;
+    report["ingest_batch"]["node_metrics"] = sink.take();
+    let drained = wait_drained(&pool, if plan.quick { 20 } else { 180 }).await?;
+    report["ingest_batch"]["drain_secs"] = json!(drained);
+    say("ingest: herald single-event API");
+    report["ingest_single"]["herald"] = load
+        .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
+        .await?;
+    drop(load.stdin);
+    let _ = load.child.kill().await;
+    pool.close().await;
+    Ok(report)
+}
+
+/// Starts the echo server, connects `n` sockets to it (one echo each), reads its growth.
+async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<Value> {
+    let mut echo = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("echo")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the echo server")?;
+    let stdout = echo.stdout.take().context("echo stdout")?;
+    let port: u16 = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .context("the echo server printed no port")?
+        .parse()?;
+    let pid = echo.id().context("echo pid")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sys::rss_bytes(pid).unwrap_or(0);
+    let connected = load
+        .call(json!({"cmd": "connect_echo", "port": port, "n": n}))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sys::rss_bytes(pid).unwrap_or(0);
+    load.call(json!({"cmd": "close_echo"})).await?;
+    let _ = echo.kill().await;
+    let n = connected["connected"].as_u64().unwrap_or(0);
+    Ok(json!({
+        "before_bytes": before, "after_bytes": after, "sockets": n, "connect": connected,
+        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
+    }))
+}
+
+/// Waits until every event is delivered (none `accepted` or `published`); returns how long it took.
+async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if left == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(limit_secs) {
+            say(format!(
+                "  {left} events still undelivered after {limit_secs} s; going on"
+            ));
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// 12345.6 -> "12,346".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn f(report: &Value, path: &str) -> f64 {
+    report.pointer(path).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn ratio(herald: f64, raw: f64) -> String {
+    if raw > 0.0 {
+        format!("{:.2}x", herald / raw)
+    } else {
+        "n/a".into()
+    }
+}
+
+fn verdict(met: bool, target: &str) -> String {
+    format!("{target}: {}", if met { "met" } else { "MISSED" })
+}
+
+/// The table of issue 3, as Markdown (BENCHMARKS.md carries it as printed).
+fn render(r: &Value) -> String {
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let (raw, herald) = (
+        f(r, "/ingest_batch/raw/rate"),
+        f(r, "/ingest_batch/herald/rate"),
+    );
+    rows.push([
+        format!("ingest, events/s, `POST /api/v1/events/batch` ({} events/request, {BATCH_PRODUCERS} producers)", loadgen::BATCH),
+        format!("{} (UNNEST, {} rows/statement, {BATCH_PRODUCERS} connections)", thousands(raw), loadgen::BATCH),
+        thousands(herald),
+        ratio(herald, raw),
+        verdict(herald >= 0.5 * raw, ">= 0.5x"),
+    ]);
+    let c = r["concurrency"].as_u64().unwrap_or(0);
+    let (raw, herald) = (
+        f(r, "/ingest_single/raw/rate"),
+        f(r, "/ingest_single/herald/rate"),
+    );
+    rows.push([
+        format!("ingest, events/s, single `POST /api/v1/events`, {c} concurrent clients"),
+        format!("{} (1 row/transaction, {c} connections)", thousands(raw)),
+        thousands(herald),
+        ratio(herald, raw),
+        "none".into(),
+    ]);
+    let n = r["sockets"].as_u64().unwrap_or(0);
+    let (raw, herald) = (f(r, "/e2e/raw/rate"), f(r, "/e2e/herald/rate"));
+    rows.push([
+        format!("end-to-end sustained events/s, enqueue -> pushed to {} sockets (closed loop, {E2E_WINDOW} in flight)", thousands(n as f64)),
+        format!("{} (quorum, persistent, {MAX_INFLIGHT_CONFIRMS} confirms in flight, prefetch {PREFETCH}, ack each)", thousands(raw)),
+        thousands(herald),
+        ratio(herald, raw),
+        verdict(herald >= raw, ">= 1.0x"),
+    ]);
+    for k in 0..3 {
+        let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
+        let fraction = f(r, &format!("/latency/{k}/fraction"));
+        let rate = f(r, &format!("/latency/{k}/rate"));
+        let p99 = at("herald", "p99");
+        rows.push([
+            format!(
+                "enqueue -> push latency ms p50 / p99 / max at {:.0}% of sustained ({}/s), {} sockets",
+                fraction * 100.0,
+                thousands(rate),
+                thousands(n as f64)
+            ),
+            format!(
+                "{:.1} / {:.1} / {:.1} (publish -> consume)",
+                at("raw", "p50"),
+                at("raw", "p99"),
+                at("raw", "max")
+            ),
+            format!("{:.0} / {:.0} / {:.0}", at("herald", "p50"), p99, at("herald", "max")),
+            format!("p99 {}", ratio(p99, at("raw", "p99"))),
+            if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
+        ]);
+    }
+    let (raw, herald) = (
+        f(r, "/rss/raw/per_socket_bytes") / 1024.0,
+        f(r, "/rss/herald/per_socket_bytes") / 1024.0,
+    );
+    rows.push([
+        format!(
+            "RSS per idle socket, KB ({} connected; Herald's joined)",
+            thousands(n as f64)
+        ),
+        format!("{raw:.1} (tokio-tungstenite echo, same buffers)"),
+        format!("{herald:.1}"),
+        ratio(herald, raw),
+        verdict(herald <= 12.0, "<= 12 KB"),
+    ]);
+    let (raw, herald) = (
+        f(r, "/cpu/raw/cpu_us_per_event"),
+        f(r, "/cpu/herald/cpu_us_per_event"),
+    );
+    rows.push([
+        "CPU time per delivered event, µs (Herald: whole process, ingest to push)".into(),
+        format!("{raw:.1} (lapin consume + ack, prefetch {PREFETCH})"),
+        format!("{herald:.1}"),
+        ratio(herald, raw),
+        verdict(herald <= 2.0 * raw, "<= 2x"),
+    ]);
+    let mut out = format!(
+        "\nHerald benchmark ({} run, {}s, git {}) on {}\n\n",
+        r["mode"].as_str().unwrap_or("?"),
+        thousands(f(r, "/run_secs")),
+        r["git"].as_str().unwrap_or("?"),
+        r["machine"].as_str().unwrap_or("?"),
+    );
+    out.push_str("| figure | raw baseline, same run | Herald | ratio | target |\n");
+    out.push_str("| --- | --- | --- | --- | --- |\n");
+    for row in rows {
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out
+}
