@@ -84,6 +84,8 @@ struct Plan {
     latency_warmup: f64,
     latency: f64,
     prefill: u64,
+    /// Baseline/Herald pairs of the throughput figures.
+    rounds: usize,
     quick: bool,
 }
 
@@ -93,12 +95,13 @@ impl Plan {
         Self {
             sockets: cli.sockets.unwrap_or(if quick { 200 } else { 10_000 }),
             concurrency: cli.concurrency,
-            ingest: if quick { 2.0 } else { 10.0 },
-            e2e_warmup: if quick { 1.0 } else { 5.0 },
-            e2e: if quick { 3.0 } else { 15.0 },
+            ingest: if quick { 2.0 } else { 5.0 },
+            e2e_warmup: if quick { 1.0 } else { 3.0 },
+            e2e: if quick { 3.0 } else { 8.0 },
             latency_warmup: if quick { 0.5 } else { 3.0 },
             latency: if quick { 1.5 } else { 10.0 },
             prefill: if quick { 5_000 } else { 100_000 },
+            rounds: if quick { 1 } else { 3 },
             quick,
         }
     }
@@ -294,6 +297,7 @@ async fn run(
         "batch_producers": BATCH_PRODUCERS,
         "prefetch": PREFETCH,
         "e2e_window": E2E_WINDOW,
+        "rounds": plan.rounds,
     });
     let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
     let producer = baseline::create_raw_table(&pool).await?;
@@ -326,43 +330,46 @@ async fn run(
     ));
     report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, PREFETCH).await?;
 
-    say("end-to-end: raw broker publish+consume");
-    report["e2e"]["raw"] = baseline::broker_e2e(
-        names,
-        plan.e2e_warmup,
-        plan.e2e,
-        PREFETCH,
-        MAX_INFLIGHT_CONFIRMS,
-        E2E_WINDOW,
-    )
-    .await?;
-    say(format!(
-        "  {:.0} events/s",
-        report["e2e"]["raw"]["rate"].as_f64().unwrap_or(0.0)
-    ));
-
-    say("end-to-end: herald, enqueue -> pushed to sockets");
-    load.send(
-        json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                    "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
-    )
-    .await?;
-    let _start = load.recv().await?;
-    let cpu0 = node.cpu_time();
-    sink.take();
-    let end = load.recv().await?;
-    let cpu = node.cpu_time() - cpu0;
-    report["e2e"]["node_metrics"] = sink.take();
-    let done = load.recv().await?;
-    let delivered = end["events"].as_u64().unwrap_or(0);
-    let sustained = end["rate"].as_f64().unwrap_or(0.0);
-    say(format!("  {sustained:.0} events/s"));
-    report["e2e"]["herald"] = json!({
-        "events": delivered, "secs": end["secs"], "rate": sustained, "after": done,
+    // Rounds alternate baseline and Herald, and the ratio is the median of the rounds' ratios: on a
+    // shared box the noise moves within minutes, and a pair measured back to back sees the same.
+    let mut raw_rounds = Vec::new();
+    let mut herald_rounds = Vec::new();
+    for round in 1..=plan.rounds {
+        say(format!(
+            "end-to-end, round {round}/{}: raw broker publish+consume",
+            plan.rounds
+        ));
+        let raw = baseline::broker_e2e(
+            names,
+            plan.e2e_warmup,
+            plan.e2e,
+            PREFETCH,
+            MAX_INFLIGHT_CONFIRMS,
+            E2E_WINDOW,
+        )
+        .await?;
+        say(format!("  {:.0} events/s", f(&raw, "/rate")));
+        raw_rounds.push(raw);
+        say(format!(
+            "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
+            plan.rounds
+        ));
+        let herald = herald_e2e(plan, node, &mut load, sink).await?;
+        say(format!(
+            "  {:.0} events/s; cores used: {}",
+            f(&herald, "/rate"),
+            herald["cores_used"]
+        ));
+        herald_rounds.push(herald);
+    }
+    report["e2e"] = paired(raw_rounds, herald_rounds.clone());
+    let sustained = f(&report, "/e2e/herald/rate");
+    let (cpu, delivered) = herald_rounds.iter().fold((0.0, 0.0), |(c, n), r| {
+        (c + f(r, "/cpu_secs"), n + f(r, "/events"))
     });
     report["cpu"]["herald"] = json!({
-        "events": delivered, "cpu_secs": cpu.as_secs_f64(),
-        "cpu_us_per_event": cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+        "events": delivered, "cpu_secs": cpu,
+        "cpu_us_per_event": cpu * 1e6 / delivered.max(1.0),
     });
 
     let mut latencies = Vec::new();
@@ -396,34 +403,130 @@ async fn run(
     }
     report["latency"] = Value::Array(latencies);
 
-    // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above.
-    say("ingest: raw UNNEST and one-row inserts");
-    report["ingest_batch"]["raw"] = baseline::pg_unnest(
-        &pool,
-        producer,
-        plan.ingest,
-        BATCH_PRODUCERS,
-        loadgen::BATCH,
-    )
-    .await;
-    report["ingest_single"]["raw"] =
-        baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await;
-    say("ingest: herald batch API");
-    sink.take();
-    report["ingest_batch"]["herald"] = load
-        .call(json!({"cmd": "ingest_batch", "secs": plan.ingest, "producers": BATCH_PRODUCERS}))
-        .await?;
-    report["ingest_batch"]["node_metrics"] = sink.take();
-    let drained = wait_drained(&pool, if plan.quick { 20 } else { 180 }).await?;
-    report["ingest_batch"]["drain_secs"] = json!(drained);
-    say("ingest: herald single-event API");
-    report["ingest_single"]["herald"] = load
-        .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
-        .await?;
+    // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
+    // each Herald round drains before the next pair starts.
+    let (mut raw_rounds, mut herald_rounds) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        say(format!(
+            "ingest batch, round {round}/{}: raw UNNEST, then herald batch API",
+            plan.rounds
+        ));
+        raw_rounds.push(
+            baseline::pg_unnest(
+                &pool,
+                producer,
+                plan.ingest,
+                BATCH_PRODUCERS,
+                loadgen::BATCH,
+            )
+            .await,
+        );
+        sink.take();
+        let mut herald = load
+            .call(json!({"cmd": "ingest_batch", "secs": plan.ingest, "producers": BATCH_PRODUCERS}))
+            .await?;
+        herald["node_metrics"] = sink.take();
+        herald["drain_secs"] = json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+        say(format!(
+            "  raw {:.0}/s, herald {:.0}/s",
+            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
+            f(&herald, "/rate")
+        ));
+        herald_rounds.push(herald);
+    }
+    report["ingest_batch"] = paired(raw_rounds, herald_rounds);
+    let (mut raw_rounds, mut herald_rounds) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        say(format!(
+            "ingest single, round {round}/{}: raw one-row inserts, then herald",
+            plan.rounds
+        ));
+        raw_rounds.push(baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await);
+        let herald = load
+            .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
+            .await?;
+        if round < plan.rounds {
+            wait_drained(&pool, 60).await?;
+        }
+        say(format!(
+            "  raw {:.0}/s, herald {:.0}/s",
+            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
+            f(&herald, "/rate")
+        ));
+        herald_rounds.push(herald);
+    }
+    report["ingest_single"] = paired(raw_rounds, herald_rounds);
     drop(load.stdin);
     let _ = load.child.kill().await;
     pool.close().await;
     Ok(report)
+}
+
+/// One end-to-end round of Herald: the closed loop, with the node's CPU, every process's cores and
+/// the node's own timings over the measured window.
+async fn herald_e2e(
+    plan: &Plan,
+    node: &Node,
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+) -> anyhow::Result<Value> {
+    load.send(
+        json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
+                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
+    )
+    .await?;
+    let _start = load.recv().await?;
+    let cpu0 = node.cpu_time();
+    let groups0 = sys::cpu_by_group(node.pid, load.child.id());
+    sink.take();
+    let end = load.recv().await?;
+    let cpu = node.cpu_time() - cpu0;
+    let groups1 = sys::cpu_by_group(node.pid, load.child.id());
+    let node_metrics = sink.take();
+    let window = f(&end, "/secs").max(0.001);
+    let cores: serde_json::Map<String, Value> = groups1
+        .iter()
+        .map(|(group, t)| {
+            let before = groups0.get(group).copied().unwrap_or_default();
+            let used = t.saturating_sub(before).as_secs_f64() / window;
+            ((*group).to_owned(), json!((used * 100.0).round() / 100.0))
+        })
+        .collect();
+    let done = load.recv().await?;
+    Ok(json!({
+        "events": end["events"], "secs": end["secs"], "rate": end["rate"],
+        "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
+        "after": done,
+    }))
+}
+
+/// Rounds of a baseline and of Herald as `{raw, herald, ratio, rounds}`: `raw` and `herald` are the
+/// rounds with the median rate (their other fields kept), `ratio` the median of the rounds' ratios.
+fn paired(raw: Vec<Value>, herald: Vec<Value>) -> Value {
+    let ratios: Vec<f64> = raw
+        .iter()
+        .zip(&herald)
+        .map(|(r, h)| f(h, "/rate") / f(r, "/rate").max(f64::MIN_POSITIVE))
+        .collect();
+    json!({
+        "raw": median_by_rate(&raw),
+        "herald": median_by_rate(&herald),
+        "ratio": median(ratios),
+        "rounds": {"raw": raw, "herald": herald},
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn median_by_rate(rounds: &[Value]) -> Value {
+    let mut sorted: Vec<&Value> = rounds.iter().collect();
+    sorted.sort_by(|a, b| f(a, "/rate").total_cmp(&f(b, "/rate")));
+    sorted
+        .get(sorted.len() / 2)
+        .map_or(Value::Null, |v| (*v).clone())
 }
 
 /// Starts the echo server, connects `n` sockets to it (one echo each), reads its growth.
@@ -512,6 +615,7 @@ fn verdict(met: bool, target: &str) -> String {
 /// The table of issue 3, as Markdown (BENCHMARKS.md carries it as printed).
 fn render(r: &Value) -> String {
     let mut rows: Vec<[String; 5]> = Vec::new();
+    let ratio_of = |figure: &str| format!("{:.2}x", f(r, &format!("/{figure}/ratio")));
     let (raw, herald) = (
         f(r, "/ingest_batch/raw/rate"),
         f(r, "/ingest_batch/herald/rate"),
@@ -520,8 +624,8 @@ fn render(r: &Value) -> String {
         format!("ingest, events/s, `POST /api/v1/events/batch` ({} events/request, {BATCH_PRODUCERS} producers)", loadgen::BATCH),
         format!("{} (UNNEST, {} rows/statement, {BATCH_PRODUCERS} connections)", thousands(raw), loadgen::BATCH),
         thousands(herald),
-        ratio(herald, raw),
-        verdict(herald >= 0.5 * raw, ">= 0.5x"),
+        ratio_of("ingest_batch"),
+        verdict(f(r, "/ingest_batch/ratio") >= 0.5, ">= 0.5x"),
     ]);
     let c = r["concurrency"].as_u64().unwrap_or(0);
     let (raw, herald) = (
@@ -532,7 +636,7 @@ fn render(r: &Value) -> String {
         format!("ingest, events/s, single `POST /api/v1/events`, {c} concurrent clients"),
         format!("{} (1 row/transaction, {c} connections)", thousands(raw)),
         thousands(herald),
-        ratio(herald, raw),
+        ratio_of("ingest_single"),
         "none".into(),
     ]);
     let n = r["sockets"].as_u64().unwrap_or(0);
@@ -541,8 +645,8 @@ fn render(r: &Value) -> String {
         format!("end-to-end sustained events/s, enqueue -> pushed to {} sockets (closed loop, {E2E_WINDOW} in flight)", thousands(n as f64)),
         format!("{} (quorum, persistent, {MAX_INFLIGHT_CONFIRMS} confirms in flight, prefetch {PREFETCH}, ack each)", thousands(raw)),
         thousands(herald),
-        ratio(herald, raw),
-        verdict(herald >= raw, ">= 1.0x"),
+        ratio_of("e2e"),
+        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x"),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
@@ -599,6 +703,10 @@ fn render(r: &Value) -> String {
         r["git"].as_str().unwrap_or("?"),
         r["machine"].as_str().unwrap_or("?"),
     );
+    out.push_str(&format!(
+        "Throughput rows: median of {} alternating baseline/Herald rounds (ratio: median of the rounds' ratios).\n\n",
+        r["rounds"]
+    ));
     out.push_str("| figure | raw baseline, same run | Herald | ratio | target |\n");
     out.push_str("| --- | --- | --- | --- | --- |\n");
     for row in rows {

@@ -98,3 +98,42 @@ pub fn machine() -> String {
         kernel.trim()
     )
 }
+
+/// CPU time used so far by every process of the box, grouped: the node, the load generator,
+/// PostgreSQL (all backends), RabbitMQ (the Erlang VM) and everything else. Lets the report say
+/// which process the cores went to during a phase.
+pub fn cpu_by_group(
+    node: u32,
+    loadgen: Option<u32>,
+) -> std::collections::BTreeMap<&'static str, Duration> {
+    let mut groups = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(cpu) = cpu_time(pid) else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let group = if pid == node {
+            "herald"
+        } else if Some(pid) == loadgen {
+            "loadgen"
+        } else if comm.starts_with("postgres") {
+            "postgresql"
+        } else if comm.starts_with("beam") || comm.starts_with("erl") {
+            "rabbitmq"
+        } else if pid == std::process::id() {
+            "harness"
+        } else {
+            "other"
+        };
+        *groups.entry(group).or_default() += cpu;
+    }
+    groups
+}
