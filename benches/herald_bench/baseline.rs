@@ -27,13 +27,26 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The raw queues of this run (deleted with the rest at the end).
-fn raw_queues(names: &Names) -> [String; 3] {
-    [
-        format!("{}.raw.e2e", names.prefix),
-        format!("{}.raw.latency", names.prefix),
-        format!("{}.raw.consume", names.prefix),
-    ]
+/// Raw queues made so far, so each measurement starts on an empty queue of its own.
+static QUEUES: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh raw queue name: `<prefix>.raw.<n>`.
+fn raw_queue(names: &Names) -> String {
+    format!(
+        "{}.raw.{}",
+        names.prefix,
+        QUEUES.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Deletes a raw queue once its measurement is over (leftovers must not feed the next one).
+async fn delete_queue(names: &Names, queue: &str) {
+    if let Ok((connection, channel)) = connect(names, "cleanup").await {
+        let _ = channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
 }
 
 /// A pool on this run's database, `connections` wide.
@@ -271,7 +284,7 @@ pub async fn broker_e2e(
     max_inflight: usize,
     window: u64,
 ) -> anyhow::Result<Value> {
-    let queue = &raw_queues(names)[0];
+    let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let (con_conn, _con_chan, mut deliveries) = consumer(names, queue, prefetch).await?;
     let consumed = Arc::new(AtomicU64::new(0));
@@ -327,6 +340,7 @@ pub async fn broker_e2e(
     let _ = consuming.await;
     let _ = pub_conn.close(200, "done".into()).await;
     let _ = con_conn.close(200, "done".into()).await;
+    delete_queue(names, queue).await;
     let secs = (t1 - t0).as_secs_f64();
     Ok(json!({"events": c1 - c0, "secs": secs, "rate": (c1 - c0) as f64 / secs}))
 }
@@ -341,7 +355,7 @@ pub async fn broker_latency(
     secs: f64,
     prefetch: u16,
 ) -> anyhow::Result<Value> {
-    let queue = &raw_queues(names)[1];
+    let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let (con_conn, _con_chan, mut deliveries) = consumer(names, queue, prefetch).await?;
     let body_len = envelope_body(0).len().max(16);
@@ -411,6 +425,7 @@ pub async fn broker_latency(
     let _ = consuming.await;
     let _ = pub_conn.close(200, "done".into()).await;
     let _ = con_conn.close(200, "done".into()).await;
+    delete_queue(names, queue).await;
     let h = histogram
         .lock()
         .map_err(|_| anyhow::anyhow!("histogram poisoned"))?
@@ -426,7 +441,7 @@ pub async fn broker_latency(
 /// Fills a queue with `messages` Herald-sized messages, then consumes them with manual acks at
 /// `prefetch` and reports the CPU time this process spent per message consumed.
 pub async fn consume_cpu(names: &Names, messages: u64, prefetch: u16) -> anyhow::Result<Value> {
-    let queue = &raw_queues(names)[2];
+    let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let mut pending = FuturesUnordered::new();
     for i in 0..messages {
@@ -461,14 +476,38 @@ pub async fn consume_cpu(names: &Names, messages: u64, prefetch: u16) -> anyhow:
     )
 }
 
-/// Deletes the raw baselines' queues.
-pub async fn delete_raw_queues(names: &Names) -> anyhow::Result<()> {
-    let (connection, channel) = connect(names, "cleanup").await?;
-    for queue in raw_queues(names) {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
+/// Deletes every raw queue of this run (those a failed measurement left behind too).
+pub async fn delete_raw_queues(names: &Names) {
+    for n in 0..QUEUES.load(Ordering::Relaxed) {
+        delete_queue(names, &format!("{}.raw.{n}", names.prefix)).await;
     }
-    let _ = connection.close(200, "cleanup done".into()).await;
-    Ok(())
+}
+
+/// Samples the ready-message count of the node's events queue every 250 ms until `stop`: where
+/// the end-to-end loop's in-flight events wait (many ready: the worker side is the bottleneck;
+/// few: the commit and publish side is).
+pub async fn sample_ready(names: &Names, stop: CancellationToken) -> Vec<u32> {
+    let mut samples = Vec::new();
+    let Ok((connection, channel)) = connect(names, "sampler").await else {
+        return samples;
+    };
+    let queue = herald::queue::Topology::new(&names.prefix).events_queue;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    while !stop.is_cancelled() {
+        if let Ok(q) = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            samples.push(q.message_count());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    samples
 }

@@ -30,9 +30,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-/// Herald's defaults the baselines must match.
-const PREFETCH: u16 = 200;
-const MAX_INFLIGHT_CONFIRMS: usize = 1000;
 /// Producers of the batch API (and connections of the UNNEST baseline).
 const BATCH_PRODUCERS: usize = 4;
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
@@ -51,6 +48,9 @@ struct Cli {
     /// Sockets connected (and joined) through the socket, end-to-end and latency figures.
     #[arg(long)]
     sockets: Option<usize>,
+    /// The node's `queue.prefetch`, and the baselines' (default: Herald's default).
+    #[arg(long)]
+    prefetch: Option<u16>,
     /// Concurrent clients of the single-event API, and connections of its one-row baseline.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -86,6 +86,10 @@ struct Plan {
     prefill: u64,
     /// Baseline/Herald pairs of the throughput figures.
     rounds: usize,
+    /// The worker's demand, and the raw consumers' prefetch.
+    prefetch: u16,
+    /// Publishes awaiting a confirm, Herald's and the raw publishers'.
+    max_inflight: usize,
     quick: bool,
 }
 
@@ -102,6 +106,10 @@ impl Plan {
             latency: if quick { 1.5 } else { 10.0 },
             prefill: if quick { 5_000 } else { 100_000 },
             rounds: if quick { 1 } else { 3 },
+            prefetch: cli
+                .prefetch
+                .unwrap_or(herald::config::QueueSettings::default().prefetch),
+            max_inflight: herald::config::QueueSettings::default().max_inflight_confirms,
             quick,
         }
     }
@@ -199,7 +207,16 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
         names.prefix
     ));
     let (sink, statsd) = statsd::Sink::start()?;
-    let node = Node::start(bin, &names, statsd, out_dir().join("herald.log")).await?;
+    let node = Node::start(
+        bin,
+        &names,
+        &[
+            ("HERALD_STATSD_ADDR", statsd),
+            ("HERALD_QUEUE__PREFETCH", plan.prefetch.to_string()),
+        ],
+        out_dir().join("herald.log"),
+    )
+    .await?;
     // A panic in a phase must still stop the node and drop the database and queues.
     let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
         .catch_unwind()
@@ -295,7 +312,8 @@ async fn run(
         "concurrency": plan.concurrency,
         "batch": loadgen::BATCH,
         "batch_producers": BATCH_PRODUCERS,
-        "prefetch": PREFETCH,
+        "prefetch": plan.prefetch,
+        "max_inflight_confirms": plan.max_inflight,
         "e2e_window": E2E_WINDOW,
         "rounds": plan.rounds,
     });
@@ -328,7 +346,7 @@ async fn run(
         "CPU: lapin consume+ack of {} messages",
         plan.prefill
     ));
-    report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, PREFETCH).await?;
+    report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, plan.prefetch).await?;
 
     // Rounds alternate baseline and Herald, and the ratio is the median of the rounds' ratios: on a
     // shared box the noise moves within minutes, and a pair measured back to back sees the same.
@@ -343,8 +361,8 @@ async fn run(
             names,
             plan.e2e_warmup,
             plan.e2e,
-            PREFETCH,
-            MAX_INFLIGHT_CONFIRMS,
+            plan.prefetch,
+            plan.max_inflight,
             E2E_WINDOW,
         )
         .await?;
@@ -354,10 +372,11 @@ async fn run(
             "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
             plan.rounds
         ));
-        let herald = herald_e2e(plan, node, &mut load, sink).await?;
+        let herald = herald_e2e(plan, names, node, &mut load, sink).await?;
         say(format!(
-            "  {:.0} events/s; cores used: {}",
+            "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
             f(&herald, "/rate"),
+            f(&herald, "/queue_ready_mean"),
             herald["cores_used"]
         ));
         herald_rounds.push(herald);
@@ -387,9 +406,14 @@ async fn run(
             )
             .await?;
         herald["node_metrics"] = sink.take();
-        let raw =
-            baseline::broker_latency(names, rate, plan.latency_warmup, plan.latency, PREFETCH)
-                .await?;
+        let raw = baseline::broker_latency(
+            names,
+            rate,
+            plan.latency_warmup,
+            plan.latency,
+            plan.prefetch,
+        )
+        .await?;
         say(format!(
             "  herald p50/p99/max {}/{}/{} ms; broker {:.1}/{:.1}/{:.1} ms",
             herald["p50"],
@@ -466,6 +490,7 @@ async fn run(
 /// the node's own timings over the measured window.
 async fn herald_e2e(
     plan: &Plan,
+    names: &Names,
     node: &Node,
     load: &mut Loadgen,
     sink: &statsd::Sink,
@@ -479,8 +504,16 @@ async fn herald_e2e(
     let cpu0 = node.cpu_time();
     let groups0 = sys::cpu_by_group(node.pid, load.child.id());
     sink.take();
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (names, stop) = (names.clone(), stop_sampling.clone());
+        async move { baseline::sample_ready(&names, stop).await }
+    });
     let end = load.recv().await?;
     let cpu = node.cpu_time() - cpu0;
+    stop_sampling.cancel();
+    let ready = sampler.await.unwrap_or_default();
+    let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
     let groups1 = sys::cpu_by_group(node.pid, load.child.id());
     let node_metrics = sink.take();
     let window = f(&end, "/secs").max(0.001);
@@ -496,6 +529,7 @@ async fn herald_e2e(
     Ok(json!({
         "events": end["events"], "secs": end["secs"], "rate": end["rate"],
         "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
+        "queue_ready_mean": mean_ready,
         "after": done,
     }))
 }
@@ -643,7 +677,7 @@ fn render(r: &Value) -> String {
     let (raw, herald) = (f(r, "/e2e/raw/rate"), f(r, "/e2e/herald/rate"));
     rows.push([
         format!("end-to-end sustained events/s, enqueue -> pushed to {} sockets (closed loop, {E2E_WINDOW} in flight)", thousands(n as f64)),
-        format!("{} (quorum, persistent, {MAX_INFLIGHT_CONFIRMS} confirms in flight, prefetch {PREFETCH}, ack each)", thousands(raw)),
+        format!("{} (quorum, persistent, {} confirms in flight, prefetch {}, ack each)", thousands(raw), r["max_inflight_confirms"], r["prefetch"]),
         thousands(herald),
         ratio_of("e2e"),
         verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x"),
@@ -691,7 +725,7 @@ fn render(r: &Value) -> String {
     );
     rows.push([
         "CPU time per delivered event, µs (Herald: whole process, ingest to push)".into(),
-        format!("{raw:.1} (lapin consume + ack, prefetch {PREFETCH})"),
+        format!("{raw:.1} (lapin consume + ack, prefetch {})", r["prefetch"]),
         format!("{herald:.1}"),
         ratio(herald, raw),
         verdict(herald <= 2.0 * raw, "<= 2x"),

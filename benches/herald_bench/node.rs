@@ -89,12 +89,12 @@ fn herald(bin: &Path, names: &Names, env: &[(&str, String)]) -> Command {
 }
 
 impl Node {
-    /// Migrates a fresh database, creates a producer, starts `herald serve` and waits until it is
-    /// ready (PostgreSQL and RabbitMQ reachable).
+    /// Migrates a fresh database, creates a producer, starts `herald serve` with `settings` (more
+    /// `HERALD_*` variables) and waits until it is ready (PostgreSQL and RabbitMQ reachable).
     pub async fn start(
         bin: &Path,
         names: &Names,
-        statsd: String,
+        settings: &[(&str, String)],
         log: PathBuf,
     ) -> anyhow::Result<Self> {
         let migrated = herald(bin, names, &[])
@@ -125,20 +125,15 @@ impl Node {
         };
         let port = sys::free_port()?;
         let log_file = std::fs::File::create(&log).context("create the node log")?;
-        let child = herald(
-            bin,
-            names,
-            &[
-                ("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}")),
-                ("HERALD_STATSD_ADDR", statsd),
-            ],
-        )
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .spawn()
-        .context("start herald serve")?;
+        let mut env = vec![("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}"))];
+        env.extend(settings.iter().cloned());
+        let child = herald(bin, names, &env)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("start herald serve")?;
         let node = Self {
             pid: child.id(),
             child,
@@ -203,6 +198,6 @@ impl Drop for Node {
 /// Drops this run's database and deletes its queues, the raw baselines' included.
 pub async fn clean_up(names: &Names) {
     let _ = herald::queue::delete_topology(&names.queue_settings()).await;
-    let _ = crate::baseline::delete_raw_queues(names).await;
+    crate::baseline::delete_raw_queues(names).await;
     let _ = Store::drop_database(&names.store_settings()).await;
 }
