@@ -372,7 +372,9 @@ async fn run(
             "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
             plan.rounds
         ));
-        let herald = herald_e2e(plan, names, node, &mut load, sink).await?;
+        let checkpoints = forced_checkpoints(&pool).await;
+        let mut herald = herald_e2e(plan, names, node, &mut load, sink).await?;
+        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
         say(format!(
             "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
             f(&herald, "/rate"),
@@ -399,12 +401,14 @@ async fn run(
             fraction * 100.0
         ));
         sink.take();
+        let checkpoints = forced_checkpoints(&pool).await;
         let mut herald = load
             .call(
                 json!({"cmd": "latency", "rate": rate, "warmup": plan.latency_warmup,
                          "secs": plan.latency}),
             )
             .await?;
+        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
         herald["node_metrics"] = sink.take();
         let raw = baseline::broker_latency(
             names,
@@ -415,10 +419,11 @@ async fn run(
         )
         .await?;
         say(format!(
-            "  herald p50/p99/max {}/{}/{} ms; broker {:.1}/{:.1}/{:.1} ms",
+            "  herald p50/p99/max {}/{}/{} ms ({} forced PG checkpoints meanwhile); broker {:.1}/{:.1}/{:.1} ms",
             herald["p50"],
             herald["p99"],
             herald["max"],
+            herald["forced_checkpoints"],
             raw["p50"].as_f64().unwrap_or(0.0),
             raw["p99"].as_f64().unwrap_or(0.0),
             raw["max"].as_f64().unwrap_or(0.0)
@@ -595,6 +600,16 @@ async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<Value> {
     }))
 }
 
+/// Checkpoints PostgreSQL was asked for so far, server-wide. Every CREATE or DROP DATABASE forces
+/// one (other sessions' test suites make a database per test), and each flushes every dirty page
+/// at once: commits stall behind it. Counted per phase so a latency tail can be told from it.
+async fn forced_checkpoints(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT checkpoints_req FROM pg_stat_bgwriter")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
 /// Waits until every event is delivered (none `accepted` or `published`); returns how long it took.
 async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
@@ -700,7 +715,13 @@ fn render(r: &Value) -> String {
                 at("raw", "p99"),
                 at("raw", "max")
             ),
-            format!("{:.0} / {:.0} / {:.0}", at("herald", "p50"), p99, at("herald", "max")),
+            format!(
+                "{:.0} / {:.0} / {:.0} ({} forced PG checkpoints)",
+                at("herald", "p50"),
+                p99,
+                at("herald", "max"),
+                f(r, &format!("/latency/{k}/herald/forced_checkpoints"))
+            ),
             format!("p99 {}", ratio(p99, at("raw", "p99"))),
             if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
         ]);
