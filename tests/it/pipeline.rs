@@ -169,3 +169,27 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
         (Some(3), Some(3))
     );
 }
+
+/// The confirm recorder must never wait on a row another writer holds: waiting there is how it
+/// deadlocked with the outcome writer (each locking the same rows in its own order).
+#[tokio::test]
+async fn marking_published_skips_rows_another_writer_holds() {
+    let app = spawn_app().await;
+    let r = app.post_event(json!({"user_id": "held", "data": {}})).await;
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    let id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+    let mut holder = app.store.pool().begin().await.unwrap();
+    // Held by an open transaction that has it 'accepted' again (the node may have marked it already).
+    sqlx::query("UPDATE events SET status = 'accepted' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let marked = tokio::time::timeout(crate::common::PATIENCE, app.store.mark_published(&[id]))
+        .await
+        .expect("returns while the row is held")
+        .unwrap();
+    assert_eq!(marked, 0, "the held row is skipped");
+    holder.rollback().await.unwrap();
+}

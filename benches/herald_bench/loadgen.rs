@@ -1,0 +1,469 @@
+//! The load generator: its own process (it shares the two cores with the node, but not its
+//! runtime, allocator or scheduler queue), driven by the harness over stdin/stdout, one JSON command
+//! per line in, one JSON answer per line out.
+//!
+//! It holds the N user sockets for the whole run (so the node carries them through every phase),
+//! answers their heartbeats' replies, counts every pushed event and, while a latency window is open,
+//! records receive time minus the event's `at` in an HDR histogram: latency as a client sees it.
+
+use futures_util::stream::{self, StreamExt};
+use futures_util::{SinkExt, future};
+use hdrhistogram::Histogram;
+use herald::event::{UserId, now_unix_ms};
+use herald::socket::token::{TokenSigner, now_unix_secs};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The event name of every benchmark event; frames carrying it are pushes to count.
+const EVENT: &str = "bench";
+/// Padding in each event's data, so a message is the size of a small real notification.
+pub const PAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+/// Events per request of the batch API (also the raw UNNEST baseline's rows per statement).
+pub const BATCH: usize = 100;
+/// Sockets connecting at once.
+const CONNECT_CONCURRENCY: usize = 64;
+/// Herald closes sockets silent for 60 s; clients heartbeat every 25 s like the JS client (30 s).
+const HEARTBEAT: Duration = Duration::from_secs(25);
+
+/// One command from the harness.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Command {
+    /// Connect `n` plain WebSockets to the echo server, one echo each, and hold them.
+    ConnectEcho { port: u16, n: usize },
+    /// Drop the echo sockets.
+    CloseEcho,
+    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each.
+    Connect { n: usize },
+    /// Batch API at full speed for `secs`, from `producers` concurrent producers, to offline users.
+    IngestBatch { secs: f64, producers: usize },
+    /// Single-event API at full speed for `secs`, from `clients` concurrent clients.
+    IngestSingle { secs: f64, clients: usize },
+    /// Closed loop to the connected users: at most `window` events accepted but not yet received.
+    /// Answers a `start` mark after `warmup`, an `end` mark after `secs` more, then `done` once
+    /// everything sent has arrived.
+    E2e {
+        warmup: f64,
+        secs: f64,
+        producers: usize,
+        window: u64,
+    },
+    /// Open loop at `rate` events/s to the connected users; latency of events accepted between
+    /// `warmup` and `warmup + secs`.
+    Latency { rate: f64, warmup: f64, secs: f64 },
+}
+
+struct Shared {
+    /// Benchmark events pushed to our sockets, all phases.
+    received: AtomicU64,
+    /// User sockets that ended (Herald closed them or the transport failed).
+    closed: AtomicU64,
+    /// Events with `at` in [lo, hi] (Unix ms) are recorded in `latency`.
+    record_lo: AtomicI64,
+    record_hi: AtomicI64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+struct Loadgen {
+    base: String,
+    ws_base: String,
+    key: String,
+    signer: TokenSigner,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+    users: usize,
+    echo: Vec<Ws>,
+    /// Round-robin position over the connected users, so each user's events go out in order.
+    next_event: Arc<AtomicU64>,
+}
+
+fn reply(value: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Runs commands from stdin until it closes.
+pub async fn run(base: String, key: String) -> anyhow::Result<()> {
+    crate::sys::raise_nofile_limit();
+    let mut load = Loadgen {
+        ws_base: base.replacen("http", "ws", 1),
+        base,
+        key,
+        signer: TokenSigner::new(crate::node::SECRET),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?,
+        shared: Arc::new(Shared {
+            received: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            record_lo: AtomicI64::new(i64::MAX),
+            record_hi: AtomicI64::new(i64::MIN),
+            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3)?),
+        }),
+        users: 0,
+        echo: Vec::new(),
+        next_event: Arc::new(AtomicU64::new(0)),
+    };
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let command: Command = serde_json::from_str(&line)?;
+        match command {
+            Command::ConnectEcho { port, n } => reply(load.connect_echo(port, n).await),
+            Command::CloseEcho => {
+                load.echo.clear();
+                reply(json!({"closed": true}));
+            }
+            Command::Connect { n } => reply(load.connect(n).await),
+            Command::IngestBatch { secs, producers } => {
+                reply(load.ingest(secs, producers, true).await)
+            }
+            Command::IngestSingle { secs, clients } => {
+                reply(load.ingest(secs, clients, false).await)
+            }
+            Command::E2e {
+                warmup,
+                secs,
+                producers,
+                window,
+            } => load.e2e(warmup, secs, producers, window).await,
+            Command::Latency { rate, warmup, secs } => {
+                reply(load.latency(rate, warmup, secs).await)
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One event as the API takes it.
+fn event_json(user: &str, i: u64) -> String {
+    format!(r#"{{"user_id":"{user}","event":"{EVENT}","data":{{"i":{i},"pad":"{PAD}"}}}}"#)
+}
+
+fn batch_json(events: impl Iterator<Item = String>) -> String {
+    let events: Vec<String> = events.collect();
+    format!(r#"{{"events":[{}]}}"#, events.join(","))
+}
+
+/// The integer after `"key":` in `text`.
+fn field_i64(text: &str, key: &str) -> Option<i64> {
+    let start = text.find(key)? + key.len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    digits.parse().ok()
+}
+
+impl Shared {
+    fn on_frame(&self, text: &str) {
+        if !text.contains(r#","bench","#) {
+            return; // a reply (join, heartbeat), not a push
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let Some(at) = field_i64(text, r#""at":"#) else {
+            return;
+        };
+        if at >= self.record_lo.load(Ordering::Relaxed)
+            && at <= self.record_hi.load(Ordering::Relaxed)
+        {
+            let waited = (now_unix_ms() - at).max(0) as u64;
+            if let Ok(mut h) = self.latency.lock() {
+                h.saturating_record(waited);
+            }
+        }
+    }
+}
+
+impl Loadgen {
+    async fn post(&self, path: &str, body: String) -> bool {
+        let sent = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        matches!(sent, Ok(r) if r.status().is_success())
+    }
+
+    async fn connect_echo(&mut self, port: u16, n: usize) -> Value {
+        let started = Instant::now();
+        let url = format!("ws://127.0.0.1:{port}/");
+        let sockets: Vec<Option<Ws>> = stream::iter(0..n)
+            .map(|_| {
+                let url = url.clone();
+                async move {
+                    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+                    ws.send(Message::Text("hello".into())).await.ok()?;
+                    ws.next().await?.ok()?;
+                    Some(ws)
+                }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        let failed = sockets.iter().filter(|s| s.is_none()).count();
+        self.echo = sockets.into_iter().flatten().collect();
+        json!({"connected": self.echo.len(), "failed": failed, "secs": started.elapsed().as_secs_f64()})
+    }
+
+    async fn connect(&mut self, n: usize) -> Value {
+        let started = Instant::now();
+        let from = self.users;
+        let results: Vec<Option<Ws>> = stream::iter(from..n)
+            .map(|i| self.connect_user(i))
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut failed = 0;
+        for (k, ws) in results.into_iter().enumerate() {
+            match ws {
+                Some(ws) => {
+                    tokio::spawn(serve_socket(
+                        ws,
+                        Arc::clone(&self.shared),
+                        (from + k) as u64,
+                    ));
+                }
+                None => failed += 1,
+            }
+        }
+        self.users = n;
+        json!({"connected": n - from - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
+    }
+
+    async fn connect_user(&self, i: usize) -> Option<Ws> {
+        let user = UserId::parse(format!("s{i}")).ok()?;
+        let token = self.signer.sign(&user, now_unix_secs() + 24 * 3600);
+        let url = format!("{}/socket/websocket?vsn=2.0.0&token={token}", self.ws_base);
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+        let join = format!(r#"["1","1","user:{user}","phx_join",{{}}]"#);
+        ws.send(Message::Text(join.into())).await.ok()?;
+        loop {
+            if let Message::Text(text) = ws.next().await?.ok()?
+                && text.contains("phx_reply")
+            {
+                return text.contains(r#""status":"ok""#).then_some(ws);
+            }
+        }
+    }
+
+    /// Offline users (nobody connected), so only the API and the commit are measured at the edge;
+    /// the node still publishes and delivers them behind.
+    async fn ingest(&self, secs: f64, concurrency: usize, batch: bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let started = Instant::now();
+        let accepted = AtomicU64::new(0);
+        let errors = AtomicU64::new(0);
+        let workers = (0..concurrency).map(|w| {
+            let (accepted, errors) = (&accepted, &errors);
+            async move {
+                let mut k: u64 = 0;
+                while Instant::now() < deadline {
+                    let (path, body, n) = if batch {
+                        let body = batch_json(
+                            (0..BATCH as u64)
+                                .map(|j| event_json(&format!("ib{w}-{}", (k + j) % 100), k + j)),
+                        );
+                        ("/api/v1/events/batch", body, BATCH as u64)
+                    } else {
+                        let body = event_json(&format!("is{w}-{}", k % 100), k);
+                        ("/api/v1/events", body, 1)
+                    };
+                    k += n;
+                    if self.post(path, body).await {
+                        accepted.fetch_add(n, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        future::join_all(workers).await;
+        let secs = started.elapsed().as_secs_f64();
+        let events = accepted.load(Ordering::Relaxed);
+        json!({"events": events, "secs": secs, "rate": events as f64 / secs,
+               "errors": errors.load(Ordering::Relaxed)})
+    }
+
+    /// A batch of `n` events to the next `n` users in round-robin order.
+    fn user_batch(&self, n: usize) -> String {
+        let users = self.users.max(1) as u64;
+        let k = self.next_event.fetch_add(n as u64, Ordering::Relaxed);
+        batch_json((k..k + n as u64).map(|i| event_json(&format!("s{}", i % users), i)))
+    }
+
+    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64) {
+        let base = self.shared.received.load(Ordering::Relaxed);
+        let sent = AtomicU64::new(0);
+        let errors = AtomicU64::new(0);
+        let stop = CancellationToken::new();
+        let received = || self.shared.received.load(Ordering::Relaxed) - base;
+        let producer = || async {
+            while !stop.is_cancelled() {
+                // Closed loop: wait while `window` events are accepted but not yet pushed.
+                while sent.load(Ordering::Relaxed).saturating_sub(received()) >= window {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                sent.fetch_add(BATCH as u64, Ordering::Relaxed);
+                if !self
+                    .post("/api/v1/events/batch", self.user_batch(BATCH))
+                    .await
+                {
+                    sent.fetch_sub(BATCH as u64, Ordering::Relaxed);
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let conductor = async {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            let (r0, t0) = (received(), Instant::now());
+            reply(json!({"mark": "start"}));
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            let (r1, t1) = (received(), Instant::now());
+            let secs = (t1 - t0).as_secs_f64();
+            reply(json!({"mark": "end", "events": r1 - r0, "secs": secs,
+                         "rate": (r1 - r0) as f64 / secs}));
+            stop.cancel();
+        };
+        future::join(
+            conductor,
+            future::join_all((0..producers).map(|_| producer())),
+        )
+        .await;
+        let drained = self
+            .wait_received(base, sent.load(Ordering::Relaxed), 60)
+            .await;
+        reply(
+            json!({"mark": "done", "sent": sent.load(Ordering::Relaxed), "received": received(),
+                     "drained": drained, "errors": errors.load(Ordering::Relaxed),
+                     "closed": self.shared.closed.load(Ordering::Relaxed)}),
+        );
+    }
+
+    /// Waits until `expected` events arrived since `base`, at most `limit_secs`.
+    async fn wait_received(&self, base: u64, expected: u64, limit_secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(limit_secs);
+        while self.shared.received.load(Ordering::Relaxed) - base < expected {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    async fn latency(&self, rate: f64, warmup: f64, secs: f64) -> Value {
+        let base = self.shared.received.load(Ordering::Relaxed);
+        if let Ok(mut h) = self.shared.latency.lock() {
+            h.reset();
+        }
+        let lo = now_unix_ms() + (warmup * 1000.0) as i64;
+        self.shared.record_lo.store(lo, Ordering::Relaxed);
+        self.shared
+            .record_hi
+            .store(lo + (secs * 1000.0) as i64, Ordering::Relaxed);
+        // Open loop: every 10 ms, send what the rate says is due, without waiting for answers; a
+        // request that finds no free slot among 256 in flight leaves its events to the next tick.
+        let slots = Arc::new(Semaphore::new(256));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut due_sent: u64 = 0;
+        let mut late_ticks = 0u64;
+        let started = Instant::now();
+        let total = Duration::from_secs_f64(warmup + secs);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed >= total {
+                break;
+            }
+            let due = (rate * elapsed.as_secs_f64()) as u64;
+            let n = (due - due_sent).min(1000) as usize;
+            if n == 0 {
+                continue;
+            }
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                late_ticks += 1;
+                continue;
+            };
+            due_sent += n as u64;
+            let body = self.user_batch(n);
+            let request = self
+                .http
+                .post(format!("{}/api/v1/events/batch", self.base))
+                .bearer_auth(&self.key)
+                .header("content-type", "application/json")
+                .body(body);
+            let (accepted, errors) = (Arc::clone(&accepted), Arc::clone(&errors));
+            tokio::spawn(async move {
+                match request.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        accepted.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                drop(slot);
+            });
+        }
+        let _all_answered = slots.acquire_many(256).await;
+        let expected = accepted.load(Ordering::Relaxed);
+        let drained = self.wait_received(base, expected, 30).await;
+        self.shared.record_lo.store(i64::MAX, Ordering::Relaxed);
+        let h = match self.shared.latency.lock() {
+            Ok(h) => h.clone(),
+            Err(_) => return json!({"error": "histogram poisoned"}),
+        };
+        json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
+               "p999": h.value_at_quantile(0.999), "max": h.max(), "mean": h.mean(),
+               "sent": expected, "drained": drained, "late_ticks": late_ticks,
+               "errors": errors.load(Ordering::Relaxed),
+               "closed": self.shared.closed.load(Ordering::Relaxed)})
+    }
+}
+
+/// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it.
+async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
+    let (mut sink, mut stream) = ws.split();
+    // Spread heartbeats over the period instead of sending 10,000 at once.
+    let offset = Duration::from_millis(i * 7919 % HEARTBEAT.as_millis() as u64);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => shared.on_frame(&text),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            _ = heartbeat.tick() => {
+                let beat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
+                if sink.send(beat).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    shared.closed.fetch_add(1, Ordering::Relaxed);
+}

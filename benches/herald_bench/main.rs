@@ -1,0 +1,771 @@
+//! The benchmark harness: Herald against the raw ceilings of PostgreSQL, RabbitMQ and WebSocket,
+//! measured in the same run on the same box (scripts/bench; see BENCHMARKS.md).
+//!
+//! Our machines are shared and noisy, so no absolute figure means much on its own: every Herald
+//! figure is printed beside the raw ceiling of the component under it, measured minutes apart, and
+//! the ratio is the result. Three processes take part: this harness (it orchestrates, reads `/proc`,
+//! and runs the raw baselines while the node idles), the release `herald` binary it starts on a
+//! fresh database and queue prefix, and the load generator (this binary again, `loadgen`), which
+//! holds the N sockets and drives the API. A fourth, the bare echo server (`echo`), lives only for
+//! the memory baseline.
+//!
+//! A harness-less `[[bench]]`: its dependencies are dev-dependencies, so none of them reaches the
+//! `herald` binary, and `cargo bench` builds that binary in release mode for us to start.
+
+mod baseline;
+mod echo;
+mod loadgen;
+mod node;
+mod statsd;
+mod sys;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
+use node::{Names, Node};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// Producers of the batch API (and connections of the UNNEST baseline).
+const BATCH_PRODUCERS: usize = 4;
+/// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
+/// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
+const E2E_WINDOW: u64 = 4000;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald-bench",
+    about = "Herald vs the raw ceilings under it, in one run"
+)]
+struct Cli {
+    /// A smoke run in under a minute: few sockets, short phases. Asserts nothing about speed.
+    #[arg(long)]
+    quick: bool,
+    /// Sockets connected (and joined) through the socket, end-to-end and latency figures.
+    #[arg(long)]
+    sockets: Option<usize>,
+    /// The node's `queue.prefetch`, and the baselines' (default: Herald's default).
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// Concurrent clients of the single-event API, and connections of its one-row baseline.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// `cargo bench` appends this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Role {
+    /// (internal) The load generator, driven over stdin/stdout.
+    Loadgen {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// (internal) The bare tokio-tungstenite echo server of the memory baseline.
+    Echo,
+}
+
+/// Phase lengths, in seconds.
+struct Plan {
+    sockets: usize,
+    concurrency: usize,
+    ingest: f64,
+    e2e_warmup: f64,
+    e2e: f64,
+    latency_warmup: f64,
+    latency: f64,
+    prefill: u64,
+    /// Baseline/Herald pairs of the throughput figures.
+    rounds: usize,
+    /// The worker's demand, and the raw consumers' prefetch.
+    prefetch: u16,
+    /// Publishes awaiting a confirm, Herald's and the raw publishers'.
+    max_inflight: usize,
+    quick: bool,
+}
+
+impl Plan {
+    fn new(cli: &Cli) -> Self {
+        let quick = cli.quick;
+        Self {
+            sockets: cli.sockets.unwrap_or(if quick { 200 } else { 10_000 }),
+            concurrency: cli.concurrency,
+            ingest: if quick { 2.0 } else { 5.0 },
+            e2e_warmup: if quick { 1.0 } else { 3.0 },
+            e2e: if quick { 3.0 } else { 8.0 },
+            latency_warmup: if quick { 0.5 } else { 3.0 },
+            latency: if quick { 1.5 } else { 10.0 },
+            prefill: if quick { 5_000 } else { 100_000 },
+            rounds: if quick { 1 } else { 3 },
+            prefetch: cli
+                .prefetch
+                .unwrap_or(herald::config::QueueSettings::default().prefetch),
+            max_inflight: herald::config::QueueSettings::default().max_inflight_confirms,
+            quick,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.role {
+        Some(Role::Loadgen { ref base, ref key }) => {
+            runtime.block_on(loadgen::run(base.clone(), key.clone()))
+        }
+        Some(Role::Echo) => runtime.block_on(echo::run()),
+        None => runtime.block_on(harness(Plan::new(&cli))),
+    }
+}
+
+/// The load generator process and its command pipe.
+struct Loadgen {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Loadgen {
+    fn start(base: &str, key: &str) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["loadgen", "--base", base, "--key", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the load generator")?;
+        let stdin = child.stdin.take().context("loadgen stdin")?;
+        let stdout = child.stdout.take().context("loadgen stdout")?;
+        Ok(Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    async fn send(&mut self, command: Value) -> anyhow::Result<()> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<Value> {
+        let line = self
+            .lines
+            .next_line()
+            .await?
+            .context("the load generator exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    async fn call(&mut self, command: Value) -> anyhow::Result<Value> {
+        self.send(command).await?;
+        self.recv().await
+    }
+}
+
+fn out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("bench")
+}
+
+fn say(what: impl AsRef<str>) {
+    eprintln!("[bench] {}", what.as_ref());
+}
+
+async fn harness(plan: Plan) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let nofile = sys::raise_nofile_limit();
+    if (nofile as usize) < plan.sockets + 1000 {
+        bail!(
+            "{} sockets need a higher open-files limit than {nofile}",
+            plan.sockets
+        );
+    }
+    std::fs::create_dir_all(out_dir())?;
+    let names = Names::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
+    say(format!(
+        "{} run: {} sockets, database {}, queue prefix {}",
+        if plan.quick { "quick" } else { "full" },
+        plan.sockets,
+        names.database,
+        names.prefix
+    ));
+    let (sink, statsd) = statsd::Sink::start()?;
+    let node = Node::start(
+        bin,
+        &names,
+        &[
+            ("HERALD_STATSD_ADDR", statsd),
+            ("HERALD_QUEUE__PREFETCH", plan.prefetch.to_string()),
+        ],
+        out_dir().join("herald.log"),
+    )
+    .await?;
+    // A panic in a phase must still stop the node and drop the database and queues.
+    let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
+    say("stopping the node and cleaning up");
+    if plan.quick {
+        // The quick run's backlog is not worth a graceful drain: the database goes anyway.
+        sys::terminate(node.pid);
+    }
+    node.stop().await;
+    node::clean_up(&names).await;
+    let mut report = result?;
+    report["run_secs"] = json!(started.elapsed().as_secs_f64());
+    let table = render(&report);
+    println!("{table}");
+    let when = report["started_unix"].as_u64().unwrap_or(0);
+    let json_text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(
+        out_dir().join(format!("herald-bench-{when}.json")),
+        &json_text,
+    )?;
+    std::fs::write(out_dir().join("latest.json"), &json_text)?;
+    say(format!(
+        "done in {:.0} s; JSON in {}",
+        started.elapsed().as_secs_f64(),
+        out_dir().join("latest.json").display()
+    ));
+    smoke_check(&report)
+}
+
+/// Every figure produced a measurement (the harness works); speed is never asserted.
+fn smoke_check(report: &Value) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (figure, path) in [
+        ("ingest batch, raw", "/ingest_batch/raw/rate"),
+        ("ingest batch, herald", "/ingest_batch/herald/rate"),
+        ("ingest single, raw", "/ingest_single/raw/rate"),
+        ("ingest single, herald", "/ingest_single/herald/rate"),
+        ("end-to-end, raw", "/e2e/raw/rate"),
+        ("end-to-end, herald", "/e2e/herald/rate"),
+        ("latency 50%, raw", "/latency/1/raw/count"),
+        ("latency 50%, herald", "/latency/1/herald/count"),
+        ("RSS, echo", "/rss/raw/per_socket_bytes"),
+        ("RSS, herald", "/rss/herald/per_socket_bytes"),
+        ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
+        ("CPU, herald", "/cpu/herald/cpu_us_per_event"),
+    ] {
+        if !report
+            .pointer(path)
+            .and_then(Value::as_f64)
+            .is_some_and(|v| v > 0.0)
+        {
+            missing.push(figure);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("no measurement for: {}", missing.join(", "))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn run(
+    plan: &Plan,
+    names: &Names,
+    node: &Node,
+    sink: &statsd::Sink,
+) -> anyhow::Result<Value> {
+    let mut report = json!({
+        "started_unix": unix_now(),
+        "git": git_revision(),
+        "machine": sys::machine(),
+        "mode": if plan.quick { "quick" } else { "full" },
+        "sockets": plan.sockets,
+        "concurrency": plan.concurrency,
+        "batch": loadgen::BATCH,
+        "batch_producers": BATCH_PRODUCERS,
+        "prefetch": plan.prefetch,
+        "max_inflight_confirms": plan.max_inflight,
+        "e2e_window": E2E_WINDOW,
+        "rounds": plan.rounds,
+    });
+    let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
+    let producer = baseline::create_raw_table(&pool).await?;
+    let mut load = Loadgen::start(&node.base, &node.api_key)?;
+
+    // Memory first, on a fresh node: what N idle sockets cost before any load grew the heap.
+    say(format!("RSS: bare echo server, {} sockets", plan.sockets));
+    report["rss"]["raw"] = echo_rss(&mut load, plan.sockets).await?;
+    say(format!(
+        "RSS: herald, {} sockets connected and joined",
+        plan.sockets
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = node.rss_bytes();
+    let connected = load
+        .call(json!({"cmd": "connect", "n": plan.sockets}))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = node.rss_bytes();
+    let n = connected["connected"].as_u64().unwrap_or(0);
+    report["rss"]["herald"] = json!({
+        "before_bytes": before, "after_bytes": after, "sockets": n,
+        "connect": connected,
+        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
+    });
+
+    say(format!(
+        "CPU: lapin consume+ack of {} messages",
+        plan.prefill
+    ));
+    report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, plan.prefetch).await?;
+
+    // Rounds alternate baseline and Herald, and the ratio is the median of the rounds' ratios: on a
+    // shared box the noise moves within minutes, and a pair measured back to back sees the same.
+    let mut raw_rounds = Vec::new();
+    let mut herald_rounds = Vec::new();
+    for round in 1..=plan.rounds {
+        say(format!(
+            "end-to-end, round {round}/{}: raw broker publish+consume",
+            plan.rounds
+        ));
+        let raw = baseline::broker_e2e(
+            names,
+            plan.e2e_warmup,
+            plan.e2e,
+            plan.prefetch,
+            plan.max_inflight,
+            E2E_WINDOW,
+        )
+        .await?;
+        say(format!("  {:.0} events/s", f(&raw, "/rate")));
+        raw_rounds.push(raw);
+        say(format!(
+            "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
+            plan.rounds
+        ));
+        let checkpoints = forced_checkpoints(&pool).await;
+        let mut herald = herald_e2e(plan, names, node, &mut load, sink).await?;
+        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+        say(format!(
+            "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
+            f(&herald, "/rate"),
+            f(&herald, "/queue_ready_mean"),
+            herald["cores_used"]
+        ));
+        herald_rounds.push(herald);
+    }
+    report["e2e"] = paired(raw_rounds, herald_rounds.clone());
+    let sustained = f(&report, "/e2e/herald/rate");
+    let (cpu, delivered) = herald_rounds.iter().fold((0.0, 0.0), |(c, n), r| {
+        (c + f(r, "/cpu_secs"), n + f(r, "/events"))
+    });
+    report["cpu"]["herald"] = json!({
+        "events": delivered, "cpu_secs": cpu,
+        "cpu_us_per_event": cpu * 1e6 / delivered.max(1.0),
+    });
+
+    let mut latencies = Vec::new();
+    for fraction in [0.25, 0.5, 0.75] {
+        let rate = (sustained * fraction).max(10.0);
+        say(format!(
+            "latency at {:.0}% of sustained: {rate:.0} events/s",
+            fraction * 100.0
+        ));
+        sink.take();
+        let checkpoints = forced_checkpoints(&pool).await;
+        let mut herald = load
+            .call(
+                json!({"cmd": "latency", "rate": rate, "warmup": plan.latency_warmup,
+                         "secs": plan.latency}),
+            )
+            .await?;
+        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+        herald["node_metrics"] = sink.take();
+        let raw = baseline::broker_latency(
+            names,
+            rate,
+            plan.latency_warmup,
+            plan.latency,
+            plan.prefetch,
+        )
+        .await?;
+        say(format!(
+            "  herald p50/p99/max {}/{}/{} ms ({} forced PG checkpoints meanwhile); broker {:.1}/{:.1}/{:.1} ms",
+            herald["p50"],
+            herald["p99"],
+            herald["max"],
+            herald["forced_checkpoints"],
+            raw["p50"].as_f64().unwrap_or(0.0),
+            raw["p99"].as_f64().unwrap_or(0.0),
+            raw["max"].as_f64().unwrap_or(0.0)
+        ));
+        latencies.push(json!({"fraction": fraction, "rate": rate, "herald": herald, "raw": raw}));
+    }
+    report["latency"] = Value::Array(latencies);
+
+    // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
+    // each Herald round drains before the next pair starts.
+    let (mut raw_rounds, mut herald_rounds) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        say(format!(
+            "ingest batch, round {round}/{}: raw UNNEST, then herald batch API",
+            plan.rounds
+        ));
+        raw_rounds.push(
+            baseline::pg_unnest(
+                &pool,
+                producer,
+                plan.ingest,
+                BATCH_PRODUCERS,
+                loadgen::BATCH,
+            )
+            .await,
+        );
+        sink.take();
+        let mut herald = load
+            .call(json!({"cmd": "ingest_batch", "secs": plan.ingest, "producers": BATCH_PRODUCERS}))
+            .await?;
+        herald["node_metrics"] = sink.take();
+        herald["drain_secs"] = json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+        say(format!(
+            "  raw {:.0}/s, herald {:.0}/s",
+            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
+            f(&herald, "/rate")
+        ));
+        herald_rounds.push(herald);
+    }
+    report["ingest_batch"] = paired(raw_rounds, herald_rounds);
+    let (mut raw_rounds, mut herald_rounds) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        say(format!(
+            "ingest single, round {round}/{}: raw one-row inserts, then herald",
+            plan.rounds
+        ));
+        raw_rounds.push(baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await);
+        let herald = load
+            .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
+            .await?;
+        if round < plan.rounds {
+            wait_drained(&pool, 60).await?;
+        }
+        say(format!(
+            "  raw {:.0}/s, herald {:.0}/s",
+            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
+            f(&herald, "/rate")
+        ));
+        herald_rounds.push(herald);
+    }
+    report["ingest_single"] = paired(raw_rounds, herald_rounds);
+    drop(load.stdin);
+    let _ = load.child.kill().await;
+    pool.close().await;
+    Ok(report)
+}
+
+/// One end-to-end round of Herald: the closed loop, with the node's CPU, every process's cores and
+/// the node's own timings over the measured window.
+async fn herald_e2e(
+    plan: &Plan,
+    names: &Names,
+    node: &Node,
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+) -> anyhow::Result<Value> {
+    load.send(
+        json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
+                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
+    )
+    .await?;
+    let _start = load.recv().await?;
+    let cpu0 = node.cpu_time();
+    let groups0 = sys::cpu_by_group(node.pid, load.child.id());
+    sink.take();
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (names, stop) = (names.clone(), stop_sampling.clone());
+        async move { baseline::sample_ready(&names, stop).await }
+    });
+    let end = load.recv().await?;
+    let cpu = node.cpu_time() - cpu0;
+    stop_sampling.cancel();
+    let ready = sampler.await.unwrap_or_default();
+    let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
+    let groups1 = sys::cpu_by_group(node.pid, load.child.id());
+    let node_metrics = sink.take();
+    let window = f(&end, "/secs").max(0.001);
+    let cores: serde_json::Map<String, Value> = groups1
+        .iter()
+        .map(|(group, t)| {
+            let before = groups0.get(group).copied().unwrap_or_default();
+            let used = t.saturating_sub(before).as_secs_f64() / window;
+            ((*group).to_owned(), json!((used * 100.0).round() / 100.0))
+        })
+        .collect();
+    let done = load.recv().await?;
+    Ok(json!({
+        "events": end["events"], "secs": end["secs"], "rate": end["rate"],
+        "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
+        "queue_ready_mean": mean_ready,
+        "after": done,
+    }))
+}
+
+/// Rounds of a baseline and of Herald as `{raw, herald, ratio, rounds}`: `raw` and `herald` are the
+/// rounds with the median rate (their other fields kept), `ratio` the median of the rounds' ratios.
+fn paired(raw: Vec<Value>, herald: Vec<Value>) -> Value {
+    let ratios: Vec<f64> = raw
+        .iter()
+        .zip(&herald)
+        .map(|(r, h)| f(h, "/rate") / f(r, "/rate").max(f64::MIN_POSITIVE))
+        .collect();
+    json!({
+        "raw": median_by_rate(&raw),
+        "herald": median_by_rate(&herald),
+        "ratio": median(ratios),
+        "rounds": {"raw": raw, "herald": herald},
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn median_by_rate(rounds: &[Value]) -> Value {
+    let mut sorted: Vec<&Value> = rounds.iter().collect();
+    sorted.sort_by(|a, b| f(a, "/rate").total_cmp(&f(b, "/rate")));
+    sorted
+        .get(sorted.len() / 2)
+        .map_or(Value::Null, |v| (*v).clone())
+}
+
+/// Starts the echo server, connects `n` sockets to it (one echo each), reads its growth.
+async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<Value> {
+    let mut echo = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("echo")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the echo server")?;
+    let stdout = echo.stdout.take().context("echo stdout")?;
+    let port: u16 = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .context("the echo server printed no port")?
+        .parse()?;
+    let pid = echo.id().context("echo pid")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sys::rss_bytes(pid).unwrap_or(0);
+    let connected = load
+        .call(json!({"cmd": "connect_echo", "port": port, "n": n}))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sys::rss_bytes(pid).unwrap_or(0);
+    load.call(json!({"cmd": "close_echo"})).await?;
+    let _ = echo.kill().await;
+    let n = connected["connected"].as_u64().unwrap_or(0);
+    Ok(json!({
+        "before_bytes": before, "after_bytes": after, "sockets": n, "connect": connected,
+        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
+    }))
+}
+
+/// Checkpoints PostgreSQL was asked for so far, server-wide. Every CREATE or DROP DATABASE forces
+/// one (other sessions' test suites make a database per test), and each flushes every dirty page
+/// at once: commits stall behind it. Counted per phase so a latency tail can be told from it.
+async fn forced_checkpoints(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT checkpoints_req FROM pg_stat_bgwriter")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Waits until every event is delivered (none `accepted` or `published`); returns how long it took.
+async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if left == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(limit_secs) {
+            say(format!(
+                "  {left} events still undelivered after {limit_secs} s; going on"
+            ));
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// 12345.6 -> "12,346".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn f(report: &Value, path: &str) -> f64 {
+    report.pointer(path).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn ratio(herald: f64, raw: f64) -> String {
+    if raw > 0.0 {
+        format!("{:.2}x", herald / raw)
+    } else {
+        "n/a".into()
+    }
+}
+
+fn verdict(met: bool, target: &str) -> String {
+    format!("{target}: {}", if met { "met" } else { "MISSED" })
+}
+
+/// The table of issue 3, as Markdown (BENCHMARKS.md carries it as printed).
+fn render(r: &Value) -> String {
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let ratio_of = |figure: &str| format!("{:.2}x", f(r, &format!("/{figure}/ratio")));
+    let (raw, herald) = (
+        f(r, "/ingest_batch/raw/rate"),
+        f(r, "/ingest_batch/herald/rate"),
+    );
+    rows.push([
+        format!("ingest, events/s, `POST /api/v1/events/batch` ({} events/request, {BATCH_PRODUCERS} producers)", loadgen::BATCH),
+        format!("{} (UNNEST, {} rows/statement, {BATCH_PRODUCERS} connections)", thousands(raw), loadgen::BATCH),
+        thousands(herald),
+        ratio_of("ingest_batch"),
+        verdict(f(r, "/ingest_batch/ratio") >= 0.5, ">= 0.5x"),
+    ]);
+    let c = r["concurrency"].as_u64().unwrap_or(0);
+    let (raw, herald) = (
+        f(r, "/ingest_single/raw/rate"),
+        f(r, "/ingest_single/herald/rate"),
+    );
+    rows.push([
+        format!("ingest, events/s, single `POST /api/v1/events`, {c} concurrent clients"),
+        format!("{} (1 row/transaction, {c} connections)", thousands(raw)),
+        thousands(herald),
+        ratio_of("ingest_single"),
+        "none".into(),
+    ]);
+    let n = r["sockets"].as_u64().unwrap_or(0);
+    let (raw, herald) = (f(r, "/e2e/raw/rate"), f(r, "/e2e/herald/rate"));
+    rows.push([
+        format!("end-to-end sustained events/s, enqueue -> pushed to {} sockets (closed loop, {E2E_WINDOW} in flight)", thousands(n as f64)),
+        format!("{} (quorum, persistent, {} confirms in flight, prefetch {}, ack each)", thousands(raw), r["max_inflight_confirms"], r["prefetch"]),
+        thousands(herald),
+        ratio_of("e2e"),
+        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x"),
+    ]);
+    for k in 0..3 {
+        let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
+        let fraction = f(r, &format!("/latency/{k}/fraction"));
+        let rate = f(r, &format!("/latency/{k}/rate"));
+        let p99 = at("herald", "p99");
+        rows.push([
+            format!(
+                "enqueue -> push latency ms p50 / p99 / max at {:.0}% of sustained ({}/s), {} sockets",
+                fraction * 100.0,
+                thousands(rate),
+                thousands(n as f64)
+            ),
+            format!(
+                "{:.1} / {:.1} / {:.1} (publish -> consume)",
+                at("raw", "p50"),
+                at("raw", "p99"),
+                at("raw", "max")
+            ),
+            format!(
+                "{:.0} / {:.0} / {:.0} ({} forced PG checkpoints)",
+                at("herald", "p50"),
+                p99,
+                at("herald", "max"),
+                f(r, &format!("/latency/{k}/herald/forced_checkpoints"))
+            ),
+            format!("p99 {}", ratio(p99, at("raw", "p99"))),
+            if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
+        ]);
+    }
+    let (raw, herald) = (
+        f(r, "/rss/raw/per_socket_bytes") / 1024.0,
+        f(r, "/rss/herald/per_socket_bytes") / 1024.0,
+    );
+    rows.push([
+        format!(
+            "RSS per idle socket, KB ({} connected; Herald's joined)",
+            thousands(n as f64)
+        ),
+        format!("{raw:.1} (tokio-tungstenite echo, same buffers)"),
+        format!("{herald:.1}"),
+        ratio(herald, raw),
+        verdict(herald <= 12.0, "<= 12 KB"),
+    ]);
+    let (raw, herald) = (
+        f(r, "/cpu/raw/cpu_us_per_event"),
+        f(r, "/cpu/herald/cpu_us_per_event"),
+    );
+    rows.push([
+        "CPU time per delivered event, µs (Herald: whole process, ingest to push)".into(),
+        format!("{raw:.1} (lapin consume + ack, prefetch {})", r["prefetch"]),
+        format!("{herald:.1}"),
+        ratio(herald, raw),
+        verdict(herald <= 2.0 * raw, "<= 2x"),
+    ]);
+    let mut out = format!(
+        "\nHerald benchmark ({} run, {}s, git {}) on {}\n\n",
+        r["mode"].as_str().unwrap_or("?"),
+        thousands(f(r, "/run_secs")),
+        r["git"].as_str().unwrap_or("?"),
+        r["machine"].as_str().unwrap_or("?"),
+    );
+    out.push_str(&format!(
+        "Throughput rows: median of {} alternating baseline/Herald rounds (ratio: median of the rounds' ratios).\n\n",
+        r["rounds"]
+    ));
+    out.push_str("| figure | raw baseline, same run | Herald | ratio | target |\n");
+    out.push_str("| --- | --- | --- | --- | --- |\n");
+    for row in rows {
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out
+}
