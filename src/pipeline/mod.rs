@@ -31,7 +31,7 @@ pub fn outgoing(envelope: &Envelope) -> OutgoingMessage {
 
 /// Runs `attempt` until it succeeds or `tries` attempts failed, backing off 100 ms, 200 ms, ... up to
 /// 2 s between them. For writes that must not be lost to a short database outage.
-async fn retry<T, E: std::fmt::Display, F, Fut>(
+async fn retry<T, E: std::fmt::Debug, F, Fut>(
     what: &str,
     tries: u32,
     mut attempt: F,
@@ -47,7 +47,7 @@ where
             Ok(value) => return Ok(value),
             Err(error) if tried >= tries => return Err(error),
             Err(error) => {
-                tracing::warn!(error = %error, what, attempt = tried, "write failed; retrying");
+                tracing::warn!(error = ?error, what, attempt = tried, "write failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
                 tried += 1;
