@@ -5,13 +5,12 @@
 
 use super::ApiState;
 use super::error::ApiError;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, bearer_key_hash, cached_lookup};
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
-use crate::store::{ApiKey, EventFilter, Producer};
+use crate::store::{EventFilter, Producer};
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
-use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,20 +29,14 @@ impl FromRequestParts<ApiState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let key = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        let hash = ApiKey::hash(key);
-        if let Some(cached) = state.admin_keys.get(&hash) {
-            return cached.map(Admin).ok_or(ApiError::Unauthorized);
-        }
-        let admin = state.store.admin_by_key_hash(&hash).await?;
-        state.admin_keys.put(hash, admin.clone());
-        admin.map(Admin).ok_or(ApiError::Unauthorized)
+        let hash = bearer_key_hash(parts)?;
+        cached_lookup(
+            &state.admin_keys,
+            hash,
+            state.store.admin_by_key_hash(&hash),
+        )
+        .await
+        .map(Admin)
     }
 }
 

@@ -52,21 +52,38 @@ impl FromRequestParts<ApiState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let key = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        let hash = ApiKey::hash(key);
-        if let Some(cached) = state.keys.get(&hash) {
-            return cached.map(Authenticated).ok_or(ApiError::Unauthorized);
-        }
-        let producer = state.store.producer_by_key_hash(&hash).await?;
-        state.keys.put(hash, producer.clone());
-        producer.map(Authenticated).ok_or(ApiError::Unauthorized)
+        let hash = bearer_key_hash(parts)?;
+        cached_lookup(&state.keys, hash, state.store.producer_by_key_hash(&hash))
+            .await
+            .map(Authenticated)
     }
+}
+
+/// The digest of the request's `Authorization: Bearer <key>`.
+pub(super) fn bearer_key_hash(parts: &Parts) -> Result<KeyHash, ApiError> {
+    let key = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    Ok(ApiKey::hash(key))
+}
+
+/// The producer owning `hash`, from `cache` or else from `lookup` (whose answer, found or not, is
+/// cached); no producer is 401.
+pub(super) async fn cached_lookup(
+    cache: &KeyCache,
+    hash: KeyHash,
+    lookup: impl std::future::Future<Output = Result<Option<Producer>, crate::store::Error>>,
+) -> Result<Producer, ApiError> {
+    if let Some(cached) = cache.get(&hash) {
+        return cached.ok_or(ApiError::Unauthorized);
+    }
+    let found = lookup.await?;
+    cache.put(hash, found.clone());
+    found.ok_or(ApiError::Unauthorized)
 }
 
 /// Remembers key lookups (hits and misses) for a short time, so a busy producer costs one query per
@@ -79,7 +96,7 @@ pub struct KeyCache {
 }
 
 /// SHA-256 of an API key.
-type KeyHash = [u8; 32];
+pub(super) type KeyHash = [u8; 32];
 
 impl KeyCache {
     /// A cache keeping entries for `ttl`, at most `max_entries` of them.
