@@ -63,21 +63,7 @@ async fn a_join_without_last_seq_reports_the_latest_seq_and_sends_no_history() {
 async fn joining_in_the_middle_of_a_stream_misses_nothing_and_repeats_nothing() {
     let app = spawn_app().await;
     let total = 300;
-    let http = app.http.clone();
-    let url = app.url("/api/v1/events");
-    let key = app.api_key.clone();
-    let producer = tokio::spawn(async move {
-        for n in 1..=total {
-            let r = http
-                .post(&url)
-                .bearer_auth(&key)
-                .json(&json!({"user_id": "42", "data": {"n": n}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-        }
-    });
+    let producer = app.stream_events("42", total);
     // Join while the stream runs, asking for everything from the start.
     crate::common::wait_until(
         "part of the stream stored",
@@ -125,7 +111,9 @@ async fn a_client_acknowledges_events_it_has_shown() {
             .await
             .unwrap();
     assert_eq!(acked, vec![("43".into(), true), ("44".into(), false)]);
-    // The producer sees pushed vs shown on its event.
+    // The producer sees pushed vs shown on its event, once the worker has recorded the delivery
+    // (the client can ack a push before its outcome is written).
+    app.wait_all_delivered().await;
     let read = |id: String| {
         let request = app
             .http
