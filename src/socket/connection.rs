@@ -211,26 +211,16 @@ impl Connection {
             return match refusal {
                 // No route: Phoenix answers with a null join ref, and no handler was involved.
                 Refusal::Unmatched => {
-                    self.reply(&frame, &null(), "error", &reason("unmatched topic"))
+                    self.reply(&frame, null(), "error", &reason("unmatched topic"))
                         .await
                 }
-                Refusal::Reason(why) => {
-                    self.state.metrics.channel_join(channel_tag, false);
-                    self.reply(&frame, &frame.join_ref, "error", &reason(why))
-                        .await
-                }
+                Refusal::Reason(why) => self.refuse_join(&frame, channel_tag, why).await,
             };
         }
         let previous = self.channels.remove(&frame.topic);
         if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
-            self.state.metrics.channel_join(channel_tag, false);
             return self
-                .reply(
-                    &frame,
-                    &frame.join_ref,
-                    "error",
-                    &reason("too many channels joined"),
-                )
+                .refuse_join(&frame, channel_tag, "too many channels joined")
                 .await;
         }
         if let Some(previous) = &previous {
@@ -240,14 +230,8 @@ impl Connection {
             Ok(kind) => kind,
             Err(error) => {
                 tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
-                self.state.metrics.channel_join(channel_tag, false);
                 return self
-                    .reply(
-                        &frame,
-                        &frame.join_ref,
-                        "error",
-                        &reason("unavailable, retry"),
-                    )
+                    .refuse_join(&frame, channel_tag, "unavailable, retry")
                     .await;
             }
         };
@@ -299,6 +283,18 @@ impl Connection {
                 _ => return Ok(()),
             }
         }
+    }
+
+    /// Answers a join with an error reply carrying `why`, and counts the refusal.
+    async fn refuse_join(
+        &mut self,
+        frame: &Frame,
+        channel_tag: &'static str,
+        why: &str,
+    ) -> Result<(), End> {
+        self.state.metrics.channel_join(channel_tag, false);
+        self.reply(frame, &frame.join_ref, "error", &reason(why))
+            .await
     }
 
     /// Routes and authorises a join.
@@ -371,7 +367,7 @@ impl Connection {
     async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
-                .reply(&frame, &null(), "error", &reason("unmatched topic"))
+                .reply(&frame, null(), "error", &reason("unmatched topic"))
                 .await;
         };
         if is_stale(&frame, &channel.join_ref) {
@@ -526,7 +522,7 @@ impl Connection {
         let text = protocol::encode(
             self.vsn,
             join_ref,
-            &null(),
+            null(),
             &message.topic,
             &message.event,
             &message.payload,

@@ -132,7 +132,7 @@ fn decode_v1(text: &str) -> Result<Frame, DecodeError> {
     Ok(Frame {
         join_ref: match v1.join_ref {
             Some(jr) => check_ref(jr)?,
-            None => null(),
+            None => null().to_owned(),
         },
         msg_ref: check_ref(v1.msg_ref)?,
         topic: string(&v1.topic)?,
@@ -157,9 +157,12 @@ fn string(raw: &RawValue) -> Result<String, DecodeError> {
     serde_json::from_str::<String>(raw.get()).map_err(|_| DecodeError::FieldType)
 }
 
-/// JSON `null`, for absent refs.
-pub fn null() -> Box<RawValue> {
-    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is JSON"))
+/// JSON `null`, for absent refs: built once, since every push and many replies carry it.
+pub fn null() -> &'static RawValue {
+    static NULL: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
+        RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is JSON"))
+    });
+    &NULL
 }
 
 fn quote(s: &str) -> String {
@@ -280,7 +283,7 @@ mod tests {
 
     #[test]
     fn replies_encode_per_version() {
-        let reply = encode_reply(Vsn::V2, &null(), &raw(r#""1""#), "phoenix", "ok", "{}");
+        let reply = encode_reply(Vsn::V2, null(), &raw(r#""1""#), "phoenix", "ok", "{}");
         assert_eq!(
             reply,
             r#"[null,"1","phoenix","phx_reply",{"status":"ok","response":{}}]"#
@@ -357,7 +360,7 @@ mod tests {
         let push = encode(
             Vsn::V2,
             &raw(r#""5""#),
-            &null(),
+            null(),
             "user:1",
             "push",
             r#"{"k":1}"#,

@@ -113,21 +113,7 @@ async fn clients_of_a_killed_socket_node_reconnect_elsewhere_and_miss_nothing() 
     client.join("user:erin", json!({})).await;
     // A producer streams 300 events while the client's node dies under it.
     let total = 300;
-    let http = api.http.clone();
-    let url = api.url("/api/v1/events");
-    let key = api.api_key.clone();
-    let producer = tokio::spawn(async move {
-        for n in 1..=total {
-            let r = http
-                .post(&url)
-                .bearer_auth(&key)
-                .json(&json!({"user_id": "erin", "data": {"n": n}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-        }
-    });
+    let producer = api.stream_events("erin", total);
     let mut seen = Vec::new();
     for _ in 0..20 {
         seen.push(client.recv_push().await[4]["seq"].as_i64().unwrap());

@@ -356,6 +356,29 @@ impl TestApp {
         queue.message_count()
     }
 
+    /// Streams `total` events (`data.n` = 1..=total) to `user` from a task of its own, each request
+    /// starting when the previous 202 arrived; the task fails if any is refused.
+    pub fn stream_events(&self, user: &str, total: i64) -> JoinHandle<()> {
+        let (http, url, key, user) = (
+            self.http.clone(),
+            self.url("/api/v1/events"),
+            self.api_key.clone(),
+            user.to_owned(),
+        );
+        tokio::spawn(async move {
+            for n in 1..=total {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"user_id": user, "data": {"n": n}}))
+                    .send()
+                    .await
+                    .expect("request sent");
+                assert_eq!(r.status(), 202);
+            }
+        })
+    }
+
     /// Waits until every event of the deployment is delivered.
     pub async fn wait_all_delivered(&self) {
         wait_until("every event delivered", PATIENCE, || async {
