@@ -18,6 +18,7 @@ use crate::demo::Demo;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::faults::Faults;
+use crate::pipeline::partitions::{Coordinator, check_layout};
 use crate::pipeline::replay::ReplayJobs;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
@@ -67,6 +68,9 @@ pub enum Error {
     /// `faults.fail_events` holds a rule that does not parse.
     #[error("invalid faults.fail_events: {0}")]
     Faults(String),
+    /// The partition count cannot be used (see [`crate::pipeline::partitions::check_layout`]).
+    #[error(transparent)]
+    Layout(#[from] crate::pipeline::partitions::LayoutError),
 }
 
 /// A node, built and ready to run.
@@ -90,12 +94,16 @@ impl App {
     /// build: the API accepts while the broker is down, and the broker roles connect when it is up.
     ///
     /// # Errors
-    /// PostgreSQL unreachable, the address taken, StatsD misconfigured, or demo files missing.
+    /// PostgreSQL unreachable, the address taken, StatsD misconfigured, demo files missing, or a
+    /// partition count that cannot be switched to now.
     pub async fn build(settings: Settings) -> Result<Self, Error> {
         let roles = settings.roles();
         let node = node_name(&settings.node.name);
         let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
         let store = Store::connect(&settings.store).await?;
+        if roles.api || roles.worker {
+            check_layout(&settings, &store).await?;
+        }
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .map_err(|source| Error::Bind {
@@ -212,7 +220,7 @@ impl App {
                 store.clone(),
                 publisher_handle.clone(),
                 metrics.clone(),
-                pipeline,
+                &settings,
                 commit_close.clone(),
             );
             let commit_task = tokio::spawn(commit_task);
@@ -220,7 +228,7 @@ impl App {
                 store.clone(),
                 publisher_handle.clone(),
                 metrics.clone(),
-                &settings.replay,
+                &settings,
                 shutdown.child_token(),
             );
             let retention_task = tokio::spawn(retention::run(
@@ -233,7 +241,7 @@ impl App {
                 store.clone(),
                 publisher_handle,
                 metrics.clone(),
-                pipeline.clone(),
+                settings.clone(),
                 shutdown.child_token(),
             ));
             if let Some(demo) = demo {
@@ -269,14 +277,15 @@ impl App {
             });
         }
 
-        // worker: consumer, broadcasts, outcome writer.
+        // worker: partition leases and consumers, per-user lanes, outcome writer.
         let mut worker_tasks = None;
+        let (owned_partitions, owned_watch) = tokio::sync::watch::channel(Vec::new());
         if roles.worker {
             let outcomes_close = CancellationToken::new();
             let (outcomes, outcome_task) = outcomes::writer(
                 store.clone(),
                 metrics.clone(),
-                usize::from(settings.queue.prefetch) * 2,
+                1024,
                 pipeline.max_status_batch,
                 outcomes_close.clone(),
             );
@@ -286,16 +295,22 @@ impl App {
                 pubsub: pubsub.clone(),
                 outcomes,
                 metrics: metrics.clone(),
-                consuming,
                 retry: Arc::new(RetryPolicy::new(&settings.retry)),
                 retry_delays_ms: settings.retry.delays_ms().into(),
                 attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
                 faults,
             };
+            let coordinator = Coordinator {
+                worker,
+                store: store.clone(),
+                settings: settings.clone(),
+                node: node.clone(),
+                owned: owned_partitions,
+                consuming,
+                metrics: metrics.clone(),
+            };
             worker_tasks = Some(WorkerTasks {
-                worker_task: tokio::spawn(
-                    worker.run(settings.queue.clone(), shutdown.child_token()),
-                ),
+                worker_task: tokio::spawn(coordinator.run(shutdown.child_token())),
                 outcomes_close,
                 outcome_task: tokio::spawn(outcome_task),
             });
@@ -343,6 +358,7 @@ impl App {
             node: node.clone(),
             roles: roles.names(),
             links,
+            partitions: roles.worker.then_some(owned_watch),
         };
         let router = router
             .merge(api::health::routes(health))

@@ -11,12 +11,15 @@
 use crate::config::{PubSubSettings, QueueSettings};
 use crate::event::RESYNC_EVENT;
 use crate::metrics::Metrics;
-use crate::pubsub::{BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Transport};
+use crate::pubsub::{
+    BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Push, Transport,
+};
 use crate::queue::fanout::{FanoutPublisher, NodeQueue};
 use crate::queue::{self, Backoff};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +27,19 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A broadcast as it travels between nodes.
+/// A broadcast as it travels between nodes: a topic and its pushes, in order.
 #[derive(Serialize, Deserialize)]
 struct Wire<'a> {
-    topic: &'a str,
-    event: &'a str,
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow)]
+    pushes: Vec<WirePush<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WirePush<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
     seq: Option<i64>,
     at: Option<i64>,
     #[serde(borrow)]
@@ -54,14 +65,25 @@ impl RabbitTransport {
 impl Transport for RabbitTransport {
     fn publish<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<bool, PubSubError>> {
         Box::pin(async move {
-            let payload = RawValue::from_string(message.payload.to_string())
+            let payloads = message
+                .pushes
+                .iter()
+                .map(|push| serde_json::from_str::<&RawValue>(&push.payload))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| PubSubError::Unavailable(format!("payload is not JSON: {e}")))?;
             let wire = Wire {
-                topic: &message.topic,
-                event: &message.event,
-                seq: message.seq,
-                at: message.enqueued_at_ms,
-                payload: &payload,
+                topic: Cow::Borrowed(&message.topic),
+                pushes: message
+                    .pushes
+                    .iter()
+                    .zip(payloads)
+                    .map(|(push, payload)| WirePush {
+                        event: Cow::Borrowed(&push.event),
+                        seq: push.seq,
+                        at: push.enqueued_at_ms,
+                        payload,
+                    })
+                    .collect(),
             };
             let body =
                 serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))?;
@@ -210,22 +232,22 @@ fn deliver(pubsub: &PubSub, body: &[u8]) {
         return;
     };
     pubsub.deliver_local(Arc::new(Message {
-        topic: wire.topic.into(),
-        event: wire.event.into(),
-        seq: wire.seq,
-        payload: wire.payload.get().into(),
-        enqueued_at_ms: wire.at,
+        topic: wire.topic.as_ref().into(),
+        pushes: wire
+            .pushes
+            .into_iter()
+            .map(|push| Push {
+                event: push.event.into_owned(),
+                seq: push.seq,
+                payload: push.payload.get().to_owned(),
+                enqueued_at_ms: push.at,
+            })
+            .collect(),
     }));
 }
 
 fn resync_local(pubsub: &PubSub) {
     for topic in pubsub.topics() {
-        pubsub.deliver_local(Arc::new(Message {
-            topic: topic.as_str().into(),
-            event: RESYNC_EVENT.into(),
-            seq: None,
-            payload: "{}".into(),
-            enqueued_at_ms: None,
-        }));
+        pubsub.deliver_local(Arc::new(Message::control(&topic, RESYNC_EVENT, "{}")));
     }
 }

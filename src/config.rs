@@ -152,9 +152,24 @@ pub struct QueueSettings {
     pub prefix: String,
     /// `quorum` (replicated, the default) or `classic`.
     pub queue_type: String,
-    /// `basic_qos` prefetch: the worker pool's demand, and so its concurrency bound.
+    /// Partition queues (`<prefix>.events.<p>`): a user's events all ride the one its id hashes
+    /// to. Change it only as README says (drain, then switch); a node refuses to start on a
+    /// different count while the partitions hold messages.
+    pub partitions: u16,
+    /// The worker's demand per partition, in events: a partition's messages are taken into work
+    /// only while fewer than this many of its events are in flight on the node.
     pub prefetch: u16,
-    /// Committed events waiting to be published; when full, the outbox relay publishes them later.
+    /// Most events in one broker message (a group commit's events of one partition are split
+    /// beyond it). `prefetch` caps it too: a message is taken into work whole.
+    pub message_max_events: usize,
+    /// Most bytes in one broker message, roughly (split beyond it; one event always fits).
+    pub message_max_bytes: usize,
+    /// A worker node holds a partition this long without renewing: when it dies, the partition
+    /// moves to a live node after at most this long.
+    pub partition_lease_ms: u64,
+    /// How often a worker node renews its leases and rebalances partitions over the live nodes.
+    pub partition_check_ms: u64,
+    /// Messages waiting to be published; when full, the outbox relay publishes them later.
     pub publish_buffer: usize,
     /// Publishes awaiting a broker confirm at once (pipelined confirms).
     pub max_inflight_confirms: usize,
@@ -172,10 +187,15 @@ impl Default for QueueSettings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             prefix: "herald".into(),
             queue_type: "quorum".into(),
-            prefetch: 200,
+            partitions: 16,
+            prefetch: 1_000,
+            message_max_events: 500,
+            message_max_bytes: 256 * 1024,
+            partition_lease_ms: 5_000,
+            partition_check_ms: 1_000,
             publish_buffer: 10_000,
             max_inflight_confirms: 1_000,
-            confirm_timeout_ms: 10_000,
+            confirm_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             reconnect_max_backoff_ms: 5_000,
         }
@@ -204,6 +224,8 @@ pub struct PipelineSettings {
     pub relay_batch: i64,
     /// Most status updates in one batched UPDATE.
     pub max_status_batch: usize,
+    /// Most events of one user a worker broadcasts (and records) in one go.
+    pub max_run_events: usize,
 }
 
 impl Default for PipelineSettings {
@@ -218,6 +240,7 @@ impl Default for PipelineSettings {
             relay_interval_ms: 1_000,
             relay_batch: 1_000,
             max_status_batch: 1_000,
+            max_run_events: 200,
         }
     }
 }
@@ -578,11 +601,36 @@ impl Settings {
         if self.queue.prefetch == 0 {
             return bad("queue.prefetch", "must be at least 1");
         }
+        if !(1..=1024).contains(&self.queue.partitions) {
+            return bad("queue.partitions", "must be 1 to 1024");
+        }
+        if self.queue.message_max_bytes < self.pipeline.max_data_bytes + 1024 {
+            return bad(
+                "queue.message_max_bytes",
+                "must exceed pipeline.max_data_bytes by 1024 (one event always fits)",
+            );
+        }
+        if self.queue.partition_check_ms == 0
+            || self.queue.partition_lease_ms < 3 * self.queue.partition_check_ms
+        {
+            return bad(
+                "queue.partition_lease_ms",
+                "must be at least 3 x queue.partition_check_ms (a lease outlives two missed renewals)",
+            );
+        }
+        if self.pipeline.relay_grace_ms * 9 / 10 <= self.queue.confirm_timeout_ms {
+            return bad(
+                "pipeline.relay_grace_ms",
+                "must exceed queue.confirm_timeout_ms by a tenth of itself (the relay must never race a publish awaiting its confirm)",
+            );
+        }
         for (key, value) in [
             ("pipeline.enqueue_buffer", self.pipeline.enqueue_buffer),
             ("pipeline.max_commit_batch", self.pipeline.max_commit_batch),
             ("pipeline.max_batch_events", self.pipeline.max_batch_events),
             ("pipeline.max_status_batch", self.pipeline.max_status_batch),
+            ("pipeline.max_run_events", self.pipeline.max_run_events),
+            ("queue.message_max_events", self.queue.message_max_events),
             ("queue.publish_buffer", self.queue.publish_buffer),
             (
                 "queue.max_inflight_confirms",
@@ -682,6 +730,18 @@ impl Settings {
     /// True when broadcasts ride RabbitMQ between nodes.
     pub fn cluster(&self) -> bool {
         self.pubsub.mode == "cluster"
+    }
+
+    /// The bounds on one broker message (`queue.message_max_events`, capped by `queue.prefetch`,
+    /// and `queue.message_max_bytes`).
+    pub fn message_limits(&self) -> crate::store::MessageLimits {
+        crate::store::MessageLimits {
+            max_events: self
+                .queue
+                .message_max_events
+                .min(usize::from(self.queue.prefetch)),
+            max_bytes: self.queue.message_max_bytes,
+        }
     }
 
     /// How long the whole graceful shutdown may take.
@@ -807,7 +867,8 @@ mod tests {
     fn defaults_load_without_file_or_env() {
         let s = Settings::load(None, env(&[])).unwrap();
         assert_eq!(s.http.addr.port(), 4000);
-        assert_eq!(s.queue.prefetch, 200);
+        assert_eq!(s.queue.prefetch, 1_000);
+        assert_eq!(s.queue.partitions, 16);
     }
 
     #[test]
@@ -879,7 +940,7 @@ mod tests {
         assert!(rows.iter().any(|(v, _)| v == "HERALD_DATABASE_URL"));
         assert!(
             rows.iter()
-                .any(|(v, d)| v == "HERALD_QUEUE__PREFETCH" && d == "200")
+                .any(|(v, d)| v == "HERALD_QUEUE__PARTITIONS" && d == "16")
         );
     }
 }

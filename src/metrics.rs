@@ -130,7 +130,7 @@ impl Metrics {
         .send();
     }
 
-    /// One worker delivery finished (broadcast, outcome recorded, acked).
+    /// One worker run finished (broadcast, outcomes recorded).
     pub fn worker_processed(&self, elapsed: Duration, outcome: &'static str) {
         self.tagged(
             self.client
@@ -202,7 +202,81 @@ impl Metrics {
         .send();
     }
 
-    /// Publishes confirmed by the broker.
+    /// Messages handed to the publisher (`source` = commit, relay or replay) and the events they
+    /// carry: messages per event is the wire's batching, and relay republishes are amplification.
+    pub fn messages_published(&self, source: &'static str, messages: usize, events: usize) {
+        if messages > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("queue.publish.messages", messages as i64)
+                    .with_tag("source", source),
+            )
+            .send();
+            self.tagged(
+                self.client
+                    .count_with_tags("queue.publish.events", events as i64)
+                    .with_tag("source", source),
+            )
+            .send();
+        }
+    }
+
+    /// Messages (outbox rows) waiting for a broker confirm, sampled by the relay.
+    pub fn outbox_depth(&self, messages: i64) {
+        self.tagged(
+            self.client
+                .gauge_with_tags("pipeline.outbox.messages", messages.max(0) as u64),
+        )
+        .send();
+    }
+
+    /// A message a worker took from a partition: how many events it carried.
+    pub fn worker_message(&self, events: usize) {
+        self.tagged(
+            self.client
+                .histogram_with_tags("pipeline.worker.message_events", events as u64),
+        )
+        .send();
+    }
+
+    /// One user's run of events broadcast together: how many.
+    pub fn worker_run(&self, events: usize) {
+        self.tagged(
+            self.client
+                .histogram_with_tags("pipeline.worker.run_events", events as u64),
+        )
+        .send();
+    }
+
+    /// Events taken from the broker and not yet settled on this worker node.
+    pub fn worker_in_flight(&self, events: u64) {
+        self.tagged(
+            self.client
+                .gauge_with_tags("pipeline.worker.in_flight", events),
+        )
+        .send();
+    }
+
+    /// Partitions this worker node consumes.
+    pub fn partitions_owned(&self, count: usize) {
+        self.tagged(
+            self.client
+                .gauge_with_tags("pipeline.partitions.owned", count as u64),
+        )
+        .send();
+    }
+
+    /// A partition came to this node or left it (`change` = acquired, released or lost).
+    pub fn partition_moved(&self, change: &'static str) {
+        self.tagged(
+            self.client
+                .count_with_tags("pipeline.partitions.moved", 1)
+                .with_tag("change", change),
+        )
+        .send();
+    }
+
+    /// Messages confirmed by the broker.
     pub fn publish_confirmed(&self, count: usize) {
         self.tagged(
             self.client
@@ -211,7 +285,7 @@ impl Metrics {
         .send();
     }
 
-    /// Publishes not confirmed (nack, timeout, lost connection); the relay republishes them.
+    /// Messages not confirmed (nack, timeout, lost connection, stale); the relay republishes them.
     pub fn publish_unconfirmed(&self, count: usize, reason: &'static str) {
         self.tagged(
             self.client
@@ -221,7 +295,8 @@ impl Metrics {
         .send();
     }
 
-    /// Committed events not handed to the publisher (buffer full or broker down); the relay owns them.
+    /// Committed messages not handed to the publisher (buffer full or broker down); the relay owns
+    /// them.
     pub fn publish_deferred(&self, count: usize) {
         if count > 0 {
             self.tagged(
@@ -253,11 +328,11 @@ impl Metrics {
         }
     }
 
-    /// A delivery's outcome (`pushed`, `offline`, `failed`).
-    pub fn delivery_outcome(&self, outcome: &'static str) {
+    /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.
+    pub fn delivery_outcome(&self, outcome: &'static str, count: usize) {
         self.tagged(
             self.client
-                .count_with_tags("pipeline.worker.delivered", 1)
+                .count_with_tags("pipeline.worker.delivered", count as i64)
                 .with_tag("outcome", outcome),
         )
         .send();

@@ -88,7 +88,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
     // The replay runs as a tool, not a node: tagged as such in StatsD.
     let metrics = Metrics::new(&settings.metrics, "herald-replay", "replay")?;
 
-    // A publisher of our own, with the confirm recorder marking replayed events published.
+    // A publisher of our own, with the confirm recorder clearing confirmed outbox rows.
     let (publisher, handle, reports) = Publisher::new(settings.queue.clone());
     let publisher_stop = CancellationToken::new();
     let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
@@ -126,11 +126,13 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
         rate,
         page: settings.replay.page,
         source: "cli",
+        partitions: settings.queue.partitions,
+        publish_window: herald::pipeline::publish_window(&settings),
     };
     let result = replay::run(&store, &handle, &metrics, &filter, &pace, &progress, &stop).await;
     progress.send_modify(|p| p.finished = true);
     let _ = shown.await;
-    // Publish what is buffered and settle the confirms, then let the recorder write the marks.
+    // Publish what is buffered and settle the confirms, then let the recorder write them.
     publisher_stop.cancel();
     let _ = publisher_task.await;
     let _ = recorder.await;

@@ -185,7 +185,7 @@ fn envelope_body(i: u64) -> Vec<u8> {
         at: now_unix_ms(),
         data: RawValue::from_string(data(i)).unwrap_or_else(|_| unreachable!()),
     };
-    herald::pipeline::outgoing(&envelope).body
+    herald::event::encode_batch(std::slice::from_ref(&envelope))
 }
 
 /// The properties Herald's publisher sets.
@@ -491,18 +491,24 @@ pub async fn sample_ready(names: &Names, stop: CancellationToken) -> Vec<u32> {
     let Ok((connection, channel)) = connect(names, "sampler").await else {
         return samples;
     };
-    let queue = herald::queue::Topology::new(&names.prefix).events_queue;
+    let partitions = herald::config::QueueSettings::default().partitions;
+    let topology = herald::queue::Topology::new(&names.prefix, partitions);
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
     while !stop.is_cancelled() {
-        if let Ok(q) = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-        {
-            samples.push(q.message_count());
+        let mut ready = 0;
+        for p in 0..partitions {
+            let queue = topology.partition_queue(p);
+            if let Ok(q) = channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                ready += q.message_count();
+            }
         }
+        samples.push(ready);
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
             () = stop.cancelled() => {}

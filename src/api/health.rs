@@ -22,6 +22,8 @@ pub struct Health {
     pub roles: String,
     /// The RabbitMQ links its roles use (publisher, consumer, fanout), each up or down.
     pub links: Vec<(&'static str, Arc<AtomicBool>)>,
+    /// On a worker node: the partitions it consumes now.
+    pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
 
 /// The health routes.
@@ -55,11 +57,14 @@ async fn ready(State(health): State<Health>) -> (StatusCode, Json<Value>) {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ok { "ready" } else { "unavailable" },
         "node": health.node,
         "roles": health.roles,
         "checks": { "postgres": word(postgres), "rabbitmq": word(rabbitmq), "rabbitmq_links": links },
     });
+    if let Some(partitions) = &health.partitions {
+        body["partitions"] = json!(*partitions.borrow());
+    }
     (status, Json(body))
 }

@@ -20,13 +20,7 @@ pub async fn disconnect(
 ) -> Result<Json<Value>, ApiError> {
     let user =
         UserId::parse(user_id).map_err(|why| ApiError::Invalid(format!("user_id: {why}")))?;
-    let message = Message {
-        topic: user.socket_id().into(),
-        event: DISCONNECT_EVENT.into(),
-        seq: None,
-        payload: "{}".into(),
-        enqueued_at_ms: None,
-    };
+    let message = Message::control(&user.socket_id(), DISCONNECT_EVENT, "{}");
     let reach = state
         .pubsub
         .broadcast(message)

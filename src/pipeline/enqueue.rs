@@ -1,18 +1,20 @@
 //! Enqueue: concurrent API requests are group-committed to PostgreSQL, answered, then published.
 //!
 //! A request's events are committed (one `UNNEST` insert per batch, per-user seqs assigned in the same
-//! transaction) before its caller hears anything, so every 2xx is durable. After the commit the new
-//! events are handed to the publisher without waiting; if it cannot take them (broker down, buffer
-//! full) they stay `accepted` and the outbox relay publishes them later.
+//! transaction) before its caller hears anything, so every 2xx is durable. The same transaction
+//! writes the batch's outbox rows: one broker message per partition the batch touched (split at
+//! `queue.message_max_events` / `message_max_bytes`). After the commit the messages are handed to
+//! the publisher without waiting; if it cannot take them (broker down, buffer full) their rows stay
+//! in the outbox and the relay publishes them later.
 //!
-//! Commits run one at a time on this node, so events reach the publisher in commit order, which for
-//! one user is seq order.
+//! Commits run one at a time on this node, so messages reach the publisher in commit order, which
+//! for one user is seq order.
 
 use super::batch::{Batcher, Flush};
-use super::outgoing;
+use crate::event::Envelope;
 use crate::metrics::Metrics;
-use crate::queue::PublisherHandle;
-use crate::store::{self, InsertOutcome, NewEvent, Store};
+use crate::queue::{PublisherHandle, Source};
+use crate::store::{self, Committed, InsertOutcome, MessageLimits, NewEvent, Store};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,9 @@ pub struct Committer {
     store: Store,
     publisher: PublisherHandle,
     metrics: Metrics,
+    partitions: u16,
+    limits: MessageLimits,
+    publish_window: Duration,
 }
 
 impl Enqueue {
@@ -68,23 +73,27 @@ impl Enqueue {
         store: Store,
         publisher: PublisherHandle,
         metrics: Metrics,
-        settings: &crate::config::PipelineSettings,
+        settings: &crate::config::Settings,
         close: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + use<>) {
         let committer = Committer {
             store,
             publisher,
             metrics,
+            partitions: settings.queue.partitions,
+            limits: settings.message_limits(),
+            publish_window: super::publish_window(settings),
         };
+        let pipeline = &settings.pipeline;
         let (batcher, task) = Batcher::new(
             committer,
-            settings.enqueue_buffer,
-            settings.max_commit_batch,
+            pipeline.enqueue_buffer,
+            pipeline.max_commit_batch,
             close,
         );
         let enqueue = Self {
             batcher,
-            queue_timeout: Duration::from_millis(settings.enqueue_timeout_ms),
+            queue_timeout: Duration::from_millis(pipeline.enqueue_timeout_ms),
         };
         (enqueue, task)
     }
@@ -121,9 +130,13 @@ impl Flush for Committer {
             let events: Vec<NewEvent> = requests.into_iter().flatten().collect();
             let started = Instant::now();
             let span = tracing::info_span!("commit", events = events.len());
-            let result = self.store.insert_events(&events).instrument(span).await;
-            let outcomes = match result {
-                Ok(outcomes) => outcomes,
+            let result = self
+                .store
+                .insert_events(&events, self.partitions, self.limits)
+                .instrument(span)
+                .await;
+            let committed = match result {
+                Ok(committed) => committed,
                 Err(error) => {
                     let answer = failure(&error);
                     tracing::error!(error = ?error, events = events.len(), "group commit failed");
@@ -133,27 +146,44 @@ impl Flush for Committer {
             self.metrics.commit(events.len(), started.elapsed());
             let accepted: Vec<Accepted> = events
                 .iter()
-                .zip(&outcomes)
+                .zip(&committed.outcomes)
                 .map(|(event, outcome)| accepted(event.id, outcome))
                 .collect();
-            self.publish_new(events, outcomes);
+            self.publish_new(events, committed);
             split(accepted, &sizes).into_iter().map(Ok).collect()
         }
     }
 }
 
 impl Committer {
-    /// Hands freshly inserted events to the publisher, in commit order, without waiting.
-    fn publish_new(&self, events: Vec<NewEvent>, outcomes: Vec<InsertOutcome>) {
-        let mut deferred = 0;
-        for (event, outcome) in events.into_iter().zip(outcomes) {
-            if let InsertOutcome::Inserted { seq } = outcome {
-                let message = outgoing(&event.into_envelope(seq));
-                if self.publisher.try_publish(message).is_err() {
-                    deferred += 1;
-                }
+    /// Hands the commit's messages to the publisher, in commit order, without waiting.
+    fn publish_new(&self, events: Vec<NewEvent>, committed: Committed) {
+        let mut envelopes: Vec<Option<Envelope>> = events
+            .into_iter()
+            .zip(committed.outcomes)
+            .map(|(event, outcome)| match outcome {
+                InsertOutcome::Inserted { seq } => Some(event.into_envelope(seq)),
+                InsertOutcome::Duplicate { .. } => None,
+            })
+            .collect();
+        let (mut sent, mut carried, mut deferred) = (0, 0, 0);
+        for planned in committed.messages {
+            let batch: Vec<Envelope> = planned
+                .events
+                .iter()
+                .filter_map(|&i| envelopes.get_mut(i).and_then(Option::take))
+                .collect();
+            let message =
+                super::message(planned.id, planned.partition, &batch, self.publish_window);
+            if self.publisher.try_publish(message).is_ok() {
+                sent += 1;
+                carried += batch.len();
+            } else {
+                deferred += 1;
             }
         }
+        self.metrics
+            .messages_published(Source::Commit.label(), sent, carried);
         self.metrics.publish_deferred(deferred);
     }
 }

@@ -18,7 +18,12 @@ pub enum FaultMode {
     Panic,
     /// The attempt never finishes (the attempt timeout must fail it).
     Hang,
+    /// The attempt succeeds, [`SLOW_MS`] late: a slow user, whose lane must hold up no one else.
+    Slow,
 }
+
+/// How late a `slow` rule makes an attempt.
+pub const SLOW_MS: u64 = 200;
 
 /// One rule: events named `event` fail, each only for its first `attempts` attempts if given.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,10 +57,11 @@ impl FaultRule {
                 "error" => rule.mode = FaultMode::Error,
                 "panic" => rule.mode = FaultMode::Panic,
                 "hang" => rule.mode = FaultMode::Hang,
+                "slow" => rule.mode = FaultMode::Slow,
                 n => {
                     rule.attempts = Some(n.parse().map_err(|_| {
                         format!(
-                            "fault rule {text:?}: {n:?} is neither a count nor error|panic|hang"
+                            "fault rule {text:?}: {n:?} is neither a count nor error|panic|hang|slow"
                         )
                     })?);
                 }
@@ -99,8 +105,8 @@ impl Faults {
         self.rules.is_empty()
     }
 
-    /// Fails this attempt of `envelope` if a rule says so: returns the error, panics, or never
-    /// returns, per the rule's mode.
+    /// Fails this attempt of `envelope` if a rule says so: returns the error, panics, never
+    /// returns, or returns late, per the rule's mode.
     ///
     /// # Errors
     /// The injected error.
@@ -130,6 +136,10 @@ impl Faults {
             FaultMode::Error => Err(format!("injected fault for {}", rule.event)),
             FaultMode::Panic => panic!("injected panic for {}", rule.event),
             FaultMode::Hang => std::future::pending().await,
+            FaultMode::Slow => {
+                tokio::time::sleep(std::time::Duration::from_millis(SLOW_MS)).await;
+                Ok(())
+            }
         }
     }
 }

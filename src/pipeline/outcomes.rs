@@ -1,6 +1,7 @@
-//! The delivery-outcome writer: workers submit each attempt and wait until it is stored (one batched
-//! statement updates the events and inserts their attempt rows), and only then ack, so an acked
-//! message always has its attempt recorded.
+//! The delivery-outcome writer: each lane run submits its attempts and waits until they are stored
+//! (one batched statement, for every run that queued meanwhile, updates the events and inserts
+//! their attempt rows), and only then are the messages settled, so an acked message always has its
+//! attempts recorded.
 
 use super::batch::{Batcher, Flush};
 use super::retry;
@@ -41,11 +42,18 @@ pub fn writer(
 }
 
 impl Flush for OutcomeWriter {
-    type Item = AttemptRecord;
+    /// One lane run's attempts.
+    type Item = Vec<AttemptRecord>;
     type Output = Result<(), NotRecorded>;
 
-    async fn flush(&self, outcomes: Vec<AttemptRecord>) -> Vec<Self::Output> {
+    fn weight(run: &Vec<AttemptRecord>) -> usize {
+        run.len()
+    }
+
+    async fn flush(&self, runs: Vec<Vec<AttemptRecord>>) -> Vec<Self::Output> {
         {
+            let n = runs.len();
+            let outcomes: Vec<AttemptRecord> = runs.into_iter().flatten().collect();
             let started = Instant::now();
             let result = retry("record attempts", TRIES, || {
                 self.store.record_attempts(&outcomes)
@@ -62,7 +70,7 @@ impl Flush for OutcomeWriter {
                     Err(NotRecorded)
                 }
             };
-            vec![answer; outcomes.len()]
+            vec![answer; n]
         }
     }
 }

@@ -1,5 +1,10 @@
-//! Records what the broker confirmed: `accepted` -> `published`, in batched UPDATEs, and counts what
-//! it did not confirm (those rows stay `accepted`, and the outbox relay republishes them).
+//! Records what the broker confirmed: each confirmed message's outbox row is deleted, in batched
+//! DELETEs. What it did not confirm is only counted: those rows stay, and the outbox relay
+//! republishes them.
+//!
+//! The events table is not touched: a confirm costs one small-table row, never a lock on the rows
+//! the outcome writer is updating (an earlier design's per-event `published` UPDATE contended with
+//! it and, under a burst, ran into the statement timeout while the relay republished everything).
 
 use super::batch::{Batcher, Flush};
 use super::retry;
@@ -11,12 +16,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-struct PublishedMarks {
+struct ConfirmedRows {
     store: Store,
     metrics: Metrics,
 }
 
-impl Flush for PublishedMarks {
+impl Flush for ConfirmedRows {
     type Item = Vec<Uuid>;
     type Output = ();
 
@@ -25,21 +30,23 @@ impl Flush for PublishedMarks {
     }
 
     async fn flush(&self, batches: Vec<Vec<Uuid>>) -> Vec<()> {
+        let n = batches.len();
+        let ids: Vec<Uuid> = batches.into_iter().flatten().collect();
+        let started = Instant::now();
+        match retry("delete confirmed outbox rows", 5, || {
+            self.store.confirm_messages(&ids)
+        })
+        .await
         {
-            let n = batches.len();
-            let ids: Vec<Uuid> = batches.into_iter().flatten().collect();
-            let started = Instant::now();
-            match retry("mark published", 5, || self.store.mark_published(&ids)).await {
-                Ok(_) => self
-                    .metrics
-                    .status_batch("published", ids.len(), started.elapsed()),
-                // Harmless: the rows stay 'accepted' and are republished; the socket drops the copy.
-                Err(error) => {
-                    tracing::error!(error = ?error, events = ids.len(), "cannot mark events published")
-                }
+            Ok(_) => self
+                .metrics
+                .status_batch("confirmed", ids.len(), started.elapsed()),
+            // Harmless: the rows stay and are republished; the socket drops the copies by seq.
+            Err(error) => {
+                tracing::error!(error = ?error, messages = ids.len(), "cannot record confirmed messages")
             }
-            vec![(); n]
         }
+        vec![(); n]
     }
 }
 
@@ -51,11 +58,11 @@ pub async fn record(
     max_batch: usize,
 ) {
     let close = CancellationToken::new();
-    let marks = PublishedMarks {
+    let rows = ConfirmedRows {
         store,
         metrics: metrics.clone(),
     };
-    let (batcher, writer) = Batcher::new(marks, 1024, max_batch, close.clone());
+    let (batcher, writer) = Batcher::new(rows, 1024, max_batch, close.clone());
     let writer = tokio::spawn(writer);
     while let Some(report) = reports.recv().await {
         match report {
@@ -69,7 +76,7 @@ pub async fn record(
             PublisherEvent::Disconnected => metrics.queue_connection_lost("publisher"),
         }
     }
-    // The publisher is gone: write the last marks, then stop.
+    // The publisher is gone: write the last confirms, then stop.
     close.cancel();
     let _ = writer.await;
 }

@@ -1,14 +1,18 @@
-//! The outbox relay: publishes events that are still `accepted` after a grace period (the node crashed
-//! between commit and publish, the broker was down, the publish buffer was full, a confirm never came).
+//! The outbox relay: republishes messages the broker never confirmed (the node crashed between
+//! commit and publish, the broker was down, the publish buffer was full, a confirm never came).
 //!
-//! Rows are claimed with `FOR UPDATE SKIP LOCKED` and stamped, so relays on several nodes share the
-//! work instead of repeating it. A republish may duplicate a publish that did land; the socket drops
-//! the copy by seq.
+//! It reads the outbox, not the events: a row exists exactly while its message is unconfirmed, and
+//! the publisher never sends a message after its publish window (grace less confirm timeout), so
+//! a row older than the grace is one no publisher will still confirm. The relay therefore never
+//! republishes a message that is merely slow or waiting behind a backlog. Rows are claimed with
+//! `FOR UPDATE SKIP LOCKED` and stamped, so relays on several nodes share the work instead of
+//! repeating it. Only events still `accepted` are sent again; a republish may still duplicate a
+//! publish that did land without its confirm, and the socket drops the copy by seq.
 
-use super::outgoing;
-use crate::config::PipelineSettings;
+use crate::config::Settings;
+use crate::event::{Envelope, partition_of};
 use crate::metrics::Metrics;
-use crate::queue::PublisherHandle;
+use crate::queue::{PublisherHandle, Source};
 use crate::store::Store;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -18,14 +22,19 @@ pub async fn run(
     store: Store,
     publisher: PublisherHandle,
     metrics: Metrics,
-    settings: PipelineSettings,
+    settings: Settings,
     stop: CancellationToken,
 ) {
-    let interval = Duration::from_millis(settings.relay_interval_ms);
+    let pipeline = &settings.pipeline;
+    let interval = Duration::from_millis(pipeline.relay_interval_ms);
+    let window = super::publish_window(&settings);
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = stop.cancelled() => return,
+        }
+        if let Ok((messages, _)) = store.outbox_depth().await {
+            metrics.outbox_depth(messages);
         }
         // Claiming while the broker is down would only push the rows' next chance back.
         if !publisher.is_connected() {
@@ -34,30 +43,46 @@ pub async fn run(
         // Drain a backlog batch after batch; stop at a short batch or when the publisher refuses.
         loop {
             let claimed = match store
-                .claim_unpublished(settings.relay_grace_ms, settings.relay_batch)
+                .claim_unconfirmed(pipeline.relay_grace_ms, pipeline.relay_batch)
                 .await
             {
                 Ok(rows) => rows,
                 Err(error) => {
-                    tracing::warn!(error = ?error, "relay cannot read unpublished events");
+                    tracing::warn!(error = ?error, "relay cannot read the outbox");
                     break;
                 }
             };
-            let full = claimed.len() as i64 >= settings.relay_batch;
-            let mut republished = 0;
+            let full = claimed.len() as i64 >= pipeline.relay_batch;
+            let (mut messages, mut events, mut settled) = (0, 0, Vec::new());
             for row in claimed {
-                let Some(envelope) = row.into_envelope() else {
+                let envelopes: Vec<Envelope> = row
+                    .events
+                    .into_iter()
+                    .filter_map(|e| e.into_envelope())
+                    .collect();
+                let Some(first) = envelopes.first() else {
+                    // Everything it carried was delivered meanwhile: nothing to send.
+                    settled.push(row.id);
                     continue;
                 };
-                if publisher.publish(outgoing(&envelope)).await.is_err() {
+                let partition = partition_of(first.user_id.as_str(), settings.queue.partitions);
+                let message = super::message(row.id, partition, &envelopes, window);
+                if publisher.publish(message).await.is_err() {
                     break;
                 }
-                republished += 1;
+                messages += 1;
+                events += envelopes.len();
             }
-            if republished > 0 {
-                tracing::info!(events = republished, "relay republished events");
+            if !settled.is_empty()
+                && let Err(error) = store.confirm_messages(&settled).await
+            {
+                tracing::warn!(error = ?error, "relay cannot clear delivered outbox rows");
             }
-            metrics.relay_republished(republished);
+            if messages > 0 {
+                tracing::info!(messages, events, "relay republished unconfirmed messages");
+            }
+            metrics.messages_published(Source::Relay.label(), messages, events);
+            metrics.relay_republished(events);
             if !full || stop.is_cancelled() || !publisher.is_connected() {
                 break;
             }

@@ -2,20 +2,19 @@
 //! the admin API's replay jobs.
 //!
 //! A replay claims matching events page by page (keyset on id, oldest first), moves each back to
-//! `accepted` (the outbox) in the same statement, and hands it to the publisher at the given rate;
-//! the broker's confirm marks it `published` as for any new event, and it is delivered with a fresh
-//! attempt budget. The claim stamps `relayed_at`, so the outbox relay leaves claimed events to the
-//! replay for one grace period and takes over any the replay could not publish (broker down, the
-//! process died): a replay never strands an event.
+//! `accepted` with an outbox row of its own in the same transaction, and hands each to the
+//! publisher as a message of one at the given rate; it is delivered with a fresh attempt budget.
+//! The outbox relay takes over any message the replay could not publish (broker down, the process
+//! died) once its grace has passed: a replay never strands an event.
 //!
 //! Safe to repeat: by default only `failed` events match (with explicit ids: any event not yet
 //! delivered), and a replayed event is no longer `failed` unless it fails again. Delivered events
 //! are replayed only when asked explicitly (`include_delivered`). A client whose channel already
 //! pushed an event's seq drops the replayed copy; one joining later gets it from history.
 
-use super::outgoing;
+use crate::event::partition_of;
 use crate::metrics::Metrics;
-use crate::queue::PublisherHandle;
+use crate::queue::{PublisherHandle, Source};
 use crate::store::{self, EventFilter, Store};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -85,6 +84,10 @@ pub struct Pace {
     pub page: i64,
     /// For the metrics: `cli` or `api`.
     pub source: &'static str,
+    /// The partition count (a replayed event goes to its user's partition).
+    pub partitions: u16,
+    /// How long a replayed message may wait to be published ([`super::publish_window`]).
+    pub publish_window: Duration,
 }
 
 /// Replays what `filter` (already through [`replay_filter`]) matches, reporting through
@@ -112,20 +115,23 @@ pub async fn run(
     let mut after: Option<Uuid> = None;
     while !stop.is_cancelled() {
         let rows = store.claim_for_replay(filter, after, claim).await?;
-        let Some(last) = rows.last() else { break };
+        let Some((_, last)) = rows.last() else { break };
         after = Some(last.id);
         let (mut sent, mut deferred) = (0usize, 0usize);
-        for row in rows {
+        for (message_id, row) in rows {
             let Some(envelope) = row.into_envelope() else {
                 continue;
             };
-            // Refused (broker down): the event stays `accepted` and the relay publishes it.
-            if publisher.is_connected() && publisher.publish(outgoing(&envelope)).await.is_ok() {
+            let partition = partition_of(envelope.user_id.as_str(), pace.partitions);
+            let message = super::message(message_id, partition, &[envelope], pace.publish_window);
+            // Refused (broker down): its outbox row stays and the relay publishes it.
+            if publisher.is_connected() && publisher.publish(message).await.is_ok() {
                 sent += 1;
             } else {
                 deferred += 1;
             }
         }
+        metrics.messages_published(Source::Replay.label(), sent, sent);
         done.replayed += sent as u64;
         done.deferred += deferred as u64;
         metrics.replay_published(sent, pace.source);
@@ -162,6 +168,8 @@ pub struct ReplayJobs {
     publisher: PublisherHandle,
     metrics: Metrics,
     page: i64,
+    partitions: u16,
+    publish_window: Duration,
     max_jobs: usize,
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     tracker: tokio_util::task::TaskTracker,
@@ -174,16 +182,18 @@ impl ReplayJobs {
         store: Store,
         publisher: PublisherHandle,
         metrics: Metrics,
-        settings: &crate::config::ReplaySettings,
+        settings: &crate::config::Settings,
         stop: CancellationToken,
     ) -> Self {
         Self {
             store,
             publisher,
             metrics,
-            page: settings.page,
-            max_jobs: settings.max_jobs,
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_jobs)),
+            page: settings.replay.page,
+            partitions: settings.queue.partitions,
+            publish_window: super::publish_window(settings),
+            max_jobs: settings.replay.max_jobs,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.replay.max_jobs)),
             tracker: tokio_util::task::TaskTracker::new(),
             stop,
         }
@@ -220,6 +230,8 @@ impl ReplayJobs {
             rate,
             page: self.page,
             source: "api",
+            partitions: self.partitions,
+            publish_window: self.publish_window,
         };
         let replay = run(
             &self.store,

@@ -1,52 +1,56 @@
-//! The worker pool (GenStage's ConsumerSupervisor): RabbitMQ's prefetch is the demand, and every
-//! delivery runs in its own task, so at most `prefetch` run at once.
+//! The worker pool (GenStage's ConsumerSupervisor): each partition this node holds is consumed with
+//! a demand of `queue.prefetch` events in flight, and every user's events run in a lane of their
+//! own ([`super::lanes`]), a task per user run.
 //!
-//! A task makes one delivery attempt: it broadcasts the event to `user:<id>` under the attempt
-//! timeout, catching a panic. The attempt ends one of three ways, each recorded in PostgreSQL with
-//! its start and end (`delivery_attempts`, batched) before the message is settled:
+//! A broker message carries one partition's events of one group commit, in commit order. The
+//! partition's consumer takes a message into work once the partition has room for its events, and
+//! pushes each event onto its user's lane, in message order, so one user's events are handled
+//! strictly in seq order while users run concurrently. The message is acked once every one of its
+//! events is settled, whatever order the lanes finish in.
 //!
-//! - **pushed**: the broadcast reached n >= 1 sockets: `delivered`, ack.
-//! - **offline**: nobody is subscribed: also `delivered` (push_count 0), ack. Not an error; the
-//!   event waits in PostgreSQL for the client's catch-up.
-//! - **failed**: the attempt itself failed (pubsub or store unreachable, an encoding error, a panic,
-//!   the timeout). If the retry policy allows another attempt, the message is published to the
-//!   delay queue of the next delay (expiring back into the events queue as the next attempt), the
-//!   event stays `published` with `last_error` and `next_attempt_at`, and the original is acked:
-//!   no task sleeps holding a prefetch slot, and nothing is requeued in a loop. After the last
-//!   attempt the event is `failed` and the message is nacked into the dead-letter queue.
+//! A lane handles a run of its user's events as one delivery attempt: the fault injector (tests),
+//! then one broadcast of all of them (one pubsub message, one socket write), under the attempt
+//! timeout, with a panic caught. Each event's attempt ends one of three ways, recorded in
+//! PostgreSQL in one batched statement per run before anything is settled:
 //!
-//! Per-user order: deliveries arrive in queue order, which for one user is seq order. Tasks of
-//! different users run concurrently, but each task first waits for the previous task of the same user
-//! (a "lane"): one user's events are attempted strictly one after another, in arrival order. A
-//! failed event does not hold its user's lane while it waits for its retry: the next events go on,
-//! and the user's socket channel, seeing a seq skip ahead, fills the missing one from PostgreSQL
-//! first. So a client still sees n before n + 1, and the retry of n, when it comes, is a duplicate
-//! the channel drops (see README, "Retries and order").
+//! - **pushed**: the broadcast reached n >= 1 sockets: `delivered`.
+//! - **offline**: nobody is subscribed: also `delivered` (push_count 0). Not an error; the event
+//!   waits in PostgreSQL for the client's catch-up.
+//! - **failed**: the attempt itself failed (pubsub or store unreachable, a panic, the timeout). If
+//!   the retry policy allows another attempt, the event alone is published to the delay queue of the
+//!   next delay (expiring back into its partition as a message of one), and stays `published` with
+//!   `last_error` and `next_attempt_at`; after the last attempt it is `failed` and published alone
+//!   to the dead-letter exchange. No task sleeps holding a slot, and nothing is requeued in a loop.
+//!
+//! A failed event does not hold its user's lane while it waits for its retry: the next events go
+//! on, and the user's socket channel, seeing a seq skip ahead, fills the missing one from
+//! PostgreSQL first (see README, "Retries and order"). An event whose outcome could not be stored
+//! (PostgreSQL unreachable for the outcome writer's whole backoff) makes its message be requeued,
+//! so it is never left with nobody holding it.
 
 use super::faults::Faults;
+use super::lanes::{Lanes, RunHandler};
 use super::outcomes::Outcomes;
 use super::retry::{Decision, RetryPolicy, random_unit};
-use crate::config::QueueSettings;
-use crate::event::{Envelope, USER_TOPIC_PREFIX, now_unix_ms};
+use crate::event::{Envelope, USER_TOPIC_PREFIX, decode_batch, encode_batch, now_unix_ms};
 use crate::metrics::Metrics;
-use crate::pubsub::{Message, PubSub};
-use crate::queue::{self, Backoff, RetryMessage, RetryPublishError};
+use crate::pubsub::{Message, PubSub, Push};
+use crate::queue::{self, ConsumerLink, RetryMessage, RetryPublishError, Topology};
 use crate::store::{AttemptRecord, AttemptResult};
 use futures_util::{FutureExt, StreamExt};
-use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
-use std::collections::HashMap;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{Channel, Consumer};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use uuid::Uuid;
 
-/// What a delivery task needs.
+/// What delivering needs; cheap to clone.
 #[derive(Clone)]
 pub struct Worker {
     /// Where events are broadcast.
@@ -55,8 +59,6 @@ pub struct Worker {
     pub outcomes: Outcomes,
     /// Metrics.
     pub metrics: Metrics,
-    /// True while consuming (readiness).
-    pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// When to retry, and when to give up.
     pub retry: Arc<RetryPolicy>,
     /// Every distinct retry delay: one delay queue each.
@@ -67,193 +69,383 @@ pub struct Worker {
     pub faults: Arc<Faults>,
 }
 
-/// Where a consumer session sends retries: a confirm-mode channel on its own connection.
-#[derive(Clone)]
-struct RetryRoute {
-    channel: Channel,
-    prefix: Arc<str>,
-    confirm_timeout: Duration,
+/// One event in work: where it came from, and its share of its partition's demand.
+pub(super) struct Item {
+    envelope: Envelope,
+    attempt: u32,
+    message: Arc<InWork>,
+    /// Returned to the partition's window when the item is dropped (settled).
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
-/// What to do with the message once the attempt is recorded.
+/// A broker message in work: acked (or requeued) once all of its events are settled.
+struct InWork {
+    delivery: Delivery,
+    unsettled: AtomicUsize,
+    requeue: AtomicBool,
+}
+
+impl InWork {
+    /// One of the message's events is settled; the last one settles the message.
+    async fn settle_one(&self, requeue: bool) {
+        if requeue {
+            self.requeue.store(true, Ordering::Relaxed);
+        }
+        if self.unsettled.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let result = if self.requeue.load(Ordering::Relaxed) {
+            // Some event's outcome could not be stored: the whole message comes back (events
+            // already delivered come again and are dropped by seq at the socket).
+            let options = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            self.delivery.nack(options).await
+        } else {
+            self.delivery.ack(BasicAckOptions::default()).await
+        };
+        if let Err(error) = result {
+            // The channel is gone: the broker redelivers, and the socket drops duplicates by seq.
+            tracing::warn!(error = %error, "cannot settle a message");
+        }
+    }
+}
+
+/// How an event's attempt ended, for settling its message.
 enum Settle {
-    /// Delivered: ack once recorded.
-    Ack,
-    /// A retry copy is in a delay queue: ack, recorded or not (the retry records its own attempt).
-    AckRetried,
-    /// The last attempt failed: into the dead-letter queue once recorded.
-    DeadLetter,
+    /// Delivered: done once recorded.
+    Delivered,
+    /// A retry copy is in a delay queue (or the connection is gone and the message will come
+    /// back): done, recorded or not (the retry records its own attempt).
+    Retried,
+    /// Failed for good (dead-lettered): done once recorded.
+    Failed,
+}
+
+/// One partition's consumption on this node.
+pub(super) struct PartitionWork {
+    /// The demand: `queue.prefetch` permits, one per event in work.
+    window: Arc<Semaphore>,
+    prefetch: u32,
+}
+
+impl PartitionWork {
+    pub(super) fn new(prefetch: u16) -> Self {
+        Self {
+            window: Arc::new(Semaphore::new(usize::from(prefetch))),
+            prefetch: u32::from(prefetch),
+        }
+    }
+
+    /// Events of this partition in work now.
+    pub(super) fn in_flight(&self) -> usize {
+        (self.prefetch as usize).saturating_sub(self.window.available_permits())
+    }
+}
+
+/// Why a partition's consumption ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// Asked to stop: everything taken was settled or requeued in order.
+    Drained,
+    /// The consumer's stream failed (the connection is gone): unacked messages return to the
+    /// queue when the broker notices.
+    Lost,
 }
 
 impl Worker {
-    /// Consumes until `stop` is cancelled, reconnecting with backoff when the broker goes away. On
-    /// stop: cancels the consumer, lets in-flight deliveries finish and ack, then closes the
-    /// connection.
-    pub async fn run(self, settings: QueueSettings, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(settings.reconnect_max_backoff_ms));
-        let tag = format!("herald-worker-{}", Uuid::now_v7().simple());
-        while !stop.is_cancelled() {
-            let link = tokio::select! {
-                link = queue::consume_events(&settings, &tag, &self.retry_delays_ms) => link,
-                () = stop.cancelled() => return,
-            };
-            match link {
-                Ok(consumer) => {
-                    backoff.reset();
-                    tracing::info!(prefetch = settings.prefetch, "worker consuming");
+    /// The lanes runs go through: each run is delivered by [`Self::deliver_run`].
+    pub(super) fn lanes(
+        &self,
+        link: Arc<ConsumerLink>,
+        names: Arc<Topology>,
+        confirm_timeout: Duration,
+        max_run: usize,
+        tasks: TaskTracker,
+    ) -> Lanes<Item> {
+        let worker = self.clone();
+        let handler: RunHandler<Item> = Arc::new(move |run: Vec<Item>| {
+            let (worker, link, names) = (worker.clone(), Arc::clone(&link), Arc::clone(&names));
+            let span = tracing::info_span!("deliver", user_id = %run[0].envelope.user_id, events = run.len());
+            Box::pin(
+                async move {
                     let route = RetryRoute {
-                        channel: consumer.retry_channel.clone(),
-                        prefix: settings.prefix.as_str().into(),
-                        confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
+                        channel: &link.retry_channel,
+                        names: &names,
+                        confirm_timeout,
                     };
-                    self.consuming
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    self.consume(consumer, route, &stop).await;
-                    self.consuming
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    worker.deliver_run(run, &route).await;
                 }
-                Err(error) => {
-                    tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");
-                    self.metrics.queue_connection_lost("consumer");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff.next_delay()) => {}
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }
-        }
+                .instrument(span),
+            )
+        });
+        Lanes::new(handler, max_run, tasks)
     }
 
-    async fn consume(
+    /// Consumes partition `partition` through `consumer` until `stop` is cancelled or the stream
+    /// fails. On stop: cancels the consumer, returns every message taken but not yet in work to the
+    /// queue (in order, so it goes first to the next consumer), and waits until every event in work
+    /// is settled; only then may the partition be handed to another node.
+    pub(super) async fn consume_partition(
         &self,
-        mut link: queue::EventConsumer,
-        route: RetryRoute,
+        partition: u16,
+        mut consumer: Consumer,
+        link: &ConsumerLink,
+        work: &PartitionWork,
+        lanes: &Lanes<Item>,
         stop: &CancellationToken,
-    ) {
-        let tasks = TaskTracker::new();
-        let lanes = Lanes::default();
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => {
-                    // No new deliveries; unacked prefetched ones return to the queue when we close.
-                    let _ = link
-                        .channel
-                        .basic_cancel(link.tag.as_str().into(), BasicCancelOptions::default())
-                        .await;
-                    break;
-                }
-                next = link.consumer.next() => match next {
-                    Some(Ok(delivery)) => self.dispatch(delivery, &lanes, &tasks, &route),
+    ) -> Ended {
+        let tag = consumer.tag().to_string();
+        let mut returned: Vec<Delivery> = Vec::new();
+        let ended = loop {
+            let delivery = tokio::select! {
+                () = stop.cancelled() => break Ended::Drained,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => delivery,
                     Some(Err(error)) => {
-                        tracing::warn!(error = %error, "consumer lost RabbitMQ; reconnecting");
-                        self.metrics.queue_connection_lost("consumer");
-                        break;
+                        tracing::warn!(error = %error, partition, "partition consumer lost RabbitMQ");
+                        break Ended::Lost;
                     }
                     None => {
-                        tracing::warn!("consumer stream ended; reconnecting");
-                        self.metrics.queue_connection_lost("consumer");
-                        break;
+                        tracing::warn!(partition, "partition consumer ended");
+                        break Ended::Lost;
                     }
                 },
+            };
+            let Some(events) = self.decode(&delivery).await else {
+                continue;
+            };
+            let claims = slot_claims(&events, lanes);
+            let wanted = u32::try_from(claims.iter().filter(|c| **c).count())
+                .unwrap_or(u32::MAX)
+                .min(work.prefetch);
+            let permits = if wanted == 0 {
+                None
+            } else {
+                let acquired = tokio::select! {
+                    permits = Arc::clone(&work.window).acquire_many_owned(wanted) => permits,
+                    () = stop.cancelled() => {
+                        returned.push(delivery);
+                        break Ended::Drained;
+                    }
+                };
+                let Ok(permits) = acquired else {
+                    break Ended::Lost; // the window is never closed; unreachable in practice
+                };
+                Some(permits)
+            };
+            self.dispatch(delivery, events, &claims, permits, lanes);
+        };
+        if ended == Ended::Drained {
+            if let Err(error) = link.cancel(&tag).await {
+                tracing::warn!(error = %error, partition, "cannot cancel a partition consumer");
+            }
+            // What the broker sent before the cancel took effect: back to the queue too.
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
+            {
+                returned.push(delivery);
+            }
+            for delivery in returned {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(error) = delivery.nack(options).await {
+                    tracing::warn!(error = %error, partition, "cannot return a message");
+                }
             }
         }
-        // In-flight deliveries finish (and ack on this connection) before it closes.
-        tasks.close();
-        tasks.wait().await;
-        let _ = link.connection.close(200, "worker stopping".into()).await;
+        // Every event in work settles (and gives its permit back) before the partition moves.
+        let _ = work.window.acquire_many(work.prefetch).await.map(drop);
+        ended
     }
 
-    fn dispatch(&self, delivery: Delivery, lanes: &Lanes, tasks: &TaskTracker, route: &RetryRoute) {
-        let envelope = match serde_json::from_slice::<Envelope>(&delivery.data) {
-            Ok(envelope) => envelope,
+    /// The events of a message, or `None` after dead-lettering one that is not a batch of events.
+    async fn decode(&self, delivery: &Delivery) -> Option<Vec<Envelope>> {
+        match decode_batch(&delivery.data) {
+            Ok(events) if !events.is_empty() => Some(events),
+            Ok(_) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+                None
+            }
             Err(error) => {
-                let worker = self.clone();
-                tasks.spawn(async move { worker.reject_undecodable(delivery, error).await });
-                return;
+                tracing::error!(error = %error, "undecodable message dead-lettered");
+                let options = BasicNackOptions {
+                    requeue: false,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(error) = delivery.nack(options).await {
+                    tracing::warn!(error = %error, "nack failed");
+                }
+                self.metrics.dead_lettered();
+                None
             }
-        };
-        let mut lane = lanes.enter(envelope.user_id.as_str());
-        let worker = self.clone();
-        let route = route.clone();
-        let attempt = queue::attempt_of(&delivery.properties);
-        let span =
-            tracing::info_span!("deliver", event_id = %envelope.id, seq = envelope.seq, attempt);
-        tasks.spawn(
-            async move {
-                lane.wait_turn().await;
-                worker.deliver(envelope, delivery, attempt, &route).await;
-                lane.leave();
-            }
-            .instrument(span),
-        );
+        }
     }
 
-    async fn deliver(
+    /// Puts a message's events on their users' lanes, in message order; the events that claim a
+    /// slot of the window ([`slot_claims`]) each carry one permit of `permits`.
+    fn dispatch(
         &self,
-        envelope: Envelope,
         delivery: Delivery,
-        attempt: u32,
-        route: &RetryRoute,
+        events: Vec<Envelope>,
+        claims: &[bool],
+        mut permits: Option<OwnedSemaphorePermit>,
+        lanes: &Lanes<Item>,
     ) {
+        let attempt = queue::attempt_of(&delivery.properties);
+        self.metrics.worker_message(events.len());
+        let message = Arc::new(InWork {
+            delivery,
+            unsettled: AtomicUsize::new(events.len()),
+            requeue: AtomicBool::new(false),
+        });
+        for (envelope, &claims) in events.into_iter().zip(claims) {
+            // One permit per claiming event. The last permit moves whole; a message claiming more
+            // than the window (never planned so) lets its extra events ride on the others' share.
+            let permit = match permits.as_mut() {
+                Some(held) if claims && held.num_permits() > 1 => held.split(1),
+                Some(_) if claims => permits.take(),
+                _ => None,
+            };
+            let user = envelope.user_id.as_str().to_owned();
+            let item = Item {
+                envelope,
+                attempt,
+                message: Arc::clone(&message),
+                _permit: permit,
+            };
+            lanes.push(&user, item);
+        }
+    }
+
+    /// Delivers one run of a user's events (see the module docs), records every attempt in one
+    /// batch, then settles the events' messages.
+    async fn deliver_run(&self, run: Vec<Item>, route: &RetryRoute<'_>) {
         let started = Instant::now();
         let started_at_ms = now_unix_ms();
-        let result = self.attempt(&envelope).await;
+        self.metrics.worker_run(run.len());
+        let results = self.attempt(&run).await;
         let finished_at_ms = now_unix_ms();
-        let (result, label, settle) = match result {
-            Ok(sockets) => {
-                let label = if sockets > 0 { "pushed" } else { "offline" };
-                (AttemptResult::Delivered { sockets }, label, Settle::Ack)
+        let mut records = Vec::with_capacity(run.len());
+        let mut settles = Vec::with_capacity(run.len());
+        let (mut pushed, mut offline, mut failed) = (0, 0, 0);
+        let mut failures = Vec::new();
+        for (item, result) in run.iter().zip(results) {
+            match result {
+                Ok(sockets) => {
+                    if sockets > 0 {
+                        pushed += 1;
+                    } else {
+                        offline += 1;
+                    }
+                    records.push(AttemptRecord {
+                        id: item.envelope.id,
+                        started_at_ms,
+                        finished_at_ms,
+                        result: AttemptResult::Delivered { sockets },
+                    });
+                    settles.push(Some(Settle::Delivered));
+                }
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(error = %error, event_id = %item.envelope.id, "delivery attempt failed");
+                    failures.push((records.len(), error));
+                    records.push(AttemptRecord {
+                        id: item.envelope.id,
+                        started_at_ms,
+                        finished_at_ms,
+                        result: AttemptResult::Delivered { sockets: 0 }, // replaced below
+                    });
+                    settles.push(None);
+                }
             }
-            Err(error) => {
-                tracing::warn!(error = %error, "delivery attempt failed");
-                let (result, settle) = self
-                    .after_failure(&envelope, &delivery, attempt, error, route)
-                    .await;
-                (result, "failed", settle)
-            }
-        };
-        let record = AttemptRecord {
-            id: envelope.id,
-            started_at_ms,
-            finished_at_ms,
-            result,
-        };
-        let recorded = matches!(self.outcomes.submit(record).await, Ok(Ok(())));
-        match settle {
-            Settle::Ack if recorded => ack(&delivery).await,
-            Settle::AckRetried => ack(&delivery).await,
-            Settle::DeadLetter if recorded => {
-                nack_to_dead_letter(&delivery).await;
-                self.metrics.dead_lettered();
-            }
-            // Not recorded (PostgreSQL unreachable for the writer's whole backoff, ~15 s): requeue,
-            // so the event is not left `published` with nobody holding its message. The writer's
-            // backoff paces this; it is never an immediate loop.
-            Settle::Ack | Settle::DeadLetter => requeue(&delivery).await,
         }
-        self.metrics.delivery_outcome(label);
-        self.metrics.worker_processed(started.elapsed(), label);
+        let run_ref = &run;
+        let decided =
+            futures_util::future::join_all(failures.into_iter().map(|(i, error)| async move {
+                (i, self.after_failure(&run_ref[i], error, route).await)
+            }))
+            .await;
+        for (i, (result, settle)) in decided {
+            records[i].result = result;
+            settles[i] = Some(settle);
+        }
+        let recorded = matches!(self.outcomes.submit(records).await, Ok(Ok(())));
+        for (item, settle) in run.into_iter().zip(settles) {
+            let requeue = match settle {
+                Some(Settle::Retried) => false,
+                Some(Settle::Delivered | Settle::Failed) | None => !recorded,
+            };
+            item.message.settle_one(requeue).await;
+        }
+        let elapsed = started.elapsed();
+        for (label, count) in [("pushed", pushed), ("offline", offline), ("failed", failed)] {
+            if count > 0 {
+                self.metrics.delivery_outcome(label, count);
+                self.metrics.worker_processed(elapsed, label);
+            }
+        }
     }
 
-    /// One attempt: the fault injector (tests), then the broadcast, under the attempt timeout, with
-    /// a panic caught and reported as a failure. Returns the sockets reached.
-    async fn attempt(&self, envelope: &Envelope) -> Result<i32, String> {
-        let work = async {
-            self.faults.inject(envelope).await?;
-            let message = Message {
-                topic: format!("{USER_TOPIC_PREFIX}{}", envelope.user_id).into(),
-                event: envelope.event.as_str().into(),
-                seq: Some(envelope.seq),
-                payload: envelope.push_payload().into(),
-                enqueued_at_ms: Some(envelope.at),
-            };
+    /// One attempt for every event of a run: the fault injector (tests), then one broadcast of the
+    /// events it spared, under the attempt timeout, with a panic caught. Returns, per event, the
+    /// sockets reached or why it failed.
+    async fn attempt(&self, run: &[Item]) -> Vec<Result<i32, String>> {
+        let mut results: Vec<Result<i32, String>> = vec![Ok(0); run.len()];
+        if !self.faults.is_empty() {
+            let injected = futures_util::future::join_all(
+                run.iter()
+                    .map(|item| self.bounded(self.faults.inject(&item.envelope))),
+            )
+            .await;
+            for (slot, injected) in results.iter_mut().zip(injected) {
+                if let Err(error) = injected {
+                    *slot = Err(error);
+                }
+            }
+        }
+        let spared: Vec<usize> = (0..run.len()).filter(|&i| results[i].is_ok()).collect();
+        let Some(&first) = spared.first() else {
+            return results;
+        };
+        let message = Message {
+            topic: format!("{USER_TOPIC_PREFIX}{}", run[first].envelope.user_id).into(),
+            pushes: spared
+                .iter()
+                .map(|&i| {
+                    let envelope = &run[i].envelope;
+                    Push {
+                        event: envelope.event.as_str().to_owned(),
+                        seq: Some(envelope.seq),
+                        payload: envelope.push_payload(),
+                        enqueued_at_ms: Some(envelope.at),
+                    }
+                })
+                .collect(),
+        };
+        let broadcast = self.bounded(async {
             let reach = self
                 .pubsub
                 .broadcast(message)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(i32::try_from(reach.delivered).unwrap_or(i32::MAX))
-        };
+        });
+        let reached = broadcast.await;
+        for i in spared {
+            results[i] = reached.clone();
+        }
+        results
+    }
+
+    /// `work` under the attempt timeout, a panic in it caught and reported as a failure.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
         match tokio::time::timeout(self.attempt_timeout, AssertUnwindSafe(work).catch_unwind())
             .await
         {
@@ -266,86 +458,121 @@ impl Worker {
         }
     }
 
-    /// Schedules the next attempt through its delay queue, or gives up; returns what to record.
+    /// Schedules the next attempt of a failed event through its delay queue, or gives up and
+    /// dead-letters it; returns what to record and how to settle.
     async fn after_failure(
         &self,
-        envelope: &Envelope,
-        delivery: &Delivery,
-        attempt: u32,
+        item: &Item,
         error: String,
-        route: &RetryRoute,
+        route: &RetryRoute<'_>,
     ) -> (AttemptResult, Settle) {
+        let envelope = &item.envelope;
+        let body = encode_batch(std::slice::from_ref(envelope));
+        let message_id = envelope.id.to_string();
         let Decision::Retry {
             delay_ms,
             wait_ms,
             next_attempt,
         } = self
             .retry
-            .decide(envelope.event.as_str(), attempt, random_unit())
+            .decide(envelope.event.as_str(), item.attempt, random_unit())
         else {
-            return (AttemptResult::Failed { error }, Settle::DeadLetter);
+            return self.dead_letter(&message_id, &body, error, route).await;
         };
-        let message_id = envelope.id.to_string();
         let retry = RetryMessage {
             delay_ms,
             expiration_ms: wait_ms,
             attempt: next_attempt,
+            partition: crate::event::partition_of(
+                envelope.user_id.as_str(),
+                route.names.partitions,
+            ),
             message_id: &message_id,
-            body: &delivery.data,
+            body: &body,
         };
-        match queue::publish_retry(&route.channel, &route.prefix, &retry, route.confirm_timeout)
-            .await
+        match queue::publish_retry(route.channel, route.names, &retry, route.confirm_timeout).await
         {
             Ok(()) => {
-                self.metrics.retry_scheduled(attempt);
+                self.metrics.retry_scheduled(item.attempt);
                 let retry_at_ms = now_unix_ms() + i64::try_from(wait_ms).unwrap_or(i64::MAX / 2);
                 (
                     AttemptResult::Retrying { error, retry_at_ms },
-                    Settle::AckRetried,
+                    Settle::Retried,
                 )
             }
-            // The connection is going: the ack would fail too, and the broker redelivers this
-            // message as the same attempt. Record the attempt as one to be retried now.
+            // The connection is going: the ack would fail too, and the broker redelivers the
+            // message with this event as the same attempt. Record the attempt as one to be retried
+            // now.
             Err(RetryPublishError::Lost(lost)) => {
                 tracing::warn!(error = %lost, "cannot schedule a retry: connection lost");
                 let retry_at_ms = now_unix_ms();
                 (
                     AttemptResult::Retrying { error, retry_at_ms },
-                    Settle::AckRetried,
+                    Settle::Retried,
                 )
             }
             // The broker refuses the delay queue: give up visibly rather than loop.
             Err(refused) => {
                 tracing::error!(error = %refused, "cannot schedule a retry; failing the event");
                 let error = format!("{error}; and {refused}");
-                (AttemptResult::Failed { error }, Settle::DeadLetter)
+                self.dead_letter(&message_id, &body, error, route).await
             }
         }
     }
 
-    async fn reject_undecodable(&self, delivery: Delivery, error: serde_json::Error) {
-        tracing::error!(error = %error, "undecodable message dead-lettered");
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| Uuid::parse_str(id.as_str()).ok());
-        if let Some(id) = id {
-            let now = now_unix_ms();
-            let record = AttemptRecord {
-                id,
-                started_at_ms: now,
-                finished_at_ms: now,
-                result: AttemptResult::Failed {
-                    error: format!("undecodable message: {error}"),
-                },
-            };
-            let _ = self.outcomes.submit(record).await;
+    /// The event failed for good: a copy of it goes to the dead-letter queue.
+    async fn dead_letter(
+        &self,
+        message_id: &str,
+        body: &[u8],
+        error: String,
+        route: &RetryRoute<'_>,
+    ) -> (AttemptResult, Settle) {
+        match queue::publish_dead_letter(
+            route.channel,
+            route.names,
+            message_id,
+            body,
+            route.confirm_timeout,
+        )
+        .await
+        {
+            Ok(()) => self.metrics.dead_lettered(),
+            // The event is `failed` in PostgreSQL (visible and replayable) either way.
+            Err(refused) => {
+                tracing::error!(error = %refused, "cannot dead-letter a failed event")
+            }
         }
-        nack_to_dead_letter(&delivery).await;
-        self.metrics.dead_lettered();
-        self.metrics.delivery_outcome("failed");
+        (AttemptResult::Failed { error }, Settle::Failed)
     }
+}
+
+/// Which of a message's events take a slot of their partition's window: those whose user's lane
+/// (counting this message's earlier events of the user) holds fewer than a run's worth. A user's
+/// lane so occupies at most `pipeline.max_run_events` of the window; the rest of a burst waits in
+/// the lane without a slot, bounded by the unacked messages the broker hands a consumer
+/// ([`queue::PARTITION_QOS_MESSAGES`]). A slow or bursting user therefore cannot fill the window
+/// and stall the other users of its partition.
+fn slot_claims(events: &[Envelope], lanes: &Lanes<Item>) -> Vec<bool> {
+    let cap = lanes.max_run();
+    let mut earlier: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    events
+        .iter()
+        .map(|envelope| {
+            let user = envelope.user_id.as_str();
+            let before = earlier.entry(user).or_default();
+            let depth = lanes.depth(user) + *before;
+            *before += 1;
+            depth < cap
+        })
+        .collect()
+}
+
+/// Where retries and dead letters go: the consumer connection's confirm-mode channel.
+struct RetryRoute<'a> {
+    channel: &'a Channel,
+    names: &'a Topology,
+    confirm_timeout: Duration,
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
@@ -354,141 +581,4 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
-}
-
-async fn ack(delivery: &Delivery) {
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        // The channel is gone: the broker redelivers, and the socket drops the duplicate by seq.
-        tracing::warn!(error = %error, "ack failed");
-    }
-}
-
-async fn nack_to_dead_letter(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: false,
-        ..BasicNackOptions::default()
-    };
-    if let Err(error) = delivery.nack(options).await {
-        tracing::warn!(error = %error, "nack failed");
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(error) = delivery.nack(options).await {
-        tracing::warn!(error = %error, "requeue failed");
-    }
-}
-
-/// Per-user lanes: the latest task of each user with one in flight, so the next task of that user
-/// waits for it. Entries go when their task ends with no successor, so the map holds only users with
-/// deliveries in flight (at most `prefetch`).
-#[derive(Clone, Default)]
-struct Lanes {
-    // A std Mutex: held only to swap an entry, never across an await.
-    inner: Arc<Mutex<LaneMap>>,
-}
-
-#[derive(Default)]
-struct LaneMap {
-    next_ticket: u64,
-    tails: HashMap<String, (u64, oneshot::Receiver<()>)>,
-}
-
-/// A task's place in its user's lane.
-struct LaneTicket {
-    lanes: Lanes,
-    user: String,
-    ticket: u64,
-    predecessor: Option<oneshot::Receiver<()>>,
-    done: oneshot::Sender<()>,
-}
-
-impl Lanes {
-    /// Called in arrival order (by the dispatching loop), which fixes the order of the lane.
-    fn enter(&self, user: &str) -> LaneTicket {
-        let (done, finished) = oneshot::channel();
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.next_ticket += 1;
-        let ticket = map.next_ticket;
-        let predecessor = map
-            .tails
-            .insert(user.to_owned(), (ticket, finished))
-            .map(|(_, rx)| rx);
-        LaneTicket {
-            lanes: self.clone(),
-            user: user.to_owned(),
-            ticket,
-            predecessor,
-            done,
-        }
-    }
-}
-
-impl LaneTicket {
-    async fn wait_turn(&mut self) {
-        if let Some(predecessor) = self.predecessor.take() {
-            // Ok or Err (the predecessor's task ended without sending): either way it is done.
-            let _ = predecessor.await;
-        }
-    }
-
-    fn leave(self) {
-        let _ = self.done.send(());
-        let mut map = self.lanes.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if map
-            .tails
-            .get(&self.user)
-            .is_some_and(|(t, _)| *t == self.ticket)
-        {
-            map.tails.remove(&self.user);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_users_tasks_run_in_arrival_order_others_run_freely() {
-        let lanes = Lanes::default();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (gate_tx, gate_rx) = oneshot::channel::<()>();
-        // First task of user a blocks until the gate opens.
-        let mut first = lanes.enter("a");
-        let second = lanes.enter("a");
-        let other = lanes.enter("b");
-        let l1 = Arc::clone(&log);
-        let t1 = tokio::spawn(async move {
-            first.wait_turn().await;
-            let _ = gate_rx.await;
-            l1.lock().unwrap().push("a1");
-            first.leave();
-        });
-        let l2 = Arc::clone(&log);
-        let t2 = tokio::spawn(async move {
-            let mut second = second;
-            second.wait_turn().await;
-            l2.lock().unwrap().push("a2");
-            second.leave();
-        });
-        let l3 = Arc::clone(&log);
-        let t3 = tokio::spawn(async move {
-            let mut other = other;
-            other.wait_turn().await;
-            l3.lock().unwrap().push("b1");
-            other.leave();
-        });
-        t3.await.unwrap(); // b is not held up by a's blocked task
-        assert_eq!(*log.lock().unwrap(), vec!["b1"]);
-        gate_tx.send(()).unwrap();
-        t1.await.unwrap();
-        t2.await.unwrap();
-        assert_eq!(*log.lock().unwrap(), vec!["b1", "a1", "a2"]);
-        assert!(lanes.inner.lock().unwrap().tails.is_empty());
-    }
 }

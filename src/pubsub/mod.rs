@@ -23,19 +23,43 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// One message to every subscriber of a topic. Shared (`Arc`) by all of them: built once.
+/// One message to every subscriber of a topic: one or more pushes, in order (a worker broadcasts a
+/// user's run of events as one message, so a burst costs one queue slot and one wake-up per run,
+/// not per event). Shared (`Arc`) by all subscribers: built once.
 #[derive(Debug)]
 pub struct Message {
     /// The topic, e.g. `user:42`.
     pub topic: Arc<str>,
+    /// What the subscribers push, in order.
+    pub pushes: Vec<Push>,
+}
+
+/// One push of a [`Message`].
+#[derive(Debug)]
+pub struct Push {
     /// The event name the client sees.
-    pub event: Arc<str>,
+    pub event: String,
     /// Ordering key within the topic (the user's seq), if the topic has one.
     pub seq: Option<i64>,
     /// The payload, already JSON.
-    pub payload: Arc<str>,
+    pub payload: String,
     /// When the event was accepted, Unix ms, for the end-to-end latency metric.
     pub enqueued_at_ms: Option<i64>,
+}
+
+impl Message {
+    /// A message of one push with no seq (control events such as `disconnect`).
+    pub fn control(topic: &str, event: &str, payload: &str) -> Self {
+        Self {
+            topic: topic.into(),
+            pushes: vec![Push {
+                event: event.to_owned(),
+                seq: None,
+                payload: payload.to_owned(),
+                enqueued_at_ms: None,
+            }],
+        }
+    }
 }
 
 /// A subscriber: a bounded queue into a connection, and the switch that disconnects it when that
@@ -280,13 +304,7 @@ mod tests {
     use super::*;
 
     fn message(topic: &str) -> Message {
-        Message {
-            topic: topic.into(),
-            event: "push".into(),
-            seq: Some(1),
-            payload: "{}".into(),
-            enqueued_at_ms: None,
-        }
+        Message::control(topic, "push", "{}")
     }
 
     fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Arc<Message>>) {

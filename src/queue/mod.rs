@@ -8,12 +8,12 @@
 pub mod fanout;
 mod publisher;
 
-pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle};
+pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle, Source};
 
 use crate::config::QueueSettings;
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -54,33 +54,55 @@ pub enum Error {
 /// The names of everything Herald declares, all under one prefix.
 #[derive(Clone, Debug)]
 pub struct Topology {
-    /// The durable work queue events are published to.
-    pub events_queue: String,
+    prefix: String,
+    /// How many partition queues there are.
+    pub partitions: u16,
     /// Where rejected (dead) events go.
     pub dead_letter_exchange: String,
     /// The queue holding dead events for operators.
     pub dead_letter_queue: String,
+    /// A headers exchange routing a message to the partition queue its [`PARTITION_HEADER`]
+    /// names: how a retry finds its way back from a delay queue.
+    pub partition_exchange: String,
 }
 
 impl Topology {
-    /// Names for `prefix`.
-    pub fn new(prefix: &str) -> Self {
+    /// Names for `prefix` with `partitions` partition queues.
+    pub fn new(prefix: &str, partitions: u16) -> Self {
         Self {
-            events_queue: format!("{prefix}.events"),
+            prefix: prefix.to_owned(),
+            partitions,
             dead_letter_exchange: format!("{prefix}.dead"),
             dead_letter_queue: format!("{prefix}.events.dead"),
+            partition_exchange: format!("{prefix}.partitions"),
         }
     }
 
+    /// The queue of partition `p`: `<prefix>.events.<p>`.
+    pub fn partition_queue(&self, p: u16) -> String {
+        format!("{}.events.{p}", self.prefix)
+    }
+
+    /// The single events queue of Herald before partitions (removed at start, see
+    /// [`remove_legacy_queues`]).
+    pub fn legacy_events_queue(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
     /// The delay queue for retries after `delay_ms`: no consumer; its messages expire back into
-    /// the events queue.
-    pub fn retry_queue(prefix: &str, delay_ms: u64) -> String {
-        format!("{prefix}.retry.{delay_ms}ms")
+    /// their partition queue.
+    pub fn delay_queue(&self, delay_ms: u64) -> String {
+        format!("{}.delay.{delay_ms}ms", self.prefix)
     }
 }
 
 /// The header carrying which attempt a delivery is (1 when absent: a first publish or a replay).
 pub const ATTEMPT_HEADER: &str = "x-herald-attempt";
+
+/// The header naming a retry's partition (as a decimal string), which routes it back from its
+/// delay queue through the partition exchange. Not `x-`: a headers exchange ignores binding keys
+/// starting with `x-` (unless bound with `x-match: all-with-x`), and every partition would match.
+pub const PARTITION_HEADER: &str = "herald-partition";
 
 /// The attempt number a delivery carries in [`ATTEMPT_HEADER`]; 1 when absent or unreadable.
 pub fn attempt_of(properties: &lapin::BasicProperties) -> u32 {
@@ -104,9 +126,9 @@ pub fn attempt_of(properties: &lapin::BasicProperties) -> u32 {
 }
 
 /// Declares one delay queue per retry delay. Each has no consumer: a message published to it with
-/// a per-message expiration (the jittered delay) is dead-lettered, when it expires, through the
-/// default exchange straight back into the events queue. Quorum delay queues dead-letter
-/// at-least-once, so a retry is never lost between the two queues.
+/// a per-message expiration (the jittered delay) is dead-lettered, when it expires, to the
+/// partition exchange, which routes it by its [`PARTITION_HEADER`] back into its partition queue.
+/// Quorum delay queues dead-letter at-least-once, so a retry is never lost between the queues.
 ///
 /// # Errors
 /// A declaration failed (e.g. an existing queue with other arguments).
@@ -115,14 +137,10 @@ pub async fn declare_retry_queues(
     settings: &QueueSettings,
     delays_ms: &[u64],
 ) -> Result<(), Error> {
-    let names = Topology::new(&settings.prefix);
+    let names = Topology::new(&settings.prefix, settings.partitions);
     for &delay in delays_ms {
-        let queue = Topology::retry_queue(&settings.prefix, delay);
-        let mut args = queue_arguments(settings, Some(""));
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(names.events_queue.as_str().into()),
-        );
+        let queue = names.delay_queue(delay);
+        let mut args = queue_arguments(settings, Some(&names.partition_exchange));
         if settings.queue_type == "quorum" {
             // At-least-once dead-lettering needs reject-publish overflow; no length limit is set,
             // so nothing is ever rejected.
@@ -135,20 +153,7 @@ pub async fn declare_retry_queues(
                 AMQPValue::LongString("reject-publish".into()),
             );
         }
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await
-            .map_err(|source| Error::Topology {
-                what: queue.clone(),
-                source,
-            })?;
+        declare_queue(channel, &queue, args).await?;
     }
     Ok(())
 }
@@ -160,8 +165,9 @@ pub async fn declare_retry_queues(
 pub async fn delete_retry_queues(settings: &QueueSettings, delays_ms: &[u64]) -> Result<(), Error> {
     let connection = connect(settings, "cleanup").await?;
     let channel = open_channel(&connection).await?;
+    let names = Topology::new(&settings.prefix, settings.partitions);
     for &delay in delays_ms {
-        let queue = Topology::retry_queue(&settings.prefix, delay);
+        let queue = names.delay_queue(delay);
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -170,7 +176,7 @@ pub async fn delete_retry_queues(settings: &QueueSettings, delays_ms: &[u64]) ->
     Ok(())
 }
 
-/// Why a retry could not be scheduled.
+/// Why a retry or a dead letter could not be published.
 #[derive(Debug, thiserror::Error)]
 pub enum RetryPublishError {
     /// The channel or connection failed: the delivery will be redelivered.
@@ -181,7 +187,7 @@ pub enum RetryPublishError {
     Refused(&'static str),
 }
 
-/// A retry to publish: the message again, bound for a delay queue.
+/// A retry to publish: one event, bound for a delay queue.
 #[derive(Debug)]
 pub struct RetryMessage<'a> {
     /// The scheduled delay: names the delay queue.
@@ -190,9 +196,11 @@ pub struct RetryMessage<'a> {
     pub expiration_ms: u64,
     /// The attempt it comes back as.
     pub attempt: u32,
+    /// The partition it comes back to.
+    pub partition: u16,
     /// The event id.
     pub message_id: &'a str,
-    /// The unchanged envelope.
+    /// The event as a message of one.
     pub body: &'a [u8],
 }
 
@@ -203,33 +211,61 @@ pub struct RetryMessage<'a> {
 /// Lost channel, nack, unroutable or confirm timeout.
 pub async fn publish_retry(
     channel: &Channel,
-    prefix: &str,
+    names: &Topology,
     retry: &RetryMessage<'_>,
     confirm_timeout: Duration,
 ) -> Result<(), RetryPublishError> {
-    let RetryMessage {
-        delay_ms,
-        expiration_ms,
-        attempt,
-        message_id,
-        body,
-    } = *retry;
     let mut headers = FieldTable::default();
     headers.insert(
         ATTEMPT_HEADER.into(),
-        AMQPValue::LongLongInt(i64::from(attempt)),
+        AMQPValue::LongLongInt(i64::from(retry.attempt)),
+    );
+    headers.insert(
+        PARTITION_HEADER.into(),
+        AMQPValue::LongString(retry.partition.to_string().into()),
     );
     let properties = lapin::BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
-        .with_message_id(message_id.into())
-        .with_expiration(expiration_ms.max(1).to_string().into())
+        .with_message_id(retry.message_id.into())
+        .with_expiration(retry.expiration_ms.max(1).to_string().into())
         .with_headers(headers);
-    let queue = Topology::retry_queue(prefix, delay_ms);
+    let queue = names.delay_queue(retry.delay_ms);
+    publish_confirmed(channel, "", &queue, retry.body, properties, confirm_timeout).await
+}
+
+/// Publishes one event that failed for good into the dead-letter exchange (`channel` is in
+/// confirm mode), where operators find it; waits for the confirm.
+///
+/// # Errors
+/// Lost channel, nack, unroutable or confirm timeout.
+pub async fn publish_dead_letter(
+    channel: &Channel,
+    names: &Topology,
+    message_id: &str,
+    body: &[u8],
+    confirm_timeout: Duration,
+) -> Result<(), RetryPublishError> {
+    let properties = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into());
+    let exchange = names.dead_letter_exchange.as_str();
+    publish_confirmed(channel, exchange, "", body, properties, confirm_timeout).await
+}
+
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    confirm_timeout: Duration,
+) -> Result<(), RetryPublishError> {
     let confirm = channel
         .basic_publish(
-            "".into(),
-            queue.as_str().into(),
+            exchange.into(),
+            routing_key.into(),
             lapin::options::BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
@@ -295,24 +331,53 @@ pub async fn enable_confirms(channel: &Channel) -> Result<(), Error> {
         })
 }
 
-/// Declares the topology; idempotent, run on every (re)connect of every role.
+/// Declares the topology; idempotent, run on every (re)connect of every role: the dead-letter
+/// exchange and queue, the partition exchange, and the partition queues, each a single-active-
+/// consumer queue bound to the partition exchange by its number.
 ///
 /// # Errors
 /// A declaration failed (e.g. an existing queue with other arguments).
 pub async fn declare_topology(channel: &Channel, settings: &QueueSettings) -> Result<(), Error> {
-    let names = Topology::new(&settings.prefix);
-    let fail = |what: &str| {
-        let what = what.to_owned();
-        move |source| Error::Topology { what, source }
-    };
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
+    let names = Topology::new(&settings.prefix, settings.partitions);
+    declare_exchange(channel, &names.dead_letter_exchange, ExchangeKind::Fanout).await?;
+    declare_queue(
+        channel,
+        &names.dead_letter_queue,
+        queue_arguments(settings, None),
+    )
+    .await?;
+    bind(
+        channel,
+        &names.dead_letter_queue,
+        &names.dead_letter_exchange,
+        FieldTable::default(),
+    )
+    .await?;
+    declare_exchange(channel, &names.partition_exchange, ExchangeKind::Headers).await?;
+    for p in 0..names.partitions {
+        let queue = names.partition_queue(p);
+        let mut args = queue_arguments(settings, Some(&names.dead_letter_exchange));
+        // The broker's fence: at most one consumer of a partition is active at any moment, so no
+        // two worker nodes ever deliver one user's events at once, whatever they believe about
+        // their leases.
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        declare_queue(channel, &queue, args).await?;
+        let mut binding = FieldTable::default();
+        binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        binding.insert(
+            PARTITION_HEADER.into(),
+            AMQPValue::LongString(p.to_string().into()),
+        );
+        bind(channel, &queue, &names.partition_exchange, binding).await?;
+    }
+    Ok(())
+}
+
+async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> Result<(), Error> {
     channel
         .exchange_declare(
-            names.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
+            name.into(),
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -320,34 +385,46 @@ pub async fn declare_topology(channel: &Channel, settings: &QueueSettings) -> Re
             FieldTable::default(),
         )
         .await
-        .map_err(fail(&names.dead_letter_exchange))?;
+        .map_err(|source| Error::Topology {
+            what: name.to_owned(),
+            source,
+        })
+}
+
+async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(
-            names.dead_letter_queue.as_str().into(),
-            durable,
-            queue_arguments(settings, None),
-        )
+        .queue_declare(name.into(), durable, args)
         .await
-        .map_err(fail(&names.dead_letter_queue))?;
+        .map(|_| ())
+        .map_err(|source| Error::Topology {
+            what: name.to_owned(),
+            source,
+        })
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    args: FieldTable,
+) -> Result<(), Error> {
     channel
         .queue_bind(
-            names.dead_letter_queue.as_str().into(),
-            names.dead_letter_exchange.as_str().into(),
+            queue.into(),
+            exchange.into(),
             "".into(),
             QueueBindOptions::default(),
-            FieldTable::default(),
+            args,
         )
         .await
-        .map_err(fail("dead-letter binding"))?;
-    channel
-        .queue_declare(
-            names.events_queue.as_str().into(),
-            durable,
-            queue_arguments(settings, Some(&names.dead_letter_exchange)),
-        )
-        .await
-        .map_err(fail(&names.events_queue))?;
-    Ok(())
+        .map_err(|source| Error::Topology {
+            what: format!("binding of {queue}"),
+            source,
+        })
 }
 
 fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>) -> FieldTable {
@@ -358,13 +435,87 @@ fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>)
         AMQPValue::LongString(settings.queue_type.as_str().into()),
     );
     if let Some(exchange) = dead_letter_exchange {
-        // A message nacked without requeue (a failed delivery) goes here instead of vanishing.
+        // A message nacked without requeue (undecodable) or expired (a retry) goes here.
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(exchange.into()),
         );
     }
     args
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404
+    )
+}
+
+/// How many messages wait (ready, not handed to a consumer) in `queue`; `None` when it does not
+/// exist. Each probe uses a channel of its own, since a missing queue closes the channel.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn ready_messages(connection: &Connection, queue: &str) -> Result<Option<u32>, Error> {
+    let channel = open_channel(connection).await?;
+    let probed = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match probed {
+        Ok(queue) => {
+            let _ = channel.close(200, "probe done".into()).await;
+            Ok(Some(queue.message_count()))
+        }
+        Err(error) if is_not_found(&error) => Ok(None),
+        Err(source) => Err(Error::Channel {
+            what: "probe a queue",
+            source,
+        }),
+    }
+}
+
+/// Deletes the queues of the layout before partitions if they exist: the events queue
+/// (`<prefix>.events`) and the delay queues of `delays_ms` that expired into it
+/// (`<prefix>.retry.<ms>ms`). What they held is in the outbox since the partitions migration, and
+/// the relay republishes it into the partitions.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn remove_legacy_queues(
+    connection: &Connection,
+    settings: &QueueSettings,
+    delays_ms: &[u64],
+) -> Result<(), Error> {
+    let names = Topology::new(&settings.prefix, settings.partitions);
+    let mut legacy = vec![names.legacy_events_queue()];
+    legacy.extend(
+        delays_ms
+            .iter()
+            .map(|ms| format!("{}.retry.{ms}ms", settings.prefix)),
+    );
+    for queue in legacy {
+        if ready_messages(connection, &queue).await?.is_none() {
+            continue;
+        }
+        let channel = open_channel(connection).await?;
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(|source| Error::Channel {
+                what: "delete a queue of the pre-partition layout",
+                source,
+            })?;
+        let _ = channel.close(200, "done".into()).await;
+        tracing::warn!(queue = %queue, "deleted a queue of the pre-partition layout; the outbox relay republishes what it held");
+    }
+    Ok(())
 }
 
 /// Deletes every queue and exchange of the topology (tests and benchmarks clean up with it).
@@ -374,14 +525,20 @@ fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>)
 pub async fn delete_topology(settings: &QueueSettings) -> Result<(), Error> {
     let connection = connect(settings, "cleanup").await?;
     let channel = open_channel(&connection).await?;
-    let names = Topology::new(&settings.prefix);
-    for queue in [&names.events_queue, &names.dead_letter_queue] {
+    let names = Topology::new(&settings.prefix, settings.partitions);
+    let mut queues: Vec<String> = (0..names.partitions)
+        .map(|p| names.partition_queue(p))
+        .collect();
+    queues.push(names.dead_letter_queue.clone());
+    queues.push(names.legacy_events_queue());
+    for queue in queues {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
     for exchange in [
         names.dead_letter_exchange,
+        names.partition_exchange,
         fanout::exchange_name(&settings.prefix),
     ] {
         let _ = channel
@@ -392,63 +549,93 @@ pub async fn delete_topology(settings: &QueueSettings) -> Result<(), Error> {
     Ok(())
 }
 
-/// A consumer on the events queue with `prefetch` unacked deliveries at most: the worker pool's demand.
-pub struct EventConsumer {
+/// Most unacked messages the broker hands one partition consumer. The worker's own demand is
+/// `queue.prefetch` events per partition; this keeps enough messages on hand to fill it (a message
+/// carries one to `queue.message_max_events` events) and bounds what waits in memory.
+pub const PARTITION_QOS_MESSAGES: u16 = 128;
+
+/// A worker node's link to the broker: the channel its partition consumers share, and a
+/// confirm-mode channel for retries and dead letters on the same connection (if the connection
+/// goes, unacked deliveries and unconfirmed retries go together, and are redelivered).
+pub struct ConsumerLink {
     /// Keeps the connection open while deliveries are acked.
     pub connection: Connection,
-    /// The channel deliveries are acked on.
+    /// Partition consumers and their acks.
     pub channel: Channel,
-    /// The delivery stream.
-    pub consumer: Consumer,
-    /// A confirm-mode channel on the same connection, for publishing retries: if the connection
-    /// goes, unacked deliveries and unconfirmed retries go together (and are redelivered).
+    /// Retries and dead letters.
     pub retry_channel: Channel,
-    /// The consumer tag, to cancel it at shutdown.
-    pub tag: String,
 }
 
-/// Connects, declares the topology (with the delay queues of `retry_delays_ms`) and starts
-/// consuming the events queue with manual acks.
-///
-/// # Errors
-/// Any step failed; the caller reconnects with backoff.
-pub async fn consume_events(
-    settings: &QueueSettings,
-    tag: &str,
-    retry_delays_ms: &[u64],
-) -> Result<EventConsumer, Error> {
-    let connection = connect(settings, "consumer").await?;
-    let channel = open_channel(&connection).await?;
-    declare_topology(&channel, settings).await?;
-    declare_retry_queues(&channel, settings, retry_delays_ms).await?;
-    let retry_channel = open_channel(&connection).await?;
-    enable_confirms(&retry_channel).await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|source| Error::Channel {
-            what: "set prefetch",
-            source,
-        })?;
-    let consumer = channel
-        .basic_consume(
-            Topology::new(&settings.prefix).events_queue.as_str().into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| Error::Channel {
-            what: "start consuming",
-            source,
-        })?;
-    Ok(EventConsumer {
-        connection,
-        channel,
-        consumer,
-        retry_channel,
-        tag: tag.to_owned(),
-    })
+impl ConsumerLink {
+    /// Connects, declares the topology (with the delay queues of `retry_delays_ms`) and opens the
+    /// channels.
+    ///
+    /// # Errors
+    /// Any step failed; the caller reconnects with backoff.
+    pub async fn open(settings: &QueueSettings, retry_delays_ms: &[u64]) -> Result<Self, Error> {
+        let connection = connect(settings, "consumer").await?;
+        let channel = open_channel(&connection).await?;
+        declare_topology(&channel, settings).await?;
+        declare_retry_queues(&channel, settings, retry_delays_ms).await?;
+        let retry_channel = open_channel(&connection).await?;
+        enable_confirms(&retry_channel).await?;
+        Ok(Self {
+            connection,
+            channel,
+            retry_channel,
+        })
+    }
+
+    /// Starts consuming partition `partition` with manual acks, tagged `tag`.
+    ///
+    /// # Errors
+    /// The channel failed.
+    pub async fn consume(
+        &self,
+        settings: &QueueSettings,
+        partition: u16,
+        tag: &str,
+    ) -> Result<Consumer, Error> {
+        let names = Topology::new(&settings.prefix, settings.partitions);
+        // Applies to the consumers started after it on this channel, each on its own.
+        self.channel
+            .basic_qos(
+                settings.prefetch.min(PARTITION_QOS_MESSAGES),
+                BasicQosOptions::default(),
+            )
+            .await
+            .map_err(|source| Error::Channel {
+                what: "set prefetch",
+                source,
+            })?;
+        self.channel
+            .basic_consume(
+                names.partition_queue(partition).as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Channel {
+                what: "start consuming",
+                source,
+            })
+    }
+
+    /// Stops the consumer `tag`: the broker sends it nothing more (its stream ends after what was
+    /// already sent), and its unacked deliveries can still be settled.
+    ///
+    /// # Errors
+    /// The channel failed.
+    pub async fn cancel(&self, tag: &str) -> Result<(), Error> {
+        self.channel
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await
+            .map_err(|source| Error::Channel {
+                what: "cancel a consumer",
+                source,
+            })
+    }
 }
 
 /// Exponential backoff for reconnects: 100 ms doubling up to a cap.
@@ -495,10 +682,11 @@ mod tests {
 
     #[test]
     fn names_share_the_prefix() {
-        let t = Topology::new("test_1");
-        assert_eq!(t.events_queue, "test_1.events");
+        let t = Topology::new("test_1", 4);
+        assert_eq!(t.partition_queue(3), "test_1.events.3");
         assert_eq!(t.dead_letter_queue, "test_1.events.dead");
-        assert_eq!(Topology::retry_queue("test_1", 500), "test_1.retry.500ms");
+        assert_eq!(t.delay_queue(500), "test_1.delay.500ms");
+        assert_eq!(t.partition_exchange, "test_1.partitions");
     }
 
     #[test]

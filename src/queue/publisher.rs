@@ -1,12 +1,16 @@
-//! The publisher: persistent messages to the events queue with publisher confirms, pipelined.
+//! The publisher: persistent messages to the partition queues with publisher confirms, pipelined.
 //!
 //! Awaiting each confirm before the next publish caps near 2.5k msgs/s on our box; here up to
 //! `max_inflight_confirms` publishes are outstanding at once and confirms are collected as they come.
-//! Order is kept: one channel, publishes issued in the order they were handed in.
+//! Order is kept: one channel, publishes issued in the order they were handed in, so each partition
+//! queue receives its messages in commit order.
 //!
-//! What the broker confirmed is reported as [`PublisherEvent::Confirmed`]; everything else (nack,
-//! timeout, lost connection, unroutable) is reported as unconfirmed and simply left to the outbox
-//! relay, because the event is already safe in PostgreSQL.
+//! A message is an outbox row: what the broker confirmed is reported as
+//! [`PublisherEvent::Confirmed`] (the rows are deleted); everything else (nack, timeout, lost
+//! connection, unroutable, too old to publish) is reported as unconfirmed and simply left to the
+//! outbox relay, because the events are already safe in PostgreSQL. A message is never published
+//! after its `publish_by` instant: from then on the relay may republish it, and the two must not
+//! both send it.
 
 use super::{Backoff, Error, Topology, connect, declare_topology, enable_confirms, open_channel};
 use crate::config::QueueSettings;
@@ -18,28 +22,58 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// A message to publish: the event id (message id, and what the confirm reports) and its body.
+/// Who handed a message to the publisher (a metric tag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A group commit's new events.
+    Commit,
+    /// The outbox relay, for a message never confirmed.
+    Relay,
+    /// An operator replay.
+    Replay,
+}
+
+impl Source {
+    /// The metric tag value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Commit => "commit",
+            Self::Relay => "relay",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+/// A message to publish: an outbox row's events for one partition.
 #[derive(Debug)]
 pub struct OutgoingMessage {
-    /// The event id.
+    /// The outbox row: the message id, and what the confirm reports.
     pub id: Uuid,
-    /// The serialised envelope.
+    /// The partition queue it goes to.
+    pub partition: u16,
+    /// How many events it carries.
+    pub events: usize,
+    /// The events, encoded ([`crate::event::encode_batch`]).
     pub body: Vec<u8>,
+    /// Published only before this instant; later it is left to the relay (see the module docs).
+    pub publish_by: Instant,
 }
 
 /// What happened to published messages, for the pipeline to record and count.
 #[derive(Debug)]
 pub enum PublisherEvent {
-    /// The broker confirmed these (persisted to the queue).
+    /// The broker confirmed these messages (persisted to their queues): their outbox rows.
     Confirmed(Vec<Uuid>),
-    /// These were not confirmed; they stay unpublished in PostgreSQL for the relay.
+    /// These messages were not confirmed; their outbox rows stay for the relay.
     Unconfirmed {
-        /// How many.
+        /// How many messages.
         count: usize,
-        /// Why: `nack`, `timeout`, `unroutable` or `connection_lost`.
+        /// Why: `nack`, `timeout`, `unroutable`, `connection_lost` or `stale` (held past its
+        /// `publish_by`).
         reason: &'static str,
     },
     /// The connection was lost, or an attempt to make one failed.
@@ -94,7 +128,7 @@ pub struct Publisher {
     rx: mpsc::Receiver<OutgoingMessage>,
     events: mpsc::Sender<PublisherEvent>,
     connected: Arc<AtomicBool>,
-    routing_key: String,
+    names: Topology,
 }
 
 enum PumpEnd {
@@ -110,7 +144,7 @@ impl Publisher {
         let (tx, rx) = mpsc::channel(settings.publish_buffer);
         let (events, events_rx) = mpsc::channel(1024);
         let connected = Arc::new(AtomicBool::new(false));
-        let routing_key = Topology::new(&settings.prefix).events_queue;
+        let names = Topology::new(&settings.prefix, settings.partitions);
         let handle = PublisherHandle {
             tx,
             connected: Arc::clone(&connected),
@@ -120,7 +154,7 @@ impl Publisher {
             rx,
             events,
             connected,
-            routing_key,
+            names,
         };
         (publisher, handle, events_rx)
     }
@@ -150,7 +184,7 @@ impl Publisher {
                 }
             };
             backoff.reset();
-            tracing::info!(queue = %self.routing_key, "publisher connected");
+            tracing::info!(partitions = self.names.partitions, "publisher connected");
             self.connected.store(true, Ordering::Relaxed);
             let end = self.pump(&connection, &channel, &stop).await;
             self.connected.store(false, Ordering::Relaxed);
@@ -258,6 +292,10 @@ impl Publisher {
                         intake_open = false;
                         continue;
                     };
+                    if Instant::now() > message.publish_by {
+                        self.report(PublisherEvent::Unconfirmed { count: 1, reason: "stale" }).await;
+                        continue;
+                    }
                     match self.publish_one(channel, &message).await {
                         Ok(confirm) => pending.push(confirmation(message.id, confirm, confirm_timeout)),
                         Err(error) => {
@@ -287,10 +325,11 @@ impl Publisher {
             .with_delivery_mode(2) // persistent: survives a broker restart
             .with_content_type("application/json".into())
             .with_message_id(message.id.to_string().into());
+        let queue = self.names.partition_queue(message.partition);
         channel
             .basic_publish(
                 "".into(), // the default exchange routes by queue name
-                self.routing_key.as_str().into(),
+                queue.as_str().into(),
                 // mandatory: an unroutable message (queue deleted) comes back instead of vanishing
                 BasicPublishOptions {
                     mandatory: true,

@@ -14,8 +14,9 @@ use crate::event::{
     DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
 };
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
-use crate::pubsub::{Message as PubSubMessage, Subscriber};
+use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -415,10 +416,11 @@ impl Connection {
         }
     }
 
-    /// Pushes a broadcast through the channel's order guard.
+    /// Pushes a broadcast's pushes through the channel's order guard, then flushes them together
+    /// (a run of events costs one write to the socket, not one per event).
     async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), End> {
         if message.topic.starts_with(SOCKET_ID_PREFIX) {
-            if &*message.event == DISCONNECT_EVENT {
+            if message.pushes.iter().any(|p| p.event == DISCONNECT_EVENT) {
                 return Err(End::Close(
                     close_code::GOING_AWAY,
                     "disconnected by the server",
@@ -426,32 +428,39 @@ impl Connection {
             }
             return Ok(());
         }
-        let Some(channel) = self.channels.get(&*message.topic) else {
+        for push in &message.pushes {
+            self.deliver_push(&message.topic, push).await?;
+        }
+        self.flush().await
+    }
+
+    async fn deliver_push(&mut self, topic: &str, push: &Push) -> Result<(), End> {
+        let Some(channel) = self.channels.get(topic) else {
             return Ok(()); // left while the message was queued
         };
         let ChannelKind::User { guard, .. } = &channel.kind else {
             return Ok(());
         };
-        if &*message.event == RESYNC_EVENT {
+        if push.event == RESYNC_EVENT {
             // Broadcasts may have been lost while the node's fan-out queue was away.
             return match guard.last() {
-                Some(after) => self.catch_up(&message.topic, after).await,
+                Some(after) => self.catch_up(topic, after).await,
                 None => Ok(()),
             };
         }
-        let Some(seq) = message.seq else {
+        let Some(seq) = push.seq else {
             let join_ref = channel.join_ref.clone();
-            return self.push(&join_ref, message).await;
+            return self.push(&join_ref, topic, push).await;
         };
         match guard.admit(seq) {
             Admit::Duplicate => {
                 self.state.metrics.socket_duplicate_dropped();
                 Ok(())
             }
-            Admit::Push => self.push_seq(&message.topic, seq, message).await,
+            Admit::Push => self.push_seq(topic, seq, push).await,
             Admit::Gap { after } => {
-                self.fill_gap(&message.topic, after, seq).await?;
-                self.push_seq(&message.topic, seq, message).await
+                self.fill_gap(topic, after, seq).await?;
+                self.push_seq(topic, seq, push).await
             }
         }
     }
@@ -484,30 +493,25 @@ impl Connection {
             let Some(envelope) = row.into_envelope() else {
                 continue;
             };
-            let message = PubSubMessage {
-                topic: topic.into(),
-                event: envelope.event.as_str().into(),
+            let push = Push {
+                event: envelope.event.as_str().to_owned(),
                 seq: Some(envelope.seq),
-                payload: envelope.push_payload().into(),
+                payload: envelope.push_payload(),
                 enqueued_at_ms: Some(envelope.at),
             };
-            self.push_seq(topic, envelope.seq, &message).await?;
+            self.push_seq(topic, envelope.seq, &push).await?;
             last = Some(envelope.seq);
         }
+        self.flush().await?;
         Ok(if full_page { last } else { None })
     }
 
-    async fn push_seq(
-        &mut self,
-        topic: &str,
-        seq: i64,
-        message: &PubSubMessage,
-    ) -> Result<(), End> {
+    async fn push_seq(&mut self, topic: &str, seq: i64, push: &Push) -> Result<(), End> {
         let Some(channel) = self.channels.get(topic) else {
             return Ok(());
         };
         let join_ref = channel.join_ref.clone();
-        self.push(&join_ref, message).await?;
+        self.push(&join_ref, topic, push).await?;
         if let Some(JoinedChannel {
             kind: ChannelKind::User { guard, .. },
             ..
@@ -518,17 +522,18 @@ impl Connection {
         Ok(())
     }
 
-    async fn push(&mut self, join_ref: &RawValue, message: &PubSubMessage) -> Result<(), End> {
+    /// Queues a push frame on the socket; the caller flushes.
+    async fn push(&mut self, join_ref: &RawValue, topic: &str, push: &Push) -> Result<(), End> {
         let text = protocol::encode(
             self.vsn,
             join_ref,
             null(),
-            &message.topic,
-            &message.event,
-            &message.payload,
+            topic,
+            &push.event,
+            &push.payload,
         );
-        self.send(text).await?;
-        if let Some(at) = message.enqueued_at_ms {
+        self.feed(text).await?;
+        if let Some(at) = push.enqueued_at_ms {
             self.state
                 .metrics
                 .push_delivered(now_unix_ms().saturating_sub(at).max(0) as u64);
@@ -559,24 +564,43 @@ impl Connection {
         self.send(text).await
     }
 
+    /// Writes a frame and flushes it (with whatever was queued before it).
     async fn send(&mut self, text: String) -> Result<(), End> {
-        match timeout(self.write_timeout, self.ws.send(Message::Text(text.into()))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => {
-                tracing::debug!(error = %error, "websocket write failed");
-                Err(End::Gone)
-            }
-            Err(_) => {
-                tracing::debug!("websocket write timed out");
-                Err(End::Gone)
-            }
-        }
+        self.feed(text).await?;
+        self.flush().await
+    }
+
+    /// Queues a frame without flushing (it may still be written if the write buffer fills).
+    async fn feed(&mut self, text: String) -> Result<(), End> {
+        let fed = timeout(self.write_timeout, self.ws.feed(Message::Text(text.into()))).await;
+        written(fed)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        written(timeout(self.write_timeout, self.ws.flush()).await)
     }
 
     fn leave_all(&mut self) {
         let channels: Vec<_> = self.channels.drain().collect();
         for (topic, channel) in channels {
             self.stop_channel(&topic, &channel);
+        }
+    }
+}
+
+/// What a timed write to the socket came to.
+fn written(
+    result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+) -> Result<(), End> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::debug!(error = %error, "websocket write failed");
+            Err(End::Gone)
+        }
+        Err(_) => {
+            tracing::debug!("websocket write timed out");
+            Err(End::Gone)
         }
     }
 }

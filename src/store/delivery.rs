@@ -5,6 +5,7 @@
 //! Times cross this boundary as Unix milliseconds going in and RFC 3339 strings (UTC) coming out,
 //! formatted by PostgreSQL, so Herald needs no date library.
 
+use super::outbox::OutboxMessage;
 use super::{Error, Store, StoredEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -111,7 +112,7 @@ pub struct EventRecord {
     pub push_count: Option<i32>,
     /// When the API accepted it.
     pub enqueued_at: String,
-    /// When the broker confirmed its publish.
+    /// When a worker first took it from the broker (its first attempt began).
     pub published_at: Option<String>,
     /// When it was delivered (pushed to the sockets online then).
     pub delivered_at: Option<String>,
@@ -208,6 +209,16 @@ const FILTER_SQL: &str = "(cardinality($1::text[]) = 0 OR e.status = ANY($1))
      AND ($6::int8 IS NULL OR e.enqueued_at < to_timestamp($6 / 1000.0))
      AND (cardinality($7::uuid[]) = 0 OR e.id = ANY($7))";
 
+/// [`FILTER_SQL`], plus a predicate the planner can match against the failed-events index when
+/// only failed events are asked for (a bound parameter alone never lets it use a partial index).
+fn filter_sql(filter: &EventFilter) -> String {
+    if filter.statuses.iter().all(|s| s == "failed") && !filter.statuses.is_empty() {
+        format!("{FILTER_SQL} AND e.failed_at IS NOT NULL")
+    } else {
+        FILTER_SQL.to_owned()
+    }
+}
+
 type Query<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
 
 fn bind_filter<'q, O>(query: Query<'q, O>, filter: &'q EventFilter) -> Query<'q, O> {
@@ -269,6 +280,9 @@ impl Store {
              upd AS (
                  UPDATE events e SET
                      attempts = e.attempts + 1,
+                     -- The broker had it no later than its first attempt began (the confirm
+                     -- itself only deletes an outbox row, and never touches the event).
+                     published_at = COALESCE(e.published_at, to_timestamp(x.started / 1000.0)),
                      status = CASE
                          WHEN x.kind = 'delivered' THEN 'delivered'
                          WHEN e.status = 'delivered' THEN e.status
@@ -372,8 +386,9 @@ impl Store {
     ) -> Result<Vec<EventRecord>, Error> {
         let sql = format!(
             "SELECT {EVENT_RECORD_COLUMNS} FROM events e JOIN producers p ON p.id = e.producer_id
-             WHERE {FILTER_SQL} AND ($8::uuid IS NULL OR e.id < $8)
-             ORDER BY e.id DESC LIMIT $9"
+             WHERE {} AND ($8::uuid IS NULL OR e.id < $8)
+             ORDER BY e.id DESC LIMIT $9",
+            filter_sql(filter)
         );
         bind_filter(sqlx::query_as::<_, EventRecord>(&sql), filter)
             .bind(before)
@@ -389,7 +404,8 @@ impl Store {
     /// The query failed.
     pub async fn count_events(&self, filter: &EventFilter) -> Result<i64, Error> {
         let sql = format!(
-            "SELECT count(*) FROM events e JOIN producers p ON p.id = e.producer_id WHERE {FILTER_SQL}"
+            "SELECT count(*) FROM events e JOIN producers p ON p.id = e.producer_id WHERE {}",
+            filter_sql(filter)
         );
         let (count,): (i64,) = bind_filter(sqlx::query_as(&sql), filter)
             .fetch_one(&self.pool)
@@ -399,9 +415,10 @@ impl Store {
     }
 
     /// Claims the next `limit` events matching `filter` with an id above `after`, oldest first, for
-    /// replay: each goes back to `accepted` (the outbox), stamped as just relayed so the outbox relay
-    /// leaves it to the replaying process for one grace period, and takes it over if that process
-    /// dies. Returns them in id order, which for one user is seq order.
+    /// replay: each goes back to `accepted` and gets an outbox row of its own in the same
+    /// transaction (a replayed event travels as a message of one), so the outbox relay takes over
+    /// any the replaying process could not publish (broker down, the process died): a replay never
+    /// strands an event. Returns `(message id, event)` in id order, which for one user is seq order.
     ///
     /// # Errors
     /// The statement failed; nothing was claimed.
@@ -410,26 +427,43 @@ impl Store {
         filter: &EventFilter,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, Error> {
+    ) -> Result<Vec<(Uuid, StoredEvent)>, Error> {
         let sql = format!(
             "WITH due AS (
                  SELECT e.id FROM events e JOIN producers p ON p.id = e.producer_id
-                 WHERE {FILTER_SQL} AND ($8::uuid IS NULL OR e.id > $8)
+                 WHERE {} AND ($8::uuid IS NULL OR e.id > $8)
                  ORDER BY e.id LIMIT $9
                  FOR UPDATE OF e SKIP LOCKED),
              claimed AS (
-                 UPDATE events e SET status = 'accepted', relayed_at = now(), next_attempt_at = NULL,
+                 UPDATE events e SET status = 'accepted', next_attempt_at = NULL,
                         replays = e.replays + 1, replayed_at = now()
                  FROM due WHERE e.id = due.id RETURNING e.*)
              SELECT {} FROM claimed ORDER BY id",
+            filter_sql(filter),
             super::events::STORED_EVENT_COLUMNS
         );
-        bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
+        let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
+        let rows = bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
             .bind(after)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(Error::query("claim events for replay"))
+            .map_err(Error::query("claim events for replay"))?;
+        let messages: Vec<OutboxMessage> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, _)| OutboxMessage {
+                id: Uuid::now_v7(),
+                // The relay recomputes partitions from the events; a row of one needs none here.
+                partition: 0,
+                events: vec![i],
+            })
+            .collect();
+        super::outbox::insert_rows(&mut tx, &messages, |i| rows[i].id).await?;
+        tx.commit()
+            .await
+            .map_err(Error::query("commit a replay claim"))?;
+        Ok(messages.into_iter().map(|m| m.id).zip(rows).collect())
     }
 
     /// Parses a time as PostgreSQL reads a `timestamptz` (`2026-11-30T12:00:00Z`, `2026-11-30`,

@@ -1,8 +1,9 @@
 //! The events repository: the group-committed insert (with per-user seq and idempotency), batched
 //! status changes, the outbox relay's claim, and the reads that fill gaps.
 
+use super::outbox::{self, MessageLimits, OutboxMessage, plan_messages};
 use super::{Error, Store};
-use crate::event::{Envelope, EventName, UserId};
+use crate::event::{Envelope, EventName, UserId, envelope_size};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
@@ -59,6 +60,16 @@ pub enum InsertOutcome {
     },
 }
 
+/// What a group commit stored: an outcome per event, and the broker messages that carry the new
+/// events (their outbox rows were written in the same transaction).
+#[derive(Debug)]
+pub struct Committed {
+    /// One per event given, in order.
+    pub outcomes: Vec<InsertOutcome>,
+    /// The new events' messages, in publishing order.
+    pub messages: Vec<OutboxMessage>,
+}
+
 /// An event read back from PostgreSQL (relay, gap fill).
 #[derive(Debug, sqlx::FromRow)]
 pub struct StoredEvent {
@@ -94,16 +105,23 @@ pub(super) const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::te
      (extract(epoch FROM enqueued_at) * 1000)::int8 AS at";
 
 impl Store {
-    /// Inserts a batch of events in one transaction and numbers them per user.
+    /// Inserts a batch of events in one transaction, numbers them per user, and plans the broker
+    /// messages that carry the new ones (one per partition, split at `limits`), writing their outbox
+    /// rows in the same transaction.
     ///
     /// Steps, each one statement: claim the idempotency keys (a concurrent duplicate waits on the
     /// unique index, then is seen); bump each user's counter once by its number of new events, in
-    /// user order so concurrent batches cannot deadlock; insert the rows with `UNNEST`. Events of one
-    /// user get consecutive seqs in input order.
+    /// user order so concurrent batches cannot deadlock; insert the rows with `UNNEST`; insert the
+    /// outbox rows. Events of one user get consecutive seqs in input order.
     ///
     /// # Errors
     /// The transaction failed; nothing of the batch is stored.
-    pub async fn insert_events(&self, events: &[NewEvent]) -> Result<Vec<InsertOutcome>, Error> {
+    pub async fn insert_events(
+        &self,
+        events: &[NewEvent],
+        partitions: u16,
+        limits: MessageLimits,
+    ) -> Result<Committed, Error> {
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
         let mut outcomes: Vec<Option<InsertOutcome>> = vec![None; events.len()];
         let repeats = claim_idempotency_keys(&mut tx, events, &mut outcomes).await?;
@@ -189,6 +207,16 @@ impl Store {
             .await
             .map_err(Error::query("insert events"))?;
         }
+        let messages = plan_messages(
+            fresh.iter().map(|&i| {
+                let e = &events[i];
+                let size = envelope_size(&e.data, e.user_id.as_str(), e.event.as_str());
+                (i, e.user_id.as_str(), size)
+            }),
+            partitions,
+            limits,
+        );
+        outbox::insert_rows(&mut tx, &messages, |i| events[i].id).await?;
         tx.commit().await.map_err(Error::query("commit events"))?;
         // Repeats inside the batch answer like their first occurrence, new or old.
         for (i, j) in repeats {
@@ -202,72 +230,13 @@ impl Store {
                 None => InsertOutcome::Inserted { seq: 0 },
             });
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(InsertOutcome::Inserted { seq: 0 }))
-            .collect())
-    }
-
-    /// Marks events whose publish the broker confirmed. Never moves an event backwards (a worker may
-    /// have delivered it before the confirm arrived).
-    ///
-    /// Rows another transaction holds are skipped, never waited for. The outcome writer updates
-    /// the same rows at the same time, each statement locking its rows in its own order, and two
-    /// such statements waiting on each other deadlock: PostgreSQL breaks that only after
-    /// `deadlock_timeout` (1 s), and meanwhile every delivery waiting for its outcome holds a
-    /// prefetch slot, so consumption stopped for a second at a time (p99 ~1.1 s in the bench).
-    /// A locked row is being delivered or failed (which supersedes `published`) or claimed by the
-    /// relay (which republishes it; the socket drops the copy by seq).
-    ///
-    /// # Errors
-    /// The update failed.
-    pub async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, Error> {
-        let done = sqlx::query(
-            "UPDATE events SET status = 'published', published_at = now()
-             WHERE id IN (SELECT id FROM events WHERE id = ANY($1) AND status = 'accepted'
-                          FOR UPDATE SKIP LOCKED)
-               AND status = 'accepted'",
-        )
-        .bind(ids)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("mark published"))?;
-        Ok(done.rows_affected())
-    }
-
-    /// Claims up to `limit` events still unpublished `grace_ms` after they were accepted (or last
-    /// claimed), oldest first, for the outbox relay. The claim stamps `relayed_at`, so relays on other
-    /// nodes skip these rows for the next grace period.
-    ///
-    /// # Errors
-    /// The query failed.
-    pub async fn claim_unpublished(
-        &self,
-        grace_ms: u64,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, Error> {
-        let sql = format!(
-            "WITH due AS (
-                 SELECT id FROM events
-                 WHERE status = 'accepted'
-                   AND enqueued_at < now() - make_interval(secs => $1 / 1000.0)
-                   AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
-                 ORDER BY enqueued_at
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED),
-             claimed AS (
-                 UPDATE events e SET relayed_at = now() FROM due WHERE e.id = due.id RETURNING e.*)
-             SELECT {STORED_EVENT_COLUMNS} FROM claimed"
-        );
-        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
-            .bind(grace_ms as f64)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::query("claim unpublished events"))?;
-        // Publish each user's events in seq order.
-        rows.sort_by(|a, b| (a.at, &a.user_id, a.seq).cmp(&(b.at, &b.user_id, b.seq)));
-        Ok(rows)
+        Ok(Committed {
+            outcomes: outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(InsertOutcome::Inserted { seq: 0 }))
+                .collect(),
+            messages,
+        })
     }
 
     /// The oldest seq still stored for `user_id` (retention prunes older ones) and the last seq

@@ -7,13 +7,17 @@
 
 mod delivery;
 mod events;
+mod outbox;
+mod partitions;
 mod producers;
 
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
     ReplayJobRecord,
 };
-pub use events::{InsertOutcome, NewEvent, StoredEvent};
+pub use events::{Committed, InsertOutcome, NewEvent, StoredEvent};
+pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
+pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
 
 use crate::config::StoreSettings;

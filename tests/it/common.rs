@@ -60,7 +60,12 @@ pub fn test_settings() -> Settings {
     s.queue.prefix = format!("test_{id}");
     s.queue.reconnect_max_backoff_ms = 300;
     s.queue.connect_timeout_ms = 2_000;
-    s.pipeline.relay_grace_ms = 1_000;
+    // Few partitions: every test declares its own quorum queues, and the suite runs in parallel.
+    s.queue.partitions = 4;
+    s.queue.partition_check_ms = 200;
+    s.queue.partition_lease_ms = 1_000;
+    s.queue.confirm_timeout_ms = 1_000;
+    s.pipeline.relay_grace_ms = 2_000;
     s.pipeline.relay_interval_ms = 200;
     s.metrics.statsd_addr = String::new();
     s.socket.secret = Some(Secret::new(TEST_SECRET));
@@ -125,6 +130,29 @@ pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
     (api, a, b)
 }
 
+/// Another node of the deployment of `first` (same database and queue prefix), running `roles`
+/// as `name`, with its own settings adjusted by `adjust`; ready when returned. The first node owns
+/// the cleanup.
+pub async fn spawn_node(
+    first: &TestApp,
+    roles: &str,
+    name: &str,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let mut settings = first.settings.clone();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.node.roles = roles.into();
+    settings.node.name = name.into();
+    adjust(&mut settings);
+    let store = Store::connect(&settings.store)
+        .await
+        .expect("store connects");
+    let mut node = start(settings, store, first.api_key.clone()).await;
+    node.cleanup = false;
+    node.wait_ready().await;
+    node
+}
+
 /// The real `herald` binary serving `roles` on the deployment of `settings`, as a child process
 /// (killed when dropped). Returns it with its HTTP address once it is ready.
 pub async fn spawn_process(
@@ -142,6 +170,26 @@ pub async fn spawn_process(
         .env("HERALD_DATABASE_URL", settings.store.database_url.expose())
         .env("HERALD_AMQP_URL", settings.queue.amqp_url.expose())
         .env("HERALD_QUEUE__PREFIX", &settings.queue.prefix)
+        .env(
+            "HERALD_QUEUE__PARTITIONS",
+            settings.queue.partitions.to_string(),
+        )
+        .env(
+            "HERALD_QUEUE__PARTITION_CHECK_MS",
+            settings.queue.partition_check_ms.to_string(),
+        )
+        .env(
+            "HERALD_QUEUE__PARTITION_LEASE_MS",
+            settings.queue.partition_lease_ms.to_string(),
+        )
+        .env(
+            "HERALD_QUEUE__CONFIRM_TIMEOUT_MS",
+            settings.queue.confirm_timeout_ms.to_string(),
+        )
+        .env(
+            "HERALD_PIPELINE__RELAY_GRACE_MS",
+            settings.pipeline.relay_grace_ms.to_string(),
+        )
         .env("HERALD_HTTP_ADDR", addr.to_string())
         .env("HERALD_SECRET", TEST_SECRET)
         .env("HERALD_STATSD_ADDR", "")
@@ -162,6 +210,22 @@ pub async fn spawn_process(
     })
     .await;
     (child, addr)
+}
+
+/// The partitions the worker node at `addr` consumes, from its /readyz (empty if it cannot say).
+pub async fn partitions_at(http: &reqwest::Client, addr: SocketAddr) -> Vec<u16> {
+    let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await else {
+        return Vec::new();
+    };
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    body["partitions"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Connects a v2 client as `user` to the node at `addr`.
@@ -340,7 +404,10 @@ impl TestApp {
             .await
             .expect("broker");
         let channel = herald::queue::open_channel(&connection).await.unwrap();
-        let names = herald::queue::Topology::new(&self.settings.queue.prefix);
+        let names = herald::queue::Topology::new(
+            &self.settings.queue.prefix,
+            self.settings.queue.partitions,
+        );
         let queue = channel
             .queue_declare(
                 names.dead_letter_queue.as_str().into(),
@@ -377,6 +444,11 @@ impl TestApp {
                 assert_eq!(r.status(), 202);
             }
         })
+    }
+
+    /// The partitions this node consumes, from its /readyz.
+    pub async fn partitions(&self) -> Vec<u16> {
+        partitions_at(&self.http, self.addr).await
     }
 
     /// Waits until every event of the deployment is delivered.
@@ -597,6 +669,24 @@ impl StatsdListener {
         Self { socket, addr }
     }
 
+    /// Every metric line received until the `count`-th one starting with `until` (inclusive).
+    pub async fn lines_until(&self, until: &str, count: usize) -> Vec<String> {
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + PATIENCE;
+        let (mut lines, mut seen) = (Vec::new(), 0);
+        while seen < count {
+            let received = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("fewer than {count} StatsD lines starting with {until}"))
+                .unwrap();
+            for line in String::from_utf8_lossy(&buf[..received]).lines() {
+                seen += usize::from(line.starts_with(until));
+                lines.push(line.to_owned());
+            }
+        }
+        lines
+    }
+
     /// Waits for a metric line starting with `prefix`; returns the line.
     pub async fn expect_line(&self, prefix: &str) -> String {
         let mut buf = vec![0u8; 65536];
@@ -682,6 +772,22 @@ pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
         ("HERALD_STATSD_ADDR", settings.metrics.statsd_addr.clone()),
         ("HERALD_SECRET", TEST_SECRET.to_owned()),
         ("HERALD_QUEUE__PREFIX", settings.queue.prefix.clone()),
+        (
+            "HERALD_QUEUE__PARTITIONS",
+            settings.queue.partitions.to_string(),
+        ),
+        (
+            "HERALD_QUEUE__PARTITION_CHECK_MS",
+            settings.queue.partition_check_ms.to_string(),
+        ),
+        (
+            "HERALD_QUEUE__PARTITION_LEASE_MS",
+            settings.queue.partition_lease_ms.to_string(),
+        ),
+        (
+            "HERALD_QUEUE__CONFIRM_TIMEOUT_MS",
+            settings.queue.confirm_timeout_ms.to_string(),
+        ),
         (
             "HERALD_QUEUE__RECONNECT_MAX_BACKOFF_MS",
             settings.queue.reconnect_max_backoff_ms.to_string(),

@@ -2,7 +2,7 @@
 
 use crate::common::{StatsdListener, spawn_app, spawn_app_with};
 use herald::event::{EventName, UserId, now_unix_ms};
-use herald::store::NewEvent;
+use herald::store::{MessageLimits, NewEvent};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -155,7 +155,10 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
         idempotency_key: None,
         enqueued_at_ms: now_unix_ms(),
     };
-    app.store.insert_events(&[late]).await.unwrap();
+    app.store
+        .insert_events(&[late], app.settings.queue.partitions, limits(&app))
+        .await
+        .unwrap();
     app.post_event(json!({"user_id": "9", "data": {"n": 3}}))
         .await;
     let second = client.recv_push().await;
@@ -170,26 +173,70 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
     );
 }
 
-/// The confirm recorder must never wait on a row another writer holds: waiting there is how it
-/// deadlocked with the outcome writer (each locking the same rows in its own order).
+fn limits(app: &crate::common::TestApp) -> MessageLimits {
+    app.settings.message_limits()
+}
+
+/// A broker confirm deletes its message's outbox row and never touches an event row, so it can
+/// neither wait on nor deadlock with the outcome writer (an earlier design's per-event `published`
+/// UPDATE did both, and under a burst ran into the statement timeout).
 #[tokio::test]
-async fn marking_published_skips_rows_another_writer_holds() {
-    let app = spawn_app().await;
-    let r = app.post_event(json!({"user_id": "held", "data": {}})).await;
-    assert_eq!(r.status(), 202);
-    let body: Value = r.json().await.unwrap();
-    let id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+async fn a_confirm_never_waits_on_event_rows() {
+    let app = spawn_app_with(|s| s.pipeline.relay_grace_ms = 600_000).await;
+    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let event = NewEvent {
+        id: uuid::Uuid::now_v7(),
+        producer_id: producer,
+        user_id: UserId::parse("held").unwrap(),
+        event: EventName::default_push(),
+        data: RawValue::from_string("{}".into()).unwrap(),
+        idempotency_key: None,
+        enqueued_at_ms: now_unix_ms(),
+    };
+    let id = event.id;
+    let committed = app
+        .store
+        .insert_events(&[event], app.settings.queue.partitions, limits(&app))
+        .await
+        .unwrap();
+    assert_eq!(committed.messages.len(), 1, "one message for one event");
     let mut holder = app.store.pool().begin().await.unwrap();
-    // Held by an open transaction that has it 'accepted' again (the node may have marked it already).
-    sqlx::query("UPDATE events SET status = 'accepted' WHERE id = $1")
+    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR UPDATE")
         .bind(id)
         .execute(&mut *holder)
         .await
         .unwrap();
-    let marked = tokio::time::timeout(crate::common::PATIENCE, app.store.mark_published(&[id]))
-        .await
-        .expect("returns while the row is held")
-        .unwrap();
-    assert_eq!(marked, 0, "the held row is skipped");
+    let confirmed = tokio::time::timeout(
+        crate::common::PATIENCE,
+        app.store.confirm_messages(&[committed.messages[0].id]),
+    )
+    .await
+    .expect("returns while the event row is held")
+    .unwrap();
+    assert_eq!(confirmed, 1, "the outbox row is gone");
     holder.rollback().await.unwrap();
+}
+
+/// Every message of a delivered stream was confirmed: the outbox ends empty, and the relay had
+/// nothing to send again.
+#[tokio::test]
+async fn confirmed_messages_leave_the_outbox_empty() {
+    let app = spawn_app().await;
+    let mut client = app.connect_joined("ob").await;
+    let events: Vec<Value> = (1..=50)
+        .map(|n| json!({"user_id": if n % 2 == 0 { "ob" } else { "other" }, "data": {"n": n}}))
+        .collect();
+    assert_eq!(app.post_batch(json!(events)).await.status(), 202);
+    for seq in 1..=25 {
+        assert_eq!(client.recv_push().await[4]["seq"], seq);
+    }
+    app.wait_all_delivered().await;
+    crate::common::wait_until("an empty outbox", crate::common::PATIENCE, || async {
+        let (messages, _) = app.store.outbox_depth().await.ok()?;
+        (messages == 0).then_some(())
+    })
+    .await;
 }

@@ -1,0 +1,554 @@
+//! Which worker node consumes which partition: spread over the live worker nodes, each on about
+//! P / N of them, moved when a node joins, leaves or dies, and never consumed by two nodes at once.
+//!
+//! Two mechanisms, one on top of the other:
+//!
+//! - **The broker's fence.** Every partition queue is a single-active-consumer queue: whatever the
+//!   nodes believe, RabbitMQ lets one consumer of a partition receive messages at a time, and
+//!   switches to another only when that one is gone. This alone would make the first node active on
+//!   every partition (failover, not scale-out), so the nodes do not all subscribe.
+//! - **Leases in PostgreSQL**, for the spreading and for handing a partition over in order. Every
+//!   `queue.partition_check_ms`, a worker node renews its membership row, reads the live worker
+//!   nodes (renewed within `queue.partition_lease_ms`), computes the same balanced assignment as
+//!   every other node ([`share`]: rendezvous hashing with a cap of ceil(P / N) per node, a pure
+//!   function of the live set), renews its leases, and takes the leases of its share that are free
+//!   or expired. It consumes a partition only while it holds its lease. A partition that leaves
+//!   its share is drained first: the consumer is cancelled, the messages taken but not yet in work
+//!   go back to the queue's head in order, the events in work are settled, and only then is the
+//!   lease cleared for the next owner, which so starts exactly where the last one stopped. Per-user
+//!   order therefore holds across a move, with no gap to fill at the socket.
+//!
+//! A node killed outright stops renewing: its connection closes (the broker returns its unacked
+//! messages to their queues, in order), its lease expires, and the nodes whose share now includes
+//! its partitions take them within a lease and a check. A node that cannot reach PostgreSQL
+//! stops consuming before its leases can expire, so it never competes with their next owner; and
+//! if it ever did, the broker's fence would keep them from delivering at once.
+
+use super::lanes::Lanes;
+use super::worker::{Ended, Item, PartitionWork, Worker};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::queue::{self, Backoff, ConsumerLink, Topology};
+use crate::store::{self, Layout, Store};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// The partitions `me` should consume, out of `partitions`, when `nodes` are the live worker nodes:
+/// every node computes the same answer from the same set. Each (node, partition) pair gets a
+/// pseudo-random score; pairs are taken best first, a partition going to the first node that wants
+/// it and has fewer than ceil(P / N) partitions. A node joining or leaving moves few partitions,
+/// and no node gets more than its share.
+pub fn share(partitions: u16, nodes: &[String], me: &str) -> Vec<u16> {
+    let live: BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+    if live.is_empty() || !live.contains(me) {
+        return Vec::new();
+    }
+    let cap = usize::from(partitions).div_ceil(live.len());
+    let mut pairs: Vec<(u64, &str, u16)> = live
+        .iter()
+        .flat_map(|node| (0..partitions).map(move |p| (score(node, p), *node, p)))
+        .collect();
+    pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)).then(a.2.cmp(&b.2)));
+    let mut taken = vec![false; usize::from(partitions)];
+    let mut load: HashMap<&str, usize> = HashMap::new();
+    let mut mine = Vec::new();
+    for (_, node, p) in pairs {
+        let count = load.entry(node).or_default();
+        if taken[usize::from(p)] || *count >= cap {
+            continue;
+        }
+        taken[usize::from(p)] = true;
+        *count += 1;
+        if node == me {
+            mine.push(p);
+        }
+    }
+    mine.sort_unstable();
+    mine
+}
+
+/// A stable pseudo-random score of (node, partition): FNV-1a of the name, mixed with the partition
+/// by SplitMix64's finaliser. Every node must compute the same, so no randomised hasher.
+fn score(node: &str, partition: u16) -> u64 {
+    let name = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut z = name ^ u64::from(partition).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Why a node refuses to start with its partition count.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The count differs from the deployment's and the old layout is not empty (or cannot be
+    /// checked).
+    #[error("{0}")]
+    Refused(String),
+    /// PostgreSQL failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// Makes sure the deployment runs with `queue.partitions`: records it on a fresh deployment; on a
+/// change, switches only when no worker node runs the old count and the old partitions, the delay
+/// queues and the outbox are empty (a user's events must never be split over two partitions at
+/// once), and refuses otherwise, saying how to drain.
+///
+/// # Errors
+/// The count changed while the old layout still holds messages, or it cannot be checked.
+pub async fn check_layout(settings: &Settings, store: &Store) -> Result<(), LayoutError> {
+    let wanted = settings.queue.partitions;
+    let running = match store.partition_layout(wanted).await? {
+        Layout::Same => return Ok(()),
+        Layout::Fresh => {
+            store.set_partition_layout(wanted).await?;
+            return Ok(());
+        }
+        Layout::Changed { running } => running,
+    };
+    let refuse = |why: String| {
+        LayoutError::Refused(format!(
+            "queue.partitions is {wanted}, but this deployment runs {running} partitions and {why}. \
+             To change the count: stop the api nodes, let the worker nodes empty the partitions and \
+             the delay queues, stop every node, then start them all with the new count (README, \
+             \"Changing the partition count\")"
+        ))
+    };
+    let lease = settings.queue.partition_lease_ms;
+    let others: Vec<String> = store
+        .worker_heartbeat_peek(lease)
+        .await?
+        .into_iter()
+        .filter(|(_, p)| *p != i32::from(wanted))
+        .map(|(name, _)| name)
+        .collect();
+    if !others.is_empty() {
+        return Err(refuse(format!(
+            "worker nodes still run with the old count ({})",
+            others.join(", ")
+        )));
+    }
+    let (outbox, _) = store.outbox_depth().await?;
+    let connection = queue::connect(&settings.queue, "layout-check")
+        .await
+        .map_err(|e| {
+            refuse(format!(
+                "RabbitMQ cannot be reached to check it is empty ({e})"
+            ))
+        })?;
+    let old = Topology::new(&settings.queue.prefix, running);
+    let mut waiting = 0u64;
+    let mut queues: Vec<String> = (0..running).map(|p| old.partition_queue(p)).collect();
+    queues.extend(
+        settings
+            .retry
+            .delays_ms()
+            .iter()
+            .map(|&d| old.delay_queue(d)),
+    );
+    for name in &queues {
+        let ready = queue::ready_messages(&connection, name)
+            .await
+            .map_err(|e| refuse(format!("RabbitMQ cannot be read ({e})")))?;
+        waiting += u64::from(ready.unwrap_or(0));
+    }
+    if waiting > 0 || outbox > 0 {
+        let _ = connection.close(200, "layout refused".into()).await;
+        return Err(refuse(format!(
+            "its queues still hold {waiting} messages ({outbox} more wait in the outbox)"
+        )));
+    }
+    for p in wanted..running {
+        if let Ok(channel) = queue::open_channel(&connection).await {
+            let _ = channel
+                .queue_delete(
+                    old.partition_queue(p).as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = connection.close(200, "layout checked".into()).await;
+    store.set_partition_layout(wanted).await?;
+    tracing::warn!(
+        from = running,
+        to = wanted,
+        "partition count changed (the old partitions were empty)"
+    );
+    Ok(())
+}
+
+/// A worker node's partition consumption: what it holds, and the loop that keeps that right.
+pub struct Coordinator {
+    /// Delivers what the partitions carry.
+    pub worker: Worker,
+    /// Leases and membership.
+    pub store: Store,
+    /// The node's settings.
+    pub settings: Settings,
+    /// This node's name (unique in the deployment).
+    pub node: String,
+    /// The partitions this node consumes, for readiness and operators.
+    pub owned: watch::Sender<Vec<u16>>,
+    /// True while the node is a live member with a broker link (readiness).
+    pub consuming: Arc<AtomicBool>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// One partition being consumed.
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Ended>,
+    work: Arc<PartitionWork>,
+}
+
+/// Everything tied to one broker connection.
+struct Session {
+    link: Arc<ConsumerLink>,
+    lanes: Lanes<Item>,
+    tasks: TaskTracker,
+    running: HashMap<u16, Running>,
+}
+
+impl Session {
+    fn broken(&self) -> bool {
+        !self.link.connection.status().connected()
+            || !self.link.channel.status().connected()
+            || !self.link.retry_channel.status().connected()
+    }
+}
+
+impl Coordinator {
+    /// Runs until `stop` is cancelled, then drains every partition, gives the leases up and leaves
+    /// the live set, so the other nodes take over at once.
+    pub async fn run(self, stop: CancellationToken) {
+        let queue = &self.settings.queue;
+        let check = Duration::from_millis(queue.partition_check_ms);
+        let lease = Duration::from_millis(queue.partition_lease_ms);
+        let mut tick = tokio::time::interval(check);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::new(Duration::from_millis(queue.reconnect_max_backoff_ms));
+        let mut retry_link_at = Instant::now();
+        let mut session: Option<Session> = None;
+        let mut draining: HashMap<u16, JoinHandle<()>> = HashMap::new();
+        let mut renewed: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            draining.retain(|_, task| !task.is_finished());
+            if session.as_ref().is_some_and(Session::broken) {
+                tracing::warn!("worker lost RabbitMQ; reconnecting");
+                self.metrics.queue_connection_lost("consumer");
+                if let Some(old) = session.take() {
+                    self.end_session(old, Duration::from_secs(5)).await;
+                }
+            }
+            if session.is_none() && Instant::now() >= retry_link_at {
+                match self.open_session().await {
+                    Ok(opened) => {
+                        backoff.reset();
+                        tracing::info!(node = %self.node, "worker connected");
+                        session = Some(opened);
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");
+                        self.metrics.queue_connection_lost("consumer");
+                        retry_link_at = Instant::now() + backoff.next_delay();
+                    }
+                }
+            }
+            // Without a broker link, this node neither renews nor takes leases: its partitions go
+            // to nodes that can consume them.
+            let Some(current) = session.as_mut() else {
+                self.consuming.store(false, Ordering::Relaxed);
+                continue;
+            };
+            match self.reconcile(current, &mut draining).await {
+                Ok(()) => renewed = Some(Instant::now()),
+                Err(error) => {
+                    tracing::warn!(error = ?error, "cannot renew partition leases");
+                    // Stop before the leases can run out, so a next owner never competes with us.
+                    if renewed.is_none_or(|at| at.elapsed() > lease * 3 / 5) {
+                        self.stop_all(current, false).await;
+                        self.consuming.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        // Shutdown: drain every partition, give the leases up, leave the live set.
+        self.consuming.store(false, Ordering::Relaxed);
+        for (_, task) in draining.drain() {
+            let _ = task.await;
+        }
+        if let Some(current) = session.as_mut() {
+            self.stop_all(current, true).await;
+        }
+        if let Err(error) = self.store.worker_leave(&self.node).await {
+            tracing::warn!(error = ?error, "cannot leave the worker set; it will notice");
+        }
+        if let Some(current) = session {
+            self.end_session(current, Duration::from_secs(5)).await;
+        }
+    }
+
+    async fn open_session(&self) -> Result<Session, queue::Error> {
+        let queue = &self.settings.queue;
+        let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms).await?;
+        queue::remove_legacy_queues(&link.connection, queue, &self.worker.retry_delays_ms).await?;
+        let link = Arc::new(link);
+        let names = Arc::new(Topology::new(&queue.prefix, queue.partitions));
+        let tasks = TaskTracker::new();
+        let lanes = self.worker.lanes(
+            Arc::clone(&link),
+            names,
+            Duration::from_millis(queue.confirm_timeout_ms),
+            self.settings.pipeline.max_run_events,
+            tasks.clone(),
+        );
+        Ok(Session {
+            link,
+            lanes,
+            tasks,
+            running: HashMap::new(),
+        })
+    }
+
+    /// One check: heartbeat, assignment, leases, then start, drain or drop consumers to match.
+    async fn reconcile(
+        &self,
+        session: &mut Session,
+        draining: &mut HashMap<u16, JoinHandle<()>>,
+    ) -> Result<(), store::Error> {
+        let queue = &self.settings.queue;
+        let live = self
+            .store
+            .worker_heartbeat(&self.node, queue.partitions, queue.partition_lease_ms)
+            .await?;
+        let (same, other): (Vec<_>, Vec<_>) = live
+            .into_iter()
+            .partition(|(_, p)| *p == i32::from(queue.partitions));
+        if !other.is_empty() {
+            tracing::warn!(nodes = ?other, "live worker nodes run another partition count; ignoring them");
+        }
+        let nodes: Vec<String> = same.into_iter().map(|(name, _)| name).collect();
+        let desired = share(queue.partitions, &nodes, &self.node);
+        let wanted: Vec<u16> = desired
+            .iter()
+            .copied()
+            .filter(|p| !draining.contains_key(p))
+            .collect();
+        let held = self
+            .store
+            .renew_and_acquire(&self.node, &wanted, queue.partition_lease_ms)
+            .await?;
+        self.consuming.store(true, Ordering::Relaxed);
+
+        // Ended on their own (the stream failed): forget them; restarted below while held.
+        let ended: Vec<u16> = session
+            .running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(&p, _)| p)
+            .collect();
+        for p in ended {
+            session.running.remove(&p);
+        }
+        // Lost: the lease expired and another node took it. Stop at once; no release.
+        let lost: Vec<u16> = session
+            .running
+            .keys()
+            .copied()
+            .filter(|p| !held.contains(p))
+            .collect();
+        for p in lost {
+            if let Some(running) = session.running.remove(&p) {
+                tracing::warn!(partition = p, "partition lease lost; stopping its consumer");
+                self.metrics.partition_moved("lost");
+                running.stop.cancel();
+                let _ = running.task.await;
+            }
+        }
+        // No longer ours: drain, then hand over.
+        let leaving: Vec<u16> = held
+            .iter()
+            .copied()
+            .filter(|p| !desired.contains(p) && !draining.contains_key(p))
+            .collect();
+        for p in leaving {
+            let running = session.running.remove(&p);
+            let (store, node) = (self.store.clone(), self.node.clone());
+            let metrics = self.metrics.clone();
+            draining.insert(
+                p,
+                tokio::spawn(async move {
+                    if let Some(running) = running {
+                        running.stop.cancel();
+                        let _ = running.task.await;
+                    }
+                    match store.release_partitions(&node, &[p]).await {
+                        Ok(()) => {
+                            tracing::info!(partition = p, "partition handed over");
+                            metrics.partition_moved("released");
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = ?error, partition = p, "cannot release a partition; its lease will expire")
+                        }
+                    }
+                }),
+            );
+        }
+        // Ours and not yet consumed: start.
+        for &p in held.iter().filter(|p| desired.contains(p)) {
+            if session.running.contains_key(&p) || draining.contains_key(&p) {
+                continue;
+            }
+            match self.start(session, p).await {
+                Ok(running) => {
+                    tracing::info!(partition = p, "consuming partition");
+                    self.metrics.partition_moved("acquired");
+                    session.running.insert(p, running);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, partition = p, "cannot consume a partition");
+                    break;
+                }
+            }
+        }
+        let mut owned: Vec<u16> = session.running.keys().copied().collect();
+        owned.sort_unstable();
+        self.metrics.partitions_owned(owned.len());
+        let in_flight: usize = session.running.values().map(|r| r.work.in_flight()).sum();
+        self.metrics.worker_in_flight(in_flight as u64);
+        self.owned.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+        Ok(())
+    }
+
+    async fn start(&self, session: &Session, partition: u16) -> Result<Running, queue::Error> {
+        let queue = &self.settings.queue;
+        // A tag of its own per consume: a restarted consumer never collides with a cancelled one.
+        let tag = format!(
+            "herald-{}-p{partition}-{}",
+            self.node,
+            &Uuid::now_v7().simple().to_string()[20..]
+        );
+        let consumer = session.link.consume(queue, partition, &tag).await?;
+        let work = Arc::new(PartitionWork::new(queue.prefetch));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (worker, link, lanes) = (
+                self.worker.clone(),
+                Arc::clone(&session.link),
+                session.lanes.clone(),
+            );
+            let (work, stop) = (Arc::clone(&work), stop.clone());
+            async move {
+                worker
+                    .consume_partition(partition, consumer, &link, &work, &lanes, &stop)
+                    .await
+            }
+        });
+        Ok(Running { stop, task, work })
+    }
+
+    /// Stops every partition (each drains); with `release`, gives their leases up afterwards.
+    async fn stop_all(&self, session: &mut Session, release: bool) {
+        let running: Vec<(u16, Running)> = session.running.drain().collect();
+        for (_, r) in &running {
+            r.stop.cancel();
+        }
+        let mut stopped = Vec::new();
+        for (p, r) in running {
+            let _ = r.task.await;
+            stopped.push(p);
+        }
+        if release
+            && !stopped.is_empty()
+            && let Err(error) = self.store.release_partitions(&self.node, &stopped).await
+        {
+            tracing::warn!(error = ?error, "cannot release partitions; their leases will expire");
+        }
+        self.owned.send_replace(Vec::new());
+    }
+
+    /// Lets the session's lanes finish (their acks may fail: the broker redelivers), then closes.
+    async fn end_session(&self, mut session: Session, limit: Duration) {
+        self.stop_all(&mut session, false).await;
+        session.tasks.close();
+        let _ = tokio::time::timeout(limit, session.tasks.wait()).await;
+        let _ = session
+            .link
+            .connection
+            .close(200, "worker stopping".into())
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_partition_has_one_node_and_shares_are_balanced() {
+        for count in 1..=7 {
+            let live: Vec<String> = (0..count).map(|i| format!("node-{i}")).collect();
+            let mut seen = vec![0; 16];
+            for me in &live {
+                let mine = share(16, &live, me);
+                assert!(mine.len() <= 16usize.div_ceil(count), "{me}: {mine:?}");
+                for p in mine {
+                    seen[usize::from(p)] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{count} nodes: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn every_node_computes_the_same_assignment_whatever_the_order() {
+        let a = nodes(&["w1", "w2", "w3"]);
+        let b = nodes(&["w3", "w1", "w2"]);
+        for me in &a {
+            assert_eq!(share(16, &a, me), share(16, &b, me));
+        }
+        assert!(share(16, &a, "stranger").is_empty());
+    }
+
+    #[test]
+    fn a_joining_node_takes_its_share_and_few_others_move() {
+        let before = nodes(&["w1", "w2"]);
+        let after = nodes(&["w1", "w2", "w3"]);
+        let mut moved_between_old = 0;
+        for me in ["w1", "w2"] {
+            let old: BTreeSet<u16> = share(16, &before, me).into_iter().collect();
+            let new: BTreeSet<u16> = share(16, &after, me).into_iter().collect();
+            moved_between_old += new.difference(&old).count();
+        }
+        let joined = share(16, &after, "w3");
+        assert!((5..=6).contains(&joined.len()), "{joined:?}");
+        assert!(
+            moved_between_old <= 2,
+            "{moved_between_old} partitions moved between old nodes"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! The outbox: one row per broker message the broker has not confirmed yet.
+//!
+//! A group commit splits its new events into messages, one per partition (more when a partition's
+//! share exceeds the message bounds), and inserts one outbox row per message in the same
+//! transaction as the events. The publisher deletes a row when the broker confirms its message; the
+//! relay republishes rows still here after a grace period. So the relay finds exactly what was never
+//! confirmed, and nothing between commit and delivery writes the events table.
+
+use super::{Error, Store, StoredEvent};
+use crate::event::partition_of;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Bounds on one broker message.
+#[derive(Clone, Copy, Debug)]
+pub struct MessageLimits {
+    /// Most events.
+    pub max_events: usize,
+    /// Most bytes (one event always fits, whatever its size).
+    pub max_bytes: usize,
+}
+
+/// One planned broker message: which events it carries, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// The outbox row, and the message id (a confirm deletes the row by it).
+    pub id: Uuid,
+    /// The partition its events belong to.
+    pub partition: u16,
+    /// Indexes of its events in the caller's list, in order.
+    pub events: Vec<usize>,
+}
+
+/// Splits events (given as `(index, user_id, size in bytes)`, in commit order) into messages: one
+/// per partition, in the order partitions first appear, each split further where it would exceed
+/// `limits`. Each message keeps the events' order, so each user's events stay in seq order.
+pub fn plan_messages<'a>(
+    events: impl IntoIterator<Item = (usize, &'a str, usize)>,
+    partitions: u16,
+    limits: MessageLimits,
+) -> Vec<OutboxMessage> {
+    let mut open: BTreeMap<u16, (usize, usize)> = BTreeMap::new(); // partition -> (message, bytes)
+    let mut messages: Vec<OutboxMessage> = Vec::new();
+    for (index, user_id, size) in events {
+        let partition = partition_of(user_id, partitions);
+        let fits = open.get(&partition).is_some_and(|&(m, bytes)| {
+            messages[m].events.len() < limits.max_events && bytes + size <= limits.max_bytes
+        });
+        if fits {
+            if let Some((m, bytes)) = open.get_mut(&partition) {
+                messages[*m].events.push(index);
+                *bytes += size;
+            }
+        } else {
+            open.insert(partition, (messages.len(), size));
+            messages.push(OutboxMessage {
+                id: Uuid::now_v7(),
+                partition,
+                events: vec![index],
+            });
+        }
+    }
+    messages
+}
+
+/// Inserts the outbox rows of `messages` (`ids` maps an event index to its event id).
+pub(super) async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    messages: &[OutboxMessage],
+    ids: impl Fn(usize) -> Uuid,
+) -> Result<(), Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let (mut rows, mut events) = (Vec::new(), Vec::new());
+    for message in messages {
+        for &i in &message.events {
+            rows.push(message.id);
+            events.push(ids(i));
+        }
+    }
+    sqlx::query(
+        // clock_timestamp(), not now() (the transaction's start): the relay's grace counts from
+        // the moment the message can be made, however long the commit took to get here.
+        "INSERT INTO outbox (id, event_ids, created_at)
+         SELECT r, array_agg(e ORDER BY o), clock_timestamp()
+         FROM UNNEST($1::uuid[], $2::uuid[]) WITH ORDINALITY AS x(r, e, o)
+         GROUP BY r",
+    )
+    .bind(&rows)
+    .bind(&events)
+    .execute(&mut **tx)
+    .await
+    .map_err(Error::query("insert outbox rows"))?;
+    Ok(())
+}
+
+/// An outbox row the relay claimed: its message, rebuilt from the events still undelivered.
+#[derive(Debug)]
+pub struct ClaimedMessage {
+    /// The outbox row (and message id).
+    pub id: Uuid,
+    /// Its events still `accepted`, in their original order; empty when all were delivered.
+    pub events: Vec<StoredEvent>,
+}
+
+impl Store {
+    /// Deletes the outbox rows of messages the broker confirmed.
+    ///
+    /// # Errors
+    /// The delete failed (the rows stay, and the relay republishes them: harmless duplicates).
+    pub async fn confirm_messages(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        let done = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("delete confirmed outbox rows"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Claims up to `limit` outbox rows older than `grace_ms` (and not claimed in the last
+    /// `grace_ms`), oldest first, stamping them so relays on other nodes skip them meanwhile.
+    /// Returns each with its events that are still `accepted` (a delivered or retrying event is
+    /// not sent again).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn claim_unconfirmed(
+        &self,
+        grace_ms: u64,
+        limit: i64,
+    ) -> Result<Vec<ClaimedMessage>, Error> {
+        let mut claimed: Vec<(Uuid, Vec<Uuid>, i64)> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT id FROM outbox
+                 WHERE created_at < now() - make_interval(secs => $1 / 1000.0)
+                   AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
+                 ORDER BY created_at, id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE outbox o SET relayed_at = now() FROM due WHERE o.id = due.id
+             RETURNING o.id, o.event_ids, (extract(epoch FROM o.created_at) * 1000000)::int8",
+        )
+        .bind(grace_ms as f64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::query("claim unconfirmed outbox rows"))?;
+        // Oldest first: a user's older message goes before its newer one.
+        claimed.sort_by_key(|(id, _, created)| (*created, *id));
+        let all: Vec<Uuid> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
+        let sql = format!(
+            "SELECT {} FROM events WHERE id = ANY($1) AND status = 'accepted'",
+            super::events::STORED_EVENT_COLUMNS
+        );
+        let rows: Vec<StoredEvent> = sqlx::query_as(&sql)
+            .bind(&all)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("read unconfirmed events"))?;
+        let mut by_id: std::collections::HashMap<Uuid, StoredEvent> =
+            rows.into_iter().map(|row| (row.id, row)).collect();
+        Ok(claimed
+            .into_iter()
+            .map(|(id, ids, _)| ClaimedMessage {
+                id,
+                events: ids.iter().filter_map(|e| by_id.remove(e)).collect(),
+            })
+            .collect())
+    }
+
+    /// How many messages wait for a confirm, and the events they carry.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn outbox_depth(&self) -> Result<(i64, i64), Error> {
+        sqlx::query_as(
+            "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("read the outbox depth"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WIDE: MessageLimits = MessageLimits {
+        max_events: 1_000,
+        max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn one_message_per_partition_in_order() {
+        let users = ["1", "2", "1", "3", "2", "1"];
+        let plan = plan_messages(users.iter().enumerate().map(|(i, u)| (i, *u, 10)), 4, WIDE);
+        let mut seen: Vec<usize> = plan.iter().flat_map(|m| m.events.clone()).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 1, 2, 3, 4, 5]);
+        for message in &plan {
+            assert!(message.events.windows(2).all(|w| w[0] < w[1]));
+            assert!(
+                message
+                    .events
+                    .iter()
+                    .all(|&i| partition_of(users[i], 4) == message.partition)
+            );
+        }
+        let partitions: std::collections::HashSet<u16> = plan.iter().map(|m| m.partition).collect();
+        assert_eq!(partitions.len(), plan.len(), "one message per partition");
+    }
+
+    #[test]
+    fn messages_split_at_their_bounds() {
+        let limits = MessageLimits {
+            max_events: 3,
+            max_bytes: 1 << 20,
+        };
+        let plan = plan_messages((0..7).map(|i| (i, "u", 10)), 8, limits);
+        let sizes: Vec<usize> = plan.iter().map(|m| m.events.len()).collect();
+        assert_eq!(sizes, [3, 3, 1]);
+        let limits = MessageLimits {
+            max_events: 100,
+            max_bytes: 25,
+        };
+        let plan = plan_messages((0..4).map(|i| (i, "u", 10)), 8, limits);
+        let sizes: Vec<usize> = plan.iter().map(|m| m.events.len()).collect();
+        assert_eq!(sizes, [2, 2]);
+        // One event larger than the byte bound still goes, alone.
+        let plan = plan_messages([(0, "u", 100), (1, "u", 1)], 8, limits);
+        assert_eq!(plan.len(), 2);
+    }
+}

@@ -1,0 +1,275 @@
+//! The partitioned, batched pipeline: one user's burst stalls no one else, several worker nodes
+//! share the partitions and keep every user's order without help from the socket, a killed worker
+//! node's partitions move to the survivors, and a joining node takes its share.
+
+use crate::common::{
+    PATIENCE, StatsdListener, TestApp, WsClient, connect_to, partitions_at, spawn_app_with,
+    spawn_node, spawn_process, wait_until,
+};
+use herald::event::partition_of;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Reads `count` pushes from `client`, asserting they are seqs 1..=count in order (no gap, no
+/// duplicate), counting them in `progress`; returns when the last arrived.
+fn read_in_order(
+    mut client: WsClient,
+    user: String,
+    count: i64,
+    progress: Arc<AtomicI64>,
+) -> JoinHandle<Instant> {
+    tokio::spawn(async move {
+        for seq in 1..=count {
+            let push = client.recv_push().await;
+            assert_eq!(
+                push[4]["seq"].as_i64(),
+                Some(seq),
+                "user {user}: expected seq {seq}, got {push}"
+            );
+            progress.store(seq, Ordering::Relaxed);
+        }
+        Instant::now()
+    })
+}
+
+fn reader(client: WsClient, user: &str, count: i64) -> JoinHandle<Instant> {
+    read_in_order(client, user.to_owned(), count, Arc::default())
+}
+
+#[tokio::test]
+async fn a_hot_users_burst_stalls_no_one_else_and_arrives_whole_and_in_order() {
+    // The hot user's events are slow to deliver (each run takes 200 ms more), so its 5,000 events
+    // drain over seconds: the cold user's event must not wait for them.
+    let app = spawn_app_with(|s| s.faults.fail_events = vec!["burst:slow".into()]).await;
+    let partitions = app.settings.queue.partitions;
+    let hot = "hot";
+    // A cold user of the hot user's own partition: the hard case (other partitions run apart).
+    let cold = (0..)
+        .map(|i| format!("cold{i}"))
+        .find(|u| partition_of(u, partitions) == partition_of(hot, partitions))
+        .unwrap();
+    let hot_client = app.connect_joined(hot).await;
+    let mut cold_client = app.connect_joined(&cold).await;
+    let hot_progress = Arc::new(AtomicI64::new(0));
+    let hot_done = read_in_order(hot_client, hot.into(), 5_000, Arc::clone(&hot_progress));
+
+    // 5,000 events for one user: 50 concurrent batch requests of 100.
+    let burst = futures_util::future::join_all((0..50).map(|r| {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"user_id": hot, "event": "burst", "data": {"n": r * 100 + i}}))
+            .collect();
+        app.post_batch(json!(events))
+    }))
+    .await;
+    assert!(burst.iter().all(|r| r.status() == 202));
+    let posted = Instant::now();
+    assert_eq!(
+        app.post_event(json!({"user_id": cold, "data": {"cold": true}}))
+            .await
+            .status(),
+        202
+    );
+    let push = cold_client.recv_push().await;
+    let cold_at = Instant::now();
+    let hot_by_then = hot_progress.load(Ordering::Relaxed);
+    assert_eq!(push[4]["data"]["cold"], true);
+    let hot_at = hot_done
+        .await
+        .expect("the burst arrives whole and in order");
+    println!(
+        "cold event pushed {:?} after its 202, when the hot client had {hot_by_then} of its 5,000; \
+         the burst finished draining {:?} after it",
+        cold_at - posted,
+        hot_at - posted
+    );
+    // Behind the burst it would come after most of it (the partition's window holds 1,000 of the
+    // hot user's events at a time); beside it, within the burst's first runs.
+    assert!(
+        hot_by_then < 1_000,
+        "the cold user's event waited behind {hot_by_then} of the hot user's events"
+    );
+}
+
+/// Sends `per_user` events to each of `users`, interleaved (round after round, one batch request
+/// per round), back to back.
+async fn interleaved(app: &TestApp, users: &[String], per_user: i64) {
+    for n in 1..=per_user {
+        let events: Vec<Value> = users
+            .iter()
+            .map(|u| json!({"user_id": u, "data": {"n": n}}))
+            .collect();
+        assert_eq!(app.post_batch(json!(events)).await.status(), 202);
+    }
+}
+
+fn counter_sum(lines: &[String], name: &str) -> i64 {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .filter_map(|rest| rest.split('|').next()?.parse::<i64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn two_worker_nodes_share_the_partitions_and_keep_every_users_order() {
+    let socket_metrics = StatsdListener::bind().await;
+    let second_metrics = StatsdListener::bind().await;
+    let app = spawn_app_with(|s| {
+        s.pubsub.mode = "cluster".into();
+        s.node.name = "first".into();
+        s.metrics.statsd_addr = socket_metrics.addr.to_string();
+    })
+    .await;
+    let second = spawn_node(&app, "worker", "second", |s| {
+        s.metrics.statsd_addr = second_metrics.addr.to_string();
+    })
+    .await;
+    let partitions = app.settings.queue.partitions;
+    let (mine, theirs) = wait_until("both nodes consuming", PATIENCE, || async {
+        let (a, b) = (app.partitions().await, second.partitions().await);
+        (!a.is_empty() && !b.is_empty() && a.len() + b.len() == usize::from(partitions))
+            .then_some((a, b))
+    })
+    .await;
+    println!("partitions: first {mine:?}, second {theirs:?}");
+    assert!(
+        mine.iter().all(|p| !theirs.contains(p)),
+        "no partition on both"
+    );
+
+    let users: Vec<String> = (0..50).map(|i| format!("u{i}")).collect();
+    let mut readers = Vec::new();
+    for user in &users {
+        let client = app.connect_joined(user).await;
+        readers.push(reader(client, user, 40));
+    }
+    interleaved(&app, &users, 40).await;
+    for reader in readers {
+        reader.await.expect("every user's 40 events, in order");
+    }
+    // Both nodes delivered: each has a share of the users.
+    let theirs_delivered = second_metrics
+        .lines_until("pipeline.worker.delivered", 1)
+        .await;
+    assert!(counter_sum(&theirs_delivered, "pipeline.worker.delivered") > 0);
+    // No event reached a socket out of order: nothing had to be filled in from PostgreSQL. Two
+    // gauges (one a second) make sure the flush after the last push has been read.
+    let lines = socket_metrics.lines_until("socket.connections", 2).await;
+    assert_eq!(
+        counter_sum(&lines, "socket.push.gap_filled"),
+        0,
+        "events needed a gap fill: {:?}",
+        lines
+            .iter()
+            .filter(|l| l.starts_with("socket.push"))
+            .collect::<Vec<_>>()
+    );
+    assert!(counter_sum(&lines, "pipeline.worker.delivered") > 0);
+}
+
+#[tokio::test]
+async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_share() {
+    // The API and the sockets in this process; the worker nodes are real `herald` processes, so
+    // one can be killed outright.
+    let app = spawn_app_with(|s| {
+        s.pubsub.mode = "cluster".into();
+        s.node.roles = "api,socket".into();
+        s.node.name = "front".into();
+    })
+    .await;
+    let partitions = usize::from(app.settings.queue.partitions);
+    let (mut doomed, doomed_addr) = spawn_process(&app.settings, "worker").await;
+    let (_survivor, survivor_addr) = spawn_process(&app.settings, "worker").await;
+    let http = reqwest::Client::new();
+    wait_until("both worker nodes consuming", PATIENCE, || async {
+        let a = partitions_at(&http, doomed_addr).await.len();
+        let b = partitions_at(&http, survivor_addr).await.len();
+        (a > 0 && b > 0 && a + b == partitions).then_some(())
+    })
+    .await;
+
+    let users: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let per_user = 60;
+    let mut readers = Vec::new();
+    for user in &users {
+        let client = connect_to(app.addr, user).await;
+        let mut client = client;
+        let reply = client.join(&format!("user:{user}"), json!({})).await;
+        assert_eq!(reply[4]["status"], "ok");
+        readers.push(reader(client, user, per_user));
+    }
+    let producer = {
+        let (http, url, key, users) = (
+            app.http.clone(),
+            app.url("/api/v1/events/batch"),
+            app.api_key.clone(),
+            users.clone(),
+        );
+        tokio::spawn(async move {
+            for n in 1..=per_user {
+                let events: Vec<Value> = users
+                    .iter()
+                    .map(|u| json!({"user_id": u, "data": {"n": n}}))
+                    .collect();
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({ "events": events }))
+                    .send()
+                    .await
+                    .expect("request sent");
+                assert_eq!(r.status(), 202);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Mid-stream: kill one worker node outright.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    doomed.start_kill().expect("SIGKILL sent");
+    let killed = Instant::now();
+    let _ = doomed.wait().await;
+    let taken_over = wait_until(
+        "the survivor consuming every partition",
+        Duration::from_secs(10),
+        || async {
+            (partitions_at(&http, survivor_addr).await.len() == partitions)
+                .then_some(killed.elapsed())
+        },
+    )
+    .await;
+    println!("the survivor took every partition over {taken_over:?} after the kill");
+    producer.await.expect("every event accepted");
+    for reader in readers {
+        reader
+            .await
+            .expect("every user's events, in order, no gap, no duplicate");
+    }
+    app.wait_all_delivered().await;
+
+    // A third node joins and takes its share; the survivor hands it over.
+    let (_joiner, joiner_addr) = spawn_process(&app.settings, "worker").await;
+    let shares = wait_until("the joining node's share", PATIENCE, || async {
+        let joined = partitions_at(&http, joiner_addr).await.len();
+        let kept = partitions_at(&http, survivor_addr).await.len();
+        (joined > 0 && joined + kept == partitions).then_some((joined, kept))
+    })
+    .await;
+    println!("after the join: joiner {}, survivor {}", shares.0, shares.1);
+    // ... and delivers.
+    let mut client = app.connect_joined("after-join").await;
+    let mut sent = BTreeMap::new();
+    for n in 1..=5 {
+        let id = app
+            .enqueue(json!({"user_id": "after-join", "data": {"n": n}}))
+            .await;
+        sent.insert(n, id);
+    }
+    for n in 1..=5 {
+        assert_eq!(client.recv_push().await[4]["seq"], n);
+    }
+}
