@@ -76,6 +76,26 @@ pub(super) struct Item {
     message: Arc<InWork>,
     /// Returned to the partition's window when the item is dropped (settled).
     _permit: Option<OwnedSemaphorePermit>,
+    /// Counts the item in its partition's work until it is dropped (settled).
+    _counted: Counted,
+}
+
+/// An event counted in its partition's work while this lives.
+struct Counted(Arc<PartitionWork>);
+
+impl Counted {
+    fn new(work: &Arc<PartitionWork>) -> Self {
+        work.in_work.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(work))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.in_work.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A broker message in work: acked (or requeued) once all of its events are settled.
@@ -125,9 +145,13 @@ enum Settle {
 
 /// One partition's consumption on this node.
 pub(super) struct PartitionWork {
-    /// The demand: `queue.prefetch` permits, one per event in work.
+    /// The demand: `queue.prefetch` permits, one per event in work that claims a slot.
     window: Arc<Semaphore>,
     prefetch: u32,
+    /// Every event in work, with a slot or without (waiting in a full lane).
+    in_work: AtomicUsize,
+    /// Told when `in_work` drops to zero.
+    idle: tokio::sync::Notify,
 }
 
 impl PartitionWork {
@@ -135,12 +159,26 @@ impl PartitionWork {
         Self {
             window: Arc::new(Semaphore::new(usize::from(prefetch))),
             prefetch: u32::from(prefetch),
+            in_work: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         }
     }
 
     /// Events of this partition in work now.
     pub(super) fn in_flight(&self) -> usize {
-        (self.prefetch as usize).saturating_sub(self.window.available_permits())
+        self.in_work.load(Ordering::Acquire)
+    }
+
+    /// Waits until no event of this partition is in work.
+    async fn settled(&self) {
+        loop {
+            // Made before the check, so a notification between the two is not missed.
+            let notified = self.idle.notified();
+            if self.in_work.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -192,7 +230,7 @@ impl Worker {
         partition: u16,
         mut consumer: Consumer,
         link: &ConsumerLink,
-        work: &PartitionWork,
+        work: &Arc<PartitionWork>,
         lanes: &Lanes<Item>,
         stop: &CancellationToken,
     ) -> Ended {
@@ -235,7 +273,7 @@ impl Worker {
                 };
                 Some(permits)
             };
-            self.dispatch(delivery, events, &claims, permits, lanes);
+            self.dispatch(delivery, events, &claims, permits, work, lanes);
         };
         if ended == Ended::Drained {
             if let Err(error) = link.cancel(&tag).await {
@@ -257,8 +295,8 @@ impl Worker {
                 }
             }
         }
-        // Every event in work settles (and gives its permit back) before the partition moves.
-        let _ = work.window.acquire_many(work.prefetch).await.map(drop);
+        // Every event in work settles before the partition moves.
+        work.settled().await;
         ended
     }
 
@@ -293,6 +331,7 @@ impl Worker {
         events: Vec<Envelope>,
         claims: &[bool],
         mut permits: Option<OwnedSemaphorePermit>,
+        work: &Arc<PartitionWork>,
         lanes: &Lanes<Item>,
     ) {
         let attempt = queue::attempt_of(&delivery.properties);
@@ -316,6 +355,7 @@ impl Worker {
                 attempt,
                 message: Arc::clone(&message),
                 _permit: permit,
+                _counted: Counted::new(work),
             };
             lanes.push(&user, item);
         }

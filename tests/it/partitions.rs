@@ -273,3 +273,44 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
         assert_eq!(client.recv_push().await[4]["seq"], n);
     }
 }
+
+#[tokio::test]
+async fn the_partition_count_changes_only_once_the_pipeline_is_empty() {
+    // An api-only deployment: what it accepts waits in its partitions, consumed by nobody.
+    let app = spawn_app_with(|s| {
+        s.pubsub.mode = "cluster".into();
+        s.node.roles = "api".into();
+    })
+    .await;
+    app.enqueue(json!({"user_id": "1", "data": {}})).await;
+    wait_until("the message confirmed", PATIENCE, || async {
+        (app.store.outbox_depth().await.ok()?.0 == 0).then_some(())
+    })
+    .await;
+    let mut doubled = app.settings.clone();
+    doubled.http.addr = "127.0.0.1:0".parse().unwrap();
+    doubled.queue.partitions = 2 * app.settings.queue.partitions;
+    let refused = match herald::App::build(doubled.clone()).await {
+        Ok(_) => panic!("a node with another partition count started over a full partition"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        refused.contains("still hold 1 messages")
+            && refused.contains("Changing the partition count"),
+        "{refused}"
+    );
+    // Drained by a worker node of the old count, which then stops (leaving the live set).
+    let mut drainer = spawn_node(&app, "worker", "drainer", |_| {}).await;
+    app.wait_all_delivered().await;
+    drainer.stop().await;
+    let _switched = herald::App::build(doubled.clone())
+        .await
+        .expect("the switch goes through on an empty pipeline");
+    assert_eq!(
+        app.store
+            .partition_layout(doubled.queue.partitions)
+            .await
+            .unwrap(),
+        herald::store::Layout::Same
+    );
+}
