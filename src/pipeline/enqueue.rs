@@ -149,15 +149,18 @@ impl Flush for Committer {
                 .zip(&committed.outcomes)
                 .map(|(event, outcome)| accepted(event.id, outcome))
                 .collect();
-            self.publish_new(events, committed);
+            self.publish_new(events, committed).await;
             split(accepted, &sizes).into_iter().map(Ok).collect()
         }
     }
 }
 
 impl Committer {
-    /// Hands the commit's messages to the publisher, in commit order, without waiting.
-    fn publish_new(&self, events: Vec<NewEvent>, committed: Committed) {
+    /// Hands the commit's messages to the publisher, in commit order. While the broker is up and
+    /// the publisher's buffer is full, the commit waits for room (half the publish window at most):
+    /// ingest slows to what the broker takes, instead of running ahead and leaving events to the
+    /// relay's grace (a stall of seconds for them). A message not taken stays in the outbox.
+    async fn publish_new(&self, events: Vec<NewEvent>, committed: Committed) {
         let mut envelopes: Vec<Option<Envelope>> = events
             .into_iter()
             .zip(committed.outcomes)
@@ -167,6 +170,7 @@ impl Committer {
             })
             .collect();
         let (mut sent, mut carried, mut deferred) = (0, 0, 0);
+        let deadline = tokio::time::Instant::now() + self.publish_window / 2;
         for planned in committed.messages {
             let batch: Vec<Envelope> = planned
                 .events
@@ -175,7 +179,8 @@ impl Committer {
                 .collect();
             let message =
                 super::message(planned.id, planned.partition, &batch, self.publish_window);
-            if self.publisher.try_publish(message).is_ok() {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if self.publisher.publish_within(message, wait).await.is_ok() {
                 sent += 1;
                 carried += batch.len();
             } else {

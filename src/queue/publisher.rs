@@ -88,16 +88,25 @@ pub struct PublisherHandle {
 }
 
 impl PublisherHandle {
-    /// Hands a message over without waiting. Gives it back when the broker is down or the buffer is
-    /// full: the caller leaves it to the relay.
+    /// Hands a message over, waiting up to `limit` for room in the buffer while the broker is up.
     ///
     /// # Errors
-    /// The message, not taken.
-    pub fn try_publish(&self, message: OutgoingMessage) -> Result<(), OutgoingMessage> {
+    /// The message, not taken: the broker is down, the buffer stayed full, or the publisher stopped.
+    pub async fn publish_within(
+        &self,
+        message: OutgoingMessage,
+        limit: Duration,
+    ) -> Result<(), OutgoingMessage> {
         if !self.is_connected() {
             return Err(message);
         }
-        self.tx.try_send(message).map_err(|e| e.into_inner())
+        self.tx
+            .send_timeout(message, limit)
+            .await
+            .map_err(|e| match e {
+                mpsc::error::SendTimeoutError::Timeout(m)
+                | mpsc::error::SendTimeoutError::Closed(m) => m,
+            })
     }
 
     /// Hands a message over, waiting for room in the buffer while the broker is up.

@@ -70,32 +70,83 @@ struct Connection {
     write_timeout: Duration,
 }
 
-/// Runs a connection until it closes.
-pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketState) {
-    let (queue, mut broadcasts) = mpsc::channel(state.settings.outbound_buffer);
-    let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
-    let overflowed = CancellationToken::new();
-    let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
-    state.open.fetch_add(1, Ordering::Relaxed);
-    // The socket id: a "disconnect" broadcast there closes every connection of the user.
-    let socket_id = match &endpoint {
-        Endpoint::User(user) => {
-            let subscriber = Subscriber {
-                queue: queue.clone(),
-                overflowed: overflowed.clone(),
-            };
-            let topic = user.socket_id();
-            match state.pubsub.subscribe(&topic, subscriber).await {
-                Ok(subscription) => Some((topic, subscription)),
-                Err(error) => {
-                    // The connection still works; only a server-side disconnect would miss it.
-                    tracing::warn!(error = %error, "cannot subscribe to the socket id");
-                    None
+/// A connection's inbox for broadcasts, made before the upgrade completes: the connection is
+/// subscribed to its user's socket id by then, so a server-side disconnect sent as soon as the
+/// client sees its socket open cannot miss it. Dropped unused (the upgrade failed), it unsubscribes.
+pub struct Mailbox {
+    queue: mpsc::Sender<Arc<PubSubMessage>>,
+    broadcasts: mpsc::Receiver<Arc<PubSubMessage>>,
+    overflowed: CancellationToken,
+    socket_id: Option<SocketIdSubscription>,
+}
+
+/// The subscription to a user's socket id (`users_socket:<id>`), undone when dropped.
+struct SocketIdSubscription {
+    pubsub: crate::pubsub::PubSub,
+    topic: String,
+    id: crate::pubsub::SubscriptionId,
+}
+
+impl Drop for SocketIdSubscription {
+    fn drop(&mut self) {
+        self.pubsub.unsubscribe(&self.topic, self.id);
+    }
+}
+
+impl Mailbox {
+    /// The inbox of a connection on `endpoint`; a user's is subscribed to its socket id, where a
+    /// "disconnect" broadcast closes every connection of the user.
+    pub async fn open(state: &SocketState, endpoint: &Endpoint) -> Self {
+        let (queue, broadcasts) = mpsc::channel(state.settings.outbound_buffer);
+        let overflowed = CancellationToken::new();
+        let socket_id = match endpoint {
+            Endpoint::User(user) => {
+                let subscriber = Subscriber {
+                    queue: queue.clone(),
+                    overflowed: overflowed.clone(),
+                };
+                let topic = user.socket_id();
+                match state.pubsub.subscribe(&topic, subscriber).await {
+                    Ok(id) => Some(SocketIdSubscription {
+                        pubsub: state.pubsub.clone(),
+                        topic,
+                        id,
+                    }),
+                    Err(error) => {
+                        // The connection still works; only a server-side disconnect would miss it.
+                        tracing::warn!(error = %error, "cannot subscribe to the socket id");
+                        None
+                    }
                 }
             }
+            Endpoint::Stats => None,
+        };
+        Self {
+            queue,
+            broadcasts,
+            overflowed,
+            socket_id,
         }
-        Endpoint::Stats => None,
-    };
+    }
+}
+
+/// Runs a connection until it closes.
+pub async fn serve(
+    ws: WebSocket,
+    vsn: Vsn,
+    endpoint: Endpoint,
+    state: SocketState,
+    mailbox: Mailbox,
+) {
+    let Mailbox {
+        queue,
+        mut broadcasts,
+        overflowed,
+        socket_id,
+    } = mailbox;
+    let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
+    let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
+    state.open.fetch_add(1, Ordering::Relaxed);
     let mut connection = Connection {
         ws,
         vsn,
@@ -113,9 +164,7 @@ pub async fn serve(ws: WebSocket, vsn: Vsn, endpoint: Endpoint, state: SocketSta
         .run(&mut broadcasts, &mut from_channels, &overflowed)
         .await;
     connection.leave_all();
-    if let Some((topic, subscription)) = socket_id {
-        state.pubsub.unsubscribe(&topic, subscription);
-    }
+    drop(socket_id);
     if let End::Close(code, why) = end {
         tracing::debug!(code, reason = why, "closing connection");
         let frame = Message::Close(Some(CloseFrame {

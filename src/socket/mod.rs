@@ -102,7 +102,7 @@ async fn user_socket(
     };
     state.metrics.socket_connect(USER_SOCKET, true);
     let span = tracing::info_span!("socket", user_id = %user);
-    upgrade_to(upgrade, vsn, Endpoint::User(user), state, span)
+    upgrade_to(upgrade, vsn, Endpoint::User(user), state, span).await
 }
 
 async fn stats_socket(
@@ -116,12 +116,13 @@ async fn stats_socket(
     };
     state.metrics.socket_connect(STATS_SOCKET, true);
     let span = tracing::info_span!("stats_socket");
-    upgrade_to(upgrade, vsn, Endpoint::Stats, state, span)
+    upgrade_to(upgrade, vsn, Endpoint::Stats, state, span).await
 }
 
 /// Completes an accepted upgrade with Herald's buffer limits and runs the connection, tracked so a
-/// draining node can wait for its close frame.
-fn upgrade_to(
+/// draining node can wait for its close frame. The connection's mailbox is opened (and subscribed)
+/// before the 101 goes out.
+async fn upgrade_to(
     upgrade: WebSocketUpgrade,
     vsn: Vsn,
     endpoint: Endpoint,
@@ -130,6 +131,7 @@ fn upgrade_to(
 ) -> Response {
     let settings = Arc::clone(&state.settings);
     let in_flight = state.tracker.token();
+    let mailbox = connection::Mailbox::open(&state, &endpoint).await;
     upgrade
         .read_buffer_size(settings.read_buffer_bytes)
         .write_buffer_size(settings.write_buffer_bytes)
@@ -143,7 +145,7 @@ fn upgrade_to(
             tracing::Instrument::instrument(
                 async move {
                     let _in_flight = in_flight;
-                    connection::serve(socket, vsn, endpoint, state).await;
+                    connection::serve(socket, vsn, endpoint, state, mailbox).await;
                 },
                 span,
             )
