@@ -167,31 +167,8 @@ pub async fn spawn_process(
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("serve")
         .env_clear()
-        .env("HERALD_DATABASE_URL", settings.store.database_url.expose())
-        .env("HERALD_AMQP_URL", settings.queue.amqp_url.expose())
-        .env("HERALD_QUEUE__PREFIX", &settings.queue.prefix)
-        .env(
-            "HERALD_QUEUE__PARTITIONS",
-            settings.queue.partitions.to_string(),
-        )
-        .env(
-            "HERALD_QUEUE__PARTITION_CHECK_MS",
-            settings.queue.partition_check_ms.to_string(),
-        )
-        .env(
-            "HERALD_QUEUE__PARTITION_LEASE_MS",
-            settings.queue.partition_lease_ms.to_string(),
-        )
-        .env(
-            "HERALD_QUEUE__CONFIRM_TIMEOUT_MS",
-            settings.queue.confirm_timeout_ms.to_string(),
-        )
-        .env(
-            "HERALD_PIPELINE__RELAY_GRACE_MS",
-            settings.pipeline.relay_grace_ms.to_string(),
-        )
+        .envs(node_env(settings))
         .env("HERALD_HTTP_ADDR", addr.to_string())
-        .env("HERALD_SECRET", TEST_SECRET)
         .env("HERALD_STATSD_ADDR", "")
         .env("HERALD_PUBSUB__MODE", &settings.pubsub.mode)
         .env("HERALD_NODE__ROLES", roles)
@@ -426,22 +403,25 @@ impl TestApp {
     /// Streams `total` events (`data.n` = 1..=total) to `user` from a task of its own, each request
     /// starting when the previous 202 arrived; the task fails if any is refused.
     pub fn stream_events(&self, user: &str, total: i64) -> JoinHandle<()> {
-        let (http, url, key, user) = (
-            self.http.clone(),
-            self.url("/api/v1/events"),
-            self.api_key.clone(),
-            user.to_owned(),
-        );
+        let bodies = (1..=total).map(|n| json!({"user_id": user, "data": {"n": n}}));
+        self.post_in_turn("/api/v1/events", bodies.collect(), Duration::ZERO)
+    }
+
+    /// POSTs `bodies` to `path` from a task of its own, one after another (each when the previous
+    /// 202 arrived, then `pause`); the task fails if any is refused.
+    pub fn post_in_turn(&self, path: &str, bodies: Vec<Value>, pause: Duration) -> JoinHandle<()> {
+        let (http, url, key) = (self.http.clone(), self.url(path), self.api_key.clone());
         tokio::spawn(async move {
-            for n in 1..=total {
+            for body in bodies {
                 let r = http
                     .post(&url)
                     .bearer_auth(&key)
-                    .json(&json!({"user_id": user, "data": {"n": n}}))
+                    .json(&body)
                     .send()
                     .await
                     .expect("request sent");
                 assert_eq!(r.status(), 202);
+                tokio::time::sleep(pause).await;
             }
         })
     }

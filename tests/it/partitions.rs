@@ -197,37 +197,21 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
     let per_user = 60;
     let mut readers = Vec::new();
     for user in &users {
-        let client = connect_to(app.addr, user).await;
-        let mut client = client;
+        let mut client = connect_to(app.addr, user).await;
         let reply = client.join(&format!("user:{user}"), json!({})).await;
         assert_eq!(reply[4]["status"], "ok");
         readers.push(reader(client, user, per_user));
     }
-    let producer = {
-        let (http, url, key, users) = (
-            app.http.clone(),
-            app.url("/api/v1/events/batch"),
-            app.api_key.clone(),
-            users.clone(),
-        );
-        tokio::spawn(async move {
-            for n in 1..=per_user {
-                let events: Vec<Value> = users
-                    .iter()
-                    .map(|u| json!({"user_id": u, "data": {"n": n}}))
-                    .collect();
-                let r = http
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .json(&json!({ "events": events }))
-                    .send()
-                    .await
-                    .expect("request sent");
-                assert_eq!(r.status(), 202);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+    let rounds: Vec<Value> = (1..=per_user)
+        .map(|n| {
+            let events: Vec<Value> = users
+                .iter()
+                .map(|u| json!({"user_id": u, "data": {"n": n}}))
+                .collect();
+            json!({ "events": events })
         })
-    };
+        .collect();
+    let producer = app.post_in_turn("/api/v1/events/batch", rounds, Duration::from_millis(20));
     // Mid-stream: kill one worker node outright.
     tokio::time::sleep(Duration::from_millis(400)).await;
     doomed.start_kill().expect("SIGKILL sent");

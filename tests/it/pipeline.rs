@@ -142,19 +142,7 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
         .await;
     assert_eq!(client.recv_push().await[4]["seq"], 1);
     // Seq 2 is committed but never published (as if its publish had failed).
-    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap();
-    let late = NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: producer,
-        user_id: UserId::parse("9").unwrap(),
-        event: EventName::default_push(),
-        data: RawValue::from_string(r#"{"n":2}"#.into()).unwrap(),
-        idempotency_key: None,
-        enqueued_at_ms: now_unix_ms(),
-    };
+    let late = new_event(&app, "9", r#"{"n":2}"#).await;
     app.store
         .insert_events(&[late], app.settings.queue.partitions, limits(&app))
         .await
@@ -177,25 +165,30 @@ fn limits(app: &crate::common::TestApp) -> MessageLimits {
     app.settings.message_limits()
 }
 
+/// An event of `user` to insert straight into the store (bypassing the API and the publisher).
+async fn new_event(app: &crate::common::TestApp, user: &str, data: &str) -> NewEvent {
+    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    NewEvent {
+        id: uuid::Uuid::now_v7(),
+        producer_id: producer,
+        user_id: UserId::parse(user).unwrap(),
+        event: EventName::default_push(),
+        data: RawValue::from_string(data.into()).unwrap(),
+        idempotency_key: None,
+        enqueued_at_ms: now_unix_ms(),
+    }
+}
+
 /// A broker confirm deletes its message's outbox row and never touches an event row, so it can
 /// neither wait on nor deadlock with the outcome writer (an earlier design's per-event `published`
 /// UPDATE did both, and under a burst ran into the statement timeout).
 #[tokio::test]
 async fn a_confirm_never_waits_on_event_rows() {
     let app = spawn_app_with(|s| s.pipeline.relay_grace_ms = 600_000).await;
-    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap();
-    let event = NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: producer,
-        user_id: UserId::parse("held").unwrap(),
-        event: EventName::default_push(),
-        data: RawValue::from_string("{}".into()).unwrap(),
-        idempotency_key: None,
-        enqueued_at_ms: now_unix_ms(),
-    };
+    let event = new_event(&app, "held", "{}").await;
     let id = event.id;
     let committed = app
         .store
