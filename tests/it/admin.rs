@@ -208,3 +208,60 @@ async fn an_admin_replay_job_delivers_failed_events_and_is_safe_to_repeat() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// A first attempt that delivers is kept on the event row alone (no attempts row on the hot path),
+/// yet the attempt log shows it; replayed later, it gets its own row before the row changes, so
+/// the log keeps both attempts as they happened.
+#[tokio::test]
+async fn the_attempt_log_shows_a_first_delivery_and_keeps_it_through_a_replay() {
+    let app = spawn_app_with(|_| {}).await;
+    let admin = app.admin_key().await;
+    let mut client = app.connect_joined("5").await;
+    let id = app.enqueue(json!({"user_id": "5", "data": {}})).await;
+    client.recv_push().await;
+    app.wait_status(&id, "delivered").await;
+    let path = format!("/api/v1/admin/events/{id}");
+    let (status, one) = app.get_json(&path, &admin).await;
+    assert_eq!(status, 200, "{one}");
+    let log = one["attempt_log"].as_array().unwrap().clone();
+    assert_eq!(log.len(), 1, "{one}");
+    assert_eq!(
+        (&log[0]["attempt"], &log[0]["outcome"], &log[0]["sockets"]),
+        (&json!(1), &json!("pushed"), &json!(1))
+    );
+    assert_eq!(log[0]["started_at"], one["published_at"]);
+    assert_eq!(log[0]["finished_at"], one["delivered_at"]);
+
+    // Replayed: delivered again (the client's channel drops the copy by seq).
+    let first_finished = one["delivered_at"].clone();
+    let (status, job) = app
+        .post_json(
+            "/api/v1/admin/replays",
+            &admin,
+            json!({"ids": [id], "include_delivered": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let log = wait_until("the replayed attempt recorded", PATIENCE, || async {
+        let (_, one) = app.get_json(&path, &admin).await;
+        let log = one["attempt_log"].as_array()?.clone();
+        (log.len() == 2).then_some(log)
+    })
+    .await;
+    assert_eq!(
+        (
+            &log[0]["attempt"],
+            &log[0]["outcome"],
+            &log[0]["finished_at"]
+        ),
+        (&json!(1), &json!("pushed"), &first_finished),
+        "the first attempt as it happened: {log:?}"
+    );
+    assert_eq!(
+        (&log[1]["attempt"], &log[1]["outcome"]),
+        (&json!(2), &json!("pushed"))
+    );
+    let (_, one) = app.get_json(&path, &admin).await;
+    assert_eq!(log[1]["finished_at"], one["delivered_at"], "{one}");
+    drop(client);
+}
