@@ -344,6 +344,15 @@ impl Coordinator {
             tracing::warn!(nodes = ?other, "live worker nodes run another partition count; ignoring them");
         }
         let nodes: Vec<String> = same.into_iter().map(|(name, _)| name).collect();
+        if !self.settings.cluster() && nodes.len() > 1 {
+            // Each node broadcasts to its own sockets only: clients of one miss the events of the
+            // other's partitions until they catch up.
+            tracing::error!(
+                nodes = ?nodes,
+                "several worker nodes share this deployment but pubsub.mode is local: set \
+                 HERALD_PUBSUB__MODE=cluster on every node"
+            );
+        }
         let desired = share(queue.partitions, &nodes, &self.node);
         let wanted: Vec<u16> = desired
             .iter()
