@@ -32,6 +32,11 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// Producers of the batch API (and connections of the UNNEST baseline).
 const BATCH_PRODUCERS: usize = 4;
+/// The raw consumers' prefetch: messages a broker consumer may hold unacked. Herald's
+/// `queue.prefetch` counts events per partition since the pipeline batches events into messages, so
+/// the raw baselines, which publish one event per message, keep a per-message value of their own:
+/// 200, what Herald's prefetch was while it carried one event per message.
+const RAW_PREFETCH: u16 = 200;
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
 /// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
 const E2E_WINDOW: u64 = 4000;
@@ -48,9 +53,13 @@ struct Cli {
     /// Sockets connected (and joined) through the socket, end-to-end and latency figures.
     #[arg(long)]
     sockets: Option<usize>,
-    /// The node's `queue.prefetch`, and the baselines' (default: Herald's default).
+    /// The raw consumers' prefetch, in messages (basic.qos of the broker baselines).
+    #[arg(long, default_value_t = RAW_PREFETCH)]
+    prefetch: u16,
+    /// The node's `queue.prefetch` (events in work per partition); Herald's default when not given.
+    /// Apart from `--prefetch`: one counts messages, the other events.
     #[arg(long)]
-    prefetch: Option<u16>,
+    herald_prefetch: Option<u16>,
     /// Concurrent clients of the single-event API, and connections of its one-row baseline.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -86,8 +95,10 @@ struct Plan {
     prefill: u64,
     /// Baseline/Herald pairs of the throughput figures.
     rounds: usize,
-    /// The worker's demand, and the raw consumers' prefetch.
+    /// The raw consumers' prefetch, in messages.
     prefetch: u16,
+    /// The node's `queue.prefetch` when the caller set it (else the node runs Herald's default).
+    herald_prefetch: Option<u16>,
     /// Publishes awaiting a confirm, Herald's and the raw publishers'.
     max_inflight: usize,
     quick: bool,
@@ -106,9 +117,8 @@ impl Plan {
             latency: if quick { 1.5 } else { 10.0 },
             prefill: if quick { 5_000 } else { 100_000 },
             rounds: if quick { 1 } else { 3 },
-            prefetch: cli
-                .prefetch
-                .unwrap_or(herald::config::QueueSettings::default().prefetch),
+            prefetch: cli.prefetch,
+            herald_prefetch: cli.herald_prefetch,
             max_inflight: herald::config::QueueSettings::default().max_inflight_confirms,
             quick,
         }
@@ -207,16 +217,11 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
         names.prefix
     ));
     let (sink, statsd) = statsd::Sink::start()?;
-    let node = Node::start(
-        bin,
-        &names,
-        &[
-            ("HERALD_STATSD_ADDR", statsd),
-            ("HERALD_QUEUE__PREFETCH", plan.prefetch.to_string()),
-        ],
-        out_dir().join("herald.log"),
-    )
-    .await?;
+    let mut settings = vec![("HERALD_STATSD_ADDR", statsd)];
+    if let Some(prefetch) = plan.herald_prefetch {
+        settings.push(("HERALD_QUEUE__PREFETCH", prefetch.to_string()));
+    }
+    let node = Node::start(bin, &names, &settings, out_dir().join("herald.log")).await?;
     // A panic in a phase must still stop the node and drop the database and queues.
     let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
         .catch_unwind()
@@ -313,6 +318,9 @@ async fn run(
         "batch": loadgen::BATCH,
         "batch_producers": BATCH_PRODUCERS,
         "prefetch": plan.prefetch,
+        "herald_prefetch": plan
+            .herald_prefetch
+            .unwrap_or(herald::config::QueueSettings::default().prefetch),
         "max_inflight_confirms": plan.max_inflight,
         "e2e_window": E2E_WINDOW,
         "rounds": plan.rounds,
