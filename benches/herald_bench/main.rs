@@ -278,6 +278,19 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
             missing.push(figure);
         }
     }
+    let phases = report["wire"].as_array().map_or(&[][..], Vec::as_slice);
+    if phases.is_empty() {
+        missing.push("messages per event (no phase counted)");
+    }
+    for phase in phases {
+        if !(f(phase, "/messages") > 0.0 && f(phase, "/events") > 0.0) {
+            missing.push(
+                phase["phase"]
+                    .as_str()
+                    .unwrap_or("a phase's messages per event"),
+            );
+        }
+    }
     if missing.is_empty() {
         Ok(())
     } else {
@@ -325,6 +338,7 @@ async fn run(
         "e2e_window": E2E_WINDOW,
         "rounds": plan.rounds,
     });
+    let mut wire = Wire::default();
     let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
     let producer = baseline::create_raw_table(&pool).await?;
     let mut load = Loadgen::start(&node.base, &node.api_key)?;
@@ -389,6 +403,7 @@ async fn run(
             f(&herald, "/queue_ready_mean"),
             herald["cores_used"]
         ));
+        wire.add("end-to-end, uniform", &herald["node_metrics"]);
         herald_rounds.push(herald);
     }
     report["e2e"] = paired(raw_rounds, herald_rounds.clone());
@@ -418,6 +433,10 @@ async fn run(
             .await?;
         herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
         herald["node_metrics"] = sink.take();
+        wire.add(
+            &format!("latency at {:.0}%", fraction * 100.0),
+            &herald["node_metrics"],
+        );
         let raw = baseline::broker_latency(
             names,
             rate,
@@ -464,6 +483,10 @@ async fn run(
             .await?;
         herald["node_metrics"] = sink.take();
         herald["drain_secs"] = json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+        // The backlog is published while it drains: its messages count too.
+        herald["drain_metrics"] = sink.take();
+        wire.add("ingest, batch API", &herald["node_metrics"]);
+        wire.add("ingest, batch API", &herald["drain_metrics"]);
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
             f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
@@ -479,12 +502,17 @@ async fn run(
             plan.rounds
         ));
         raw_rounds.push(baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await);
-        let herald = load
+        sink.take();
+        let mut herald = load
             .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
             .await?;
+        herald["node_metrics"] = sink.take();
         if round < plan.rounds {
             wait_drained(&pool, 60).await?;
+            herald["drain_metrics"] = sink.take();
         }
+        wire.add("ingest, single API", &herald["node_metrics"]);
+        wire.add("ingest, single API", &herald["drain_metrics"]);
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
             f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
@@ -493,6 +521,7 @@ async fn run(
         herald_rounds.push(herald);
     }
     report["ingest_single"] = paired(raw_rounds, herald_rounds);
+    report["wire"] = wire.report();
     drop(load.stdin);
     let _ = load.child.kill().await;
     pool.close().await;
@@ -515,7 +544,7 @@ async fn herald_e2e(
     .await?;
     let _start = load.recv().await?;
     let cpu0 = node.cpu_time();
-    let groups0 = sys::cpu_by_group(node.pid, load.child.id());
+    let groups0 = sys::cpu_by_group(&[node.pid], load.child.id());
     sink.take();
     let stop_sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
@@ -527,7 +556,7 @@ async fn herald_e2e(
     stop_sampling.cancel();
     let ready = sampler.await.unwrap_or_default();
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
-    let groups1 = sys::cpu_by_group(node.pid, load.child.id());
+    let groups1 = sys::cpu_by_group(&[node.pid], load.child.id());
     let node_metrics = sink.take();
     let window = f(&end, "/secs").max(0.001);
     let cores: serde_json::Map<String, Value> = groups1
@@ -543,9 +572,48 @@ async fn herald_e2e(
         "events": end["events"], "secs": end["secs"], "rate": end["rate"],
         "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
         "queue_ready_mean": mean_ready,
+        "wire": statsd::wire(std::slice::from_ref(&node_metrics)),
         "after": done,
     }))
 }
+
+/// The node's StatsD snapshots of each phase, in run order, for the wire figures: messages
+/// published per event and what the relay republished (see [`statsd::wire`]).
+#[derive(Default)]
+struct Wire {
+    phases: Vec<(String, Vec<Value>)>,
+}
+
+impl Wire {
+    /// Adds a snapshot (a round, a drain) to `phase`; a null snapshot (a step not taken) is skipped.
+    fn add(&mut self, phase: &str, snapshot: &Value) {
+        if snapshot.is_null() {
+            return;
+        }
+        match self.phases.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, snapshots)) => snapshots.push(snapshot.clone()),
+            None => self.phases.push((phase.to_owned(), vec![snapshot.clone()])),
+        }
+    }
+
+    /// `[{phase, messages, events, messages_per_event, ...}]`, in run order.
+    fn report(&self) -> Value {
+        Value::Array(
+            self.phases
+                .iter()
+                .map(|(phase, snapshots)| {
+                    let mut figures = statsd::wire(snapshots);
+                    figures["phase"] = json!(phase);
+                    figures
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The most messages per event a phase may publish: batching keeps it far below 1, so anything
+/// near it means events went out more than once (relay republishes, replays).
+const MAX_MESSAGES_PER_EVENT: f64 = 1.02;
 
 /// Rounds of a baseline and of Herald as `{raw, herald, ratio, rounds}`: `raw` and `herald` are the
 /// rounds with the median rate (their other fields kept), `ratio` the median of the rounds' ratios.
@@ -759,6 +827,32 @@ fn render(r: &Value) -> String {
         ratio(herald, raw),
         verdict(herald <= 2.0 * raw, "<= 2x"),
     ]);
+    let phases = r["wire"].as_array().map_or(&[][..], Vec::as_slice);
+    let worst = phases
+        .iter()
+        .max_by(|a, b| f(a, "/messages_per_event").total_cmp(&f(b, "/messages_per_event")));
+    if let Some(worst) = worst {
+        let per_event = f(worst, "/messages_per_event");
+        rows.push([
+            format!(
+                "messages published per event, the highest of {} phases ({})",
+                phases.len(),
+                worst["phase"].as_str().unwrap_or("?")
+            ),
+            "1.00 (the raw baselines publish one event per message)".into(),
+            format!(
+                "{per_event:.3} ({} relay-republished events in all phases)",
+                thousands(phases.iter().map(|p| f(p, "/relay_events")).sum())
+            ),
+            format!("{per_event:.3}x"),
+            verdict(
+                phases
+                    .iter()
+                    .all(|p| f(p, "/messages_per_event") <= MAX_MESSAGES_PER_EVENT),
+                &format!("<= {MAX_MESSAGES_PER_EVENT} in every phase"),
+            ),
+        ]);
+    }
     let mut out = format!(
         "\nHerald benchmark ({} run, {}s, git {}) on {}\n\n",
         r["mode"].as_str().unwrap_or("?"),
@@ -774,6 +868,41 @@ fn render(r: &Value) -> String {
     out.push_str("| --- | --- | --- | --- | --- |\n");
     for row in rows {
         out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out.push_str(&render_wire(phases));
+    out
+}
+
+/// The wire per phase, from the node's StatsD counters over the phase (a drain included where the
+/// phase leaves a backlog): what the group commits and the relay handed to the broker.
+fn render_wire(phases: &[Value]) -> String {
+    let mut out = String::from(
+        "\nMessages published per event, per phase (node counters; relay = outbox republishes):\n\n",
+    );
+    out.push_str("| phase | events accepted | messages published | events published | messages per event | events published per accepted | relay-republished events | target |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for p in phases {
+        let per_event = f(p, "/messages_per_event");
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {per_event:.3} | {:.3} | {} | {} |\n",
+            p["phase"].as_str().unwrap_or("?"),
+            thousands(f(p, "/accepted")),
+            thousands(f(p, "/messages")),
+            thousands(f(p, "/events")),
+            f(p, "/events_per_accepted"),
+            thousands(f(p, "/relay_events")),
+            verdict(
+                per_event <= MAX_MESSAGES_PER_EVENT,
+                &format!("<= {MAX_MESSAGES_PER_EVENT}")
+            ),
+        ));
+    }
+    let drops: f64 = phases.iter().map(|p| f(p, "/statsd_udp_drops")).sum();
+    if drops > 0.0 {
+        out.push_str(&format!(
+            "\n{} StatsD datagrams were dropped by the kernel: the counters above undercount.\n",
+            thousands(drops)
+        ));
     }
     out
 }
