@@ -6,6 +6,7 @@
 //! answers their heartbeats' replies, counts every pushed event and, while a latency window is open,
 //! records receive time minus the event's `at` in an HDR histogram: latency as a client sees it.
 
+use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{SinkExt, future};
 use hdrhistogram::Histogram;
@@ -53,12 +54,15 @@ enum Command {
     IngestSingle { secs: f64, clients: usize },
     /// Closed loop to the connected users: at most `window` events accepted but not yet received.
     /// Answers a `start` mark after `warmup`, an `end` mark after `secs` more, then `done` once
-    /// everything sent has arrived.
+    /// everything sent has arrived. Users in round-robin order, or with `skew`, each event's user
+    /// drawn from a Zipf distribution of that exponent over the connected users.
     E2e {
         warmup: f64,
         secs: f64,
         producers: usize,
         window: u64,
+        #[serde(default)]
+        skew: Option<f64>,
     },
     /// Open loop at `rate` events/s to the connected users; latency of events accepted between
     /// `warmup` and `warmup + secs`.
@@ -74,6 +78,13 @@ struct Shared {
     record_lo: AtomicI64,
     record_hi: AtomicI64,
     latency: Mutex<Histogram<u64>>,
+}
+
+/// Events a skewed producer drew, and how many went to the most frequent user.
+#[derive(Default)]
+struct Drawn {
+    all: AtomicU64,
+    top: AtomicU64,
 }
 
 struct Loadgen {
@@ -138,7 +149,8 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 secs,
                 producers,
                 window,
-            } => load.e2e(warmup, secs, producers, window).await,
+                skew,
+            } => load.e2e(warmup, secs, producers, window, skew).await,
             Command::Latency { rate, warmup, secs } => {
                 reply(load.latency(rate, warmup, secs).await)
             }
@@ -307,13 +319,34 @@ impl Loadgen {
         batch_json((k..k + n as u64).map(|i| event_json(&format!("s{}", i % users), i)))
     }
 
-    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64) {
+    /// A batch of `n` events, each to a user drawn from `zipf` (rank k is user `s<k>`); counts the
+    /// events drawn and those to the most frequent user.
+    fn zipf_batch(&self, zipf: &Zipf, rng: &mut SplitMix64, n: usize, drawn: &Drawn) -> String {
+        let k = self.next_event.fetch_add(n as u64, Ordering::Relaxed);
+        let mut top = 0;
+        let body = batch_json((k..k + n as u64).map(|i| {
+            let rank = zipf.sample(rng);
+            top += u64::from(rank == 0);
+            event_json(&format!("s{rank}"), i)
+        }));
+        drawn.all.fetch_add(n as u64, Ordering::Relaxed);
+        drawn.top.fetch_add(top, Ordering::Relaxed);
+        body
+    }
+
+    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64, skew: Option<f64>) {
         let base = self.shared.received.load(Ordering::Relaxed);
         let sent = AtomicU64::new(0);
         let errors = AtomicU64::new(0);
         let stop = CancellationToken::new();
+        let zipf = skew.map(|s| Zipf::new(self.users.max(1), s));
+        let drawn = Drawn::default();
         let received = || self.shared.received.load(Ordering::Relaxed) - base;
-        let producer = || async {
+        let (sent_ref, errors_ref, stop_ref, zipf, drawn_ref) =
+            (&sent, &errors, &stop, &zipf, &drawn);
+        let producer = move |w: usize| async move {
+            let (sent, errors, stop) = (sent_ref, errors_ref, stop_ref);
+            let mut rng = SplitMix64::new(0x5eed_0000 + w as u64);
             while !stop.is_cancelled() {
                 // Closed loop: wait while `window` events are accepted but not yet pushed.
                 while sent.load(Ordering::Relaxed).saturating_sub(received()) >= window {
@@ -323,10 +356,11 @@ impl Loadgen {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 sent.fetch_add(BATCH as u64, Ordering::Relaxed);
-                if !self
-                    .post("/api/v1/events/batch", self.user_batch(BATCH))
-                    .await
-                {
+                let body = match zipf {
+                    Some(zipf) => self.zipf_batch(zipf, &mut rng, BATCH, drawn_ref),
+                    None => self.user_batch(BATCH),
+                };
+                if !self.post("/api/v1/events/batch", body).await {
                     sent.fetch_sub(BATCH as u64, Ordering::Relaxed);
                     errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -340,15 +374,18 @@ impl Loadgen {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             let (r1, t1) = (received(), Instant::now());
             let secs = (t1 - t0).as_secs_f64();
-            reply(json!({"mark": "end", "events": r1 - r0, "secs": secs,
-                         "rate": (r1 - r0) as f64 / secs}));
+            let mut end = json!({"mark": "end", "events": r1 - r0, "secs": secs,
+                                 "rate": (r1 - r0) as f64 / secs});
+            if let Some(zipf) = zipf {
+                // The sampler's own check: the most frequent user's share of the events drawn.
+                let all = drawn.all.load(Ordering::Relaxed).max(1) as f64;
+                end["top_user_share"] = json!(drawn.top.load(Ordering::Relaxed) as f64 / all);
+                end["top_user_expected"] = json!(zipf.probability(0));
+            }
+            reply(end);
             stop.cancel();
         };
-        future::join(
-            conductor,
-            future::join_all((0..producers).map(|_| producer())),
-        )
-        .await;
+        future::join(conductor, future::join_all((0..producers).map(producer))).await;
         let drained = self
             .wait_received(base, sent.load(Ordering::Relaxed), 60)
             .await;

@@ -18,6 +18,7 @@ mod loadgen;
 mod node;
 mod statsd;
 mod sys;
+mod zipf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ const BATCH_PRODUCERS: usize = 4;
 /// the raw baselines, which publish one event per message, keep a per-message value of their own:
 /// 200, what Herald's prefetch was while it carried one event per message.
 const RAW_PREFETCH: u16 = 200;
+/// Exponent of the skewed phase's Zipf distribution of users: with s = 1.1 over 10,000 users the
+/// most frequent one gets about 15% of the events (21% over 200), the top 1% about half.
+const ZIPF_S: f64 = 1.1;
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
 /// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
 const E2E_WINDOW: u64 = 4000;
@@ -263,6 +267,7 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("ingest single, herald", "/ingest_single/herald/rate"),
         ("end-to-end, raw", "/e2e/raw/rate"),
         ("end-to-end, herald", "/e2e/herald/rate"),
+        ("end-to-end skewed, herald", "/skew/other/rate"),
         ("latency 50%, raw", "/latency/1/raw/count"),
         ("latency 50%, herald", "/latency/1/herald/count"),
         ("RSS, echo", "/rss/raw/per_socket_bytes"),
@@ -374,6 +379,7 @@ async fn run(
     // shared box the noise moves within minutes, and a pair measured back to back sees the same.
     let mut raw_rounds = Vec::new();
     let mut herald_rounds = Vec::new();
+    let mut skew_rounds = Vec::new();
     for round in 1..=plan.rounds {
         say(format!(
             "end-to-end, round {round}/{}: raw broker publish+consume",
@@ -390,23 +396,42 @@ async fn run(
         .await?;
         say(format!("  {:.0} events/s", f(&raw, "/rate")));
         raw_rounds.push(raw);
-        say(format!(
-            "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
-            plan.rounds
-        ));
-        let checkpoints = forced_checkpoints(&pool).await;
-        let mut herald = herald_e2e(plan, names, node, &mut load, sink).await?;
-        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
-        say(format!(
-            "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
-            f(&herald, "/rate"),
-            f(&herald, "/queue_ready_mean"),
-            herald["cores_used"]
-        ));
-        wire.add("end-to-end, uniform", &herald["node_metrics"]);
-        herald_rounds.push(herald);
+        // Uniform and skewed alternate which goes first, so neither always follows the baseline.
+        let order = if round % 2 == 1 {
+            [None, Some(ZIPF_S)]
+        } else {
+            [Some(ZIPF_S), None]
+        };
+        for skew in order {
+            say(format!(
+                "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets, {}",
+                plan.rounds,
+                match skew {
+                    Some(s) => format!("users Zipf-distributed (s = {s})"),
+                    None => "users uniform".into(),
+                }
+            ));
+            let checkpoints = forced_checkpoints(&pool).await;
+            let mut herald = herald_e2e(plan, names, &[node], &mut load, sink, skew).await?;
+            herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+            say(format!(
+                "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
+                f(&herald, "/rate"),
+                f(&herald, "/queue_ready_mean"),
+                herald["cores_used"]
+            ));
+            if skew.is_some() {
+                wire.add("end-to-end, skewed", &herald["node_metrics"]);
+                skew_rounds.push(herald);
+            } else {
+                wire.add("end-to-end, uniform", &herald["node_metrics"]);
+                herald_rounds.push(herald);
+            }
+        }
     }
     report["e2e"] = paired(raw_rounds, herald_rounds.clone());
+    report["skew"] = versus(&herald_rounds, &skew_rounds);
+    report["skew"]["s"] = json!(ZIPF_S);
     let sustained = f(&report, "/e2e/herald/rate");
     let (cpu, delivered) = herald_rounds.iter().fold((0.0, 0.0), |(c, n), r| {
         (c + f(r, "/cpu_secs"), n + f(r, "/events"))
@@ -528,23 +553,27 @@ async fn run(
     Ok(report)
 }
 
-/// One end-to-end round of Herald: the closed loop, with the node's CPU, every process's cores and
-/// the node's own timings over the measured window.
+/// One end-to-end round of Herald: the closed loop (users round-robin, or drawn from a Zipf
+/// distribution with exponent `skew`), with the nodes' CPU, every process's cores and the nodes' own
+/// timings over the measured window.
 async fn herald_e2e(
     plan: &Plan,
     names: &Names,
-    node: &Node,
+    nodes: &[&Node],
     load: &mut Loadgen,
     sink: &statsd::Sink,
+    skew: Option<f64>,
 ) -> anyhow::Result<Value> {
     load.send(
         json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
+                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW, "skew": skew}),
     )
     .await?;
     let _start = load.recv().await?;
-    let cpu0 = node.cpu_time();
-    let groups0 = sys::cpu_by_group(&[node.pid], load.child.id());
+    let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+    let cpu_of = || nodes.iter().map(|n| n.cpu_time()).sum::<Duration>();
+    let cpu0 = cpu_of();
+    let groups0 = sys::cpu_by_group(&pids, load.child.id());
     sink.take();
     let stop_sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
@@ -552,11 +581,11 @@ async fn herald_e2e(
         async move { baseline::sample_ready(&names, stop).await }
     });
     let end = load.recv().await?;
-    let cpu = node.cpu_time() - cpu0;
+    let cpu = cpu_of() - cpu0;
     stop_sampling.cancel();
     let ready = sampler.await.unwrap_or_default();
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
-    let groups1 = sys::cpu_by_group(&[node.pid], load.child.id());
+    let groups1 = sys::cpu_by_group(&pids, load.child.id());
     let node_metrics = sink.take();
     let window = f(&end, "/secs").max(0.001);
     let cores: serde_json::Map<String, Value> = groups1
@@ -572,6 +601,7 @@ async fn herald_e2e(
         "events": end["events"], "secs": end["secs"], "rate": end["rate"],
         "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
         "queue_ready_mean": mean_ready,
+        "top_user_share": end["top_user_share"], "top_user_expected": end["top_user_expected"],
         "wire": statsd::wire(std::slice::from_ref(&node_metrics)),
         "after": done,
     }))
@@ -628,6 +658,23 @@ fn paired(raw: Vec<Value>, herald: Vec<Value>) -> Value {
         "herald": median_by_rate(&herald),
         "ratio": median(ratios),
         "rounds": {"raw": raw, "herald": herald},
+    })
+}
+
+/// Two Herald variants measured in the same rounds (`base` and `other`, round by round) as
+/// `{base, other, ratio, rounds}`: each the round with the median rate, `ratio` the median of the
+/// rounds' other/base ratios.
+fn versus(base: &[Value], other: &[Value]) -> Value {
+    let ratios: Vec<f64> = base
+        .iter()
+        .zip(other)
+        .map(|(b, o)| f(o, "/rate") / f(b, "/rate").max(f64::MIN_POSITIVE))
+        .collect();
+    json!({
+        "base": median_by_rate(base),
+        "other": median_by_rate(other),
+        "ratio": median(ratios),
+        "rounds": {"base": base, "other": other},
     })
 }
 
@@ -771,7 +818,18 @@ fn render(r: &Value) -> String {
         format!("{} (quorum, persistent, {} confirms in flight, prefetch {}, ack each)", thousands(raw), r["max_inflight_confirms"], r["prefetch"]),
         thousands(herald),
         ratio_of("e2e"),
-        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x"),
+        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x (aim 1.5x)"),
+    ]);
+    let (uniform, skewed) = (f(r, "/skew/base/rate"), f(r, "/skew/other/rate"));
+    rows.push([
+        format!(
+            "end-to-end events/s, users Zipf-distributed (s = {ZIPF_S}; the top user drew {:.0}% of the events), vs uniform",
+            f(r, "/skew/other/top_user_share") * 100.0
+        ),
+        format!("{} (Herald, users uniform, same rounds)", thousands(uniform)),
+        thousands(skewed),
+        format!("{:.2}x", f(r, "/skew/ratio")),
+        verdict(f(r, "/skew/ratio") >= 0.9, ">= 0.9x"),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
