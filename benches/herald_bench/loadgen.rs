@@ -10,12 +10,12 @@ use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{SinkExt, future};
 use hdrhistogram::Histogram;
-use herald::event::{UserId, now_unix_ms};
+use herald::event::{UserId, now_unix_ms, partition_of};
 use herald::socket::token::{TokenSigner, now_unix_secs};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::io::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
@@ -67,6 +67,19 @@ enum Command {
     /// Open loop at `rate` events/s to the connected users; latency of events accepted between
     /// `warmup` and `warmup + secs`.
     Latency { rate: f64, warmup: f64, secs: f64 },
+    /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
+    /// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the
+    /// others' latency before and during the burst (from its first request until `s0` has every
+    /// burst event, at least `min_window` s) and how long `s0` took to get them all (at most
+    /// `limit` s).
+    Burst {
+        events: u64,
+        requests: usize,
+        rate: f64,
+        warmup: f64,
+        min_window: f64,
+        limit: f64,
+    },
 }
 
 struct Shared {
@@ -78,6 +91,18 @@ struct Shared {
     record_lo: AtomicI64,
     record_hi: AtomicI64,
     latency: Mutex<Histogram<u64>>,
+    /// The burst's hot user: the socket whose pushes are counted apart (`u64::MAX`: none).
+    hot: AtomicU64,
+    /// Pushes the hot socket received since the burst began, and when it had `hot_target` of them.
+    hot_received: AtomicU64,
+    hot_target: AtomicU64,
+    hot_done: Mutex<Option<Instant>>,
+    /// The longest a hot push waited (receive time minus `at`), ms.
+    hot_max_ms: AtomicU64,
+    /// While set, every other socket's push is kept as (`at`, waited ms, socket): a phase picks
+    /// its windows afterwards.
+    sampling: AtomicBool,
+    samples: Mutex<Vec<(i64, u64, u64)>>,
 }
 
 /// Events a skewed producer drew, and how many went to the most frequent user.
@@ -123,6 +148,13 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
             record_lo: AtomicI64::new(i64::MAX),
             record_hi: AtomicI64::new(i64::MIN),
             latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3)?),
+            hot: AtomicU64::new(u64::MAX),
+            hot_received: AtomicU64::new(0),
+            hot_target: AtomicU64::new(u64::MAX),
+            hot_done: Mutex::new(None),
+            hot_max_ms: AtomicU64::new(0),
+            sampling: AtomicBool::new(false),
+            samples: Mutex::new(Vec::new()),
         }),
         users: 0,
         echo: Vec::new(),
@@ -154,6 +186,17 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
             Command::Latency { rate, warmup, secs } => {
                 reply(load.latency(rate, warmup, secs).await)
             }
+            Command::Burst {
+                events,
+                requests,
+                rate,
+                warmup,
+                min_window,
+                limit,
+            } => reply(
+                load.burst(events, requests, rate, warmup, min_window, limit)
+                    .await,
+            ),
         }
     }
     Ok(())
@@ -180,7 +223,8 @@ fn field_i64(text: &str, key: &str) -> Option<i64> {
 }
 
 impl Shared {
-    fn on_frame(&self, text: &str) {
+    /// A frame from socket `socket`.
+    fn on_frame(&self, text: &str, socket: u64) {
         if !text.contains(r#","bench","#) {
             return; // a reply (join, heartbeat), not a push
         }
@@ -188,6 +232,22 @@ impl Shared {
         let Some(at) = field_i64(text, r#""at":"#) else {
             return;
         };
+        if socket == self.hot.load(Ordering::Relaxed) {
+            let waited = (now_unix_ms() - at).max(0) as u64;
+            self.hot_max_ms.fetch_max(waited, Ordering::Relaxed);
+            if self.hot_received.fetch_add(1, Ordering::Relaxed) + 1
+                == self.hot_target.load(Ordering::Relaxed)
+                && let Ok(mut done) = self.hot_done.lock()
+            {
+                *done = Some(Instant::now());
+            }
+            return;
+        }
+        if self.sampling.load(Ordering::Relaxed)
+            && let Ok(mut samples) = self.samples.lock()
+        {
+            samples.push((at, (now_unix_ms() - at).max(0) as u64, socket));
+        }
         if at >= self.record_lo.load(Ordering::Relaxed)
             && at <= self.record_hi.load(Ordering::Relaxed)
         {
@@ -236,20 +296,18 @@ impl Loadgen {
     async fn connect(&mut self, n: usize) -> Value {
         let started = Instant::now();
         let from = self.users;
-        let results: Vec<Option<Ws>> = stream::iter(from..n)
-            .map(|i| self.connect_user(i))
+        // Unordered: each result carries its user's index, which names the socket (`s<i>`).
+        let this = &*self;
+        let results: Vec<(usize, Option<Ws>)> = stream::iter(from..n)
+            .map(|i| async move { (i, this.connect_user(i).await) })
             .buffer_unordered(CONNECT_CONCURRENCY)
             .collect()
             .await;
         let mut failed = 0;
-        for (k, ws) in results.into_iter().enumerate() {
+        for (i, ws) in results {
             match ws {
                 Some(ws) => {
-                    tokio::spawn(serve_socket(
-                        ws,
-                        Arc::clone(&self.shared),
-                        (from + k) as u64,
-                    ));
+                    tokio::spawn(serve_socket(ws, Arc::clone(&self.shared), i as u64));
                 }
                 None => failed += 1,
             }
@@ -481,6 +539,193 @@ impl Loadgen {
     }
 }
 
+impl Loadgen {
+    async fn burst(
+        &self,
+        events: u64,
+        requests: usize,
+        rate: f64,
+        warmup: f64,
+        min_window: f64,
+        limit: f64,
+    ) -> Value {
+        let others = self.users.saturating_sub(1).max(1) as u64;
+        let shared = &self.shared;
+        let base = shared.received.load(Ordering::Relaxed);
+        let closed = shared.closed.load(Ordering::Relaxed);
+        shared.hot_received.store(0, Ordering::Relaxed);
+        shared.hot_target.store(events, Ordering::Relaxed);
+        shared.hot_max_ms.store(0, Ordering::Relaxed);
+        if let Ok(mut done) = shared.hot_done.lock() {
+            *done = None;
+        }
+        shared.hot.store(0, Ordering::Relaxed);
+        if let Ok(mut samples) = shared.samples.lock() {
+            samples.clear();
+        }
+        shared.sampling.store(true, Ordering::Relaxed);
+
+        let stop = CancellationToken::new();
+        // The others: single events, open loop, every 10 ms what the rate says is due, each its
+        // own request (at most 256 in flight), to s1 .. s<n-1> in turn.
+        let background = async {
+            let slots = Arc::new(Semaphore::new(256));
+            let accepted = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            let (mut sent, mut late) = (0u64, 0u64);
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let due = (rate * started.elapsed().as_secs_f64()) as u64;
+                while sent < due {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        late += 1;
+                        break;
+                    };
+                    let user = format!("s{}", 1 + sent % others);
+                    let request = self
+                        .http
+                        .post(format!("{}/api/v1/events", self.base))
+                        .bearer_auth(&self.key)
+                        .header("content-type", "application/json")
+                        .body(event_json(&user, sent));
+                    sent += 1;
+                    let (accepted, errors) = (Arc::clone(&accepted), Arc::clone(&errors));
+                    tokio::spawn(async move {
+                        match request.send().await {
+                            Ok(r) if r.status().is_success() => {
+                                accepted.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        drop(slot);
+                    });
+                }
+            }
+            let _all_answered = slots.acquire_many(256).await;
+            (
+                accepted.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed),
+                late,
+            )
+        };
+        // The hot user: every burst request at once, then wait until its client has them all.
+        let hot = async {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            let (start_ms, t0) = (now_unix_ms(), Instant::now());
+            let per_request = events.div_ceil(requests.max(1) as u64);
+            let answers = future::join_all((0..requests as u64).map(|r| {
+                let first = r * per_request;
+                let last = (first + per_request).min(events);
+                let body = batch_json((first..last).map(|i| event_json("s0", i)));
+                async move {
+                    let ok = self.post("/api/v1/events/batch", body).await;
+                    (ok, last - first, t0.elapsed().as_secs_f64())
+                }
+            }))
+            .await;
+            let deadline = t0 + Duration::from_secs_f64(limit);
+            let drained = loop {
+                if let Some(done) = shared.hot_done.lock().ok().and_then(|d| *d) {
+                    break Some((done - t0).as_secs_f64());
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let window = drained.unwrap_or(limit).max(min_window);
+            tokio::time::sleep_until((t0 + Duration::from_secs_f64(window)).into()).await;
+            stop.cancel();
+            (start_ms, answers, drained, window)
+        };
+        let ((accepted, errors, late), (start_ms, answers, drained, window)) =
+            future::join(background, hot).await;
+        // Wait for the others' events still on their way (the hot user's count is apart).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.received.load(Ordering::Relaxed)
+            - base
+            - shared.hot_received.load(Ordering::Relaxed)
+            < accepted
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shared.sampling.store(false, Ordering::Relaxed);
+        shared.hot.store(u64::MAX, Ordering::Relaxed);
+        let samples = shared
+            .samples
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let window_ms = (window * 1000.0) as i64;
+        // Before: the same background load over the warm-up's last part (its first half second
+        // is the ramp).
+        let before_ms = ((warmup - 0.5).max(0.5) * 1000.0) as i64;
+        let all = |_: u64| true;
+        let during = latency_of(&samples, start_ms, start_ms + window_ms, all);
+        let before = latency_of(&samples, start_ms - before_ms, start_ms - 1, all);
+        // Where the wait is: the users whose events share the hot user's partition queue, and
+        // the rest.
+        let partitions = herald::config::QueueSettings::default().partitions;
+        let hot_partition = partition_of("s0", partitions);
+        let shares = |i: u64| partition_of(&format!("s{i}"), partitions) == hot_partition;
+        let during_shared = latency_of(&samples, start_ms, start_ms + window_ms, shares);
+        let during_apart = latency_of(&samples, start_ms, start_ms + window_ms, |i| !shares(i));
+        let burst_accepted: u64 = answers.iter().filter(|a| a.0).map(|a| a.1).sum();
+        json!({
+            "events": events, "requests": requests, "rate": rate, "others": others,
+            "burst_accepted": burst_accepted,
+            "burst_errors": answers.iter().filter(|a| !a.0).count(),
+            "answered_secs": answers.iter().map(|a| a.2).fold(0.0, f64::max),
+            "hot_received": shared.hot_received.load(Ordering::Relaxed),
+            "drain_secs": drained, "drained": drained.is_some(),
+            "hot_max_ms": shared.hot_max_ms.load(Ordering::Relaxed),
+            "window_secs": window,
+            "during": during, "before": before,
+            "during_hot_partition": during_shared, "during_other_partitions": during_apart,
+            "during_timeline_max_ms": timeline(&samples, start_ms, window_ms),
+            "background": {"accepted": accepted, "errors": errors, "late_ticks": late},
+            "closed": shared.closed.load(Ordering::Relaxed) - closed,
+        })
+    }
+}
+
+/// The longest wait of the events enqueued in each 100 ms from `start_ms` on, over `window_ms`:
+/// when in the burst the others waited.
+fn timeline(samples: &[(i64, u64, u64)], start_ms: i64, window_ms: i64) -> Vec<u64> {
+    let mut buckets = vec![0; (window_ms / 100 + 1) as usize];
+    for &(at, waited, _) in samples {
+        if let Some(b) = usize::try_from((at - start_ms) / 100)
+            .ok()
+            .filter(|_| at >= start_ms)
+            .and_then(|i| buckets.get_mut(i))
+        {
+            *b = waited.max(*b);
+        }
+    }
+    buckets
+}
+
+/// p50 / p99 / max (ms) and count of the samples with `at` in `lo..=hi` (Unix ms) from the
+/// sockets `which` picks.
+fn latency_of(samples: &[(i64, u64, u64)], lo: i64, hi: i64, which: impl Fn(u64) -> bool) -> Value {
+    let Ok(mut h) = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3) else {
+        return Value::Null;
+    };
+    for &(at, waited, socket) in samples {
+        if (lo..=hi).contains(&at) && which(socket) {
+            h.saturating_record(waited);
+        }
+    }
+    json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
+           "max": h.max(), "mean": h.mean()})
+}
+
 /// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it.
 async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
     let (mut sink, mut stream) = ws.split();
@@ -490,7 +735,7 @@ async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => shared.on_frame(&text),
+                Some(Ok(Message::Text(text))) => shared.on_frame(&text, i),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },

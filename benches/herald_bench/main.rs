@@ -41,6 +41,16 @@ const RAW_PREFETCH: u16 = 200;
 /// Exponent of the skewed phase's Zipf distribution of users: with s = 1.1 over 10,000 users the
 /// most frequent one gets about 15% of the events (21% over 200), the top 1% about half.
 const ZIPF_S: f64 = 1.1;
+/// Events of the burst to one user, as concurrent batch requests of [`loadgen::BATCH`] (50). The
+/// quick run sends them all too: the phase's length is its warm-up and window, not the burst.
+const BURST_EVENTS: u64 = 5_000;
+/// Single events per second to the other users while one user takes the burst: a modest steady load
+/// whose latency shows whether the hot user holds anyone else up.
+const BURST_BACKGROUND_RATE: f64 = 500.0;
+/// The burst phase measures the others' latency from the burst's first request until the hot user
+/// has it all, and over at least this long (s), so that a fast drain still leaves a few hundred
+/// samples.
+const BURST_MIN_WINDOW: f64 = 1.0;
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
 /// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
 const E2E_WINDOW: u64 = 4000;
@@ -97,6 +107,8 @@ struct Plan {
     latency_warmup: f64,
     latency: f64,
     prefill: u64,
+    /// Warm-up of the burst phase: the others' load alone, also its "before" latency.
+    burst_warmup: f64,
     /// Baseline/Herald pairs of the throughput figures.
     rounds: usize,
     /// The raw consumers' prefetch, in messages.
@@ -120,6 +132,7 @@ impl Plan {
             latency_warmup: if quick { 0.5 } else { 3.0 },
             latency: if quick { 1.5 } else { 10.0 },
             prefill: if quick { 5_000 } else { 100_000 },
+            burst_warmup: if quick { 1.5 } else { 3.0 },
             rounds: if quick { 1 } else { 3 },
             prefetch: cli.prefetch,
             herald_prefetch: cli.herald_prefetch,
@@ -270,6 +283,8 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("end-to-end skewed, herald", "/skew/other/rate"),
         ("latency 50%, raw", "/latency/1/raw/count"),
         ("latency 50%, herald", "/latency/1/herald/count"),
+        ("burst, others' latency", "/burst/during/count"),
+        ("burst, hot user drained", "/burst/drain_secs"),
         ("RSS, echo", "/rss/raw/per_socket_bytes"),
         ("RSS, herald", "/rss/herald/per_socket_bytes"),
         ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
@@ -483,6 +498,42 @@ async fn run(
         latencies.push(json!({"fraction": fraction, "rate": rate, "herald": herald, "raw": raw}));
     }
     report["latency"] = Value::Array(latencies);
+
+    let requests = BURST_EVENTS.div_ceil(loadgen::BATCH as u64);
+    say(format!(
+        "burst: {} events to one user ({requests} concurrent batch requests), {BURST_BACKGROUND_RATE:.0} single events/s to the {} others",
+        BURST_EVENTS,
+        plan.sockets.saturating_sub(1)
+    ));
+    sink.take();
+    let checkpoints = forced_checkpoints(&pool).await;
+    let mut burst = load
+        .call(json!({"cmd": "burst", "events": BURST_EVENTS, "requests": requests,
+                     "rate": BURST_BACKGROUND_RATE, "warmup": plan.burst_warmup,
+                     "min_window": BURST_MIN_WINDOW, "limit": if plan.quick { 15.0 } else { 30.0 }}))
+        .await?;
+    burst["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+    burst["node_metrics"] = sink.take();
+    wire.add("burst to one user", &burst["node_metrics"]);
+    say(format!(
+        "  hot user had all {} after {:.2} s (requests answered after {:.2} s); others p50/p99/max {}/{}/{} ms during, {}/{}/{} ms before",
+        BURST_EVENTS,
+        f(&burst, "/drain_secs"),
+        f(&burst, "/answered_secs"),
+        burst["during"]["p50"],
+        burst["during"]["p99"],
+        burst["during"]["max"],
+        burst["before"]["p50"],
+        burst["before"]["p99"],
+        burst["before"]["max"],
+    ));
+    say(format!(
+        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms",
+        burst["during_hot_partition"]["p99"],
+        burst["during_hot_partition"]["count"],
+        burst["during_other_partitions"]["p99"],
+    ));
+    report["burst"] = burst;
 
     // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
     // each Herald round drains before the next pair starts.
@@ -860,6 +911,54 @@ fn render(r: &Value) -> String {
             if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
         ]);
     }
+    let burst = |q: &str| f(r, &format!("/burst/{q}"));
+    rows.push([
+        format!(
+            "burst: other users' latency ms p50 / p99 / max while {} events go to one user ({} concurrent requests), {} single events/s to {} others",
+            thousands(burst("events")),
+            burst("requests"),
+            thousands(burst("rate")),
+            thousands(burst("others")),
+        ),
+        format!(
+            "{:.0} / {:.0} / {:.0} (the same load just before the burst)",
+            burst("before/p50"),
+            burst("before/p99"),
+            burst("before/max")
+        ),
+        format!(
+            "{:.0} / {:.0} / {:.0} ({} events over {:.2} s; p99 {:.0} in the hot user's partition, {:.0} in the others)",
+            burst("during/p50"),
+            burst("during/p99"),
+            burst("during/max"),
+            burst("during/count"),
+            burst("window_secs"),
+            burst("during_hot_partition/p99"),
+            burst("during_other_partitions/p99"),
+        ),
+        format!("p99 {}", ratio(burst("during/p99"), burst("before/p99"))),
+        verdict(
+            burst("during/count") > 0.0 && burst("during/p99") <= 100.0,
+            "p99 <= 100 ms",
+        ),
+    ]);
+    let drained = r["burst"]["drain_secs"].as_f64();
+    rows.push([
+        format!(
+            "burst: s from its first request until the hot user's client has all {}",
+            thousands(burst("events"))
+        ),
+        format!(
+            "requests all answered after {:.2} s",
+            burst("answered_secs")
+        ),
+        drained.map_or_else(
+            || format!("not within the limit ({} received)", burst("hot_received")),
+            |s| format!("{s:.2}"),
+        ),
+        "n/a".into(),
+        verdict(drained.is_some_and(|s| s <= 2.0), "<= 2 s"),
+    ]);
     let (raw, herald) = (
         f(r, "/rss/raw/per_socket_bytes") / 1024.0,
         f(r, "/rss/herald/per_socket_bytes") / 1024.0,
