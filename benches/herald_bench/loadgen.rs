@@ -67,6 +67,15 @@ enum Command {
     /// Open loop at `rate` events/s to the connected users; latency of events accepted between
     /// `warmup` and `warmup + secs`.
     Latency { rate: f64, warmup: f64, secs: f64 },
+    /// Open loop without a window: `producers` post batches to the connected users (round-robin)
+    /// as fast as they are answered. Answers the events accepted and pushed per second over the
+    /// same `secs` after `warmup`, then waits (at most `drain` s) for the backlog to arrive.
+    Keepup {
+        warmup: f64,
+        secs: f64,
+        producers: usize,
+        drain: u64,
+    },
     /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
     /// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the
     /// others' latency before and during the burst (from its first request until `s0` has every
@@ -186,6 +195,12 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
             Command::Latency { rate, warmup, secs } => {
                 reply(load.latency(rate, warmup, secs).await)
             }
+            Command::Keepup {
+                warmup,
+                secs,
+                producers,
+                drain,
+            } => reply(load.keepup(warmup, secs, producers, drain).await),
             Command::Burst {
                 events,
                 requests,
@@ -540,6 +555,58 @@ impl Loadgen {
 }
 
 impl Loadgen {
+    async fn keepup(&self, warmup: f64, secs: f64, producers: usize, drain: u64) -> Value {
+        let base = self.shared.received.load(Ordering::Relaxed);
+        let received = || self.shared.received.load(Ordering::Relaxed) - base;
+        let accepted = AtomicU64::new(0);
+        let errors = AtomicU64::new(0);
+        let stop = CancellationToken::new();
+        let producer = || async {
+            while !stop.is_cancelled() {
+                if self
+                    .post("/api/v1/events/batch", self.user_batch(BATCH))
+                    .await
+                {
+                    accepted.fetch_add(BATCH as u64, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let conductor = async {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            let (a0, r0, t0) = (accepted.load(Ordering::Relaxed), received(), Instant::now());
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            let (a1, r1, t1) = (accepted.load(Ordering::Relaxed), received(), Instant::now());
+            stop.cancel();
+            (
+                a1 - a0,
+                r1 - r0,
+                (t1 - t0).as_secs_f64(),
+                a1.saturating_sub(r1),
+            )
+        };
+        let ((accepted_n, pushed_n, window, backlog), _) = future::join(
+            conductor,
+            future::join_all((0..producers).map(|_| producer())),
+        )
+        .await;
+        let total = accepted.load(Ordering::Relaxed);
+        let drain_started = Instant::now();
+        let drained = self.wait_received(base, total, drain).await;
+        let (accepted_rate, pushed_rate) = (accepted_n as f64 / window, pushed_n as f64 / window);
+        json!({
+            "secs": window, "accepted": accepted_n, "pushed": pushed_n,
+            "accepted_rate": accepted_rate, "pushed_rate": pushed_rate,
+            "ratio": pushed_rate / accepted_rate.max(f64::MIN_POSITIVE),
+            "backlog_at_end": backlog, "drained": drained,
+            "drain_secs": drain_started.elapsed().as_secs_f64(),
+            "errors": errors.load(Ordering::Relaxed),
+            "closed": self.shared.closed.load(Ordering::Relaxed),
+        })
+    }
+
     async fn burst(
         &self,
         events: u64,

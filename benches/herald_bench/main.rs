@@ -285,6 +285,8 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("latency 50%, herald", "/latency/1/herald/count"),
         ("burst, others' latency", "/burst/during/count"),
         ("burst, hot user drained", "/burst/drain_secs"),
+        ("keep-up, accepted", "/keepup/accepted_rate"),
+        ("keep-up, pushed", "/keepup/pushed_rate"),
         ("RSS, echo", "/rss/raw/per_socket_bytes"),
         ("RSS, herald", "/rss/herald/per_socket_bytes"),
         ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
@@ -534,6 +536,28 @@ async fn run(
         burst["during_other_partitions"]["p99"],
     ));
     report["burst"] = burst;
+
+    say("keep-up: producers post batches as fast as they are answered, no window");
+    sink.take();
+    let mut keepup = load
+        .call(
+            json!({"cmd": "keepup", "warmup": plan.e2e_warmup, "secs": plan.e2e,
+                     "producers": BATCH_PRODUCERS, "drain": if plan.quick { 30 } else { 120 }}),
+        )
+        .await?;
+    keepup["node_metrics"] = sink.take();
+    wire.add("keep-up", &keepup["node_metrics"]);
+    say(format!(
+        "  accepted {:.0}/s, pushed {:.0}/s ({:.2}x); backlog {} at the end, drained in {:.1} s",
+        f(&keepup, "/accepted_rate"),
+        f(&keepup, "/pushed_rate"),
+        f(&keepup, "/ratio"),
+        keepup["backlog_at_end"],
+        f(&keepup, "/drain_secs")
+    ));
+    keepup["drained_db_secs"] =
+        json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+    report["keepup"] = keepup;
 
     // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
     // each Herald round drains before the next pair starts.
@@ -958,6 +982,22 @@ fn render(r: &Value) -> String {
         ),
         "n/a".into(),
         verdict(drained.is_some_and(|s| s <= 2.0), "<= 2 s"),
+    ]);
+    let keepup = |q: &str| f(r, &format!("/keepup/{q}"));
+    rows.push([
+        format!(
+            "keep-up: events/s pushed vs accepted, {BATCH_PRODUCERS} producers posting batches of {} as fast as answered to {} sockets (no window)",
+            loadgen::BATCH,
+            thousands(n as f64)
+        ),
+        format!("{} accepted/s (the same window)", thousands(keepup("accepted_rate"))),
+        format!(
+            "{} pushed/s (backlog {} at the end)",
+            thousands(keepup("pushed_rate")),
+            thousands(keepup("backlog_at_end"))
+        ),
+        format!("{:.2}x", keepup("ratio")),
+        verdict(keepup("ratio") >= 0.9, ">= 0.9x"),
     ]);
     let (raw, herald) = (
         f(r, "/rss/raw/per_socket_bytes") / 1024.0,
