@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -46,8 +47,15 @@ enum Command {
     ConnectEcho { port: u16, n: usize },
     /// Drop the echo sockets.
     CloseEcho,
-    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each.
-    Connect { n: usize },
+    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each; with `base`, to
+    /// the node there from now on (API requests included).
+    Connect {
+        n: usize,
+        #[serde(default)]
+        base: Option<String>,
+    },
+    /// Close every user socket (before their node stops) and wait until they are gone.
+    Disconnect,
     /// Batch API at full speed for `secs`, from `producers` concurrent producers, to offline users.
     IngestBatch { secs: f64, producers: usize },
     /// Single-event API at full speed for `secs`, from `clients` concurrent clients.
@@ -132,6 +140,9 @@ struct Loadgen {
     echo: Vec<Ws>,
     /// Round-robin position over the connected users, so each user's events go out in order.
     next_event: Arc<AtomicU64>,
+    /// The user sockets' tasks, and what closes them all.
+    sockets: TaskTracker,
+    close_sockets: CancellationToken,
 }
 
 fn reply(value: Value) {
@@ -168,6 +179,8 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
         users: 0,
         echo: Vec::new(),
         next_event: Arc::new(AtomicU64::new(0)),
+        sockets: TaskTracker::new(),
+        close_sockets: CancellationToken::new(),
     };
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
@@ -178,7 +191,14 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 load.echo.clear();
                 reply(json!({"closed": true}));
             }
-            Command::Connect { n } => reply(load.connect(n).await),
+            Command::Connect { n, base } => {
+                if let Some(base) = base {
+                    load.ws_base = base.replacen("http", "ws", 1);
+                    load.base = base;
+                }
+                reply(load.connect(n).await)
+            }
+            Command::Disconnect => reply(load.disconnect().await),
             Command::IngestBatch { secs, producers } => {
                 reply(load.ingest(secs, producers, true).await)
             }
@@ -322,13 +342,31 @@ impl Loadgen {
         for (i, ws) in results {
             match ws {
                 Some(ws) => {
-                    tokio::spawn(serve_socket(ws, Arc::clone(&self.shared), i as u64));
+                    self.sockets.spawn(serve_socket(
+                        ws,
+                        Arc::clone(&self.shared),
+                        i as u64,
+                        self.close_sockets.clone(),
+                    ));
                 }
                 None => failed += 1,
             }
         }
         self.users = n;
         json!({"connected": n - from - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
+    }
+
+    async fn disconnect(&mut self) -> Value {
+        let started = Instant::now();
+        let n = self.users;
+        self.close_sockets.cancel();
+        self.sockets.close();
+        self.sockets.wait().await;
+        (self.sockets, self.close_sockets) = (TaskTracker::new(), CancellationToken::new());
+        self.users = 0;
+        // Sockets closed on purpose are not failures of the next phases.
+        self.shared.closed.store(0, Ordering::Relaxed);
+        json!({"disconnected": n, "secs": started.elapsed().as_secs_f64()})
     }
 
     async fn connect_user(&self, i: usize) -> Option<Ws> {
@@ -793,8 +831,9 @@ fn latency_of(samples: &[(i64, u64, u64)], lo: i64, hi: i64, which: impl Fn(u64)
            "max": h.max(), "mean": h.mean()})
 }
 
-/// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it.
-async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
+/// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it
+/// or `close` is cancelled (then it closes it).
+async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64, close: CancellationToken) {
     let (mut sink, mut stream) = ws.split();
     // Spread heartbeats over the period instead of sending 10,000 at once.
     let offset = Duration::from_millis(i * 7919 % HEARTBEAT.as_millis() as u64);
@@ -806,6 +845,11 @@ async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
+            () = close.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
+                    .await;
+                return;
+            }
             _ = heartbeat.tick() => {
                 let beat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
                 if sink.send(beat).await.is_err() {

@@ -238,18 +238,24 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
     if let Some(prefetch) = plan.herald_prefetch {
         settings.push(("HERALD_QUEUE__PREFETCH", prefetch.to_string()));
     }
-    let node = Node::start(bin, &names, &settings, out_dir().join("herald.log")).await?;
-    // A panic in a phase must still stop the node and drop the database and queues.
-    let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
-    say("stopping the node and cleaning up");
-    if plan.quick {
-        // The quick run's backlog is not worth a graceful drain: the database goes anyway.
-        sys::terminate(node.pid);
-    }
-    node.stop().await;
+    let mut deployment = Deployment {
+        bin,
+        names: names.clone(),
+        api_key: String::new(),
+        settings,
+        nodes: Vec::new(),
+    };
+    // An error or a panic in any step must still stop every node and drop the database and queues.
+    let result = std::panic::AssertUnwindSafe(async {
+        deployment.api_key = Node::setup(bin, &names)?;
+        deployment.start("herald", &[]).await?;
+        run(&plan, &names, &mut deployment, &sink).await
+    })
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
+    say("stopping the nodes and cleaning up");
+    deployment.stop_all().await;
     node::clean_up(&names).await;
     let mut report = result?;
     report["run_secs"] = json!(started.elapsed().as_secs_f64());
@@ -270,6 +276,38 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
     smoke_check(&report)
 }
 
+/// The nodes running now, all on the run's database and queue prefix, and how to start more.
+struct Deployment<'a> {
+    bin: &'a Path,
+    names: Names,
+    api_key: String,
+    /// Every node's `HERALD_*` settings (StatsD, the prefetch if given).
+    settings: Vec<(&'static str, String)>,
+    nodes: Vec<Node>,
+}
+
+impl Deployment<'_> {
+    /// Starts a node named `name` with `extra` settings (logging to `target/bench/<name>.log`).
+    async fn start(&mut self, name: &str, extra: &[(&'static str, String)]) -> anyhow::Result<()> {
+        let mut settings = self.settings.clone();
+        settings.extend(extra.iter().cloned());
+        let log = out_dir().join(format!("{name}.log"));
+        let node = Node::spawn(self.bin, &self.names, &self.api_key, &settings, log).await?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Stops every node: all are told at once (SIGTERM) and drain together.
+    async fn stop_all(&mut self) {
+        for node in &self.nodes {
+            sys::terminate(node.pid);
+        }
+        for node in self.nodes.drain(..) {
+            node.stop().await;
+        }
+    }
+}
+
 /// Every figure produced a measurement (the harness works); speed is never asserted.
 fn smoke_check(report: &Value) -> anyhow::Result<()> {
     let mut missing = Vec::new();
@@ -281,6 +319,8 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("end-to-end, raw", "/e2e/raw/rate"),
         ("end-to-end, herald", "/e2e/herald/rate"),
         ("end-to-end skewed, herald", "/skew/other/rate"),
+        ("end-to-end, node A alone (cluster)", "/workers/base/rate"),
+        ("end-to-end, nodes A + B (cluster)", "/workers/other/rate"),
         ("latency 50%, raw", "/latency/1/raw/count"),
         ("latency 50%, herald", "/latency/1/herald/count"),
         ("burst, others' latency", "/burst/during/count"),
@@ -340,9 +380,10 @@ fn git_revision() -> String {
 async fn run(
     plan: &Plan,
     names: &Names,
-    node: &Node,
+    deployment: &mut Deployment<'_>,
     sink: &statsd::Sink,
 ) -> anyhow::Result<Value> {
+    let node = deployment.nodes.first().context("no node")?;
     let mut report = json!({
         "started_unix": unix_now(),
         "git": git_revision(),
@@ -621,11 +662,160 @@ async fn run(
         herald_rounds.push(herald);
     }
     report["ingest_single"] = paired(raw_rounds, herald_rounds);
+
+    // Last, since it replaces the node: the same closed loop on one and on two worker nodes.
+    report["workers"] =
+        match workers(plan, names, deployment, &mut load, sink, &pool, &mut wire).await {
+            Ok(workers) => workers,
+            Err(error) => {
+                say(format!("  two worker nodes: {error:#}"));
+                json!({"error": format!("{error:#}")})
+            }
+        };
     report["wire"] = wire.report();
     drop(load.stdin);
     let _ = load.child.kill().await;
     pool.close().await;
     Ok(report)
+}
+
+/// End-to-end with one and with two worker nodes. The deployment becomes node A (`api,worker,socket`,
+/// the sockets and the API) and, in turns, node B (`worker` only), both with `pubsub.mode = cluster`
+/// (a deployment of several nodes needs it everywhere: every broadcast then rides RabbitMQ, even to
+/// A's own sockets), on the run's database and queue prefix. The rounds alternate A alone and A + B
+/// (B joins or leaves between them, and the partitions move); the baseline of the two-node rate is
+/// the one-node rate in the same rounds, both in cluster mode; the usual single node (local pubsub)
+/// was measured earlier in the run.
+async fn workers(
+    plan: &Plan,
+    names: &Names,
+    deployment: &mut Deployment<'_>,
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+    pool: &sqlx::PgPool,
+    wire: &mut Wire,
+) -> anyhow::Result<Value> {
+    let partitions = herald::config::QueueSettings::default().partitions;
+    let cluster = ("HERALD_PUBSUB__MODE", "cluster".to_owned());
+    wait_drained(pool, if plan.quick { 20 } else { 120 }).await?;
+    say("two worker nodes: node A (api,worker,socket) and node B (worker), cluster pubsub");
+    load.call(json!({"cmd": "disconnect"})).await?;
+    deployment.stop_all().await;
+    deployment
+        .start(
+            "herald-a",
+            &[
+                cluster.clone(),
+                ("HERALD_NODE__ROLES", "api,worker,socket".into()),
+                ("HERALD_NODE__NAME", "bench-a".into()),
+            ],
+        )
+        .await?;
+    let owned_secs = wait_partitions(&deployment.nodes, partitions).await?;
+    let base = deployment.nodes[0].base.clone();
+    let connected = load
+        .call(json!({"cmd": "connect", "n": plan.sockets, "base": base}))
+        .await?;
+    say(format!(
+        "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s",
+        connected["connected"],
+        f(&connected, "/secs")
+    ));
+    let (mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        // Alternate which goes first; B joins or leaves once per round.
+        let order = if round % 2 == 1 { [1, 2] } else { [2, 1] };
+        for workers in order {
+            if workers == 2 && deployment.nodes.len() == 1 {
+                deployment
+                    .start(
+                        "herald-b",
+                        &[
+                            cluster.clone(),
+                            ("HERALD_NODE__ROLES", "worker".into()),
+                            ("HERALD_NODE__NAME", "bench-b".into()),
+                        ],
+                    )
+                    .await?;
+                let secs = wait_partitions(&deployment.nodes, partitions).await?;
+                say(format!(
+                    "  node B joined; partitions shared after {secs:.1} s"
+                ));
+                moves.push(json!({"change": "B joined", "secs": secs}));
+            } else if workers == 1 && deployment.nodes.len() == 2 {
+                if let Some(b) = deployment.nodes.pop() {
+                    b.stop().await;
+                }
+                let secs = wait_partitions(&deployment.nodes, partitions).await?;
+                say(format!(
+                    "  node B left; node A owns every partition after {secs:.1} s"
+                ));
+                moves.push(json!({"change": "B left", "secs": secs}));
+            }
+            say(format!(
+                "end-to-end, round {round}/{}: {} (cluster pubsub)",
+                plan.rounds,
+                if workers == 1 {
+                    "node A alone"
+                } else {
+                    "node A + worker node B"
+                }
+            ));
+            let nodes: Vec<&Node> = deployment.nodes.iter().collect();
+            let mut owned = Vec::new();
+            for node in &nodes {
+                owned.push(json!(node.partitions().await));
+            }
+            let mut herald = herald_e2e(plan, names, &nodes, load, sink, None).await?;
+            herald["partitions"] = json!(owned);
+            say(format!(
+                "  {:.0} events/s; cores used: {}",
+                f(&herald, "/rate"),
+                herald["cores_used"]
+            ));
+            if workers == 1 {
+                wire.add(
+                    "end-to-end, node A alone (cluster)",
+                    &herald["node_metrics"],
+                );
+                one.push(herald);
+            } else {
+                wire.add("end-to-end, nodes A + B (cluster)", &herald["node_metrics"]);
+                two.push(herald);
+            }
+        }
+    }
+    let mut report = versus(&one, &two);
+    report["connect"] = connected;
+    report["moves"] = json!(moves);
+    Ok(report)
+}
+
+/// Waits until the worker nodes among `nodes` share the `partitions` between them: each consumes
+/// some, none twice, all of them covered (from `/readyz`). Returns how long that took.
+async fn wait_partitions(nodes: &[Node], partitions: u16) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut shared = true;
+        for node in nodes {
+            let owned = node.partitions().await.unwrap_or_default();
+            shared &= !owned.is_empty();
+            for p in owned {
+                shared &= seen.insert(p);
+            }
+        }
+        if shared && seen.len() == usize::from(partitions) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the {} worker nodes did not share the {partitions} partitions within 60 s (saw {seen:?})",
+                nodes.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// One end-to-end round of Herald: the closed loop (users round-robin, or drawn from a Zipf
@@ -905,6 +1095,24 @@ fn render(r: &Value) -> String {
         thousands(skewed),
         format!("{:.2}x", f(r, "/skew/ratio")),
         verdict(f(r, "/skew/ratio") >= 0.9, ">= 0.9x"),
+    ]);
+    let (one, two) = (f(r, "/workers/base/rate"), f(r, "/workers/other/rate"));
+    rows.push([
+        format!(
+            "end-to-end events/s, two worker nodes: A (api,worker,socket; the {} sockets) + B (worker), cluster pubsub",
+            thousands(n as f64)
+        ),
+        format!(
+            "{} (node A alone, cluster pubsub, same rounds; the usual single node, local pubsub: {})",
+            thousands(one),
+            thousands(f(r, "/e2e/herald/rate"))
+        ),
+        match r["workers"]["error"].as_str() {
+            Some(error) => format!("failed: {error}"),
+            None => thousands(two),
+        },
+        format!("{:.2}x", f(r, "/workers/ratio")),
+        "none (2 cores: a second node adds no CPU)".into(),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
