@@ -677,6 +677,8 @@ impl Loadgen {
             let slots = Arc::new(Semaphore::new(256));
             let accepted = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
+            // (sent at, Unix ms; answered after, ms): where an event's wait is, API or pipeline.
+            let answers = Arc::new(Mutex::new(Vec::new()));
             let (mut sent, mut late) = (0u64, 0u64);
             let started = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -698,10 +700,15 @@ impl Loadgen {
                         .body(event_json(&user, sent));
                     sent += 1;
                     let (accepted, errors) = (Arc::clone(&accepted), Arc::clone(&errors));
+                    let answers = Arc::clone(&answers);
                     tokio::spawn(async move {
+                        let (at, asked) = (now_unix_ms(), Instant::now());
                         match request.send().await {
                             Ok(r) if r.status().is_success() => {
                                 accepted.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut answers) = answers.lock() {
+                                    answers.push((at, asked.elapsed().as_millis() as u64, 0));
+                                }
                             }
                             _ => {
                                 errors.fetch_add(1, Ordering::Relaxed);
@@ -712,10 +719,15 @@ impl Loadgen {
                 }
             }
             let _all_answered = slots.acquire_many(256).await;
+            let answers = answers
+                .lock()
+                .map(|mut a| std::mem::take(&mut *a))
+                .unwrap_or_default();
             (
                 accepted.load(Ordering::Relaxed),
                 errors.load(Ordering::Relaxed),
                 late,
+                answers,
             )
         };
         // The hot user: every burst request at once, then wait until its client has them all.
@@ -748,7 +760,7 @@ impl Loadgen {
             stop.cancel();
             (start_ms, answers, drained, window)
         };
-        let ((accepted, errors, late), (start_ms, answers, drained, window)) =
+        let ((accepted, errors, late, api), (start_ms, answers, drained, window)) =
             future::join(background, hot).await;
         // Wait for the others' events still on their way (the hot user's count is apart).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -794,6 +806,9 @@ impl Loadgen {
             "during": during, "before": before,
             "during_hot_partition": during_shared, "during_other_partitions": during_apart,
             "during_timeline_max_ms": timeline(&samples, start_ms, window_ms),
+            // The others' requests: how long their answer (the commit) took, sent in the window.
+            "during_api": latency_of(&api, start_ms, start_ms + window_ms, all),
+            "before_api": latency_of(&api, start_ms - before_ms, start_ms - 1, all),
             "background": {"accepted": accepted, "errors": errors, "late_ticks": late},
             "closed": shared.closed.load(Ordering::Relaxed) - closed,
         })

@@ -571,10 +571,16 @@ async fn run(
         burst["before"]["max"],
     ));
     say(format!(
-        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms",
+        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms; the others' requests answered after p50/p99/max {}/{}/{} ms ({}/{}/{} before)",
         burst["during_hot_partition"]["p99"],
         burst["during_hot_partition"]["count"],
         burst["during_other_partitions"]["p99"],
+        burst["during_api"]["p50"],
+        burst["during_api"]["p99"],
+        burst["during_api"]["max"],
+        burst["before_api"]["p50"],
+        burst["before_api"]["p99"],
+        burst["before_api"]["max"],
     ));
     report["burst"] = burst;
 
@@ -1159,7 +1165,7 @@ fn render(r: &Value) -> String {
             burst("before/max")
         ),
         format!(
-            "{:.0} / {:.0} / {:.0} ({} events over {:.2} s; p99 {:.0} in the hot user's partition, {:.0} in the others)",
+            "{:.0} / {:.0} / {:.0} ({} events over {:.2} s; p99 {:.0} in the hot user's partition, {:.0} in the others; their requests answered after p99 {:.0})",
             burst("during/p50"),
             burst("during/p99"),
             burst("during/max"),
@@ -1167,6 +1173,7 @@ fn render(r: &Value) -> String {
             burst("window_secs"),
             burst("during_hot_partition/p99"),
             burst("during_other_partitions/p99"),
+            burst("during_api/p99"),
         ),
         format!("p99 {}", ratio(burst("during/p99"), burst("before/p99"))),
         verdict(
