@@ -245,15 +245,18 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
         settings,
         nodes: Vec::new(),
     };
-    // An error or a panic in any step must still stop every node and drop the database and queues.
-    let result = std::panic::AssertUnwindSafe(async {
+    // An error, a panic or ctrl-c in any step must still stop every node and drop the database and
+    // queues.
+    let guarded = std::panic::AssertUnwindSafe(async {
         deployment.api_key = Node::setup(bin, &names)?;
         deployment.start("herald", &[]).await?;
         run(&plan, &names, &mut deployment, &sink).await
     })
-    .catch_unwind()
-    .await
-    .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
+    .catch_unwind();
+    let result = tokio::select! {
+        result = guarded => result.unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked"))),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     say("stopping the nodes and cleaning up");
     deployment.stop_all().await;
     node::clean_up(&names).await;
