@@ -6,15 +6,16 @@
 //! answers their heartbeats' replies, counts every pushed event and, while a latency window is open,
 //! records receive time minus the event's `at` in an HDR histogram: latency as a client sees it.
 
+use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{SinkExt, future};
 use hdrhistogram::Histogram;
-use herald::event::{UserId, now_unix_ms};
+use herald::event::{UserId, now_unix_ms, partition_of};
 use herald::socket::token::{TokenSigner, now_unix_secs};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::io::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
@@ -23,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -45,24 +47,56 @@ enum Command {
     ConnectEcho { port: u16, n: usize },
     /// Drop the echo sockets.
     CloseEcho,
-    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each.
-    Connect { n: usize },
+    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each; with `base`, to
+    /// the node there from now on (API requests included).
+    Connect {
+        n: usize,
+        #[serde(default)]
+        base: Option<String>,
+    },
+    /// Close every user socket (before their node stops) and wait until they are gone.
+    Disconnect,
     /// Batch API at full speed for `secs`, from `producers` concurrent producers, to offline users.
     IngestBatch { secs: f64, producers: usize },
     /// Single-event API at full speed for `secs`, from `clients` concurrent clients.
     IngestSingle { secs: f64, clients: usize },
     /// Closed loop to the connected users: at most `window` events accepted but not yet received.
     /// Answers a `start` mark after `warmup`, an `end` mark after `secs` more, then `done` once
-    /// everything sent has arrived.
+    /// everything sent has arrived. Users in round-robin order, or with `skew`, each event's user
+    /// drawn from a Zipf distribution of that exponent over the connected users.
     E2e {
         warmup: f64,
         secs: f64,
         producers: usize,
         window: u64,
+        #[serde(default)]
+        skew: Option<f64>,
     },
     /// Open loop at `rate` events/s to the connected users; latency of events accepted between
     /// `warmup` and `warmup + secs`.
     Latency { rate: f64, warmup: f64, secs: f64 },
+    /// Open loop without a window: `producers` post batches to the connected users (round-robin)
+    /// as fast as they are answered. Answers the events accepted and pushed per second over the
+    /// same `secs` after `warmup`, then waits (at most `drain` s) for the backlog to arrive.
+    Keepup {
+        warmup: f64,
+        secs: f64,
+        producers: usize,
+        drain: u64,
+    },
+    /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
+    /// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the
+    /// others' latency before and during the burst (from its first request until `s0` has every
+    /// burst event, at least `min_window` s) and how long `s0` took to get them all (at most
+    /// `limit` s).
+    Burst {
+        events: u64,
+        requests: usize,
+        rate: f64,
+        warmup: f64,
+        min_window: f64,
+        limit: f64,
+    },
 }
 
 struct Shared {
@@ -74,6 +108,25 @@ struct Shared {
     record_lo: AtomicI64,
     record_hi: AtomicI64,
     latency: Mutex<Histogram<u64>>,
+    /// The burst's hot user: the socket whose pushes are counted apart (`u64::MAX`: none).
+    hot: AtomicU64,
+    /// Pushes the hot socket received since the burst began, and when it had `hot_target` of them.
+    hot_received: AtomicU64,
+    hot_target: AtomicU64,
+    hot_done: Mutex<Option<Instant>>,
+    /// The longest a hot push waited (receive time minus `at`), ms.
+    hot_max_ms: AtomicU64,
+    /// While set, every other socket's push is kept as (`at`, waited ms, socket): a phase picks
+    /// its windows afterwards.
+    sampling: AtomicBool,
+    samples: Mutex<Vec<(i64, u64, u64)>>,
+}
+
+/// Events a skewed producer drew, and how many went to the most frequent user.
+#[derive(Default)]
+struct Drawn {
+    all: AtomicU64,
+    top: AtomicU64,
 }
 
 struct Loadgen {
@@ -87,6 +140,9 @@ struct Loadgen {
     echo: Vec<Ws>,
     /// Round-robin position over the connected users, so each user's events go out in order.
     next_event: Arc<AtomicU64>,
+    /// The user sockets' tasks, and what closes them all.
+    sockets: TaskTracker,
+    close_sockets: CancellationToken,
 }
 
 fn reply(value: Value) {
@@ -112,10 +168,19 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
             record_lo: AtomicI64::new(i64::MAX),
             record_hi: AtomicI64::new(i64::MIN),
             latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3)?),
+            hot: AtomicU64::new(u64::MAX),
+            hot_received: AtomicU64::new(0),
+            hot_target: AtomicU64::new(u64::MAX),
+            hot_done: Mutex::new(None),
+            hot_max_ms: AtomicU64::new(0),
+            sampling: AtomicBool::new(false),
+            samples: Mutex::new(Vec::new()),
         }),
         users: 0,
         echo: Vec::new(),
         next_event: Arc::new(AtomicU64::new(0)),
+        sockets: TaskTracker::new(),
+        close_sockets: CancellationToken::new(),
     };
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
@@ -126,7 +191,14 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 load.echo.clear();
                 reply(json!({"closed": true}));
             }
-            Command::Connect { n } => reply(load.connect(n).await),
+            Command::Connect { n, base } => {
+                if let Some(base) = base {
+                    load.ws_base = base.replacen("http", "ws", 1);
+                    load.base = base;
+                }
+                reply(load.connect(n).await)
+            }
+            Command::Disconnect => reply(load.disconnect().await),
             Command::IngestBatch { secs, producers } => {
                 reply(load.ingest(secs, producers, true).await)
             }
@@ -138,10 +210,28 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 secs,
                 producers,
                 window,
-            } => load.e2e(warmup, secs, producers, window).await,
+                skew,
+            } => load.e2e(warmup, secs, producers, window, skew).await,
             Command::Latency { rate, warmup, secs } => {
                 reply(load.latency(rate, warmup, secs).await)
             }
+            Command::Keepup {
+                warmup,
+                secs,
+                producers,
+                drain,
+            } => reply(load.keepup(warmup, secs, producers, drain).await),
+            Command::Burst {
+                events,
+                requests,
+                rate,
+                warmup,
+                min_window,
+                limit,
+            } => reply(
+                load.burst(events, requests, rate, warmup, min_window, limit)
+                    .await,
+            ),
         }
     }
     Ok(())
@@ -168,7 +258,8 @@ fn field_i64(text: &str, key: &str) -> Option<i64> {
 }
 
 impl Shared {
-    fn on_frame(&self, text: &str) {
+    /// A frame from socket `socket`.
+    fn on_frame(&self, text: &str, socket: u64) {
         if !text.contains(r#","bench","#) {
             return; // a reply (join, heartbeat), not a push
         }
@@ -176,6 +267,22 @@ impl Shared {
         let Some(at) = field_i64(text, r#""at":"#) else {
             return;
         };
+        if socket == self.hot.load(Ordering::Relaxed) {
+            let waited = (now_unix_ms() - at).max(0) as u64;
+            self.hot_max_ms.fetch_max(waited, Ordering::Relaxed);
+            if self.hot_received.fetch_add(1, Ordering::Relaxed) + 1
+                == self.hot_target.load(Ordering::Relaxed)
+                && let Ok(mut done) = self.hot_done.lock()
+            {
+                *done = Some(Instant::now());
+            }
+            return;
+        }
+        if self.sampling.load(Ordering::Relaxed)
+            && let Ok(mut samples) = self.samples.lock()
+        {
+            samples.push((at, (now_unix_ms() - at).max(0) as u64, socket));
+        }
         if at >= self.record_lo.load(Ordering::Relaxed)
             && at <= self.record_hi.load(Ordering::Relaxed)
         {
@@ -224,19 +331,22 @@ impl Loadgen {
     async fn connect(&mut self, n: usize) -> Value {
         let started = Instant::now();
         let from = self.users;
-        let results: Vec<Option<Ws>> = stream::iter(from..n)
-            .map(|i| self.connect_user(i))
+        // Unordered: each result carries its user's index, which names the socket (`s<i>`).
+        let this = &*self;
+        let results: Vec<(usize, Option<Ws>)> = stream::iter(from..n)
+            .map(|i| async move { (i, this.connect_user(i).await) })
             .buffer_unordered(CONNECT_CONCURRENCY)
             .collect()
             .await;
         let mut failed = 0;
-        for (k, ws) in results.into_iter().enumerate() {
+        for (i, ws) in results {
             match ws {
                 Some(ws) => {
-                    tokio::spawn(serve_socket(
+                    self.sockets.spawn(serve_socket(
                         ws,
                         Arc::clone(&self.shared),
-                        (from + k) as u64,
+                        i as u64,
+                        self.close_sockets.clone(),
                     ));
                 }
                 None => failed += 1,
@@ -244,6 +354,19 @@ impl Loadgen {
         }
         self.users = n;
         json!({"connected": n - from - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
+    }
+
+    async fn disconnect(&mut self) -> Value {
+        let started = Instant::now();
+        let n = self.users;
+        self.close_sockets.cancel();
+        self.sockets.close();
+        self.sockets.wait().await;
+        (self.sockets, self.close_sockets) = (TaskTracker::new(), CancellationToken::new());
+        self.users = 0;
+        // Sockets closed on purpose are not failures of the next phases.
+        self.shared.closed.store(0, Ordering::Relaxed);
+        json!({"disconnected": n, "secs": started.elapsed().as_secs_f64()})
     }
 
     async fn connect_user(&self, i: usize) -> Option<Ws> {
@@ -307,13 +430,34 @@ impl Loadgen {
         batch_json((k..k + n as u64).map(|i| event_json(&format!("s{}", i % users), i)))
     }
 
-    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64) {
+    /// A batch of `n` events, each to a user drawn from `zipf` (rank k is user `s<k>`); counts the
+    /// events drawn and those to the most frequent user.
+    fn zipf_batch(&self, zipf: &Zipf, rng: &mut SplitMix64, n: usize, drawn: &Drawn) -> String {
+        let k = self.next_event.fetch_add(n as u64, Ordering::Relaxed);
+        let mut top = 0;
+        let body = batch_json((k..k + n as u64).map(|i| {
+            let rank = zipf.sample(rng);
+            top += u64::from(rank == 0);
+            event_json(&format!("s{rank}"), i)
+        }));
+        drawn.all.fetch_add(n as u64, Ordering::Relaxed);
+        drawn.top.fetch_add(top, Ordering::Relaxed);
+        body
+    }
+
+    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64, skew: Option<f64>) {
         let base = self.shared.received.load(Ordering::Relaxed);
         let sent = AtomicU64::new(0);
         let errors = AtomicU64::new(0);
         let stop = CancellationToken::new();
+        let zipf = skew.map(|s| Zipf::new(self.users.max(1), s));
+        let drawn = Drawn::default();
         let received = || self.shared.received.load(Ordering::Relaxed) - base;
-        let producer = || async {
+        let (sent_ref, errors_ref, stop_ref, zipf, drawn_ref) =
+            (&sent, &errors, &stop, &zipf, &drawn);
+        let producer = move |w: usize| async move {
+            let (sent, errors, stop) = (sent_ref, errors_ref, stop_ref);
+            let mut rng = SplitMix64::new(0x5eed_0000 + w as u64);
             while !stop.is_cancelled() {
                 // Closed loop: wait while `window` events are accepted but not yet pushed.
                 while sent.load(Ordering::Relaxed).saturating_sub(received()) >= window {
@@ -323,10 +467,11 @@ impl Loadgen {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 sent.fetch_add(BATCH as u64, Ordering::Relaxed);
-                if !self
-                    .post("/api/v1/events/batch", self.user_batch(BATCH))
-                    .await
-                {
+                let body = match zipf {
+                    Some(zipf) => self.zipf_batch(zipf, &mut rng, BATCH, drawn_ref),
+                    None => self.user_batch(BATCH),
+                };
+                if !self.post("/api/v1/events/batch", body).await {
                     sent.fetch_sub(BATCH as u64, Ordering::Relaxed);
                     errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -340,15 +485,18 @@ impl Loadgen {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             let (r1, t1) = (received(), Instant::now());
             let secs = (t1 - t0).as_secs_f64();
-            reply(json!({"mark": "end", "events": r1 - r0, "secs": secs,
-                         "rate": (r1 - r0) as f64 / secs}));
+            let mut end = json!({"mark": "end", "events": r1 - r0, "secs": secs,
+                                 "rate": (r1 - r0) as f64 / secs});
+            if let Some(zipf) = zipf {
+                // The sampler's own check: the most frequent user's share of the events drawn.
+                let all = drawn.all.load(Ordering::Relaxed).max(1) as f64;
+                end["top_user_share"] = json!(drawn.top.load(Ordering::Relaxed) as f64 / all);
+                end["top_user_expected"] = json!(zipf.probability(0));
+            }
+            reply(end);
             stop.cancel();
         };
-        future::join(
-            conductor,
-            future::join_all((0..producers).map(|_| producer())),
-        )
-        .await;
+        future::join(conductor, future::join_all((0..producers).map(producer))).await;
         let drained = self
             .wait_received(base, sent.load(Ordering::Relaxed), 60)
             .await;
@@ -444,8 +592,263 @@ impl Loadgen {
     }
 }
 
-/// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it.
-async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
+impl Loadgen {
+    async fn keepup(&self, warmup: f64, secs: f64, producers: usize, drain: u64) -> Value {
+        let base = self.shared.received.load(Ordering::Relaxed);
+        let received = || self.shared.received.load(Ordering::Relaxed) - base;
+        let accepted = AtomicU64::new(0);
+        let errors = AtomicU64::new(0);
+        let stop = CancellationToken::new();
+        let producer = || async {
+            while !stop.is_cancelled() {
+                if self
+                    .post("/api/v1/events/batch", self.user_batch(BATCH))
+                    .await
+                {
+                    accepted.fetch_add(BATCH as u64, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let conductor = async {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            let (a0, r0, t0) = (accepted.load(Ordering::Relaxed), received(), Instant::now());
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            let (a1, r1, t1) = (accepted.load(Ordering::Relaxed), received(), Instant::now());
+            stop.cancel();
+            (
+                a1 - a0,
+                r1 - r0,
+                (t1 - t0).as_secs_f64(),
+                a1.saturating_sub(r1),
+            )
+        };
+        let ((accepted_n, pushed_n, window, backlog), _) = future::join(
+            conductor,
+            future::join_all((0..producers).map(|_| producer())),
+        )
+        .await;
+        let total = accepted.load(Ordering::Relaxed);
+        let drain_started = Instant::now();
+        let drained = self.wait_received(base, total, drain).await;
+        let (accepted_rate, pushed_rate) = (accepted_n as f64 / window, pushed_n as f64 / window);
+        json!({
+            "secs": window, "accepted": accepted_n, "pushed": pushed_n,
+            "accepted_rate": accepted_rate, "pushed_rate": pushed_rate,
+            "ratio": pushed_rate / accepted_rate.max(f64::MIN_POSITIVE),
+            "backlog_at_end": backlog, "drained": drained,
+            "drain_secs": drain_started.elapsed().as_secs_f64(),
+            "errors": errors.load(Ordering::Relaxed),
+            "closed": self.shared.closed.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn burst(
+        &self,
+        events: u64,
+        requests: usize,
+        rate: f64,
+        warmup: f64,
+        min_window: f64,
+        limit: f64,
+    ) -> Value {
+        let others = self.users.saturating_sub(1).max(1) as u64;
+        let shared = &self.shared;
+        let base = shared.received.load(Ordering::Relaxed);
+        let closed = shared.closed.load(Ordering::Relaxed);
+        shared.hot_received.store(0, Ordering::Relaxed);
+        shared.hot_target.store(events, Ordering::Relaxed);
+        shared.hot_max_ms.store(0, Ordering::Relaxed);
+        if let Ok(mut done) = shared.hot_done.lock() {
+            *done = None;
+        }
+        shared.hot.store(0, Ordering::Relaxed);
+        if let Ok(mut samples) = shared.samples.lock() {
+            samples.clear();
+        }
+        shared.sampling.store(true, Ordering::Relaxed);
+
+        let stop = CancellationToken::new();
+        // The others: single events, open loop, every 10 ms what the rate says is due, each its
+        // own request (at most 256 in flight), to s1 .. s<n-1> in turn.
+        let background = async {
+            let slots = Arc::new(Semaphore::new(256));
+            let accepted = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            // (sent at, Unix ms; answered after, ms): where an event's wait is, API or pipeline.
+            let answers = Arc::new(Mutex::new(Vec::new()));
+            let (mut sent, mut late) = (0u64, 0u64);
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let due = (rate * started.elapsed().as_secs_f64()) as u64;
+                while sent < due {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        late += 1;
+                        break;
+                    };
+                    let user = format!("s{}", 1 + sent % others);
+                    let request = self
+                        .http
+                        .post(format!("{}/api/v1/events", self.base))
+                        .bearer_auth(&self.key)
+                        .header("content-type", "application/json")
+                        .body(event_json(&user, sent));
+                    sent += 1;
+                    let (accepted, errors) = (Arc::clone(&accepted), Arc::clone(&errors));
+                    let answers = Arc::clone(&answers);
+                    tokio::spawn(async move {
+                        let (at, asked) = (now_unix_ms(), Instant::now());
+                        match request.send().await {
+                            Ok(r) if r.status().is_success() => {
+                                accepted.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut answers) = answers.lock() {
+                                    answers.push((at, asked.elapsed().as_millis() as u64, 0));
+                                }
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        drop(slot);
+                    });
+                }
+            }
+            let _all_answered = slots.acquire_many(256).await;
+            let answers = answers
+                .lock()
+                .map(|mut a| std::mem::take(&mut *a))
+                .unwrap_or_default();
+            (
+                accepted.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed),
+                late,
+                answers,
+            )
+        };
+        // The hot user: every burst request at once, then wait until its client has them all.
+        let hot = async {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            let (start_ms, t0) = (now_unix_ms(), Instant::now());
+            let per_request = events.div_ceil(requests.max(1) as u64);
+            let answers = future::join_all((0..requests as u64).map(|r| {
+                let first = r * per_request;
+                let last = (first + per_request).min(events);
+                let body = batch_json((first..last).map(|i| event_json("s0", i)));
+                async move {
+                    let ok = self.post("/api/v1/events/batch", body).await;
+                    (ok, last - first, t0.elapsed().as_secs_f64())
+                }
+            }))
+            .await;
+            let deadline = t0 + Duration::from_secs_f64(limit);
+            let drained = loop {
+                if let Some(done) = shared.hot_done.lock().ok().and_then(|d| *d) {
+                    break Some((done - t0).as_secs_f64());
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let window = drained.unwrap_or(limit).max(min_window);
+            tokio::time::sleep_until((t0 + Duration::from_secs_f64(window)).into()).await;
+            stop.cancel();
+            (start_ms, answers, drained, window)
+        };
+        let ((accepted, errors, late, api), (start_ms, answers, drained, window)) =
+            future::join(background, hot).await;
+        // Wait for the others' events still on their way (the hot user's count is apart).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.received.load(Ordering::Relaxed)
+            - base
+            - shared.hot_received.load(Ordering::Relaxed)
+            < accepted
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shared.sampling.store(false, Ordering::Relaxed);
+        shared.hot.store(u64::MAX, Ordering::Relaxed);
+        let samples = shared
+            .samples
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let window_ms = (window * 1000.0) as i64;
+        // Before: the same background load over the warm-up's last part (its first half second
+        // is the ramp).
+        let before_ms = ((warmup - 0.5).max(0.5) * 1000.0) as i64;
+        let all = |_: u64| true;
+        let during = latency_of(&samples, start_ms, start_ms + window_ms, all);
+        let before = latency_of(&samples, start_ms - before_ms, start_ms - 1, all);
+        // Where the wait is: the users whose events share the hot user's partition queue, and
+        // the rest.
+        let partitions = herald::config::QueueSettings::default().partitions;
+        let hot_partition = partition_of("s0", partitions);
+        let shares = |i: u64| partition_of(&format!("s{i}"), partitions) == hot_partition;
+        let during_shared = latency_of(&samples, start_ms, start_ms + window_ms, shares);
+        let during_apart = latency_of(&samples, start_ms, start_ms + window_ms, |i| !shares(i));
+        let burst_accepted: u64 = answers.iter().filter(|a| a.0).map(|a| a.1).sum();
+        json!({
+            "events": events, "requests": requests, "rate": rate, "others": others,
+            "burst_accepted": burst_accepted,
+            "burst_errors": answers.iter().filter(|a| !a.0).count(),
+            "answered_secs": answers.iter().map(|a| a.2).fold(0.0, f64::max),
+            "hot_received": shared.hot_received.load(Ordering::Relaxed),
+            "drain_secs": drained, "drained": drained.is_some(),
+            "hot_max_ms": shared.hot_max_ms.load(Ordering::Relaxed),
+            "window_secs": window,
+            "during": during, "before": before,
+            "during_hot_partition": during_shared, "during_other_partitions": during_apart,
+            "during_timeline_max_ms": timeline(&samples, start_ms, window_ms),
+            // The others' requests: how long their answer (the commit) took, sent in the window.
+            "during_api": latency_of(&api, start_ms, start_ms + window_ms, all),
+            "before_api": latency_of(&api, start_ms - before_ms, start_ms - 1, all),
+            "background": {"accepted": accepted, "errors": errors, "late_ticks": late},
+            "closed": shared.closed.load(Ordering::Relaxed) - closed,
+        })
+    }
+}
+
+/// The longest wait of the events enqueued in each 100 ms from `start_ms` on, over `window_ms`:
+/// when in the burst the others waited.
+fn timeline(samples: &[(i64, u64, u64)], start_ms: i64, window_ms: i64) -> Vec<u64> {
+    let mut buckets = vec![0; (window_ms / 100 + 1) as usize];
+    for &(at, waited, _) in samples {
+        if let Some(b) = usize::try_from((at - start_ms) / 100)
+            .ok()
+            .filter(|_| at >= start_ms)
+            .and_then(|i| buckets.get_mut(i))
+        {
+            *b = waited.max(*b);
+        }
+    }
+    buckets
+}
+
+/// p50 / p99 / max (ms) and count of the samples with `at` in `lo..=hi` (Unix ms) from the
+/// sockets `which` picks.
+fn latency_of(samples: &[(i64, u64, u64)], lo: i64, hi: i64, which: impl Fn(u64) -> bool) -> Value {
+    let Ok(mut h) = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3) else {
+        return Value::Null;
+    };
+    for &(at, waited, socket) in samples {
+        if (lo..=hi).contains(&at) && which(socket) {
+            h.saturating_record(waited);
+        }
+    }
+    json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
+           "max": h.max(), "mean": h.mean()})
+}
+
+/// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it
+/// or `close` is cancelled (then it closes it).
+async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64, close: CancellationToken) {
     let (mut sink, mut stream) = ws.split();
     // Spread heartbeats over the period instead of sending 10,000 at once.
     let offset = Duration::from_millis(i * 7919 % HEARTBEAT.as_millis() as u64);
@@ -453,10 +856,15 @@ async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64) {
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => shared.on_frame(&text),
+                Some(Ok(Message::Text(text))) => shared.on_frame(&text, i),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
+            () = close.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
+                    .await;
+                return;
+            }
             _ = heartbeat.tick() => {
                 let beat = Message::Text(r#"[null,"hb","phoenix","heartbeat",{}]"#.into());
                 if sink.send(beat).await.is_err() {

@@ -18,6 +18,7 @@ mod loadgen;
 mod node;
 mod statsd;
 mod sys;
+mod zipf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -32,6 +33,24 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// Producers of the batch API (and connections of the UNNEST baseline).
 const BATCH_PRODUCERS: usize = 4;
+/// The raw consumers' prefetch: messages a broker consumer may hold unacked. Herald's
+/// `queue.prefetch` counts events per partition since the pipeline batches events into messages, so
+/// the raw baselines, which publish one event per message, keep a per-message value of their own:
+/// 200, what Herald's prefetch was while it carried one event per message.
+const RAW_PREFETCH: u16 = 200;
+/// Exponent of the skewed phase's Zipf distribution of users: with s = 1.1 over 10,000 users the
+/// most frequent one gets about 15% of the events (21% over 200), the top 1% about half.
+const ZIPF_S: f64 = 1.1;
+/// Events of the burst to one user, as concurrent batch requests of [`loadgen::BATCH`] (50). The
+/// quick run sends them all too: the phase's length is its warm-up and window, not the burst.
+const BURST_EVENTS: u64 = 5_000;
+/// Single events per second to the other users while one user takes the burst: a modest steady load
+/// whose latency shows whether the hot user holds anyone else up.
+const BURST_BACKGROUND_RATE: f64 = 500.0;
+/// The burst phase measures the others' latency from the burst's first request until the hot user
+/// has it all, and over at least this long (s), so that a fast drain still leaves a few hundred
+/// samples.
+const BURST_MIN_WINDOW: f64 = 1.0;
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
 /// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
 const E2E_WINDOW: u64 = 4000;
@@ -48,9 +67,13 @@ struct Cli {
     /// Sockets connected (and joined) through the socket, end-to-end and latency figures.
     #[arg(long)]
     sockets: Option<usize>,
-    /// The node's `queue.prefetch`, and the baselines' (default: Herald's default).
+    /// The raw consumers' prefetch, in messages (basic.qos of the broker baselines).
+    #[arg(long, default_value_t = RAW_PREFETCH)]
+    prefetch: u16,
+    /// The node's `queue.prefetch` (events in work per partition); Herald's default when not given.
+    /// Apart from `--prefetch`: one counts messages, the other events.
     #[arg(long)]
-    prefetch: Option<u16>,
+    herald_prefetch: Option<u16>,
     /// Concurrent clients of the single-event API, and connections of its one-row baseline.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -84,10 +107,14 @@ struct Plan {
     latency_warmup: f64,
     latency: f64,
     prefill: u64,
+    /// Warm-up of the burst phase: the others' load alone, also its "before" latency.
+    burst_warmup: f64,
     /// Baseline/Herald pairs of the throughput figures.
     rounds: usize,
-    /// The worker's demand, and the raw consumers' prefetch.
+    /// The raw consumers' prefetch, in messages.
     prefetch: u16,
+    /// The node's `queue.prefetch` when the caller set it (else the node runs Herald's default).
+    herald_prefetch: Option<u16>,
     /// Publishes awaiting a confirm, Herald's and the raw publishers'.
     max_inflight: usize,
     quick: bool,
@@ -105,10 +132,10 @@ impl Plan {
             latency_warmup: if quick { 0.5 } else { 3.0 },
             latency: if quick { 1.5 } else { 10.0 },
             prefill: if quick { 5_000 } else { 100_000 },
+            burst_warmup: if quick { 1.5 } else { 3.0 },
             rounds: if quick { 1 } else { 3 },
-            prefetch: cli
-                .prefetch
-                .unwrap_or(herald::config::QueueSettings::default().prefetch),
+            prefetch: cli.prefetch,
+            herald_prefetch: cli.herald_prefetch,
             max_inflight: herald::config::QueueSettings::default().max_inflight_confirms,
             quick,
         }
@@ -207,27 +234,31 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
         names.prefix
     ));
     let (sink, statsd) = statsd::Sink::start()?;
-    let node = Node::start(
-        bin,
-        &names,
-        &[
-            ("HERALD_STATSD_ADDR", statsd),
-            ("HERALD_QUEUE__PREFETCH", plan.prefetch.to_string()),
-        ],
-        out_dir().join("herald.log"),
-    )
-    .await?;
-    // A panic in a phase must still stop the node and drop the database and queues.
-    let result = std::panic::AssertUnwindSafe(run(&plan, &names, &node, &sink))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked")));
-    say("stopping the node and cleaning up");
-    if plan.quick {
-        // The quick run's backlog is not worth a graceful drain: the database goes anyway.
-        sys::terminate(node.pid);
+    let mut settings = vec![("HERALD_STATSD_ADDR", statsd)];
+    if let Some(prefetch) = plan.herald_prefetch {
+        settings.push(("HERALD_QUEUE__PREFETCH", prefetch.to_string()));
     }
-    node.stop().await;
+    let mut deployment = Deployment {
+        bin,
+        names: names.clone(),
+        api_key: String::new(),
+        settings,
+        nodes: Vec::new(),
+    };
+    // An error, a panic or ctrl-c in any step must still stop every node and drop the database and
+    // queues.
+    let guarded = std::panic::AssertUnwindSafe(async {
+        deployment.api_key = Node::setup(bin, &names)?;
+        deployment.start("herald", &[]).await?;
+        run(&plan, &names, &mut deployment, &sink).await
+    })
+    .catch_unwind();
+    let result = tokio::select! {
+        result = guarded => result.unwrap_or_else(|_| Err(anyhow::anyhow!("a phase panicked"))),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    say("stopping the nodes and cleaning up");
+    deployment.stop_all().await;
     node::clean_up(&names).await;
     let mut report = result?;
     report["run_secs"] = json!(started.elapsed().as_secs_f64());
@@ -248,6 +279,38 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
     smoke_check(&report)
 }
 
+/// The nodes running now, all on the run's database and queue prefix, and how to start more.
+struct Deployment<'a> {
+    bin: &'a Path,
+    names: Names,
+    api_key: String,
+    /// Every node's `HERALD_*` settings (StatsD, the prefetch if given).
+    settings: Vec<(&'static str, String)>,
+    nodes: Vec<Node>,
+}
+
+impl Deployment<'_> {
+    /// Starts a node named `name` with `extra` settings (logging to `target/bench/<name>.log`).
+    async fn start(&mut self, name: &str, extra: &[(&'static str, String)]) -> anyhow::Result<()> {
+        let mut settings = self.settings.clone();
+        settings.extend(extra.iter().cloned());
+        let log = out_dir().join(format!("{name}.log"));
+        let node = Node::spawn(self.bin, &self.names, &self.api_key, &settings, log).await?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Stops every node: all are told at once (SIGTERM) and drain together.
+    async fn stop_all(&mut self) {
+        for node in &self.nodes {
+            sys::terminate(node.pid);
+        }
+        for node in self.nodes.drain(..) {
+            node.stop().await;
+        }
+    }
+}
+
 /// Every figure produced a measurement (the harness works); speed is never asserted.
 fn smoke_check(report: &Value) -> anyhow::Result<()> {
     let mut missing = Vec::new();
@@ -258,8 +321,15 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("ingest single, herald", "/ingest_single/herald/rate"),
         ("end-to-end, raw", "/e2e/raw/rate"),
         ("end-to-end, herald", "/e2e/herald/rate"),
+        ("end-to-end skewed, herald", "/skew/other/rate"),
+        ("end-to-end, node A alone (cluster)", "/workers/base/rate"),
+        ("end-to-end, nodes A + B (cluster)", "/workers/other/rate"),
         ("latency 50%, raw", "/latency/1/raw/count"),
         ("latency 50%, herald", "/latency/1/herald/count"),
+        ("burst, others' latency", "/burst/during/count"),
+        ("burst, hot user drained", "/burst/drain_secs"),
+        ("keep-up, accepted", "/keepup/accepted_rate"),
+        ("keep-up, pushed", "/keepup/pushed_rate"),
         ("RSS, echo", "/rss/raw/per_socket_bytes"),
         ("RSS, herald", "/rss/herald/per_socket_bytes"),
         ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
@@ -271,6 +341,19 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
             .is_some_and(|v| v > 0.0)
         {
             missing.push(figure);
+        }
+    }
+    let phases = report["wire"].as_array().map_or(&[][..], Vec::as_slice);
+    if phases.is_empty() {
+        missing.push("messages per event (no phase counted)");
+    }
+    for phase in phases {
+        if !(f(phase, "/messages") > 0.0 && f(phase, "/events") > 0.0) {
+            missing.push(
+                phase["phase"]
+                    .as_str()
+                    .unwrap_or("a phase's messages per event"),
+            );
         }
     }
     if missing.is_empty() {
@@ -300,9 +383,10 @@ fn git_revision() -> String {
 async fn run(
     plan: &Plan,
     names: &Names,
-    node: &Node,
+    deployment: &mut Deployment<'_>,
     sink: &statsd::Sink,
 ) -> anyhow::Result<Value> {
+    let node = deployment.nodes.first().context("no node")?;
     let mut report = json!({
         "started_unix": unix_now(),
         "git": git_revision(),
@@ -313,10 +397,14 @@ async fn run(
         "batch": loadgen::BATCH,
         "batch_producers": BATCH_PRODUCERS,
         "prefetch": plan.prefetch,
+        "herald_prefetch": plan
+            .herald_prefetch
+            .unwrap_or(herald::config::QueueSettings::default().prefetch),
         "max_inflight_confirms": plan.max_inflight,
         "e2e_window": E2E_WINDOW,
         "rounds": plan.rounds,
     });
+    let mut wire = Wire::default();
     let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
     let producer = baseline::create_raw_table(&pool).await?;
     let mut load = Loadgen::start(&node.base, &node.api_key)?;
@@ -352,6 +440,7 @@ async fn run(
     // shared box the noise moves within minutes, and a pair measured back to back sees the same.
     let mut raw_rounds = Vec::new();
     let mut herald_rounds = Vec::new();
+    let mut skew_rounds = Vec::new();
     for round in 1..=plan.rounds {
         say(format!(
             "end-to-end, round {round}/{}: raw broker publish+consume",
@@ -368,22 +457,42 @@ async fn run(
         .await?;
         say(format!("  {:.0} events/s", f(&raw, "/rate")));
         raw_rounds.push(raw);
-        say(format!(
-            "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets",
-            plan.rounds
-        ));
-        let checkpoints = forced_checkpoints(&pool).await;
-        let mut herald = herald_e2e(plan, names, node, &mut load, sink).await?;
-        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
-        say(format!(
-            "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
-            f(&herald, "/rate"),
-            f(&herald, "/queue_ready_mean"),
-            herald["cores_used"]
-        ));
-        herald_rounds.push(herald);
+        // Uniform and skewed alternate which goes first, so neither always follows the baseline.
+        let order = if round % 2 == 1 {
+            [None, Some(ZIPF_S)]
+        } else {
+            [Some(ZIPF_S), None]
+        };
+        for skew in order {
+            say(format!(
+                "end-to-end, round {round}/{}: herald, enqueue -> pushed to sockets, {}",
+                plan.rounds,
+                match skew {
+                    Some(s) => format!("users Zipf-distributed (s = {s})"),
+                    None => "users uniform".into(),
+                }
+            ));
+            let checkpoints = forced_checkpoints(&pool).await;
+            let mut herald = herald_e2e(plan, names, &[node], &mut load, sink, skew).await?;
+            herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+            say(format!(
+                "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
+                f(&herald, "/rate"),
+                f(&herald, "/queue_ready_mean"),
+                herald["cores_used"]
+            ));
+            if skew.is_some() {
+                wire.add("end-to-end, skewed", &herald["node_metrics"]);
+                skew_rounds.push(herald);
+            } else {
+                wire.add("end-to-end, uniform", &herald["node_metrics"]);
+                herald_rounds.push(herald);
+            }
+        }
     }
     report["e2e"] = paired(raw_rounds, herald_rounds.clone());
+    report["skew"] = versus(&herald_rounds, &skew_rounds);
+    report["skew"]["s"] = json!(ZIPF_S);
     let sustained = f(&report, "/e2e/herald/rate");
     let (cpu, delivered) = herald_rounds.iter().fold((0.0, 0.0), |(c, n), r| {
         (c + f(r, "/cpu_secs"), n + f(r, "/events"))
@@ -410,6 +519,10 @@ async fn run(
             .await?;
         herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
         herald["node_metrics"] = sink.take();
+        wire.add(
+            &format!("latency at {:.0}%", fraction * 100.0),
+            &herald["node_metrics"],
+        );
         let raw = baseline::broker_latency(
             names,
             rate,
@@ -431,6 +544,70 @@ async fn run(
         latencies.push(json!({"fraction": fraction, "rate": rate, "herald": herald, "raw": raw}));
     }
     report["latency"] = Value::Array(latencies);
+
+    let requests = BURST_EVENTS.div_ceil(loadgen::BATCH as u64);
+    say(format!(
+        "burst: {} events to one user ({requests} concurrent batch requests), {BURST_BACKGROUND_RATE:.0} single events/s to the {} others",
+        BURST_EVENTS,
+        plan.sockets.saturating_sub(1)
+    ));
+    sink.take();
+    let checkpoints = forced_checkpoints(&pool).await;
+    let mut burst = load
+        .call(json!({"cmd": "burst", "events": BURST_EVENTS, "requests": requests,
+                     "rate": BURST_BACKGROUND_RATE, "warmup": plan.burst_warmup,
+                     "min_window": BURST_MIN_WINDOW, "limit": if plan.quick { 15.0 } else { 30.0 }}))
+        .await?;
+    burst["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+    burst["node_metrics"] = sink.take();
+    wire.add("burst to one user", &burst["node_metrics"]);
+    say(format!(
+        "  hot user had all {} after {:.2} s (requests answered after {:.2} s); others p50/p99/max {}/{}/{} ms during, {}/{}/{} ms before",
+        BURST_EVENTS,
+        f(&burst, "/drain_secs"),
+        f(&burst, "/answered_secs"),
+        burst["during"]["p50"],
+        burst["during"]["p99"],
+        burst["during"]["max"],
+        burst["before"]["p50"],
+        burst["before"]["p99"],
+        burst["before"]["max"],
+    ));
+    say(format!(
+        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms; the others' requests answered after p50/p99/max {}/{}/{} ms ({}/{}/{} before)",
+        burst["during_hot_partition"]["p99"],
+        burst["during_hot_partition"]["count"],
+        burst["during_other_partitions"]["p99"],
+        burst["during_api"]["p50"],
+        burst["during_api"]["p99"],
+        burst["during_api"]["max"],
+        burst["before_api"]["p50"],
+        burst["before_api"]["p99"],
+        burst["before_api"]["max"],
+    ));
+    report["burst"] = burst;
+
+    say("keep-up: producers post batches as fast as they are answered, no window");
+    sink.take();
+    let mut keepup = load
+        .call(
+            json!({"cmd": "keepup", "warmup": plan.e2e_warmup, "secs": plan.e2e,
+                     "producers": BATCH_PRODUCERS, "drain": if plan.quick { 30 } else { 120 }}),
+        )
+        .await?;
+    keepup["node_metrics"] = sink.take();
+    wire.add("keep-up", &keepup["node_metrics"]);
+    say(format!(
+        "  accepted {:.0}/s, pushed {:.0}/s ({:.2}x); backlog {} at the end, drained in {:.1} s",
+        f(&keepup, "/accepted_rate"),
+        f(&keepup, "/pushed_rate"),
+        f(&keepup, "/ratio"),
+        keepup["backlog_at_end"],
+        f(&keepup, "/drain_secs")
+    ));
+    keepup["drained_db_secs"] =
+        json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+    report["keepup"] = keepup;
 
     // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
     // each Herald round drains before the next pair starts.
@@ -456,6 +633,10 @@ async fn run(
             .await?;
         herald["node_metrics"] = sink.take();
         herald["drain_secs"] = json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+        // The backlog is published while it drains: its messages count too.
+        herald["drain_metrics"] = sink.take();
+        wire.add("ingest, batch API", &herald["node_metrics"]);
+        wire.add("ingest, batch API", &herald["drain_metrics"]);
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
             f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
@@ -471,12 +652,17 @@ async fn run(
             plan.rounds
         ));
         raw_rounds.push(baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await);
-        let herald = load
+        sink.take();
+        let mut herald = load
             .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
             .await?;
+        herald["node_metrics"] = sink.take();
         if round < plan.rounds {
             wait_drained(&pool, 60).await?;
+            herald["drain_metrics"] = sink.take();
         }
+        wire.add("ingest, single API", &herald["node_metrics"]);
+        wire.add("ingest, single API", &herald["drain_metrics"]);
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
             f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
@@ -485,29 +671,183 @@ async fn run(
         herald_rounds.push(herald);
     }
     report["ingest_single"] = paired(raw_rounds, herald_rounds);
+
+    // Last, since it replaces the node: the same closed loop on one and on two worker nodes.
+    report["workers"] =
+        match workers(plan, names, deployment, &mut load, sink, &pool, &mut wire).await {
+            Ok(workers) => workers,
+            Err(error) => {
+                say(format!("  two worker nodes: {error:#}"));
+                json!({"error": format!("{error:#}")})
+            }
+        };
+    report["wire"] = wire.report();
     drop(load.stdin);
     let _ = load.child.kill().await;
     pool.close().await;
     Ok(report)
 }
 
-/// One end-to-end round of Herald: the closed loop, with the node's CPU, every process's cores and
-/// the node's own timings over the measured window.
+/// End-to-end with one and with two worker nodes. The deployment becomes node A (`api,worker,socket`,
+/// the sockets and the API) and, in turns, node B (`worker` only), both with `pubsub.mode = cluster`
+/// (a deployment of several nodes needs it everywhere: every broadcast then rides RabbitMQ, even to
+/// A's own sockets), on the run's database and queue prefix. The rounds alternate A alone and A + B
+/// (B joins or leaves between them, and the partitions move); the baseline of the two-node rate is
+/// the one-node rate in the same rounds, both in cluster mode; the usual single node (local pubsub)
+/// was measured earlier in the run.
+async fn workers(
+    plan: &Plan,
+    names: &Names,
+    deployment: &mut Deployment<'_>,
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+    pool: &sqlx::PgPool,
+    wire: &mut Wire,
+) -> anyhow::Result<Value> {
+    let partitions = herald::config::QueueSettings::default().partitions;
+    let cluster = ("HERALD_PUBSUB__MODE", "cluster".to_owned());
+    wait_drained(pool, if plan.quick { 20 } else { 120 }).await?;
+    say("two worker nodes: node A (api,worker,socket) and node B (worker), cluster pubsub");
+    load.call(json!({"cmd": "disconnect"})).await?;
+    deployment.stop_all().await;
+    deployment
+        .start(
+            "herald-a",
+            &[
+                cluster.clone(),
+                ("HERALD_NODE__ROLES", "api,worker,socket".into()),
+                ("HERALD_NODE__NAME", "bench-a".into()),
+            ],
+        )
+        .await?;
+    let owned_secs = wait_partitions(&deployment.nodes, partitions).await?;
+    let base = deployment.nodes[0].base.clone();
+    let connected = load
+        .call(json!({"cmd": "connect", "n": plan.sockets, "base": base}))
+        .await?;
+    say(format!(
+        "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s",
+        connected["connected"],
+        f(&connected, "/secs")
+    ));
+    let (mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        // Alternate which goes first; B joins or leaves once per round.
+        let order = if round % 2 == 1 { [1, 2] } else { [2, 1] };
+        for workers in order {
+            if workers == 2 && deployment.nodes.len() == 1 {
+                deployment
+                    .start(
+                        "herald-b",
+                        &[
+                            cluster.clone(),
+                            ("HERALD_NODE__ROLES", "worker".into()),
+                            ("HERALD_NODE__NAME", "bench-b".into()),
+                        ],
+                    )
+                    .await?;
+                let secs = wait_partitions(&deployment.nodes, partitions).await?;
+                say(format!(
+                    "  node B joined; partitions shared after {secs:.1} s"
+                ));
+                moves.push(json!({"change": "B joined", "secs": secs}));
+            } else if workers == 1 && deployment.nodes.len() == 2 {
+                if let Some(b) = deployment.nodes.pop() {
+                    b.stop().await;
+                }
+                let secs = wait_partitions(&deployment.nodes, partitions).await?;
+                say(format!(
+                    "  node B left; node A owns every partition after {secs:.1} s"
+                ));
+                moves.push(json!({"change": "B left", "secs": secs}));
+            }
+            say(format!(
+                "end-to-end, round {round}/{}: {} (cluster pubsub)",
+                plan.rounds,
+                if workers == 1 {
+                    "node A alone"
+                } else {
+                    "node A + worker node B"
+                }
+            ));
+            let nodes: Vec<&Node> = deployment.nodes.iter().collect();
+            let mut owned = Vec::new();
+            for node in &nodes {
+                owned.push(json!(node.partitions().await));
+            }
+            let mut herald = herald_e2e(plan, names, &nodes, load, sink, None).await?;
+            herald["partitions"] = json!(owned);
+            say(format!(
+                "  {:.0} events/s; cores used: {}",
+                f(&herald, "/rate"),
+                herald["cores_used"]
+            ));
+            if workers == 1 {
+                wire.add(
+                    "end-to-end, node A alone (cluster)",
+                    &herald["node_metrics"],
+                );
+                one.push(herald);
+            } else {
+                wire.add("end-to-end, nodes A + B (cluster)", &herald["node_metrics"]);
+                two.push(herald);
+            }
+        }
+    }
+    let mut report = versus(&one, &two);
+    report["connect"] = connected;
+    report["moves"] = json!(moves);
+    Ok(report)
+}
+
+/// Waits until the worker nodes among `nodes` share the `partitions` between them: each consumes
+/// some, none twice, all of them covered (from `/readyz`). Returns how long that took.
+async fn wait_partitions(nodes: &[Node], partitions: u16) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut shared = true;
+        for node in nodes {
+            let owned = node.partitions().await.unwrap_or_default();
+            shared &= !owned.is_empty();
+            for p in owned {
+                shared &= seen.insert(p);
+            }
+        }
+        if shared && seen.len() == usize::from(partitions) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the {} worker nodes did not share the {partitions} partitions within 60 s (saw {seen:?})",
+                nodes.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One end-to-end round of Herald: the closed loop (users round-robin, or drawn from a Zipf
+/// distribution with exponent `skew`), with the nodes' CPU, every process's cores and the nodes' own
+/// timings over the measured window.
 async fn herald_e2e(
     plan: &Plan,
     names: &Names,
-    node: &Node,
+    nodes: &[&Node],
     load: &mut Loadgen,
     sink: &statsd::Sink,
+    skew: Option<f64>,
 ) -> anyhow::Result<Value> {
     load.send(
         json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW}),
+                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW, "skew": skew}),
     )
     .await?;
     let _start = load.recv().await?;
-    let cpu0 = node.cpu_time();
-    let groups0 = sys::cpu_by_group(node.pid, load.child.id());
+    let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+    let cpu_of = || nodes.iter().map(|n| n.cpu_time()).sum::<Duration>();
+    let cpu0 = cpu_of();
+    let groups0 = sys::cpu_by_group(&pids, load.child.id());
     sink.take();
     let stop_sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
@@ -515,11 +855,11 @@ async fn herald_e2e(
         async move { baseline::sample_ready(&names, stop).await }
     });
     let end = load.recv().await?;
-    let cpu = node.cpu_time() - cpu0;
+    let cpu = cpu_of() - cpu0;
     stop_sampling.cancel();
     let ready = sampler.await.unwrap_or_default();
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
-    let groups1 = sys::cpu_by_group(node.pid, load.child.id());
+    let groups1 = sys::cpu_by_group(&pids, load.child.id());
     let node_metrics = sink.take();
     let window = f(&end, "/secs").max(0.001);
     let cores: serde_json::Map<String, Value> = groups1
@@ -535,9 +875,49 @@ async fn herald_e2e(
         "events": end["events"], "secs": end["secs"], "rate": end["rate"],
         "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
         "queue_ready_mean": mean_ready,
+        "top_user_share": end["top_user_share"], "top_user_expected": end["top_user_expected"],
+        "wire": statsd::wire(std::slice::from_ref(&node_metrics)),
         "after": done,
     }))
 }
+
+/// The node's StatsD snapshots of each phase, in run order, for the wire figures: messages
+/// published per event and what the relay republished (see [`statsd::wire`]).
+#[derive(Default)]
+struct Wire {
+    phases: Vec<(String, Vec<Value>)>,
+}
+
+impl Wire {
+    /// Adds a snapshot (a round, a drain) to `phase`; a null snapshot (a step not taken) is skipped.
+    fn add(&mut self, phase: &str, snapshot: &Value) {
+        if snapshot.is_null() {
+            return;
+        }
+        match self.phases.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, snapshots)) => snapshots.push(snapshot.clone()),
+            None => self.phases.push((phase.to_owned(), vec![snapshot.clone()])),
+        }
+    }
+
+    /// `[{phase, messages, events, messages_per_event, ...}]`, in run order.
+    fn report(&self) -> Value {
+        Value::Array(
+            self.phases
+                .iter()
+                .map(|(phase, snapshots)| {
+                    let mut figures = statsd::wire(snapshots);
+                    figures["phase"] = json!(phase);
+                    figures
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The most messages per event a phase may publish: batching keeps it far below 1, so anything
+/// near it means events went out more than once (relay republishes, replays).
+const MAX_MESSAGES_PER_EVENT: f64 = 1.02;
 
 /// Rounds of a baseline and of Herald as `{raw, herald, ratio, rounds}`: `raw` and `herald` are the
 /// rounds with the median rate (their other fields kept), `ratio` the median of the rounds' ratios.
@@ -552,6 +932,23 @@ fn paired(raw: Vec<Value>, herald: Vec<Value>) -> Value {
         "herald": median_by_rate(&herald),
         "ratio": median(ratios),
         "rounds": {"raw": raw, "herald": herald},
+    })
+}
+
+/// Two Herald variants measured in the same rounds (`base` and `other`, round by round) as
+/// `{base, other, ratio, rounds}`: each the round with the median rate, `ratio` the median of the
+/// rounds' other/base ratios.
+fn versus(base: &[Value], other: &[Value]) -> Value {
+    let ratios: Vec<f64> = base
+        .iter()
+        .zip(other)
+        .map(|(b, o)| f(o, "/rate") / f(b, "/rate").max(f64::MIN_POSITIVE))
+        .collect();
+    json!({
+        "base": median_by_rate(base),
+        "other": median_by_rate(other),
+        "ratio": median(ratios),
+        "rounds": {"base": base, "other": other},
     })
 }
 
@@ -695,7 +1092,36 @@ fn render(r: &Value) -> String {
         format!("{} (quorum, persistent, {} confirms in flight, prefetch {}, ack each)", thousands(raw), r["max_inflight_confirms"], r["prefetch"]),
         thousands(herald),
         ratio_of("e2e"),
-        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x"),
+        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x (aim 1.5x)"),
+    ]);
+    let (uniform, skewed) = (f(r, "/skew/base/rate"), f(r, "/skew/other/rate"));
+    rows.push([
+        format!(
+            "end-to-end events/s, users Zipf-distributed (s = {ZIPF_S}; the top user drew {:.0}% of the events), vs uniform",
+            f(r, "/skew/other/top_user_share") * 100.0
+        ),
+        format!("{} (Herald, users uniform, same rounds)", thousands(uniform)),
+        thousands(skewed),
+        format!("{:.2}x", f(r, "/skew/ratio")),
+        verdict(f(r, "/skew/ratio") >= 0.9, ">= 0.9x"),
+    ]);
+    let (one, two) = (f(r, "/workers/base/rate"), f(r, "/workers/other/rate"));
+    rows.push([
+        format!(
+            "end-to-end events/s, two worker nodes: A (api,worker,socket; the {} sockets) + B (worker), cluster pubsub",
+            thousands(n as f64)
+        ),
+        format!(
+            "{} (node A alone, cluster pubsub, same rounds; the usual single node, local pubsub: {})",
+            thousands(one),
+            thousands(f(r, "/e2e/herald/rate"))
+        ),
+        match r["workers"]["error"].as_str() {
+            Some(error) => format!("failed: {error}"),
+            None => thousands(two),
+        },
+        format!("{:.2}x", f(r, "/workers/ratio")),
+        "none (2 cores: a second node adds no CPU)".into(),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
@@ -726,6 +1152,71 @@ fn render(r: &Value) -> String {
             if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
         ]);
     }
+    let burst = |q: &str| f(r, &format!("/burst/{q}"));
+    rows.push([
+        format!(
+            "burst: other users' latency ms p50 / p99 / max while {} events go to one user ({} concurrent requests), {} single events/s to {} others",
+            thousands(burst("events")),
+            burst("requests"),
+            thousands(burst("rate")),
+            thousands(burst("others")),
+        ),
+        format!(
+            "{:.0} / {:.0} / {:.0} (the same load just before the burst)",
+            burst("before/p50"),
+            burst("before/p99"),
+            burst("before/max")
+        ),
+        format!(
+            "{:.0} / {:.0} / {:.0} ({} events over {:.2} s; p99 {:.0} in the hot user's partition, {:.0} in the others; their requests answered after p99 {:.0})",
+            burst("during/p50"),
+            burst("during/p99"),
+            burst("during/max"),
+            burst("during/count"),
+            burst("window_secs"),
+            burst("during_hot_partition/p99"),
+            burst("during_other_partitions/p99"),
+            burst("during_api/p99"),
+        ),
+        format!("p99 {}", ratio(burst("during/p99"), burst("before/p99"))),
+        verdict(
+            burst("during/count") > 0.0 && burst("during/p99") <= 100.0,
+            "p99 <= 100 ms",
+        ),
+    ]);
+    let drained = r["burst"]["drain_secs"].as_f64();
+    rows.push([
+        format!(
+            "burst: s from its first request until the hot user's client has all {}",
+            thousands(burst("events"))
+        ),
+        format!(
+            "requests all answered after {:.2} s",
+            burst("answered_secs")
+        ),
+        drained.map_or_else(
+            || format!("not within the limit ({} received)", burst("hot_received")),
+            |s| format!("{s:.2}"),
+        ),
+        "n/a".into(),
+        verdict(drained.is_some_and(|s| s <= 2.0), "<= 2 s"),
+    ]);
+    let keepup = |q: &str| f(r, &format!("/keepup/{q}"));
+    rows.push([
+        format!(
+            "keep-up: events/s pushed vs accepted, {BATCH_PRODUCERS} producers posting batches of {} as fast as answered to {} sockets (no window)",
+            loadgen::BATCH,
+            thousands(n as f64)
+        ),
+        format!("{} accepted/s (the same window)", thousands(keepup("accepted_rate"))),
+        format!(
+            "{} pushed/s (backlog {} at the end)",
+            thousands(keepup("pushed_rate")),
+            thousands(keepup("backlog_at_end"))
+        ),
+        format!("{:.2}x", keepup("ratio")),
+        verdict(keepup("ratio") >= 0.9, ">= 0.9x"),
+    ]);
     let (raw, herald) = (
         f(r, "/rss/raw/per_socket_bytes") / 1024.0,
         f(r, "/rss/herald/per_socket_bytes") / 1024.0,
@@ -751,6 +1242,32 @@ fn render(r: &Value) -> String {
         ratio(herald, raw),
         verdict(herald <= 2.0 * raw, "<= 2x"),
     ]);
+    let phases = r["wire"].as_array().map_or(&[][..], Vec::as_slice);
+    let worst = phases
+        .iter()
+        .max_by(|a, b| f(a, "/messages_per_event").total_cmp(&f(b, "/messages_per_event")));
+    if let Some(worst) = worst {
+        let per_event = f(worst, "/messages_per_event");
+        rows.push([
+            format!(
+                "messages published per event, the highest of {} phases ({})",
+                phases.len(),
+                worst["phase"].as_str().unwrap_or("?")
+            ),
+            "1.00 (the raw baselines publish one event per message)".into(),
+            format!(
+                "{per_event:.3} ({} relay-republished events in all phases)",
+                thousands(phases.iter().map(|p| f(p, "/relay_events")).sum())
+            ),
+            format!("{per_event:.3}x"),
+            verdict(
+                phases
+                    .iter()
+                    .all(|p| f(p, "/messages_per_event") <= MAX_MESSAGES_PER_EVENT),
+                &format!("<= {MAX_MESSAGES_PER_EVENT} in every phase"),
+            ),
+        ]);
+    }
     let mut out = format!(
         "\nHerald benchmark ({} run, {}s, git {}) on {}\n\n",
         r["mode"].as_str().unwrap_or("?"),
@@ -766,6 +1283,41 @@ fn render(r: &Value) -> String {
     out.push_str("| --- | --- | --- | --- | --- |\n");
     for row in rows {
         out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out.push_str(&render_wire(phases));
+    out
+}
+
+/// The wire per phase, from the node's StatsD counters over the phase (a drain included where the
+/// phase leaves a backlog): what the group commits and the relay handed to the broker.
+fn render_wire(phases: &[Value]) -> String {
+    let mut out = String::from(
+        "\nMessages published per event, per phase (node counters; relay = outbox republishes):\n\n",
+    );
+    out.push_str("| phase | events accepted | messages published | events published | messages per event | events published per accepted | relay-republished events | target |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for p in phases {
+        let per_event = f(p, "/messages_per_event");
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {per_event:.3} | {:.3} | {} | {} |\n",
+            p["phase"].as_str().unwrap_or("?"),
+            thousands(f(p, "/accepted")),
+            thousands(f(p, "/messages")),
+            thousands(f(p, "/events")),
+            f(p, "/events_per_accepted"),
+            thousands(f(p, "/relay_events")),
+            verdict(
+                per_event <= MAX_MESSAGES_PER_EVENT,
+                &format!("<= {MAX_MESSAGES_PER_EVENT}")
+            ),
+        ));
+    }
+    let drops: f64 = phases.iter().map(|p| f(p, "/statsd_udp_drops")).sum();
+    if drops > 0.0 {
+        out.push_str(&format!(
+            "\n{} StatsD datagrams were dropped by the kernel: the counters above undercount.\n",
+            thousands(drops)
+        ));
     }
     out
 }

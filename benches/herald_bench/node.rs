@@ -89,14 +89,8 @@ fn herald(bin: &Path, names: &Names, env: &[(&str, String)]) -> Command {
 }
 
 impl Node {
-    /// Migrates a fresh database, creates a producer, starts `herald serve` with `settings` (more
-    /// `HERALD_*` variables) and waits until it is ready (PostgreSQL and RabbitMQ reachable).
-    pub async fn start(
-        bin: &Path,
-        names: &Names,
-        settings: &[(&str, String)],
-        log: PathBuf,
-    ) -> anyhow::Result<Self> {
+    /// Migrates the run's fresh database and creates a producer; returns its API key.
+    pub fn setup(bin: &Path, names: &Names) -> anyhow::Result<String> {
         let migrated = herald(bin, names, &[])
             .arg("migrate")
             .output()
@@ -123,6 +117,19 @@ impl Node {
                 String::from_utf8_lossy(&added.stderr)
             );
         };
+        Ok(api_key.to_owned())
+    }
+
+    /// Starts `herald serve` on the run's database and queue prefix with `settings` (more
+    /// `HERALD_*` variables), logging to `log`, and waits until it is ready (PostgreSQL and
+    /// RabbitMQ reachable). Several nodes of one deployment share the database and the prefix.
+    pub async fn spawn(
+        bin: &Path,
+        names: &Names,
+        api_key: &str,
+        settings: &[(&str, String)],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
         let port = sys::free_port()?;
         let log_file = std::fs::File::create(&log).context("create the node log")?;
         let mut env = vec![("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}"))];
@@ -157,6 +164,18 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("herald not ready within 30 s; see {}", self.log.display())
+    }
+
+    /// The partitions this node consumes now, from its `/readyz` (`None` when it does not answer
+    /// or runs no worker).
+    pub async fn partitions(&self) -> Option<Vec<u16>> {
+        let ready: serde_json::Value = reqwest::get(format!("{}/readyz", self.base))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        serde_json::from_value(ready.get("partitions")?.clone()).ok()
     }
 
     pub fn rss_bytes(&self) -> u64 {

@@ -1,6 +1,7 @@
 //! A StatsD sink standing in for the metrics pipeline, so the node pays for its metrics as in
 //! production, and a window onto where the node's time goes: it aggregates the node's own timings
-//! (`store.commit.time`, `pipeline.worker.process_time`, ...) per phase, for the report.
+//! (`store.commit.time`, `pipeline.worker.process_time`, ...) and counters per phase, for the
+//! report. Every node of a deployment sends here, so a phase's figures cover them all.
 
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -13,18 +14,29 @@ struct Agg {
     max: f64,
 }
 
+/// Tags every metric carries (the node's identity): never kept apart, or a two-node phase would
+/// split every figure in two.
+const IDENTITY_TAGS: [&str; 2] = ["node", "roles"];
+
 /// The sink's aggregates since the last [`Sink::take`].
 #[derive(Clone, Default)]
 pub struct Sink {
     stats: Arc<Mutex<BTreeMap<String, Agg>>>,
+    port: u16,
+    /// The socket's kernel drop count at the last `take`.
+    drops_seen: Arc<Mutex<u64>>,
 }
 
 impl Sink {
     /// Binds a UDP socket on 127.0.0.1 and drains it on a thread; returns the sink and its address.
     pub fn start() -> anyhow::Result<(Self, String)> {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let addr = socket.local_addr()?.to_string();
-        let sink = Self::default();
+        crate::sys::raise_receive_buffer(&socket, 4 << 20);
+        let addr = socket.local_addr()?;
+        let sink = Self {
+            port: addr.port(),
+            ..Self::default()
+        };
         let stats = Arc::clone(&sink.stats);
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
@@ -37,10 +49,13 @@ impl Sink {
                 }
             }
         });
-        Ok((sink, addr))
+        Ok((sink, addr.to_string()))
     }
 
-    /// Timings and histograms (ms) and counters since the last call, then starts afresh.
+    /// Timings and histograms (ms) and counters since the last call, then starts afresh. A tagged
+    /// metric is there twice: under `name|type` (all tags together) and under
+    /// `name|type#tag:value` for each of its tags. `statsd.udp_drops` counts datagrams the kernel
+    /// dropped meanwhile (the sink fell behind): non-zero means the counters undercount.
     pub fn take(&self) -> Value {
         let stats = match self.stats.lock() {
             Ok(mut stats) => std::mem::take(&mut *stats),
@@ -48,18 +63,28 @@ impl Sink {
         };
         let mut out = Map::new();
         for (name, agg) in stats {
-            let value = if name.ends_with("|c") {
+            let kind = name.split('#').next().and_then(|n| n.rsplit('|').next());
+            let value = if kind == Some("c") {
                 json!({"sum": agg.sum})
             } else {
                 json!({"count": agg.count, "mean": agg.sum / agg.count.max(1) as f64, "max": agg.max})
             };
             out.insert(name, value);
         }
+        let drops = crate::sys::udp_drops(self.port).unwrap_or(0);
+        if let Ok(mut seen) = self.drops_seen.lock() {
+            out.insert(
+                "statsd.udp_drops".into(),
+                json!(drops.saturating_sub(*seen)),
+            );
+            *seen = drops;
+        }
         Value::Object(out)
     }
 }
 
-/// `name:value|type|#tags` -> aggregated under `name|type` (tags dropped: they are few).
+/// `name:value|type|#tags` -> aggregated under `name|type`, and under `name|type#tag:value` for
+/// each tag but the node's identity (tags are few and of low cardinality).
 fn record(stats: &mut BTreeMap<String, Agg>, line: &str) {
     let mut parts = line.split('|');
     let (Some(head), Some(kind)) = (parts.next(), parts.next()) else {
@@ -74,8 +99,60 @@ fn record(stats: &mut BTreeMap<String, Agg>, line: &str) {
     let Ok(value) = value.parse::<f64>() else {
         return;
     };
-    let agg = stats.entry(format!("{name}|{kind}")).or_default();
-    agg.count += 1;
-    agg.sum += value;
-    agg.max = agg.max.max(value);
+    let tags = parts
+        .find_map(|p| p.strip_prefix('#'))
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| {
+            t.split_once(':')
+                .is_some_and(|(k, _)| !IDENTITY_TAGS.contains(&k))
+        });
+    let key = format!("{name}|{kind}");
+    for key in std::iter::once(key.clone()).chain(tags.map(|t| format!("{key}#{t}"))) {
+        let agg = stats.entry(key).or_default();
+        agg.count += 1;
+        agg.sum += value;
+        agg.max = agg.max.max(value);
+    }
+}
+
+/// Sum of the counter `name` (optionally `name#tag:value`) over [`Sink::take`] snapshots.
+pub fn counter(snapshots: &[Value], name: &str) -> f64 {
+    let key = match name.split_once('#') {
+        Some((name, tag)) => format!("{name}|c#{tag}"),
+        None => format!("{name}|c"),
+    };
+    snapshots
+        .iter()
+        .filter_map(|m| m.get(&key).and_then(|m| m["sum"].as_f64()))
+        .sum()
+}
+
+/// What a phase put on the wire, from the node's counters: messages handed to the broker per event
+/// they carried (batching makes it far below 1; relay republishes and replays would push it up),
+/// the events published per event accepted (1.0 when nothing is published twice), and what the
+/// outbox relay republished. Over a phase's snapshots (its rounds, its drain); every node of the
+/// deployment counts into the same snapshot.
+pub fn wire(metrics: &[Value]) -> Value {
+    let messages = counter(metrics, "queue.publish.messages");
+    let events = counter(metrics, "queue.publish.events");
+    let accepted = counter(metrics, "api.events.accepted");
+    json!({
+        "messages": messages,
+        "events": events,
+        "accepted": accepted,
+        "messages_per_event": if events > 0.0 { messages / events } else { 0.0 },
+        "events_per_accepted": if accepted > 0.0 { events / accepted } else { 0.0 },
+        "commit_messages": counter(metrics, "queue.publish.messages#source:commit"),
+        "relay_messages": counter(metrics, "queue.publish.messages#source:relay"),
+        "relay_events": counter(metrics, "queue.publish.events#source:relay"),
+        "relay_republished": counter(metrics, "pipeline.relay.republished"),
+        "replay_events": counter(metrics, "queue.publish.events#source:replay"),
+        "confirmed": counter(metrics, "queue.publish.confirmed"),
+        "unconfirmed": counter(metrics, "queue.publish.unconfirmed"),
+        "statsd_udp_drops": metrics
+            .iter()
+            .filter_map(|m| m["statsd.udp_drops"].as_u64())
+            .sum::<u64>(),
+    })
 }

@@ -75,6 +75,36 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Asks the kernel for a `bytes` receive buffer on `socket` (it caps it at `net.core.rmem_max`), so
+/// a burst of StatsD datagrams waits there instead of being dropped while the sink thread catches up.
+pub fn raise_receive_buffer(socket: &std::net::UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int; the fd is open.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Datagrams the kernel dropped so far on the IPv4 UDP socket bound to `port` (the last column of
+/// `/proc/net/udp`).
+pub fn udp_drops(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let wanted = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields
+            .get(1)
+            .filter(|local| local.ends_with(&wanted))
+            .and_then(|_| fields.last()?.parse().ok())
+    })
+}
+
 /// CPU model, core count, memory and kernel, for the report.
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -99,11 +129,11 @@ pub fn machine() -> String {
     )
 }
 
-/// CPU time used so far by every process of the box, grouped: the node, the load generator,
-/// PostgreSQL (all backends), RabbitMQ (the Erlang VM) and everything else. Lets the report say
-/// which process the cores went to during a phase.
+/// CPU time used so far by every process of the box, grouped: the nodes (all of the deployment), the
+/// load generator, PostgreSQL (all backends), RabbitMQ (the Erlang VM) and everything else. Lets the
+/// report say which process the cores went to during a phase.
 pub fn cpu_by_group(
-    node: u32,
+    nodes: &[u32],
     loadgen: Option<u32>,
 ) -> std::collections::BTreeMap<&'static str, Duration> {
     let mut groups = std::collections::BTreeMap::new();
@@ -120,7 +150,7 @@ pub fn cpu_by_group(
         };
         let Some(cpu) = cpu_time(pid) else { continue };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let group = if pid == node {
+        let group = if nodes.contains(&pid) {
             "herald"
         } else if Some(pid) == loadgen {
             "loadgen"
