@@ -307,6 +307,10 @@ pub struct MetricsSettings {
     pub prefix: String,
     /// How often buffered metrics are sent.
     pub flush_interval_ms: u64,
+    /// Largest StatsD datagram: metrics are buffered up to it (or the flush interval). The default
+    /// fits a 1500-byte MTU; a local agent takes 8192 (fewer sends: on a loaded node StatsD sends
+    /// at cadence's 512 bytes took 8% of the CPU).
+    pub packet_bytes: usize,
 }
 
 impl Default for MetricsSettings {
@@ -315,6 +319,7 @@ impl Default for MetricsSettings {
             statsd_addr: "127.0.0.1:8125".into(),
             prefix: String::new(),
             flush_interval_ms: 100,
+            packet_bytes: 1432,
         }
     }
 }
@@ -639,6 +644,7 @@ impl Settings {
             ("socket.outbound_buffer", self.socket.outbound_buffer),
             ("socket.max_channels", self.socket.max_channels),
             ("socket.channel_inbox", self.socket.channel_inbox),
+            ("metrics.packet_bytes", self.metrics.packet_bytes),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");

@@ -61,8 +61,12 @@ impl Metrics {
             socket
                 .set_nonblocking(true)
                 .map_err(|e| fail(Box::new(e)))?;
-            let sink = BufferedUdpMetricSink::from(settings.statsd_addr.as_str(), socket)
-                .map_err(|e| fail(Box::new(e)))?;
+            let sink = BufferedUdpMetricSink::with_capacity(
+                settings.statsd_addr.as_str(),
+                socket,
+                settings.packet_bytes,
+            )
+            .map_err(|e| fail(Box::new(e)))?;
             StatsdClient::builder(&settings.prefix, sink)
                 .with_error_handler(|e| tracing::debug!(error = %e, "statsd send failed"))
                 .build()

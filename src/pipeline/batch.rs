@@ -3,8 +3,13 @@
 //! each caller. Nothing waits for a timer: while one batch is written, the next one accumulates, so
 //! batches grow exactly as fast as load does.
 //!
-//! Serves the enqueue commit (`INSERT ... UNNEST`), the published marks and the delivery outcomes.
-//! Flushes run one at a time, so the order of batches is the order of submission.
+//! Serves the enqueue commit (`INSERT ... UNNEST`), the confirmed outbox rows and the delivery
+//! outcomes. Flushes run one at a time.
+//!
+//! Items a writer calls small ([`Flush::small`]: a single event, say) queue apart from the others
+//! and go first: a batch takes the small items waiting (up to half its weight while others wait),
+//! then the rest in submission order. So a single event never waits behind a burst of bulk requests
+//! queued before it; concurrent submissions have no order of their own to keep.
 
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +26,11 @@ pub trait Flush: Send + Sync + 'static {
     /// at `max_weight`.
     fn weight(_item: &Self::Item) -> usize {
         1
+    }
+
+    /// Whether `item` is small enough to go ahead of the others (see the module docs).
+    fn small(_item: &Self::Item) -> bool {
+        false
     }
 
     /// Writes a batch; returns one output per item, in order.
@@ -51,12 +61,14 @@ struct Job<F: Flush> {
 /// The submitting side; cheap to clone.
 pub struct Batcher<F: Flush> {
     tx: mpsc::Sender<Job<F>>,
+    small_tx: mpsc::Sender<Job<F>>,
 }
 
 impl<F: Flush> Clone for Batcher<F> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            small_tx: self.small_tx.clone(),
         }
     }
 }
@@ -72,7 +84,22 @@ impl<F: Flush> Batcher<F> {
         close: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx }, run(flush, rx, max_weight, close))
+        let (small_tx, small_rx) = mpsc::channel(capacity);
+        let queues = Queues {
+            rx,
+            small_rx,
+            open: true,
+            small_open: true,
+        };
+        (Self { tx, small_tx }, run(flush, queues, max_weight, close))
+    }
+
+    fn queue(&self, item: &F::Item) -> &mpsc::Sender<Job<F>> {
+        if F::small(item) {
+            &self.small_tx
+        } else {
+            &self.tx
+        }
     }
 
     /// Submits an item and waits for its batch to be written.
@@ -81,7 +108,7 @@ impl<F: Flush> Batcher<F> {
     /// The batcher is closed.
     pub async fn submit(&self, item: F::Item) -> Result<F::Output, Closed> {
         let (reply, answer) = oneshot::channel();
-        self.tx
+        self.queue(&item)
             .send(Job {
                 item,
                 reply: Some(reply),
@@ -103,11 +130,12 @@ impl<F: Flush> Batcher<F> {
         limit: std::time::Duration,
     ) -> Result<F::Output, SubmitError> {
         let (reply, answer) = oneshot::channel();
+        let queue = self.queue(&item);
         let job = Job {
             item,
             reply: Some(reply),
         };
-        match self.tx.send_timeout(job, limit).await {
+        match queue.send_timeout(job, limit).await {
             Ok(()) => answer.await.map_err(|_| SubmitError::Closed),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(SubmitError::Timeout),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(SubmitError::Closed),
@@ -119,41 +147,81 @@ impl<F: Flush> Batcher<F> {
     /// # Errors
     /// The batcher is closed.
     pub async fn send(&self, item: F::Item) -> Result<(), Closed> {
-        self.tx
+        self.queue(&item)
             .send(Job { item, reply: None })
             .await
             .map_err(|_| Closed)
     }
 }
 
+/// The two queues of a batcher: small items, and the rest.
+struct Queues<F: Flush> {
+    rx: mpsc::Receiver<Job<F>>,
+    small_rx: mpsc::Receiver<Job<F>>,
+    /// False once the queue is closed and empty.
+    open: bool,
+    small_open: bool,
+}
+
+impl<F: Flush> Queues<F> {
+    /// The next job, a small one first; `None` once both queues are closed and empty. After
+    /// `close` is cancelled no new submission is taken, but what is queued still comes out.
+    async fn next(&mut self, close: &CancellationToken) -> Option<Job<F>> {
+        loop {
+            tokio::select! {
+                biased;
+                job = self.small_rx.recv(), if self.small_open => match job {
+                    Some(job) => return Some(job),
+                    None => self.small_open = false,
+                },
+                job = self.rx.recv(), if self.open => match job {
+                    Some(job) => return Some(job),
+                    None => self.open = false,
+                },
+                () = close.cancelled(), if self.open || self.small_open => {
+                    self.small_rx.close();
+                    self.rx.close();
+                }
+                else => return None,
+            }
+        }
+    }
+
+    /// Adds jobs already waiting to `jobs` until `limit` weight: small ones, then the others.
+    fn fill(&mut self, jobs: &mut Vec<Job<F>>, weight: &mut usize, max_weight: usize) {
+        // Small jobs take at most half a batch while others wait, so neither kind starves.
+        let small_share = if self.rx.is_empty() {
+            max_weight
+        } else {
+            max_weight / 2
+        };
+        let mut take = |rx: &mut mpsc::Receiver<Job<F>>, limit: usize| {
+            while *weight < limit {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        *weight += F::weight(&job.item);
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+        };
+        take(&mut self.small_rx, small_share.max(1));
+        take(&mut self.rx, max_weight);
+        take(&mut self.small_rx, max_weight);
+    }
+}
+
 async fn run<F: Flush>(
     flush: F,
-    mut rx: mpsc::Receiver<Job<F>>,
+    mut queues: Queues<F>,
     max_weight: usize,
     close: CancellationToken,
 ) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            job = rx.recv() => job,
-            () = close.cancelled() => {
-                // No new submissions; what is queued is still written.
-                rx.close();
-                rx.recv().await
-            }
-        };
-        let Some(first) = first else { return };
+    while let Some(first) = queues.next(&close).await {
         let mut weight = F::weight(&first.item);
         let mut jobs = vec![first];
-        while weight < max_weight {
-            match rx.try_recv() {
-                Ok(job) => {
-                    weight += F::weight(&job.item);
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        queues.fill(&mut jobs, &mut weight, max_weight);
         let (items, replies): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|job| (job.item, job.reply)).unzip();
         let outputs = flush.flush(items).await;
@@ -202,6 +270,45 @@ mod tests {
         assert_eq!(batches[0], vec![0, 1, 2]);
         assert_eq!(batches[1], vec![3, 4, 5]);
         assert_eq!(answer, 3);
+    }
+
+    /// Items of 1 are small; others weigh what they say.
+    #[derive(Clone, Default)]
+    struct Sized(Arc<Mutex<Vec<Vec<u32>>>>);
+
+    impl Flush for Sized {
+        type Item = u32;
+        type Output = ();
+        fn weight(item: &u32) -> usize {
+            *item as usize
+        }
+        fn small(item: &u32) -> bool {
+            *item == 1
+        }
+        fn flush(&self, items: Vec<u32>) -> impl Future<Output = Vec<()>> + Send {
+            let n = items.len();
+            self.0.lock().unwrap().push(items);
+            async move { vec![(); n] }
+        }
+    }
+
+    #[tokio::test]
+    async fn small_items_overtake_bulk_ones_but_take_half_a_batch_at_most() {
+        let recorder = Sized::default();
+        let close = CancellationToken::new();
+        let (batcher, task) = Batcher::new(recorder.clone(), 100, 10, close.clone());
+        // Queued before the writer runs: three bulk items of 4, then seven small ones.
+        for item in [4, 4, 4, 1, 1, 1, 1, 1, 1, 1] {
+            batcher.send(item).await.unwrap();
+        }
+        close.cancel();
+        task.await;
+        let batches = recorder.0.lock().unwrap().clone();
+        // Small ones first, five of them (half of 10, bulk items waiting), then bulk ones to 10;
+        // then the rest.
+        assert_eq!(batches[0], vec![1, 1, 1, 1, 1, 4, 4]);
+        assert_eq!(batches[1], vec![1, 1, 4]);
+        assert_eq!(batches.concat().len(), 10, "every item written once");
     }
 
     #[tokio::test]

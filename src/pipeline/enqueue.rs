@@ -124,6 +124,12 @@ impl Flush for Committer {
         item.len()
     }
 
+    /// A single event goes ahead of batches queued before it: one user's burst of batch
+    /// requests never holds up everyone else's single events.
+    fn small(item: &Vec<NewEvent>) -> bool {
+        item.len() == 1
+    }
+
     async fn flush(&self, requests: Vec<Vec<NewEvent>>) -> Vec<Self::Output> {
         {
             let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
