@@ -40,6 +40,9 @@ CREATE INDEX events_failed_id ON events (id) WHERE failed_at IS NOT NULL;
 -- events: 98% of delivery updates HOT at 50, 40% at 80, and the table the same size either way
 -- (a non-HOT update puts its new version on another page instead).
 ALTER TABLE events SET (fillfactor = 50);
+-- The same for the per-user counters every group commit bumps: 40,000 upserts in statements of
+-- 200 took 6.8 µs each at 50, 9.2 µs at 100.
+ALTER TABLE user_seqs SET (fillfactor = 50);
 
 -- Producers are never deleted (no command or endpoint removes one: keys are rotated instead), so
 -- the foreign key from events only cost: its per-row check was 17 of the 32 µs an inserted event
