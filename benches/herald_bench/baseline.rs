@@ -59,12 +59,21 @@ pub async fn pool(names: &Names, connections: u32) -> anyhow::Result<PgPool> {
 
 /// `raw_events`: `events` with its defaults, checks, indexes and foreign key, minus Herald.
 pub async fn create_raw_table(pool: &PgPool) -> anyhow::Result<i64> {
+    // A copy of `events` as Herald has it: columns, defaults, indexes, and (which LIKE does not
+    // copy) its storage parameters, fillfactor included. Its constraints but foreign keys come
+    // with LIKE, and `events` has none.
     sqlx::query("CREATE TABLE IF NOT EXISTS raw_events (LIKE events INCLUDING ALL)")
         .execute(pool)
         .await?;
-    sqlx::query("ALTER TABLE raw_events ADD FOREIGN KEY (producer_id) REFERENCES producers (id)")
-        .execute(pool)
-        .await?;
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE relname = 'events'")
+            .fetch_one(pool)
+            .await?;
+    if let Some(options) = options.filter(|o| !o.is_empty()) {
+        sqlx::query(&format!("ALTER TABLE raw_events SET ({})", options.join(", ")))
+            .execute(pool)
+            .await?;
+    }
     let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
         .fetch_one(pool)
         .await?;
