@@ -70,9 +70,12 @@ pub async fn create_raw_table(pool: &PgPool) -> anyhow::Result<i64> {
             .fetch_one(pool)
             .await?;
     if let Some(options) = options.filter(|o| !o.is_empty()) {
-        sqlx::query(&format!("ALTER TABLE raw_events SET ({})", options.join(", ")))
-            .execute(pool)
-            .await?;
+        sqlx::query(&format!(
+            "ALTER TABLE raw_events SET ({})",
+            options.join(", ")
+        ))
+        .execute(pool)
+        .await?;
     }
     let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
         .fetch_one(pool)

@@ -73,11 +73,34 @@ pub struct Worker {
 pub(super) struct Item {
     envelope: Envelope,
     attempt: u32,
-    message: Arc<InWork>,
+    /// Its message, until the item is settled.
+    message: Option<Arc<InWork>>,
     /// Returned to the partition's window when the item is dropped (settled).
     _permit: Option<OwnedSemaphorePermit>,
     /// Counts the item in its partition's work until it is dropped (settled).
     _counted: Counted,
+}
+
+impl Item {
+    /// The event is done with: its message is acked once all its events are (requeued if any
+    /// asked for it).
+    async fn settle(mut self, requeue: bool) {
+        if let Some(message) = self.message.take() {
+            message.settle_one(requeue).await;
+        }
+    }
+}
+
+impl Drop for Item {
+    /// An item dropped unsettled (its lane task panicked or was aborted) must not strand its
+    /// message unacked: it asks for the message to come back.
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { message.settle_one(true).await });
+        }
+    }
 }
 
 /// An event counted in its partition's work while this lives.
@@ -353,7 +376,7 @@ impl Worker {
             let item = Item {
                 envelope,
                 attempt,
-                message: Arc::clone(&message),
+                message: Some(Arc::clone(&message)),
                 _permit: permit,
                 _counted: Counted::new(work),
             };
@@ -419,7 +442,7 @@ impl Worker {
                 Some(Settle::Retried) => false,
                 Some(Settle::Delivered | Settle::Failed) | None => !recorded,
             };
-            item.message.settle_one(requeue).await;
+            item.settle(requeue).await;
         }
         let elapsed = started.elapsed();
         for (label, count) in [("pushed", pushed), ("offline", offline), ("failed", failed)] {
