@@ -244,8 +244,14 @@ impl App {
                 settings.clone(),
                 shutdown.child_token(),
             ));
+            let limits = Arc::new(Limits {
+                max_body_bytes: settings.http.max_body_bytes,
+                max_batch_events: pipeline.max_batch_events,
+                max_data_bytes: pipeline.max_data_bytes,
+                max_token_ttl_secs: settings.socket.token_ttl_secs,
+            });
             if let Some(demo) = demo {
-                router = router.merge(demo.routes(enqueue.clone()));
+                router = router.merge(demo.routes(enqueue.clone(), limits.request()));
             }
             let api_state = ApiState {
                 pubsub: pubsub.clone(),
@@ -254,12 +260,7 @@ impl App {
                 metrics: metrics.clone(),
                 keys: Arc::new(KeyCache::new(Duration::from_secs(30), 10_000)),
                 signer: signer.clone(),
-                limits: Arc::new(Limits {
-                    max_body_bytes: settings.http.max_body_bytes,
-                    max_batch_events: pipeline.max_batch_events,
-                    max_data_bytes: pipeline.max_data_bytes,
-                    max_token_ttl_secs: settings.socket.token_ttl_secs,
-                }),
+                limits,
                 admin_keys: Arc::new(KeyCache::new(Duration::from_secs(30), 1_000)),
                 replays: replays.clone(),
                 default_replay_rate: settings.replay.default_rate,

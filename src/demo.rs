@@ -6,7 +6,8 @@
 //! as the `demo` producer. An edge module like `api`; nothing depends on it.
 
 use crate::api::error::ApiError;
-use crate::event::{EventName, UserId, now_unix_ms};
+use crate::api::request::{EventRequest, RequestLimits};
+use crate::event::UserId;
 use crate::pipeline::enqueue::Enqueue;
 use crate::socket::token::{TokenSigner, now_unix_secs};
 use axum::extract::State;
@@ -15,7 +16,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -49,6 +49,7 @@ struct DemoState {
     enqueue: Enqueue,
     signer: TokenSigner,
     producer_id: i64,
+    limits: RequestLimits,
 }
 
 impl Demo {
@@ -76,13 +77,14 @@ impl Demo {
         })
     }
 
-    /// The demo routes, enqueueing through `enqueue`.
-    pub fn routes(self, enqueue: Enqueue) -> Router {
+    /// The demo routes, enqueueing through `enqueue` what passes the API's own `limits`.
+    pub fn routes(self, enqueue: Enqueue, limits: RequestLimits) -> Router {
         let state = DemoState {
             assets: self.assets,
             enqueue,
             signer: self.signer,
             producer_id: self.producer_id,
+            limits,
         };
         routes(state)
     }
@@ -134,38 +136,13 @@ async fn token(
     Ok(Json(json!({ "token": token, "user_id": user })))
 }
 
-#[derive(Deserialize)]
-struct EventRequest {
-    user_id: String,
-    event: Option<String>,
-    data: Option<Box<RawValue>>,
-}
-
 async fn send_event(
     State(state): State<DemoState>,
     Json(request): Json<EventRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let user_id = UserId::parse(request.user_id)
-        .map_err(|why| ApiError::Invalid(format!("user_id: {why}")))?;
-    let event = match request.event {
-        Some(name) => {
-            EventName::parse(name).map_err(|why| ApiError::Invalid(format!("event: {why}")))?
-        }
-        None => EventName::default_push(),
-    };
-    let data = match request.data {
-        Some(data) => data,
-        None => RawValue::from_string("{}".into()).map_err(|e| ApiError::Internal(Box::new(e)))?,
-    };
-    let event = crate::store::NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: state.producer_id,
-        user_id,
-        event,
-        data,
-        idempotency_key: None,
-        enqueued_at_ms: now_unix_ms(),
-    };
+    // The same checks as the producer API: the demo must not be a way around them.
+    let event =
+        crate::api::request::validate(request, None, &state.limits, "")?.stamp(state.producer_id);
     let accepted = state.enqueue.enqueue(vec![event]).await?;
     let first = accepted.first().map(|a| json!({"id": a.id, "seq": a.seq}));
     Ok(Json(first.unwrap_or(Value::Null)))

@@ -190,6 +190,16 @@ impl Metrics {
             .send();
     }
 
+    /// Requests PostgreSQL refused for their data, found by splitting a failed group commit (the
+    /// rest of the batch was committed).
+    pub fn commit_refused(&self, requests: usize) {
+        self.tagged(
+            self.client
+                .count_with_tags("store.commit.refused", requests as i64),
+        )
+        .send();
+    }
+
     /// A status UPDATE batch (`kind` = published or outcome).
     pub fn status_batch(&self, kind: &'static str, rows: usize, elapsed: Duration) {
         self.tagged(

@@ -73,7 +73,18 @@ impl From<EnqueueError> for ApiError {
     fn from(error: EnqueueError) -> Self {
         match error {
             EnqueueError::StoreFailed => Self::Internal(Box::new(error)),
+            EnqueueError::Refused(_) => Self::Invalid(error.to_string()),
             other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<super::request::Rejection> for ApiError {
+    fn from(rejection: super::request::Rejection) -> Self {
+        use super::request::Rejection;
+        match rejection {
+            Rejection::Invalid(why) => Self::Invalid(why),
+            Rejection::TooLarge(why) => Self::TooLarge(why),
         }
     }
 }

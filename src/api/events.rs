@@ -7,43 +7,16 @@
 use super::ApiState;
 use super::error::ApiError;
 use super::extract::{ApiJson, Authenticated};
-use crate::event::{EventName, MAX_IDEMPOTENCY_KEY_BYTES, UserId, now_unix_ms};
+use super::request::{self, BatchRequest, EventRequest};
 use crate::pipeline::enqueue::Accepted;
-use crate::store::NewEvent;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 use uuid::Uuid;
 
 /// The header carrying a single event's idempotency key.
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
-
-/// One event as a producer sends it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventRequest {
-    /// A string; a JSON integer is accepted and normalised to its decimal string.
-    #[serde(deserialize_with = "string_or_integer")]
-    user_id: String,
-    /// Defaults to `push`.
-    #[serde(default)]
-    event: Option<String>,
-    /// Any JSON; defaults to `{}`.
-    #[serde(default)]
-    data: Option<Box<RawValue>>,
-    /// Per event in a batch (a single event may use the `Idempotency-Key` header instead).
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
-/// A batch.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    events: Vec<EventRequest>,
-}
 
 /// What the API answers for one event.
 #[derive(Serialize)]
@@ -61,28 +34,6 @@ pub struct BatchResponse {
     events: Vec<EventResponse>,
 }
 
-pub(super) fn string_or_integer<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<String, D::Error> {
-    struct Visitor;
-    impl serde::de::Visitor<'_> for Visitor {
-        type Value = String;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a string or an integer")
-        }
-        fn visit_str<E>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_owned())
-        }
-        fn visit_i64<E>(self, v: i64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_u64<E>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-    }
-    deserializer.deserialize_any(Visitor)
-}
-
 /// `POST /api/v1/events`.
 pub async fn create(
     State(state): State<ApiState>,
@@ -98,8 +49,11 @@ pub async fn create(
                 .map_err(|_| ApiError::Invalid("Idempotency-Key must be visible ASCII".into()))
         })
         .transpose()?;
-    let event = validate(request, producer.id, header_key, &state, "")?;
-    let mut accepted = state.enqueue.enqueue(vec![event]).await?;
+    let event = request::validate(request, header_key, &state.limits.request(), "")?;
+    let mut accepted = state
+        .enqueue
+        .enqueue(vec![event.stamp(producer.id)])
+        .await?;
     let accepted = accepted
         .pop()
         .ok_or_else(|| ApiError::Internal("enqueue answered nothing".into()))?;
@@ -122,22 +76,10 @@ pub async fn create_batch(
     Authenticated(producer): Authenticated,
     ApiJson(batch): ApiJson<BatchRequest>,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
-    let max = state.limits.max_batch_events;
-    if batch.events.len() > max {
-        return Err(ApiError::TooLarge(format!(
-            "batch has {} events; at most {max} are allowed",
-            batch.events.len()
-        )));
-    }
-    if batch.events.is_empty() {
-        return Err(ApiError::Invalid("events: must not be empty".into()));
-    }
-    let events = batch
-        .events
+    let events = request::validate_batch(batch, &state.limits.request())?
         .into_iter()
-        .enumerate()
-        .map(|(i, request)| validate(request, producer.id, None, &state, &format!("events[{i}].")))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|event| event.stamp(producer.id))
+        .collect();
     let accepted = state.enqueue.enqueue(events).await?;
     let duplicates = accepted
         .iter()
@@ -166,61 +108,6 @@ fn response(accepted: Accepted) -> EventResponse {
         seq: accepted.seq,
         duplicate,
     }
-}
-
-/// Turns a request into a `NewEvent`, naming the offending field (prefixed with `at`) on error.
-fn validate(
-    request: EventRequest,
-    producer_id: i64,
-    header_key: Option<String>,
-    state: &ApiState,
-    at: &str,
-) -> Result<NewEvent, ApiError> {
-    let invalid = |field: &str, why: String| ApiError::Invalid(format!("{at}{field}: {why}"));
-    let user_id = UserId::parse(request.user_id).map_err(|why| invalid("user_id", why))?;
-    let event = match request.event {
-        Some(name) => EventName::parse(name).map_err(|why| invalid("event", why))?,
-        None => EventName::default_push(),
-    };
-    let data = match request.data {
-        Some(data) => data,
-        None => {
-            RawValue::from_string("{}".to_owned()).map_err(|e| ApiError::Internal(Box::new(e)))?
-        }
-    };
-    let max_data = state.limits.max_data_bytes;
-    if data.get().len() > max_data {
-        return Err(ApiError::TooLarge(format!(
-            "{at}data: {} bytes; at most {max_data} are allowed",
-            data.get().len()
-        )));
-    }
-    let idempotency_key = match (header_key, request.idempotency_key) {
-        (Some(h), Some(b)) if h != b => {
-            return Err(invalid(
-                "idempotency_key",
-                "differs from the Idempotency-Key header".into(),
-            ));
-        }
-        (h, b) => h.or(b),
-    };
-    if let Some(key) = &idempotency_key
-        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES)
-    {
-        return Err(invalid(
-            "idempotency_key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
-        ));
-    }
-    Ok(NewEvent {
-        id: Uuid::now_v7(),
-        producer_id,
-        user_id,
-        event,
-        data,
-        idempotency_key,
-        enqueued_at_ms: now_unix_ms(),
-    })
 }
 
 /// `GET /api/v1/events/{id}`: a producer reads its own event's status (another producer's id is

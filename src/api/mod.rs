@@ -8,6 +8,7 @@ pub mod error;
 mod events;
 mod extract;
 pub mod health;
+pub mod request;
 mod tokens;
 mod users;
 
@@ -35,6 +36,16 @@ pub struct Limits {
     pub max_data_bytes: usize,
     /// Longest token lifetime.
     pub max_token_ttl_secs: u64,
+}
+
+impl Limits {
+    /// The limits an event request is validated against.
+    pub fn request(&self) -> request::RequestLimits {
+        request::RequestLimits {
+            max_batch_events: self.max_batch_events,
+            max_data_bytes: self.max_data_bytes,
+        }
+    }
 }
 
 /// What handlers share; cheap to clone.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    #[serde(deserialize_with = "super::events::string_or_integer")]
+    #[serde(deserialize_with = "super::request::string_or_integer")]
     user_id: String,
     /// Lifetime; defaults to (and is capped at) `socket.token_ttl_secs`.
     #[serde(default)]

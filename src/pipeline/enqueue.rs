@@ -36,6 +36,10 @@ pub enum EnqueueError {
     /// The commit failed for another reason (logged where it happened).
     #[error("storing the events failed")]
     StoreFailed,
+    /// PostgreSQL refused this request's data (and only this request's: the others of its group
+    /// commit were committed without it).
+    #[error("the event store refused this request's data: {0}")]
+    Refused(String),
 }
 
 /// One accepted event, as the API reports it.
@@ -76,14 +80,7 @@ impl Enqueue {
         settings: &crate::config::Settings,
         close: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + use<>) {
-        let committer = Committer {
-            store,
-            publisher,
-            metrics,
-            partitions: settings.queue.partitions,
-            limits: settings.message_limits(),
-            publish_window: super::publish_window(settings),
-        };
+        let committer = Committer::new(store, publisher, metrics, settings);
         let pipeline = &settings.pipeline;
         let (batcher, task) = Batcher::new(
             committer,
@@ -130,38 +127,100 @@ impl Flush for Committer {
         item.len() == 1
     }
 
+    /// Commits the requests in one transaction. When PostgreSQL refuses a value (a data error, see
+    /// [`store::Error::is_data_error`]), the batch is cut in halves, each committed on its own, down
+    /// to the request at fault: it alone is refused, and every other request is committed. The
+    /// halves commit in the batch's order, so each user's seqs follow it as one commit's would.
+    /// The API's validation refuses such values first; this is the second line, for what it may
+    /// miss.
     async fn flush(&self, requests: Vec<Vec<NewEvent>>) -> Vec<Self::Output> {
-        {
+        let mut answers: Vec<Option<Self::Output>> = requests.iter().map(|_| None).collect();
+        // A stack of (index of the first request, requests), the earliest on top.
+        let mut todo = vec![(0, requests)];
+        while let Some((first, requests)) = todo.pop() {
             let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
             let events: Vec<NewEvent> = requests.into_iter().flatten().collect();
-            let started = Instant::now();
-            let span = tracing::info_span!("commit", events = events.len());
-            let result = self
-                .store
-                .insert_events(&events, self.partitions, self.limits)
-                .instrument(span)
-                .await;
-            let committed = match result {
-                Ok(committed) => committed,
-                Err(error) => {
-                    let answer = failure(&error);
-                    tracing::error!(error = ?error, events = events.len(), "group commit failed");
-                    return sizes.iter().map(|_| Err(answer.clone())).collect();
+            match self.commit(events, &sizes).await {
+                Ok(accepted) => {
+                    for (i, accepted) in accepted.into_iter().enumerate() {
+                        answers[first + i] = Some(Ok(accepted));
+                    }
                 }
-            };
-            self.metrics.commit(events.len(), started.elapsed());
-            let accepted: Vec<Accepted> = events
-                .iter()
-                .zip(&committed.outcomes)
-                .map(|(event, outcome)| accepted(event.id, outcome))
-                .collect();
-            self.publish_new(events, committed).await;
-            split(accepted, &sizes).into_iter().map(Ok).collect()
+                Err((error, events)) if error.is_data_error() && sizes.len() > 1 => {
+                    let mut halves = split(events, &sizes);
+                    let second = halves.split_off(sizes.len() / 2);
+                    todo.push((first + halves.len(), second));
+                    todo.push((first, halves));
+                }
+                Err((error, _)) => {
+                    let answer = if error.is_data_error() {
+                        self.metrics.commit_refused(1);
+                        tracing::warn!(error = ?error, "PostgreSQL refused one request's data");
+                        EnqueueError::Refused(error.database_message().unwrap_or("").to_owned())
+                    } else {
+                        tracing::error!(error = ?error, requests = sizes.len(), "group commit failed");
+                        failure(&error)
+                    };
+                    for slot in &mut answers[first..first + sizes.len()] {
+                        *slot = Some(Err(answer.clone()));
+                    }
+                }
+            }
         }
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or(Err(EnqueueError::StoreFailed)))
+            .collect()
     }
 }
 
 impl Committer {
+    /// The writer of group commits into `store`, handing their messages to `publisher`. Only
+    /// [`Enqueue`] runs one in production; tests call its [`Flush::flush`] with a batch they choose.
+    pub fn new(
+        store: Store,
+        publisher: PublisherHandle,
+        metrics: Metrics,
+        settings: &crate::config::Settings,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            metrics,
+            partitions: settings.queue.partitions,
+            limits: settings.message_limits(),
+            publish_window: super::publish_window(settings),
+        }
+    }
+
+    /// One transaction for `events` (the requests of `sizes`, in order), then their messages to the
+    /// publisher. On failure the events come back, for a retry without some of them.
+    async fn commit(
+        &self,
+        events: Vec<NewEvent>,
+        sizes: &[usize],
+    ) -> Result<Vec<Vec<Accepted>>, (store::Error, Vec<NewEvent>)> {
+        let started = Instant::now();
+        let span = tracing::info_span!("commit", events = events.len());
+        let result = self
+            .store
+            .insert_events(&events, self.partitions, self.limits)
+            .instrument(span)
+            .await;
+        let committed = match result {
+            Ok(committed) => committed,
+            Err(error) => return Err((error, events)),
+        };
+        self.metrics.commit(events.len(), started.elapsed());
+        let accepted: Vec<Accepted> = events
+            .iter()
+            .zip(&committed.outcomes)
+            .map(|(event, outcome)| accepted(event.id, outcome))
+            .collect();
+        self.publish_new(events, committed).await;
+        Ok(split(accepted, sizes))
+    }
+
     /// Hands the commit's messages to the publisher, in commit order. While the broker is up and
     /// the publisher's buffer is full, the commit waits for room (half the publish window at most):
     /// ingest slows to what the broker takes, instead of running ahead and leaving events to the

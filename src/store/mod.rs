@@ -78,6 +78,34 @@ impl Error {
     }
 }
 
+impl Error {
+    /// PostgreSQL refused a value of the statement (SQLSTATE class 22, data exception: a NUL in
+    /// text, an invalid jsonb, a number out of range; or class 54, a program limit exceeded). The
+    /// same statement would fail again, and one row's value fails all of its rows.
+    pub fn is_data_error(&self) -> bool {
+        let Self::Query {
+            source: sqlx::Error::Database(db),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        db.code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
+    }
+
+    /// PostgreSQL's own message for a database error (what it refused, never a connection detail).
+    pub fn database_message(&self) -> Option<&str> {
+        match self {
+            Self::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => Some(db.message()),
+            _ => None,
+        }
+    }
+}
+
 /// A cheap handle to the PostgreSQL pool.
 #[derive(Clone, Debug)]
 pub struct Store {

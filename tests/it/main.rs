@@ -7,6 +7,7 @@ mod catchup;
 mod chaos;
 mod cluster;
 mod common;
+mod hostile;
 mod partitions;
 mod pipeline;
 mod resilience;
