@@ -25,10 +25,10 @@ use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::Publisher;
+use crate::server;
 use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
 use crate::socket::{self, SocketState};
 use crate::store::{self, Store};
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// Why a node could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +60,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server failed.
-    #[error("HTTP server failed")]
-    Serve(#[source] std::io::Error),
     /// The demo is enabled but its files are missing.
     #[error(transparent)]
     Demo(#[from] crate::demo::MissingAsset),
@@ -182,7 +180,7 @@ impl App {
     /// Runs this node's roles until `shutdown` is cancelled, then drains (see the module docs).
     ///
     /// # Errors
-    /// The HTTP server failed; the node still drained.
+    /// None today (a failed accept is retried); the `Result` leaves callers one error path.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self {
             settings,
@@ -249,6 +247,8 @@ impl App {
                 max_batch_events: pipeline.max_batch_events,
                 max_data_bytes: pipeline.max_data_bytes,
                 max_token_ttl_secs: settings.socket.token_ttl_secs,
+                max_concurrent_requests: settings.http.max_concurrent_requests,
+                request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
             });
             if let Some(demo) = demo {
                 router = router.merge(demo.routes(enqueue.clone(), limits.request()));
@@ -365,25 +365,20 @@ impl App {
             .merge(api::health::routes(health))
             .fallback(api::not_found);
 
+        // A body that stalls between reads fails its request (and frees its connection).
+        let router = router.layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
+            settings.http.body_read_timeout_ms,
+        )));
         tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
-        // Small frames go out at once: with Nagle on, a second small write (a reply, then
-        // phx_close; one push after another) waits ~40 ms for the client's delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %error, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .map_err(Error::Serve);
-        if let Err(error) = &served {
-            tracing::error!(error = ?error, "HTTP server failed; draining");
-            shutdown.cancel();
-        }
-
+        let deadline = server::serve(
+            listener,
+            router,
+            Duration::from_millis(settings.http.header_read_timeout_ms),
+            settings.shutdown_timeout(),
+            shutdown.clone(),
+        )
+        .await;
         tracing::info!("shutting down: draining in-flight work");
-        let deadline = Instant::now() + settings.shutdown_timeout();
         if let Some(api) = &api_tasks {
             drain("replay jobs", deadline, api.replays.shutdown()).await;
             api.commit_close.cancel();
@@ -417,7 +412,7 @@ impl App {
         let _ = flusher.await;
         metrics.flush();
         tracing::info!("shutdown complete");
-        served
+        Ok(())
     }
 }
 

@@ -98,6 +98,18 @@ pub struct HttpSettings {
     pub addr: SocketAddr,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// API requests in progress at once on this node; one more is answered 503 with `Retry-After`
+    /// at once. With `max_body_bytes` it bounds the memory that request bodies can take.
+    pub max_concurrent_requests: usize,
+    /// A connection must send a request's whole head within this long of opening or of its
+    /// previous response, or it is closed: slow headers, and the idle timeout of keep-alive.
+    pub header_read_timeout_ms: u64,
+    /// A request body that sends nothing for this long fails its request (408).
+    pub body_read_timeout_ms: u64,
+    /// An API request (body read, validation, group commit) taking longer than this is answered
+    /// 408. A request cut while its events were being committed may still be committed: producers
+    /// retry with an idempotency key.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for HttpSettings {
@@ -105,6 +117,10 @@ impl Default for HttpSettings {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 4000)),
             max_body_bytes: 4 * 1024 * 1024,
+            max_concurrent_requests: 256,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
         }
     }
 }
@@ -208,6 +224,9 @@ impl Default for QueueSettings {
 pub struct PipelineSettings {
     /// Events waiting for the group commit; when full, requests wait up to `enqueue_timeout_ms`.
     pub enqueue_buffer: usize,
+    /// Bytes of events (their data, ids and keys) waiting for the group commit; when full,
+    /// requests wait up to `enqueue_timeout_ms`. Must hold one whole request (`http.max_body_bytes`).
+    pub enqueue_buffer_bytes: usize,
     /// Most events in one group commit.
     pub max_commit_batch: usize,
     /// How long a request may wait for room in the enqueue buffer before it gets 503.
@@ -232,6 +251,7 @@ impl Default for PipelineSettings {
     fn default() -> Self {
         Self {
             enqueue_buffer: 20_000,
+            enqueue_buffer_bytes: 64 * 1024 * 1024,
             max_commit_batch: 1_000,
             enqueue_timeout_ms: 5_000,
             max_batch_events: 1_000,
@@ -631,6 +651,10 @@ impl Settings {
         }
         for (key, value) in [
             ("pipeline.enqueue_buffer", self.pipeline.enqueue_buffer),
+            (
+                "http.max_concurrent_requests",
+                self.http.max_concurrent_requests,
+            ),
             ("pipeline.max_commit_batch", self.pipeline.max_commit_batch),
             ("pipeline.max_batch_events", self.pipeline.max_batch_events),
             ("pipeline.max_status_batch", self.pipeline.max_status_batch),
@@ -696,6 +720,20 @@ impl Settings {
                 );
             }
             _ => return bad("pubsub.mode", "must be local or cluster"),
+        }
+        if self.pipeline.enqueue_buffer_bytes < self.http.max_body_bytes
+            || u32::try_from(self.pipeline.enqueue_buffer_bytes).is_err()
+        {
+            return bad(
+                "pipeline.enqueue_buffer_bytes",
+                "must hold one whole request (http.max_body_bytes) and be below 4 GiB",
+            );
+        }
+        if self.http.request_timeout_ms <= self.pipeline.enqueue_timeout_ms {
+            return bad(
+                "http.request_timeout_ms",
+                "must exceed pipeline.enqueue_timeout_ms (a request waiting for room must hear 503, not 408)",
+            );
         }
         if self.pipeline.max_batch_events > self.pipeline.enqueue_buffer {
             return bad(

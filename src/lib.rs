@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pubsub;
 pub mod queue;
+pub mod server;
 pub mod socket;
 pub mod store;
 

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// A limit on concurrent work (replay jobs) is reached; retry later.
     #[error("{0}")]
     Busy(String),
+    /// The request (or its body) took too long.
+    #[error("{0}")]
+    Timeout(String),
     /// Temporarily unable to accept: overloaded, shutting down, or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
@@ -46,6 +49,7 @@ impl ApiError {
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -67,6 +71,18 @@ pub async fn count_errors(
         metrics.api_error(code);
     }
     response
+}
+
+/// The answer of the API's tower middleware when it refuses a request: shed at the concurrency
+/// limit (503), or past the request timeout (408).
+pub async fn from_middleware(error: tower::BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Unavailable("too many requests in progress on this node; retry later".into())
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::Timeout("the request took too long".into())
+    } else {
+        ApiError::Internal(error)
+    }
 }
 
 impl From<EnqueueError> for ApiError {

@@ -27,6 +27,8 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
                     "request body over {} bytes",
                     state.limits.max_body_bytes
                 ))
+            } else if timed_out(&rejection) {
+                ApiError::Timeout("the request body stalled".into())
             } else {
                 ApiError::MalformedJson(rejection.body_text())
             }
@@ -43,6 +45,18 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
                 }
             })
     }
+}
+
+/// True when reading the body failed because it stalled past `http.body_read_timeout_ms`.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The producer behind `Authorization: Bearer <key>`.

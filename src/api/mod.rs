@@ -21,9 +21,14 @@ use crate::pubsub::PubSub;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 /// Limits the API enforces.
 #[derive(Clone, Debug)]
@@ -36,6 +41,10 @@ pub struct Limits {
     pub max_data_bytes: usize,
     /// Longest token lifetime.
     pub max_token_ttl_secs: u64,
+    /// API requests in progress at once; one more is answered 503 at once.
+    pub max_concurrent_requests: usize,
+    /// Bound on one request, body included; beyond it 408.
+    pub request_timeout: Duration,
 }
 
 impl Limits {
@@ -73,10 +82,19 @@ pub struct ApiState {
     pub default_replay_rate: u32,
 }
 
-/// The API routes.
+/// The API routes. At most `limits.max_concurrent_requests` run at once: one more is shed at once
+/// with 503 and `Retry-After`, rather than queued (a queue of requests is memory, and a producer
+/// retries as well as Herald waits). Each is bounded by `limits.request_timeout`.
 pub fn routes(state: ApiState) -> Router {
     let max_body = state.limits.max_body_bytes;
     let metrics = state.metrics.clone();
+    // One semaphore for every route: a plain concurrency limit layer would give each route its own.
+    let in_flight = Arc::new(Semaphore::new(state.limits.max_concurrent_requests));
+    let bounds = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(error::from_middleware))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(in_flight))
+        .timeout(state.limits.request_timeout);
     Router::new()
         .route("/api/v1/events", post(events::create))
         .route("/api/v1/events/batch", post(events::create_batch))
@@ -92,6 +110,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+        .layer(bounds)
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             error::count_errors,

@@ -16,7 +16,9 @@ use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
 use crate::store::{self, Committed, InsertOutcome, MessageLimits, NewEvent, Store};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -58,6 +60,63 @@ pub struct Accepted {
 pub struct Enqueue {
     batcher: Batcher<Committer>,
     queue_timeout: Duration,
+    /// Room for events waiting for (or in) a group commit, in events and in bytes: a request takes
+    /// its share before it is queued and gives it back once answered. Counted in requests, the
+    /// buffer held up to 1,000 events of 4 MiB each per slot.
+    room_events: Room,
+    room_bytes: Room,
+}
+
+/// A budget of the enqueue buffer, in one unit.
+#[derive(Clone)]
+struct Room {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Room {
+    fn new(total: usize) -> Self {
+        // Settings keep the totals below 4 Gi (see `pipeline.enqueue_buffer_bytes`).
+        let total = u32::try_from(total).unwrap_or(u32::MAX);
+        Self {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// `amount` of the room (at most all of it, so one request always fits), waiting until
+    /// `deadline` at most.
+    async fn take(
+        &self,
+        amount: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, EnqueueError> {
+        let amount = u32::try_from(amount).unwrap_or(u32::MAX).min(self.total);
+        let permits = Arc::clone(&self.permits).acquire_many_owned(amount);
+        match tokio::time::timeout_at(deadline, permits).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(EnqueueError::ShuttingDown),
+            Err(_elapsed) => Err(EnqueueError::Overloaded),
+        }
+    }
+}
+
+/// One request's events on their way to a group commit, holding their room in the enqueue buffer
+/// until the commit is done: a request that gives up early (timed out, disconnected) leaves its
+/// events queued, and they must still count.
+pub struct Submission {
+    events: Vec<NewEvent>,
+    room: Vec<OwnedSemaphorePermit>,
+}
+
+impl From<Vec<NewEvent>> for Submission {
+    /// A submission holding no room (tests hand batches to a [`Committer`] directly).
+    fn from(events: Vec<NewEvent>) -> Self {
+        Self {
+            events,
+            room: Vec::new(),
+        }
+    }
 }
 
 /// The group-commit writer behind [`Enqueue`].
@@ -91,6 +150,8 @@ impl Enqueue {
         let enqueue = Self {
             batcher,
             queue_timeout: Duration::from_millis(pipeline.enqueue_timeout_ms),
+            room_events: Room::new(pipeline.enqueue_buffer),
+            room_bytes: Room::new(pipeline.enqueue_buffer_bytes),
         };
         (enqueue, task)
     }
@@ -101,30 +162,33 @@ impl Enqueue {
     /// Overload, shutdown, or a failed commit: then none of the events is stored.
     pub async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>, EnqueueError> {
         let count = events.len();
-        let submitted = self.batcher.submit_within(events, self.queue_timeout);
-        match submitted
+        let bytes: usize = events.iter().map(NewEvent::buffered_size).sum();
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        let room = vec![
+            self.room_events.take(count, deadline).await?,
+            self.room_bytes.take(bytes, deadline).await?,
+        ];
+        // The room is taken, so the queue behind it (as many jobs as events) has space.
+        self.batcher
+            .submit(Submission { events, room })
             .instrument(tracing::debug_span!("enqueue", events = count))
             .await
-        {
-            Ok(answer) => answer,
-            Err(super::batch::SubmitError::Timeout) => Err(EnqueueError::Overloaded),
-            Err(super::batch::SubmitError::Closed) => Err(EnqueueError::ShuttingDown),
-        }
+            .map_err(|_| EnqueueError::ShuttingDown)?
     }
 }
 
 impl Flush for Committer {
-    type Item = Vec<NewEvent>;
+    type Item = Submission;
     type Output = Result<Vec<Accepted>, EnqueueError>;
 
-    fn weight(item: &Vec<NewEvent>) -> usize {
-        item.len()
+    fn weight(item: &Submission) -> usize {
+        item.events.len()
     }
 
     /// A single event goes ahead of batches queued before it: one user's burst of batch
     /// requests never holds up everyone else's single events.
-    fn small(item: &Vec<NewEvent>) -> bool {
-        item.len() == 1
+    fn small(item: &Submission) -> bool {
+        item.events.len() == 1
     }
 
     /// Commits the requests in one transaction. When PostgreSQL refuses a value (a data error, see
@@ -133,7 +197,10 @@ impl Flush for Committer {
     /// halves commit in the batch's order, so each user's seqs follow it as one commit's would.
     /// The API's validation refuses such values first; this is the second line, for what it may
     /// miss.
-    async fn flush(&self, requests: Vec<Vec<NewEvent>>) -> Vec<Self::Output> {
+    async fn flush(&self, submissions: Vec<Submission>) -> Vec<Self::Output> {
+        // The room is given back when this batch is done, not before.
+        let (requests, _room): (Vec<_>, Vec<_>) =
+            submissions.into_iter().map(|s| (s.events, s.room)).unzip();
         let mut answers: Vec<Option<Self::Output>> = requests.iter().map(|_| None).collect();
         // A stack of (index of the first request, requests), the earliest on top.
         let mut todo = vec![(0, requests)];

@@ -28,6 +28,16 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// Roughly what the event costs in memory while it waits for its commit: its variable-length
+    /// parts plus the fixed ones.
+    pub fn buffered_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.data.get().len()
+            + self.user_id.as_str().len()
+            + self.event.as_str().len()
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+    }
+
     /// The envelope of this event once it has its seq.
     pub fn into_envelope(self, seq: i64) -> Envelope {
         Envelope {

@@ -796,6 +796,30 @@ pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
             "HERALD_FAULTS__FAIL_EVENTS",
             settings.faults.fail_events.join(","),
         ),
+        (
+            "HERALD_HTTP__MAX_BODY_BYTES",
+            settings.http.max_body_bytes.to_string(),
+        ),
+        (
+            "HERALD_HTTP__MAX_CONCURRENT_REQUESTS",
+            settings.http.max_concurrent_requests.to_string(),
+        ),
+        (
+            "HERALD_PIPELINE__ENQUEUE_BUFFER",
+            settings.pipeline.enqueue_buffer.to_string(),
+        ),
+        (
+            "HERALD_PIPELINE__ENQUEUE_BUFFER_BYTES",
+            settings.pipeline.enqueue_buffer_bytes.to_string(),
+        ),
+        (
+            "HERALD_PIPELINE__ENQUEUE_TIMEOUT_MS",
+            settings.pipeline.enqueue_timeout_ms.to_string(),
+        ),
+        (
+            "HERALD_HTTP__REQUEST_TIMEOUT_MS",
+            settings.http.request_timeout_ms.to_string(),
+        ),
         ("HERALD_NODE__SHUTDOWN_TIMEOUT_MS", "5000".to_owned()),
         ("HERALD_LOG", "herald=info,warn".to_owned()),
     ]
