@@ -32,14 +32,13 @@ use crate::store::{self, Store};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// Why a node could not start or run.
@@ -319,16 +318,14 @@ impl App {
 
         // socket: WebSockets, and in cluster mode this node's fan-out queue.
         let sockets_closing = CancellationToken::new();
-        let socket_state = SocketState {
-            pubsub: pubsub.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
-            settings: Arc::new(settings.socket.clone()),
+        let socket_state = SocketState::new(
+            &settings.socket,
+            pubsub.clone(),
+            store.clone(),
+            metrics.clone(),
             signer,
-            closing: sockets_closing.clone(),
-            tracker: TaskTracker::new(),
-            open: Arc::new(AtomicU64::new(0)),
-        };
+            sockets_closing.clone(),
+        );
         let mut fanout_task = None;
         if roles.socket {
             router = router.merge(socket::routes(socket_state.clone()));

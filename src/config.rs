@@ -295,6 +295,18 @@ pub struct SocketSettings {
     pub stats_slow_ping_ms: u64,
     /// `parallel_slow_ping` tasks one stats channel may run at once.
     pub stats_max_parallel: usize,
+    /// User sockets open at once on this node; one more is refused with 503 before the upgrade.
+    pub max_connections: usize,
+    /// Origins allowed to open sockets from a browser (`Origin` header), as Phoenix's
+    /// `check_origin`: `https://app.example.com`, `//app.example.com` (any scheme),
+    /// `https://*.example.com` (subdomains); others get 403. Empty allows any origin (for
+    /// non-browser clients); clients sending no `Origin` always pass.
+    pub check_origin: Vec<String>,
+    /// Serve the stats socket (`/stats_socket`, no token: for the demo and diagnostics). Off, the
+    /// path is 404.
+    pub stats_enabled: bool,
+    /// Stats sockets open at once on this node (each may hold much; see the README).
+    pub stats_max_connections: usize,
 }
 
 impl Default for SocketSettings {
@@ -313,6 +325,10 @@ impl Default for SocketSettings {
             channel_inbox: 16,
             stats_slow_ping_ms: 3_000,
             stats_max_parallel: 10,
+            max_connections: 10_000,
+            check_origin: Vec::new(),
+            stats_enabled: false,
+            stats_max_connections: 10,
         }
     }
 }
@@ -669,10 +685,19 @@ impl Settings {
             ("socket.max_channels", self.socket.max_channels),
             ("socket.channel_inbox", self.socket.channel_inbox),
             ("metrics.packet_bytes", self.metrics.packet_bytes),
+            ("socket.max_connections", self.socket.max_connections),
+            (
+                "socket.stats_max_connections",
+                self.socket.stats_max_connections,
+            ),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
             }
+        }
+        for pattern in &self.socket.check_origin {
+            crate::socket::origin::OriginPattern::parse(pattern)
+                .map_err(|why| Error::Invalid(format!("socket.check_origin: {why}")))?;
         }
         if self.retry.max_attempts == 0 {
             return bad("retry.max_attempts", "must be at least 1");

@@ -254,6 +254,8 @@ async fn destroy(settings: &Settings, yes: bool) -> anyhow::Result<()> {
 
 async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     settings.demo.enabled = true;
+    // The page's stats channel tries ping, slow_ping and parallel_slow_ping.
+    settings.socket.stats_enabled = true;
     let store = migrate(&settings).await?;
     let (_, key) = match store.rotate_producer_key("demo").await? {
         Some(rekeyed) => rekeyed,

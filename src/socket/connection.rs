@@ -20,7 +20,6 @@ use futures_util::SinkExt;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -146,7 +145,6 @@ pub async fn serve(
     } = mailbox;
     let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
     let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
-    state.open.fetch_add(1, Ordering::Relaxed);
     let mut connection = Connection {
         ws,
         vsn,
@@ -173,7 +171,6 @@ pub async fn serve(
         }));
         let _ = timeout(write_timeout, connection.ws.send(frame)).await;
     }
-    state.open.fetch_sub(1, Ordering::Relaxed);
 }
 
 impl Connection {

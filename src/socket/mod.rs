@@ -3,12 +3,15 @@
 //!
 //! Two endpoints. `/socket/websocket` (UserSocket): a connection is authorised before the upgrade, and
 //! a missing, forged or expired token gets HTTP 403 and no WebSocket; a connected user may join only
-//! `user:<own id>`. `/stats_socket/websocket` (StatsSocket): no token; any topic is a stats channel
-//! (see [`stats`]). Protocol parsing is in [`protocol`] (pure), the per-connection loop in
+//! `user:<own id>`. `/stats_socket/websocket` (StatsSocket, only with `socket.stats_enabled`): no
+//! token; any topic is a stats channel (see [`stats`]). Before any upgrade, a browser's origin is
+//! checked ([`origin`], 403) and the node's room for sockets of that kind (503): each connection
+//! holds a permit until it ends. Protocol parsing is in [`protocol`] (pure), the per-connection loop in
 //! `connection`, channel state and per-user ordering in [`channel`].
 
 pub mod channel;
 mod connection;
+pub mod origin;
 pub mod protocol;
 pub mod stats;
 pub mod token;
@@ -27,11 +30,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use origin::OriginPattern;
 use protocol::Vsn;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use token::{TokenSigner, now_unix_secs};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,23 +56,87 @@ pub struct SocketState {
     pub closing: CancellationToken,
     /// Tracks connection tasks, so shutdown can wait for their close frames.
     pub tracker: TaskTracker,
-    /// Open connections, for the gauge.
-    pub open: Arc<AtomicU64>,
+    /// Room for user sockets (`socket.max_connections`): a connection holds a permit until it ends.
+    pub user_slots: Arc<Semaphore>,
+    /// Room for stats sockets (`socket.stats_max_connections`).
+    pub stats_slots: Arc<Semaphore>,
+    /// `socket.check_origin`, parsed.
+    pub allowed_origins: Arc<[OriginPattern]>,
 }
 
 impl SocketState {
-    /// Open connections on this node.
+    /// The state of a node's sockets under `settings` (validated at load: the origins parse).
+    pub fn new(
+        settings: &SocketSettings,
+        pubsub: PubSub,
+        store: Store,
+        metrics: Metrics,
+        signer: TokenSigner,
+        closing: CancellationToken,
+    ) -> Self {
+        let allowed_origins = settings
+            .check_origin
+            .iter()
+            .filter_map(|pattern| OriginPattern::parse(pattern).ok())
+            .collect();
+        Self {
+            pubsub,
+            store,
+            metrics,
+            settings: Arc::new(settings.clone()),
+            signer,
+            closing,
+            tracker: TaskTracker::new(),
+            user_slots: Arc::new(Semaphore::new(settings.max_connections)),
+            stats_slots: Arc::new(Semaphore::new(settings.stats_max_connections)),
+            allowed_origins,
+        }
+    }
+
+    /// Open connections on this node (user and stats sockets).
     pub fn open_connections(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
+        let user = self.settings.max_connections - self.user_slots.available_permits();
+        let stats = self.settings.stats_max_connections - self.stats_slots.available_permits();
+        (user + stats) as u64
+    }
+
+    /// Why an upgrade is refused before it happens: an origin not allowed (403), or no room (503).
+    /// On success, the permit the connection holds until it ends.
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        slots: &Arc<Semaphore>,
+    ) -> Result<OwnedSemaphorePermit, StatusCode> {
+        let origin = headers
+            .get(header::ORIGIN)
+            .map(|v| v.to_str().unwrap_or("?"));
+        if !origin::allowed(origin, &self.allowed_origins) {
+            tracing::debug!(origin = ?origin, "socket origin refused");
+            return Err(StatusCode::FORBIDDEN);
+        }
+        Arc::clone(slots)
+            .try_acquire_owned()
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
     }
 }
 
-/// The socket routes (the JS client appends `/websocket` to the endpoint it is given).
+/// The answer to a refused upgrade; a 503 says when to retry.
+fn refused(status: StatusCode) -> Response {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        (status, [(header::RETRY_AFTER, "1")]).into_response()
+    } else {
+        status.into_response()
+    }
+}
+
+/// The socket routes (the JS client appends `/websocket` to the endpoint it is given). The stats
+/// socket only with `socket.stats_enabled`.
 pub fn routes(state: SocketState) -> Router {
-    Router::new()
-        .route("/socket/websocket", get(user_socket))
-        .route("/stats_socket/websocket", get(stats_socket))
-        .with_state(state)
+    let mut router = Router::new().route("/socket/websocket", get(user_socket));
+    if state.settings.stats_enabled {
+        router = router.route("/stats_socket/websocket", get(stats_socket));
+    }
+    router.with_state(state)
 }
 
 /// The subprotocol prefix under which the JS client's `authToken` travels.
@@ -83,6 +151,13 @@ async fn user_socket(
     let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
         state.metrics.socket_connect(USER_SOCKET, false);
         return StatusCode::FORBIDDEN.into_response();
+    };
+    let slot = match state.admit(&headers, &state.user_slots) {
+        Ok(slot) => slot,
+        Err(status) => {
+            state.metrics.socket_connect(USER_SOCKET, false);
+            return refused(status);
+        }
     };
     let token = params
         .get("token")
@@ -102,21 +177,29 @@ async fn user_socket(
     };
     state.metrics.socket_connect(USER_SOCKET, true);
     let span = tracing::info_span!("socket", user_id = %user);
-    upgrade_to(upgrade, vsn, Endpoint::User(user), state, span).await
+    upgrade_to(upgrade, vsn, Endpoint::User(user), state, slot, span).await
 }
 
 async fn stats_socket(
     State(state): State<SocketState>,
     Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
         state.metrics.socket_connect(STATS_SOCKET, false);
         return StatusCode::FORBIDDEN.into_response();
     };
+    let slot = match state.admit(&headers, &state.stats_slots) {
+        Ok(slot) => slot,
+        Err(status) => {
+            state.metrics.socket_connect(STATS_SOCKET, false);
+            return refused(status);
+        }
+    };
     state.metrics.socket_connect(STATS_SOCKET, true);
     let span = tracing::info_span!("stats_socket");
-    upgrade_to(upgrade, vsn, Endpoint::Stats, state, span).await
+    upgrade_to(upgrade, vsn, Endpoint::Stats, state, slot, span).await
 }
 
 /// Completes an accepted upgrade with Herald's buffer limits and runs the connection, tracked so a
@@ -127,6 +210,7 @@ async fn upgrade_to(
     vsn: Vsn,
     endpoint: Endpoint,
     state: SocketState,
+    slot: OwnedSemaphorePermit,
     span: tracing::Span,
 ) -> Response {
     let settings = Arc::clone(&state.settings);
@@ -144,7 +228,7 @@ async fn upgrade_to(
         .on_upgrade(move |socket| {
             tracing::Instrument::instrument(
                 async move {
-                    let _in_flight = in_flight;
+                    let (_in_flight, _slot) = (in_flight, slot);
                     connection::serve(socket, vsn, endpoint, state, mailbox).await;
                 },
                 span,

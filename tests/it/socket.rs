@@ -204,3 +204,106 @@ async fn disconnecting_a_user_closes_all_of_its_connections_with_1001() {
     app.post_event(json!({"user_id": "31"})).await;
     assert_eq!(bystander.recv_push().await[2], "user:31");
 }
+
+/// The upgrade's status for `url` with these extra headers; the socket, when upgraded, is kept
+/// open until the returned value is dropped.
+async fn upgrade_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (
+    u16,
+    Option<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        let name =
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => (101, Some(ws)),
+        Err(WsError::Http(response)) => (response.status().as_u16(), None),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+#[tokio::test]
+async fn user_sockets_beyond_the_cap_get_503_before_the_upgrade() {
+    let app = spawn_app_with(|s| s.socket.max_connections = 2).await;
+    let url = format!(
+        "ws://{}/socket/websocket?token={}&vsn=2.0.0",
+        app.addr,
+        app.token("1")
+    );
+    let (first, kept_1) = upgrade_with(&url, &[]).await;
+    let (second, kept_2) = upgrade_with(&url, &[]).await;
+    assert_eq!((first, second), (101, 101));
+    assert_eq!(upgrade_with(&url, &[]).await.0, 503, "the third is refused");
+    // A closed socket gives its room back.
+    drop(kept_1);
+    crate::common::wait_until("a slot freed", crate::common::PATIENCE, || async {
+        let (status, ws) = upgrade_with(&url, &[]).await;
+        (status == 101).then_some(ws)
+    })
+    .await;
+    drop(kept_2);
+}
+
+#[tokio::test]
+async fn origins_not_listed_are_refused_and_clients_without_one_pass() {
+    let app = spawn_app_with(|s| {
+        s.socket.check_origin = vec!["https://app.example.com".into(), "//*.example.org".into()];
+    })
+    .await;
+    let url = format!(
+        "ws://{}/socket/websocket?token={}&vsn=2.0.0",
+        app.addr,
+        app.token("1")
+    );
+    for (origin, expected) in [
+        (Some("https://app.example.com"), 101),
+        (Some("http://app.example.com"), 403),
+        (Some("https://evil.example.net"), 403),
+        (Some("https://eu.example.org"), 101),
+        (None, 101),
+    ] {
+        let headers: Vec<(&str, &str)> = origin.map(|o| ("origin", o)).into_iter().collect();
+        assert_eq!(upgrade_with(&url, &headers).await.0, expected, "{origin:?}");
+    }
+    let stats = format!("ws://{}/socket/websocket?vsn=2.0.0", app.addr);
+    assert_eq!(
+        upgrade_with(&stats, &[("origin", "https://evil.example.net")])
+            .await
+            .0,
+        403,
+        "the origin is checked before the token"
+    );
+}
+
+#[tokio::test]
+async fn the_stats_socket_is_off_by_default_and_capped_when_on() {
+    let app = spawn_app().await;
+    let url = format!("ws://{}/stats_socket/websocket?vsn=2.0.0", app.addr);
+    assert_eq!(upgrade_with(&url, &[]).await.0, 404);
+    let app = spawn_app_with(|s| {
+        s.socket.stats_enabled = true;
+        s.socket.stats_max_connections = 1;
+    })
+    .await;
+    let url = format!("ws://{}/stats_socket/websocket?vsn=2.0.0", app.addr);
+    let (status, _kept) = upgrade_with(&url, &[]).await;
+    assert_eq!(status, 101);
+    assert_eq!(upgrade_with(&url, &[]).await.0, 503);
+    // Its own cap: user sockets still connect.
+    let user = format!(
+        "ws://{}/socket/websocket?token={}&vsn=2.0.0",
+        app.addr,
+        app.token("1")
+    );
+    assert_eq!(upgrade_with(&user, &[]).await.0, 101);
+}

@@ -19,6 +19,8 @@ before(async () => {
   herald = await Herald.start({
     HERALD_DEMO__ENABLED: "true",
     HERALD_DEMO__ASSETS_DIR: `${REPO}demo`,
+    // The page's stats channel; `herald demo` turns it on itself.
+    HERALD_SOCKET__STATS_ENABLED: "true",
     HERALD_SOCKET__STATS_SLOW_PING_MS: "300",
   })
   browser = await chromium.launch({

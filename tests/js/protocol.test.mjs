@@ -12,7 +12,11 @@ let metrics
 
 before(async () => {
   metrics = await statsd()
-  herald = await Herald.start({HERALD_STATSD_ADDR: metrics.addr, HERALD_SOCKET__MAX_FRAME_BYTES: "65536"})
+  herald = await Herald.start({
+    HERALD_STATSD_ADDR: metrics.addr,
+    HERALD_SOCKET__MAX_FRAME_BYTES: "65536",
+    HERALD_SOCKET__STATS_ENABLED: "true",
+  })
 })
 
 after(async () => {

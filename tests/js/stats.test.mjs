@@ -15,6 +15,7 @@ before(async () => {
   metrics = await statsd()
   herald = await Herald.start({
     HERALD_STATSD_ADDR: metrics.addr,
+    HERALD_SOCKET__STATS_ENABLED: "true",
     HERALD_SOCKET__STATS_SLOW_PING_MS: String(SLOW_MS),
     HERALD_SOCKET__STATS_MAX_PARALLEL: "2",
   })
