@@ -26,7 +26,7 @@ use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::Publisher;
 use crate::server;
-use crate::socket::token::{DEVELOPMENT_SECRET, TokenSigner};
+use crate::socket::token::TokenSigner;
 use crate::socket::{self, SocketState};
 use crate::store::{self, Store};
 use std::future::Future;
@@ -65,6 +65,9 @@ pub enum Error {
     /// `faults.fail_events` holds a rule that does not parse.
     #[error("invalid faults.fail_events: {0}")]
     Faults(String),
+    /// The settings cannot be served: a weak or missing secret.
+    #[error(transparent)]
+    Settings(#[from] crate::config::Error),
     /// The partition count cannot be used (see [`crate::pipeline::partitions::check_layout`]).
     #[error(transparent)]
     Layout(#[from] crate::pipeline::partitions::LayoutError),
@@ -91,9 +94,17 @@ impl App {
     /// build: the API accepts while the broker is down, and the broker roles connect when it is up.
     ///
     /// # Errors
-    /// PostgreSQL unreachable, the address taken, StatsD misconfigured, demo files missing, or a
-    /// partition count that cannot be switched to now.
+    /// A weak or missing secret (see [`Settings::signing_secret`]), PostgreSQL unreachable, the
+    /// address taken, StatsD misconfigured, demo files missing, or a partition count that cannot
+    /// be switched to now.
     pub async fn build(settings: Settings) -> Result<Self, Error> {
+        let secret = settings.signing_secret()?;
+        if settings.socket.secret.is_none() {
+            tracing::warn!(
+                "HERALD_SECRET is not set: this development node signs socket tokens with the \
+                 public development secret and anyone can forge them. Never in production."
+            );
+        }
         let roles = settings.roles();
         let node = node_name(&settings.node.name);
         let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
@@ -111,17 +122,7 @@ impl App {
             addr: settings.http.addr,
             source,
         })?;
-        let secret = match &settings.socket.secret {
-            Some(secret) => secret.expose().to_owned(),
-            None => {
-                tracing::warn!(
-                    "HERALD_SECRET is not set: socket tokens are signed with the public development \
-                     secret and anyone can forge them. Set HERALD_SECRET in production."
-                );
-                DEVELOPMENT_SECRET.to_owned()
-            }
-        };
-        let signer = TokenSigner::new(&secret);
+        let signer = TokenSigner::new(secret);
         let demo = if settings.demo.enabled && roles.api {
             tracing::warn!(
                 "the demo is enabled: /demo mints tokens for any user; development only"

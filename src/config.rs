@@ -25,6 +25,10 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("HERALD_SECRET", "socket.secret"),
 ];
 
+/// Shortest accepted `HERALD_SECRET`: 32 bytes, the output size of the HMAC-SHA256 that signs
+/// socket tokens (a shorter key is easier to guess than the signature is to forge).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Prefix of every Herald environment variable.
 pub const ENV_PREFIX: &str = "HERALD_";
 
@@ -269,7 +273,8 @@ impl Default for PipelineSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SocketSettings {
-    /// Key that signs socket tokens. Without it a development key is used, loudly.
+    /// Key that signs socket tokens, at least [`MIN_SECRET_BYTES`] long (`herald secret` prints
+    /// one). Without it only a development node starts, on a public development key.
     pub secret: Option<Secret>,
     /// Lifetime of a socket token.
     pub token_ttl_secs: u64,
@@ -370,6 +375,9 @@ pub struct NodeSettings {
     pub roles: String,
     /// This node's name in /readyz and metric tags; empty means `<hostname>-<pid>`.
     pub name: String,
+    /// A development node (`herald serve --dev`): without `HERALD_SECRET` it signs socket tokens
+    /// with the public development key, loudly, instead of refusing to start.
+    pub dev: bool,
 }
 
 impl Default for NodeSettings {
@@ -378,6 +386,7 @@ impl Default for NodeSettings {
             shutdown_timeout_ms: 30_000,
             roles: "api,worker,socket".into(),
             name: String::new(),
+            dev: false,
         }
     }
 }
@@ -634,8 +643,35 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The key socket tokens are signed with: `HERALD_SECRET`, or on a development node
+    /// (`node.dev`, or the demo) without one, the public development key.
+    ///
+    /// # Errors
+    /// A secret shorter than [`MIN_SECRET_BYTES`] (empty included), or none on a node that is not
+    /// a development node.
+    pub fn signing_secret(&self) -> Result<&str, Error> {
+        match &self.socket.secret {
+            Some(secret) if secret.expose().len() >= MIN_SECRET_BYTES => Ok(secret.expose()),
+            Some(secret) => Err(Error::Invalid(format!(
+                "socket.secret (HERALD_SECRET) is {} bytes; it must be at least {MIN_SECRET_BYTES} \
+                 (`herald secret` prints a fresh random one)",
+                secret.expose().len()
+            ))),
+            None if self.node.dev || self.demo.enabled => {
+                Ok(crate::socket::token::DEVELOPMENT_SECRET)
+            }
+            None => Err(Error::Invalid(format!(
+                "socket.secret (HERALD_SECRET) is not set: set it to {MIN_SECRET_BYTES}+ random \
+                 bytes (`herald secret` prints one), or run a development node with --dev"
+            ))),
+        }
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
+        if self.socket.secret.is_some() {
+            self.signing_secret()?;
+        }
         if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
             return bad("queue.queue_type", "must be quorum or classic");
         }
@@ -947,14 +983,17 @@ mod tests {
             env(&[
                 ("HERALD_HTTP_ADDR", "0.0.0.0:8080"),
                 ("HERALD_QUEUE__PREFETCH", "50"),
-                ("HERALD_SECRET", "s3cret"),
+                ("HERALD_SECRET", "s3cret-s3cret-s3cret-s3cret-s3cret"),
                 ("PATH", "/bin"),
             ]),
         )
         .unwrap();
         assert_eq!(s.http.addr.port(), 8080);
         assert_eq!(s.queue.prefetch, 50);
-        assert_eq!(s.socket.secret.unwrap().expose(), "s3cret");
+        assert_eq!(
+            s.socket.secret.unwrap().expose(),
+            "s3cret-s3cret-s3cret-s3cret-s3cret"
+        );
     }
 
     #[test]
@@ -995,6 +1034,24 @@ mod tests {
         let s = Settings::load(file.to_str(), env(&[])).unwrap();
         assert_eq!(s.retry.events["invoice"].max_attempts, Some(2));
         assert_eq!(s.retry.delays_ms(), vec![10, 20, 50]);
+    }
+
+    #[test]
+    fn short_or_missing_secrets_are_refused_unless_dev() {
+        for short in ["", "x", &"y".repeat(MIN_SECRET_BYTES - 1)] {
+            let err = Settings::load(None, env(&[("HERALD_SECRET", short)])).unwrap_err();
+            assert!(err.to_string().contains("HERALD_SECRET"), "{err}");
+        }
+        let unset = Settings::load(None, env(&[])).unwrap();
+        assert!(unset.signing_secret().is_err(), "no secret, not dev");
+        let dev = Settings::load(None, env(&[("HERALD_NODE__DEV", "true")])).unwrap();
+        assert_eq!(
+            dev.signing_secret().unwrap(),
+            crate::socket::token::DEVELOPMENT_SECRET
+        );
+        let long = "z".repeat(MIN_SECRET_BYTES);
+        let set = Settings::load(None, env(&[("HERALD_SECRET", &long)])).unwrap();
+        assert_eq!(set.signing_secret().unwrap(), long);
     }
 
     #[test]

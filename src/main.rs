@@ -6,7 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use herald::App;
 use herald::config::Settings;
 use herald::event::UserId;
-use herald::socket::token::{DEVELOPMENT_SECRET, TokenSigner, now_unix_secs};
+use herald::socket::token::{TokenSigner, now_unix_secs};
 use herald::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,10 @@ enum Command {
         /// without every role needs HERALD_PUBSUB__MODE=cluster.
         #[arg(long)]
         roles: Option<String>,
+        /// A development node: without HERALD_SECRET, sign socket tokens with the public
+        /// development key (anyone can forge them) instead of refusing to start.
+        #[arg(long)]
+        dev: bool,
     },
     /// Create the database if it is missing and apply the migrations.
     Migrate,
@@ -47,7 +51,12 @@ enum Command {
         /// Lifetime in seconds (default: socket.token_ttl_secs).
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Without HERALD_SECRET, sign with the public development key (for a `serve --dev` node).
+        #[arg(long)]
+        dev: bool,
     },
+    /// Print a fresh random secret for HERALD_SECRET (32 random bytes, base64url).
+    Secret,
     /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve
     /// with the demo page on /demo.
     Demo,
@@ -120,15 +129,28 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&command.get_matches())?;
     init_tracing();
     let mut env: Vec<(String, String)> = std::env::vars().collect();
-    if let Command::Serve { roles: Some(roles) } = &cli.command {
+    if let Command::Serve {
+        roles: Some(roles), ..
+    } = &cli.command
+    {
         env.push(("HERALD_NODE__ROLES".into(), roles.clone()));
+    }
+    if let Command::Serve { dev: true, .. } | Command::Token { dev: true, .. } = &cli.command {
+        env.push(("HERALD_NODE__DEV".into(), "true".into()));
+    }
+    if let Command::Secret = cli.command {
+        // Needs no settings: it is how a first deployment gets its HERALD_SECRET.
+        return secret();
     }
     let settings = Settings::load(cli.config.as_deref(), env).context("cannot load settings")?;
     match cli.command {
         Command::Serve { .. } => serve(settings).await,
         Command::Migrate => migrate(&settings).await.map(|_| ()),
         Command::Producers { command } => producers(&settings, command).await,
-        Command::Token { user_id, ttl_secs } => token(&settings, &user_id, ttl_secs),
+        Command::Token {
+            user_id, ttl_secs, ..
+        } => token(&settings, &user_id, ttl_secs),
+        Command::Secret => secret(),
         Command::Demo => demo(settings).await,
         Command::Destroy { yes } => destroy(&settings, yes).await,
         Command::Replay(args) => replay::run(settings, args).await,
@@ -223,20 +245,28 @@ async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Re
     Ok(())
 }
 
-fn signer(settings: &Settings) -> TokenSigner {
-    match &settings.socket.secret {
-        Some(secret) => TokenSigner::new(secret.expose()),
-        None => {
-            eprintln!("warning: HERALD_SECRET is not set; signing with the development secret");
-            TokenSigner::new(DEVELOPMENT_SECRET)
-        }
+fn signer(settings: &Settings) -> anyhow::Result<TokenSigner> {
+    let secret = settings.signing_secret()?;
+    if settings.socket.secret.is_none() {
+        eprintln!("warning: HERALD_SECRET is not set; signing with the public development secret");
     }
+    Ok(TokenSigner::new(secret))
+}
+
+fn secret() -> anyhow::Result<()> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).context("the OS random source is unavailable")?;
+    println!(
+        "{}",
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+    );
+    Ok(())
 }
 
 fn token(settings: &Settings, user_id: &str, ttl_secs: Option<u64>) -> anyhow::Result<()> {
     let user = UserId::parse(user_id).map_err(|why| anyhow::anyhow!("user id {why}"))?;
     let ttl = ttl_secs.unwrap_or(settings.socket.token_ttl_secs);
-    println!("{}", signer(settings).sign(&user, now_unix_secs() + ttl));
+    println!("{}", signer(settings)?.sign(&user, now_unix_secs() + ttl));
     Ok(())
 }
 
@@ -267,7 +297,7 @@ async fn demo(mut settings: Settings) -> anyhow::Result<()> {
         .context("cannot start herald")?;
     let addr = app.http_addr();
     let user = UserId::parse("42").map_err(anyhow::Error::msg)?;
-    let token = signer(&settings).sign(&user, now_unix_secs() + settings.socket.token_ttl_secs);
+    let token = signer(&settings)?.sign(&user, now_unix_secs() + settings.socket.token_ttl_secs);
     println!(
         "\nHerald is running on http://{addr}  (ctrl-c stops it)\n\
          Demo page: http://{addr}/demo\n\n\

@@ -66,7 +66,7 @@ pub struct Node {
 }
 
 /// The signing secret of this run's socket tokens (the load generator signs its own).
-pub const SECRET: &str = "herald-bench-secret";
+pub const SECRET: &str = "herald-bench-secret-herald-bench-secret";
 
 fn herald(bin: &Path, names: &Names, env: &[(&str, String)]) -> Command {
     let mut command = Command::new(bin);

@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long any single awaited thing may take before a test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
-pub const TEST_SECRET: &str = "test-secret";
+/// Signs the test nodes' socket tokens; a node refuses secrets under 32 bytes.
+pub const TEST_SECRET: &str = "test-secret-test-secret-test-secr";
 
 static TRACING: Once = Once::new();
 

@@ -433,3 +433,78 @@ async fn a_stalled_commit_is_answered_503_with_bounded_memory() {
         .unwrap();
     assert_eq!(r.status(), 202, "accepting again once the stall ends");
 }
+
+/// `herald serve` as a child on `settings`' deployment with `secret` as HERALD_SECRET (none when
+/// `None`) and these extra arguments; its port is free.
+fn serve_command(
+    settings: &herald::Settings,
+    secret: Option<&str>,
+    args: &[&str],
+) -> (tokio::process::Command, std::net::SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
+        .arg("serve")
+        .args(args)
+        .env_clear()
+        .envs(crate::common::node_env(settings))
+        .env_remove("HERALD_SECRET")
+        .env("HERALD_HTTP_ADDR", addr.to_string())
+        .kill_on_drop(true);
+    if let Some(secret) = secret {
+        command.env("HERALD_SECRET", secret);
+    }
+    (command, addr)
+}
+
+/// `herald serve` refuses an empty, short or missing secret (saying which setting and how to make
+/// one); `--dev` serves without one, and a secret from `herald secret` is accepted.
+#[tokio::test]
+async fn serve_refuses_weak_or_missing_secrets() {
+    let app = spawn_app().await;
+    for (secret, args) in [
+        (Some(""), &[][..]),
+        (Some("x"), &[]),
+        (Some("change-me"), &[]),
+        (Some("31-bytes-31-bytes-31-bytes-31-b"), &[]),
+        (None, &[]),
+        (Some("short"), &["--dev"]),
+    ] {
+        let (mut command, _) = serve_command(&app.settings, secret, args);
+        let out = timeout(PATIENCE, command.output()).await.unwrap().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{secret:?} {args:?} was served");
+        assert!(
+            stderr.contains("HERALD_SECRET") && stderr.contains("herald secret"),
+            "{secret:?} {args:?}: {stderr}"
+        );
+    }
+    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("secret")
+        .env_clear()
+        .output()
+        .unwrap();
+    let generated = String::from_utf8(generated.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(generated.len() >= 32, "{generated}");
+    for (secret, args) in [(None, &["--dev"][..]), (Some(generated.as_str()), &[])] {
+        let (mut command, addr) = serve_command(&app.settings, secret, args);
+        let _child = command.spawn().unwrap();
+        crate::common::wait_until("the node serving", PATIENCE, || async {
+            let r = app
+                .http
+                .get(format!("http://{addr}/healthz"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+}

@@ -77,7 +77,7 @@ export class Herald {
       HERALD_DATABASE_URL: `postgres://postgres@127.0.0.1:5432/herald_js_${id}`,
       HERALD_QUEUE__PREFIX: `js_${id}`,
       HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
-      HERALD_SECRET: "js-test-secret",
+      HERALD_SECRET: "js-test-secret-js-test-secret-js-test",
       HERALD_STATSD_ADDR: "",
       HERALD_PIPELINE__RELAY_GRACE_MS: "2000",
       HERALD_QUEUE__CONFIRM_TIMEOUT_MS: "1000",
