@@ -78,7 +78,12 @@ pub struct App {
     settings: Settings,
     node: String,
     roles: Roles,
+    /// Background work: relay, retention, partition leases, replay.
     store: Store,
+    /// The group commit, the confirm recorder and the outcome writer, and nobody else.
+    writes: Store,
+    /// Clients' reads: sockets, API-key lookups, admin queries, /readyz.
+    reads: Store,
     metrics: Metrics,
     pubsub: PubSub,
     bind_requests: Option<mpsc::Receiver<BindRequest>>,
@@ -109,6 +114,9 @@ impl App {
         let node = node_name(&settings.node.name);
         let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
         let store = Store::connect(&settings.store).await?;
+        let writes =
+            Store::connect_sized(&settings.store, settings.store.write_connections).await?;
+        let reads = Store::connect_sized(&settings.store, settings.store.read_connections).await?;
         if roles.api || roles.worker {
             check_layout(&settings, &store).await?;
         }
@@ -157,6 +165,8 @@ impl App {
             node,
             roles,
             store,
+            writes,
+            reads,
             metrics,
             pubsub,
             bind_requests,
@@ -187,6 +197,8 @@ impl App {
             node,
             roles,
             store,
+            writes,
+            reads,
             metrics,
             pubsub,
             bind_requests,
@@ -209,13 +221,13 @@ impl App {
             let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
             let recorder_task = tokio::spawn(published::record(
                 reports,
-                store.clone(),
+                writes.clone(),
                 metrics.clone(),
                 pipeline.max_status_batch,
             ));
             let commit_close = CancellationToken::new();
             let (enqueue, commit_task) = Enqueue::new(
-                store.clone(),
+                writes.clone(),
                 publisher_handle.clone(),
                 metrics.clone(),
                 &settings,
@@ -255,13 +267,13 @@ impl App {
             }
             let api_state = ApiState {
                 pubsub: pubsub.clone(),
-                store: store.clone(),
+                store: reads.clone(),
                 enqueue,
                 metrics: metrics.clone(),
-                keys: Arc::new(KeyCache::new(Duration::from_secs(30), 10_000)),
+                keys: Arc::new(KeyCache::new(10_000)),
                 signer: signer.clone(),
                 limits,
-                admin_keys: Arc::new(KeyCache::new(Duration::from_secs(30), 1_000)),
+                admin_keys: Arc::new(KeyCache::new(1_000)),
                 replays: replays.clone(),
                 default_replay_rate: settings.replay.default_rate,
             };
@@ -284,7 +296,7 @@ impl App {
         if roles.worker {
             let outcomes_close = CancellationToken::new();
             let (outcomes, outcome_task) = outcomes::writer(
-                store.clone(),
+                writes.clone(),
                 metrics.clone(),
                 1024,
                 pipeline.max_status_batch,
@@ -322,7 +334,7 @@ impl App {
         let socket_state = SocketState::new(
             &settings.socket,
             pubsub.clone(),
-            store.clone(),
+            reads.clone(),
             metrics.clone(),
             signer,
             sockets_closing.clone(),
@@ -353,7 +365,7 @@ impl App {
             flusher_stop.clone(),
         ));
         let health = Health {
-            store: store.clone(),
+            store: reads.clone(),
             node: node.clone(),
             roles: roles.names(),
             links,
@@ -405,7 +417,10 @@ impl App {
             drain("confirm recorder", deadline, &mut api.recorder_task).await;
         }
         // Closing waits for connections in use; a stuck one must not hold the exit past the bound.
-        drain("PostgreSQL pool", deadline, store.close()).await;
+        drain("PostgreSQL pools", deadline, async {
+            tokio::join!(store.close(), writes.close(), reads.close())
+        })
+        .await;
         flusher_stop.cancel();
         let _ = flusher.await;
         metrics.flush();

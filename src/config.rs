@@ -135,9 +135,14 @@ impl Default for HttpSettings {
 pub struct StoreSettings {
     /// Connection URL; the database is created by `herald migrate` when missing.
     pub database_url: Secret,
-    /// Pool size. The group commit uses one connection at a time; the rest serve status updates,
-    /// the relay, gap fills and API reads.
+    /// Size of the pool of background work: outbox relay, retention, partition leases, replay.
     pub max_connections: u32,
+    /// Size of the writers' pool: the group commit, the confirm recorder and the outcome writer,
+    /// each one statement at a time, so 3 is one each and none waits for another's connection.
+    pub write_connections: u32,
+    /// Size of the pool of client reads: socket catch-up, gap fills and acks, API-key lookups,
+    /// admin queries and /readyz. When clients exhaust it, they wait; ingest does not.
+    pub read_connections: u32,
     /// How long to wait for a pooled connection (and for the first connect).
     pub acquire_timeout_ms: u64,
     /// Delivered events older than this are pruned (catch-up cannot reach further back); 0 keeps
@@ -153,7 +158,9 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/herald"),
-            max_connections: 16,
+            max_connections: 8,
+            write_connections: 3,
+            read_connections: 8,
             acquire_timeout_ms: 5_000,
             retention_days: 30,
             retention_per_user: 10_000,
@@ -728,6 +735,15 @@ impl Settings {
             ),
         ] {
             if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        for (key, size) in [
+            ("store.max_connections", self.store.max_connections),
+            ("store.write_connections", self.store.write_connections),
+            ("store.read_connections", self.store.read_connections),
+        ] {
+            if size == 0 {
                 return bad(key, "must be at least 1");
             }
         }

@@ -9,9 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A JSON body. Content-Type is not required: `curl -d` sends form encoding by default, and the body
 /// is parsed as JSON either way.
@@ -100,42 +98,85 @@ pub(super) async fn cached_lookup(
     found.ok_or(ApiError::Unauthorized)
 }
 
-/// Remembers key lookups (hits and misses) for a short time, so a busy producer costs one query per
-/// `ttl`, not one per request. A rotated or revoked key stops working within `ttl`.
-pub struct KeyCache {
-    ttl: Duration,
-    max_entries: usize,
-    // A std Mutex: held for a map lookup or insert only, never across an await.
-    entries: Mutex<HashMap<KeyHash, (Option<Producer>, Instant)>>,
-}
-
 /// SHA-256 of an API key.
 pub(super) type KeyHash = [u8; 32];
 
+/// How long a known key is trusted without asking PostgreSQL: a rotated or revoked key stops
+/// working within this.
+const KNOWN_KEY_TTL: Duration = Duration::from_secs(30);
+/// How long an unknown key is remembered as unknown: long enough that a flood of made-up keys
+/// costs one query per key, short enough that a new producer's key works at once in practice.
+const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(5);
+
+/// Remembers key lookups, hits and misses, so a busy producer costs one query per
+/// [`KNOWN_KEY_TTL`], not one per request, and a made-up key one query per [`UNKNOWN_KEY_TTL`].
+/// Bounded in entries, evicting by frequency (moka's TinyLFU): a flood of one-off unknown keys
+/// does not push out the keys in real use.
+pub struct KeyCache {
+    entries: moka::sync::Cache<KeyHash, Option<Producer>>,
+}
+
+/// Entries expire by kind: known keys after [`KNOWN_KEY_TTL`], unknown ones sooner.
+struct ByKind;
+
+impl moka::Expiry<KeyHash, Option<Producer>> for ByKind {
+    fn expire_after_create(
+        &self,
+        _key: &KeyHash,
+        producer: &Option<Producer>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(match producer {
+            Some(_) => KNOWN_KEY_TTL,
+            None => UNKNOWN_KEY_TTL,
+        })
+    }
+}
+
 impl KeyCache {
-    /// A cache keeping entries for `ttl`, at most `max_entries` of them.
-    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+    /// A cache of at most `max_entries` keys.
+    pub fn new(max_entries: u64) -> Self {
         Self {
-            ttl,
-            max_entries,
-            entries: Mutex::new(HashMap::new()),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(ByKind)
+                .build(),
         }
     }
 
-    pub(super) fn get(&self, hash: &[u8; 32]) -> Option<Option<Producer>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(hash)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(producer, _)| producer.clone())
+    pub(super) fn get(&self, hash: &KeyHash) -> Option<Option<Producer>> {
+        self.entries.get(hash)
     }
 
-    pub(super) fn put(&self, hash: [u8; 32], producer: Option<Producer>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= self.max_entries {
-            // Crude but bounded: unknown keys cannot grow memory without limit.
-            entries.clear();
+    pub(super) fn put(&self, hash: KeyHash, producer: Option<Producer>) {
+        self.entries.insert(hash, producer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_remembered_and_the_cache_is_bounded() {
+        let cache = KeyCache::new(100);
+        cache.put([1; 32], None);
+        assert_eq!(
+            cache.get(&[1; 32]),
+            Some(None),
+            "an unknown key is cached as unknown"
+        );
+        assert_eq!(cache.get(&[2; 32]), None, "a key never looked up is not");
+        for i in 0..1_000u32 {
+            let mut key = [0; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            cache.put(key, None);
         }
-        entries.insert(hash, (producer, Instant::now()));
+        cache.entries.run_pending_tasks();
+        assert!(
+            cache.entries.entry_count() <= 100,
+            "{}",
+            cache.entries.entry_count()
+        );
     }
 }

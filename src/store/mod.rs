@@ -118,12 +118,21 @@ impl Store {
     /// # Errors
     /// A bad URL or an unreachable database.
     pub async fn connect(settings: &StoreSettings) -> Result<Self, Error> {
+        Self::connect_sized(settings, settings.max_connections).await
+    }
+
+    /// Like [`Self::connect`], for a pool of `size` connections: a node keeps separate pools so
+    /// that one kind of work cannot take another's connections (see `app`).
+    ///
+    /// # Errors
+    /// A bad URL or an unreachable database.
+    pub async fn connect_sized(settings: &StoreSettings, size: u32) -> Result<Self, Error> {
         let options = PgConnectOptions::from_str(settings.database_url.expose())
             .map_err(Error::Url)?
             // Every statement is bounded: a stuck query fails instead of holding a request forever.
             .options([("statement_timeout", "30s")]);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
+            .max_connections(size)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
             .connect_with(options)
             .await

@@ -56,7 +56,9 @@ pub fn test_settings() -> Settings {
     let mut s = Settings::default();
     s.http.addr = "127.0.0.1:0".parse().unwrap();
     s.store.database_url = Secret::new(format!("{}/herald_test_{id}", admin_url()));
-    s.store.max_connections = 8;
+    s.store.max_connections = 4;
+    s.store.write_connections = 3;
+    s.store.read_connections = 4;
     s.queue.amqp_url = Secret::new(amqp_url());
     s.queue.prefix = format!("test_{id}");
     s.queue.reconnect_max_backoff_ms = 300;
@@ -772,6 +774,14 @@ pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
         (
             "HERALD_QUEUE__RECONNECT_MAX_BACKOFF_MS",
             settings.queue.reconnect_max_backoff_ms.to_string(),
+        ),
+        (
+            "HERALD_STORE__MAX_CONNECTIONS",
+            settings.store.max_connections.to_string(),
+        ),
+        (
+            "HERALD_STORE__READ_CONNECTIONS",
+            settings.store.read_connections.to_string(),
         ),
         (
             "HERALD_STORE__ACQUIRE_TIMEOUT_MS",
