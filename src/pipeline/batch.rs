@@ -42,17 +42,6 @@ pub trait Flush: Send + Sync + 'static {
 #[error("the batcher is closed")]
 pub struct Closed;
 
-/// Why [`Batcher::submit_within`] did not get an answer.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// No room in the queue within the time given: the item was not taken.
-    #[error("the batcher queue stayed full")]
-    Timeout,
-    /// The batcher is closed.
-    #[error("the batcher is closed")]
-    Closed,
-}
-
 struct Job<F: Flush> {
     item: F::Item,
     reply: Option<oneshot::Sender<F::Output>>,
@@ -116,30 +105,6 @@ impl<F: Flush> Batcher<F> {
             .await
             .map_err(|_| Closed)?;
         answer.await.map_err(|_| Closed)
-    }
-
-    /// Like [`Self::submit`], but gives up when no room frees up in the queue within `limit`. Only
-    /// the wait for room is bounded: once taken, the item is written and answered, so a caller never
-    /// hears "timeout" for an item that was then written.
-    ///
-    /// # Errors
-    /// The queue stayed full, or the batcher is closed.
-    pub async fn submit_within(
-        &self,
-        item: F::Item,
-        limit: std::time::Duration,
-    ) -> Result<F::Output, SubmitError> {
-        let (reply, answer) = oneshot::channel();
-        let queue = self.queue(&item);
-        let job = Job {
-            item,
-            reply: Some(reply),
-        };
-        match queue.send_timeout(job, limit).await {
-            Ok(()) => answer.await.map_err(|_| SubmitError::Closed),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(SubmitError::Timeout),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(SubmitError::Closed),
-        }
     }
 
     /// Submits an item without waiting for the write (waits only for room in the queue).
