@@ -7,8 +7,13 @@
 //! (2) Work drains upstream to downstream: in-flight requests finish, the group commit writes every
 //! request it took (each 2xx is committed), the relay stops, in-flight deliveries finish and ack.
 //! (3) Sockets get close frames (1012: reconnect elsewhere). (4) Outcomes are written, the publisher
-//! publishes what it holds and settles its confirms, then PostgreSQL closes and StatsD is flushed.
-//! One `node.shutdown_timeout_ms` bounds it all; what is left then is redelivered or relayed later.
+//! publishes what it holds and settles its confirms, then PostgreSQL's pools close and StatsD is
+//! flushed. One `node.shutdown_timeout_ms`, counted from the signal, bounds it all (HTTP requests
+//! still in flight at the deadline are cut); what is left then is redelivered or relayed later.
+//!
+//! PostgreSQL connections come from three pools, so that no kind of work can take another's: the
+//! writers' (group commit, confirm recorder, outcome writer), the clients' reads (sockets, API-key
+//! lookups, admin queries, /readyz) and the background work's (relay, retention, leases, replay).
 
 use crate::api::health::Health;
 use crate::api::{self, ApiState, KeyCache, Limits};
