@@ -227,7 +227,9 @@ export async function statsd() {
   const waiters = []
   socket.on("message", (packet) => {
     lines.push(...packet.toString().split("\n").filter(Boolean))
-    while (waiters.length) waiters.shift()()
+    // Each waiter looks once per packet; one that does not find its line waits again. (Calling
+    // waiters until none is left spun forever: a waiter that looks in vain re-registers itself.)
+    for (const look of waiters.splice(0)) look()
   })
   await new Promise((resolve) => socket.bind(0, "127.0.0.1", resolve))
   return {
