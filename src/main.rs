@@ -118,6 +118,10 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // When stderr is gone (its reader died), tracing-subscriber reports a failed write with
+        // `eprintln!`, which panics: every task that logs would die with it, the signal handler
+        // first. A lost log line must cost only that line.
+        .log_internal_errors(false)
         .init();
 }
 

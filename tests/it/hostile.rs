@@ -581,3 +581,34 @@ async fn a_flood_of_unknown_keys_does_not_starve_ingest() {
         "{flooded:?}"
     );
 }
+
+/// A node whose stderr reader is gone (a log shipper died; a test harness was killed) still
+/// shuts down on SIGTERM: a failed log write costs that log line, not the task that wrote it.
+#[tokio::test]
+async fn sigterm_stops_a_node_whose_stderr_is_closed() {
+    let app = spawn_app().await;
+    let (mut command, addr) = serve_command(&app.settings, Some(crate::common::TEST_SECRET), &[]);
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::common::wait_until("the node serving", PATIENCE, || async {
+        let r = app
+            .http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    drop(child.stderr.take());
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; it has not been reaped (we wait for it below).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = timeout(PATIENCE, child.wait())
+        .await
+        .expect("the node exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
