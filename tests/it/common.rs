@@ -66,7 +66,9 @@ pub fn test_settings() -> Settings {
     // Few partitions: every test declares its own quorum queues, and the suite runs in parallel.
     s.queue.partitions = 4;
     s.queue.partition_check_ms = 200;
-    s.queue.partition_lease_ms = 1_000;
+    // A short lease keeps takeover tests fast; 3 s stays clear of a tick delayed by a loaded box
+    // (a lease lost mid-stream can cost a user its order, repaired at the socket).
+    s.queue.partition_lease_ms = 3_000;
     s.queue.confirm_timeout_ms = 1_000;
     s.pipeline.relay_grace_ms = 2_000;
     s.pipeline.relay_interval_ms = 200;
