@@ -735,16 +735,17 @@ fn written(
 /// before the client's 30 s heartbeat would give the whole connection up.
 const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Reads what a user channel join needs to say and do: the user's current last seq, and whether the
-/// requested `last_seq` is still fully covered by what retention kept. `None` (logged) when
-/// PostgreSQL cannot be read in time: the join is refused and the client retries.
+/// Reads what a user channel join needs to say and do: the user's current last seq, and whether
+/// retention removed any event after the requested `last_seq` (the user's retention watermark,
+/// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
+/// read in time: the join is refused and the client retries.
 async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> Option<CatchUp> {
     let requested = serde_json::from_str::<UserJoinParams>(params.get())
         .ok()
         .and_then(|p| p.last_seq)
         .filter(|seq| *seq >= 0);
     let read = timeout(GAP_PAGE_TIMEOUT, state.store.user_seq_bounds(user.as_str())).await;
-    let (oldest, last) = match read {
+    let (pruned_through, last) = match read {
         Ok(Ok(bounds)) => bounds,
         Ok(Err(error)) => {
             tracing::warn!(error = ?error, "join refused: cannot read the user's seqs");
@@ -759,8 +760,7 @@ async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) ->
         from: requested,
         last_seq: last.unwrap_or(0),
         // Retention removed events the client has not seen.
-        missed: matches!((requested, oldest), (Some(r), Some(o)) if o > r + 1)
-            || matches!((requested, oldest, last), (Some(r), None, Some(l)) if l > r),
+        missed: matches!((requested, pruned_through), (Some(r), Some(p)) if p > r),
     })
 }
 

@@ -249,8 +249,8 @@ impl Store {
         })
     }
 
-    /// The oldest seq still stored for `user_id` (retention prunes older ones) and the last seq
-    /// handed out, if any.
+    /// The highest seq of `user_id` that retention has removed (its watermark; events above it
+    /// may still be pruned later) and the last seq handed out, each if any.
     ///
     /// # Errors
     /// The query failed.
@@ -259,7 +259,7 @@ impl Store {
         user_id: &str,
     ) -> Result<(Option<i64>, Option<i64>), Error> {
         sqlx::query_as(
-            "SELECT (SELECT min(seq) FROM events WHERE user_id = $1),
+            "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
                     (SELECT last_seq FROM user_seqs WHERE user_id = $1)",
         )
         .bind(user_id)
@@ -271,6 +271,8 @@ impl Store {
     /// Deletes up to `limit` delivered events past retention: older than `max_age_days` (0: no age
     /// limit) or beyond the newest `per_user` of their user (0: no count limit). Returns how many.
     /// Failed and undelivered events stay: they are still the pipeline's or an operator's business.
+    /// The same statement raises each user's retention watermark to the highest seq it deleted, so
+    /// a join can tell exactly whether it missed anything.
     ///
     /// # Errors
     /// The delete failed.
@@ -282,18 +284,16 @@ impl Store {
     ) -> Result<u64, Error> {
         let mut pruned = 0;
         if max_age_days > 0 {
-            pruned += sqlx::query(
-                "DELETE FROM events WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM events
-                     WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
-                     LIMIT $2))",
-            )
+            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
+                "SELECT ctid FROM events
+                 WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
+                 LIMIT $2",
+            ))
             .bind(max_age_days as i32)
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
-            .map_err(Error::query("prune old events"))?
-            .rows_affected();
+            .map_err(Error::query("prune old events"))?;
             sqlx::query(
                 "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => $1)",
             )
@@ -303,20 +303,18 @@ impl Store {
             .map_err(Error::query("prune old idempotency keys"))?;
         }
         if per_user > 0 {
-            pruned += sqlx::query(
-                "DELETE FROM events WHERE ctid = ANY(ARRAY(
-                     SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
-                     WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
-                     LIMIT $2))",
-            )
+            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
+                "SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
+                 WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
+                 LIMIT $2",
+            ))
             .bind(per_user)
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
-            .map_err(Error::query("prune events beyond the per-user count"))?
-            .rows_affected();
+            .map_err(Error::query("prune events beyond the per-user count"))?;
         }
-        Ok(pruned)
+        Ok(u64::try_from(pruned).unwrap_or(0))
     }
 
     /// Records that a client of `user_id` showed these events (only that user's events; an event
@@ -360,6 +358,23 @@ impl Store {
         .await
         .map_err(Error::query("read events of a user"))
     }
+}
+
+/// The retention statement: deletes the events whose `ctid`s `select` picks and, in the same
+/// statement, raises each of their users' watermark to the highest seq deleted (in user order, so
+/// two nodes pruning at once take the watermark rows' locks in one order). Answers the count.
+fn prune_sql(select: &str) -> String {
+    format!(
+        "WITH gone AS (
+             DELETE FROM events WHERE ctid = ANY(ARRAY({select}))
+             RETURNING user_id, seq),
+         marked AS (
+             INSERT INTO retention_watermarks AS w (user_id, pruned_through)
+             SELECT user_id, max(seq) FROM gone GROUP BY user_id ORDER BY user_id
+             ON CONFLICT (user_id) DO UPDATE
+                 SET pruned_through = GREATEST(w.pruned_through, EXCLUDED.pruned_through))
+         SELECT count(*) FROM gone"
+    )
 }
 
 /// Claims the batch's idempotency keys and fills `outcomes` for events whose key a committed event
