@@ -152,6 +152,10 @@ pub struct StoreSettings {
     pub retention_per_user: i64,
     /// How often the api role prunes.
     pub retention_interval_secs: u64,
+    /// How long an idempotency key keeps answering retries after its event was pruned (counted from
+    /// the key's first use): a retry then gets 200 with `"status": "pruned"`, never a new event.
+    /// A key whose event is still stored is kept with it, whatever its age.
+    pub idempotency_ttl_secs: u64,
 }
 
 impl Default for StoreSettings {
@@ -165,6 +169,7 @@ impl Default for StoreSettings {
             retention_days: 30,
             retention_per_user: 10_000,
             retention_interval_secs: 300,
+            idempotency_ttl_secs: 24 * 3600,
         }
     }
 }

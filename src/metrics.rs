@@ -452,6 +452,17 @@ impl Metrics {
         }
     }
 
+    /// Idempotency keys of pruned events expired (older than `store.idempotency_ttl_secs`).
+    pub fn idempotency_keys_expired(&self, count: u64) {
+        if count > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("store.idempotency_keys.expired", count as i64),
+            )
+            .send();
+        }
+    }
+
     /// A stats channel `ping` was handled.
     pub fn stats_ping(&self, elapsed: Duration) {
         self.tagged(self.tagged(self.client.time_with_tags("stats_channel.ping", elapsed)))
