@@ -97,6 +97,8 @@ pub struct GapFill {
     page: i64,
     /// A catch-up's last page came back full: there may be more.
     more: bool,
+    /// Seqs may be missing (the client was told `missed: true`); otherwise a missing one is a hole.
+    holes_told: bool,
 }
 
 impl GapFill {
@@ -114,16 +116,20 @@ impl GapFill {
             before: Some(before),
             page: page.max(1),
             more: true,
+            holes_told: false,
         })
     }
 
-    /// A join's catch-up of everything stored after `after`, `page` events at a time.
-    pub fn catch_up(after: i64, page: i64) -> Self {
+    /// A catch-up of everything stored after `after`, `page` events at a time. With `missed` (the
+    /// join told the client retention removed some), missing seqs are passed over; without it, one
+    /// is a hole (pruned after the join read the watermark) and stops the catch-up.
+    pub fn catch_up(after: i64, page: i64, missed: bool) -> Self {
         Self {
             last: after,
             before: None,
             page: page.max(1),
             more: true,
+            holes_told: missed,
         }
     }
 
@@ -138,16 +144,17 @@ impl GapFill {
         }
     }
 
-    /// Checks a row of the page before it is pushed: in a live gap it must be the very next seq.
+    /// Checks a row of the page before it is pushed: it must be the very next seq, unless the
+    /// client was told it missed events.
     ///
     /// # Errors
     /// [`Unfilled::Pruned`]: seqs are gap-free when committed and a later one is visible only once
     /// every earlier one is, so a seq missing here was removed by retention.
     pub fn admit(&self, seq: i64) -> Result<(), Unfilled> {
-        match self.before {
-            Some(_) if seq != self.last + 1 => Err(Unfilled::Pruned),
-            _ => Ok(()),
+        if !self.holes_told && seq != self.last + 1 {
+            return Err(Unfilled::Pruned);
         }
+        Ok(())
     }
 
     /// Records that `seq` was pushed (or passed over).
@@ -288,12 +295,27 @@ mod tests {
     }
 
     #[test]
-    fn a_catch_up_reads_to_the_end_and_passes_over_pruned_events() {
+    fn a_catch_up_reads_to_the_end_and_passes_over_pruned_events_the_client_was_told_of() {
         let stored: Vec<i64> = (1..=3).chain(7..=12).collect();
         assert_eq!(
-            run(GapFill::catch_up(0, 3), &stored),
+            run(GapFill::catch_up(0, 3, true), &stored),
             (stored.clone(), Ok(()))
         );
-        assert_eq!(run(GapFill::catch_up(12, 3), &stored), (vec![], Ok(())));
+        assert_eq!(
+            run(GapFill::catch_up(12, 3, false), &stored),
+            (vec![], Ok(()))
+        );
+        // Untold (pruned after the join read the watermark): stopped before the hole.
+        assert_eq!(
+            run(GapFill::catch_up(0, 3, false), &stored),
+            (vec![1, 2, 3], Err(Unfilled::Pruned))
+        );
+        assert_eq!(
+            run(
+                GapFill::catch_up(1, 3, false),
+                &(1..=20).collect::<Vec<_>>()
+            ),
+            ((2..=20).collect(), Ok(()))
+        );
     }
 }

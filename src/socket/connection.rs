@@ -316,18 +316,22 @@ impl Connection {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
         }
         if let Some(CatchUp {
-            from: Some(after), ..
+            from: Some(after),
+            missed,
+            ..
         }) = catch_up
         {
-            self.catch_up(&frame.topic, after).await?;
+            self.catch_up(&frame.topic, after, missed).await?;
         }
         Ok(())
     }
 
     /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
     /// (which wait in the connection's queue and are dropped by the order guard if already sent).
-    /// If PostgreSQL cannot be read, the channel is closed with `phx_error` and the client rejoins.
-    async fn catch_up(&mut self, topic: &str, after: i64) -> Result<(), End> {
+    /// Events retention removed are passed over only when the client was told (`missed`); one
+    /// pruned after the join read its watermark, or PostgreSQL unreadable, closes the channel with
+    /// `phx_error` and the client rejoins (and hears `missed: true` then).
+    async fn catch_up(&mut self, topic: &str, after: i64, missed: bool) -> Result<(), End> {
         if let Some(JoinedChannel {
             kind: ChannelKind::User { guard, .. },
             ..
@@ -336,7 +340,10 @@ impl Connection {
             guard.pushed(after);
         }
         let page = self.state.settings.max_gap_fill;
-        match self.fill(topic, GapFill::catch_up(after, page)).await? {
+        match self
+            .fill(topic, GapFill::catch_up(after, page, missed))
+            .await?
+        {
             Ok(()) => Ok(()),
             Err(hole) => self.error_channel(topic, hole).await,
         }
@@ -500,7 +507,8 @@ impl Connection {
         if push.event == RESYNC_EVENT {
             // Broadcasts may have been lost while the node's fan-out queue was away.
             return match guard.last() {
-                Some(after) => self.catch_up(topic, after).await,
+                // Nothing was reported missed to this client: any hole is told by phx_error.
+                Some(after) => self.catch_up(topic, after, false).await,
                 None => Ok(()),
             };
         }
