@@ -15,7 +15,7 @@
 //! writers' (group commit, confirm recorder, outcome writer), the clients' reads (sockets, API-key
 //! lookups, admin queries, /readyz) and the background work's (relay, retention, leases, replay).
 
-use crate::api::health::Health;
+use crate::api::health::{Health, Link};
 use crate::api::{self, ApiState, KeyCache, Limits};
 use crate::cluster::{self, RabbitTransport};
 use crate::config::{Roles, Settings};
@@ -214,14 +214,19 @@ impl App {
             faults,
         } = self;
         let pipeline = &settings.pipeline;
-        let mut links: Vec<(&'static str, Arc<AtomicBool>)> = Vec::new();
+        let mut links: Vec<Link> = Vec::new();
         let mut router = axum::Router::new();
 
         // api: group commit, publisher and its confirm recorder, outbox relay, producer routes.
         let mut api_tasks = None;
         if roles.api {
             let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
-            links.push(("publisher", publisher_handle.connected_flag()));
+            // Not needed to serve: accepted events wait in the outbox while the broker is away.
+            links.push(Link {
+                name: "publisher",
+                up: publisher_handle.connected_flag(),
+                required_by: None,
+            });
             let publisher_stop = CancellationToken::new();
             let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
             let recorder_task = tokio::spawn(published::record(
@@ -308,7 +313,11 @@ impl App {
                 outcomes_close.clone(),
             );
             let consuming = Arc::new(AtomicBool::new(false));
-            links.push(("consumer", Arc::clone(&consuming)));
+            links.push(Link {
+                name: "consumer",
+                up: Arc::clone(&consuming),
+                required_by: Some("worker"),
+            });
             let worker = Worker {
                 pubsub: pubsub.clone(),
                 outcomes,
@@ -349,7 +358,11 @@ impl App {
             router = router.merge(socket::routes(socket_state.clone()));
             if let Some(requests) = bind_requests {
                 let connected = Arc::new(AtomicBool::new(false));
-                links.push(("fanout", Arc::clone(&connected)));
+                links.push(Link {
+                    name: "fanout",
+                    up: Arc::clone(&connected),
+                    required_by: Some("socket"),
+                });
                 fanout_task = Some(tokio::spawn(cluster::run_node_queue(
                     settings.queue.clone(),
                     node.clone(),
@@ -372,7 +385,7 @@ impl App {
         let health = Health {
             store: reads.clone(),
             node: node.clone(),
-            roles: roles.names(),
+            roles,
             links,
             partitions: roles.worker.then_some(owned_watch),
         };

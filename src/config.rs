@@ -152,6 +152,10 @@ pub struct StoreSettings {
     pub retention_per_user: i64,
     /// How often the api role prunes.
     pub retention_interval_secs: u64,
+    /// How long an idempotency key keeps answering retries after its event was pruned (counted from
+    /// the key's first use): a retry then gets 200 with `"status": "pruned"`, never a new event.
+    /// A key whose event is still stored is kept with it, whatever its age.
+    pub idempotency_ttl_secs: u64,
 }
 
 impl Default for StoreSettings {
@@ -165,6 +169,7 @@ impl Default for StoreSettings {
             retention_days: 30,
             retention_per_user: 10_000,
             retention_interval_secs: 300,
+            idempotency_ttl_secs: 24 * 3600,
         }
     }
 }
@@ -299,8 +304,14 @@ pub struct SocketSettings {
     pub write_buffer_bytes: usize,
     /// Largest frame a client may send.
     pub max_frame_bytes: usize,
-    /// Most events fetched from PostgreSQL to fill one gap in a user's sequence.
+    /// Events read from PostgreSQL per page when a channel fills a gap in its user's sequence or
+    /// catches up after a join's `last_seq` (each page is one read and one socket flush).
     pub max_gap_fill: i64,
+    /// Most events one live gap may be filled with, over all its pages. A wider gap is not read: the
+    /// channel is closed with `phx_error` and the client's rejoin catches up, so one push cannot
+    /// hold a connection (its heartbeats, its other channels) for as long as reading a million rows.
+    /// The default is ten default pages, and the default `store.retention_per_user`.
+    pub max_gap_fill_total: i64,
     /// Client pushes queued for one channel task; beyond it a push is answered "too many requests".
     pub channel_inbox: usize,
     /// How long the stats channel's `slow_ping` holds its channel (the inline-handler pitfall).
@@ -334,6 +345,7 @@ impl Default for SocketSettings {
             write_buffer_bytes: 4 * 1024,
             max_frame_bytes: 64 * 1024,
             max_gap_fill: 1_000,
+            max_gap_fill_total: 10_000,
             channel_inbox: 16,
             stats_slow_ping_ms: 3_000,
             stats_max_parallel: 10,
@@ -779,6 +791,13 @@ impl Settings {
         }
         if self.retry.delays_ms().contains(&0) {
             return bad("retry.schedule_ms", "delays must be at least 1 ms");
+        }
+        if self.socket.max_gap_fill < 1 || self.socket.max_gap_fill_total < self.socket.max_gap_fill
+        {
+            return bad(
+                "socket.max_gap_fill",
+                "must be at least 1, and socket.max_gap_fill_total at least as much",
+            );
         }
         if self.replay.page <= 0 || self.replay.default_rate == 0 || self.replay.max_jobs == 0 {
             return bad(

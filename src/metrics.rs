@@ -417,6 +417,17 @@ impl Metrics {
         .send();
     }
 
+    /// A channel could not close a gap in its user's sequence (`reason`: `store_unavailable`,
+    /// `pruned`, `too_large`) and was closed with `phx_error` so that its client rejoins.
+    pub fn socket_gap_unfilled(&self, reason: &'static str) {
+        self.tagged(
+            self.client
+                .count_with_tags("socket.push.gap_unfilled", 1)
+                .with_tag("reason", reason),
+        )
+        .send();
+    }
+
     /// Clients acknowledged having shown events (delivered to a person, not just pushed).
     pub fn client_acked(&self, count: u64) {
         if count > 0 {
@@ -436,6 +447,17 @@ impl Metrics {
             self.tagged(
                 self.client
                     .count_with_tags("store.events.pruned", count as i64),
+            )
+            .send();
+        }
+    }
+
+    /// Idempotency keys of pruned events expired (older than `store.idempotency_ttl_secs`).
+    pub fn idempotency_keys_expired(&self, count: u64) {
+        if count > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("store.idempotency_keys.expired", count as i64),
             )
             .send();
         }

@@ -1,6 +1,8 @@
 //! Retention: prunes delivered events past `store.retention_days` or beyond the newest
 //! `store.retention_per_user` of their user, in bounded batches, so the table (and catch-up) stay
-//! bounded. A client asking to catch up from further back is told at join (`missed: true`).
+//! bounded. A client asking to catch up from further back is told at join (`missed: true`). The
+//! idempotency keys of pruned events are kept `store.idempotency_ttl_secs` from their first use,
+//! then expire here too.
 
 use crate::config::StoreSettings;
 use crate::metrics::Metrics;
@@ -35,6 +37,23 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
                 }
                 Err(error) => {
                     tracing::warn!(error = ?error, "retention pruning failed; retrying later");
+                    break;
+                }
+            }
+        }
+        loop {
+            let expired = store
+                .expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH)
+                .await;
+            match expired {
+                Ok(n) => {
+                    metrics.idempotency_keys_expired(n);
+                    if n < BATCH as u64 || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = ?error, "expiring idempotency keys failed; retrying later");
                     break;
                 }
             }

@@ -5,6 +5,12 @@
 //! relay republish of an event already pushed) and is dropped. A seq that skips ahead means an
 //! earlier event is late (its publish failed and the relay will send it, or a retry): the channel
 //! fills the gap from PostgreSQL before pushing, so a client sees its events gap-free and in order.
+//!
+//! A gap is closed or reported, never skipped: [`GapFill`] pages through it and says when it cannot
+//! be closed ([`Unfilled`]: PostgreSQL unreachable, events pruned, or a gap wider than
+//! `socket.max_gap_fill_total`). The connection then closes the channel with `phx_error` instead of
+//! pushing past the hole; the official client rejoins on its own, with its `last_seq`, and the
+//! join's catch-up fills the hole or reports `missed`.
 
 use super::stats::StatsChannel;
 use crate::pubsub::SubscriptionId;
@@ -49,6 +55,127 @@ impl OrderGuard {
     /// Records that `seq` was pushed.
     pub fn pushed(&mut self, seq: i64) {
         self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+    }
+}
+
+/// Why a user channel could not close a gap in its user's sequence. The channel is then closed with
+/// `phx_error` (never pushed past the hole), and the client's rejoin catches up from its `last_seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfilled {
+    /// PostgreSQL could not be read (unreachable, or the read timed out): the rejoin retries it.
+    StoreUnavailable,
+    /// Events of the gap are no longer stored (retention pruned them): the rejoin says `missed`.
+    Pruned,
+    /// The gap is wider than `socket.max_gap_fill_total`: one push must not make a connection read
+    /// that much while its other channels and heartbeats wait; the rejoin's catch-up does it.
+    TooLarge,
+}
+
+impl Unfilled {
+    /// The metric tag and `phx_error` cause.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Pruned => "pruned",
+            Self::TooLarge => "too_large",
+        }
+    }
+}
+
+/// Paging through missing events: a live gap (every seq up to the one that revealed it must be
+/// found, or the channel would push past a hole) or a join's catch-up (everything after the client's
+/// `last_seq` that is still stored; what retention removed is reported at join as `missed`).
+///
+/// Pure bookkeeping, so its rules are unit-tested; the connection does the reads and pushes.
+#[derive(Debug)]
+pub struct GapFill {
+    /// The last seq pushed (or the client's `last_seq`).
+    last: i64,
+    /// A live gap's end (exclusive): the seq that revealed it. `None` for a catch-up.
+    before: Option<i64>,
+    /// Events read per page (`socket.max_gap_fill`, at least 1).
+    page: i64,
+    /// A catch-up's last page came back full: there may be more.
+    more: bool,
+    /// Seqs may be missing (the client was told `missed: true`); otherwise a missing one is a hole.
+    holes_told: bool,
+}
+
+impl GapFill {
+    /// The fill of the gap between `after` (pushed) and `before` (just arrived), read `page` events
+    /// at a time.
+    ///
+    /// # Errors
+    /// [`Unfilled::TooLarge`] when more than `max_total` events are missing.
+    pub fn gap(after: i64, before: i64, page: i64, max_total: i64) -> Result<Self, Unfilled> {
+        if before.saturating_sub(after).saturating_sub(1) > max_total {
+            return Err(Unfilled::TooLarge);
+        }
+        Ok(Self {
+            last: after,
+            before: Some(before),
+            page: page.max(1),
+            more: true,
+            holes_told: false,
+        })
+    }
+
+    /// A catch-up of everything stored after `after`, `page` events at a time. With `missed` (the
+    /// join told the client retention removed some), missing seqs are passed over; without it, one
+    /// is a hole (pruned after the join read the watermark) and stops the catch-up.
+    pub fn catch_up(after: i64, page: i64, missed: bool) -> Self {
+        Self {
+            last: after,
+            before: None,
+            page: page.max(1),
+            more: true,
+            holes_told: missed,
+        }
+    }
+
+    /// The next page to read, as `(after, before, limit)` with both bounds exclusive; `None` once
+    /// the gap is closed (or the catch-up has read everything).
+    pub fn next_page(&self) -> Option<(i64, i64, i64)> {
+        match self.before {
+            Some(before) if self.last + 1 < before => Some((self.last, before, self.page)),
+            Some(_) => None,
+            None if self.more => Some((self.last, i64::MAX, self.page)),
+            None => None,
+        }
+    }
+
+    /// Checks a row of the page before it is pushed: it must be the very next seq, unless the
+    /// client was told it missed events.
+    ///
+    /// # Errors
+    /// [`Unfilled::Pruned`]: seqs are gap-free when committed and a later one is visible only once
+    /// every earlier one is, so a seq missing here was removed by retention.
+    pub fn admit(&self, seq: i64) -> Result<(), Unfilled> {
+        if !self.holes_told && seq != self.last + 1 {
+            return Err(Unfilled::Pruned);
+        }
+        Ok(())
+    }
+
+    /// Records that `seq` was pushed (or passed over).
+    pub fn pushed(&mut self, seq: i64) {
+        self.last = self.last.max(seq);
+    }
+
+    /// Ends a page that returned `rows` rows.
+    ///
+    /// # Errors
+    /// [`Unfilled::Pruned`]: a short page of a live gap that is not closed yet (the rest is gone).
+    pub fn page_read(&mut self, rows: usize) -> Result<(), Unfilled> {
+        let full = i64::try_from(rows).unwrap_or(i64::MAX) >= self.page;
+        match self.before {
+            Some(before) if !full && self.last + 1 < before => Err(Unfilled::Pruned),
+            Some(_) => Ok(()),
+            None => {
+                self.more = full;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -107,5 +234,88 @@ mod tests {
         assert_eq!(guard.admit(3), Admit::Duplicate);
         assert_eq!(guard.admit(6), Admit::Push);
         assert_eq!(guard.admit(9), Admit::Gap { after: 5 });
+    }
+
+    /// Drives `fill` over a store holding `stored` seqs; returns the seqs pushed and how it ended.
+    fn run(mut fill: GapFill, stored: &[i64]) -> (Vec<i64>, Result<(), Unfilled>) {
+        let mut pushed = Vec::new();
+        while let Some((after, before, limit)) = fill.next_page() {
+            let page: Vec<i64> = stored
+                .iter()
+                .copied()
+                .filter(|s| *s > after && *s < before)
+                .take(limit as usize)
+                .collect();
+            for &seq in &page {
+                if let Err(hole) = fill.admit(seq) {
+                    return (pushed, Err(hole));
+                }
+                pushed.push(seq);
+                fill.pushed(seq);
+            }
+            if let Err(hole) = fill.page_read(page.len()) {
+                return (pushed, Err(hole));
+            }
+        }
+        (pushed, Ok(()))
+    }
+
+    #[test]
+    fn a_gap_wider_than_a_page_is_read_page_by_page_until_closed() {
+        let stored: Vec<i64> = (1..=60).collect();
+        let fill = GapFill::gap(1, 42, 5, 1_000).unwrap();
+        assert_eq!(run(fill, &stored), ((2..=41).collect(), Ok(())));
+    }
+
+    #[test]
+    fn a_gap_with_a_pruned_event_stops_before_the_hole() {
+        let stored: Vec<i64> = (1..=20).filter(|s| *s != 8).collect();
+        let fill = GapFill::gap(1, 20, 5, 1_000).unwrap();
+        assert_eq!(
+            run(fill, &stored),
+            ((2..=7).collect(), Err(Unfilled::Pruned))
+        );
+        // The missing events are the gap's last ones: the short page tells.
+        let stored: Vec<i64> = (1..=6).chain([20]).collect();
+        let fill = GapFill::gap(1, 20, 5, 1_000).unwrap();
+        assert_eq!(
+            run(fill, &stored),
+            ((2..=6).collect(), Err(Unfilled::Pruned))
+        );
+    }
+
+    #[test]
+    fn a_gap_wider_than_the_total_is_not_read_at_all() {
+        // 101 events are missing between 10 and 112.
+        assert_eq!(
+            GapFill::gap(10, 112, 5, 100).unwrap_err(),
+            Unfilled::TooLarge
+        );
+        assert!(GapFill::gap(10, 112, 5, 101).is_ok());
+    }
+
+    #[test]
+    fn a_catch_up_reads_to_the_end_and_passes_over_pruned_events_the_client_was_told_of() {
+        let stored: Vec<i64> = (1..=3).chain(7..=12).collect();
+        assert_eq!(
+            run(GapFill::catch_up(0, 3, true), &stored),
+            (stored.clone(), Ok(()))
+        );
+        assert_eq!(
+            run(GapFill::catch_up(12, 3, false), &stored),
+            (vec![], Ok(()))
+        );
+        // Untold (pruned after the join read the watermark): stopped before the hole.
+        assert_eq!(
+            run(GapFill::catch_up(0, 3, false), &stored),
+            (vec![1, 2, 3], Err(Unfilled::Pruned))
+        );
+        assert_eq!(
+            run(
+                GapFill::catch_up(1, 3, false),
+                &(1..=20).collect::<Vec<_>>()
+            ),
+            ((2..=20).collect(), Ok(()))
+        );
     }
 }

@@ -7,7 +7,9 @@
 //! can panic the node.
 
 use super::SocketState;
-use super::channel::{Admit, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
+use super::channel::{
+    Admit, ChannelKind, GapFill, JoinedChannel, OrderGuard, ToConnection, Unfilled,
+};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
 use crate::event::{
@@ -264,6 +266,20 @@ impl Connection {
                 Refusal::Reason(why) => self.refuse_join(&frame, channel_tag, why).await,
             };
         }
+        // What a user join answers is read first: a join whose catch-up cannot be planned is refused
+        // (the official client retries with backoff), not answered with a last_seq it cannot trust,
+        // and an instance already joined stays as it was.
+        let catch_up = match &self.endpoint {
+            Endpoint::User(user) => match catch_up_plan(&self.state, user, &frame.payload).await {
+                Some(plan) => Some(plan),
+                None => {
+                    return self
+                        .refuse_join(&frame, channel_tag, "unavailable, retry")
+                        .await;
+                }
+            },
+            Endpoint::Stats => None,
+        };
         let previous = self.channels.remove(&frame.topic);
         if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
             return self
@@ -290,10 +306,6 @@ impl Connection {
             },
         );
         self.state.metrics.channel_join(channel_tag, true);
-        let catch_up = match &self.endpoint {
-            Endpoint::User(user) => Some(catch_up_plan(&self.state, user, &frame.payload).await),
-            Endpoint::Stats => None,
-        };
         let response = catch_up
             .as_ref()
             .map_or_else(|| "{}".to_owned(), CatchUp::response);
@@ -304,17 +316,22 @@ impl Connection {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
         }
         if let Some(CatchUp {
-            from: Some(after), ..
+            from: Some(after),
+            missed,
+            ..
         }) = catch_up
         {
-            self.catch_up(&frame.topic, after).await?;
+            self.catch_up(&frame.topic, after, missed).await?;
         }
         Ok(())
     }
 
     /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
     /// (which wait in the connection's queue and are dropped by the order guard if already sent).
-    async fn catch_up(&mut self, topic: &str, after: i64) -> Result<(), End> {
+    /// Events retention removed are passed over only when the client was told (`missed`); one
+    /// pruned after the join read its watermark, or PostgreSQL unreadable, closes the channel with
+    /// `phx_error` and the client rejoins (and hears `missed: true` then).
+    async fn catch_up(&mut self, topic: &str, after: i64, missed: bool) -> Result<(), End> {
         if let Some(JoinedChannel {
             kind: ChannelKind::User { guard, .. },
             ..
@@ -322,13 +339,13 @@ impl Connection {
         {
             guard.pushed(after);
         }
-        let mut from = after;
-        loop {
-            let pushed = self.fill_gap(topic, from, i64::MAX).await?;
-            match pushed {
-                Some(last) if last > from => from = last,
-                _ => return Ok(()),
-            }
+        let page = self.state.settings.max_gap_fill;
+        match self
+            .fill(topic, GapFill::catch_up(after, page, missed))
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(hole) => self.error_channel(topic, hole).await,
         }
     }
 
@@ -490,7 +507,8 @@ impl Connection {
         if push.event == RESYNC_EVENT {
             // Broadcasts may have been lost while the node's fan-out queue was away.
             return match guard.last() {
-                Some(after) => self.catch_up(topic, after).await,
+                // Nothing was reported missed to this client: any hole is told by phx_error.
+                Some(after) => self.catch_up(topic, after, false).await,
                 None => Ok(()),
             };
         }
@@ -505,51 +523,120 @@ impl Connection {
             }
             Admit::Push => self.push_seq(topic, seq, push).await,
             Admit::Gap { after } => {
-                self.fill_gap(topic, after, seq).await?;
-                self.push_seq(topic, seq, push).await
+                let settings = &self.state.settings;
+                let filled = match GapFill::gap(
+                    after,
+                    seq,
+                    settings.max_gap_fill,
+                    settings.max_gap_fill_total,
+                ) {
+                    Ok(gap) => self.fill(topic, gap).await?,
+                    Err(hole) => Err(hole),
+                };
+                match filled {
+                    Ok(()) => self.push_seq(topic, seq, push).await,
+                    // Never past the hole: the client rejoins and catches up from its last seq.
+                    Err(hole) => self.error_channel(topic, hole).await,
+                }
             }
         }
     }
 
-    /// Pushes this user's events between `after` and `before` (exclusive) from PostgreSQL, at most
-    /// `socket.max_gap_fill` of them; returns the last seq pushed when a full page was pushed (so a
-    /// caller paging through history knows to go on).
-    async fn fill_gap(&mut self, topic: &str, after: i64, before: i64) -> Result<Option<i64>, End> {
+    /// Pushes, from PostgreSQL and page by page, the events `fill` is missing; each page is one
+    /// read (bounded by [`GAP_PAGE_TIMEOUT`]) and one flush. Returns why the fill stopped short, if
+    /// it did; the caller closes the channel then. The connection waits meanwhile: a live gap's
+    /// total is bounded by `socket.max_gap_fill_total`.
+    #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %topic, after = ?fill.next_page().map(|p| p.0)))]
+    async fn fill(&mut self, topic: &str, mut fill: GapFill) -> Result<Result<(), Unfilled>, End> {
         let Endpoint::User(user) = &self.endpoint else {
-            return Ok(None);
+            return Ok(Ok(()));
         };
-        let page = self.state.settings.max_gap_fill;
-        let rows = self
-            .state
-            .store
-            .events_between(user.as_str(), after, before, page)
+        let user = user.clone();
+        while let Some((after, before, limit)) = fill.next_page() {
+            let read = timeout(
+                GAP_PAGE_TIMEOUT,
+                self.state
+                    .store
+                    .events_between(user.as_str(), after, before, limit),
+            )
             .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(error) => {
-                // Pushing on beats holding the user's stream; the client sees the gap in seq.
-                tracing::warn!(error = ?error, after, before, "cannot fill a gap in a user's events");
-                return Ok(None);
+            let rows = match read {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = ?error, after, before, "cannot read a user's missing events");
+                    return Ok(Err(Unfilled::StoreUnavailable));
+                }
+                Err(_) => {
+                    tracing::warn!(after, before, "reading a user's missing events timed out");
+                    return Ok(Err(Unfilled::StoreUnavailable));
+                }
+            };
+            let count = rows.len();
+            self.state.metrics.socket_gap_filled(count);
+            for row in rows {
+                let seq = row.seq;
+                if let Err(hole) = fill.admit(seq) {
+                    self.flush().await?;
+                    return Ok(Err(hole));
+                }
+                match row.into_envelope() {
+                    Some(envelope) => {
+                        let push = Push {
+                            event: envelope.event.as_str().to_owned(),
+                            seq: Some(envelope.seq),
+                            payload: envelope.push_payload(),
+                            enqueued_at_ms: Some(envelope.at),
+                        };
+                        self.push_seq(topic, seq, &push).await?;
+                    }
+                    // Stored but unreadable (the API never accepts such values): waiting cannot
+                    // change it, so it is passed over rather than blocking the user's stream.
+                    None => tracing::warn!(seq, "a stored event cannot be decoded; passed over"),
+                }
+                fill.pushed(seq);
             }
-        };
-        self.state.metrics.socket_gap_filled(rows.len());
-        let full_page = rows.len() as i64 >= page;
-        let mut last = None;
-        for row in rows {
-            let Some(envelope) = row.into_envelope() else {
-                continue;
-            };
-            let push = Push {
-                event: envelope.event.as_str().to_owned(),
-                seq: Some(envelope.seq),
-                payload: envelope.push_payload(),
-                enqueued_at_ms: Some(envelope.at),
-            };
-            self.push_seq(topic, envelope.seq, &push).await?;
-            last = Some(envelope.seq);
+            self.flush().await?;
+            if let Err(hole) = fill.page_read(count) {
+                return Ok(Err(hole));
+            }
         }
-        self.flush().await?;
-        Ok(if full_page { last } else { None })
+        Ok(Ok(()))
+    }
+
+    /// Closes a user channel whose stream has a hole it cannot fill now, with `phx_error` (what
+    /// Phoenix sends when a channel crashes): the official client rejoins by itself (after 1 s,
+    /// then backing off), re-sending its join params, so a client that passes its `last_seq`
+    /// catches up from PostgreSQL, which fills the hole or answers `missed: true`. The payload
+    /// also names the cause and the last seq pushed, for clients that rejoin by hand.
+    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), End> {
+        let Some(channel) = self.channels.remove(topic) else {
+            return Ok(());
+        };
+        self.stop_channel(topic, &channel);
+        let last = match &channel.kind {
+            ChannelKind::User { guard, .. } => guard.last(),
+            ChannelKind::Stats(_) => None,
+        };
+        self.state.metrics.socket_gap_unfilled(hole.label());
+        tracing::warn!(
+            cause = hole.label(),
+            last_seq = ?last,
+            "a gap in a user's events cannot be filled now: channel closed with phx_error"
+        );
+        let payload = format!(
+            r#"{{"reason":"gap_unfilled","cause":"{}","last_seq":{}}}"#,
+            hole.label(),
+            last.map_or_else(|| "null".to_owned(), |seq| seq.to_string())
+        );
+        let text = protocol::encode(
+            self.vsn,
+            &channel.join_ref,
+            &channel.join_ref,
+            topic,
+            "phx_error",
+            &payload,
+        );
+        self.send(text).await
     }
 
     async fn push_seq(&mut self, topic: &str, seq: i64, push: &Push) -> Result<(), End> {
@@ -651,30 +738,38 @@ fn written(
     }
 }
 
-/// Reads what a user channel join needs to say and do: the user's current last seq, and whether the
-/// requested `last_seq` is still fully covered by what retention kept.
-async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> CatchUp {
+/// How long one page of a gap fill or catch-up may take to read: the connection waits for it, and
+/// a stalled read must end (the channel is closed with `phx_error` and the client rejoins) well
+/// before the client's 30 s heartbeat would give the whole connection up.
+const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads what a user channel join needs to say and do: the user's current last seq, and whether
+/// retention removed any event after the requested `last_seq` (the user's retention watermark,
+/// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
+/// read in time: the join is refused and the client retries.
+async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> Option<CatchUp> {
     let requested = serde_json::from_str::<UserJoinParams>(params.get())
         .ok()
         .and_then(|p| p.last_seq)
         .filter(|seq| *seq >= 0);
-    match state.store.user_seq_bounds(user.as_str()).await {
-        Ok((oldest, last)) => CatchUp {
-            from: requested,
-            last_seq: last.unwrap_or(0),
-            // Retention removed events the client has not seen.
-            missed: matches!((requested, oldest), (Some(r), Some(o)) if o > r + 1)
-                || matches!((requested, oldest, last), (Some(r), None, Some(l)) if l > r),
-        },
-        Err(error) => {
-            tracing::warn!(error = ?error, "cannot read a user's seq bounds; catching up on the next event");
-            CatchUp {
-                from: requested,
-                last_seq: 0,
-                missed: false,
-            }
+    let read = timeout(GAP_PAGE_TIMEOUT, state.store.user_seq_bounds(user.as_str())).await;
+    let (pruned_through, last) = match read {
+        Ok(Ok(bounds)) => bounds,
+        Ok(Err(error)) => {
+            tracing::warn!(error = ?error, "join refused: cannot read the user's seqs");
+            return None;
         }
-    }
+        Err(_) => {
+            tracing::warn!("join refused: reading the user's seqs timed out");
+            return None;
+        }
+    };
+    Some(CatchUp {
+        from: requested,
+        last_seq: last.unwrap_or(0),
+        // Retention removed events the client has not seen.
+        missed: matches!((requested, pruned_through), (Some(r), Some(p)) if p > r),
+    })
 }
 
 /// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).

@@ -63,12 +63,16 @@ pub enum InsertOutcome {
     Duplicate {
         /// The original event.
         id: Uuid,
-        /// Its seq.
+        /// Its seq (0 for a key whose event was pruned before keys recorded it).
         seq: i64,
-        /// Its current status.
+        /// Its current status, or [`PRUNED_STATUS`] once retention removed it.
         status: String,
     },
 }
+
+/// The status a retry of an idempotency key is answered with once retention removed the original
+/// event (its key is kept for `store.idempotency_ttl_secs`).
+pub const PRUNED_STATUS: &str = "pruned";
 
 /// What a group commit stored: an outcome per event, and the broker messages that carry the new
 /// events (their outbox rows were written in the same transaction).
@@ -249,8 +253,8 @@ impl Store {
         })
     }
 
-    /// The oldest seq still stored for `user_id` (retention prunes older ones) and the last seq
-    /// handed out, if any.
+    /// The highest seq of `user_id` that retention has removed (its watermark; events above it
+    /// may still be pruned later) and the last seq handed out, each if any.
     ///
     /// # Errors
     /// The query failed.
@@ -259,7 +263,7 @@ impl Store {
         user_id: &str,
     ) -> Result<(Option<i64>, Option<i64>), Error> {
         sqlx::query_as(
-            "SELECT (SELECT min(seq) FROM events WHERE user_id = $1),
+            "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
                     (SELECT last_seq FROM user_seqs WHERE user_id = $1)",
         )
         .bind(user_id)
@@ -271,6 +275,9 @@ impl Store {
     /// Deletes up to `limit` delivered events past retention: older than `max_age_days` (0: no age
     /// limit) or beyond the newest `per_user` of their user (0: no count limit). Returns how many.
     /// Failed and undelivered events stay: they are still the pipeline's or an operator's business.
+    /// The same statement raises each user's retention watermark to the highest seq it deleted, so
+    /// a join can tell exactly whether it missed anything, and marks the deleted events'
+    /// idempotency keys pruned, with their seq, so a retry still finds its original.
     ///
     /// # Errors
     /// The delete failed.
@@ -282,41 +289,50 @@ impl Store {
     ) -> Result<u64, Error> {
         let mut pruned = 0;
         if max_age_days > 0 {
-            pruned += sqlx::query(
-                "DELETE FROM events WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM events
-                     WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
-                     LIMIT $2))",
-            )
+            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
+                "SELECT ctid FROM events
+                 WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
+                 LIMIT $2",
+            ))
             .bind(max_age_days as i32)
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
-            .map_err(Error::query("prune old events"))?
-            .rows_affected();
-            sqlx::query(
-                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => $1)",
-            )
-            .bind(max_age_days as i32)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::query("prune old idempotency keys"))?;
+            .map_err(Error::query("prune old events"))?;
         }
         if per_user > 0 {
-            pruned += sqlx::query(
-                "DELETE FROM events WHERE ctid = ANY(ARRAY(
-                     SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
-                     WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
-                     LIMIT $2))",
-            )
+            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
+                "SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
+                 WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
+                 LIMIT $2",
+            ))
             .bind(per_user)
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
-            .map_err(Error::query("prune events beyond the per-user count"))?
-            .rows_affected();
+            .map_err(Error::query("prune events beyond the per-user count"))?;
         }
-        Ok(pruned)
+        Ok(u64::try_from(pruned).unwrap_or(0))
+    }
+
+    /// Deletes up to `limit` idempotency keys whose event retention removed and that are older than
+    /// `ttl_secs`; returns how many. A key whose event is still stored is kept with it.
+    ///
+    /// # Errors
+    /// The delete failed.
+    pub async fn expire_idempotency_keys(&self, ttl_secs: u64, limit: i64) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM idempotency_keys
+                 WHERE pruned_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)
+                 LIMIT $2))",
+        )
+        .bind(ttl_secs as f64)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("expire idempotency keys"))?;
+        Ok(done.rows_affected())
     }
 
     /// Records that a client of `user_id` showed these events (only that user's events; an event
@@ -360,6 +376,32 @@ impl Store {
         .await
         .map_err(Error::query("read events of a user"))
     }
+}
+
+/// The retention statement: deletes the events whose `ctid`s `select` picks and, in the same
+/// statement, raises each of their users' watermark to the highest seq deleted (in user order, so
+/// two nodes pruning at once take the watermark rows' locks in one order) and marks their
+/// idempotency keys pruned with the event's seq (a primary-key lookup per keyed event; the events
+/// row names its key). Answers the count. The bookkeeping costs the background pass about 3 us
+/// per pruned event: 7.1 us against 4.4 for the bare delete (90,000 delivered events of 1,000
+/// users, one in ten keyed, pruned in statements of 10,000 on this box).
+fn prune_sql(select: &str) -> String {
+    format!(
+        "WITH gone AS (
+             DELETE FROM events WHERE ctid = ANY(ARRAY({select}))
+             RETURNING id, producer_id, user_id, seq, idempotency_key),
+         marked AS (
+             INSERT INTO retention_watermarks AS w (user_id, pruned_through)
+             SELECT user_id, max(seq) FROM gone GROUP BY user_id ORDER BY user_id
+             ON CONFLICT (user_id) DO UPDATE
+                 SET pruned_through = GREATEST(w.pruned_through, EXCLUDED.pruned_through)),
+         keys AS (
+             UPDATE idempotency_keys k SET pruned_at = now(), seq = gone.seq
+             FROM gone
+             WHERE gone.idempotency_key IS NOT NULL AND k.producer_id = gone.producer_id
+               AND k.key = gone.idempotency_key AND k.event_id = gone.id)
+         SELECT count(*) FROM gone"
+    )
 }
 
 /// Claims the batch's idempotency keys and fills `outcomes` for events whose key a committed event
@@ -409,14 +451,18 @@ async fn claim_idempotency_keys(
             .filter(|pk| !claimed.contains(pk))
             .map(|(p, k)| (*p, *k))
             .unzip();
+        // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
+        // (a key and its event commit together), answered with the seq its key recorded.
         let originals: Vec<(i64, String, Uuid, i64, String)> = sqlx::query_as(
-            "SELECT k.producer_id, k.key, e.id, e.seq, e.status
+            "SELECT k.producer_id, k.key, k.event_id, COALESCE(e.seq, k.seq, 0),
+                    COALESCE(e.status, $3)
              FROM UNNEST($1::int8[], $2::text[]) AS x(p, k)
              JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
-             JOIN events e ON e.id = k.event_id",
+             LEFT JOIN events e ON e.id = k.event_id",
         )
         .bind(&taken_p)
         .bind(&taken_k)
+        .bind(PRUNED_STATUS)
         .fetch_all(&mut **tx)
         .await
         .map_err(Error::query("read idempotent originals"))?;

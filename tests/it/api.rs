@@ -103,6 +103,63 @@ async fn batch_idempotency_keys_dedupe_within_and_across_batches() {
 }
 
 #[tokio::test]
+async fn an_idempotent_retry_after_retention_pruned_the_original_gets_it_as_pruned() {
+    let app = spawn_app().await;
+    let single = || async {
+        app.http
+            .post(app.url("/api/v1/events"))
+            .bearer_auth(&app.api_key)
+            .header("Idempotency-Key", "order-18")
+            .json(&json!({"user_id": "p1", "data": {"order": 18}}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let batch = json!([{"user_id": "p1", "idempotency_key": "order-19"}]);
+    let first = single().await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let first_batch: Value = app.post_batch(batch.clone()).await.json().await.unwrap();
+    app.post_event(json!({"user_id": "p1"})).await;
+    app.wait_all_delivered().await;
+    // Keep only the newest delivered event: both keyed events go.
+    assert_eq!(app.store.prune_events(0, 1, 1000).await.unwrap(), 2);
+
+    let retry = single().await;
+    assert_eq!(retry.status(), 200, "a retry, not a new event");
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(
+        retry,
+        json!({"id": first["id"], "status": "pruned", "seq": 1, "duplicate": true})
+    );
+    let again = app.post_batch(batch).await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(
+        again["events"][0],
+        json!({"id": first_batch["events"][0]["id"], "status": "pruned", "seq": 2, "duplicate": true})
+    );
+    let (events, last_seq): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events), (SELECT last_seq FROM user_seqs WHERE user_id = 'p1')",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!((events, last_seq), (1, 3), "no new event, no seq burned");
+    // The keys expire only once older than store.idempotency_ttl_secs (24 h by default).
+    assert_eq!(
+        app.store
+            .expire_idempotency_keys(24 * 3600, 1000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(app.store.expire_idempotency_keys(0, 1000).await.unwrap(), 2);
+    let after_ttl = single().await;
+    assert_eq!(after_ttl.status(), 202, "past its ttl a key is new again");
+}
+
+#[tokio::test]
 async fn bad_input_gets_its_status_and_a_json_body() {
     let app = spawn_app_with(|s| {
         s.http.max_body_bytes = 64 * 1024;

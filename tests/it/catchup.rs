@@ -168,3 +168,40 @@ async fn retention_prunes_delivered_events_and_a_join_from_before_it_is_told() {
         json!({"last_seq": 10, "missed": false})
     );
 }
+
+#[tokio::test]
+async fn a_join_is_told_it_missed_events_pruned_after_its_last_seq_behind_a_kept_failed_one() {
+    // Seq 1 fails for good, and retention keeps failed events: the oldest seq stored stays 1, so
+    // only what retention records of its own deletes can tell that 2..=4 are gone.
+    let app = spawn_app_with(|s| s.faults.fail_events = vec!["poison".into()]).await;
+    let poison = app
+        .enqueue(json!({"user_id": "46", "event": "poison"}))
+        .await;
+    app.wait_status(&poison, "failed").await;
+    for n in 2..=6 {
+        app.post_event(json!({"user_id": "46", "data": {"n": n}}))
+            .await;
+    }
+    crate::common::wait_until("five delivered", crate::common::PATIENCE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE status = 'delivered'")
+            .fetch_one(app.store.pool())
+            .await
+            .ok()?;
+        (n == 5).then_some(())
+    })
+    .await;
+    // Keep the newest 2 delivered: 2, 3 and 4 go; the failed 1 stays.
+    assert_eq!(app.store.prune_events(0, 2, 1000).await.unwrap(), 3);
+
+    let mut client = app.connect("46").await;
+    let reply = client.join("user:46", json!({"last_seq": 1})).await;
+    assert_eq!(reply[4]["response"], json!({"last_seq": 6, "missed": true}));
+    assert_eq!(seqs_until(&mut client, 6).await, vec![5, 6]);
+    // A client that had seen 4 missed nothing.
+    let mut fresh = app.connect("46").await;
+    let reply = fresh.join("user:46", json!({"last_seq": 4})).await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"last_seq": 6, "missed": false})
+    );
+}

@@ -93,6 +93,11 @@ async fn readiness_names_the_node_and_its_roles() {
     assert_eq!(ready["node"], "socket-a");
     assert_eq!(ready["roles"], "socket");
     assert_eq!(ready["checks"]["rabbitmq_links"]["fanout"], "ok");
+    // A socket node in cluster mode serves only with its fan-out queue bound.
+    assert_eq!(
+        ready["dependencies"]["rabbitmq.fanout"],
+        json!({"state": "ok", "required_by": ["socket"]})
+    );
     // A socket node serves no producer API.
     let r = api
         .http

@@ -431,6 +431,47 @@ impl TestApp {
         })
     }
 
+    /// Commits an event of `user` straight into the store, as if its publish had failed: it waits
+    /// in the outbox for the relay. Returns its seq.
+    pub async fn commit_unpublished(&self, user: &str, data: &str) -> i64 {
+        let event = new_event(self, user, data).await;
+        let committed = self
+            .store
+            .insert_events(
+                &[event],
+                self.settings.queue.partitions,
+                self.settings.message_limits(),
+            )
+            .await
+            .expect("event committed");
+        match committed.outcomes[0] {
+            herald::store::InsertOutcome::Inserted { seq } => seq,
+            ref other => panic!("not inserted: {other:?}"),
+        }
+    }
+
+    /// This node's /readyz: its status code and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until /readyz reports the RabbitMQ link `link` (`publisher`, `consumer`, `fanout`)
+    /// as `state` (`ok` or `unavailable`).
+    pub async fn wait_link(&self, link: &str, state: &str) {
+        wait_until(&format!("{link} {state}"), PATIENCE, || async {
+            let (_, body) = self.readyz().await;
+            (body["checks"]["rabbitmq_links"][link] == state).then_some(())
+        })
+        .await;
+    }
+
     /// The partitions this node consumes, from its /readyz.
     pub async fn partitions(&self) -> Vec<u16> {
         partitions_at(&self.http, self.addr).await
@@ -619,6 +660,23 @@ impl WsClient {
                 return frame;
             }
         }
+    }
+}
+
+/// An event of `user` to insert straight into the store (bypassing the API and the publisher).
+pub async fn new_event(app: &TestApp, user: &str, data: &str) -> herald::store::NewEvent {
+    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    herald::store::NewEvent {
+        id: uuid::Uuid::now_v7(),
+        producer_id: producer,
+        user_id: herald::event::UserId::parse(user).unwrap(),
+        event: herald::event::EventName::default_push(),
+        data: serde_json::value::RawValue::from_string(data.into()).unwrap(),
+        idempotency_key: None,
+        enqueued_at_ms: herald::event::now_unix_ms(),
     }
 }
 

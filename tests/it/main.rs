@@ -7,6 +7,7 @@ mod catchup;
 mod chaos;
 mod cluster;
 mod common;
+mod gaps;
 mod hostile;
 mod partitions;
 mod pipeline;

@@ -1,9 +1,7 @@
 //! The seed's pipeline tests: events reach the right user's channel, in order, and are measured.
 
-use crate::common::{StatsdListener, spawn_app, spawn_app_with};
-use herald::event::{EventName, UserId, now_unix_ms};
-use herald::store::{MessageLimits, NewEvent};
-use serde_json::value::RawValue;
+use crate::common::{StatsdListener, new_event, spawn_app, spawn_app_with};
+use herald::store::MessageLimits;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -142,11 +140,7 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
         .await;
     assert_eq!(client.recv_push().await[4]["seq"], 1);
     // Seq 2 is committed but never published (as if its publish had failed).
-    let late = new_event(&app, "9", r#"{"n":2}"#).await;
-    app.store
-        .insert_events(&[late], app.settings.queue.partitions, limits(&app))
-        .await
-        .unwrap();
+    app.commit_unpublished("9", r#"{"n":2}"#).await;
     app.post_event(json!({"user_id": "9", "data": {"n": 3}}))
         .await;
     let second = client.recv_push().await;
@@ -163,23 +157,6 @@ async fn a_late_event_is_filled_in_before_a_later_one() {
 
 fn limits(app: &crate::common::TestApp) -> MessageLimits {
     app.settings.message_limits()
-}
-
-/// An event of `user` to insert straight into the store (bypassing the API and the publisher).
-async fn new_event(app: &crate::common::TestApp, user: &str, data: &str) -> NewEvent {
-    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap();
-    NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: producer,
-        user_id: UserId::parse(user).unwrap(),
-        event: EventName::default_push(),
-        data: RawValue::from_string(data.into()).unwrap(),
-        idempotency_key: None,
-        enqueued_at_ms: now_unix_ms(),
-    }
 }
 
 /// A broker confirm deletes its message's outbox row and never touches an event row, so it can

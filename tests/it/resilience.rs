@@ -1,6 +1,6 @@
 //! Nothing answered 2xx is lost: not while RabbitMQ is unreachable, not across a graceful shutdown.
 
-use crate::common::{PATIENCE, TcpProxy, spawn_app, spawn_unready, wait_until};
+use crate::common::{PATIENCE, TcpProxy, spawn_app, spawn_node, spawn_unready, wait_until};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -157,4 +157,54 @@ async fn a_restarted_node_delivers_what_was_left_unpublished() {
     proxy.restore();
     let app = app.restart().await;
     app.wait_all_delivered().await;
+}
+
+#[tokio::test]
+async fn an_api_node_stays_ready_and_accepting_while_the_broker_is_down_and_a_worker_does_not() {
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let proxy_addr = proxy.addr;
+    let api = spawn_unready(move |s| {
+        s.queue.amqp_url =
+            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.pubsub.mode = "cluster".into();
+        s.node.roles = "api".into();
+        s.node.name = "api-only".into();
+    })
+    .await;
+    api.wait_ready().await;
+    api.wait_link("publisher", "ok").await;
+    // Same deployment, same broker address (through the proxy).
+    let worker = spawn_node(&api, "worker", "worker-only", |_| {}).await;
+
+    proxy.cut();
+    let (_, body) = wait_until("the worker node unready", PATIENCE, || async {
+        let (status, body) = worker.readyz().await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["unavailable"], json!(["rabbitmq.consumer"]), "{body}");
+    assert_eq!(
+        body["dependencies"]["rabbitmq.consumer"],
+        json!({"state": "unavailable", "required_by": ["worker"]})
+    );
+    assert_eq!(body["dependencies"]["postgres"]["state"], "ok");
+
+    // The api node has noticed the broker is gone, and stays ready: it accepts into the outbox.
+    api.wait_link("publisher", "unavailable").await;
+    let (status, body) = api.readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["unavailable"], json!([]));
+    assert_eq!(body["degraded"], json!(["rabbitmq.publisher"]));
+    assert_eq!(
+        body["dependencies"]["postgres"],
+        json!({"state": "ok", "required_by": ["api"]})
+    );
+    let r = api.post_event(json!({"user_id": "r1"})).await;
+    assert_eq!(r.status(), 202);
+
+    proxy.restore();
+    worker.wait_ready().await;
+    api.wait_all_delivered().await;
 }

@@ -220,6 +220,47 @@ export async function rawSocket(url) {
   }
 }
 
+/** A TCP proxy in front of a dependency on 127.0.0.1:`targetPort`: `cut()` drops every connection
+ * and refuses new ones until `restore()`, making it unreachable for one node without touching the
+ * shared service. */
+export async function tcpProxy(targetPort) {
+  const open = new Set()
+  let up = true
+  const server = net.createServer((inbound) => {
+    if (!up) {
+      inbound.destroy()
+      return
+    }
+    const outbound = net.connect(targetPort, "127.0.0.1")
+    const pair = [inbound, outbound]
+    for (const end of pair) {
+      open.add(end)
+      end.on("error", () => {})
+      end.on("close", () => {
+        open.delete(end)
+        for (const other of pair) other.destroy()
+      })
+    }
+    inbound.pipe(outbound)
+    outbound.pipe(inbound)
+  })
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve))
+  return {
+    port: server.address().port,
+    cut() {
+      up = false
+      for (const end of open) end.destroy()
+    },
+    restore() {
+      up = true
+    },
+    close() {
+      this.cut()
+      return new Promise((resolve) => server.close(resolve))
+    },
+  }
+}
+
 /** A UDP listener standing in for StatsD; `line(prefix)` waits for a metric line. */
 export async function statsd() {
   const socket = dgram.createSocket("udp4")
