@@ -95,6 +95,8 @@ pub struct App {
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
+    /// Prometheus' own listener (`metrics.prometheus_addr`), when configured.
+    scrape: Option<(TcpListener, SocketAddr)>,
     demo: Option<Demo>,
     faults: Arc<Faults>,
 }
@@ -135,6 +137,15 @@ impl App {
             addr: settings.http.addr,
             source,
         })?;
+        let scrape = match settings.prometheus_addr() {
+            None => None,
+            Some(addr) => {
+                let bind = |source| Error::Bind { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(bind)?;
+                let bound = listener.local_addr().map_err(bind)?;
+                Some((listener, bound))
+            }
+        };
         let signer = TokenSigner::new(secret);
         let demo = if settings.demo.enabled && roles.api {
             tracing::warn!(
@@ -178,6 +189,7 @@ impl App {
             signer,
             listener,
             http_addr,
+            scrape,
             demo,
         })
     }
@@ -185,6 +197,11 @@ impl App {
     /// The address the HTTP listener is bound to.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address Prometheus scrapes `/metrics` at, when it is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.scrape.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The store this node uses.
@@ -210,6 +227,7 @@ impl App {
             signer,
             listener,
             http_addr,
+            scrape,
             demo,
             faults,
         } = self;
@@ -366,6 +384,11 @@ impl App {
         let flusher = tokio::spawn(flush_metrics(
             metrics.clone(),
             socket_state.clone(),
+            [
+                ("background", store.clone()),
+                ("writes", writes.clone()),
+                ("reads", reads.clone()),
+            ],
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
@@ -384,6 +407,17 @@ impl App {
         let router = router.layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
             settings.http.body_read_timeout_ms,
         )));
+        // Prometheus' listener stops and drains with the main one, on the same signal.
+        let scrape_task = scrape.map(|(listener, addr)| {
+            tracing::info!(addr = %addr, "serving /metrics for Prometheus");
+            tokio::spawn(server::serve(
+                listener,
+                api::scrape::routes(metrics.clone()),
+                Duration::from_millis(settings.http.header_read_timeout_ms),
+                settings.shutdown_timeout(),
+                shutdown.clone(),
+            ))
+        });
         tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
         let deadline = server::serve(
             listener,
@@ -426,6 +460,9 @@ impl App {
             tokio::join!(store.close(), writes.close(), reads.close())
         })
         .await;
+        if let Some(task) = scrape_task {
+            drain("metrics listener", deadline, task).await;
+        }
         flusher_stop.cancel();
         let _ = flusher.await;
         metrics.flush();
@@ -478,10 +515,12 @@ async fn drain<F: Future>(stage: &str, deadline: Instant, stage_done: F) {
     }
 }
 
-/// Sends buffered metrics periodically, with the gauges sampled at the same beat.
+/// Sends buffered metrics periodically, with the node's gauges (connections, channels, pool use)
+/// sampled every second.
 async fn flush_metrics(
     metrics: Metrics,
     sockets: SocketState,
+    pools: [(&'static str, Store); 3],
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -496,6 +535,15 @@ async fn flush_metrics(
         since_gauge += every;
         if since_gauge >= Duration::from_secs(1) {
             metrics.socket_connections(sockets.open_connections());
+            metrics.socket_channels(sockets.pubsub.subscription_count() as u64);
+            for (name, pool) in &pools {
+                let (size, idle) = (pool.pool().size(), pool.pool().num_idle() as u32);
+                metrics.pool_connections(
+                    name,
+                    u64::from(size.saturating_sub(idle)),
+                    u64::from(idle),
+                );
+            }
             since_gauge = Duration::ZERO;
         }
         metrics.flush();

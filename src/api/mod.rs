@@ -9,6 +9,7 @@ mod events;
 mod extract;
 pub mod health;
 pub mod request;
+pub mod scrape;
 mod tokens;
 mod users;
 

@@ -293,6 +293,15 @@ impl PubSub {
         reach
     }
 
+    /// Subscriptions on this node: joined user channels, each socket's counted.
+    pub fn subscription_count(&self) -> usize {
+        self.inner
+            .topics
+            .read()
+            .map(|t| t.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
     /// Topics with at least one subscriber on this node.
     pub fn topic_count(&self) -> usize {
         self.inner.topics.read().map(|t| t.len()).unwrap_or(0)

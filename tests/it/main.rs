@@ -8,6 +8,7 @@ mod chaos;
 mod cluster;
 mod common;
 mod hostile;
+mod metrics;
 mod partitions;
 mod pipeline;
 mod resilience;
