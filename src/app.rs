@@ -20,6 +20,7 @@ use crate::api::{self, ApiState, KeyCache, Limits};
 use crate::cluster::{self, RabbitTransport};
 use crate::config::{Roles, Settings};
 use crate::demo::Demo;
+use crate::event::USER_TOPIC_PREFIX;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::faults::Faults;
@@ -29,7 +30,7 @@ use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
-use crate::queue::Publisher;
+use crate::queue::{DepthProbe, Publisher};
 use crate::server;
 use crate::socket::token::TokenSigner;
 use crate::socket::{self, SocketState};
@@ -288,7 +289,10 @@ impl App {
             if let Some(demo) = demo {
                 router = router.merge(demo.routes(enqueue.clone(), limits.request()));
             }
+            let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
+            router = router.merge(api::console::routes());
             let api_state = ApiState {
+                depths: Arc::clone(&depths),
                 pubsub: pubsub.clone(),
                 store: reads.clone(),
                 enqueue,
@@ -302,6 +306,7 @@ impl App {
             };
             router = router.merge(api::routes(api_state));
             api_tasks = Some(ApiTasks {
+                depths,
                 replays,
                 retention_task,
                 commit_close,
@@ -451,6 +456,7 @@ impl App {
             drain("outcome writer", deadline, &mut worker.outcome_task).await;
         }
         if let Some(mut api) = api_tasks {
+            drain("queue depth probe", deadline, api.depths.close()).await;
             api.publisher_stop.cancel();
             drain("publisher", deadline, &mut api.publisher_task).await;
             drain("confirm recorder", deadline, &mut api.recorder_task).await;
@@ -473,6 +479,8 @@ impl App {
 
 /// The api role's long-lived tasks and the switches that stop them.
 struct ApiTasks {
+    /// The console's view of the partition queues: its connection closes with the others.
+    depths: Arc<DepthProbe>,
     /// Operator replay jobs: stopped before the publisher they publish through.
     replays: ReplayJobs,
     retention_task: JoinHandle<()>,
@@ -535,7 +543,8 @@ async fn flush_metrics(
         since_gauge += every;
         if since_gauge >= Duration::from_secs(1) {
             metrics.socket_connections(sockets.open_connections());
-            metrics.socket_channels(sockets.pubsub.subscription_count() as u64);
+            let channels = sockets.pubsub.subscriptions_under(USER_TOPIC_PREFIX);
+            metrics.socket_channels(channels as u64);
             for (name, pool) in &pools {
                 let (size, idle) = (pool.pool().size(), pool.pool().num_idle() as u32);
                 metrics.pool_connections(

@@ -293,12 +293,18 @@ impl PubSub {
         reach
     }
 
-    /// Subscriptions on this node: joined user channels, each socket's counted.
-    pub fn subscription_count(&self) -> usize {
+    /// Subscriptions on this node to topics starting with `prefix` (each subscriber counted: two
+    /// sockets of a user joined to its channel are two).
+    pub fn subscriptions_under(&self, prefix: &str) -> usize {
         self.inner
             .topics
             .read()
-            .map(|t| t.values().map(Vec::len).sum())
+            .map(|t| {
+                t.iter()
+                    .filter(|(topic, _)| topic.starts_with(prefix))
+                    .map(|(_, subscribers)| subscribers.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 

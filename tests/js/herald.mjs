@@ -161,6 +161,11 @@ export class Herald {
     return json
   }
 
+  /** A new producer named `name` with the admin role; resolves with its API key. */
+  async adminKey(name = "ops") {
+    return (await run(["producers", "add", name, "--admin"], this.env)).trim().split("\n").pop()
+  }
+
   async token(userId) {
     return (await this.api("/api/v1/tokens", {user_id: userId})).token
   }
