@@ -20,6 +20,7 @@ use crate::api::{self, ApiState, KeyCache, Limits};
 use crate::cluster::{self, RabbitTransport};
 use crate::config::{Roles, Settings};
 use crate::demo::Demo;
+use crate::event::USER_TOPIC_PREFIX;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::faults::Faults;
@@ -29,7 +30,7 @@ use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
-use crate::queue::Publisher;
+use crate::queue::{DepthProbe, Publisher};
 use crate::server;
 use crate::socket::token::TokenSigner;
 use crate::socket::{self, SocketState};
@@ -95,6 +96,8 @@ pub struct App {
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
+    /// Prometheus' own listener (`metrics.prometheus_addr`), when configured.
+    scrape: Option<(TcpListener, SocketAddr)>,
     demo: Option<Demo>,
     faults: Arc<Faults>,
 }
@@ -135,6 +138,15 @@ impl App {
             addr: settings.http.addr,
             source,
         })?;
+        let scrape = match settings.prometheus_addr() {
+            None => None,
+            Some(addr) => {
+                let bind = |source| Error::Bind { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(bind)?;
+                let bound = listener.local_addr().map_err(bind)?;
+                Some((listener, bound))
+            }
+        };
         let signer = TokenSigner::new(secret);
         let demo = if settings.demo.enabled && roles.api {
             tracing::warn!(
@@ -178,6 +190,7 @@ impl App {
             signer,
             listener,
             http_addr,
+            scrape,
             demo,
         })
     }
@@ -185,6 +198,11 @@ impl App {
     /// The address the HTTP listener is bound to.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address Prometheus scrapes `/metrics` at, when it is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.scrape.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The store this node uses.
@@ -210,6 +228,7 @@ impl App {
             signer,
             listener,
             http_addr,
+            scrape,
             demo,
             faults,
         } = self;
@@ -275,7 +294,10 @@ impl App {
             if let Some(demo) = demo {
                 router = router.merge(demo.routes(enqueue.clone(), limits.request()));
             }
+            let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
+            router = router.merge(api::console::routes());
             let api_state = ApiState {
+                depths: Arc::clone(&depths),
                 pubsub: pubsub.clone(),
                 store: reads.clone(),
                 enqueue,
@@ -289,6 +311,7 @@ impl App {
             };
             router = router.merge(api::routes(api_state));
             api_tasks = Some(ApiTasks {
+                depths,
                 replays,
                 retention_task,
                 commit_close,
@@ -379,6 +402,11 @@ impl App {
         let flusher = tokio::spawn(flush_metrics(
             metrics.clone(),
             socket_state.clone(),
+            [
+                ("background", store.clone()),
+                ("writes", writes.clone()),
+                ("reads", reads.clone()),
+            ],
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
@@ -397,6 +425,17 @@ impl App {
         let router = router.layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
             settings.http.body_read_timeout_ms,
         )));
+        // Prometheus' listener stops and drains with the main one, on the same signal.
+        let scrape_task = scrape.map(|(listener, addr)| {
+            tracing::info!(addr = %addr, "serving /metrics for Prometheus");
+            tokio::spawn(server::serve(
+                listener,
+                api::scrape::routes(metrics.clone()),
+                Duration::from_millis(settings.http.header_read_timeout_ms),
+                settings.shutdown_timeout(),
+                shutdown.clone(),
+            ))
+        });
         tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
         let deadline = server::serve(
             listener,
@@ -430,6 +469,7 @@ impl App {
             drain("outcome writer", deadline, &mut worker.outcome_task).await;
         }
         if let Some(mut api) = api_tasks {
+            drain("queue depth probe", deadline, api.depths.close()).await;
             api.publisher_stop.cancel();
             drain("publisher", deadline, &mut api.publisher_task).await;
             drain("confirm recorder", deadline, &mut api.recorder_task).await;
@@ -439,6 +479,9 @@ impl App {
             tokio::join!(store.close(), writes.close(), reads.close())
         })
         .await;
+        if let Some(task) = scrape_task {
+            drain("metrics listener", deadline, task).await;
+        }
         flusher_stop.cancel();
         let _ = flusher.await;
         metrics.flush();
@@ -449,6 +492,8 @@ impl App {
 
 /// The api role's long-lived tasks and the switches that stop them.
 struct ApiTasks {
+    /// The console's view of the partition queues: its connection closes with the others.
+    depths: Arc<DepthProbe>,
     /// Operator replay jobs: stopped before the publisher they publish through.
     replays: ReplayJobs,
     retention_task: JoinHandle<()>,
@@ -491,10 +536,12 @@ async fn drain<F: Future>(stage: &str, deadline: Instant, stage_done: F) {
     }
 }
 
-/// Sends buffered metrics periodically, with the gauges sampled at the same beat.
+/// Sends buffered metrics periodically, with the node's gauges (connections, channels, pool use)
+/// sampled every second.
 async fn flush_metrics(
     metrics: Metrics,
     sockets: SocketState,
+    pools: [(&'static str, Store); 3],
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -509,6 +556,16 @@ async fn flush_metrics(
         since_gauge += every;
         if since_gauge >= Duration::from_secs(1) {
             metrics.socket_connections(sockets.open_connections());
+            let channels = sockets.pubsub.subscriptions_under(USER_TOPIC_PREFIX);
+            metrics.socket_channels(channels as u64);
+            for (name, pool) in &pools {
+                let (size, idle) = (pool.pool().size(), pool.pool().num_idle() as u32);
+                metrics.pool_connections(
+                    name,
+                    u64::from(size.saturating_sub(idle)),
+                    u64::from(idle),
+                );
+            }
             since_gauge = Duration::ZERO;
         }
         metrics.flush();

@@ -363,6 +363,11 @@ impl Default for SocketSettings {
 pub struct MetricsSettings {
     /// StatsD UDP address (`host:port`); empty disables metrics.
     pub statsd_addr: String,
+    /// Where Prometheus scrapes `/metrics` (`host:port`, port 0: the OS picks); empty: not served.
+    /// A listener of its own, like RabbitMQ's 15692 and Centrifugo's internal port, without auth
+    /// (Prometheus scrapes plainly), so it defaults to loopback: exposing the node's figures takes
+    /// a decision (`0.0.0.0:9464` on a private network), never a forgotten default.
+    pub prometheus_addr: String,
     /// Prefix of every metric name; empty for none.
     pub prefix: String,
     /// How often buffered metrics are sent.
@@ -377,6 +382,7 @@ impl Default for MetricsSettings {
     fn default() -> Self {
         Self {
             statsd_addr: "127.0.0.1:8125".into(),
+            prometheus_addr: "127.0.0.1:9464".into(),
             prefix: String::new(),
             flush_interval_ms: 100,
             packet_bytes: 1432,
@@ -691,6 +697,14 @@ impl Settings {
         if self.socket.secret.is_some() {
             self.signing_secret()?;
         }
+        if !self.metrics.prometheus_addr.is_empty()
+            && self.metrics.prometheus_addr.parse::<SocketAddr>().is_err()
+        {
+            return bad(
+                "metrics.prometheus_addr",
+                "must be host:port with an IP address (e.g. 127.0.0.1:9464), or empty",
+            );
+        }
         if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
             return bad("queue.queue_type", "must be quorum or classic");
         }
@@ -882,6 +896,11 @@ impl Settings {
                 .min(usize::from(self.queue.prefetch)),
             max_bytes: self.queue.message_max_bytes,
         }
+    }
+
+    /// Where `/metrics` is served, if anywhere (validated at load).
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.metrics.prometheus_addr.parse().ok()
     }
 
     /// How long the whole graceful shutdown may take.

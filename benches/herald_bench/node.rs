@@ -132,7 +132,11 @@ impl Node {
     ) -> anyhow::Result<Self> {
         let port = sys::free_port()?;
         let log_file = std::fs::File::create(&log).context("create the node log")?;
-        let mut env = vec![("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}"))];
+        let mut env = vec![
+            ("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            // Several nodes per box: Prometheus' listener on a port of its own for each.
+            ("HERALD_METRICS__PROMETHEUS_ADDR", "127.0.0.1:0".to_owned()),
+        ];
         env.extend(settings.iter().cloned());
         let child = herald(bin, names, &env)
             .arg("serve")

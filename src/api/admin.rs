@@ -6,13 +6,15 @@
 use super::ApiState;
 use super::error::ApiError;
 use super::extract::{ApiJson, bearer_key_hash, cached_lookup};
+use crate::event::now_unix_ms;
+use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
 use crate::store::{EventFilter, Producer};
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -297,4 +299,61 @@ pub async fn get_replay(
         "updated_at": job.updated_at,
         "finished_at": job.finished_at,
     })))
+}
+
+/// The console's live figures: `GET /api/v1/admin/stats`.
+#[derive(Debug, Serialize)]
+pub struct StatsResponse {
+    /// The node that answered (the figures under `node` are its own).
+    pub node_name: String,
+    /// Its roles (`api+worker+socket`).
+    pub roles: String,
+    /// When the reading was taken, Unix ms.
+    pub at_ms: i64,
+    /// Per node: this node's counters since it started and its gauges, read from the registry
+    /// `/metrics` serves. The console turns the counters into rates.
+    pub node: Snapshot,
+    /// Cluster-wide: ready messages in each partition queue, from RabbitMQ; null while the broker
+    /// cannot be reached.
+    pub partitions: Option<Vec<PartitionDepth>>,
+    /// Cluster-wide: events failed for good and not replayed since, from PostgreSQL.
+    pub failed_events: i64,
+}
+
+/// One partition queue's depth.
+#[derive(Debug, Serialize)]
+pub struct PartitionDepth {
+    /// The partition.
+    pub partition: u16,
+    /// Messages ready in its queue (null: the queue does not exist).
+    pub ready: Option<u32>,
+}
+
+/// `GET /api/v1/admin/stats`: this node's figures and the deployment's queue depths and failed
+/// events, for the console to poll every second or two.
+pub async fn stats(
+    State(state): State<ApiState>,
+    _admin: Admin,
+) -> Result<Json<StatsResponse>, ApiError> {
+    let partitions = match state.depths.partitions().await {
+        Ok(counts) => Some(
+            (0u16..)
+                .zip(counts)
+                .map(|(partition, ready)| PartitionDepth { partition, ready })
+                .collect(),
+        ),
+        Err(error) => {
+            tracing::debug!(error = %error, "cannot read the partition depths");
+            None
+        }
+    };
+    let failed_events = state.store.failed_count().await?;
+    Ok(Json(StatsResponse {
+        node_name: state.metrics.node().to_owned(),
+        roles: state.metrics.roles().to_owned(),
+        at_ms: now_unix_ms(),
+        node: state.metrics.snapshot(),
+        partitions,
+        failed_events,
+    }))
 }

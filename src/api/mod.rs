@@ -4,11 +4,13 @@
 //! every failure is an [`error::ApiError`], mapped to HTTP in one place.
 
 mod admin;
+pub mod console;
 pub mod error;
 mod events;
 mod extract;
 pub mod health;
 pub mod request;
+pub mod scrape;
 mod tokens;
 mod users;
 
@@ -18,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::replay::ReplayJobs;
 use crate::pubsub::PubSub;
+use crate::queue::DepthProbe;
 use crate::socket::token::TokenSigner;
 use crate::store::Store;
 use axum::Router;
@@ -80,6 +83,8 @@ pub struct ApiState {
     pub replays: ReplayJobs,
     /// Replay rate when a job names none.
     pub default_replay_rate: u32,
+    /// Ready messages per partition queue, for the console.
+    pub depths: Arc<DepthProbe>,
 }
 
 /// The API routes. At most `limits.max_concurrent_requests` run at once: one more is shed at once
@@ -108,6 +113,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/admin/events/{id}", get(admin::get_event))
         .route("/api/v1/admin/replays", post(admin::start_replay))
         .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
+        .route("/api/v1/admin/stats", get(admin::stats))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .layer(bounds)

@@ -441,12 +441,39 @@ impl Coordinator {
         self.metrics.partitions_owned(owned.len());
         let in_flight: usize = session.running.values().map(|r| r.work.in_flight()).sum();
         self.metrics.worker_in_flight(in_flight as u64);
+        self.sample_depths(session, &owned).await;
         self.owned.send_if_modified(|current| {
             let changed = *current != owned;
             *current = owned;
             changed
         });
         Ok(())
+    }
+
+    /// Reports the ready messages of the partitions this node consumes: each partition's depth
+    /// comes from its one consumer, so a deployment reports every partition exactly once. Bounded
+    /// by half a check, so a slow broker never delays the lease renewal.
+    async fn sample_depths(&self, session: &Session, owned: &[u16]) {
+        let names = Topology::new(&self.settings.queue.prefix, self.settings.queue.partitions);
+        let queues: Vec<String> = owned.iter().map(|&p| names.partition_queue(p)).collect();
+        let limit = Duration::from_millis(self.settings.queue.partition_check_ms / 2);
+        match tokio::time::timeout(
+            limit,
+            queue::ready_counts(&session.link.connection, &queues),
+        )
+        .await
+        {
+            Ok(Ok(counts)) => {
+                let ready: Vec<(u16, u32)> = owned
+                    .iter()
+                    .zip(counts)
+                    .filter_map(|(&p, count)| Some((p, count?)))
+                    .collect();
+                self.metrics.partitions_ready(&ready);
+            }
+            Ok(Err(error)) => tracing::debug!(error = %error, "cannot sample partition depths"),
+            Err(_) => tracing::debug!("sampling partition depths timed out"),
+        }
     }
 
     async fn start(&self, session: &Session, partition: u16) -> Result<Running, queue::Error> {
@@ -494,6 +521,7 @@ impl Coordinator {
             tracing::warn!(error = ?error, "cannot release partitions; their leases will expire");
         }
         self.owned.send_replace(Vec::new());
+        self.metrics.partitions_ready(&[]);
     }
 
     /// Lets the session's lanes finish (their acks may fail: the broker redelivers), then closes.

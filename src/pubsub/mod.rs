@@ -293,6 +293,21 @@ impl PubSub {
         reach
     }
 
+    /// Subscriptions on this node to topics starting with `prefix` (each subscriber counted: two
+    /// sockets of a user joined to its channel are two).
+    pub fn subscriptions_under(&self, prefix: &str) -> usize {
+        self.inner
+            .topics
+            .read()
+            .map(|t| {
+                t.iter()
+                    .filter(|(topic, _)| topic.starts_with(prefix))
+                    .map(|(_, subscribers)| subscribers.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Topics with at least one subscriber on this node.
     pub fn topic_count(&self) -> usize {
         self.inner.topics.read().map(|t| t.len()).unwrap_or(0)

@@ -429,6 +429,20 @@ impl Store {
             .map_err(Error::query("list events"))
     }
 
+    /// Events failed for good and not replayed since (the console's figure).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn failed_count(&self) -> Result<i64, Error> {
+        // `failed_at IS NOT NULL` lets the partial index on failed events answer, not a scan.
+        sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE failed_at IS NOT NULL AND status = 'failed'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("count failed events"))
+    }
+
     /// How many events match `filter`.
     ///
     /// # Errors

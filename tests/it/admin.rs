@@ -265,3 +265,46 @@ async fn the_attempt_log_shows_a_first_delivery_and_keeps_it_through_a_replay() 
     assert_eq!(log[1]["finished_at"], one["delivered_at"], "{one}");
     drop(client);
 }
+
+#[tokio::test]
+async fn the_console_and_its_stats_are_for_admins_and_read_the_nodes_registry() {
+    let app = spawn_app_with(|s| s.node.name = "console-node".into()).await;
+    // The page itself is public (it holds no data) and locked to its own origin.
+    let page = app.http.get(app.url("/console")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"));
+    assert!(page.text().await.unwrap().contains("operator console"));
+    let script = app.http.get(app.url("/console/console.js")).send().await;
+    assert_eq!(script.unwrap().status(), 200);
+
+    // The figures are not: a producer key gets 401.
+    let (status, _) = app.get_json("/api/v1/admin/stats", &app.api_key).await;
+    assert_eq!(status, 401);
+    let admin = app.admin_key().await;
+    let (status, before) = app.get_json("/api/v1/admin/stats", &admin).await;
+    assert_eq!(status, 200, "{before}");
+    assert_eq!(before["node_name"], "console-node");
+    assert_eq!(before["roles"], "api+worker+socket");
+    assert_eq!(before["failed_events"], 0);
+    let partitions = before["partitions"].as_array().expect("the broker answers");
+    assert_eq!(partitions.len(), 4);
+    assert!(partitions.iter().all(|p| p["ready"].is_u64()), "{before}");
+
+    // Counters move with the node's work (the same registry /metrics serves).
+    app.enqueue(json!({"user_id": "1", "data": {}})).await;
+    app.enqueue(json!({"user_id": "2", "data": {}})).await;
+    let after = wait_until("two events accepted and delivered", PATIENCE, || async {
+        let (_, after) = app.get_json("/api/v1/admin/stats", &admin).await;
+        let node = &after["node"];
+        (node["accepted"].as_u64()? >= before["node"]["accepted"].as_u64()? + 2
+            && node["delivered"].as_u64()? >= 2)
+            .then_some(after)
+    })
+    .await;
+    assert!(after["at_ms"].as_i64() >= before["at_ms"].as_i64());
+    assert!(after["node"]["push_delivered"]["buckets"].is_array());
+}

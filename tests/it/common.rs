@@ -73,6 +73,7 @@ pub fn test_settings() -> Settings {
     s.pipeline.relay_grace_ms = 2_000;
     s.pipeline.relay_interval_ms = 200;
     s.metrics.statsd_addr = String::new();
+    s.metrics.prometheus_addr = "127.0.0.1:0".into();
     s.socket.secret = Some(Secret::new(TEST_SECRET));
     s.node.shutdown_timeout_ms = 15_000;
     // A fast retry schedule: 100 ms, then 200 ms, four attempts in all.
@@ -84,6 +85,8 @@ pub fn test_settings() -> Settings {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: Option<SocketAddr>,
     pub settings: Settings,
     pub store: Store,
     pub api_key: String,
@@ -243,10 +246,12 @@ pub async fn spawn_unready(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 async fn start(settings: Settings, store: Store, api_key: String) -> TestApp {
     let app = App::build(settings.clone()).await.expect("app builds");
     let addr = app.http_addr();
+    let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
     TestApp {
         addr,
+        metrics_addr,
         settings,
         store,
         api_key,
@@ -813,6 +818,10 @@ pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
         ),
         ("HERALD_HTTP_ADDR", settings.http.addr.to_string()),
         ("HERALD_STATSD_ADDR", settings.metrics.statsd_addr.clone()),
+        (
+            "HERALD_METRICS__PROMETHEUS_ADDR",
+            settings.metrics.prometheus_addr.clone(),
+        ),
         ("HERALD_SECRET", TEST_SECRET.to_owned()),
         ("HERALD_QUEUE__PREFIX", settings.queue.prefix.clone()),
         (

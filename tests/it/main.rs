@@ -9,6 +9,7 @@ mod cluster;
 mod common;
 mod gaps;
 mod hostile;
+mod metrics;
 mod partitions;
 mod pipeline;
 mod resilience;

@@ -62,10 +62,17 @@ async fn a_failing_event_is_retried_on_schedule_then_failed_and_dead_lettered() 
             .await
             .unwrap();
     assert_eq!(next, None, "no attempt is due after the last");
-    statsd
-        .expect_line("pipeline.retry.scheduled:1|c|#attempt:")
-        .await;
-    statsd.expect_line("pipeline.dead_lettered:1|c").await;
+    // Tagged with the node like every metric (these two used to carry no tags at all).
+    let retry = statsd.expect_line("pipeline.retry.scheduled:1|c|#").await;
+    assert!(
+        retry.contains("attempt:1") && retry.contains("node:") && retry.contains("roles:"),
+        "{retry}"
+    );
+    let dead = statsd.expect_line("pipeline.dead_lettered:1|c").await;
+    assert!(
+        dead.contains("|#node:") && dead.contains("roles:"),
+        "{dead}"
+    );
 }
 
 #[tokio::test]

@@ -79,6 +79,8 @@ export class Herald {
       HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
       HERALD_SECRET: "js-test-secret-js-test-secret-js-test",
       HERALD_STATSD_ADDR: "",
+      // Prometheus' listener on a port of its own per node (the default, 9464, is one per box).
+      HERALD_METRICS__PROMETHEUS_ADDR: "127.0.0.1:0",
       HERALD_PIPELINE__RELAY_GRACE_MS: "2000",
       HERALD_QUEUE__CONFIRM_TIMEOUT_MS: "1000",
       HERALD_QUEUE__PARTITIONS: "4",
@@ -157,6 +159,11 @@ export class Herald {
     const json = await response.json()
     if (!response.ok) throw new Error(`${path}: ${response.status} ${JSON.stringify(json)}`)
     return json
+  }
+
+  /** A new producer named `name` with the admin role; resolves with its API key. */
+  async adminKey(name = "ops") {
+    return (await run(["producers", "add", name, "--admin"], this.env)).trim().split("\n").pop()
   }
 
   async token(userId) {
@@ -261,7 +268,17 @@ export async function tcpProxy(targetPort) {
   }
 }
 
-/** A UDP listener standing in for StatsD; `line(prefix)` waits for a metric line. */
+/** The tags of a DogStatsD line (`name:1|c|#k:v,k2:v2`), as an object. */
+export function statsdTags(line) {
+  const tags = line.split("|#")[1] ?? ""
+  return Object.fromEntries(tags.split(",").filter(Boolean).map((t) => {
+    const at = t.indexOf(":")
+    return at < 0 ? [t, ""] : [t.slice(0, at), t.slice(at + 1)]
+  }))
+}
+
+/** A UDP listener standing in for StatsD; `line(prefix)` waits for a metric line, `metric(head,
+ * tags)` for a line starting with `head` (e.g. `channel_join:1|c`) that carries every tag given. */
 export async function statsd() {
   const socket = dgram.createSocket("udp4")
   const lines = []
@@ -279,6 +296,18 @@ export async function statsd() {
     line: (prefix) => within(`StatsD line ${prefix}`, (resolve) => {
       const look = () => {
         const found = lines.find((l) => l.startsWith(prefix))
+        found ? resolve(found) : waiters.push(look)
+      }
+      look()
+    }),
+    metric: (head, tags = {}) => within(`StatsD line ${head} ${JSON.stringify(tags)}`, (resolve) => {
+      const fits = (l) => {
+        if (!l.startsWith(head)) return false
+        const carried = statsdTags(l)
+        return Object.entries(tags).every(([k, v]) => carried[k] === v)
+      }
+      const look = () => {
+        const found = lines.find(fits)
         found ? resolve(found) : waiters.push(look)
       }
       look()

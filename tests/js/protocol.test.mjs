@@ -262,7 +262,7 @@ describe("serializers and bad input", () => {
       const raw = await rawSocket(url)
       raw.send(frame)
       assert.equal(await within(`close after ${name}`, (resolve) => raw.closed.then(resolve)), code, name)
-      await metrics.line(`socket.frame.malformed:1|c|#reason:${reason}`)
+      await metrics.metric("socket.frame.malformed:1|c", {reason})
     }
     // The node is unharmed: a new connection works.
     const fine = await rawSocket(url)

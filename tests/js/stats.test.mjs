@@ -5,7 +5,7 @@ import assert from "node:assert/strict"
 import {after, before, describe, it} from "node:test"
 import {Socket} from "phoenix"
 import WebSocket from "ws"
-import {Herald, join, push, statsd, within} from "./herald.mjs"
+import {Herald, join, push, statsd, statsdTags, within} from "./herald.mjs"
 
 const SLOW_MS = 1500
 let herald
@@ -38,18 +38,21 @@ async function statsSocket() {
 describe("stats socket", () => {
   it("connects without a token and counts the connect", async () => {
     const socket = await statsSocket()
-    await metrics.line("socket_connect:1|c|#status:success,socket:StatsSocket")
+    const line = await metrics.metric("socket_connect:1|c", {status: "success", socket: "StatsSocket"})
+    // The node's identity, once each (cadence's default tags).
+    assert.equal(line.match(/node:/g).length, 1, line)
+    assert.equal(statsdTags(line).roles, "api+worker+socket", line)
     socket.disconnect()
   })
 
   it("joins 'valid', refuses 'invalid' with 'always fails', and counts both", async () => {
     const socket = await statsSocket()
     await join(socket.channel("valid"))
-    await metrics.line("channel_join:1|c|#status:success,channel:StatsChannel")
+    await metrics.metric("channel_join:1|c", {status: "success", channel: "StatsChannel"})
     const invalid = socket.channel("invalid")
     await assert.rejects(join(invalid), (e) => e.response?.reason === "always fails")
     invalid.leave()
-    await metrics.line("channel_join:1|c|#status:fail,channel:StatsChannel")
+    await metrics.metric("channel_join:1|c", {status: "fail", channel: "StatsChannel"})
     socket.disconnect()
   })
 
