@@ -15,6 +15,7 @@ use crate::event::{
 };
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
+use crate::store::{ReadMark, SeqOrder};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -522,7 +523,7 @@ impl Connection {
         let rows = self
             .state
             .store
-            .events_between(user.as_str(), after, before, page)
+            .user_events(user.as_str(), after, before, page, SeqOrder::Ascending)
             .await;
         let rows = match rows {
             Ok(rows) => rows,
@@ -688,7 +689,11 @@ async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'st
             );
         }
     };
-    match state.store.record_acks(user.as_str(), &ids).await {
+    match state
+        .store
+        .record_acks(user.as_str(), ReadMark::Ids(&ids))
+        .await
+    {
         Ok(acked) => {
             state.metrics.client_acked(acked);
             ("ok", format!(r#"{{"acked":{acked}}}"#))

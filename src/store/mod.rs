@@ -15,7 +15,7 @@ pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
     ReplayJobRecord,
 };
-pub use events::{Committed, InsertOutcome, NewEvent, StoredEvent};
+pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
