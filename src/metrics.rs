@@ -430,6 +430,15 @@ impl Metrics {
         }
     }
 
+    /// Events an inbox page served (`GET /api/v1/inbox`).
+    pub fn inbox_served(&self, count: usize) {
+        self.tagged(
+            self.client
+                .count_with_tags("api.inbox.events", count as i64),
+        )
+        .send();
+    }
+
     /// Delivered events pruned by retention.
     pub fn events_pruned(&self, count: u64) {
         if count > 0 {

@@ -70,27 +70,39 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    /// Checks the statuses named.
+    /// Checks the statuses named, and that no text holds a NUL (PostgreSQL's text cannot, and
+    /// would fail the query rather than match nothing).
     ///
     /// # Errors
-    /// A status that does not exist, named.
+    /// A status that does not exist, or a text with a NUL, named with its field.
     pub fn validate(&self) -> Result<(), String> {
-        match self
+        if let Some(bad) = self
             .statuses
             .iter()
             .find(|s| !EVENT_STATUSES.contains(&s.as_str()))
         {
-            Some(bad) => Err(format!(
-                "unknown status {bad:?} (one of {})",
+            return Err(format!(
+                "status: unknown status {bad:?} (one of {})",
                 EVENT_STATUSES.join(", ")
-            )),
+            ));
+        }
+        let texts = [
+            ("producer", &self.producer),
+            ("user_id", &self.user_id),
+            ("event", &self.event),
+        ];
+        match texts
+            .iter()
+            .find(|(_, text)| text.as_deref().is_some_and(|t| t.contains('\0')))
+        {
+            Some((field, _)) => Err(format!("{field}: must not contain NUL")),
             None => Ok(()),
         }
     }
 }
 
 /// An event as operators and producers read it.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Event id.
     pub id: Uuid,
@@ -129,7 +141,7 @@ pub struct EventRecord {
 }
 
 /// One recorded attempt, as read back.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AttemptRow {
     /// 1, 2, ... over the event's life.
     pub attempt: i32,

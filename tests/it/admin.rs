@@ -207,6 +207,13 @@ async fn an_admin_replay_job_delivers_failed_events_and_is_safe_to_repeat() {
         )
         .await;
     assert_eq!(status, 404);
+    // Found by schemathesis: a rate past the documented bound started a job.
+    for rate in [0, 1_000_001, 2_147_483_648u64] {
+        let (status, body) = app
+            .post_json("/api/v1/admin/replays", &admin, json!({"rate": rate}))
+            .await;
+        assert_eq!(status, 422, "rate {rate}: {body}");
+    }
 }
 
 /// A first attempt that delivers is kept on the event row alone (no attempts row on the hot path),

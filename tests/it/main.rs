@@ -8,6 +8,8 @@ mod chaos;
 mod cluster;
 mod common;
 mod hostile;
+mod inbox;
+mod openapi;
 mod partitions;
 mod pipeline;
 mod resilience;
