@@ -529,19 +529,23 @@ impl Store {
                     _ => "days",
                 };
                 (
-                    "SELECT (extract(epoch FROM now() - ($1 || ' ' || $2)::interval) * 1000)::int8",
+                    "SELECT (extract(epoch FROM t) * 1000)::int8
+                     FROM (SELECT now() - ($1 || ' ' || $2)::interval AS t) AS time WHERE isfinite(t)",
                     (n.to_string(), unit),
                 )
             }
+            // `infinity` is a timestamptz too, but no instant: it has no Unix ms (the cast to
+            // int8 would fail as an error, not as a data exception), so it matches no row.
             None => (
-                "SELECT (extract(epoch FROM ($1 || $2)::timestamptz) * 1000)::int8",
+                "SELECT (extract(epoch FROM t) * 1000)::int8
+                 FROM (SELECT ($1 || $2)::timestamptz AS t) AS time WHERE isfinite(t)",
                 (text.to_owned(), ""),
             ),
         };
         sqlx::query_scalar::<_, i64>(sql)
             .bind(arg.0)
             .bind(arg.1)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(|source| match &source {
                 sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
@@ -551,7 +555,8 @@ impl Store {
                     what: "parse a time",
                     source,
                 },
-            })
+            })?
+            .ok_or_else(|| Error::Invalid(format!("{text:?} is not a finite time")))
     }
 
     /// Records a new running replay job.
