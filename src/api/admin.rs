@@ -120,8 +120,9 @@ impl FilterParams {
             producer: self.producer,
             user_id: self.user_id,
             event: self.event,
-            since_ms: time(self.since, "since").await?,
-            until_ms: time(self.until, "until").await?,
+            // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
+            since_ms: time(self.since.filter(|t| !t.trim().is_empty()), "since").await?,
+            until_ms: time(self.until.filter(|t| !t.trim().is_empty()), "until").await?,
             ids,
         };
         filter.validate().map_err(ApiError::Invalid)?;

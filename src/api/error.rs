@@ -30,6 +30,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// The route exists, not with this method (the `Allow` header lists those it has).
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
     /// A limit on concurrent work (replay jobs) is reached; retry later.
     #[error("{0}")]
     Busy(String),
@@ -54,6 +57,7 @@ impl ApiError {
             }
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -73,8 +77,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, for programs: `malformed_json`, `invalid_request`, `unauthorized`,
-    /// `payload_too_large`, `not_found`, `too_many_requests`, `request_timeout`, `unavailable`,
-    /// `internal`.
+    /// `payload_too_large`, `not_found`, `method_not_allowed`, `too_many_requests`,
+    /// `request_timeout`, `unavailable`, `internal`.
     #[schema(example = "invalid_request")]
     pub code: String,
     /// For people; a 5xx says nothing internal.

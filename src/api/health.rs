@@ -35,6 +35,7 @@ pub fn router() -> Router<Health> {
     Router::new()
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
+        .method_not_allowed_fallback(super::method_not_allowed)
 }
 
 /// The health routes.

@@ -104,6 +104,7 @@ pub fn router() -> Router<ApiState> {
         .route("/api/v1/admin/replays", post(admin::start_replay))
         .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
         .route(openapi::PATH, get(openapi::serve))
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 /// The API routes. At most `limits.max_concurrent_requests` run at once: one more is shed at once
@@ -132,4 +133,10 @@ pub fn routes(state: ApiState) -> Router {
 /// Answers unknown routes with the JSON error body.
 pub async fn not_found() -> error::ApiError {
     error::ApiError::NotFound
+}
+
+/// Answers a known route asked with a method it does not have with the JSON error body (axum adds
+/// the `Allow` header); registered after a router's routes, it covers them all.
+pub async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::MethodNotAllowed
 }

@@ -189,10 +189,11 @@ pub(super) fn user_id_schema() -> Schema {
         .max_length(Some(crate::event::MAX_USER_ID_BYTES))
         // JSON Schema counts characters, Herald bytes: the byte limit is in the description.
         .pattern(Some(r"^[^\s\x00-\x1f\x7f-\x9f]+$"));
+    // Exact integers: as floats, the bounds would round past what Herald parses.
     let number = ObjectBuilder::new()
         .schema_type(Type::Integer)
-        .minimum(Some(i64::MIN as f64))
-        .maximum(Some(u64::MAX as f64));
+        .minimum(Some(i64::MIN))
+        .maximum(Some(u64::MAX));
     Schema::OneOf(
         OneOfBuilder::new()
             .item(text)

@@ -1,5 +1,6 @@
 //! The OpenAPI document as a live node serves it: every documented operation exists with its
-//! method, and what it answers a caller without credentials is documented, as the JSON error body.
+//! method, what it answers a caller without credentials is documented, as the JSON error body,
+//! and a method a path does not have is a 405 with that body too.
 
 use crate::common::spawn_app;
 use serde_json::Value;
@@ -46,6 +47,16 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
             }
             checked += 1;
         }
+        // A method the path does not have: 405, the JSON error body, and the methods it has.
+        let url = app.url(&path.replace("{id}", "x").replace("{user_id}", "x"));
+        let r = app.http.delete(&url).send().await.unwrap();
+        assert_eq!(r.status(), 405, "DELETE {path}");
+        let allow = r.headers()["allow"].to_str().unwrap().to_lowercase();
+        for method in item.as_object().unwrap().keys() {
+            assert!(allow.contains(method.as_str()), "{path}: Allow {allow}");
+        }
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "DELETE {path}");
     }
     assert!(checked >= 14, "{checked}");
 }
