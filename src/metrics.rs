@@ -198,6 +198,7 @@ struct Instruments {
     push_gap_filled: Count,
     push_gap_unfilled: Count,
     client_acked: Count,
+    inbox_events: Count,
     events_pruned: Count,
     idempotency_keys_expired: Count,
     stats_ping: Spread,
@@ -407,6 +408,11 @@ impl Instruments {
                 "socket.client_acked",
                 &[],
                 "Events clients acknowledged having shown.",
+            ),
+            inbox_events: d.counter(
+                "api.inbox.events",
+                &[],
+                "Events served by inbox pages.",
             ),
             events_pruned: d.counter(
                 "store.events.pruned",
@@ -816,6 +822,11 @@ impl Metrics {
         self.count(&self.inner.at.client_acked, count, &[]);
     }
 
+    /// Events an inbox page served (`GET /api/v1/inbox`).
+    pub fn inbox_served(&self, count: usize) {
+        self.count(&self.inner.at.inbox_events, count as u64, &[]);
+    }
+
     /// Delivered events pruned by retention.
     pub fn events_pruned(&self, count: u64) {
         self.count(&self.inner.at.events_pruned, count, &[]);
@@ -857,7 +868,7 @@ fn ms(elapsed: Duration) -> f64 {
 
 /// A distribution read from the registry: cumulative counts at each upper bound (`le`, the last
 /// one infinite), as Prometheus keeps them.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Buckets {
     /// `(upper bound, observations at or under it)`, ascending; the last bound is `null` (+Inf).
     pub buckets: Vec<(Option<f64>, u64)>,
@@ -869,7 +880,7 @@ pub struct Buckets {
 
 /// This node's figures for the operator console, read from the same registry `/metrics` serves:
 /// counters since the node started (the console turns them into rates), gauges as last set.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Snapshot {
     /// Events accepted by the API (`api.events.accepted`).
     pub accepted: u64,

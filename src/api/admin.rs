@@ -4,25 +4,30 @@
 //! a missing one does, so the routes reveal nothing to producers.
 
 use super::ApiState;
-use super::error::ApiError;
-use super::extract::{ApiJson, bearer_key_hash, cached_lookup};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, bearer_key_hash, cached_lookup};
 use crate::event::now_unix_ms;
 use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
-use crate::store::{EventFilter, Producer};
+use crate::store::{AttemptRow, EventFilter, EventRecord, Producer};
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// Most events one listing page holds.
-const MAX_PAGE: i64 = 1_000;
+/// Most events one listing page holds (the admin listing's and the inbox's).
+pub(super) const MAX_PAGE: i64 = 1_000;
 /// Events per page unless `limit` says otherwise.
-const DEFAULT_PAGE: i64 = 100;
+pub(super) const DEFAULT_PAGE: i64 = 100;
+/// The fastest replay job the API starts, in events/s: beyond it a cap means nothing (the
+/// publisher is the limit), and the OpenAPI document states a bound its integer type can hold.
+const MAX_REPLAY_RATE: u32 = 1_000_000;
 
 /// An admin behind `Authorization: Bearer <key>`.
 pub struct Admin(pub Producer);
@@ -44,15 +49,20 @@ impl FromRequestParts<ApiState> for Admin {
 
 /// The filter of a listing or a replay, as an operator writes it; times are RFC 3339 or relative
 /// (`2h`: two hours ago).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct FilterParams {
-    /// Statuses, comma-separated in a query string.
+    /// Statuses (`accepted`, `published`, `delivered`, `failed`), comma-separated in a query string.
     #[serde(default)]
     status: Option<StringOrList>,
+    /// The producer's name.
     producer: Option<String>,
+    /// The user.
     user_id: Option<String>,
+    /// The event name.
     event: Option<String>,
+    /// Enqueued at or after: RFC 3339, or a time ago (`30m`, `2h`, `7d`).
     since: Option<String>,
+    /// Enqueued before: RFC 3339, or a time ago.
     until: Option<String>,
     /// Event ids, comma-separated in a query string.
     #[serde(default)]
@@ -60,10 +70,12 @@ pub struct FilterParams {
 }
 
 /// `"a,b"` or `["a", "b"]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
-enum StringOrList {
+pub enum StringOrList {
+    /// Comma-separated.
     One(String),
+    /// A list.
     Many(Vec<String>),
 }
 
@@ -110,13 +122,12 @@ impl FilterParams {
             producer: self.producer,
             user_id: self.user_id,
             event: self.event,
-            since_ms: time(self.since, "since").await?,
-            until_ms: time(self.until, "until").await?,
+            // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
+            since_ms: time(self.since.filter(|t| !t.trim().is_empty()), "since").await?,
+            until_ms: time(self.until.filter(|t| !t.trim().is_empty()), "until").await?,
             ids,
         };
-        filter
-            .validate()
-            .map_err(|why| ApiError::Invalid(format!("status: {why}")))?;
+        filter.validate().map_err(ApiError::Invalid)?;
         Ok(filter)
     }
 }
@@ -156,14 +167,45 @@ struct ListParams {
     before: Option<String>,
 }
 
+/// A page of the admin listing.
+#[derive(Serialize, ToSchema)]
+pub struct EventPage {
+    /// Newest first.
+    events: Vec<EventRecord>,
+    /// The cursor of the next page (`&before=<next>`); null on the last one.
+    next: Option<Uuid>,
+}
+
 /// `GET /api/v1/admin/events?status=failed&producer=billing&user_id=42&event=x&since=2h&until=...
 /// &ids=a,b&limit=100&before=<cursor>`: newest first; `next` is the cursor of the following page
 /// (null on the last one).
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/events",
+    tag = "admin",
+    params(
+        ("status" = Option<String>, Query, description = "Statuses, comma-separated: accepted, published, delivered, failed"),
+        ("producer" = Option<String>, Query, description = "The producer's name"),
+        ("user_id" = Option<String>, Query, description = "The user"),
+        ("event" = Option<String>, Query, description = "The event name"),
+        ("since" = Option<String>, Query, description = "Enqueued at or after: RFC 3339, or a time ago (30m, 2h, 7d)"),
+        ("until" = Option<String>, Query, description = "Enqueued before: RFC 3339, or a time ago"),
+        ("ids" = Option<String>, Query, description = "Event ids, comma-separated"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Events per page (default 100)"),
+        ("before" = Option<Uuid>, Query, description = "The `next` cursor of the previous page"),
+    ),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "A page of events, newest first", body = EventPage),
+        (status = 401, description = "Missing key, or a key without the admin role", body = ErrorBody),
+        (status = 422, description = "A bad filter value, limit or cursor, or an unknown parameter", body = ErrorBody),
+    )
+)]
 pub async fn list_events(
     State(state): State<ApiState>,
     _admin: Admin,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(raw): ApiQuery<HashMap<String, String>>,
+) -> Result<Json<EventPage>, ApiError> {
     let object = raw
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
@@ -186,15 +228,39 @@ pub async fn list_events(
     let next = (events.len() as i64 == limit)
         .then(|| events.last().map(|e| e.id))
         .flatten();
-    Ok(Json(json!({ "events": events, "next": next })))
+    Ok(Json(EventPage { events, next }))
+}
+
+/// An event with its data and every attempt.
+#[derive(Serialize, ToSchema)]
+pub struct EventDetail {
+    /// The event's status and times.
+    #[serde(flatten)]
+    event: EventRecord,
+    /// The producer's data (null if it cannot be read back).
+    data: Value,
+    /// Every attempt, first to last.
+    attempt_log: Vec<AttemptRow>,
 }
 
 /// `GET /api/v1/admin/events/{id}`: the event, its data, and every attempt.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/events/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The event id")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The event, its data and its attempt log", body = EventDetail),
+        (status = 401, description = "Missing key, or a key without the admin role", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+    )
+)]
 pub async fn get_event(
     State(state): State<ApiState>,
     _admin: Admin,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<EventDetail>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let event = state
         .store
@@ -207,40 +273,78 @@ pub async fn get_event(
         .await?
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or(Value::Null);
-    let attempts = state.store.attempts_of(id).await?;
-    let mut body = serde_json::to_value(event).map_err(|e| ApiError::Internal(Box::new(e)))?;
-    body["data"] = data;
-    body["attempt_log"] =
-        serde_json::to_value(attempts).map_err(|e| ApiError::Internal(Box::new(e)))?;
-    Ok(Json(body))
+    let attempt_log = state.store.attempts_of(id).await?;
+    Ok(Json(EventDetail {
+        event,
+        data,
+        attempt_log,
+    }))
 }
 
 /// A replay request: the filter, plus how.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct ReplayRequest {
     #[serde(flatten)]
     filter: FilterParams,
     /// Also replay events already delivered (off: they are skipped).
     #[serde(default)]
     include_delivered: bool,
-    /// Events per second at most.
+    /// Events per second at most, 1 to 1,000,000 (default `replay.default_rate`).
+    #[schema(minimum = 1, maximum = 1_000_000)]
     rate: Option<u32>,
     /// Only count what would be replayed.
     #[serde(default)]
     dry_run: bool,
 }
 
+/// A replay job started.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayStarted {
+    /// The job's id, for `GET /api/v1/admin/replays/{id}`.
+    id: Uuid,
+    /// `running`.
+    status: String,
+    /// Events the filter matched.
+    matched: i64,
+}
+
+/// What a dry run would replay.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayDryRun {
+    /// Always true.
+    dry_run: bool,
+    /// Events the filter matched.
+    matched: i64,
+}
+
 /// `POST /api/v1/admin/replays`: `202 {"id", "status": "running", "matched"}`, or with
 /// `"dry_run": true`, `200 {"dry_run": true, "matched"}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/replays",
+    tag = "admin",
+    request_body = ReplayRequest,
+    security(("admin_key" = [])),
+    responses(
+        (status = 202, description = "The job runs", body = ReplayStarted),
+        (status = 200, description = "A dry run: what would be replayed", body = ReplayDryRun),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing key, or a key without the admin role", body = ErrorBody),
+        (status = 422, description = "A bad filter, rate or field", body = ErrorBody),
+        (status = 429, description = "`replay.max_jobs` jobs run on this node already", body = ErrorBody),
+    )
+)]
 pub async fn start_replay(
     State(state): State<ApiState>,
     Admin(admin): Admin,
     ApiJson(body): ApiJson<serde_json::Map<String, Value>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let request: ReplayRequest = parse_object(body, &["include_delivered", "rate", "dry_run"])?;
     let rate = request.rate.unwrap_or(state.default_replay_rate);
-    if rate == 0 {
-        return Err(ApiError::Invalid("rate: must be at least 1".into()));
+    if !(1..=MAX_REPLAY_RATE).contains(&rate) {
+        return Err(ApiError::Invalid(format!(
+            "rate: must be 1 to {MAX_REPLAY_RATE} events/s"
+        )));
     }
     let filter = request.filter.into_filter(&state).await?;
     let filter = replay_filter(filter, request.include_delivered).map_err(|e| match e {
@@ -249,10 +353,11 @@ pub async fn start_replay(
     })?;
     let matched = state.store.count_events(&filter).await?;
     if request.dry_run {
-        return Ok((
-            StatusCode::OK,
-            Json(json!({ "dry_run": true, "matched": matched })),
-        ));
+        return Ok(Json(ReplayDryRun {
+            dry_run: true,
+            matched,
+        })
+        .into_response());
     }
     let id = Uuid::now_v7();
     let recorded = serde_json::to_string(&filter).map_err(|e| ApiError::Internal(Box::new(e)))?;
@@ -268,18 +373,57 @@ pub async fn start_replay(
         return Err(ApiError::Busy(busy.to_string()));
     }
     tracing::info!(job = %id, admin = %admin.name, matched, rate, "replay job started");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "status": "running", "matched": matched })),
-    ))
+    let started = ReplayStarted {
+        id,
+        status: "running".into(),
+        matched,
+    };
+    Ok((StatusCode::ACCEPTED, Json(started)).into_response())
+}
+
+/// A replay job's status and progress.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayStatus {
+    /// Job id.
+    id: Uuid,
+    /// `running`, `done`, `failed`, or `interrupted` (its node stopped; run it again).
+    status: String,
+    /// The filter, as recorded.
+    filter: Value,
+    /// Events the filter matched when the job started.
+    matched: i64,
+    /// Events handed to the publisher.
+    replayed: i64,
+    /// Events left to the outbox relay while RabbitMQ was down.
+    deferred: i64,
+    /// Why the job failed.
+    error: Option<String>,
+    /// Start (RFC 3339).
+    started_at: String,
+    /// Last progress report.
+    updated_at: String,
+    /// End.
+    finished_at: Option<String>,
 }
 
 /// `GET /api/v1/admin/replays/{id}`: the job's status and progress.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/replays/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "The job id")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The job's status and progress", body = ReplayStatus),
+        (status = 401, description = "Missing key, or a key without the admin role", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
 pub async fn get_replay(
     State(state): State<ApiState>,
     _admin: Admin,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ReplayStatus>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let job = state
         .store
@@ -287,22 +431,22 @@ pub async fn get_replay(
         .await?
         .ok_or(ApiError::NotFound)?;
     let filter: Value = serde_json::from_str(&job.filter).unwrap_or(Value::Null);
-    Ok(Json(json!({
-        "id": job.id,
-        "status": job.status,
-        "filter": filter,
-        "matched": job.matched,
-        "replayed": job.replayed,
-        "deferred": job.deferred,
-        "error": job.error,
-        "started_at": job.started_at,
-        "updated_at": job.updated_at,
-        "finished_at": job.finished_at,
-    })))
+    Ok(Json(ReplayStatus {
+        id: job.id,
+        status: job.status,
+        filter,
+        matched: job.matched,
+        replayed: job.replayed,
+        deferred: job.deferred,
+        error: job.error,
+        started_at: job.started_at,
+        updated_at: job.updated_at,
+        finished_at: job.finished_at,
+    }))
 }
 
 /// The console's live figures: `GET /api/v1/admin/stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StatsResponse {
     /// The node that answered (the figures under `node` are its own).
     pub node_name: String,
@@ -321,7 +465,7 @@ pub struct StatsResponse {
 }
 
 /// One partition queue's depth.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PartitionDepth {
     /// The partition.
     pub partition: u16,
@@ -331,6 +475,16 @@ pub struct PartitionDepth {
 
 /// `GET /api/v1/admin/stats`: this node's figures and the deployment's queue depths and failed
 /// events, for the console to poll every second or two.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/stats",
+    tag = "admin",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "This node's figures, the partitions' depths, failed events", body = StatsResponse),
+        (status = 401, description = "Missing key, or a key without the admin role", body = ErrorBody),
+    )
+)]
 pub async fn stats(
     State(state): State<ApiState>,
     _admin: Admin,

@@ -6,7 +6,8 @@ use crate::pipeline::enqueue::EnqueueError;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// An API failure.
 #[derive(Debug, thiserror::Error)]
@@ -20,12 +21,18 @@ pub enum ApiError {
     /// Missing or unknown API key.
     #[error("missing or unknown API key")]
     Unauthorized,
+    /// A user's socket token missing, malformed, forged or expired (the inbox).
+    #[error("{0}")]
+    TokenRefused(String),
     /// A body, a batch or an event's data over its limit.
     #[error("{0}")]
     TooLarge(String),
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// The route exists, not with this method (the `Allow` header lists those it has).
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
     /// A limit on concurrent work (replay jobs) is reached; retry later.
     #[error("{0}")]
     Busy(String),
@@ -45,15 +52,37 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Unauthorized | Self::TokenRefused(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
+}
+
+/// Every error answer's body: `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The error itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `malformed_json`, `invalid_request`, `unauthorized`,
+    /// `payload_too_large`, `not_found`, `method_not_allowed`, `too_many_requests`,
+    /// `request_timeout`, `unavailable`, `internal`.
+    #[schema(example = "invalid_request")]
+    pub code: String,
+    /// For people; a 5xx says nothing internal.
+    pub message: String,
 }
 
 /// The error code of a response, left in its extensions for the metrics middleware.
@@ -128,7 +157,12 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = Json(json!({ "error": { "code": code, "message": message } }));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+            },
+        });
         let mut response = if status == StatusCode::SERVICE_UNAVAILABLE {
             (status, [(header::RETRY_AFTER, "1")], body).into_response()
         } else {

@@ -5,36 +5,61 @@
 //! nothing: one invalid event rejects the whole batch, naming it.
 
 use super::ApiState;
-use super::error::ApiError;
-use super::extract::{ApiJson, Authenticated};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, Authenticated};
 use super::request::{self, BatchRequest, EventRequest};
 use crate::pipeline::enqueue::Accepted;
+use crate::store::EventRecord;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The header carrying a single event's idempotency key.
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
 /// What the API answers for one event.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct EventResponse {
+    /// The event's id (UUID v7).
     id: Uuid,
+    /// `accepted` for a new event; a duplicate's current status.
+    #[schema(example = "accepted")]
     status: String,
+    /// The user's sequence number.
     seq: i64,
+    /// Present (true) only when an idempotency key was used before: this is the original event.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
     duplicate: bool,
 }
 
 /// The answer to a batch.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct BatchResponse {
+    /// One per event sent, in order.
     events: Vec<EventResponse>,
 }
 
 /// `POST /api/v1/events`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "producer",
+    request_body = EventRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with a key the producer used before answers 200 with the original event")),
+    security(("producer_key" = [])),
+    responses(
+        (status = 202, description = "Committed to PostgreSQL", body = EventResponse),
+        (status = 200, description = "The idempotency key was used before: the original event", body = EventResponse),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 413, description = "The body or `data` over its limit", body = ErrorBody),
+        (status = 422, description = "Wrong types, missing or unknown fields, bad values", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<ApiState>,
     Authenticated(producer): Authenticated,
@@ -71,6 +96,21 @@ pub async fn create(
 }
 
 /// `POST /api/v1/events/batch`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events/batch",
+    tag = "producer",
+    request_body = BatchRequest,
+    security(("producer_key" = [])),
+    responses(
+        (status = 202, description = "All committed", body = BatchResponse),
+        (status = 200, description = "Every event repeats an idempotency key used before", body = BatchResponse),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 413, description = "The body, the batch or an event's `data` over its limit", body = ErrorBody),
+        (status = 422, description = "An invalid event (named, e.g. `events[3].user_id`); nothing is stored", body = ErrorBody),
+    )
+)]
 pub async fn create_batch(
     State(state): State<ApiState>,
     Authenticated(producer): Authenticated,
@@ -112,11 +152,23 @@ fn response(accepted: Accepted) -> EventResponse {
 
 /// `GET /api/v1/events/{id}`: a producer reads its own event's status (another producer's id is
 /// answered 404, as if it did not exist).
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/{id}",
+    tag = "producer",
+    params(("id" = String, Path, description = "The event id")),
+    security(("producer_key" = [])),
+    responses(
+        (status = 200, description = "The event's status and times", body = EventRecord),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such event of this producer", body = ErrorBody),
+    )
+)]
 pub async fn get_one(
     State(state): State<ApiState>,
     Authenticated(producer): Authenticated,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<crate::store::EventRecord>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<EventRecord>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     state
         .store

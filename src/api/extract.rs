@@ -3,6 +3,8 @@
 
 use super::ApiState;
 use super::error::ApiError;
+use crate::event::UserId;
+use crate::socket::token::now_unix_secs;
 use crate::store::{ApiKey, Producer};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -73,14 +75,67 @@ impl FromRequestParts<ApiState> for Authenticated {
 
 /// The digest of the request's `Authorization: Bearer <key>`.
 pub(super) fn bearer_key_hash(parts: &Parts) -> Result<KeyHash, ApiError> {
-    let key = parts
+    let key = bearer(parts).ok_or(ApiError::Unauthorized)?;
+    Ok(ApiKey::hash(key))
+}
+
+/// The credential of `Authorization: Bearer <credential>`, if the request has one.
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or(ApiError::Unauthorized)?;
-    Ok(ApiKey::hash(key))
+}
+
+/// The user behind `Authorization: Bearer <socket token>`: the token a backend minted for its
+/// user's client (`POST /api/v1/tokens`), checked as the socket checks it. Missing, malformed,
+/// forged or expired is 401.
+pub struct UserToken(pub UserId);
+
+impl FromRequestParts<ApiState> for UserToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::TokenRefused("missing socket token (Authorization: Bearer <token>)".into())
+        })?;
+        state
+            .signer
+            .verify(token, now_unix_secs())
+            .map(UserToken)
+            .map_err(|why| ApiError::TokenRefused(format!("socket token refused: {why}")))
+    }
+}
+
+/// A path parameter parsed into `T`, refused as a JSON 422 (a bad percent-encoding, say) rather
+/// than axum's plain-text 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| ApiPath(path.0))
+            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
+    }
+}
+
+/// A query string parsed into `T`, refused as a JSON 422 naming what does not fit (axum's own
+/// `Query` answers plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|query| ApiQuery(query.0))
+            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
+    }
 }
 
 /// The producer owning `hash`, from `cache` or else from `lookup` (whose answer, found or not, is

@@ -1,6 +1,7 @@
 //! The HTTP API for producers and operators (axum): enqueue events (single and batch), read one's
-//! own event, mint socket tokens, health checks, and the admin API (list and inspect events, replay
-//! jobs) behind keys with the admin role. Handlers validate input into `event` types once, here at the edge;
+//! own event, mint socket tokens, health checks, the admin API (list and inspect events, replay
+//! jobs) behind keys with the admin role, the user inbox behind a user's socket token, and the
+//! OpenAPI document of all of it. Handlers validate input into `event` types once, here at the edge;
 //! every failure is an [`error::ApiError`], mapped to HTTP in one place.
 
 mod admin;
@@ -9,6 +10,8 @@ pub mod error;
 mod events;
 mod extract;
 pub mod health;
+mod inbox;
+pub mod openapi;
 pub mod request;
 pub mod scrape;
 mod tokens;
@@ -87,6 +90,29 @@ pub struct ApiState {
     pub depths: Arc<DepthProbe>,
 }
 
+/// The API's routes before their state and bounds: what [`routes`] serves and what the OpenAPI
+/// document is checked against (`openapi`'s tests), so a route cannot go undocumented.
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/events", post(events::create))
+        .route("/api/v1/events/batch", post(events::create_batch))
+        .route("/api/v1/events/{id}", get(events::get_one))
+        .route("/api/v1/tokens", post(tokens::create))
+        .route(
+            "/api/v1/users/{user_id}/disconnect",
+            post(users::disconnect),
+        )
+        .route("/api/v1/inbox", get(inbox::list))
+        .route("/api/v1/inbox/read", post(inbox::mark_read))
+        .route("/api/v1/admin/events", get(admin::list_events))
+        .route("/api/v1/admin/events/{id}", get(admin::get_event))
+        .route("/api/v1/admin/replays", post(admin::start_replay))
+        .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
+        .route("/api/v1/admin/stats", get(admin::stats))
+        .route(openapi::PATH, get(openapi::serve))
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 /// The API routes. At most `limits.max_concurrent_requests` run at once: one more is shed at once
 /// with 503 and `Retry-After`, rather than queued (a queue of requests is memory, and a producer
 /// retries as well as Herald waits). Each is bounded by `limits.request_timeout`.
@@ -100,20 +126,7 @@ pub fn routes(state: ApiState) -> Router {
         .load_shed()
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(in_flight))
         .timeout(state.limits.request_timeout);
-    Router::new()
-        .route("/api/v1/events", post(events::create))
-        .route("/api/v1/events/batch", post(events::create_batch))
-        .route("/api/v1/events/{id}", get(events::get_one))
-        .route("/api/v1/tokens", post(tokens::create))
-        .route(
-            "/api/v1/users/{user_id}/disconnect",
-            post(users::disconnect),
-        )
-        .route("/api/v1/admin/events", get(admin::list_events))
-        .route("/api/v1/admin/events/{id}", get(admin::get_event))
-        .route("/api/v1/admin/replays", post(admin::start_replay))
-        .route("/api/v1/admin/replays/{id}", get(admin::get_replay))
-        .route("/api/v1/admin/stats", get(admin::stats))
+    router()
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .layer(bounds)
@@ -126,4 +139,10 @@ pub fn routes(state: ApiState) -> Router {
 /// Answers unknown routes with the JSON error body.
 pub async fn not_found() -> error::ApiError {
     error::ApiError::NotFound
+}
+
+/// Answers a known route asked with a method it does not have with the JSON error body (axum adds
+/// the `Allow` header); registered after a router's routes, it covers them all.
+pub async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::MethodNotAllowed
 }

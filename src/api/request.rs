@@ -24,28 +24,34 @@ const NUMERIC_MAX_INTEGER_DIGITS: i64 = 131_072;
 const NUMERIC_MAX_SCALE: i64 = 16_383;
 
 /// One event as a producer sends it.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventRequest {
     /// A string; a JSON integer is accepted and normalised to its decimal string.
     #[serde(deserialize_with = "string_or_integer")]
+    #[schema(schema_with = super::openapi::user_id_schema)]
     user_id: String,
     /// Defaults to `push`.
     #[serde(default)]
+    #[schema(pattern = r"^(?!phx_)[A-Za-z0-9_.:-]{1,64}$", example = "push_timed")]
     event: Option<String>,
     /// Any JSON; defaults to `{}`.
     #[serde(default)]
+    #[schema(value_type = Option<Value>)]
     data: Option<Box<RawValue>>,
-    /// Per event in a batch (a single event may use the `Idempotency-Key` header instead).
+    /// Per event in a batch (a single event may use the `Idempotency-Key` header instead): 1 to
+    /// 255 bytes, no NUL.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     idempotency_key: Option<String>,
 }
 
 /// `POST /api/v1/events/batch`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// The events, all or nothing.
+    /// The events, all or nothing: 1 to `pipeline.max_batch_events` (default 1000; more is 413).
+    #[schema(min_items = 1)]
     pub events: Vec<EventRequest>,
 }
 

@@ -17,6 +17,7 @@ use crate::event::{
 };
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
+use crate::store::{ReadMark, SeqOrder};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -555,9 +556,13 @@ impl Connection {
         while let Some((after, before, limit)) = fill.next_page() {
             let read = timeout(
                 GAP_PAGE_TIMEOUT,
-                self.state
-                    .store
-                    .events_between(user.as_str(), after, before, limit),
+                self.state.store.user_events(
+                    user.as_str(),
+                    after,
+                    before,
+                    limit,
+                    SeqOrder::Ascending,
+                ),
             )
             .await;
             let rows = match read {
@@ -783,7 +788,11 @@ async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'st
             );
         }
     };
-    match state.store.record_acks(user.as_str(), &ids).await {
+    match state
+        .store
+        .record_acks(user.as_str(), ReadMark::Ids(&ids))
+        .await
+    {
         Ok(acked) => {
             state.metrics.client_acked(acked);
             ("ok", format!(r#"{{"acked":{acked}}}"#))

@@ -70,27 +70,39 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    /// Checks the statuses named.
+    /// Checks the statuses named, and that no text holds a NUL (PostgreSQL's text cannot, and
+    /// would fail the query rather than match nothing).
     ///
     /// # Errors
-    /// A status that does not exist, named.
+    /// A status that does not exist, or a text with a NUL, named with its field.
     pub fn validate(&self) -> Result<(), String> {
-        match self
+        if let Some(bad) = self
             .statuses
             .iter()
             .find(|s| !EVENT_STATUSES.contains(&s.as_str()))
         {
-            Some(bad) => Err(format!(
-                "unknown status {bad:?} (one of {})",
+            return Err(format!(
+                "status: unknown status {bad:?} (one of {})",
                 EVENT_STATUSES.join(", ")
-            )),
+            ));
+        }
+        let texts = [
+            ("producer", &self.producer),
+            ("user_id", &self.user_id),
+            ("event", &self.event),
+        ];
+        match texts
+            .iter()
+            .find(|(_, text)| text.as_deref().is_some_and(|t| t.contains('\0')))
+        {
+            Some((field, _)) => Err(format!("{field}: must not contain NUL")),
             None => Ok(()),
         }
     }
 }
 
 /// An event as operators and producers read it.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Event id.
     pub id: Uuid,
@@ -129,7 +141,7 @@ pub struct EventRecord {
 }
 
 /// One recorded attempt, as read back.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AttemptRow {
     /// 1, 2, ... over the event's life.
     pub attempt: i32,
@@ -531,19 +543,23 @@ impl Store {
                     _ => "days",
                 };
                 (
-                    "SELECT (extract(epoch FROM now() - ($1 || ' ' || $2)::interval) * 1000)::int8",
+                    "SELECT (extract(epoch FROM t) * 1000)::int8
+                     FROM (SELECT now() - ($1 || ' ' || $2)::interval AS t) AS time WHERE isfinite(t)",
                     (n.to_string(), unit),
                 )
             }
+            // `infinity` is a timestamptz too, but no instant: it has no Unix ms (the cast to
+            // int8 would fail as an error, not as a data exception), so it matches no row.
             None => (
-                "SELECT (extract(epoch FROM ($1 || $2)::timestamptz) * 1000)::int8",
+                "SELECT (extract(epoch FROM t) * 1000)::int8
+                 FROM (SELECT ($1 || $2)::timestamptz AS t) AS time WHERE isfinite(t)",
                 (text.to_owned(), ""),
             ),
         };
         sqlx::query_scalar::<_, i64>(sql)
             .bind(arg.0)
             .bind(arg.1)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(|source| match &source {
                 sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
@@ -553,7 +569,8 @@ impl Store {
                     what: "parse a time",
                     source,
                 },
-            })
+            })?
+            .ok_or_else(|| Error::Invalid(format!("{text:?} is not a finite time")))
     }
 
     /// Records a new running replay job.

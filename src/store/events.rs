@@ -84,7 +84,7 @@ pub struct Committed {
     pub messages: Vec<OutboxMessage>,
 }
 
-/// An event read back from PostgreSQL (relay, gap fill).
+/// An event read back from PostgreSQL (relay, gap fill and catch-up, the inbox).
 #[derive(Debug, sqlx::FromRow)]
 pub struct StoredEvent {
     /// Event id.
@@ -99,6 +99,8 @@ pub struct StoredEvent {
     pub data: String,
     /// Enqueue time, Unix ms.
     pub at: i64,
+    /// A client acknowledged it (a channel `ack` or an inbox read mark).
+    pub acked: bool,
 }
 
 impl StoredEvent {
@@ -116,7 +118,25 @@ impl StoredEvent {
 }
 
 pub(super) const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
-     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at";
+     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, acked_at IS NOT NULL AS acked";
+
+/// Which way a page of a user's events runs by seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqOrder {
+    /// Oldest first: catch-up and gap fill, which push in order.
+    Ascending,
+    /// Newest first: the inbox, which shows the latest first.
+    Descending,
+}
+
+/// What a client marks as read (acknowledged): the same `acked_at` whichever way it says it.
+#[derive(Clone, Copy, Debug)]
+pub enum ReadMark<'a> {
+    /// These events (a channel `ack`); ids of other users' events are ignored.
+    Ids(&'a [Uuid]),
+    /// Every event of the user up to this seq, inclusive (the inbox's read mark).
+    UpToSeq(i64),
+}
 
 impl Store {
     /// Inserts a batch of events in one transaction, numbers them per user, and plans the broker
@@ -336,37 +356,60 @@ impl Store {
     }
 
     /// Records that a client of `user_id` showed these events (only that user's events; an event
-    /// keeps its first acknowledgement). Returns how many were newly acknowledged.
+    /// keeps its first acknowledgement). Returns how many were newly acknowledged. The one writer of
+    /// `acked_at`: a channel `ack` and the inbox's read mark both come here, so they agree.
     ///
     /// # Errors
     /// The update failed.
-    pub async fn record_acks(&self, user_id: &str, ids: &[Uuid]) -> Result<u64, Error> {
-        let done = sqlx::query(
-            "UPDATE events SET acked_at = now()
-             WHERE id = ANY($1) AND user_id = $2 AND acked_at IS NULL",
-        )
-        .bind(ids)
-        .bind(user_id)
-        .execute(&self.pool)
-        .await
+    pub async fn record_acks(&self, user_id: &str, mark: ReadMark<'_>) -> Result<u64, Error> {
+        macro_rules! acks_where {
+            ($which:literal) => {
+                concat!(
+                    "UPDATE events SET acked_at = now() WHERE user_id = $1 AND acked_at IS NULL AND ",
+                    $which
+                )
+            };
+        }
+        let done = match mark {
+            ReadMark::Ids(ids) => {
+                sqlx::query(acks_where!("id = ANY($2)"))
+                    .bind(user_id)
+                    .bind(ids)
+                    .execute(&self.pool)
+                    .await
+            }
+            ReadMark::UpToSeq(seq) => {
+                sqlx::query(acks_where!("seq <= $2"))
+                    .bind(user_id)
+                    .bind(seq)
+                    .execute(&self.pool)
+                    .await
+            }
+        }
         .map_err(Error::query("record client acks"))?;
         Ok(done.rows_affected())
     }
 
-    /// Events of `user_id` with `after < seq < before`, in seq order, at most `limit`.
+    /// Events of `user_id` with `after < seq < before`, at most `limit`, in `order`: the one read
+    /// behind catch-up, gap fill and the inbox, so they serve the same events the same way.
     ///
     /// # Errors
     /// The query failed.
-    pub async fn events_between(
+    pub async fn user_events(
         &self,
         user_id: &str,
         after: i64,
         before: i64,
         limit: i64,
+        order: SeqOrder,
     ) -> Result<Vec<StoredEvent>, Error> {
+        let direction = match order {
+            SeqOrder::Ascending => "ASC",
+            SeqOrder::Descending => "DESC",
+        };
         sqlx::query_as::<_, StoredEvent>(&format!(
             "SELECT {STORED_EVENT_COLUMNS} FROM events
-             WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq LIMIT $4"
+             WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq {direction} LIMIT $4"
         ))
         .bind(user_id)
         .bind(after)
@@ -375,6 +418,22 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::query("read events of a user"))
+    }
+
+    /// The user's events not acknowledged by any client (its unread count) and the last seq handed
+    /// out (0 when none).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn unread_of(&self, user_id: &str) -> Result<(i64, i64), Error> {
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events WHERE user_id = $1 AND acked_at IS NULL),
+                    coalesce((SELECT last_seq FROM user_seqs WHERE user_id = $1), 0)",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("count a user's unread events"))
     }
 }
 

@@ -15,7 +15,9 @@ pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
     ReplayJobRecord,
 };
-pub use events::{Committed, InsertOutcome, NewEvent, PRUNED_STATUS, StoredEvent};
+pub use events::{
+    Committed, InsertOutcome, NewEvent, PRUNED_STATUS, ReadMark, SeqOrder, StoredEvent,
+};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};

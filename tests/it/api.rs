@@ -286,6 +286,18 @@ async fn tokens_are_minted_for_producers_only() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Found by schemathesis: a ttl past the documented int64 was capped and accepted.
+    for ttl in [json!(9_223_372_036_854_775_808u64), json!(0), json!(-1)] {
+        let (status, body) = app
+            .post_json(
+                "/api/v1/tokens",
+                &app.api_key,
+                json!({"user_id": "42", "ttl_secs": ttl}),
+            )
+            .await;
+        assert_eq!(status, 422, "ttl_secs {ttl}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_request");
+    }
 }
 
 #[tokio::test]
