@@ -256,6 +256,15 @@ pub struct PipelineSettings {
     pub max_status_batch: usize,
     /// Most events of one user a worker broadcasts (and records) in one go.
     pub max_run_events: usize,
+    /// An event neither delivered nor failed, with no outbox row and nothing due for it for this
+    /// long (enqueued, replayed, swept or due to retry before then), is one no message carries
+    /// any more: the sweeper sends it again. 0 turns the sweeper off.
+    pub sweep_after_ms: u64,
+    /// How often a worker node sweeps its partitions.
+    pub sweep_interval_ms: u64,
+    /// A partition is swept only after nothing was received or settled on it for this long
+    /// (and its queue is empty), so nothing waiting behind a backlog is ever sent again.
+    pub sweep_idle_ms: u64,
 }
 
 impl Default for PipelineSettings {
@@ -272,6 +281,9 @@ impl Default for PipelineSettings {
             relay_batch: 1_000,
             max_status_batch: 1_000,
             max_run_events: 200,
+            sweep_after_ms: 300_000,
+            sweep_interval_ms: 30_000,
+            sweep_idle_ms: 2_000,
         }
     }
 }
@@ -707,6 +719,21 @@ impl Settings {
                 "pipeline.relay_grace_ms",
                 "must exceed queue.confirm_timeout_ms by a tenth of itself (the relay must never race a publish awaiting its confirm)",
             );
+        }
+        // A retry expires at its delay queue's head only: one with the longest jitter can hold
+        // the shortest behind it for twice the jitter of the delay.
+        let longest = self.retry.delays_ms().into_iter().max().unwrap_or(0) as f64;
+        let lag = (2.0 * self.retry.jitter * longest) as u64;
+        if self.pipeline.sweep_after_ms > 0
+            && self.pipeline.sweep_after_ms <= lag.max(self.pipeline.relay_grace_ms)
+        {
+            return bad(
+                "pipeline.sweep_after_ms",
+                "must exceed pipeline.relay_grace_ms and twice retry.jitter of the longest retry delay (or be 0: off)",
+            );
+        }
+        if self.pipeline.sweep_interval_ms == 0 {
+            return bad("pipeline.sweep_interval_ms", "must be at least 1");
         }
         for (key, value) in [
             ("pipeline.enqueue_buffer", self.pipeline.enqueue_buffer),

@@ -342,6 +342,30 @@ impl Metrics {
         }
     }
 
+    /// Events the sweeper sent back through the outbox: no message carried them any more.
+    pub fn sweep_events(&self, count: usize) {
+        if count > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("pipeline.sweep.events", count as i64),
+            )
+            .send();
+        }
+    }
+
+    /// Partitions the sweeper looked at, and whether each was idle enough to sweep (`idle`) or
+    /// skipped because its worker or queue was busy (`busy`).
+    pub fn sweep_partitions(&self, state: &'static str, count: usize) {
+        if count > 0 {
+            self.tagged(
+                self.client
+                    .count_with_tags("pipeline.sweep.partitions", count as i64)
+                    .with_tag("state", state),
+            )
+            .send();
+        }
+    }
+
     /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.
     pub fn delivery_outcome(&self, outcome: &'static str, count: usize) {
         self.tagged(

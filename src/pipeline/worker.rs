@@ -43,7 +43,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Consumer};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,8 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        // Before the count drops: whoever sees it at zero sees this moment too (the sweeper).
+        self.0.touch();
         if self.0.in_work.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -175,6 +177,10 @@ pub(super) struct PartitionWork {
     in_work: AtomicUsize,
     /// Told when `in_work` drops to zero.
     idle: tokio::sync::Notify,
+    /// When the partition last received a message or settled an event, in ms since `born`: with
+    /// `in_work` at zero, how long the partition has been idle (see `super::sweep`).
+    last_active_ms: AtomicU64,
+    born: Instant,
 }
 
 impl PartitionWork {
@@ -184,7 +190,32 @@ impl PartitionWork {
             prefetch: u32::from(prefetch),
             in_work: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            last_active_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records activity now: a message received, an event settled.
+    fn touch(&self) {
+        self.last_active_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// While nothing is in work: how long ago the partition last received a message or settled
+    /// an event, and a mark of that moment (equal marks on two looks mean nothing happened in
+    /// between). `None` while something is in work.
+    pub(super) fn quiet(&self) -> Option<(Duration, u64)> {
+        if self.in_work.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let last = self.last_active_ms.load(Ordering::Acquire);
+        Some((
+            Duration::from_millis(self.now_ms().saturating_sub(last)),
+            last,
+        ))
     }
 
     /// Events of this partition in work now.
@@ -274,6 +305,7 @@ impl Worker {
                     }
                 },
             };
+            work.touch();
             let Some(events) = self.decode(&delivery).await else {
                 continue;
             };

@@ -13,3 +13,4 @@ mod pipeline;
 mod resilience;
 mod retry;
 mod socket;
+mod sweep;
