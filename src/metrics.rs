@@ -366,6 +366,12 @@ impl Metrics {
         }
     }
 
+    /// A retry's publish got no confirm in time: its message is requeued, the attempt made again.
+    pub fn retry_unconfirmed(&self) {
+        self.tagged(self.client.count_with_tags("pipeline.retry.unconfirmed", 1))
+            .send();
+    }
+
     /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.
     pub fn delivery_outcome(&self, outcome: &'static str, count: usize) {
         self.tagged(

@@ -21,6 +21,8 @@
 //!   next delay (expiring back into its partition as a message of one), and stays `published` with
 //!   `last_error` and `next_attempt_at`; after the last attempt it is `failed` and published alone
 //!   to the dead-letter exchange. No task sleeps holding a slot, and nothing is requeued in a loop.
+//!   A retry the broker does not confirm in time is neither trusted nor failed: the message is
+//!   requeued and the attempt made again (the broker may be slow, or losing a node).
 //!
 //! A failed event does not hold its user's lane while it waits for its retry: the next events go
 //! on, and the user's socket channel, seeing a seq skip ahead, fills the missing one from
@@ -166,6 +168,9 @@ enum Settle {
     Retried,
     /// Failed for good (dead-lettered): done once recorded.
     Failed,
+    /// Whether its retry reached the delay queue is unknown (no confirm in time): the message
+    /// comes back and the attempt is made again.
+    Requeue,
 }
 
 /// One partition's consumption on this node.
@@ -472,6 +477,7 @@ impl Worker {
         for (item, settle) in run.into_iter().zip(settles) {
             let requeue = match settle {
                 Some(Settle::Retried) => false,
+                Some(Settle::Requeue) => true,
                 Some(Settle::Delivered | Settle::Failed) | None => !recorded,
             };
             item.settle(requeue).await;
@@ -604,6 +610,19 @@ impl Worker {
                 (
                     AttemptResult::Retrying { error, retry_at_ms },
                     Settle::Retried,
+                )
+            }
+            // The broker may have the retry or not (a slow or partitioned node): failing the event
+            // would give up on a broker hiccup, and trusting the retry could lose it. The message
+            // comes back instead and this attempt is made again; a retry that did land makes a
+            // duplicate, which the socket drops by seq.
+            Err(RetryPublishError::Timeout) => {
+                tracing::warn!("a retry was not confirmed in time; the message comes back");
+                self.metrics.retry_unconfirmed();
+                let retry_at_ms = now_unix_ms();
+                (
+                    AttemptResult::Retrying { error, retry_at_ms },
+                    Settle::Requeue,
                 )
             }
             // The broker refuses the delay queue: give up visibly rather than loop.

@@ -182,9 +182,12 @@ pub enum RetryPublishError {
     /// The channel or connection failed: the delivery will be redelivered.
     #[error("cannot publish the retry")]
     Lost(#[source] lapin::Error),
-    /// The broker refused it (nack, unroutable) or did not confirm it in time.
+    /// The broker refused it (nack, unroutable).
     #[error("the broker did not take the retry ({0})")]
     Refused(&'static str),
+    /// No confirm came in time: the broker may or may not have it.
+    #[error("the broker did not confirm the retry in time")]
+    Timeout,
 }
 
 /// A retry to publish: one event, bound for a delay queue.
@@ -208,7 +211,8 @@ pub struct RetryMessage<'a> {
 /// confirm mode). Concurrent calls pipeline their confirms on the one channel.
 ///
 /// # Errors
-/// Lost channel, nack, unroutable or confirm timeout.
+/// Lost channel, nack or unroutable ([`RetryPublishError::Refused`]), or no confirm in time
+/// ([`RetryPublishError::Timeout`]).
 pub async fn publish_retry(
     channel: &Channel,
     names: &Topology,
@@ -276,7 +280,7 @@ async fn publish_confirmed(
         .await
         .map_err(RetryPublishError::Lost)?;
     match tokio::time::timeout(confirm_timeout, confirm).await {
-        Err(_) => Err(RetryPublishError::Refused("confirm timeout")),
+        Err(_) => Err(RetryPublishError::Timeout),
         Ok(Err(error)) => Err(RetryPublishError::Lost(error)),
         Ok(Ok(confirmation)) if confirmation.is_nack() => Err(RetryPublishError::Refused("nack")),
         Ok(Ok(confirmation)) => match confirmation.take_message() {
