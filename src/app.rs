@@ -29,7 +29,7 @@ use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
-use crate::queue::Publisher;
+use crate::queue::{BrokerNodes, Publisher};
 use crate::server;
 use crate::socket::token::TokenSigner;
 use crate::socket::{self, SocketState};
@@ -92,6 +92,8 @@ pub struct App {
     metrics: Metrics,
     pubsub: PubSub,
     bind_requests: Option<mpsc::Receiver<BindRequest>>,
+    /// The cluster fan-out publisher's broker nodes (cluster mode).
+    fanout_nodes: Option<BrokerNodes>,
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
@@ -149,13 +151,14 @@ impl App {
         } else {
             None
         };
-        let (pubsub, bind_requests) = if settings.cluster() {
+        let (pubsub, bind_requests, fanout_nodes) = if settings.cluster() {
             let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub);
+            let nodes = transport.broker_nodes();
             let timeout = Duration::from_millis(settings.pubsub.bind_timeout_ms);
             let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);
-            (pubsub, Some(requests))
+            (pubsub, Some(requests), Some(nodes))
         } else {
-            (PubSub::new(), None)
+            (PubSub::new(), None, None)
         };
         let faults = Faults::new(&settings.faults).map_err(Error::Faults)?;
         if !faults.is_empty() {
@@ -175,6 +178,7 @@ impl App {
             metrics,
             pubsub,
             bind_requests,
+            fanout_nodes,
             signer,
             listener,
             http_addr,
@@ -207,6 +211,7 @@ impl App {
             metrics,
             pubsub,
             bind_requests,
+            fanout_nodes,
             signer,
             listener,
             http_addr,
@@ -215,6 +220,8 @@ impl App {
         } = self;
         let pipeline = &settings.pipeline;
         let mut links: Vec<(&'static str, Arc<AtomicBool>)> = Vec::new();
+        // Which broker node each long-lived connection uses (readiness and metrics name it).
+        let mut broker_nodes: Vec<(&'static str, BrokerNodes)> = Vec::new();
         let mut router = axum::Router::new();
 
         // api: group commit, publisher and its confirm recorder, outbox relay, producer routes.
@@ -222,6 +229,7 @@ impl App {
         if roles.api {
             let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
             links.push(("publisher", publisher_handle.connected_flag()));
+            broker_nodes.push(("publisher", publisher_handle.broker_nodes()));
             let publisher_stop = CancellationToken::new();
             let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
             let recorder_task = tokio::spawn(published::record(
@@ -318,6 +326,11 @@ impl App {
                 attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
                 faults,
             };
+            let consumer_nodes = BrokerNodes::new(&settings.queue);
+            broker_nodes.push(("consumer", consumer_nodes.clone()));
+            if let Some(nodes) = &fanout_nodes {
+                broker_nodes.push(("fanout_publisher", nodes.clone()));
+            }
             let coordinator = Coordinator {
                 worker,
                 store: store.clone(),
@@ -326,6 +339,7 @@ impl App {
                 owned: owned_partitions,
                 consuming,
                 metrics: metrics.clone(),
+                nodes: consumer_nodes,
             };
             worker_tasks = Some(WorkerTasks {
                 worker_task: tokio::spawn(coordinator.run(shutdown.child_token())),
@@ -350,12 +364,15 @@ impl App {
             if let Some(requests) = bind_requests {
                 let connected = Arc::new(AtomicBool::new(false));
                 links.push(("fanout", Arc::clone(&connected)));
+                let nodes = BrokerNodes::new(&settings.queue);
+                broker_nodes.push(("fanout", nodes.clone()));
                 fanout_task = Some(tokio::spawn(cluster::run_node_queue(
                     settings.queue.clone(),
                     node.clone(),
                     pubsub.clone(),
                     requests,
                     connected,
+                    nodes,
                     metrics.clone(),
                     shutdown.child_token(),
                 )));
@@ -366,6 +383,7 @@ impl App {
         let flusher = tokio::spawn(flush_metrics(
             metrics.clone(),
             socket_state.clone(),
+            broker_nodes.clone(),
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
@@ -374,6 +392,7 @@ impl App {
             node: node.clone(),
             roles: roles.names(),
             links,
+            broker_nodes,
             partitions: roles.worker.then_some(owned_watch),
         };
         let router = router
@@ -482,6 +501,7 @@ async fn drain<F: Future>(stage: &str, deadline: Instant, stage_done: F) {
 async fn flush_metrics(
     metrics: Metrics,
     sockets: SocketState,
+    broker_nodes: Vec<(&'static str, BrokerNodes)>,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -496,6 +516,11 @@ async fn flush_metrics(
         since_gauge += every;
         if since_gauge >= Duration::from_secs(1) {
             metrics.socket_connections(sockets.open_connections());
+            for (role, nodes) in &broker_nodes {
+                if let Some(node) = nodes.in_use() {
+                    metrics.broker_node(role, &node);
+                }
+            }
             since_gauge = Duration::ZERO;
         }
         metrics.flush();

@@ -173,7 +173,9 @@ impl Default for StoreSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
-    /// AMQP URL (the vhost is its path, `%2f` for `/`).
+    /// AMQP URL (the vhost is its path, `%2f` for `/`), or a comma-separated list of a cluster's
+    /// nodes, each a URL or `host:port` taking the first's credentials and vhost: a connection
+    /// whose node fails moves to the next (see `queue::nodes`).
     pub amqp_url: Secret,
     /// Prefix of every exchange and queue name, so deployments (and tests) can share a broker.
     pub prefix: String,
@@ -691,6 +693,8 @@ impl Settings {
         if self.socket.secret.is_some() {
             self.signing_secret()?;
         }
+        crate::queue::nodes::parse_node_list(self.queue.amqp_url.expose())
+            .map_err(|why| Error::Invalid(format!("queue.amqp_url: {why}")))?;
         if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
             return bad("queue.queue_type", "must be quorum or classic");
         }

@@ -331,6 +331,18 @@ impl Metrics {
         .send();
     }
 
+    /// Which broker node a role's connection uses (`queue.amqp_url` may list several), sampled
+    /// every second: a gauge of 1 tagged with the role and the node's `host:port`.
+    pub fn broker_node(&self, role: &'static str, node: &str) {
+        self.tagged(
+            self.client
+                .gauge_with_tags("queue.node", 1)
+                .with_tag("role", role)
+                .with_tag("broker", node),
+        )
+        .send();
+    }
+
     /// Events the outbox relay republished.
     pub fn relay_republished(&self, count: usize) {
         if count > 0 {

@@ -1,6 +1,7 @@
 //! `GET /healthz` (the process is up) and `GET /readyz` (what this node's roles depend on is
 //! reachable), both naming the node and its roles. Served by every node, whatever its roles.
 
+use crate::queue::BrokerNodes;
 use crate::store::Store;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,6 +23,8 @@ pub struct Health {
     pub roles: String,
     /// The RabbitMQ links its roles use (publisher, consumer, fanout), each up or down.
     pub links: Vec<(&'static str, Arc<AtomicBool>)>,
+    /// The broker node each of its connections uses (`queue.amqp_url` may list several).
+    pub broker_nodes: Vec<(&'static str, BrokerNodes)>,
     /// On a worker node: the partitions it consumes now.
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
@@ -63,6 +66,12 @@ async fn ready(State(health): State<Health>) -> (StatusCode, Json<Value>) {
         "roles": health.roles,
         "checks": { "postgres": word(postgres), "rabbitmq": word(rabbitmq), "rabbitmq_links": links },
     });
+    let nodes: Map<String, Value> = health
+        .broker_nodes
+        .iter()
+        .map(|(role, nodes)| ((*role).to_owned(), json!(nodes.in_use())))
+        .collect();
+    body["rabbitmq_nodes"] = Value::Object(nodes);
     if let Some(partitions) = &health.partitions {
         body["partitions"] = json!(*partitions.borrow());
     }

@@ -29,7 +29,7 @@ use super::sweep::{Watched, sweep_once};
 use super::worker::{Ended, Item, PartitionWork, Worker};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::queue::{self, Backoff, ConsumerLink, Topology};
+use crate::queue::{self, Backoff, BrokerNodes, ConsumerLink, Topology};
 use crate::store::{self, Layout, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -206,6 +206,8 @@ pub struct Coordinator {
     pub consuming: Arc<AtomicBool>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The broker nodes the consumer connection moves between.
+    pub nodes: BrokerNodes,
 }
 
 /// One partition being consumed.
@@ -326,7 +328,7 @@ impl Coordinator {
 
     async fn open_session(&self) -> Result<Session, queue::Error> {
         let queue = &self.settings.queue;
-        let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms).await?;
+        let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms, &self.nodes).await?;
         queue::remove_legacy_queues(&link.connection, queue, &self.worker.retry_delays_ms).await?;
         let link = Arc::new(link);
         let names = Arc::new(Topology::new(&queue.prefix, queue.partitions));

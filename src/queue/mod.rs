@@ -6,8 +6,10 @@
 //! PostgreSQL for the outbox relay. Depends on no other Herald module.
 
 pub mod fanout;
+pub mod nodes;
 mod publisher;
 
+pub use nodes::BrokerNodes;
 pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle, Source};
 
 use crate::config::QueueSettings;
@@ -290,17 +292,24 @@ async fn publish_confirmed(
     }
 }
 
-/// Connects with a timeout. Each role (publisher, consumer) has its own connection, so flow control
-/// on a publishing connection never stalls consumption.
+/// Connects to the first node of `queue.amqp_url` that answers (see [`BrokerNodes`]), each with a
+/// timeout: for short-lived connections (checks, cleanup). Each long-lived role (publisher,
+/// consumer, fan-out) has its own connection, and its own [`BrokerNodes`] to move between nodes,
+/// so flow control on a publishing connection never stalls consumption.
 ///
 /// # Errors
-/// Unreachable broker, refused credentials, or the timeout.
+/// No node reachable, refused credentials, or the timeout.
 pub async fn connect(settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
+    BrokerNodes::new(settings).connect(settings, role).await
+}
+
+/// Connects to the node at `url` with a timeout.
+async fn connect_url(url: &str, settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
     // The prefix in the name lets an operator (or a test sharing the broker) find this
     // deployment's connections, e.g. to close only those with `rabbitmqctl close_connection`.
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("herald-{}-{role}", settings.prefix).into());
-    let attempt = Connection::connect(settings.amqp_url.expose(), properties);
+    let attempt = Connection::connect(url, properties);
     match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), attempt).await {
         Ok(result) => result.map_err(Error::Connect),
         Err(_) => Err(Error::ConnectTimeout),
@@ -571,13 +580,17 @@ pub struct ConsumerLink {
 }
 
 impl ConsumerLink {
-    /// Connects, declares the topology (with the delay queues of `retry_delays_ms`) and opens the
-    /// channels.
+    /// Connects to one of `nodes`, declares the topology (with the delay queues of
+    /// `retry_delays_ms`) and opens the channels.
     ///
     /// # Errors
     /// Any step failed; the caller reconnects with backoff.
-    pub async fn open(settings: &QueueSettings, retry_delays_ms: &[u64]) -> Result<Self, Error> {
-        let connection = connect(settings, "consumer").await?;
+    pub async fn open(
+        settings: &QueueSettings,
+        retry_delays_ms: &[u64],
+        nodes: &BrokerNodes,
+    ) -> Result<Self, Error> {
+        let connection = nodes.connect(settings, "consumer").await?;
         let channel = open_channel(&connection).await?;
         declare_topology(&channel, settings).await?;
         declare_retry_queues(&channel, settings, retry_delays_ms).await?;
