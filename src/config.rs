@@ -181,6 +181,10 @@ pub struct QueueSettings {
     pub prefix: String,
     /// `quorum` (replicated, the default) or `classic`.
     pub queue_type: String,
+    /// Replicas of each quorum queue Herald declares (`x-quorum-initial-group-size`); 0 leaves it
+    /// to the broker (its `quorum_cluster_size`). On a 3-node cluster, 3: any one node may go.
+    /// Applies when a queue is first declared.
+    pub quorum_initial_group_size: u16,
     /// Partition queues (`<prefix>.events.<p>`): a user's events all ride the one its id hashes
     /// to. Change it only as README says (drain, then switch); a node refuses to start on a
     /// different count while the partitions hold messages.
@@ -216,6 +220,7 @@ impl Default for QueueSettings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             prefix: "herald".into(),
             queue_type: "quorum".into(),
+            quorum_initial_group_size: 0,
             partitions: 16,
             prefetch: 1_000,
             message_max_events: 500,

@@ -447,6 +447,13 @@ fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>)
         "x-queue-type".into(),
         AMQPValue::LongString(settings.queue_type.as_str().into()),
     );
+    if settings.queue_type == "quorum" && settings.quorum_initial_group_size > 0 {
+        // Replicas over the cluster's nodes: with 3 on 3 nodes, any one node may be lost.
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(i32::from(settings.quorum_initial_group_size)),
+        );
+    }
     if let Some(exchange) = dead_letter_exchange {
         // A message nacked without requeue (undecodable) or expired (a retry) goes here.
         args.insert(

@@ -10,6 +10,7 @@ mod common;
 mod hostile;
 mod partitions;
 mod pipeline;
+mod rabbitmq_cluster;
 mod resilience;
 mod retry;
 mod socket;
