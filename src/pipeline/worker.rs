@@ -163,13 +163,13 @@ impl InWork {
 enum Settle {
     /// Delivered: done once recorded.
     Delivered,
-    /// A retry copy is in a delay queue (or the connection is gone and the message will come
-    /// back): done, recorded or not (the retry records its own attempt).
+    /// A retry copy is in a delay queue: done, recorded or not (the retry records its own
+    /// attempt).
     Retried,
     /// Failed for good (dead-lettered): done once recorded.
     Failed,
-    /// Whether its retry reached the delay queue is unknown (no confirm in time): the message
-    /// comes back and the attempt is made again.
+    /// Whether its retry reached the delay queue is unknown (no confirm in time, or its channel
+    /// failed): the message comes back and the attempt is made again.
     Requeue,
 }
 
@@ -601,15 +601,17 @@ impl Worker {
                     Settle::Retried,
                 )
             }
-            // The connection is going: the ack would fail too, and the broker redelivers the
-            // message with this event as the same attempt. Record the attempt as one to be retried
-            // now.
+            // The retry channel failed. Usually the connection is going, and the broker
+            // redelivers the message with this event as the same attempt; but a channel can also
+            // close alone (a channel error while a node is lost), and acking the message then
+            // would leave the event with no message at all. So the message is requeued, never
+            // acked: redelivered either way, the attempt made again.
             Err(RetryPublishError::Lost(lost)) => {
-                tracing::warn!(error = %lost, "cannot schedule a retry: connection lost");
+                tracing::warn!(error = %lost, "cannot schedule a retry: its channel failed");
                 let retry_at_ms = now_unix_ms();
                 (
                     AttemptResult::Retrying { error, retry_at_ms },
-                    Settle::Retried,
+                    Settle::Requeue,
                 )
             }
             // The broker may have the retry or not (a slow or partitioned node): failing the event
