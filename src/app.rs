@@ -30,7 +30,7 @@ use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
 use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
-use crate::queue::{DepthProbe, Publisher};
+use crate::queue::{BrokerNodes, DepthProbe, Publisher};
 use crate::server;
 use crate::socket::token::TokenSigner;
 use crate::socket::{self, SocketState};
@@ -93,6 +93,8 @@ pub struct App {
     metrics: Metrics,
     pubsub: PubSub,
     bind_requests: Option<mpsc::Receiver<BindRequest>>,
+    /// The cluster fan-out publisher's broker nodes (cluster mode).
+    fanout_nodes: Option<BrokerNodes>,
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
@@ -161,13 +163,14 @@ impl App {
         } else {
             None
         };
-        let (pubsub, bind_requests) = if settings.cluster() {
+        let (pubsub, bind_requests, fanout_nodes) = if settings.cluster() {
             let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub);
+            let nodes = transport.broker_nodes();
             let timeout = Duration::from_millis(settings.pubsub.bind_timeout_ms);
             let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);
-            (pubsub, Some(requests))
+            (pubsub, Some(requests), Some(nodes))
         } else {
-            (PubSub::new(), None)
+            (PubSub::new(), None, None)
         };
         let faults = Faults::new(&settings.faults).map_err(Error::Faults)?;
         if !faults.is_empty() {
@@ -187,6 +190,7 @@ impl App {
             metrics,
             pubsub,
             bind_requests,
+            fanout_nodes,
             signer,
             listener,
             http_addr,
@@ -225,6 +229,7 @@ impl App {
             metrics,
             pubsub,
             bind_requests,
+            fanout_nodes,
             signer,
             listener,
             http_addr,
@@ -234,6 +239,8 @@ impl App {
         } = self;
         let pipeline = &settings.pipeline;
         let mut links: Vec<Link> = Vec::new();
+        // Which broker node each long-lived connection uses (readiness and metrics name it).
+        let mut broker_nodes: Vec<(&'static str, BrokerNodes)> = Vec::new();
         let mut router = axum::Router::new();
 
         // api: group commit, publisher and its confirm recorder, outbox relay, producer routes.
@@ -246,6 +253,7 @@ impl App {
                 up: publisher_handle.connected_flag(),
                 required_by: None,
             });
+            broker_nodes.push(("publisher", publisher_handle.broker_nodes()));
             let publisher_stop = CancellationToken::new();
             let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
             let recorder_task = tokio::spawn(published::record(
@@ -350,6 +358,11 @@ impl App {
                 attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
                 faults,
             };
+            let consumer_nodes = BrokerNodes::new(&settings.queue);
+            broker_nodes.push(("consumer", consumer_nodes.clone()));
+            if let Some(nodes) = &fanout_nodes {
+                broker_nodes.push(("fanout_publisher", nodes.clone()));
+            }
             let coordinator = Coordinator {
                 worker,
                 store: store.clone(),
@@ -358,6 +371,7 @@ impl App {
                 owned: owned_partitions,
                 consuming,
                 metrics: metrics.clone(),
+                nodes: consumer_nodes,
             };
             worker_tasks = Some(WorkerTasks {
                 worker_task: tokio::spawn(coordinator.run(shutdown.child_token())),
@@ -386,12 +400,15 @@ impl App {
                     up: Arc::clone(&connected),
                     required_by: Some("socket"),
                 });
+                let nodes = BrokerNodes::new(&settings.queue);
+                broker_nodes.push(("fanout", nodes.clone()));
                 fanout_task = Some(tokio::spawn(cluster::run_node_queue(
                     settings.queue.clone(),
                     node.clone(),
                     pubsub.clone(),
                     requests,
                     connected,
+                    nodes,
                     metrics.clone(),
                     shutdown.child_token(),
                 )));
@@ -407,6 +424,7 @@ impl App {
                 ("writes", writes.clone()),
                 ("reads", reads.clone()),
             ],
+            broker_nodes.clone(),
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
@@ -415,6 +433,7 @@ impl App {
             node: node.clone(),
             roles,
             links,
+            broker_nodes,
             partitions: roles.worker.then_some(owned_watch),
         };
         let router = router
@@ -542,6 +561,7 @@ async fn flush_metrics(
     metrics: Metrics,
     sockets: SocketState,
     pools: [(&'static str, Store); 3],
+    broker_nodes: Vec<(&'static str, BrokerNodes)>,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -566,6 +586,11 @@ async fn flush_metrics(
                     u64::from(idle),
                 );
             }
+            let in_use: Vec<(&'static str, String)> = broker_nodes
+                .iter()
+                .filter_map(|(role, nodes)| Some((*role, nodes.in_use()?)))
+                .collect();
+            metrics.broker_nodes(&in_use);
             since_gauge = Duration::ZERO;
         }
         metrics.flush();

@@ -15,7 +15,7 @@ use crate::pubsub::{
     BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Push, Transport,
 };
 use crate::queue::fanout::{FanoutPublisher, NodeQueue};
-use crate::queue::{self, Backoff};
+use crate::queue::{self, Backoff, BrokerNodes};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -60,6 +60,11 @@ impl RabbitTransport {
             timeout: Duration::from_millis(pubsub.publish_timeout_ms),
         }
     }
+
+    /// The broker nodes its publisher moves between, and the one it uses.
+    pub fn broker_nodes(&self) -> BrokerNodes {
+        self.publisher.broker_nodes()
+    }
 }
 
 impl Transport for RabbitTransport {
@@ -96,13 +101,16 @@ impl Transport for RabbitTransport {
 }
 
 /// Runs this node's fan-out queue until `stop`: delivers what arrives to local subscribers and
-/// serves bind requests. `connected` reports readiness.
+/// serves bind requests. `connected` reports readiness; `nodes` are the broker nodes it moves
+/// between.
+#[allow(clippy::too_many_arguments)] // one call site, in app.rs; each is a distinct handle
 pub async fn run_node_queue(
     settings: QueueSettings,
     node: String,
     pubsub: PubSub,
     mut binds: mpsc::Receiver<BindRequest>,
     connected: Arc<AtomicBool>,
+    nodes: BrokerNodes,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
@@ -110,7 +118,7 @@ pub async fn run_node_queue(
     let mut reconnected = false;
     loop {
         let opened = tokio::select! {
-            opened = NodeQueue::open(&settings, &node) => opened,
+            opened = NodeQueue::open(&settings, &node, &nodes) => opened,
             () = stop.cancelled() => return,
         };
         let mut link = match opened {

@@ -178,12 +178,18 @@ impl Default for StoreSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
-    /// AMQP URL (the vhost is its path, `%2f` for `/`).
+    /// AMQP URL (the vhost is its path, `%2f` for `/`), or a comma-separated list of a cluster's
+    /// nodes, each a URL or `host:port` taking the first's credentials and vhost: a connection
+    /// whose node fails moves to the next (see `queue::nodes`).
     pub amqp_url: Secret,
     /// Prefix of every exchange and queue name, so deployments (and tests) can share a broker.
     pub prefix: String,
     /// `quorum` (replicated, the default) or `classic`.
     pub queue_type: String,
+    /// Replicas of each quorum queue Herald declares (`x-quorum-initial-group-size`); 0 leaves it
+    /// to the broker (its `quorum_cluster_size`). On a 3-node cluster, 3: any one node may go.
+    /// Applies when a queue is first declared.
+    pub quorum_initial_group_size: u16,
     /// Partition queues (`<prefix>.events.<p>`): a user's events all ride the one its id hashes
     /// to. Change it only as README says (drain, then switch); a node refuses to start on a
     /// different count while the partitions hold messages.
@@ -219,6 +225,7 @@ impl Default for QueueSettings {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             prefix: "herald".into(),
             queue_type: "quorum".into(),
+            quorum_initial_group_size: 0,
             partitions: 16,
             prefetch: 1_000,
             message_max_events: 500,
@@ -261,6 +268,15 @@ pub struct PipelineSettings {
     pub max_status_batch: usize,
     /// Most events of one user a worker broadcasts (and records) in one go.
     pub max_run_events: usize,
+    /// An event neither delivered nor failed, with no outbox row and nothing due for it for this
+    /// long (enqueued, replayed, swept or due to retry before then), is one no message carries
+    /// any more: the sweeper sends it again. 0 turns the sweeper off.
+    pub sweep_after_ms: u64,
+    /// How often a worker node sweeps its partitions.
+    pub sweep_interval_ms: u64,
+    /// A partition is swept only after nothing was received or settled on it for this long
+    /// (and its queue is empty), so nothing waiting behind a backlog is ever sent again.
+    pub sweep_idle_ms: u64,
 }
 
 impl Default for PipelineSettings {
@@ -277,6 +293,9 @@ impl Default for PipelineSettings {
             relay_batch: 1_000,
             max_status_batch: 1_000,
             max_run_events: 200,
+            sweep_after_ms: 300_000,
+            sweep_interval_ms: 30_000,
+            sweep_idle_ms: 2_000,
         }
     }
 }
@@ -705,6 +724,8 @@ impl Settings {
                 "must be host:port with an IP address (e.g. 127.0.0.1:9464), or empty",
             );
         }
+        crate::queue::nodes::parse_node_list(self.queue.amqp_url.expose())
+            .map_err(|why| Error::Invalid(format!("queue.amqp_url: {why}")))?;
         if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
             return bad("queue.queue_type", "must be quorum or classic");
         }
@@ -733,6 +754,21 @@ impl Settings {
                 "pipeline.relay_grace_ms",
                 "must exceed queue.confirm_timeout_ms by a tenth of itself (the relay must never race a publish awaiting its confirm)",
             );
+        }
+        // A retry expires at its delay queue's head only: one with the longest jitter can hold
+        // the shortest behind it for twice the jitter of the delay.
+        let longest = self.retry.delays_ms().into_iter().max().unwrap_or(0) as f64;
+        let lag = (2.0 * self.retry.jitter * longest) as u64;
+        if self.pipeline.sweep_after_ms > 0
+            && self.pipeline.sweep_after_ms <= lag.max(self.pipeline.relay_grace_ms)
+        {
+            return bad(
+                "pipeline.sweep_after_ms",
+                "must exceed pipeline.relay_grace_ms and twice retry.jitter of the longest retry delay (or be 0: off)",
+            );
+        }
+        if self.pipeline.sweep_interval_ms == 0 {
+            return bad("pipeline.sweep_interval_ms", "must be at least 1");
         }
         for (key, value) in [
             ("pipeline.enqueue_buffer", self.pipeline.enqueue_buffer),

@@ -187,6 +187,10 @@ struct Instruments {
     publish_deferred: Count,
     connection_lost: Count,
     relay_republished: Count,
+    broker_node: Level,
+    sweep_events: Count,
+    sweep_partitions: Count,
+    retry_unconfirmed: Count,
     worker_delivered: Count,
     retry_scheduled: Count,
     dead_lettered: Count,
@@ -348,6 +352,26 @@ impl Instruments {
                 "queue.connection.lost",
                 &["role"],
                 "RabbitMQ connections lost or refused.",
+            ),
+            broker_node: d.gauge(
+                "queue.node",
+                &["role", "broker"],
+                "1 for the broker node (host:port) each RabbitMQ connection of the node uses.",
+            ),
+            sweep_events: d.counter(
+                "pipeline.sweep.events",
+                &[],
+                "Events the sweeper sent back through the outbox: no message carried them any more.",
+            ),
+            sweep_partitions: d.counter(
+                "pipeline.sweep.partitions",
+                &["state"],
+                "Partitions the sweeper looked at: idle (swept) or busy (skipped).",
+            ),
+            retry_unconfirmed: d.counter(
+                "pipeline.retry.unconfirmed",
+                &[],
+                "Retry publishes without a confirm in time: message requeued, attempt made again.",
             ),
             relay_republished: d.counter(
                 "pipeline.relay.republished",
@@ -756,9 +780,40 @@ impl Metrics {
         self.count(&self.inner.at.connection_lost, 1, &[role]);
     }
 
+    /// Which broker node each connection uses (`queue.amqp_url` may list several), `(role,
+    /// host:port)`, sampled every second: a gauge of 1 per pair. Pairs not listed are dropped from
+    /// Prometheus, so a connection that moved shows on its new node only.
+    pub fn broker_nodes(&self, in_use: &[(&'static str, String)]) {
+        let gauge = &self.inner.at.broker_node;
+        gauge.family.clear();
+        for (role, node) in in_use {
+            self.level(gauge, 1, &[role, node]);
+        }
+    }
+
     /// Events the outbox relay republished.
     pub fn relay_republished(&self, count: usize) {
         self.count(&self.inner.at.relay_republished, count as u64, &[]);
+    }
+
+    /// Events the sweeper sent back through the outbox: no message carried them any more.
+    pub fn sweep_events(&self, count: usize) {
+        if count > 0 {
+            self.count(&self.inner.at.sweep_events, count as u64, &[]);
+        }
+    }
+
+    /// Partitions the sweeper looked at, and whether each was idle enough to sweep (`idle`) or
+    /// skipped because its worker or queue was busy (`busy`).
+    pub fn sweep_partitions(&self, state: &'static str, count: usize) {
+        if count > 0 {
+            self.count(&self.inner.at.sweep_partitions, count as u64, &[state]);
+        }
+    }
+
+    /// A retry's publish got no confirm in time: its message is requeued, the attempt made again.
+    pub fn retry_unconfirmed(&self) {
+        self.count(&self.inner.at.retry_unconfirmed, 1, &[]);
     }
 
     /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.

@@ -10,6 +10,7 @@
 //! Every dependency is reported with its state and the roles that need it, ready or not.
 
 use crate::config::Roles;
+use crate::queue::BrokerNodes;
 use crate::store::Store;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -45,6 +46,8 @@ pub struct Health {
     pub roles: Roles,
     /// The RabbitMQ links its roles use.
     pub links: Vec<Link>,
+    /// The broker node each of its connections uses (`queue.amqp_url` may list several).
+    pub broker_nodes: Vec<(&'static str, BrokerNodes)>,
     /// On a worker node: the partitions it consumes now.
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
@@ -92,6 +95,9 @@ pub struct Ready {
     degraded: Vec<String>,
     /// The older summary, kept for existing probes.
     checks: Checks,
+    /// The broker node (`host:port`) each RabbitMQ connection of the node uses now, by connection
+    /// (`publisher`, `consumer`, `fanout_publisher`, `fanout`); null while it has none.
+    rabbitmq_nodes: BTreeMap<String, Option<String>>,
     /// On a worker node: the partitions it consumes.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(required = false)]
@@ -204,6 +210,11 @@ pub async fn ready(State(health): State<Health>) -> (StatusCode, Json<Ready>) {
             rabbitmq: word(rabbitmq),
             rabbitmq_links,
         },
+        rabbitmq_nodes: health
+            .broker_nodes
+            .iter()
+            .map(|(role, nodes)| ((*role).to_owned(), nodes.in_use()))
+            .collect(),
         partitions,
     };
     (status, Json(body))

@@ -17,6 +17,7 @@ pub mod relay;
 pub mod replay;
 pub mod retention;
 pub mod retry;
+pub mod sweep;
 pub mod worker;
 
 use crate::config::Settings;

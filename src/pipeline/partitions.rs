@@ -25,10 +25,11 @@
 //! if it ever did, the broker's fence would keep them from delivering at once.
 
 use super::lanes::Lanes;
+use super::sweep::{Watched, sweep_once};
 use super::worker::{Ended, Item, PartitionWork, Worker};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::queue::{self, Backoff, ConsumerLink, Topology};
+use crate::queue::{self, Backoff, BrokerNodes, ConsumerLink, Topology};
 use crate::store::{self, Layout, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// The partitions `me` should consume, out of `partitions`, when `nodes` are the live worker nodes:
@@ -204,6 +206,8 @@ pub struct Coordinator {
     pub consuming: Arc<AtomicBool>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The broker nodes the consumer connection moves between.
+    pub nodes: BrokerNodes,
 }
 
 /// One partition being consumed.
@@ -243,6 +247,9 @@ impl Coordinator {
         let mut session: Option<Session> = None;
         let mut draining: HashMap<u16, JoinHandle<()>> = HashMap::new();
         let mut renewed: Option<Instant> = None;
+        let sweep_every = Duration::from_millis(self.settings.pipeline.sweep_interval_ms);
+        let mut next_sweep = Instant::now() + sweep_every;
+        let mut sweeping: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -277,7 +284,17 @@ impl Coordinator {
                 continue;
             };
             match self.reconcile(current, &mut draining).await {
-                Ok(()) => renewed = Some(Instant::now()),
+                Ok(()) => {
+                    renewed = Some(Instant::now());
+                    // In a task of its own: a slow sweep must never delay the leases' renewal.
+                    if self.settings.pipeline.sweep_after_ms > 0
+                        && Instant::now() >= next_sweep
+                        && sweeping.as_ref().is_none_or(JoinHandle::is_finished)
+                    {
+                        next_sweep = Instant::now() + sweep_every;
+                        sweeping = Some(self.spawn_sweep(current));
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(error = ?error, "cannot renew partition leases");
                     // Stop before the leases can run out, so a next owner never competes with us.
@@ -290,6 +307,11 @@ impl Coordinator {
         }
         // Shutdown: drain every partition, give the leases up, leave the live set.
         self.consuming.store(false, Ordering::Relaxed);
+        if let Some(sweep) = sweeping {
+            // A sweep cut short rolls back: nothing half-done.
+            sweep.abort();
+            let _ = sweep.await;
+        }
         for (_, task) in draining.drain() {
             let _ = task.await;
         }
@@ -306,7 +328,7 @@ impl Coordinator {
 
     async fn open_session(&self) -> Result<Session, queue::Error> {
         let queue = &self.settings.queue;
-        let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms).await?;
+        let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms, &self.nodes).await?;
         queue::remove_legacy_queues(&link.connection, queue, &self.worker.retry_delays_ms).await?;
         let link = Arc::new(link);
         let names = Arc::new(Topology::new(&queue.prefix, queue.partitions));
@@ -324,6 +346,34 @@ impl Coordinator {
             tasks,
             running: HashMap::new(),
         })
+    }
+
+    /// Starts one sweep over the partitions `session` consumes (see [`super::sweep`]).
+    fn spawn_sweep(&self, session: &Session) -> JoinHandle<()> {
+        let watched: Vec<Watched> = session
+            .running
+            .iter()
+            .map(|(&partition, r)| Watched {
+                partition,
+                work: Arc::clone(&r.work),
+                stop: r.stop.clone(),
+            })
+            .collect();
+        let link = Arc::clone(&session.link);
+        let (store, settings, metrics) = (
+            self.store.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+        );
+        let span = tracing::info_span!("sweep", partitions = watched.len());
+        tokio::spawn(
+            async move {
+                if let Err(error) = sweep_once(&store, &link, &watched, &settings, &metrics).await {
+                    tracing::warn!(error = ?error, "sweep failed; the next one tries again");
+                }
+            }
+            .instrument(span),
+        )
     }
 
     /// One check: heartbeat, assignment, leases, then start, drain or drop consumers to match.

@@ -21,6 +21,8 @@
 //!   next delay (expiring back into its partition as a message of one), and stays `published` with
 //!   `last_error` and `next_attempt_at`; after the last attempt it is `failed` and published alone
 //!   to the dead-letter exchange. No task sleeps holding a slot, and nothing is requeued in a loop.
+//!   A retry the broker does not confirm in time is neither trusted nor failed: the message is
+//!   requeued and the attempt made again (the broker may be slow, or losing a node).
 //!
 //! A failed event does not hold its user's lane while it waits for its retry: the next events go
 //! on, and the user's socket channel, seeing a seq skip ahead, fills the missing one from
@@ -43,7 +45,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Consumer};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +117,8 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        // Before the count drops: whoever sees it at zero sees this moment too (the sweeper).
+        self.0.touch();
         if self.0.in_work.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -159,11 +163,14 @@ impl InWork {
 enum Settle {
     /// Delivered: done once recorded.
     Delivered,
-    /// A retry copy is in a delay queue (or the connection is gone and the message will come
-    /// back): done, recorded or not (the retry records its own attempt).
+    /// A retry copy is in a delay queue: done, recorded or not (the retry records its own
+    /// attempt).
     Retried,
     /// Failed for good (dead-lettered): done once recorded.
     Failed,
+    /// Whether its retry reached the delay queue is unknown (no confirm in time, or its channel
+    /// failed): the message comes back and the attempt is made again.
+    Requeue,
 }
 
 /// One partition's consumption on this node.
@@ -175,6 +182,10 @@ pub(super) struct PartitionWork {
     in_work: AtomicUsize,
     /// Told when `in_work` drops to zero.
     idle: tokio::sync::Notify,
+    /// When the partition last received a message or settled an event, in ms since `born`: with
+    /// `in_work` at zero, how long the partition has been idle (see `super::sweep`).
+    last_active_ms: AtomicU64,
+    born: Instant,
 }
 
 impl PartitionWork {
@@ -184,7 +195,32 @@ impl PartitionWork {
             prefetch: u32::from(prefetch),
             in_work: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            last_active_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records activity now: a message received, an event settled.
+    fn touch(&self) {
+        self.last_active_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// While nothing is in work: how long ago the partition last received a message or settled
+    /// an event, and a mark of that moment (equal marks on two looks mean nothing happened in
+    /// between). `None` while something is in work.
+    pub(super) fn quiet(&self) -> Option<(Duration, u64)> {
+        if self.in_work.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let last = self.last_active_ms.load(Ordering::Acquire);
+        Some((
+            Duration::from_millis(self.now_ms().saturating_sub(last)),
+            last,
+        ))
     }
 
     /// Events of this partition in work now.
@@ -274,6 +310,7 @@ impl Worker {
                     }
                 },
             };
+            work.touch();
             let Some(events) = self.decode(&delivery).await else {
                 continue;
             };
@@ -440,6 +477,7 @@ impl Worker {
         for (item, settle) in run.into_iter().zip(settles) {
             let requeue = match settle {
                 Some(Settle::Retried) => false,
+                Some(Settle::Requeue) => true,
                 Some(Settle::Delivered | Settle::Failed) | None => !recorded,
             };
             item.settle(requeue).await;
@@ -563,15 +601,30 @@ impl Worker {
                     Settle::Retried,
                 )
             }
-            // The connection is going: the ack would fail too, and the broker redelivers the
-            // message with this event as the same attempt. Record the attempt as one to be retried
-            // now.
+            // The retry channel failed. Usually the connection is going, and the broker
+            // redelivers the message with this event as the same attempt; but a channel can also
+            // close alone (a channel error while a node is lost), and acking the message then
+            // would leave the event with no message at all. So the message is requeued, never
+            // acked: redelivered either way, the attempt made again.
             Err(RetryPublishError::Lost(lost)) => {
-                tracing::warn!(error = %lost, "cannot schedule a retry: connection lost");
+                tracing::warn!(error = %lost, "cannot schedule a retry: its channel failed");
                 let retry_at_ms = now_unix_ms();
                 (
                     AttemptResult::Retrying { error, retry_at_ms },
-                    Settle::Retried,
+                    Settle::Requeue,
+                )
+            }
+            // The broker may have the retry or not (a slow or partitioned node): failing the event
+            // would give up on a broker hiccup, and trusting the retry could lose it. The message
+            // comes back instead and this attempt is made again; a retry that did land makes a
+            // duplicate, which the socket drops by seq.
+            Err(RetryPublishError::Timeout) => {
+                tracing::warn!("a retry was not confirmed in time; the message comes back");
+                self.metrics.retry_unconfirmed();
+                let retry_at_ms = now_unix_ms();
+                (
+                    AttemptResult::Retrying { error, retry_at_ms },
+                    Settle::Requeue,
                 )
             }
             // The broker refuses the delay queue: give up visibly rather than loop.

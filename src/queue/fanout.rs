@@ -7,7 +7,7 @@
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
 
-use super::{Error, connect, enable_confirms, open_channel};
+use super::{BrokerNodes, Error, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -44,15 +44,22 @@ async fn declare_exchange(channel: &Channel, settings: &QueueSettings) -> Result
 pub struct FanoutPublisher {
     settings: QueueSettings,
     link: Mutex<Option<(Connection, Channel)>>,
+    nodes: BrokerNodes,
 }
 
 impl FanoutPublisher {
     /// A publisher that connects on first use.
     pub fn new(settings: QueueSettings) -> Self {
         Self {
+            nodes: BrokerNodes::new(&settings),
             settings,
             link: Mutex::new(None),
         }
+    }
+
+    /// The broker nodes it moves between, and the one it uses.
+    pub fn broker_nodes(&self) -> BrokerNodes {
+        self.nodes.clone()
     }
 
     async fn channel(&self) -> Result<Channel, Error> {
@@ -62,11 +69,13 @@ impl FanoutPublisher {
         {
             return Ok(channel.clone());
         }
-        let connection = connect(
-            &self.settings,
-            &format!("{}-fanout-publisher", self.settings.prefix),
-        )
-        .await?;
+        let connection = self
+            .nodes
+            .connect(
+                &self.settings,
+                &format!("{}-fanout-publisher", self.settings.prefix),
+            )
+            .await?;
         let channel = open_channel(&connection).await?;
         declare_exchange(&channel, &self.settings).await?;
         enable_confirms(&channel).await?;
@@ -132,12 +141,19 @@ pub struct NodeQueue {
 }
 
 impl NodeQueue {
-    /// Connects, declares the exchange and an exclusive auto-delete queue, and starts consuming.
+    /// Connects to one of `nodes`, declares the exchange and an exclusive auto-delete queue, and
+    /// starts consuming.
     ///
     /// # Errors
     /// Any step failed; the caller reconnects with backoff.
-    pub async fn open(settings: &QueueSettings, node: &str) -> Result<Self, Error> {
-        let connection = connect(settings, &format!("{}-fanout-{node}", settings.prefix)).await?;
+    pub async fn open(
+        settings: &QueueSettings,
+        node: &str,
+        nodes: &BrokerNodes,
+    ) -> Result<Self, Error> {
+        let connection = nodes
+            .connect(settings, &format!("{}-fanout-{node}", settings.prefix))
+            .await?;
         let channel = open_channel(&connection).await?;
         declare_exchange(&channel, settings).await?;
         let declared = channel

@@ -6,8 +6,10 @@
 //! PostgreSQL for the outbox relay. Depends on no other Herald module.
 
 pub mod fanout;
+pub mod nodes;
 mod publisher;
 
+pub use nodes::BrokerNodes;
 pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle, Source};
 
 use crate::config::QueueSettings;
@@ -182,9 +184,12 @@ pub enum RetryPublishError {
     /// The channel or connection failed: the delivery will be redelivered.
     #[error("cannot publish the retry")]
     Lost(#[source] lapin::Error),
-    /// The broker refused it (nack, unroutable) or did not confirm it in time.
+    /// The broker refused it (nack, unroutable).
     #[error("the broker did not take the retry ({0})")]
     Refused(&'static str),
+    /// No confirm came in time: the broker may or may not have it.
+    #[error("the broker did not confirm the retry in time")]
+    Timeout,
 }
 
 /// A retry to publish: one event, bound for a delay queue.
@@ -208,7 +213,8 @@ pub struct RetryMessage<'a> {
 /// confirm mode). Concurrent calls pipeline their confirms on the one channel.
 ///
 /// # Errors
-/// Lost channel, nack, unroutable or confirm timeout.
+/// Lost channel, nack or unroutable ([`RetryPublishError::Refused`]), or no confirm in time
+/// ([`RetryPublishError::Timeout`]).
 pub async fn publish_retry(
     channel: &Channel,
     names: &Topology,
@@ -276,7 +282,7 @@ async fn publish_confirmed(
         .await
         .map_err(RetryPublishError::Lost)?;
     match tokio::time::timeout(confirm_timeout, confirm).await {
-        Err(_) => Err(RetryPublishError::Refused("confirm timeout")),
+        Err(_) => Err(RetryPublishError::Timeout),
         Ok(Err(error)) => Err(RetryPublishError::Lost(error)),
         Ok(Ok(confirmation)) if confirmation.is_nack() => Err(RetryPublishError::Refused("nack")),
         Ok(Ok(confirmation)) => match confirmation.take_message() {
@@ -286,17 +292,24 @@ async fn publish_confirmed(
     }
 }
 
-/// Connects with a timeout. Each role (publisher, consumer) has its own connection, so flow control
-/// on a publishing connection never stalls consumption.
+/// Connects to the first node of `queue.amqp_url` that answers (see [`BrokerNodes`]), each with a
+/// timeout: for short-lived connections (checks, cleanup). Each long-lived role (publisher,
+/// consumer, fan-out) has its own connection, and its own [`BrokerNodes`] to move between nodes,
+/// so flow control on a publishing connection never stalls consumption.
 ///
 /// # Errors
-/// Unreachable broker, refused credentials, or the timeout.
+/// No node reachable, refused credentials, or the timeout.
 pub async fn connect(settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
+    BrokerNodes::new(settings).connect(settings, role).await
+}
+
+/// Connects to the node at `url` with a timeout.
+async fn connect_url(url: &str, settings: &QueueSettings, role: &str) -> Result<Connection, Error> {
     // The prefix in the name lets an operator (or a test sharing the broker) find this
     // deployment's connections, e.g. to close only those with `rabbitmqctl close_connection`.
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("herald-{}-{role}", settings.prefix).into());
-    let attempt = Connection::connect(settings.amqp_url.expose(), properties);
+    let attempt = Connection::connect(url, properties);
     match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), attempt).await {
         Ok(result) => result.map_err(Error::Connect),
         Err(_) => Err(Error::ConnectTimeout),
@@ -434,6 +447,13 @@ fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>)
         "x-queue-type".into(),
         AMQPValue::LongString(settings.queue_type.as_str().into()),
     );
+    if settings.queue_type == "quorum" && settings.quorum_initial_group_size > 0 {
+        // Replicas over the cluster's nodes: with 3 on 3 nodes, any one node may be lost.
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(i32::from(settings.quorum_initial_group_size)),
+        );
+    }
     if let Some(exchange) = dead_letter_exchange {
         // A message nacked without requeue (undecodable) or expired (a retry) goes here.
         args.insert(
@@ -680,13 +700,17 @@ pub struct ConsumerLink {
 }
 
 impl ConsumerLink {
-    /// Connects, declares the topology (with the delay queues of `retry_delays_ms`) and opens the
-    /// channels.
+    /// Connects to one of `nodes`, declares the topology (with the delay queues of
+    /// `retry_delays_ms`) and opens the channels.
     ///
     /// # Errors
     /// Any step failed; the caller reconnects with backoff.
-    pub async fn open(settings: &QueueSettings, retry_delays_ms: &[u64]) -> Result<Self, Error> {
-        let connection = connect(settings, "consumer").await?;
+    pub async fn open(
+        settings: &QueueSettings,
+        retry_delays_ms: &[u64],
+        nodes: &BrokerNodes,
+    ) -> Result<Self, Error> {
+        let connection = nodes.connect(settings, "consumer").await?;
         let channel = open_channel(&connection).await?;
         declare_topology(&channel, settings).await?;
         declare_retry_queues(&channel, settings, retry_delays_ms).await?;

@@ -12,7 +12,9 @@
 //! after its `publish_by` instant: from then on the relay may republish it, and the two must not
 //! both send it.
 
-use super::{Backoff, Error, Topology, connect, declare_topology, enable_confirms, open_channel};
+use super::{
+    Backoff, BrokerNodes, Error, Topology, declare_topology, enable_confirms, open_channel,
+};
 use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -85,6 +87,7 @@ pub enum PublisherEvent {
 pub struct PublisherHandle {
     tx: mpsc::Sender<OutgoingMessage>,
     connected: Arc<AtomicBool>,
+    nodes: BrokerNodes,
 }
 
 impl PublisherHandle {
@@ -129,6 +132,11 @@ impl PublisherHandle {
     pub fn connected_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.connected)
     }
+
+    /// The broker nodes the publisher moves between, and the one it uses.
+    pub fn broker_nodes(&self) -> BrokerNodes {
+        self.nodes.clone()
+    }
 }
 
 /// The publishing task's state; [`Publisher::run`] drives it.
@@ -138,6 +146,7 @@ pub struct Publisher {
     events: mpsc::Sender<PublisherEvent>,
     connected: Arc<AtomicBool>,
     names: Topology,
+    nodes: BrokerNodes,
 }
 
 enum PumpEnd {
@@ -154,9 +163,11 @@ impl Publisher {
         let (events, events_rx) = mpsc::channel(1024);
         let connected = Arc::new(AtomicBool::new(false));
         let names = Topology::new(&settings.prefix, settings.partitions);
+        let nodes = BrokerNodes::new(&settings);
         let handle = PublisherHandle {
             tx,
             connected: Arc::clone(&connected),
+            nodes: nodes.clone(),
         };
         let publisher = Self {
             settings,
@@ -164,6 +175,7 @@ impl Publisher {
             events,
             connected,
             names,
+            nodes,
         };
         (publisher, handle, events_rx)
     }
@@ -224,7 +236,7 @@ impl Publisher {
     }
 
     async fn open(&self) -> Result<(Connection, Channel), Error> {
-        let connection = connect(&self.settings, "publisher").await?;
+        let connection = self.nodes.connect(&self.settings, "publisher").await?;
         let channel = open_channel(&connection).await?;
         declare_topology(&channel, &self.settings).await?;
         enable_confirms(&channel).await?;

@@ -138,6 +138,10 @@ pub struct EventRecord {
     pub replays: i32,
     /// The last replay.
     pub replayed_at: Option<String>,
+    /// Times the sweeper sent it again because no message carried it any more.
+    pub sweeps: i32,
+    /// The last sweep.
+    pub swept_at: Option<String>,
 }
 
 /// One recorded attempt, as read back.
@@ -209,7 +213,9 @@ const EVENT_RECORD_COLUMNS: &str = concat!(
     rfc3339!("e.next_attempt_at"),
     " AS next_attempt_at, e.replays, ",
     rfc3339!("e.replayed_at"),
-    " AS replayed_at"
+    " AS replayed_at, e.sweeps, ",
+    rfc3339!("e.swept_at"),
+    " AS swept_at"
 );
 
 /// The filter as SQL over `events e JOIN producers p`, with its binds at `$1..$7`.
@@ -516,7 +522,7 @@ impl Store {
                 events: vec![i],
             })
             .collect();
-        super::outbox::insert_rows(&mut tx, &messages, |i| rows[i].id).await?;
+        super::outbox::insert_rows(&mut tx, &messages, |i| rows[i].id, 0).await?;
         tx.commit()
             .await
             .map_err(Error::query("commit a replay claim"))?;

@@ -250,7 +250,7 @@ impl Store {
             partitions,
             limits,
         );
-        outbox::insert_rows(&mut tx, &messages, |i| events[i].id).await?;
+        outbox::insert_rows(&mut tx, &messages, |i| events[i].id, 0).await?;
         tx.commit().await.map_err(Error::query("commit events"))?;
         // Repeats inside the batch answer like their first occurrence, new or old.
         for (i, j) in repeats {

@@ -10,6 +10,7 @@ mod events;
 mod outbox;
 mod partitions;
 mod producers;
+mod sweep;
 
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
@@ -21,6 +22,7 @@ pub use events::{
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
+pub use sweep::StaleCursor;
 
 use crate::config::StoreSettings;
 use sqlx::migrate::MigrateDatabase;

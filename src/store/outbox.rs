@@ -63,11 +63,14 @@ pub fn plan_messages<'a>(
     messages
 }
 
-/// Inserts the outbox rows of `messages` (`ids` maps an event index to its event id).
+/// Inserts the outbox rows of `messages` (`ids` maps an event index to its event id), dated
+/// `backdate_ms` in the past: 0 for a message its writer publishes now, the relay's grace for one
+/// the relay is to publish at its next pass (the sweeper's).
 pub(super) async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     messages: &[OutboxMessage],
     ids: impl Fn(usize) -> Uuid,
+    backdate_ms: u64,
 ) -> Result<(), Error> {
     if messages.is_empty() {
         return Ok(());
@@ -83,12 +86,13 @@ pub(super) async fn insert_rows(
         // clock_timestamp(), not now() (the transaction's start): the relay's grace counts from
         // the moment the message can be made, however long the commit took to get here.
         "INSERT INTO outbox (id, event_ids, created_at)
-         SELECT r, array_agg(e ORDER BY o), clock_timestamp()
+         SELECT r, array_agg(e ORDER BY o), clock_timestamp() - make_interval(secs => $3 / 1000.0)
          FROM UNNEST($1::uuid[], $2::uuid[]) WITH ORDINALITY AS x(r, e, o)
          GROUP BY r",
     )
     .bind(&rows)
     .bind(&events)
+    .bind(backdate_ms as f64)
     .execute(&mut **tx)
     .await
     .map_err(Error::query("insert outbox rows"))?;

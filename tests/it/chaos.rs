@@ -22,27 +22,27 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Events streamed per run.
-const EVENTS: usize = 5_000;
+pub(crate) const EVENTS: usize = 5_000;
 /// Concurrent producer requests.
-const CONCURRENCY: usize = 8;
+pub(crate) const CONCURRENCY: usize = 8;
 /// Every this-many-th event is a poison event (fails every attempt).
-const POISON_EVERY: usize = 100;
+pub(crate) const POISON_EVERY: usize = 100;
 /// The fault strikes once this many events are accepted.
-const FAULT_AT: usize = 1_500;
+pub(crate) const FAULT_AT: usize = 1_500;
 /// How long one event may take to be accepted, and the stream to reach `FAULT_AT`: a bound for a
 /// stuck node, far above the ~2 s either takes on an idle box.
-const STREAM_PATIENCE: Duration = Duration::from_secs(120);
+pub(crate) const STREAM_PATIENCE: Duration = Duration::from_secs(120);
 
 /// A `herald serve` child; its log (stderr) is kept for a failing test to show.
-struct Node {
+pub(crate) struct Node {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Node {
     /// Starts `herald serve` and waits (off the runtime: the test's proxy runs on it) for its
     /// address.
-    async fn start(env: &[(String, String)], log: &Arc<Mutex<Vec<String>>>) -> Self {
+    pub(crate) async fn start(env: &[(String, String)], log: &Arc<Mutex<Vec<String>>>) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("serve")
             .env_clear()
@@ -102,13 +102,13 @@ impl Drop for Node {
     }
 }
 
-fn log_tail(log: &Mutex<Vec<String>>) -> Vec<String> {
+pub(crate) fn log_tail(log: &Mutex<Vec<String>>) -> Vec<String> {
     let log = log.lock().unwrap();
     log.iter().rev().take(30).rev().cloned().collect()
 }
 
 /// Drops the run's database and queues, also when the test fails.
-struct Cleanup(Settings);
+pub(crate) struct Cleanup(pub(crate) Settings);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -128,15 +128,18 @@ enum Fault {
 
 /// What the producer saw.
 #[derive(Default)]
-struct Sent {
-    requests: AtomicUsize,
-    accepted: AtomicUsize,
-    ids: Mutex<Vec<String>>,
+pub(crate) struct Sent {
+    pub(crate) requests: AtomicUsize,
+    pub(crate) accepted: AtomicUsize,
+    pub(crate) ids: Mutex<Vec<String>>,
+    /// Each producer waits this long after each accepted event (0: none), so a test can keep the
+    /// stream going across slow faults.
+    pub(crate) pause_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Streams `EVENTS` events, each retried (same idempotency key) until answered 2xx, to the address
 /// `addr` holds (it changes when the node is restarted).
-async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, sent: Arc<Sent>) {
+pub(crate) async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, sent: Arc<Sent>) {
     let next = Arc::new(AtomicUsize::new(0));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -188,6 +191,10 @@ async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, sent: Arc<Se
                             .unwrap()
                             .push(body["id"].as_str().unwrap().to_owned());
                         sent.accepted.fetch_add(1, Ordering::Relaxed);
+                        let pause = sent.pause_ms.load(Ordering::Relaxed);
+                        if pause > 0 {
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
+                        }
                         break;
                     }
                     // Refused, 503 or cut off: retry, as a backend would (the key dedupes).

@@ -753,10 +753,32 @@ impl StatsdListener {
 }
 
 /// A TCP proxy in front of a dependency; `cut` drops every connection and refuses new ones until
-/// `restore`. Lets one test make RabbitMQ unreachable without touching the shared broker.
+/// `restore`; `stall` holds every byte in both directions (connections stay open, nothing answers)
+/// until `resume`. Lets one test make RabbitMQ unreachable or silent without touching the shared
+/// broker.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     up: watch::Sender<bool>,
+    flowing: watch::Sender<bool>,
+}
+
+/// Copies `from` to `to`, holding what it read while `flowing` is false.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut flowing: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if flowing.wait_for(|f| *f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl TcpProxy {
@@ -764,10 +786,11 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, up_rx) = watch::channel(true);
+        let (flowing, flowing_rx) = watch::channel(true);
         let target = target.to_owned();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if !*up_rx.borrow() {
@@ -775,18 +798,30 @@ impl TcpProxy {
                 }
                 let target = target.clone();
                 let mut up_rx = up_rx.clone();
+                let flowing = flowing_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = pump(in_read, out_write, flowing.clone()) => {}
+                        () = pump(out_read, in_write, flowing) => {}
                         _ = up_rx.wait_for(|up| !*up) => {}
                     }
                 });
             }
         });
-        Arc::new(Self { addr, up })
+        Arc::new(Self { addr, up, flowing })
+    }
+
+    pub fn stall(&self) {
+        self.flowing.send_replace(false);
+    }
+
+    pub fn resume(&self) {
+        self.flowing.send_replace(true);
     }
 
     pub fn cut(&self) {

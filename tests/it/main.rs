@@ -14,6 +14,8 @@ mod metrics;
 mod openapi;
 mod partitions;
 mod pipeline;
+mod rabbitmq_cluster;
 mod resilience;
 mod retry;
 mod socket;
+mod sweep;

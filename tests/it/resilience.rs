@@ -208,3 +208,57 @@ async fn an_api_node_stays_ready_and_accepting_while_the_broker_is_down_and_a_wo
     worker.wait_ready().await;
     api.wait_all_delivered().await;
 }
+
+#[tokio::test]
+async fn every_connection_moves_to_the_next_broker_node_when_its_node_fails() {
+    // Two "nodes": two proxies in front of the shared broker; the first one is then cut for good.
+    let first = TcpProxy::start("127.0.0.1:5672").await;
+    let second = TcpProxy::start("127.0.0.1:5672").await;
+    let (a, b) = (first.addr.to_string(), second.addr.to_string());
+    let list = format!("amqp://guest:guest@{a}/%2f,{b}");
+    let app = spawn_unready(move |s| {
+        s.queue.amqp_url = herald::config::Secret::new(list);
+    })
+    .await;
+    app.wait_ready().await;
+    let nodes = |app: &crate::common::TestApp| {
+        let (http, url) = (app.http.clone(), app.url("/readyz"));
+        async move {
+            let r = http.get(url).send().await.ok()?;
+            let ok = r.status() == 200;
+            let body: Value = r.json().await.ok()?;
+            ok.then(|| body["rabbitmq_nodes"].clone())
+        }
+    };
+    let on_first = nodes(&app).await.expect("ready");
+    assert_eq!(
+        on_first,
+        json!({"publisher": a, "consumer": a}),
+        "the list's first node first"
+    );
+    let mut client = app.connect_joined("21").await;
+    app.post_event(json!({"user_id": "21", "data": {"n": 0}}))
+        .await;
+    assert_eq!(client.recv_push().await[4]["data"]["n"], 0);
+
+    first.cut();
+    wait_until("every connection on the second node", PATIENCE, || async {
+        let now = nodes(&app).await?;
+        (now == json!({"publisher": b, "consumer": b})).then_some(())
+    })
+    .await;
+    for n in 1..=20 {
+        let r = app
+            .post_event(json!({"user_id": "21", "data": {"n": n}}))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    for n in 1..=20 {
+        assert_eq!(
+            client.recv_push().await[4]["data"]["n"],
+            n,
+            "in order, through the second node"
+        );
+    }
+    app.wait_all_delivered().await;
+}

@@ -255,3 +255,50 @@ pub async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool
     };
     (output.status.success(), text)
 }
+
+#[tokio::test]
+async fn a_retry_whose_confirm_times_out_is_retried_not_failed() {
+    let proxy = crate::common::TcpProxy::start("127.0.0.1:5672").await;
+    let proxy_addr = proxy.addr;
+    let statsd = StatsdListener::bind().await;
+    let app = spawn_app_with(|s| {
+        s.queue.amqp_url =
+            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        // The first attempt hangs until the attempt timeout, then its retry is published.
+        s.faults.fail_events = vec!["stalled:1:hang".into()];
+        s.retry.attempt_timeout_ms = 3_000;
+        s.queue.confirm_timeout_ms = 500;
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    let id = app
+        .enqueue(json!({"user_id": "7", "event": "stalled", "data": {}}))
+        .await;
+    // A worker has the message (its attempt hangs): now the broker goes silent.
+    statsd.expect_line("pipeline.worker.message_events:").await;
+    proxy.stall();
+    // The attempt times out and the retry's confirm cannot come: the attempt is recorded as one
+    // to be retried, never as the event's failure.
+    wait_until("the hung attempt recorded", PATIENCE, || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE event_id = $1")
+                .bind(uuid::Uuid::parse_str(&id).unwrap())
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    statsd.expect_line("pipeline.retry.unconfirmed:").await;
+    assert_eq!(app.status_of(&id).await.as_deref(), Some("published"));
+    proxy.resume();
+    app.wait_status(&id, "delivered").await;
+    let failed_at: Option<String> =
+        sqlx::query_scalar("SELECT failed_at::text FROM events WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&id).unwrap())
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(failed_at, None, "never failed");
+    assert_eq!(app.dead_letters().await, 0, "never dead-lettered");
+}

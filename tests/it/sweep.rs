@@ -1,0 +1,188 @@
+//! The sweeper: an event no message carries any more (its message destroyed behind Herald's back
+//! after the broker confirmed it) is sent again and delivered, counted in `pipeline.sweep.events`
+//! and shown by the admin API; an event merely waiting behind a slow backlog is never swept.
+
+use crate::common::{PATIENCE, StatsdListener, TestApp, spawn_app_with, spawn_node, wait_until};
+use herald::config::Settings;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Sweeps quickly: events stale after 2.5 s, partitions idle after 300 ms, a look every 200 ms.
+fn quick_sweep(s: &mut Settings) {
+    s.pipeline.sweep_after_ms = 2_500;
+    s.pipeline.sweep_interval_ms = 200;
+    s.pipeline.sweep_idle_ms = 300;
+}
+
+/// Empties `queue` behind Herald's back, as an operator's `rabbitmqctl purge_queue` would.
+async fn purge(app: &TestApp, queue: &str) -> u32 {
+    let connection = herald::queue::connect(&app.settings.queue, "test-purge")
+        .await
+        .expect("broker");
+    let channel = herald::queue::open_channel(&connection).await.unwrap();
+    let purged = channel
+        .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .expect("queue purged");
+    let _ = connection.close(200, "purged".into()).await;
+    purged
+}
+
+/// Sum of the `pipeline.sweep.events` counts received until they reach `at_least`.
+async fn swept_count(statsd: &StatsdListener, at_least: i64) -> i64 {
+    let mut total = 0;
+    while total < at_least {
+        let line = statsd.expect_line("pipeline.sweep.events:").await;
+        total += line
+            .trim_start_matches("pipeline.sweep.events:")
+            .split('|')
+            .next()
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test]
+async fn events_of_a_purged_partition_queue_are_swept_and_delivered() {
+    // No worker yet: the messages are confirmed into the partition queues and wait there.
+    let api = spawn_app_with(|s| {
+        s.pubsub.mode = "cluster".into();
+        s.node.roles = "api,socket".into();
+        s.node.name = "api".into();
+        quick_sweep(s);
+    })
+    .await;
+    let mut client = api.connect_joined("1").await;
+    let mut ids = Vec::new();
+    for n in 1..=12 {
+        let user = (n % 3).to_string();
+        ids.push(
+            api.enqueue(json!({"user_id": user, "data": {"n": n}}))
+                .await,
+        );
+    }
+    wait_until("every message confirmed", PATIENCE, || async {
+        let (messages, _) = api.store.outbox_depth().await.ok()?;
+        (messages == 0).then_some(())
+    })
+    .await;
+    // Destroyed behind Herald's back, after the confirm: nothing carries the events any more.
+    let names =
+        herald::queue::Topology::new(&api.settings.queue.prefix, api.settings.queue.partitions);
+    let mut purged = 0;
+    for p in 0..names.partitions {
+        purged += purge(&api, &names.partition_queue(p)).await;
+    }
+    assert!(purged > 0, "the messages were in their partition queues");
+
+    let statsd = StatsdListener::bind().await;
+    let worker = spawn_node(&api, "worker,socket", "worker", |s| {
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    // The joined client gets its swept events, in order.
+    for (seq, n) in [(1, 1), (2, 4), (3, 7), (4, 10)] {
+        let push = client.recv_push().await;
+        assert_eq!(
+            (push[4]["seq"].clone(), push[4]["data"]["n"].clone()),
+            (json!(seq), json!(n))
+        );
+    }
+    api.wait_all_delivered().await;
+    assert_eq!(
+        swept_count(&statsd, 12).await,
+        12,
+        "pipeline.sweep.events counts them"
+    );
+    drop(worker);
+    let admin = api.admin_key().await;
+    for id in &ids {
+        let (status, event) = api
+            .get_json(&format!("/api/v1/admin/events/{id}"), &admin)
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(event["status"], "delivered", "{event}");
+        assert_eq!(event["sweeps"], 1, "the admin API shows the sweep: {event}");
+        assert!(event["swept_at"].is_string(), "{event}");
+    }
+}
+
+#[tokio::test]
+async fn a_retry_destroyed_in_its_delay_queue_is_swept_and_delivered() {
+    let app = spawn_app_with(|s| {
+        quick_sweep(s);
+        s.faults.fail_events = vec!["flaky:1".into()];
+        s.retry.schedule_ms = vec![3_000];
+    })
+    .await;
+    let id = app
+        .enqueue(json!({"user_id": "5", "event": "flaky", "data": {}}))
+        .await;
+    app.wait_status(&id, "published").await;
+    let names =
+        herald::queue::Topology::new(&app.settings.queue.prefix, app.settings.queue.partitions);
+    assert_eq!(
+        purge(&app, &names.delay_queue(3_000)).await,
+        1,
+        "the retry waited there"
+    );
+    let (attempts, _) = app.wait_status(&id, "delivered").await;
+    assert_eq!(attempts, 2, "the failed attempt, then the swept one");
+    let sweeps: i32 = sqlx::query_scalar("SELECT sweeps FROM events WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&id).unwrap())
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sweeps, 1);
+}
+
+#[tokio::test]
+async fn events_waiting_behind_a_slow_backlog_are_never_swept() {
+    let statsd = StatsdListener::bind().await;
+    // One partition taking one event at a time, 200 ms each: 40 events are an 8 s backlog, far
+    // past the 2.5 s after which an event nothing carries is swept.
+    let app = spawn_app_with(|s| {
+        quick_sweep(s);
+        s.queue.partitions = 1;
+        s.queue.prefetch = 1;
+        s.queue.message_max_events = 1;
+        s.pipeline.max_run_events = 1;
+        s.faults.fail_events = vec!["slowpoke:slow".into()];
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    let events: Vec<Value> = (1..=40)
+        .map(|n| json!({"user_id": (n % 4).to_string(), "event": "slowpoke", "data": {"n": n}}))
+        .collect();
+    let (status, _) = app
+        .post_json(
+            "/api/v1/events/batch",
+            &app.api_key,
+            json!({"events": events}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    // The sweeper looks while the backlog drains, and finds the partition busy.
+    while !statsd
+        .expect_line("pipeline.sweep.partitions:")
+        .await
+        .contains("state:busy")
+    {}
+    wait_until("the backlog delivered", Duration::from_secs(60), || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+    let (swept, attempts): (i64, i64) =
+        sqlx::query_as("SELECT sum(sweeps)::int8, sum(attempts)::int8 FROM events")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(swept, 0, "nothing waiting behind the backlog was swept");
+    assert_eq!(attempts, 40, "each event delivered once");
+}
