@@ -330,6 +330,25 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
         .fetch_one(store.pool())
         .await
         .unwrap();
+    // Each swept event's story, so a recurrence says whether its message was lost (nothing happened
+    // between its last step and the sweep) or only late (a retry held up in a delay queue).
+    let swept_events: Vec<(String, String, i32, String, String, String, String)> = sqlx::query_as(
+        "SELECT e.user_id || '#' || e.seq, e.status, e.attempts, e.enqueued_at::text,
+                coalesce(e.next_attempt_at::text, '-'), coalesce(e.swept_at::text, '-'),
+                coalesce(string_agg(a.attempt || ':' || a.outcome || '@' || a.finished_at::text, ' '
+                                    ORDER BY a.attempt), '-')
+         FROM events e LEFT JOIN delivery_attempts a ON a.event_id = e.id
+         WHERE e.sweeps > 0 GROUP BY e.id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    for event in &swept_events {
+        println!(
+            "swept event (user#seq, status, attempts, enqueued, next attempt, swept, attempt log): \
+             {event:?}"
+        );
+    }
     println!(
         "rabbitmq cluster: {EVENTS} events from {CONCURRENCY} producers in {} requests over {stream_took:?}; \
          stored {stored}; delivered {delivered}; failed {failed} (poison, by design); \
