@@ -16,7 +16,7 @@
 //! every test of a process.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -1162,36 +1162,29 @@ fn merge(base: &mut Value, overlay: Value) {
     }
 }
 
+/// Every leaf under `value` as `(dotted key, the value as a variable would set it)`.
 fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
-    match value {
-        Value::Object(map) => flatten_map(prefix, map, out),
-        Value::String(s) => out.push((prefix.to_owned(), s.clone())),
-        Value::Null => out.push((prefix.to_owned(), "(unset)".into())),
-        // Lists are set as comma-separated values, so show them that way.
-        Value::Array(items) if items.is_empty() => out.push((prefix.to_owned(), "(none)".into())),
-        Value::Array(items) => {
-            let items: Vec<String> = items
-                .iter()
-                .map(|item| match item {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            out.push((prefix.to_owned(), items.join(",")));
+    let text = |value: &Value| match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let shown = match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match prefix {
+                    "" => flatten(key, value, out),
+                    _ => flatten(&format!("{prefix}.{key}"), value, out),
+                }
+            }
+            return;
         }
-        other => out.push((prefix.to_owned(), other.to_string())),
-    }
-}
-
-fn flatten_map(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, String)>) {
-    for (key, value) in map {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        flatten(&path, value, out);
-    }
+        Value::Null => "(unset)".into(),
+        // Lists are set as comma-separated values, so show them that way.
+        Value::Array(items) if items.is_empty() => "(none)".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => text(other),
+    };
+    out.push((prefix.to_owned(), shown));
 }
 
 #[cfg(test)]
