@@ -109,10 +109,12 @@ impl App {
     /// build: the API accepts while the broker is down, and the broker roles connect when it is up.
     ///
     /// # Errors
-    /// A weak or missing secret (see [`Settings::signing_secret`]), PostgreSQL unreachable, the
+    /// Settings out of bounds (see [`Settings::validate`]), a weak or missing secret (see
+    /// [`Settings::signing_secret`]), PostgreSQL unreachable, the
     /// address taken, StatsD misconfigured, demo files missing, or a partition count that cannot
     /// be switched to now.
     pub async fn build(settings: Settings) -> Result<Self, Error> {
+        settings.validate()?;
         let secret = settings.signing_secret()?;
         if settings.socket.secret.is_none() {
             tracing::warn!(
@@ -120,7 +122,7 @@ impl App {
                  public development secret and anyone can forge them. Never in production."
             );
         }
-        let roles = settings.roles();
+        let roles = settings.node.roles;
         let node = node_name(&settings.node.name);
         let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
         let store = Store::connect(&settings.store).await?;

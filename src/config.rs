@@ -3,14 +3,20 @@
 //! Layers, later wins: `Settings::default()` < a TOML file (`--config`) < `HERALD_*` environment
 //! variables. A handful of names are given by the issues and kept as they are (`HERALD_DATABASE_URL`,
 //! `HERALD_AMQP_URL`, `HERALD_HTTP_ADDR`, `HERALD_STATSD_ADDR`, `HERALD_SECRET`); every other setting
-//! is reachable as `HERALD_<SECTION>__<KEY>`, e.g. `HERALD_QUEUE__PREFETCH=200`. Unknown keys are
-//! errors that name the key, so a typo never silently falls back to a default.
+//! is reachable as `HERALD_<SECTION>__<KEY>`, e.g. `HERALD_QUEUE__PREFETCH=200`. Unknown keys, and
+//! variables that look like settings but name none, are errors that name them, so a typo never
+//! silently falls back to a default; so is a bad value, named by its variable and key. Other
+//! `HERALD_` variables are only warned about: they may be a user's own.
+//!
+//! The layering is written here rather than with figment: lists come from comma-separated values
+//! typed like their defaults, five variables have fixed names, and unknown names are sorted into
+//! refused and ignored, each of which would be a custom provider there.
 //!
 //! Tests build `Settings` in code and never set environment variables: the environment is shared by
 //! every test of a process.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -53,13 +59,15 @@ pub enum Error {
         #[source]
         source: toml::de::Error,
     },
-    /// An environment variable names no setting.
-    #[error("{var} names no setting (see `herald serve --help` for the list)")]
+    /// An environment variable looks like a setting's but names none.
+    #[error("{var} names no setting{suggestion} (see `herald serve --help` for the list)")]
     UnknownEnv {
         /// The variable.
         var: String,
+        /// `; did you mean HERALD_…?`, or empty.
+        suggestion: String,
     },
-    /// A value has the wrong type or an unknown key.
+    /// A value has the wrong type, or a key is unknown or out of bounds (the message names it).
     #[error("invalid settings: {0}")]
     Invalid(String),
 }
@@ -185,7 +193,7 @@ pub struct QueueSettings {
     /// Prefix of every exchange and queue name, so deployments (and tests) can share a broker.
     pub prefix: String,
     /// `quorum` (replicated, the default) or `classic`.
-    pub queue_type: String,
+    pub queue_type: QueueType,
     /// Replicas of each quorum queue Herald declares (`x-quorum-initial-group-size`); 0 leaves it
     /// to the broker (its `quorum_cluster_size`). On a 3-node cluster, 3: any one node may go.
     /// Applies when a queue is first declared.
@@ -219,12 +227,32 @@ pub struct QueueSettings {
     pub reconnect_max_backoff_ms: u64,
 }
 
+/// The kind of queue Herald declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated over the broker's nodes (Raft).
+    Quorum,
+    /// One node's queue.
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quorum => "quorum",
+            Self::Classic => "classic",
+        }
+    }
+}
+
 impl Default for QueueSettings {
     fn default() -> Self {
         Self {
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             prefix: "herald".into(),
-            queue_type: "quorum".into(),
+            queue_type: QueueType::Quorum,
             quorum_initial_group_size: 0,
             partitions: 16,
             prefetch: 1_000,
@@ -416,7 +444,7 @@ pub struct NodeSettings {
     /// Bound on the whole graceful shutdown; what is left is aborted (and redelivered later).
     pub shutdown_timeout_ms: u64,
     /// The roles this node runs, comma-separated: `api`, `worker`, `socket`.
-    pub roles: String,
+    pub roles: Roles,
     /// This node's name in /readyz and metric tags; empty means `<hostname>-<pid>`.
     pub name: String,
     /// A development node (`herald serve --dev`): without `HERALD_SECRET` it signs socket tokens
@@ -428,15 +456,17 @@ impl Default for NodeSettings {
     fn default() -> Self {
         Self {
             shutdown_timeout_ms: 30_000,
-            roles: "api,worker,socket".into(),
+            roles: Roles::ALL,
             name: String::new(),
             dev: false,
         }
     }
 }
 
-/// The roles a node runs. One box can run all of them; many boxes can split them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The roles a node runs. One box can run all of them; many boxes can split them. Written as
+/// their names, comma-separated (`api,worker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Roles {
     /// HTTP API for producers, group commit, publisher, outbox relay.
     pub api: bool,
@@ -447,33 +477,12 @@ pub struct Roles {
 }
 
 impl Roles {
-    /// Parses `api,worker,socket` (any non-empty subset).
-    ///
-    /// # Errors
-    /// An unknown or missing role.
-    pub fn parse(list: &str) -> Result<Self, Error> {
-        let mut roles = Roles {
-            api: false,
-            worker: false,
-            socket: false,
-        };
-        for role in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
-            match role {
-                "api" => roles.api = true,
-                "worker" => roles.worker = true,
-                "socket" => roles.socket = true,
-                other => {
-                    return Err(Error::Invalid(format!(
-                        "node.roles: unknown role {other} (roles are api, worker, socket)"
-                    )));
-                }
-            }
-        }
-        if !(roles.api || roles.worker || roles.socket) {
-            return Err(Error::Invalid("node.roles: name at least one role".into()));
-        }
-        Ok(roles)
-    }
+    /// Every role: one node does everything.
+    pub const ALL: Self = Self {
+        api: true,
+        worker: true,
+        socket: true,
+    };
 
     /// True when the node runs every role.
     pub fn all(&self) -> bool {
@@ -495,6 +504,49 @@ impl Roles {
     }
 }
 
+impl std::str::FromStr for Roles {
+    type Err = String;
+
+    /// Parses `api,worker,socket` (any non-empty subset).
+    fn from_str(list: &str) -> Result<Self, String> {
+        let mut roles = Self {
+            api: false,
+            worker: false,
+            socket: false,
+        };
+        for role in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            match role {
+                "api" => roles.api = true,
+                "worker" => roles.worker = true,
+                "socket" => roles.socket = true,
+                other => {
+                    return Err(format!(
+                        "unknown role {other} (roles are api, worker, socket)"
+                    ));
+                }
+            }
+        }
+        if !(roles.api || roles.worker || roles.socket) {
+            return Err("name at least one role (api, worker, socket)".into());
+        }
+        Ok(roles)
+    }
+}
+
+impl TryFrom<String> for Roles {
+    type Error = String;
+
+    fn try_from(list: String) -> Result<Self, String> {
+        list.parse()
+    }
+}
+
+impl From<Roles> for String {
+    fn from(roles: Roles) -> Self {
+        roles.names()
+    }
+}
+
 /// Topic fan-out.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -502,7 +554,7 @@ pub struct PubSubSettings {
     /// `local`: broadcasts reach this node's sockets only (one node does everything). `cluster`:
     /// broadcasts ride RabbitMQ to every socket node with subscribers; needed by any deployment of
     /// more than one node.
-    pub mode: String,
+    pub mode: PubSubMode,
     /// How long a join waits for its topic's binding on this node's fan-out queue.
     pub bind_timeout_ms: u64,
     /// How long a worker waits for the broker to confirm a cross-node broadcast.
@@ -512,9 +564,29 @@ pub struct PubSubSettings {
 impl Default for PubSubSettings {
     fn default() -> Self {
         Self {
-            mode: "local".into(),
+            mode: PubSubMode::Local,
             bind_timeout_ms: 5_000,
             publish_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Where broadcasts go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PubSubMode {
+    /// This node's sockets only.
+    Local,
+    /// Every socket node, through RabbitMQ.
+    Cluster,
+}
+
+impl PubSubMode {
+    /// `local` or `cluster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Cluster => "cluster",
         }
     }
 }
@@ -666,6 +738,7 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Error> {
         let mut merged = to_value(&Settings::default())?;
+        let sections = merged.clone();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
                 path: path.into(),
@@ -677,12 +750,37 @@ impl Settings {
             })?;
             merge(&mut merged, table);
         }
+        // Which variable set which key, so that a bad value's error names both.
+        let mut set_by = Vec::new();
         for (var, raw) in env {
-            let Some(path) = env_path(&var) else { continue };
-            set_path(&mut merged, &path, raw).map_err(|()| Error::UnknownEnv { var })?;
+            let Some(path) = env_path(&var, &sections)? else {
+                continue;
+            };
+            let key = path.join(".");
+            set_path(&mut merged, &path, &raw).map_err(|why| match why {
+                None => Error::UnknownEnv {
+                    var: var.clone(),
+                    suggestion: String::new(),
+                },
+                Some(why) => Error::Invalid(format!("{var} ({key}): {why}")),
+            })?;
+            set_by.push((key, var));
         }
-        let settings: Settings =
-            serde_json::from_value(merged).map_err(|e| Error::Invalid(e.to_string()))?;
+        let settings: Settings = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let key = e.path().to_string();
+            let within = |set: &str| {
+                key.strip_prefix(set)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            };
+            let origin = match set_by.iter().rev().find(|(set, _)| within(set)) {
+                Some((_, var)) => format!("{var} ({key})"),
+                None => match file {
+                    Some(path) => format!("{key} (in {path})"),
+                    None => key,
+                },
+            };
+            Error::Invalid(format!("{origin}: {}", e.into_inner()))
+        })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -711,7 +809,12 @@ impl Settings {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the bounds and relations of the values: `load` calls it, and so does `App::build`,
+    /// for settings built in code.
+    ///
+    /// # Errors
+    /// The first value out of bounds, named by its key.
+    pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
         if self.socket.secret.is_some() {
             self.signing_secret()?;
@@ -726,9 +829,6 @@ impl Settings {
         }
         crate::queue::nodes::parse_node_list(self.queue.amqp_url.expose())
             .map_err(|why| Error::Invalid(format!("queue.amqp_url: {why}")))?;
-        if !matches!(self.queue.queue_type.as_str(), "quorum" | "classic") {
-            return bad("queue.queue_type", "must be quorum or classic");
-        }
         if self.queue.prefetch == 0 {
             return bad("queue.prefetch", "must be at least 1");
         }
@@ -855,17 +955,11 @@ impl Settings {
                 "page, default_rate and max_jobs must be at least 1",
             );
         }
-        let roles = Roles::parse(&self.node.roles)?;
-        match self.pubsub.mode.as_str() {
-            "cluster" => {}
-            "local" if roles.all() => {}
-            "local" => {
-                return bad(
-                    "pubsub.mode",
-                    "a node that does not run every role needs pubsub.mode = cluster",
-                );
-            }
-            _ => return bad("pubsub.mode", "must be local or cluster"),
+        if self.pubsub.mode == PubSubMode::Local && !self.node.roles.all() {
+            return bad(
+                "pubsub.mode",
+                "a node that does not run every role needs pubsub.mode = cluster",
+            );
         }
         if self.pipeline.enqueue_buffer_bytes < self.http.max_body_bytes
             || u32::try_from(self.pipeline.enqueue_buffer_bytes).is_err()
@@ -908,18 +1002,9 @@ impl Settings {
             .collect()
     }
 
-    /// The roles this node runs (validated at load).
-    pub fn roles(&self) -> Roles {
-        Roles::parse(&self.node.roles).unwrap_or(Roles {
-            api: true,
-            worker: true,
-            socket: true,
-        })
-    }
-
     /// True when broadcasts ride RabbitMQ between nodes.
     pub fn cluster(&self) -> bool {
-        self.pubsub.mode == "cluster"
+        self.pubsub.mode == PubSubMode::Cluster
     }
 
     /// The bounds on one broker message (`queue.message_max_events`, capped by `queue.prefetch`,
@@ -949,51 +1034,113 @@ fn to_value(settings: &Settings) -> Result<Value, Error> {
     serde_json::to_value(settings).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-/// Maps `HERALD_QUEUE__PREFETCH` to `["queue", "prefetch"]`; `None` for variables that are not ours.
-fn env_path(var: &str) -> Option<Vec<String>> {
+/// Variables the binary reads itself: tracing's filter and the settings file.
+const BINARY_ENV: &[&str] = &["HERALD_LOG", "HERALD_CONFIG"];
+
+/// Maps `HERALD_QUEUE__PREFETCH` to `["queue", "prefetch"]`, and variables that are not settings to
+/// `None`. A `HERALD_` name that is none of ours is refused when it looks like a setting's name
+/// (one a typo away from a fixed name, or `HERALD_QUEUE_PREFETCH` for `HERALD_QUEUE__PREFETCH`),
+/// and otherwise only warned about: a user may keep a `HERALD_KEY` of their own for curl.
+/// (`HERALD_X__Y` always names a setting, and is refused later when it names none.)
+fn env_path(var: &str, defaults: &Value) -> Result<Option<Vec<String>>, Error> {
     if let Some((_, path)) = ENV_ALIASES.iter().find(|(name, _)| *name == var) {
-        return Some(path.split('.').map(str::to_owned).collect());
+        return Ok(Some(path.split('.').map(str::to_owned).collect()));
     }
-    let rest = var.strip_prefix(ENV_PREFIX)?;
-    // HERALD_LOG (tracing) and HERALD_CONFIG (the file) are read by the binary, not by Settings.
-    if rest == "LOG" || rest == "CONFIG" {
-        return None;
+    let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+        return Ok(None);
+    };
+    if rest.contains("__") {
+        return Ok(Some(rest.split("__").map(str::to_lowercase).collect()));
     }
-    Some(rest.split("__").map(str::to_lowercase).collect())
+    if BINARY_ENV.contains(&var) {
+        return Ok(None);
+    }
+    let fixed = ENV_ALIASES
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(BINARY_ENV.iter().copied());
+    let typo = fixed
+        .filter(|name| strsim::levenshtein(name, var) <= 2)
+        .map(str::to_owned)
+        .next();
+    let lower = rest.to_lowercase();
+    let single_underscore = || {
+        let (section, key) = lower.split_once('_')?;
+        defaults.get(section)?.get(key)?;
+        Some(format!("{ENV_PREFIX}{section}__{key}").to_uppercase())
+    };
+    if let Some(meant) = typo.or_else(single_underscore) {
+        return Err(Error::UnknownEnv {
+            var: var.to_owned(),
+            suggestion: format!("; did you mean {meant}?"),
+        });
+    }
+    if defaults.get(&lower).is_some() {
+        return Err(Error::UnknownEnv {
+            var: var.to_owned(),
+            suggestion: format!("; a section's settings are {var}__<KEY>"),
+        });
+    }
+    tracing::warn!(
+        var,
+        "ignoring a HERALD_ environment variable that names no setting"
+    );
+    Ok(None)
 }
 
-/// Sets the leaf at `path` from the raw string, typed like the default found there.
-fn set_path(root: &mut Value, path: &[String], raw: String) -> Result<(), ()> {
+/// Sets the leaf at `path` from the raw string, typed like the default found there. `Err(None)`:
+/// there is no such leaf; `Err(Some(why))`: the value cannot have that type.
+fn set_path(root: &mut Value, path: &[String], raw: &str) -> Result<(), Option<String>> {
     let mut node = root;
     for key in path {
-        node = node.as_object_mut().ok_or(())?.get_mut(key).ok_or(())?;
+        node = node.as_object_mut().ok_or(None)?.get_mut(key).ok_or(None)?;
     }
-    *node = match node {
-        Value::Number(_) => raw
-            .parse::<serde_json::Number>()
+    let number = |raw: &str, float: bool| {
+        let parsed = if float {
+            raw.parse().ok().and_then(serde_json::Number::from_f64)
+        } else {
+            raw.parse::<u64>()
+                .map(serde_json::Number::from)
+                .or_else(|_| raw.parse::<i64>().map(serde_json::Number::from))
+                .ok()
+        };
+        let expected = if float { "a number" } else { "an integer" };
+        parsed
             .map(Value::Number)
-            .unwrap_or(Value::String(raw)),
-        Value::Bool(_) => match raw.as_str() {
+            .ok_or_else(|| Some(format!("invalid value {raw:?}, expected {expected}")))
+    };
+    *node = match node {
+        Value::Number(n) => number(raw, n.is_f64())?,
+        Value::Bool(_) => match raw {
             "true" | "1" => Value::Bool(true),
             "false" | "0" => Value::Bool(false),
-            _ => Value::String(raw),
+            _ => {
+                return Err(Some(format!(
+                    "invalid value {raw:?}, expected true or false"
+                )));
+            }
         },
-        Value::Object(_) => return Err(()),
+        Value::Object(_) => return Err(None),
         // A list is comma-separated, its items typed like the default's (strings when it is empty).
         Value::Array(items) => {
-            let numbers = matches!(items.first(), Some(Value::Number(_)));
+            let float = match items.first() {
+                Some(Value::Number(n)) => Some(n.is_f64()),
+                _ => None,
+            };
+            let items = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty());
             Value::Array(
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|item| !item.is_empty())
-                    .map(|item| match item.parse::<serde_json::Number>() {
-                        Ok(n) if numbers => Value::Number(n),
-                        _ => Value::String(item.to_owned()),
+                items
+                    .map(|item| match float {
+                        Some(float) => number(item, float),
+                        None => Ok(Value::String(item.to_owned())),
                     })
-                    .collect(),
+                    .collect::<Result<_, _>>()?,
             )
         }
-        _ => Value::String(raw),
+        _ => Value::String(raw.to_owned()),
     };
     Ok(())
 }
@@ -1015,36 +1162,29 @@ fn merge(base: &mut Value, overlay: Value) {
     }
 }
 
+/// Every leaf under `value` as `(dotted key, the value as a variable would set it)`.
 fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
-    match value {
-        Value::Object(map) => flatten_map(prefix, map, out),
-        Value::String(s) => out.push((prefix.to_owned(), s.clone())),
-        Value::Null => out.push((prefix.to_owned(), "(unset)".into())),
-        // Lists are set as comma-separated values, so show them that way.
-        Value::Array(items) if items.is_empty() => out.push((prefix.to_owned(), "(none)".into())),
-        Value::Array(items) => {
-            let items: Vec<String> = items
-                .iter()
-                .map(|item| match item {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            out.push((prefix.to_owned(), items.join(",")));
+    let text = |value: &Value| match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let shown = match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match prefix {
+                    "" => flatten(key, value, out),
+                    _ => flatten(&format!("{prefix}.{key}"), value, out),
+                }
+            }
+            return;
         }
-        other => out.push((prefix.to_owned(), other.to_string())),
-    }
-}
-
-fn flatten_map(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, String)>) {
-    for (key, value) in map {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        flatten(&path, value, out);
-    }
+        Value::Null => "(unset)".into(),
+        // Lists are set as comma-separated values, so show them that way.
+        Value::Array(items) if items.is_empty() => "(none)".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => text(other),
+    };
+    out.push((prefix.to_owned(), shown));
 }
 
 #[cfg(test)]
@@ -1086,12 +1226,154 @@ mod tests {
         );
     }
 
+    fn load_err(pairs: &[(&str, &str)]) -> String {
+        Settings::load(None, env(pairs)).unwrap_err().to_string()
+    }
+
     #[test]
-    fn unknown_variable_and_bad_value_are_named() {
-        let err = Settings::load(None, env(&[("HERALD_QUEUE__PREFECT", "5")])).unwrap_err();
-        assert!(err.to_string().contains("HERALD_QUEUE__PREFECT"), "{err}");
-        let err = Settings::load(None, env(&[("HERALD_QUEUE__PREFETCH", "many")])).unwrap_err();
-        assert!(matches!(err, Error::Invalid(_)), "{err}");
+    fn bad_values_name_their_variable_and_key() {
+        let err = load_err(&[("HERALD_QUEUE__PREFETCH", "many")]);
+        let says =
+            r#"HERALD_QUEUE__PREFETCH (queue.prefetch): invalid value "many", expected an integer"#;
+        assert!(err.contains(says), "{err}");
+        for (var, says) in [
+            (
+                "HERALD_QUEUE__PREFETCH=70000",
+                "HERALD_QUEUE__PREFETCH (queue.prefetch): invalid",
+            ),
+            (
+                "HERALD_RETRY__JITTER=lots",
+                r#"(retry.jitter): invalid value "lots", expected a"#,
+            ),
+            (
+                "HERALD_NODE__DEV=yes",
+                "(node.dev): invalid value \"yes\", expected true or false",
+            ),
+            (
+                "HERALD_RETRY__SCHEDULE_MS=10,x",
+                "(retry.schedule_ms): invalid value \"x\"",
+            ),
+            (
+                "HERALD_HTTP_ADDR=localhost",
+                "HERALD_HTTP_ADDR (http.addr): invalid socket address",
+            ),
+            (
+                "HERALD_QUEUE__QUEUE_TYPE=quorom",
+                "(queue.queue_type): unknown variant `quorom`",
+            ),
+            (
+                "HERALD_PUBSUB__MODE=mesh",
+                "HERALD_PUBSUB__MODE (pubsub.mode): unknown variant",
+            ),
+            (
+                "HERALD_NODE__ROLES=api,wroker",
+                "(node.roles): unknown role wroker",
+            ),
+            (
+                "HERALD_NODE__ROLES= , ",
+                "(node.roles): name at least one role",
+            ),
+        ] {
+            let (var, value) = var.split_once('=').unwrap();
+            let err = load_err(&[(var, value)]);
+            assert!(err.contains(says), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_file_values_name_their_key_and_file() {
+        let file = std::env::temp_dir().join(format!("herald-bad-{}.toml", std::process::id()));
+        std::fs::write(&file, "[queue]\nprefetch = \"many\"\n").unwrap();
+        let err = Settings::load(file.to_str(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("queue.prefetch (in "), "{err}");
+        std::fs::write(&file, "[queue]\nprefetch = 5\n").unwrap();
+        let err = Settings::load(file.to_str(), env(&[("HERALD_QUEUE__PREFETCH", "x")]));
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("HERALD_QUEUE__PREFETCH")
+        );
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn variables_that_look_like_settings_are_refused() {
+        for (var, says) in [
+            (
+                "HERALD_QUEUE__PREFECT",
+                "HERALD_QUEUE__PREFECT names no setting",
+            ),
+            ("HERALD_X__Y", "HERALD_X__Y names no setting"),
+            ("HERALD_QUEUE", "HERALD_QUEUE names no setting"),
+            ("HERALD_AMQP_URI", "did you mean HERALD_AMQP_URL?"),
+            ("HERALD_SECRETS", "did you mean HERALD_SECRET?"),
+            ("HERALD_DATABASE_UR", "did you mean HERALD_DATABASE_URL?"),
+            (
+                "HERALD_QUEUE_PREFETCH",
+                "did you mean HERALD_QUEUE__PREFETCH?",
+            ),
+        ] {
+            let err = load_err(&[(var, "5")]);
+            assert!(err.contains(says), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn other_herald_variables_are_ignored() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("HERALD_KEY", "hk_curl"),
+                ("HERALD_HTTP_PROXY", "x"),
+                ("HERALD_LOG", "debug"),
+                ("HERALD_CONFIG", "/nowhere.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.queue.prefetch, 1_000);
+    }
+
+    #[test]
+    fn enums_and_roles_parse() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("HERALD_QUEUE__QUEUE_TYPE", "classic"),
+                ("HERALD_PUBSUB__MODE", "cluster"),
+                ("HERALD_NODE__ROLES", "worker, api"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.queue.queue_type, QueueType::Classic);
+        assert!(s.cluster());
+        let roles = s.node.roles;
+        assert!(roles.api && roles.worker && !roles.socket);
+        assert_eq!(roles.names(), "api,worker");
+        let err = load_err(&[("HERALD_NODE__ROLES", "socket")]);
+        assert!(err.contains("pubsub.mode = cluster"), "{err}");
+    }
+
+    #[test]
+    fn settings_built_in_code_are_validated() {
+        let mut s = Settings::default();
+        assert!(s.validate().is_ok());
+        s.node.roles = "api".parse().unwrap();
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("pubsub.mode")
+        );
+        s.pubsub.mode = PubSubMode::Cluster;
+        s.queue.prefetch = 0;
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("queue.prefetch")
+        );
     }
 
     #[test]
@@ -1154,9 +1436,14 @@ mod tests {
     fn help_lists_every_setting_with_aliases() {
         let rows = Settings::env_help();
         assert!(rows.iter().any(|(v, _)| v == "HERALD_DATABASE_URL"));
-        assert!(
-            rows.iter()
-                .any(|(v, d)| v == "HERALD_QUEUE__PARTITIONS" && d == "16")
-        );
+        for (var, default) in [
+            ("HERALD_QUEUE__PARTITIONS", "16"),
+            ("HERALD_QUEUE__QUEUE_TYPE", "quorum"),
+            ("HERALD_PUBSUB__MODE", "local"),
+            ("HERALD_NODE__ROLES", "api,worker,socket"),
+            ("HERALD_RETRY__SCHEDULE_MS", "1000,5000,30000,120000,600000"),
+        ] {
+            assert!(rows.iter().any(|(v, d)| v == var && d == default), "{var}");
+        }
     }
 }

@@ -12,7 +12,7 @@ mod publisher;
 pub use nodes::BrokerNodes;
 pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle, Source};
 
-use crate::config::QueueSettings;
+use crate::config::{QueueSettings, QueueType};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -143,7 +143,7 @@ pub async fn declare_retry_queues(
     for &delay in delays_ms {
         let queue = names.delay_queue(delay);
         let mut args = queue_arguments(settings, Some(&names.partition_exchange));
-        if settings.queue_type == "quorum" {
+        if settings.queue_type == QueueType::Quorum {
             // At-least-once dead-lettering needs reject-publish overflow; no length limit is set,
             // so nothing is ever rejected.
             args.insert(
@@ -447,7 +447,7 @@ fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>)
         "x-queue-type".into(),
         AMQPValue::LongString(settings.queue_type.as_str().into()),
     );
-    if settings.queue_type == "quorum" && settings.quorum_initial_group_size > 0 {
+    if settings.queue_type == QueueType::Quorum && settings.quorum_initial_group_size > 0 {
         // Replicas over the cluster's nodes: with 3 on 3 nodes, any one node may be lost.
         args.insert(
             "x-quorum-initial-group-size".into(),

@@ -113,8 +113,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 /// and two `socket` nodes. The first owns the cleanup.
 pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
     let api = spawn_unready(|s| {
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api,worker".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,worker".parse().unwrap();
         s.node.name = "api-worker".into();
     })
     .await;
@@ -123,7 +123,7 @@ pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
     for name in ["socket-a", "socket-b"] {
         let mut settings = api.settings.clone();
         settings.http.addr = "127.0.0.1:0".parse().unwrap();
-        settings.node.roles = "socket".into();
+        settings.node.roles = "socket".parse().unwrap();
         settings.node.name = name.into();
         let store = Store::connect(&settings.store)
             .await
@@ -149,7 +149,7 @@ pub async fn spawn_node(
 ) -> TestApp {
     let mut settings = first.settings.clone();
     settings.http.addr = "127.0.0.1:0".parse().unwrap();
-    settings.node.roles = roles.into();
+    settings.node.roles = roles.parse().unwrap();
     settings.node.name = name.into();
     adjust(&mut settings);
     let store = Store::connect(&settings.store)
@@ -178,7 +178,7 @@ pub async fn spawn_process(
         .envs(node_env(settings))
         .env("HERALD_HTTP_ADDR", addr.to_string())
         .env("HERALD_STATSD_ADDR", "")
-        .env("HERALD_PUBSUB__MODE", &settings.pubsub.mode)
+        .env("HERALD_PUBSUB__MODE", settings.pubsub.mode.as_str())
         .env("HERALD_NODE__ROLES", roles)
         .env("HERALD_LOG", "warn")
         .kill_on_drop(true)

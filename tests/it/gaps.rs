@@ -29,6 +29,7 @@ async fn a_broker_outage_backlog_wider_than_a_gap_fill_page_reaches_a_joined_cli
         s.queue.amqp_url = Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
         s.socket.max_gap_fill = 5;
         s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
     })
     .await;
     app.wait_ready().await;
@@ -66,10 +67,11 @@ async fn a_gap_that_cannot_be_read_closes_the_channel_with_an_error_and_a_rejoin
     // A socket node whose PostgreSQL goes through a proxy; the api and worker node reaches it
     // directly, so events keep flowing while the socket node cannot read.
     let api = spawn_unready(|s| {
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api,worker".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,worker".parse().unwrap();
         s.node.name = "api-worker".into();
         s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
     })
     .await;
     api.wait_ready().await;

@@ -120,7 +120,7 @@ async fn two_worker_nodes_share_the_partitions_and_keep_every_users_order() {
     let socket_metrics = StatsdListener::bind().await;
     let second_metrics = StatsdListener::bind().await;
     let app = spawn_app_with(|s| {
-        s.pubsub.mode = "cluster".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
         s.node.name = "first".into();
         s.metrics.statsd_addr = socket_metrics.addr.to_string();
     })
@@ -177,8 +177,8 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
     // The API and the sockets in this process; the worker nodes are real `herald` processes, so
     // one can be killed outright.
     let app = spawn_app_with(|s| {
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api,socket".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,socket".parse().unwrap();
         s.node.name = "front".into();
     })
     .await;
@@ -262,8 +262,8 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
 async fn the_partition_count_changes_only_once_the_pipeline_is_empty() {
     // An api-only deployment: what it accepts waits in its partitions, consumed by nobody.
     let app = spawn_app_with(|s| {
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api".parse().unwrap();
     })
     .await;
     app.enqueue(json!({"user_id": "1", "data": {}})).await;

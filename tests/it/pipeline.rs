@@ -134,7 +134,11 @@ async fn delivered_events_are_recorded_with_their_socket_count() {
 #[tokio::test]
 async fn a_late_event_is_filled_in_before_a_later_one() {
     // A long relay grace keeps the relay out of the way: the gap can only be filled by the socket.
-    let app = spawn_app_with(|s| s.pipeline.relay_grace_ms = 600_000).await;
+    let app = spawn_app_with(|s| {
+        s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
+    })
+    .await;
     let mut client = app.connect_joined("9").await;
     app.post_event(json!({"user_id": "9", "data": {"n": 1}}))
         .await;
@@ -164,7 +168,11 @@ fn limits(app: &crate::common::TestApp) -> MessageLimits {
 /// UPDATE did both, and under a burst ran into the statement timeout).
 #[tokio::test]
 async fn a_confirm_never_waits_on_event_rows() {
-    let app = spawn_app_with(|s| s.pipeline.relay_grace_ms = 600_000).await;
+    let app = spawn_app_with(|s| {
+        s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
+    })
+    .await;
     let event = new_event(&app, "held", "{}").await;
     let id = event.id;
     let committed = app

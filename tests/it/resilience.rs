@@ -166,8 +166,8 @@ async fn an_api_node_stays_ready_and_accepting_while_the_broker_is_down_and_a_wo
     let api = spawn_unready(move |s| {
         s.queue.amqp_url =
             herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api".parse().unwrap();
         s.node.name = "api-only".into();
     })
     .await;

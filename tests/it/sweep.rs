@@ -47,8 +47,8 @@ async fn swept_count(statsd: &StatsdListener, at_least: i64) -> i64 {
 async fn events_of_a_purged_partition_queue_are_swept_and_delivered() {
     // No worker yet: the messages are confirmed into the partition queues and wait there.
     let api = spawn_app_with(|s| {
-        s.pubsub.mode = "cluster".into();
-        s.node.roles = "api,socket".into();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,socket".parse().unwrap();
         s.node.name = "api".into();
         quick_sweep(s);
     })
