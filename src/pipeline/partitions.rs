@@ -27,9 +27,10 @@
 use super::lanes::Lanes;
 use super::sweep::{Watched, sweep_once};
 use super::worker::{Ended, Item, PartitionWork, Worker};
+use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::queue::{self, Backoff, BrokerNodes, ConsumerLink, Topology};
+use crate::queue::{self, BrokerNodes, ConsumerLink, Topology};
 use crate::store::{self, Layout, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

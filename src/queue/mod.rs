@@ -775,47 +775,9 @@ impl ConsumerLink {
     }
 }
 
-/// Exponential backoff for reconnects: 100 ms doubling up to a cap.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Starts at 100 ms, never above `max`.
-    pub fn new(max: Duration) -> Self {
-        Self {
-            next: Duration::from_millis(100),
-            max,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// After a success.
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500));
-        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 500, 500]);
-        b.reset();
-        assert_eq!(b.next_delay().as_millis(), 100);
-    }
 
     #[test]
     fn names_share_the_prefix() {

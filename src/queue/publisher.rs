@@ -12,9 +12,8 @@
 //! after its `publish_by` instant: from then on the relay may republish it, and the two must not
 //! both send it.
 
-use super::{
-    Backoff, BrokerNodes, Error, Topology, declare_topology, enable_confirms, open_channel,
-};
+use super::{BrokerNodes, Error, Topology, declare_topology, enable_confirms, open_channel};
+use crate::backoff::{Backoff, reconnect};
 use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -187,24 +186,19 @@ impl Publisher {
         let mut backoff = Backoff::new(Duration::from_millis(
             self.settings.reconnect_max_backoff_ms,
         ));
-        while !stop.is_cancelled() {
-            let link = tokio::select! {
-                link = self.open() => link,
-                () = stop.cancelled() => break,
+        loop {
+            let this = &self;
+            let Some((connection, channel)) = reconnect(
+                "publisher",
+                &mut backoff,
+                &stop,
+                || this.open(),
+                || this.report(PublisherEvent::Disconnected),
+            )
+            .await
+            else {
+                break;
             };
-            let (connection, channel) = match link {
-                Ok(link) => link,
-                Err(error) => {
-                    tracing::warn!(error = %error, "publisher cannot reach RabbitMQ; retrying");
-                    self.report(PublisherEvent::Disconnected).await;
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => continue,
-                        () = stop.cancelled() => break,
-                    }
-                }
-            };
-            backoff.reset();
             tracing::info!(partitions = self.names.partitions, "publisher connected");
             self.connected.store(true, Ordering::Relaxed);
             let end = self.pump(&connection, &channel, &stop).await;
