@@ -12,13 +12,16 @@
 //! after its `publish_by` instant: from then on the relay may republish it, and the two must not
 //! both send it.
 
-use super::{BrokerNodes, Error, Topology, declare_topology, enable_confirms, open_channel};
+use super::{
+    BrokerNodes, Error, Topology, Unconfirmed, confirmed, declare_topology, enable_confirms,
+    open_channel,
+};
 use crate::backoff::{Backoff, reconnect};
 use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Channel, Connection, Event};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -369,14 +372,12 @@ impl Publisher {
     }
 }
 
-type ConfirmResult = Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>;
-
 async fn confirmation(
     id: Uuid,
     confirm: lapin::PublisherConfirm,
     limit: Duration,
-) -> (Uuid, ConfirmResult) {
-    (id, tokio::time::timeout(limit, confirm).await)
+) -> (Uuid, Result<bool, Unconfirmed>) {
+    (id, confirmed(confirm, limit).await)
 }
 
 enum Settled {
@@ -384,14 +385,12 @@ enum Settled {
     Lost(lapin::Error),
 }
 
-fn settle(result: ConfirmResult) -> Result<(), Settled> {
+fn settle(result: Result<bool, Unconfirmed>) -> Result<(), Settled> {
     match result {
-        Err(_) => Err(Settled::Unconfirmed("timeout")),
-        Ok(Err(error)) => Err(Settled::Lost(error)),
-        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(Settled::Unconfirmed("nack")),
-        Ok(Ok(confirmation)) => match confirmation.take_message() {
-            Some(_) => Err(Settled::Unconfirmed("unroutable")),
-            None => Ok(()),
-        },
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Settled::Unconfirmed("unroutable")),
+        Err(Unconfirmed::Nacked) => Err(Settled::Unconfirmed("nack")),
+        Err(Unconfirmed::Timeout) => Err(Settled::Unconfirmed("timeout")),
+        Err(Unconfirmed::Lost(error)) => Err(Settled::Lost(error)),
     }
 }
