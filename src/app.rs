@@ -220,299 +220,320 @@ impl App {
     ///
     /// # Errors
     /// None today (a failed accept is retried); the `Result` leaves callers one error path.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self {
-            settings,
-            node,
-            roles,
-            store,
-            writes,
-            reads,
-            metrics,
-            pubsub,
-            bind_requests,
-            fanout_nodes,
-            signer,
-            listener,
-            http_addr,
-            scrape,
-            demo,
-            faults,
-        } = self;
-        let pipeline = &settings.pipeline;
-        let mut links: Vec<Link> = Vec::new();
-        // Which broker node each long-lived connection uses (readiness and metrics name it).
-        let mut broker_nodes: Vec<(&'static str, BrokerNodes)> = Vec::new();
-        let mut router = axum::Router::new();
-
-        // api: group commit, publisher and its confirm recorder, outbox relay, producer routes.
-        let mut api_tasks = None;
-        if roles.api {
-            let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
-            // Not needed to serve: accepted events wait in the outbox while the broker is away.
-            links.push(Link {
-                name: "publisher",
-                up: publisher_handle.connected_flag(),
-                required_by: None,
-            });
-            broker_nodes.push(("publisher", publisher_handle.broker_nodes()));
-            let publisher_stop = CancellationToken::new();
-            let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
-            let recorder_task = tokio::spawn(published::record(
-                reports,
-                writes.clone(),
-                metrics.clone(),
-                pipeline.max_status_batch,
-            ));
-            let commit_close = CancellationToken::new();
-            let (enqueue, commit_task) = Enqueue::new(
-                writes.clone(),
-                publisher_handle.clone(),
-                metrics.clone(),
-                &settings,
-                commit_close.clone(),
-            );
-            let commit_task = tokio::spawn(commit_task);
-            let replays = ReplayJobs::new(
-                store.clone(),
-                publisher_handle.clone(),
-                metrics.clone(),
-                &settings,
-                shutdown.child_token(),
-            );
-            let retention_task = tokio::spawn(retention::run(
-                store.clone(),
-                metrics.clone(),
-                settings.store.clone(),
-                shutdown.child_token(),
-            ));
-            let relay_task = tokio::spawn(relay::run(
-                store.clone(),
-                publisher_handle,
-                metrics.clone(),
-                settings.clone(),
-                shutdown.child_token(),
-            ));
-            let limits = Arc::new(Limits {
-                max_body_bytes: settings.http.max_body_bytes,
-                max_batch_events: pipeline.max_batch_events,
-                max_data_bytes: pipeline.max_data_bytes,
-                max_token_ttl_secs: settings.socket.token_ttl_secs,
-                max_concurrent_requests: settings.http.max_concurrent_requests,
-                request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
-            });
-            if let Some(demo) = demo {
-                router = router.merge(demo.routes(enqueue.clone(), limits.request()));
-            }
-            let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
-            router = router.merge(api::console::routes());
-            let api_state = ApiState {
-                depths: Arc::clone(&depths),
-                pubsub: pubsub.clone(),
-                store: reads.clone(),
-                enqueue,
-                metrics: metrics.clone(),
-                keys: Arc::new(KeyCache::new(10_000)),
-                signer: signer.clone(),
-                limits,
-                admin_keys: Arc::new(KeyCache::new(1_000)),
-                replays: replays.clone(),
-                default_replay_rate: settings.replay.default_rate,
-            };
-            router = router.merge(api::routes(api_state));
-            api_tasks = Some(ApiTasks {
-                depths,
-                replays,
-                retention_task,
-                commit_close,
-                commit_task,
-                relay_task,
-                publisher_stop,
-                publisher_task,
-                recorder_task,
-            });
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut wiring = Wiring::default();
+        let mut api = self
+            .roles
+            .api
+            .then(|| self.start_api(&mut wiring, &shutdown));
+        let mut worker = self
+            .roles
+            .worker
+            .then(|| self.start_worker(&mut wiring, &shutdown));
+        let sockets = self.start_sockets(&mut wiring, &shutdown);
+        let (every_node, router) = self.start_every_node(wiring, &sockets.state, &shutdown);
+        tracing::info!(
+            addr = %self.http_addr, node = %self.node, roles = %self.roles.names(), "herald serving"
+        );
+        // (1) Intake stops: the listener closes (requests in flight finish) and `shutdown` has
+        // cancelled the consumers, the relay, retention, replay and the fan-out queue.
+        let deadline = server::serve(
+            self.listener,
+            router,
+            Duration::from_millis(self.settings.http.header_read_timeout_ms),
+            self.settings.shutdown_timeout(),
+            shutdown,
+        )
+        .await;
+        tracing::info!("shutting down: draining in-flight work");
+        // (2) Work drains upstream to downstream: every accepted request committed, then deliveries.
+        if let Some(api) = api.as_mut() {
+            api.drain_intake(deadline).await;
         }
-
-        // worker: partition leases and consumers, per-user lanes, outcome writer.
-        let mut worker_tasks = None;
-        let (owned_partitions, owned_watch) = tokio::sync::watch::channel(Vec::new());
-        if roles.worker {
-            let outcomes_close = CancellationToken::new();
-            let (outcomes, outcome_task) = outcomes::writer(
-                writes.clone(),
-                metrics.clone(),
-                1024,
-                pipeline.max_status_batch,
-                outcomes_close.clone(),
-            );
-            let consuming = Arc::new(AtomicBool::new(false));
-            links.push(Link {
-                name: "consumer",
-                up: Arc::clone(&consuming),
-                required_by: Some("worker"),
-            });
-            let worker = Worker {
-                pubsub: pubsub.clone(),
-                outcomes,
-                metrics: metrics.clone(),
-                retry: Arc::new(RetryPolicy::new(&settings.retry)),
-                retry_delays_ms: settings.retry.delays_ms().into(),
-                attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
-                faults,
-            };
-            let consumer_nodes = BrokerNodes::new(&settings.queue);
-            broker_nodes.push(("consumer", consumer_nodes.clone()));
-            if let Some(nodes) = &fanout_nodes {
-                broker_nodes.push(("fanout_publisher", nodes.clone()));
-            }
-            let coordinator = Coordinator {
-                worker,
-                store: store.clone(),
-                settings: settings.clone(),
-                node: node.clone(),
-                owned: owned_partitions,
-                consuming,
-                metrics: metrics.clone(),
-                nodes: consumer_nodes,
-            };
-            worker_tasks = Some(WorkerTasks {
-                worker_task: tokio::spawn(coordinator.run(shutdown.child_token())),
-                outcomes_close,
-                outcome_task: tokio::spawn(outcome_task),
-            });
+        if let Some(worker) = worker.as_mut() {
+            drain("worker pool", deadline, &mut worker.consumers).await;
         }
+        // (3) Sockets get close frames.
+        sockets.close(deadline).await;
+        // (4) Outcomes, then the publisher's confirms, then PostgreSQL and StatsD.
+        if let Some(worker) = worker {
+            worker.close(deadline).await;
+        }
+        if let Some(api) = api {
+            api.close(deadline).await;
+        }
+        // Closing waits for connections in use; a stuck one must not hold the exit past the bound.
+        drain("PostgreSQL pools", deadline, async {
+            tokio::join!(self.store.close(), self.writes.close(), self.reads.close())
+        })
+        .await;
+        every_node.close(deadline, &self.metrics).await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
 
-        // socket: WebSockets, and in cluster mode this node's fan-out queue.
-        let sockets_closing = CancellationToken::new();
-        let socket_state = SocketState::new(
-            &settings.socket,
-            pubsub.clone(),
-            reads.clone(),
+    /// The api role: group commit, publisher and its confirm recorder, outbox relay, retention,
+    /// replay jobs and the producer routes.
+    fn start_api(&mut self, wiring: &mut Wiring, shutdown: &CancellationToken) -> ApiRole {
+        let (settings, metrics) = (&self.settings, &self.metrics);
+        let (publisher, publisher_handle, reports) = Publisher::new(settings.queue.clone());
+        // Not needed to serve: accepted events wait in the outbox while the broker is away.
+        wiring.links.push(Link {
+            name: "publisher",
+            up: publisher_handle.connected_flag(),
+            required_by: None,
+        });
+        wiring
+            .broker_nodes
+            .push(("publisher", publisher_handle.broker_nodes()));
+        let publisher_stop = CancellationToken::new();
+        let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
+        let recorder_task = tokio::spawn(published::record(
+            reports,
+            self.writes.clone(),
             metrics.clone(),
-            signer,
-            sockets_closing.clone(),
+            settings.pipeline.max_status_batch,
+        ));
+        let commit_close = CancellationToken::new();
+        let (enqueue, commit_task) = Enqueue::new(
+            self.writes.clone(),
+            publisher_handle.clone(),
+            metrics.clone(),
+            settings,
+            commit_close.clone(),
+        );
+        let commit_task = tokio::spawn(commit_task);
+        let replays = ReplayJobs::new(
+            self.store.clone(),
+            publisher_handle.clone(),
+            metrics.clone(),
+            settings,
+            shutdown.child_token(),
+        );
+        let retention_task = tokio::spawn(retention::run(
+            self.store.clone(),
+            metrics.clone(),
+            settings.store.clone(),
+            shutdown.child_token(),
+        ));
+        let relay_task = tokio::spawn(relay::run(
+            self.store.clone(),
+            publisher_handle,
+            metrics.clone(),
+            settings.clone(),
+            shutdown.child_token(),
+        ));
+        let limits = Arc::new(Limits {
+            max_body_bytes: settings.http.max_body_bytes,
+            max_batch_events: settings.pipeline.max_batch_events,
+            max_data_bytes: settings.pipeline.max_data_bytes,
+            max_token_ttl_secs: settings.socket.token_ttl_secs,
+            max_concurrent_requests: settings.http.max_concurrent_requests,
+            request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
+        });
+        let mut router = std::mem::take(&mut wiring.router);
+        if let Some(demo) = self.demo.take() {
+            router = router.merge(demo.routes(enqueue.clone(), limits.request()));
+        }
+        let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
+        let api_state = ApiState {
+            depths: Arc::clone(&depths),
+            pubsub: self.pubsub.clone(),
+            store: self.reads.clone(),
+            enqueue,
+            metrics: metrics.clone(),
+            keys: Arc::new(KeyCache::new(10_000)),
+            signer: self.signer.clone(),
+            limits,
+            admin_keys: Arc::new(KeyCache::new(1_000)),
+            replays: replays.clone(),
+            default_replay_rate: settings.replay.default_rate,
+        };
+        wiring.router = router
+            .merge(api::console::routes())
+            .merge(api::routes(api_state));
+        ApiRole {
+            depths,
+            replays,
+            retention_task,
+            commit_close,
+            commit_task,
+            relay_task,
+            publisher_stop,
+            publisher_task,
+            recorder_task,
+        }
+    }
+
+    /// The worker role: partition leases and consumers, per-user lanes, the outcome writer.
+    fn start_worker(&mut self, wiring: &mut Wiring, shutdown: &CancellationToken) -> WorkerRole {
+        let (settings, metrics) = (&self.settings, &self.metrics);
+        let outcomes_close = CancellationToken::new();
+        let (outcomes, outcome_task) = outcomes::writer(
+            self.writes.clone(),
+            metrics.clone(),
+            1024,
+            settings.pipeline.max_status_batch,
+            outcomes_close.clone(),
+        );
+        let consuming = Arc::new(AtomicBool::new(false));
+        wiring.links.push(Link {
+            name: "consumer",
+            up: Arc::clone(&consuming),
+            required_by: Some("worker"),
+        });
+        let worker = Worker {
+            pubsub: self.pubsub.clone(),
+            outcomes,
+            metrics: metrics.clone(),
+            retry: Arc::new(RetryPolicy::new(&settings.retry)),
+            retry_delays_ms: settings.retry.delays_ms().into(),
+            attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
+            faults: Arc::clone(&self.faults),
+        };
+        let consumer_nodes = BrokerNodes::new(&settings.queue);
+        wiring
+            .broker_nodes
+            .push(("consumer", consumer_nodes.clone()));
+        if let Some(nodes) = &self.fanout_nodes {
+            wiring
+                .broker_nodes
+                .push(("fanout_publisher", nodes.clone()));
+        }
+        let (owned, partitions) = tokio::sync::watch::channel(Vec::new());
+        wiring.partitions = Some(partitions);
+        let coordinator = Coordinator {
+            worker,
+            store: self.store.clone(),
+            settings: settings.clone(),
+            node: self.node.clone(),
+            owned,
+            consuming,
+            metrics: metrics.clone(),
+            nodes: consumer_nodes,
+        };
+        WorkerRole {
+            consumers: tokio::spawn(coordinator.run(shutdown.child_token())),
+            outcomes_close,
+            outcome_task: tokio::spawn(outcome_task),
+        }
+    }
+
+    /// The socket role: WebSockets, and in cluster mode this node's fan-out queue. Every node
+    /// builds the socket state (its metrics sample it), but only a socket node serves it.
+    fn start_sockets(&mut self, wiring: &mut Wiring, shutdown: &CancellationToken) -> SocketRole {
+        let closing = CancellationToken::new();
+        let state = SocketState::new(
+            &self.settings.socket,
+            self.pubsub.clone(),
+            self.reads.clone(),
+            self.metrics.clone(),
+            self.signer.clone(),
+            closing.clone(),
         );
         let mut fanout_task = None;
-        if roles.socket {
-            router = router.merge(socket::routes(socket_state.clone()));
-            if let Some(requests) = bind_requests {
+        if self.roles.socket {
+            wiring.router = std::mem::take(&mut wiring.router).merge(socket::routes(state.clone()));
+            if let Some(requests) = self.bind_requests.take() {
                 let connected = Arc::new(AtomicBool::new(false));
-                links.push(Link {
+                wiring.links.push(Link {
                     name: "fanout",
                     up: Arc::clone(&connected),
                     required_by: Some("socket"),
                 });
-                let nodes = BrokerNodes::new(&settings.queue);
-                broker_nodes.push(("fanout", nodes.clone()));
+                let nodes = BrokerNodes::new(&self.settings.queue);
+                wiring.broker_nodes.push(("fanout", nodes.clone()));
                 fanout_task = Some(tokio::spawn(cluster::run_node_queue(
-                    settings.queue.clone(),
-                    node.clone(),
-                    pubsub.clone(),
+                    self.settings.queue.clone(),
+                    self.node.clone(),
+                    self.pubsub.clone(),
                     requests,
                     connected,
                     nodes,
-                    metrics.clone(),
+                    self.metrics.clone(),
                     shutdown.child_token(),
                 )));
             }
         }
+        SocketRole {
+            state,
+            closing,
+            fanout_task,
+        }
+    }
 
+    /// What every node runs: the metrics flusher, /healthz and /readyz, and Prometheus' listener.
+    /// Returns them with the node's finished router.
+    fn start_every_node(
+        &mut self,
+        wiring: Wiring,
+        sockets: &SocketState,
+        shutdown: &CancellationToken,
+    ) -> (EveryNode, axum::Router) {
+        let settings = &self.settings;
         let flusher_stop = CancellationToken::new();
         let flusher = tokio::spawn(flush_metrics(
-            metrics.clone(),
-            socket_state.clone(),
+            self.metrics.clone(),
+            sockets.clone(),
             [
-                ("background", store.clone()),
-                ("writes", writes.clone()),
-                ("reads", reads.clone()),
+                ("background", self.store.clone()),
+                ("writes", self.writes.clone()),
+                ("reads", self.reads.clone()),
             ],
-            broker_nodes.clone(),
+            wiring.broker_nodes.clone(),
             Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
             flusher_stop.clone(),
         ));
         let health = Health {
-            store: reads.clone(),
-            node: node.clone(),
-            roles,
-            links,
-            broker_nodes,
-            partitions: roles.worker.then_some(owned_watch),
+            store: self.reads.clone(),
+            node: self.node.clone(),
+            roles: self.roles,
+            links: wiring.links,
+            broker_nodes: wiring.broker_nodes,
+            partitions: wiring.partitions,
         };
-        let router = router
+        let router = wiring
+            .router
             .merge(api::health::routes(health))
-            .fallback(api::not_found);
-
-        // A body that stalls between reads fails its request (and frees its connection).
-        let router = router.layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
-            settings.http.body_read_timeout_ms,
-        )));
+            .fallback(api::not_found)
+            // A body that stalls between reads fails its request (and frees its connection).
+            .layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
+                settings.http.body_read_timeout_ms,
+            )));
         // Prometheus' listener stops and drains with the main one, on the same signal.
-        let scrape_task = scrape.map(|(listener, addr)| {
+        let scrape_task = self.scrape.take().map(|(listener, addr)| {
             tracing::info!(addr = %addr, "serving /metrics for Prometheus");
             tokio::spawn(server::serve(
                 listener,
-                api::scrape::routes(metrics.clone()),
+                api::scrape::routes(self.metrics.clone()),
                 Duration::from_millis(settings.http.header_read_timeout_ms),
                 settings.shutdown_timeout(),
                 shutdown.clone(),
             ))
         });
-        tracing::info!(addr = %http_addr, node = %node, roles = %roles.names(), "herald serving");
-        let deadline = server::serve(
-            listener,
-            router,
-            Duration::from_millis(settings.http.header_read_timeout_ms),
-            settings.shutdown_timeout(),
-            shutdown.clone(),
-        )
-        .await;
-        tracing::info!("shutting down: draining in-flight work");
-        if let Some(api) = &api_tasks {
-            drain("replay jobs", deadline, api.replays.shutdown()).await;
-            api.commit_close.cancel();
-        }
-        if let Some(api) = api_tasks.as_mut() {
-            drain("group commit", deadline, &mut api.commit_task).await;
-            drain("outbox relay", deadline, &mut api.relay_task).await;
-            drain("retention", deadline, &mut api.retention_task).await;
-        }
-        if let Some(worker) = worker_tasks.as_mut() {
-            drain("worker pool", deadline, &mut worker.worker_task).await;
-        }
-        sockets_closing.cancel();
-        socket_state.tracker.close();
-        drain("sockets", deadline, socket_state.tracker.wait()).await;
-        if let Some(task) = fanout_task {
-            drain("fan-out queue", deadline, task).await;
-        }
-        if let Some(mut worker) = worker_tasks {
-            worker.outcomes_close.cancel();
-            drain("outcome writer", deadline, &mut worker.outcome_task).await;
-        }
-        if let Some(mut api) = api_tasks {
-            drain("queue depth probe", deadline, api.depths.close()).await;
-            api.publisher_stop.cancel();
-            drain("publisher", deadline, &mut api.publisher_task).await;
-            drain("confirm recorder", deadline, &mut api.recorder_task).await;
-        }
-        // Closing waits for connections in use; a stuck one must not hold the exit past the bound.
-        drain("PostgreSQL pools", deadline, async {
-            tokio::join!(store.close(), writes.close(), reads.close())
-        })
-        .await;
-        if let Some(task) = scrape_task {
-            drain("metrics listener", deadline, task).await;
-        }
-        flusher_stop.cancel();
-        let _ = flusher.await;
-        metrics.flush();
-        tracing::info!("shutdown complete");
-        Ok(())
+        let node = EveryNode {
+            scrape_task,
+            flusher_stop,
+            flusher,
+        };
+        (node, router)
     }
 }
 
+/// What the roles add to the node's routes and readiness as they start.
+#[derive(Default)]
+struct Wiring {
+    router: axum::Router,
+    /// The RabbitMQ links /readyz reports.
+    links: Vec<Link>,
+    /// Which broker node each long-lived connection uses (readiness and metrics name it).
+    broker_nodes: Vec<(&'static str, BrokerNodes)>,
+    /// On a worker node: the partitions it consumes now.
+    partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
+}
+
 /// The api role's long-lived tasks and the switches that stop them.
-struct ApiTasks {
+struct ApiRole {
     /// The console's view of the partition queues: its connection closes with the others.
     depths: Arc<DepthProbe>,
     /// Operator replay jobs: stopped before the publisher they publish through.
@@ -526,11 +547,80 @@ struct ApiTasks {
     recorder_task: JoinHandle<()>,
 }
 
+impl ApiRole {
+    /// Step 2: replay jobs stop, the group commit writes every request it took, the relay and
+    /// retention stop (both were cancelled with intake).
+    async fn drain_intake(&mut self, deadline: Instant) {
+        drain("replay jobs", deadline, self.replays.shutdown()).await;
+        self.commit_close.cancel();
+        drain("group commit", deadline, &mut self.commit_task).await;
+        drain("outbox relay", deadline, &mut self.relay_task).await;
+        drain("retention", deadline, &mut self.retention_task).await;
+    }
+
+    /// Step 4: the publisher publishes what it holds and settles its confirms, which the recorder
+    /// writes.
+    async fn close(mut self, deadline: Instant) {
+        drain("queue depth probe", deadline, self.depths.close()).await;
+        self.publisher_stop.cancel();
+        drain("publisher", deadline, &mut self.publisher_task).await;
+        drain("confirm recorder", deadline, &mut self.recorder_task).await;
+    }
+}
+
 /// The worker role's long-lived tasks.
-struct WorkerTasks {
-    worker_task: JoinHandle<()>,
+struct WorkerRole {
+    /// The partition coordinator and its consumers, cancelled with intake.
+    consumers: JoinHandle<()>,
     outcomes_close: CancellationToken,
     outcome_task: JoinHandle<()>,
+}
+
+impl WorkerRole {
+    /// Step 4: the outcome writer writes what the drained deliveries reported.
+    async fn close(mut self, deadline: Instant) {
+        self.outcomes_close.cancel();
+        drain("outcome writer", deadline, &mut self.outcome_task).await;
+    }
+}
+
+/// The sockets (on every node, served on socket nodes) and the cluster fan-out queue.
+struct SocketRole {
+    state: SocketState,
+    /// Cancelled once deliveries are drained: each socket sends its close frame.
+    closing: CancellationToken,
+    fanout_task: Option<JoinHandle<()>>,
+}
+
+impl SocketRole {
+    /// Step 3: every socket gets its close frame; the fan-out queue (cancelled with intake) ends.
+    async fn close(self, deadline: Instant) {
+        self.closing.cancel();
+        self.state.tracker.close();
+        drain("sockets", deadline, self.state.tracker.wait()).await;
+        if let Some(task) = self.fanout_task {
+            drain("fan-out queue", deadline, task).await;
+        }
+    }
+}
+
+/// What every node runs whatever its roles: Prometheus' listener and the metrics flusher.
+struct EveryNode {
+    scrape_task: Option<JoinHandle<Instant>>,
+    flusher_stop: CancellationToken,
+    flusher: JoinHandle<()>,
+}
+
+impl EveryNode {
+    /// Last: the metrics listener drains, then StatsD is flushed.
+    async fn close(self, deadline: Instant, metrics: &Metrics) {
+        if let Some(task) = self.scrape_task {
+            drain("metrics listener", deadline, task).await;
+        }
+        self.flusher_stop.cancel();
+        let _ = self.flusher.await;
+        metrics.flush();
+    }
 }
 
 /// `node.name`, or `<hostname>-<pid>` when it is empty.

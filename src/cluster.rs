@@ -8,6 +8,7 @@
 //! it rebinds every wanted topic and then tells each local channel to resync from PostgreSQL
 //! ([`RESYNC_EVENT`]).
 
+use crate::backoff::{Backoff, reconnect};
 use crate::config::{PubSubSettings, QueueSettings};
 use crate::event::RESYNC_EVENT;
 use crate::metrics::Metrics;
@@ -15,7 +16,7 @@ use crate::pubsub::{
     BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Push, Transport,
 };
 use crate::queue::fanout::{FanoutPublisher, NodeQueue};
-use crate::queue::{self, Backoff, BrokerNodes};
+use crate::queue::{self, BrokerNodes};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -117,28 +118,24 @@ pub async fn run_node_queue(
     let mut backoff = Backoff::new(Duration::from_millis(settings.reconnect_max_backoff_ms));
     let mut reconnected = false;
     loop {
-        let opened = tokio::select! {
-            opened = NodeQueue::open(&settings, &node, &nodes) => opened,
-            () = stop.cancelled() => return,
+        // Rebinding is part of opening: a link that cannot rebind backs off like one that cannot
+        // connect.
+        let open = || async {
+            let link = NodeQueue::open(&settings, &node, &nodes).await?;
+            let mut bound = HashSet::new();
+            rebind_all(&link, &pubsub, &mut bound).await?;
+            Ok::<_, queue::Error>((link, bound))
         };
-        let mut link = match opened {
-            Ok(link) => link,
-            Err(error) => {
-                tracing::warn!(error = %error, "fan-out queue cannot reach RabbitMQ; retrying");
-                metrics.queue_connection_lost("fanout");
-                refuse_pending(&mut binds);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => continue,
-                    () = stop.cancelled() => return,
-                }
-            }
+        let failed = || {
+            metrics.queue_connection_lost("fanout");
+            refuse_pending(&mut binds);
+            std::future::ready(())
         };
-        let mut bound = HashSet::new();
-        if let Err(error) = rebind_all(&link, &pubsub, &mut bound).await {
-            tracing::warn!(error = %error, "cannot rebind the fan-out queue; reconnecting");
-            continue;
-        }
-        backoff.reset();
+        let Some((mut link, mut bound)) =
+            reconnect("fanout", &mut backoff, &stop, open, failed).await
+        else {
+            return;
+        };
         connected.store(true, Ordering::Relaxed);
         tracing::info!(queue = %link.queue, topics = bound.len(), "fan-out queue ready");
         if reconnected {

@@ -223,7 +223,7 @@ pub struct QueueSettings {
     pub confirm_timeout_ms: u64,
     /// Timeout of one connection attempt.
     pub connect_timeout_ms: u64,
-    /// Upper bound of the reconnect backoff.
+    /// Upper bound of the reconnect backoff (from 100 ms, doubling; each delay jittered by ±20%).
     pub reconnect_max_backoff_ms: u64,
 }
 

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod demo;

@@ -23,7 +23,6 @@ pub mod worker;
 use crate::config::Settings;
 use crate::event::{Envelope, encode_batch};
 use crate::queue::OutgoingMessage;
-use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -56,31 +55,4 @@ pub fn publish_window(settings: &Settings) -> Duration {
             .saturating_sub(settings.queue.confirm_timeout_ms)
             .saturating_sub(grace / 10),
     )
-}
-
-/// Runs `attempt` until it succeeds or `tries` attempts failed, backing off 100 ms, 200 ms, ... up to
-/// 2 s between them. For writes that must not be lost to a short database outage.
-async fn retry<T, E: std::fmt::Debug, F, Fut>(
-    what: &str,
-    tries: u32,
-    mut attempt: F,
-) -> Result<T, E>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut tried = 1;
-    loop {
-        match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) if tried >= tries => return Err(error),
-            Err(error) => {
-                tracing::warn!(error = ?error, what, attempt = tried, "write failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-                tried += 1;
-            }
-        }
-    }
 }

@@ -4,7 +4,7 @@
 //! attempts recorded.
 
 use super::batch::{Batcher, Flush};
-use super::retry;
+use crate::backoff::with_retries;
 use crate::metrics::Metrics;
 use crate::store::{AttemptRecord, Store};
 use std::future::Future;
@@ -55,7 +55,7 @@ impl Flush for OutcomeWriter {
             let n = runs.len();
             let outcomes: Vec<AttemptRecord> = runs.into_iter().flatten().collect();
             let started = Instant::now();
-            let result = retry("record attempts", TRIES, || {
+            let result = with_retries("record attempts", TRIES, || {
                 self.store.record_attempts(&outcomes)
             })
             .await;

@@ -27,9 +27,10 @@
 use super::lanes::Lanes;
 use super::sweep::{Watched, sweep_once};
 use super::worker::{Ended, Item, PartitionWork, Worker};
+use crate::backoff::{Backoff, reconnect};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::queue::{self, Backoff, BrokerNodes, ConsumerLink, Topology};
+use crate::queue::{self, BrokerNodes, ConsumerLink, Topology};
 use crate::store::{self, Layout, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -243,7 +244,6 @@ impl Coordinator {
         let mut tick = tokio::time::interval(check);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::new(Duration::from_millis(queue.reconnect_max_backoff_ms));
-        let mut retry_link_at = Instant::now();
         let mut session: Option<Session> = None;
         let mut draining: HashMap<u16, JoinHandle<()>> = HashMap::new();
         let mut renewed: Option<Instant> = None;
@@ -263,24 +263,26 @@ impl Coordinator {
                     self.end_session(old, Duration::from_secs(5)).await;
                 }
             }
-            if session.is_none() && Instant::now() >= retry_link_at {
-                match self.open_session().await {
-                    Ok(opened) => {
-                        backoff.reset();
-                        tracing::info!(node = %self.node, "worker connected");
-                        session = Some(opened);
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = %error, "worker cannot reach RabbitMQ; retrying");
-                        self.metrics.queue_connection_lost("consumer");
-                        retry_link_at = Instant::now() + backoff.next_delay();
-                    }
-                }
-            }
-            // Without a broker link, this node neither renews nor takes leases: its partitions go
-            // to nodes that can consume them.
-            let Some(current) = session.as_mut() else {
+            if session.is_none() {
+                // Without a broker link, this node neither renews nor takes leases: its partitions
+                // go to nodes that can consume them.
                 self.consuming.store(false, Ordering::Relaxed);
+                let opened = reconnect(
+                    "consumer",
+                    &mut backoff,
+                    &stop,
+                    || self.open_session(),
+                    || {
+                        self.metrics.queue_connection_lost("consumer");
+                        std::future::ready(())
+                    },
+                )
+                .await;
+                let Some(opened) = opened else { break };
+                tracing::info!(node = %self.node, "worker connected");
+                session = Some(opened);
+            }
+            let Some(current) = session.as_mut() else {
                 continue;
             };
             match self.reconcile(current, &mut draining).await {

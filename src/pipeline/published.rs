@@ -7,7 +7,7 @@
 //! it and, under a burst, ran into the statement timeout while the relay republished everything).
 
 use super::batch::{Batcher, Flush};
-use super::retry;
+use crate::backoff::with_retries;
 use crate::metrics::Metrics;
 use crate::queue::PublisherEvent;
 use crate::store::Store;
@@ -33,7 +33,7 @@ impl Flush for ConfirmedRows {
         let n = batches.len();
         let ids: Vec<Uuid> = batches.into_iter().flatten().collect();
         let started = Instant::now();
-        match retry("delete confirmed outbox rows", 5, || {
+        match with_retries("delete confirmed outbox rows", 5, || {
             self.store.confirm_messages(&ids)
         })
         .await

@@ -87,14 +87,10 @@ impl RetryPolicy {
     }
 }
 
-/// A uniform draw from [0, 1) for the jitter; 0.5 (no jitter) if the OS has no randomness to give.
-pub fn random_unit() -> f64 {
-    getrandom::u64().map_or(0.5, |bits| (bits >> 11) as f64 / (1u64 << 53) as f64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backoff::random_unit;
     use crate::config::EventRetrySettings;
 
     fn settings() -> RetrySettings {

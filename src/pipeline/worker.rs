@@ -33,7 +33,8 @@
 use super::faults::Faults;
 use super::lanes::{Lanes, RunHandler};
 use super::outcomes::Outcomes;
-use super::retry::{Decision, RetryPolicy, random_unit};
+use super::retry::{Decision, RetryPolicy};
+use crate::backoff::random_unit;
 use crate::event::{Envelope, USER_TOPIC_PREFIX, decode_batch, encode_batch, now_unix_ms};
 use crate::metrics::Metrics;
 use crate::pubsub::{Message, PubSub, Push};

@@ -7,7 +7,7 @@
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
 
-use super::{BrokerNodes, Error, enable_confirms, open_channel};
+use super::{BrokerNodes, Error, Unconfirmed, confirmed, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -90,40 +90,41 @@ impl FanoutPublisher {
     pub async fn publish(&self, topic: &str, body: &[u8], limit: Duration) -> Result<bool, Error> {
         let channel = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
-        let attempt = async {
-            let confirm = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    topic.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
-                    BasicProperties::default(),
+        let deadline = tokio::time::Instant::now() + limit;
+        let publish = channel.basic_publish(
+            exchange.as_str().into(),
+            topic.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
+            BasicProperties::default(),
+        );
+        let confirm = match tokio::time::timeout_at(deadline, publish).await {
+            Ok(Ok(confirm)) => {
+                confirmed(
+                    confirm,
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
                 )
-                .await?;
-            confirm.await
-        };
-        let confirmation = match tokio::time::timeout(limit, attempt).await {
-            Ok(Ok(confirmation)) => confirmation,
-            Ok(Err(source)) => {
-                *self.link.lock().await = None;
-                return Err(Error::Channel {
-                    what: "publish a broadcast",
-                    source,
-                });
+                .await
             }
-            Err(_) => {
-                *self.link.lock().await = None;
-                return Err(Error::ConnectTimeout);
-            }
+            Ok(Err(source)) => Err(Unconfirmed::Lost(source)),
+            Err(_) => Err(Unconfirmed::Timeout),
         };
-        if confirmation.is_nack() {
-            return Err(Error::Nacked);
-        }
-        Ok(confirmation.take_message().is_none())
+        let error = match confirm {
+            Ok(routed) => return Ok(routed),
+            Err(Unconfirmed::Nacked) => return Err(Error::Nacked),
+            Err(Unconfirmed::Timeout) => Error::ConfirmTimeout,
+            Err(Unconfirmed::Lost(source)) => Error::Channel {
+                what: "publish a broadcast",
+                source,
+            },
+        };
+        // The channel may be dead or wedged: the next publish opens a new one.
+        *self.link.lock().await = None;
+        Err(error)
     }
 }
 

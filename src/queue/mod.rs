@@ -42,6 +42,9 @@ pub enum Error {
     /// The broker refused a message.
     #[error("RabbitMQ refused the message")]
     Nacked,
+    /// A publish was not confirmed in time.
+    #[error("RabbitMQ did not confirm in time")]
+    ConfirmTimeout,
     /// Opening a channel or starting to consume failed.
     #[error("cannot {what}")]
     Channel {
@@ -281,14 +284,44 @@ async fn publish_confirmed(
         )
         .await
         .map_err(RetryPublishError::Lost)?;
-    match tokio::time::timeout(confirm_timeout, confirm).await {
-        Err(_) => Err(RetryPublishError::Timeout),
-        Ok(Err(error)) => Err(RetryPublishError::Lost(error)),
-        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(RetryPublishError::Refused("nack")),
-        Ok(Ok(confirmation)) => match confirmation.take_message() {
-            Some(_) => Err(RetryPublishError::Refused("unroutable")),
-            None => Ok(()),
-        },
+    match confirmed(confirm, confirm_timeout).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(RetryPublishError::Refused("unroutable")),
+        Err(Unconfirmed::Nacked) => Err(RetryPublishError::Refused("nack")),
+        Err(Unconfirmed::Timeout) => Err(RetryPublishError::Timeout),
+        Err(Unconfirmed::Lost(error)) => Err(RetryPublishError::Lost(error)),
+    }
+}
+
+/// Why a publish was not confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum Unconfirmed {
+    /// The channel or connection failed first: the broker may or may not have the message.
+    #[error("the channel failed before the broker confirmed")]
+    Lost(#[source] lapin::Error),
+    /// The broker refused the message.
+    #[error("RabbitMQ refused the message")]
+    Nacked,
+    /// No confirm came in time: the broker may or may not have the message.
+    #[error("RabbitMQ did not confirm the message in time")]
+    Timeout,
+}
+
+/// Waits up to `limit` for the broker's confirm of a publish on a confirm-mode channel. Resolves to
+/// whether a queue took the message: a mandatory publish that no queue binds comes back, acked.
+/// The one confirm wait of the publisher, the fan-out publisher and retries.
+///
+/// # Errors
+/// The channel failed, the broker nacked, or no confirm came within `limit`.
+pub async fn confirmed(
+    confirm: lapin::PublisherConfirm,
+    limit: Duration,
+) -> Result<bool, Unconfirmed> {
+    match tokio::time::timeout(limit, confirm).await {
+        Err(_) => Err(Unconfirmed::Timeout),
+        Ok(Err(error)) => Err(Unconfirmed::Lost(error)),
+        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(Unconfirmed::Nacked),
+        Ok(Ok(confirmation)) => Ok(confirmation.take_message().is_none()),
     }
 }
 
@@ -775,47 +808,9 @@ impl ConsumerLink {
     }
 }
 
-/// Exponential backoff for reconnects: 100 ms doubling up to a cap.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Starts at 100 ms, never above `max`.
-    pub fn new(max: Duration) -> Self {
-        Self {
-            next: Duration::from_millis(100),
-            max,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// After a success.
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500));
-        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 500, 500]);
-        b.reset();
-        assert_eq!(b.next_delay().as_millis(), 100);
-    }
 
     #[test]
     fn names_share_the_prefix() {

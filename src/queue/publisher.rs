@@ -13,13 +13,15 @@
 //! both send it.
 
 use super::{
-    Backoff, BrokerNodes, Error, Topology, declare_topology, enable_confirms, open_channel,
+    BrokerNodes, Error, Topology, Unconfirmed, confirmed, declare_topology, enable_confirms,
+    open_channel,
 };
+use crate::backoff::{Backoff, reconnect};
 use crate::config::QueueSettings;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Channel, Connection, Event};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -187,24 +189,19 @@ impl Publisher {
         let mut backoff = Backoff::new(Duration::from_millis(
             self.settings.reconnect_max_backoff_ms,
         ));
-        while !stop.is_cancelled() {
-            let link = tokio::select! {
-                link = self.open() => link,
-                () = stop.cancelled() => break,
+        loop {
+            let this = &self;
+            let Some((connection, channel)) = reconnect(
+                "publisher",
+                &mut backoff,
+                &stop,
+                || this.open(),
+                || this.report(PublisherEvent::Disconnected),
+            )
+            .await
+            else {
+                break;
             };
-            let (connection, channel) = match link {
-                Ok(link) => link,
-                Err(error) => {
-                    tracing::warn!(error = %error, "publisher cannot reach RabbitMQ; retrying");
-                    self.report(PublisherEvent::Disconnected).await;
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => continue,
-                        () = stop.cancelled() => break,
-                    }
-                }
-            };
-            backoff.reset();
             tracing::info!(partitions = self.names.partitions, "publisher connected");
             self.connected.store(true, Ordering::Relaxed);
             let end = self.pump(&connection, &channel, &stop).await;
@@ -375,14 +372,12 @@ impl Publisher {
     }
 }
 
-type ConfirmResult = Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>;
-
 async fn confirmation(
     id: Uuid,
     confirm: lapin::PublisherConfirm,
     limit: Duration,
-) -> (Uuid, ConfirmResult) {
-    (id, tokio::time::timeout(limit, confirm).await)
+) -> (Uuid, Result<bool, Unconfirmed>) {
+    (id, confirmed(confirm, limit).await)
 }
 
 enum Settled {
@@ -390,14 +385,12 @@ enum Settled {
     Lost(lapin::Error),
 }
 
-fn settle(result: ConfirmResult) -> Result<(), Settled> {
+fn settle(result: Result<bool, Unconfirmed>) -> Result<(), Settled> {
     match result {
-        Err(_) => Err(Settled::Unconfirmed("timeout")),
-        Ok(Err(error)) => Err(Settled::Lost(error)),
-        Ok(Ok(confirmation)) if confirmation.is_nack() => Err(Settled::Unconfirmed("nack")),
-        Ok(Ok(confirmation)) => match confirmation.take_message() {
-            Some(_) => Err(Settled::Unconfirmed("unroutable")),
-            None => Ok(()),
-        },
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Settled::Unconfirmed("unroutable")),
+        Err(Unconfirmed::Nacked) => Err(Settled::Unconfirmed("nack")),
+        Err(Unconfirmed::Timeout) => Err(Settled::Unconfirmed("timeout")),
+        Err(Unconfirmed::Lost(error)) => Err(Settled::Lost(error)),
     }
 }
