@@ -9,7 +9,7 @@ use crate::api::error::ApiError;
 use crate::api::request::{EventRequest, RequestLimits};
 use crate::event::UserId;
 use crate::pipeline::enqueue::Enqueue;
-use crate::socket::token::{TokenSigner, now_unix_secs};
+use crate::token::{TokenSigner, now_unix_secs};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;

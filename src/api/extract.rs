@@ -4,8 +4,8 @@
 use super::ApiState;
 use super::error::ApiError;
 use crate::event::UserId;
-use crate::socket::token::now_unix_secs;
 use crate::store::{ApiKey, Producer};
+use crate::token::now_unix_secs;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;

@@ -14,7 +14,6 @@ mod connection;
 pub mod origin;
 pub mod protocol;
 pub mod stats;
-pub mod token;
 
 use connection::Endpoint;
 
@@ -22,6 +21,7 @@ use crate::config::SocketSettings;
 use crate::metrics::{Metrics, STATS_SOCKET, USER_SOCKET};
 use crate::pubsub::PubSub;
 use crate::store::Store;
+use crate::token::{TokenSigner, now_unix_secs};
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
@@ -34,7 +34,6 @@ use origin::OriginPattern;
 use protocol::Vsn;
 use std::collections::HashMap;
 use std::sync::Arc;
-use token::{TokenSigner, now_unix_secs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -7,8 +7,8 @@
 use futures_util::{SinkExt, StreamExt};
 use herald::App;
 use herald::config::{Secret, Settings};
-use herald::socket::token::{TokenSigner, now_unix_secs};
 use herald::store::Store;
+use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
