@@ -300,7 +300,7 @@ impl App {
                 request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
             });
             if let Some(demo) = demo {
-                router = router.merge(demo.routes(enqueue.clone(), limits.request()));
+                router = router.merge(demo.routes(enqueue.clone(), Arc::clone(&limits)));
             }
             let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
             router = router.merge(api::console::routes());

@@ -17,7 +17,7 @@ pub mod scrape;
 mod tokens;
 mod users;
 
-pub use extract::KeyCache;
+pub use extract::{ApiJson, KeyCache};
 
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
@@ -88,6 +88,12 @@ pub struct ApiState {
     pub default_replay_rate: u32,
     /// Ready messages per partition queue, for the console.
     pub depths: Arc<DepthProbe>,
+}
+
+impl axum::extract::FromRef<ApiState> for Arc<Limits> {
+    fn from_ref(state: &ApiState) -> Self {
+        Arc::clone(&state.limits)
+    }
 }
 
 /// The API's routes before their state and bounds: what [`routes`] serves and what the OpenAPI
