@@ -7,7 +7,7 @@ use herald::config::Settings;
 use herald::metrics::Metrics;
 use herald::pipeline::{published, replay};
 use herald::queue::Publisher;
-use herald::store::{EventFilter, Store};
+use herald::store::{EventFilter, EventStatus, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -62,8 +62,12 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let statuses = (args.status.iter())
+        .map(|s| EventStatus::parse_stored(s))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
     let filter = EventFilter {
-        statuses: args.status,
+        statuses,
         producer: args.producer,
         user_id: args.user_id,
         event: args.event,
@@ -76,7 +80,12 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
     if args.dry_run {
         println!(
             "{matched} events would be replayed (statuses: {})",
-            filter.statuses.join(", ")
+            filter
+                .statuses
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return Ok(());
     }

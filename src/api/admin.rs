@@ -9,7 +9,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, bearer_key_hash, cached_lookup}
 use crate::event::now_unix_ms;
 use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
-use crate::store::{AttemptRow, EventFilter, EventRecord, Producer};
+use crate::store::{AttemptRow, EventFilter, EventRecord, EventStatus, Producer, ReplayJobStatus};
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
@@ -117,14 +117,24 @@ impl FilterParams {
                     }),
                 }
             };
+        // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
+        let since_ms = time(self.since.filter(|t| !t.trim().is_empty()), "since").await?;
+        let until_ms = time(self.until.filter(|t| !t.trim().is_empty()), "until").await?;
+        let statuses = (self
+            .status
+            .map(StringOrList::items)
+            .unwrap_or_default()
+            .iter())
+        .map(|s| EventStatus::parse_stored(s))
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::Invalid)?;
         let filter = EventFilter {
-            statuses: self.status.map(StringOrList::items).unwrap_or_default(),
+            statuses,
             producer: self.producer,
             user_id: self.user_id,
             event: self.event,
-            // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
-            since_ms: time(self.since.filter(|t| !t.trim().is_empty()), "since").await?,
-            until_ms: time(self.until.filter(|t| !t.trim().is_empty()), "until").await?,
+            since_ms,
+            until_ms,
             ids,
         };
         filter.validate().map_err(ApiError::Invalid)?;
@@ -303,7 +313,7 @@ pub struct ReplayStarted {
     /// The job's id, for `GET /api/v1/admin/replays/{id}`.
     id: Uuid,
     /// `running`.
-    status: String,
+    status: ReplayJobStatus,
     /// Events the filter matched.
     matched: i64,
 }
@@ -368,14 +378,19 @@ pub async fn start_replay(
     if let Err(busy) = state.replays.start(id, filter, rate, matched) {
         let _ = state
             .store
-            .update_replay_job(id, 0, 0, Some(("failed", Some(&busy.to_string()))))
+            .update_replay_job(
+                id,
+                0,
+                0,
+                Some((ReplayJobStatus::Failed, Some(&busy.to_string()))),
+            )
             .await;
         return Err(ApiError::Busy(busy.to_string()));
     }
     tracing::info!(job = %id, admin = %admin.name, matched, rate, "replay job started");
     let started = ReplayStarted {
         id,
-        status: "running".into(),
+        status: ReplayJobStatus::Running,
         matched,
     };
     Ok((StatusCode::ACCEPTED, Json(started)).into_response())
@@ -386,8 +401,8 @@ pub async fn start_replay(
 pub struct ReplayStatus {
     /// Job id.
     id: Uuid,
-    /// `running`, `done`, `failed`, or `interrupted` (its node stopped; run it again).
-    status: String,
+    /// Where it is (`interrupted`: its node stopped; run it again).
+    status: ReplayJobStatus,
     /// The filter, as recorded.
     filter: Value,
     /// Events the filter matched when the job started.

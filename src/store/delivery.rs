@@ -6,12 +6,10 @@
 //! formatted by PostgreSQL, so Herald needs no date library.
 
 use super::outbox::OutboxMessage;
+use super::status::{EventStatus, ReplayJobStatus};
 use super::{Error, Store, StoredEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-/// The statuses an event can have, in lifecycle order.
-pub const EVENT_STATUSES: [&str; 4] = ["accepted", "published", "delivered", "failed"];
 
 /// One delivery attempt, and what it leaves the event as.
 #[derive(Clone, Debug)]
@@ -53,8 +51,8 @@ pub enum AttemptResult {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventFilter {
-    /// Any of these statuses (see [`EVENT_STATUSES`]).
-    pub statuses: Vec<String>,
+    /// Any of these statuses (see [`EventStatus::STORED`]).
+    pub statuses: Vec<EventStatus>,
     /// The producer's name.
     pub producer: Option<String>,
     /// The user.
@@ -70,22 +68,12 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    /// Checks the statuses named, and that no text holds a NUL (PostgreSQL's text cannot, and
-    /// would fail the query rather than match nothing).
+    /// Checks that no text holds a NUL (PostgreSQL's text cannot, and would fail the query rather
+    /// than match nothing).
     ///
     /// # Errors
-    /// A status that does not exist, or a text with a NUL, named with its field.
+    /// A text with a NUL, named with its field.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(bad) = self
-            .statuses
-            .iter()
-            .find(|s| !EVENT_STATUSES.contains(&s.as_str()))
-        {
-            return Err(format!(
-                "status: unknown status {bad:?} (one of {})",
-                EVENT_STATUSES.join(", ")
-            ));
-        }
         let texts = [
             ("producer", &self.producer),
             ("user_id", &self.user_id),
@@ -115,7 +103,7 @@ pub struct EventRecord {
     /// Event name.
     pub event: String,
     /// Current status.
-    pub status: String,
+    pub status: EventStatus,
     /// Delivery attempts so far (replays included).
     pub attempts: i32,
     /// The error of the last failed attempt, until the event is delivered.
@@ -166,8 +154,8 @@ pub struct AttemptRow {
 pub struct ReplayJobRecord {
     /// Job id.
     pub id: Uuid,
-    /// `running`, `done`, `failed` or `interrupted` (a running job whose node stopped reporting).
-    pub status: String,
+    /// Where it is (`interrupted`: a running job whose node stopped reporting).
+    pub status: ReplayJobStatus,
     /// The filter, as given (JSON text).
     pub filter: String,
     /// Events the filter matched when the job started.
@@ -230,7 +218,7 @@ const FILTER_SQL: &str = "(cardinality($1::text[]) = 0 OR e.status = ANY($1))
 /// [`FILTER_SQL`], plus a predicate the planner can match against the failed-events index when
 /// only failed events are asked for (a bound parameter alone never lets it use a partial index).
 fn filter_sql(filter: &EventFilter) -> String {
-    if filter.statuses.iter().all(|s| s == "failed") && !filter.statuses.is_empty() {
+    if filter.statuses.iter().all(|s| *s == EventStatus::Failed) && !filter.statuses.is_empty() {
         format!("{FILTER_SQL} AND e.failed_at IS NOT NULL")
     } else {
         FILTER_SQL.to_owned()
@@ -592,12 +580,13 @@ impl Store {
     ) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO replay_jobs (id, filter, status, matched, created_by)
-             VALUES ($1, $2::text::jsonb, 'running', $3, $4)",
+             VALUES ($1, $2::text::jsonb, $5, $3, $4)",
         )
         .bind(id)
         .bind(filter)
         .bind(matched)
         .bind(created_by)
+        .bind(ReplayJobStatus::Running)
         .execute(&self.pool)
         .await
         .map_err(Error::query("create a replay job"))?;
@@ -613,7 +602,7 @@ impl Store {
         id: Uuid,
         replayed: i64,
         deferred: i64,
-        end: Option<(&str, Option<&str>)>,
+        end: Option<(ReplayJobStatus, Option<&str>)>,
     ) -> Result<(), Error> {
         let (status, error) = end.map_or((None, None), |(s, e)| (Some(s), e));
         sqlx::query(
@@ -644,9 +633,9 @@ impl Store {
         stale_ms: i64,
     ) -> Result<Option<ReplayJobRecord>, Error> {
         sqlx::query_as::<_, ReplayJobRecord>(concat!(
-            "SELECT id, CASE WHEN status = 'running'
+            "SELECT id, CASE WHEN status = $3
                                   AND updated_at < now() - make_interval(secs => $2 / 1000.0)
-                             THEN 'interrupted' ELSE status END AS status,
+                             THEN $4 ELSE status END AS status,
                     filter::text AS filter, matched, replayed, deferred, error, ",
             rfc3339!("started_at"),
             " AS started_at, ",
@@ -657,6 +646,8 @@ impl Store {
         ))
         .bind(id)
         .bind(stale_ms as f64)
+        .bind(ReplayJobStatus::Running)
+        .bind(ReplayJobStatus::Interrupted)
         .fetch_optional(&self.pool)
         .await
         .map_err(Error::query("read a replay job"))

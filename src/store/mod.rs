@@ -10,18 +10,17 @@ mod events;
 mod outbox;
 mod partitions;
 mod producers;
+mod status;
 mod sweep;
 
 pub use delivery::{
-    AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
-    ReplayJobRecord,
+    AttemptRecord, AttemptResult, AttemptRow, EventFilter, EventRecord, ReplayJobRecord,
 };
-pub use events::{
-    Committed, InsertOutcome, NewEvent, PRUNED_STATUS, ReadMark, SeqOrder, StoredEvent,
-};
+pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
+pub use status::{EventStatus, ReplayJobStatus};
 pub use sweep::StaleCursor;
 
 use crate::config::StoreSettings;
