@@ -258,14 +258,7 @@ impl Connection {
             Endpoint::Stats => STATS_CHANNEL,
         };
         if let Err(refusal) = self.admit_join(&frame) {
-            return match refusal {
-                // No route: Phoenix answers with a null join ref, and no handler was involved.
-                Refusal::Unmatched => {
-                    self.reply(&frame, null(), "error", &reason("unmatched topic"))
-                        .await
-                }
-                Refusal::Reason(why) => self.refuse_join(&frame, channel_tag, why).await,
-            };
+            return self.refuse_join(&frame, channel_tag, refusal).await;
         }
         // What a user join answers is read first: a join whose catch-up cannot be planned is refused
         // (the official client retries with backoff), not answered with a last_seq it cannot trust,
@@ -275,7 +268,7 @@ impl Connection {
                 Some(plan) => Some(plan),
                 None => {
                     return self
-                        .refuse_join(&frame, channel_tag, "unavailable, retry")
+                        .refuse_join(&frame, channel_tag, Refusal::Unavailable)
                         .await;
                 }
             },
@@ -284,7 +277,7 @@ impl Connection {
         let previous = self.channels.remove(&frame.topic);
         if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
             return self
-                .refuse_join(&frame, channel_tag, "too many channels joined")
+                .refuse_join(&frame, channel_tag, Refusal::TooManyChannels)
                 .await;
         }
         if let Some(previous) = &previous {
@@ -295,7 +288,7 @@ impl Connection {
             Err(error) => {
                 tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
                 return self
-                    .refuse_join(&frame, channel_tag, "unavailable, retry")
+                    .refuse_join(&frame, channel_tag, Refusal::Unavailable)
                     .await;
             }
         };
@@ -350,22 +343,29 @@ impl Connection {
         }
     }
 
-    /// Answers a join with an error reply carrying `why`, and counts the refusal.
+    /// Answers a join with an error reply carrying the refusal's reason, and counts the refusal.
+    /// A topic no channel serves is answered as Phoenix does with no route: with a null join ref,
+    /// and not counted, since no channel handler was involved.
     async fn refuse_join(
         &mut self,
         frame: &Frame,
         channel_tag: &'static str,
-        why: &str,
+        refusal: Refusal,
     ) -> Result<(), End> {
-        self.state.metrics.channel_join(channel_tag, false);
-        self.reply(frame, &frame.join_ref, "error", &reason(why))
+        let join_ref: &RawValue = if refusal == Refusal::Unmatched {
+            null()
+        } else {
+            self.state.metrics.channel_join(channel_tag, false);
+            &frame.join_ref
+        };
+        self.reply(frame, join_ref, "error", &reason(refusal.reason()))
             .await
     }
 
     /// Routes and authorises a join.
     fn admit_join(&self, frame: &Frame) -> Result<(), Refusal> {
         if !frame.payload.get().trim_start().starts_with('{') {
-            return Err(Refusal::Reason("join params must be an object"));
+            return Err(Refusal::ParamsNotObject);
         }
         match &self.endpoint {
             Endpoint::User(user) => {
@@ -374,12 +374,12 @@ impl Connection {
                     .strip_prefix(USER_TOPIC_PREFIX)
                     .ok_or(Refusal::Unmatched)?;
                 if requested != user.as_str() {
-                    return Err(Refusal::Reason("unauthorized"));
+                    return Err(Refusal::Unauthorized);
                 }
                 Ok(())
             }
             // The seed's StatsChannel: "invalid" always fails, every other topic joins.
-            Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::Reason("always fails")),
+            Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::AlwaysFails),
             Endpoint::Stats => Ok(()),
         }
     }
@@ -432,7 +432,12 @@ impl Connection {
     async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
-                .reply(&frame, null(), "error", &reason("unmatched topic"))
+                .reply(
+                    &frame,
+                    null(),
+                    "error",
+                    &reason(Refusal::Unmatched.reason()),
+                )
                 .await;
         };
         if is_stale(&frame, &channel.join_ref) {
@@ -841,12 +846,35 @@ impl CatchUp {
     }
 }
 
-/// Why a join is refused.
+/// Why a join is refused; the client reads the reason in the error reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
-    /// No channel serves this topic.
+    /// No channel serves this topic (also the answer to a client event on a topic not joined).
     Unmatched,
-    /// The channel refused, with this reason.
-    Reason(&'static str),
+    /// The join params are not a JSON object.
+    ParamsNotObject,
+    /// A user channel of another user.
+    Unauthorized,
+    /// The stats topic `invalid`, which the seed's StatsChannel always refuses.
+    AlwaysFails,
+    /// PostgreSQL or the fan-out could not be read in time: the client retries with backoff.
+    Unavailable,
+    /// `socket.max_channels` channels are joined on this connection.
+    TooManyChannels,
+}
+
+impl Refusal {
+    /// The reason the error reply carries.
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::Unmatched => "unmatched topic",
+            Self::ParamsNotObject => "join params must be an object",
+            Self::Unauthorized => "unauthorized",
+            Self::AlwaysFails => "always fails",
+            Self::Unavailable => "unavailable, retry",
+            Self::TooManyChannels => "too many channels joined",
+        }
+    }
 }
 
 /// A frame whose non-null join ref is not the channel's current one belongs to an earlier instance
