@@ -2,12 +2,11 @@
 //! `herald::pipeline::replay`, shared with the admin API; this adds the arguments, the dry run, a
 //! progress bar on a terminal (log lines every two seconds otherwise), and a publisher of its own.
 
-use anyhow::Context;
 use herald::config::Settings;
 use herald::metrics::Metrics;
 use herald::pipeline::{published, replay};
 use herald::queue::Publisher;
-use herald::store::{EventFilter, EventStatus, Store};
+use herald::store::{FilterText, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -53,28 +52,16 @@ pub struct ReplayArgs {
 /// Runs the replay described by `args`.
 pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
     let store = Store::connect(&settings.store).await?;
-    let time = |text: Option<String>| {
-        let store = store.clone();
-        async move {
-            match text {
-                Some(text) => store.parse_time(&text).await.map(Some),
-                None => Ok(None),
-            }
-        }
-    };
-    let statuses = (args.status.iter())
-        .map(|s| EventStatus::parse_stored(s))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let filter = EventFilter {
-        statuses,
+    let text = FilterText {
+        statuses: args.status,
         producer: args.producer,
         user_id: args.user_id,
         event: args.event,
-        since_ms: time(args.since).await.context("--since")?,
-        until_ms: time(args.until).await.context("--until")?,
+        since: args.since,
+        until: args.until,
         ids: args.ids,
     };
+    let filter = store.event_filter(text).await?;
     let filter = replay::replay_filter(filter, args.include_delivered)?;
     let matched = store.count_events(&filter).await?;
     if args.dry_run {

@@ -9,7 +9,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, bearer_key_hash, cached_lookup}
 use crate::event::now_unix_ms;
 use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
-use crate::store::{AttemptRow, EventFilter, EventRecord, EventStatus, Producer, ReplayJobStatus};
+use crate::store::{AttemptRow, EventFilter, EventRecord, FilterText, Producer, ReplayJobStatus};
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
@@ -105,40 +105,16 @@ impl FilterParams {
                     .map_err(|_| ApiError::Invalid(format!("ids: {id:?} is not an event id")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let time =
-            |text: Option<String>, key: &'static str| async move {
-                match text {
-                    None => Ok(None),
-                    Some(text) => state.store.parse_time(&text).await.map(Some).map_err(|e| {
-                        match ApiError::from(e) {
-                            ApiError::Invalid(why) => ApiError::Invalid(format!("{key}: {why}")),
-                            other => other,
-                        }
-                    }),
-                }
-            };
-        // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
-        let since_ms = time(self.since.filter(|t| !t.trim().is_empty()), "since").await?;
-        let until_ms = time(self.until.filter(|t| !t.trim().is_empty()), "until").await?;
-        let statuses = (self
-            .status
-            .map(StringOrList::items)
-            .unwrap_or_default()
-            .iter())
-        .map(|s| EventStatus::parse_stored(s))
-        .collect::<Result<_, _>>()
-        .map_err(ApiError::Invalid)?;
-        let filter = EventFilter {
-            statuses,
+        let text = FilterText {
+            statuses: self.status.map(StringOrList::items).unwrap_or_default(),
             producer: self.producer,
             user_id: self.user_id,
             event: self.event,
-            since_ms,
-            until_ms,
+            since: self.since,
+            until: self.until,
             ids,
         };
-        filter.validate().map_err(ApiError::Invalid)?;
-        Ok(filter)
+        Ok(state.store.event_filter(text).await?)
     }
 }
 

@@ -89,6 +89,26 @@ impl EventFilter {
     }
 }
 
+/// An operator's filter as written (admin API, `herald replay`): statuses and times still text.
+/// [`Store::event_filter`] makes it an [`EventFilter`], the one way both do.
+#[derive(Debug, Default)]
+pub struct FilterText {
+    /// Status names.
+    pub statuses: Vec<String>,
+    /// The producer's name.
+    pub producer: Option<String>,
+    /// The user.
+    pub user_id: Option<String>,
+    /// The event name.
+    pub event: Option<String>,
+    /// Enqueued at or after: see [`Store::parse_time`]; blank sets no bound.
+    pub since: Option<String>,
+    /// Enqueued before: same forms.
+    pub until: Option<String>,
+    /// Only these events.
+    pub ids: Vec<Uuid>,
+}
+
 /// An event as operators and producers read it.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRecord {
@@ -479,6 +499,40 @@ impl Store {
             .await
             .map_err(Error::query("commit a replay claim"))?;
         Ok(messages.into_iter().map(|m| m.id).zip(rows).collect())
+    }
+
+    /// The filter `text` means: times read (a blank one, as a form left blank sends, sets no
+    /// bound, as an empty status list does), statuses parsed, texts checked for NUL.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the field; a query error reading a time.
+    pub async fn event_filter(&self, text: FilterText) -> Result<EventFilter, Error> {
+        let time = |text: Option<String>, key: &'static str| async move {
+            match text.filter(|t| !t.trim().is_empty()) {
+                None => Ok(None),
+                Some(text) => self.parse_time(&text).await.map(Some).map_err(|e| match e {
+                    Error::Invalid(why) => Error::Invalid(format!("{key}: {why}")),
+                    other => other,
+                }),
+            }
+        };
+        let since_ms = time(text.since, "since").await?;
+        let until_ms = time(text.until, "until").await?;
+        let statuses = (text.statuses.iter())
+            .map(|s| EventStatus::parse_stored(s))
+            .collect::<Result<_, _>>()
+            .map_err(Error::Invalid)?;
+        let filter = EventFilter {
+            statuses,
+            producer: text.producer,
+            user_id: text.user_id,
+            event: text.event,
+            since_ms,
+            until_ms,
+            ids: text.ids,
+        };
+        filter.validate().map_err(Error::Invalid)?;
+        Ok(filter)
     }
 
     /// Parses a time as PostgreSQL reads a `timestamptz` (`2026-11-30T12:00:00Z`, `2026-11-30`,

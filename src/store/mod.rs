@@ -25,7 +25,9 @@ mod replay_jobs;
 mod status;
 mod sweep;
 
-pub use delivery::{AttemptRecord, AttemptResult, AttemptRow, EventFilter, EventRecord};
+pub use delivery::{
+    AttemptRecord, AttemptResult, AttemptRow, EventFilter, EventRecord, FilterText,
+};
 pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
