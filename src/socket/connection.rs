@@ -12,12 +12,13 @@ use super::channel::{
 };
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
+use super::user_channel::{ACK_EVENT, CatchUp, GAP_PAGE_TIMEOUT, catch_up_plan, record_acks};
 use crate::event::{
     DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
 };
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
-use crate::store::{ReadMark, SeqOrder};
+use crate::store::SeqOrder;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -745,104 +746,6 @@ fn written(
             tracing::debug!("websocket write timed out");
             Err(End::Gone)
         }
-    }
-}
-
-/// How long one page of a gap fill or catch-up may take to read: the connection waits for it, and
-/// a stalled read must end (the channel is closed with `phx_error` and the client rejoins) well
-/// before the client's 30 s heartbeat would give the whole connection up.
-const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Reads what a user channel join needs to say and do: the user's current last seq, and whether
-/// retention removed any event after the requested `last_seq` (the user's retention watermark,
-/// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
-/// read in time: the join is refused and the client retries.
-async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> Option<CatchUp> {
-    let requested = serde_json::from_str::<UserJoinParams>(params.get())
-        .ok()
-        .and_then(|p| p.last_seq)
-        .filter(|seq| *seq >= 0);
-    let read = timeout(GAP_PAGE_TIMEOUT, state.store.user_seq_bounds(user.as_str())).await;
-    let (pruned_through, last) = match read {
-        Ok(Ok(bounds)) => bounds,
-        Ok(Err(error)) => {
-            tracing::warn!(error = ?error, "join refused: cannot read the user's seqs");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!("join refused: reading the user's seqs timed out");
-            return None;
-        }
-    };
-    Some(CatchUp {
-        from: requested,
-        last_seq: last.unwrap_or(0),
-        // Retention removed events the client has not seen.
-        missed: matches!((requested, pruned_through), (Some(r), Some(p)) if p > r),
-    })
-}
-
-/// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).
-async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'static str, String) {
-    let ids = match serde_json::from_str::<AckParams>(frame.payload.get()) {
-        Ok(params) if params.ids.len() <= MAX_ACK_IDS => params.ids,
-        _ => {
-            return (
-                "error",
-                reason("ack takes {\"ids\": [event ids]}, at most 1000"),
-            );
-        }
-    };
-    match state
-        .store
-        .record_acks(user.as_str(), ReadMark::Ids(&ids))
-        .await
-    {
-        Ok(acked) => {
-            state.metrics.client_acked(acked);
-            ("ok", format!(r#"{{"acked":{acked}}}"#))
-        }
-        Err(error) => {
-            tracing::warn!(error = ?error, "cannot record client acks");
-            ("error", reason("acks could not be recorded; retry"))
-        }
-    }
-}
-
-/// The user channel event by which a client acknowledges events it has shown.
-const ACK_EVENT: &str = "ack";
-/// Most ids in one ack.
-const MAX_ACK_IDS: usize = 1_000;
-
-/// Payload of an ack.
-#[derive(serde::Deserialize)]
-struct AckParams {
-    ids: Vec<uuid::Uuid>,
-}
-
-/// Join params of a user channel; other params are the client's business and ignored.
-#[derive(serde::Deserialize)]
-struct UserJoinParams {
-    last_seq: Option<i64>,
-}
-
-/// What a user channel join answers and whether it catches up.
-#[derive(Default)]
-struct CatchUp {
-    /// Catch up after this seq (the client's `last_seq`).
-    from: Option<i64>,
-    /// The user's latest seq now.
-    last_seq: i64,
-    /// Events after `from` were already removed by retention: the client missed them.
-    missed: bool,
-}
-
-impl CatchUp {
-    fn response(&self) -> String {
-        format!(
-            r#"{{"last_seq":{},"missed":{}}}"#,
-            self.last_seq, self.missed
-        )
     }
 }
 

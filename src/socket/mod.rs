@@ -7,13 +7,15 @@
 //! token; any topic is a stats channel (see [`stats`]). Before any upgrade, a browser's origin is
 //! checked ([`origin`], 403) and the node's room for sockets of that kind (503): each connection
 //! holds a permit until it ends. Protocol parsing is in [`protocol`] (pure), the per-connection loop in
-//! `connection`, channel state and per-user ordering in [`channel`].
+//! `connection`, the user channel's catch-up and acks in `user_channel`, channel state and per-user
+//! ordering in [`channel`].
 
 pub mod channel;
 mod connection;
 pub mod origin;
 pub mod protocol;
 pub mod stats;
+mod user_channel;
 
 use connection::Endpoint;
 
