@@ -32,9 +32,10 @@ use crate::pipeline::{outcomes, published, relay, retention};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::{BrokerNodes, DepthProbe, Publisher};
 use crate::server;
-use crate::socket::token::TokenSigner;
+
 use crate::socket::{self, SocketState};
 use crate::store::{self, Store};
+use crate::token::TokenSigner;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -333,7 +334,7 @@ impl App {
         });
         let mut router = std::mem::take(&mut wiring.router);
         if let Some(demo) = self.demo.take() {
-            router = router.merge(demo.routes(enqueue.clone(), limits.request()));
+            router = router.merge(demo.routes(enqueue.clone(), Arc::clone(&limits)));
         }
         let depths = Arc::new(DepthProbe::new(settings.queue.clone()));
         let api_state = ApiState {

@@ -799,9 +799,7 @@ impl Settings {
                  (`herald secret` prints a fresh random one)",
                 secret.expose().len()
             ))),
-            None if self.node.dev || self.demo.enabled => {
-                Ok(crate::socket::token::DEVELOPMENT_SECRET)
-            }
+            None if self.node.dev || self.demo.enabled => Ok(crate::token::DEVELOPMENT_SECRET),
             None => Err(Error::Invalid(format!(
                 "socket.secret (HERALD_SECRET) is not set: set it to {MIN_SECRET_BYTES}+ random \
                  bytes (`herald secret` prints one), or run a development node with --dev"
@@ -1419,7 +1417,7 @@ mod tests {
         let dev = Settings::load(None, env(&[("HERALD_NODE__DEV", "true")])).unwrap();
         assert_eq!(
             dev.signing_secret().unwrap(),
-            crate::socket::token::DEVELOPMENT_SECRET
+            crate::token::DEVELOPMENT_SECRET
         );
         let long = "z".repeat(MIN_SECRET_BYTES);
         let set = Settings::load(None, env(&[("HERALD_SECRET", &long)])).unwrap();

@@ -3,14 +3,17 @@
 //! arrive with their delivery latency, sends test events, and tries the stats channel.
 //!
 //! Off unless `demo.enabled`: its endpoints mint tokens for any user and enqueue without an API key,
-//! as the `demo` producer. An edge module like `api`; nothing depends on it.
+//! as the `demo` producer. An edge module like `api`; nothing depends on it. Bodies are read and
+//! events checked as the producer API does (its [`ApiJson`], limits and JSON errors): the demo must
+//! not be a way around them.
 
 use crate::api::error::ApiError;
-use crate::api::request::{EventRequest, RequestLimits};
+use crate::api::request::{self, EventRequest};
+use crate::api::{ApiJson, Limits};
 use crate::event::UserId;
 use crate::pipeline::enqueue::Enqueue;
-use crate::socket::token::{TokenSigner, now_unix_secs};
-use axum::extract::State;
+use crate::token::{TokenSigner, now_unix_secs};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -49,7 +52,13 @@ struct DemoState {
     enqueue: Enqueue,
     signer: TokenSigner,
     producer_id: i64,
-    limits: RequestLimits,
+    limits: Arc<Limits>,
+}
+
+impl FromRef<DemoState> for Arc<Limits> {
+    fn from_ref(state: &DemoState) -> Self {
+        Arc::clone(&state.limits)
+    }
 }
 
 impl Demo {
@@ -78,7 +87,7 @@ impl Demo {
     }
 
     /// The demo routes, enqueueing through `enqueue` what passes the API's own `limits`.
-    pub fn routes(self, enqueue: Enqueue, limits: RequestLimits) -> Router {
+    pub fn routes(self, enqueue: Enqueue, limits: Arc<Limits>) -> Router {
         let state = DemoState {
             assets: self.assets,
             enqueue,
@@ -97,6 +106,7 @@ fn routes(state: DemoState) -> Router {
         .route("/demo/phoenix.mjs", get(phoenix_js))
         .route("/demo/token", post(token))
         .route("/demo/events", post(send_event))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
 }
 
@@ -128,7 +138,7 @@ struct TokenRequest {
 
 async fn token(
     State(state): State<DemoState>,
-    Json(request): Json<TokenRequest>,
+    ApiJson(request): ApiJson<TokenRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let user = UserId::parse(request.user_id)
         .map_err(|why| ApiError::Invalid(format!("user_id: {why}")))?;
@@ -138,11 +148,10 @@ async fn token(
 
 async fn send_event(
     State(state): State<DemoState>,
-    Json(request): Json<EventRequest>,
+    ApiJson(request): ApiJson<EventRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    // The same checks as the producer API: the demo must not be a way around them.
     let event =
-        crate::api::request::validate(request, None, &state.limits, "")?.stamp(state.producer_id);
+        request::validate(request, None, &state.limits.request(), "")?.stamp(state.producer_id);
     let accepted = state.enqueue.enqueue(vec![event]).await?;
     let first = accepted.first().map(|a| json!({"id": a.id, "seq": a.seq}));
     Ok(Json(first.unwrap_or(Value::Null)))

@@ -6,7 +6,8 @@
 //! (`socket`). Every stage reports to StatsD (`metrics`).
 //!
 //! Dependencies point one way: `api`, `socket` and `pipeline` use `store`, `queue`, `pubsub` and
-//! `metrics`; those leaves use none of each other (only the shared types in `event`).
+//! `metrics`; those leaves use none of each other (only the shared types in `event`). Socket tokens
+//! (`token`) are a leaf too: the API signs them and the socket verifies them.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod queue;
 pub mod server;
 pub mod socket;
 pub mod store;
+pub mod token;
 
 pub use app::App;
 pub use config::Settings;

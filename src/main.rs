@@ -6,8 +6,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use herald::App;
 use herald::config::Settings;
 use herald::event::UserId;
-use herald::socket::token::{TokenSigner, now_unix_secs};
 use herald::store::Store;
+use herald::token::{TokenSigner, now_unix_secs};
 use tokio_util::sync::CancellationToken;
 
 mod replay;

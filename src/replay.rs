@@ -2,12 +2,11 @@
 //! `herald::pipeline::replay`, shared with the admin API; this adds the arguments, the dry run, a
 //! progress bar on a terminal (log lines every two seconds otherwise), and a publisher of its own.
 
-use anyhow::Context;
 use herald::config::Settings;
 use herald::metrics::Metrics;
 use herald::pipeline::{published, replay};
 use herald::queue::Publisher;
-use herald::store::{EventFilter, Store};
+use herald::store::{FilterText, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -53,30 +52,27 @@ pub struct ReplayArgs {
 /// Runs the replay described by `args`.
 pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
     let store = Store::connect(&settings.store).await?;
-    let time = |text: Option<String>| {
-        let store = store.clone();
-        async move {
-            match text {
-                Some(text) => store.parse_time(&text).await.map(Some),
-                None => Ok(None),
-            }
-        }
-    };
-    let filter = EventFilter {
+    let text = FilterText {
         statuses: args.status,
         producer: args.producer,
         user_id: args.user_id,
         event: args.event,
-        since_ms: time(args.since).await.context("--since")?,
-        until_ms: time(args.until).await.context("--until")?,
+        since: args.since,
+        until: args.until,
         ids: args.ids,
     };
+    let filter = store.event_filter(text).await?;
     let filter = replay::replay_filter(filter, args.include_delivered)?;
     let matched = store.count_events(&filter).await?;
     if args.dry_run {
         println!(
             "{matched} events would be replayed (statuses: {})",
-            filter.statuses.join(", ")
+            filter
+                .statuses
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return Ok(());
     }

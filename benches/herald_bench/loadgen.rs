@@ -11,7 +11,7 @@ use futures_util::stream::{self, StreamExt};
 use futures_util::{SinkExt, future};
 use hdrhistogram::Histogram;
 use herald::event::{UserId, now_unix_ms, partition_of};
-use herald::socket::token::{TokenSigner, now_unix_secs};
+use herald::token::{TokenSigner, now_unix_secs};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::io::Write;

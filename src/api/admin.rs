@@ -9,7 +9,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, bearer_key_hash, cached_lookup}
 use crate::event::now_unix_ms;
 use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
-use crate::store::{AttemptRow, EventFilter, EventRecord, Producer};
+use crate::store::{AttemptRow, EventFilter, EventRecord, FilterText, Producer, ReplayJobStatus};
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
@@ -105,30 +105,16 @@ impl FilterParams {
                     .map_err(|_| ApiError::Invalid(format!("ids: {id:?} is not an event id")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let time =
-            |text: Option<String>, key: &'static str| async move {
-                match text {
-                    None => Ok(None),
-                    Some(text) => state.store.parse_time(&text).await.map(Some).map_err(|e| {
-                        match ApiError::from(e) {
-                            ApiError::Invalid(why) => ApiError::Invalid(format!("{key}: {why}")),
-                            other => other,
-                        }
-                    }),
-                }
-            };
-        let filter = EventFilter {
+        let text = FilterText {
             statuses: self.status.map(StringOrList::items).unwrap_or_default(),
             producer: self.producer,
             user_id: self.user_id,
             event: self.event,
-            // `?since=&until=` (a form left blank) sets no bound, as an empty status does.
-            since_ms: time(self.since.filter(|t| !t.trim().is_empty()), "since").await?,
-            until_ms: time(self.until.filter(|t| !t.trim().is_empty()), "until").await?,
+            since: self.since,
+            until: self.until,
             ids,
         };
-        filter.validate().map_err(ApiError::Invalid)?;
-        Ok(filter)
+        Ok(state.store.event_filter(text).await?)
     }
 }
 
@@ -303,7 +289,7 @@ pub struct ReplayStarted {
     /// The job's id, for `GET /api/v1/admin/replays/{id}`.
     id: Uuid,
     /// `running`.
-    status: String,
+    status: ReplayJobStatus,
     /// Events the filter matched.
     matched: i64,
 }
@@ -368,14 +354,19 @@ pub async fn start_replay(
     if let Err(busy) = state.replays.start(id, filter, rate, matched) {
         let _ = state
             .store
-            .update_replay_job(id, 0, 0, Some(("failed", Some(&busy.to_string()))))
+            .update_replay_job(
+                id,
+                0,
+                0,
+                Some((ReplayJobStatus::Failed, Some(&busy.to_string()))),
+            )
             .await;
         return Err(ApiError::Busy(busy.to_string()));
     }
     tracing::info!(job = %id, admin = %admin.name, matched, rate, "replay job started");
     let started = ReplayStarted {
         id,
-        status: "running".into(),
+        status: ReplayJobStatus::Running,
         matched,
     };
     Ok((StatusCode::ACCEPTED, Json(started)).into_response())
@@ -386,8 +377,8 @@ pub async fn start_replay(
 pub struct ReplayStatus {
     /// Job id.
     id: Uuid,
-    /// `running`, `done`, `failed`, or `interrupted` (its node stopped; run it again).
-    status: String,
+    /// Where it is (`interrupted`: its node stopped; run it again).
+    status: ReplayJobStatus,
     /// The filter, as recorded.
     filter: Value,
     /// Events the filter matched when the job started.

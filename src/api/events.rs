@@ -9,7 +9,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Authenticated};
 use super::request::{self, BatchRequest, EventRequest};
 use crate::pipeline::enqueue::Accepted;
-use crate::store::EventRecord;
+use crate::store::{EventRecord, EventStatus};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -26,8 +26,7 @@ pub struct EventResponse {
     /// The event's id (UUID v7).
     id: Uuid,
     /// `accepted` for a new event; a duplicate's current status.
-    #[schema(example = "accepted")]
-    status: String,
+    status: EventStatus,
     /// The user's sequence number.
     seq: i64,
     /// Present (true) only when an idempotency key was used before: this is the original event.
@@ -144,7 +143,7 @@ fn response(accepted: Accepted) -> EventResponse {
         id: accepted.id,
         status: accepted
             .duplicate_of_status
-            .unwrap_or_else(|| "accepted".into()),
+            .unwrap_or(EventStatus::Accepted),
         seq: accepted.seq,
         duplicate,
     }

@@ -1,32 +1,37 @@
 //! Extractors that turn requests into validated input or an [`ApiError`]: JSON bodies (so a rejection
 //! is JSON too, with 400 for bad syntax and 422 for bad shape) and the producer behind an API key.
 
-use super::ApiState;
 use super::error::ApiError;
+use super::{ApiState, Limits};
 use crate::event::UserId;
-use crate::socket::token::now_unix_secs;
 use crate::store::{ApiKey, Producer};
+use crate::token::now_unix_secs;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A JSON body. Content-Type is not required: `curl -d` sends form encoding by default, and the body
-/// is parsed as JSON either way.
+/// is parsed as JSON either way. Any router whose state holds the API's [`Limits`] (the API's, the
+/// demo's) reads bodies with it, so their rejections are the same JSON errors.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+    Arc<Limits>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let max_body_bytes = Arc::<Limits>::from_ref(state).max_body_bytes;
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge(format!(
-                    "request body over {} bytes",
-                    state.limits.max_body_bytes
-                ))
+                ApiError::TooLarge(format!("request body over {max_body_bytes} bytes"))
             } else if timed_out(&rejection) {
                 ApiError::Timeout("the request body stalled".into())
             } else {

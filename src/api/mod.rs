@@ -17,15 +17,15 @@ pub mod scrape;
 mod tokens;
 mod users;
 
-pub use extract::KeyCache;
+pub use extract::{ApiJson, KeyCache};
 
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
 use crate::pipeline::replay::ReplayJobs;
 use crate::pubsub::PubSub;
 use crate::queue::DepthProbe;
-use crate::socket::token::TokenSigner;
 use crate::store::Store;
+use crate::token::TokenSigner;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
@@ -88,6 +88,12 @@ pub struct ApiState {
     pub default_replay_rate: u32,
     /// Ready messages per partition queue, for the console.
     pub depths: Arc<DepthProbe>,
+}
+
+impl axum::extract::FromRef<ApiState> for Arc<Limits> {
+    fn from_ref(state: &ApiState) -> Self {
+        Arc::clone(&state.limits)
+    }
 }
 
 /// The API's routes before their state and bounds: what [`routes`] serves and what the OpenAPI

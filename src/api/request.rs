@@ -12,11 +12,10 @@
 //! written with an exponent in full (`1e300` is stored and delivered as 301 digits), so `data` is
 //! measured as PostgreSQL will render it.
 
-use crate::event::{EventName, MAX_IDEMPOTENCY_KEY_BYTES, UserId, now_unix_ms};
+use crate::event::{EventName, MAX_IDEMPOTENCY_KEY_BYTES, UserId};
 use crate::store::NewEvent;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
 /// PostgreSQL's `numeric`: most digits before the decimal point.
 const NUMERIC_MAX_INTEGER_DIGITS: i64 = 131_072;
@@ -87,15 +86,13 @@ pub struct ValidEvent {
 impl ValidEvent {
     /// The event to insert: a fresh UUID v7 and the current time.
     pub fn stamp(self, producer_id: i64) -> NewEvent {
-        NewEvent {
-            id: Uuid::now_v7(),
+        NewEvent::new(
             producer_id,
-            user_id: self.user_id,
-            event: self.event,
-            data: self.data,
-            idempotency_key: self.idempotency_key,
-            enqueued_at_ms: now_unix_ms(),
-        }
+            self.user_id,
+            self.event,
+            self.data,
+            self.idempotency_key,
+        )
     }
 }
 

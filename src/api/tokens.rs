@@ -5,7 +5,7 @@ use super::ApiState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Authenticated};
 use crate::event::UserId;
-use crate::socket::token::now_unix_secs;
+use crate::token::now_unix_secs;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};

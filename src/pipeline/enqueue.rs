@@ -14,7 +14,7 @@ use super::batch::{Batcher, Flush};
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
-use crate::store::{self, Committed, InsertOutcome, MessageLimits, NewEvent, Store};
+use crate::store::{self, Committed, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ pub struct Accepted {
     /// The user's seq.
     pub seq: i64,
     /// For a retry of an idempotency key: the original event's current status.
-    pub duplicate_of_status: Option<String>,
+    pub duplicate_of_status: Option<EventStatus>,
 }
 
 /// The enqueue front: what the API calls.
@@ -343,7 +343,7 @@ fn accepted(id: Uuid, outcome: &InsertOutcome) -> Accepted {
         InsertOutcome::Duplicate { id, seq, status } => Accepted {
             id: *id,
             seq: *seq,
-            duplicate_of_status: Some(status.clone()),
+            duplicate_of_status: Some(*status),
         },
     }
 }

@@ -15,7 +15,7 @@
 use crate::event::partition_of;
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
-use crate::store::{self, EventFilter, Store};
+use crate::store::{self, EventFilter, EventStatus, ReplayJobStatus, Store};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -50,7 +50,7 @@ pub struct Progress {
 /// but `delivered`), and `delivered` is allowed only with `include_delivered`.
 ///
 /// # Errors
-/// An unknown status, or `delivered` asked for without `include_delivered`.
+/// A text with a NUL, or `delivered` asked for without `include_delivered`.
 pub fn replay_filter(
     mut filter: EventFilter,
     include_delivered: bool,
@@ -58,19 +58,23 @@ pub fn replay_filter(
     filter.validate().map_err(ReplayError::Invalid)?;
     if filter.statuses.is_empty() {
         filter.statuses = if filter.ids.is_empty() {
-            vec!["failed".into()]
+            vec![EventStatus::Failed]
         } else {
-            vec!["accepted".into(), "published".into(), "failed".into()]
+            vec![
+                EventStatus::Accepted,
+                EventStatus::Published,
+                EventStatus::Failed,
+            ]
         };
     }
-    let asks_delivered = filter.statuses.iter().any(|s| s == "delivered");
+    let asks_delivered = filter.statuses.contains(&EventStatus::Delivered);
     if asks_delivered && !include_delivered {
         return Err(ReplayError::Invalid(
             "delivered events are replayed only when asked explicitly (include_delivered)".into(),
         ));
     }
     if include_delivered && !asks_delivered {
-        filter.statuses.push("delivered".into());
+        filter.statuses.push(EventStatus::Delivered);
     }
     Ok(filter)
 }
@@ -257,18 +261,23 @@ impl ReplayJobs {
         };
         let last = *progress.borrow();
         let end = match &result {
-            Ok(_) if self.stop.is_cancelled() => ("interrupted", None),
-            Ok(_) => ("done", None),
+            Ok(_) if self.stop.is_cancelled() => (ReplayJobStatus::Interrupted, None),
+            Ok(_) => (ReplayJobStatus::Done, None),
             Err(error) => {
                 tracing::error!(error = ?error, job = %id, "replay job failed");
-                ("failed", Some(error.to_string()))
+                (ReplayJobStatus::Failed, Some(error.to_string()))
             }
         };
-        tracing::info!(job = %id, status = end.0, replayed = last.replayed, deferred = last.deferred, "replay job ended");
+        tracing::info!(job = %id, status = %end.0, replayed = last.replayed, deferred = last.deferred, "replay job ended");
         self.report(id, last, Some((end.0, end.1.as_deref()))).await;
     }
 
-    async fn report(&self, id: Uuid, progress: Progress, end: Option<(&str, Option<&str>)>) {
+    async fn report(
+        &self,
+        id: Uuid,
+        progress: Progress,
+        end: Option<(ReplayJobStatus, Option<&str>)>,
+    ) {
         let written = self
             .store
             .update_replay_job(id, progress.replayed as i64, progress.deferred as i64, end)
@@ -293,23 +302,23 @@ mod tests {
     #[test]
     fn statuses_default_to_failed_and_delivered_needs_asking() {
         let f = replay_filter(EventFilter::default(), false).unwrap();
-        assert_eq!(f.statuses, vec!["failed"]);
+        assert_eq!(f.statuses, vec![EventStatus::Failed]);
         let ids = EventFilter {
             ids: vec![Uuid::nil()],
             ..EventFilter::default()
         };
         let f = replay_filter(ids.clone(), false).unwrap();
-        assert!(!f.statuses.contains(&"delivered".to_owned()));
+        assert!(!f.statuses.contains(&EventStatus::Delivered));
         let f = replay_filter(ids, true).unwrap();
-        assert!(f.statuses.contains(&"delivered".to_owned()));
+        assert!(f.statuses.contains(&EventStatus::Delivered));
         let delivered = EventFilter {
-            statuses: vec!["delivered".into()],
+            statuses: vec![EventStatus::Delivered],
             ..EventFilter::default()
         };
         assert!(replay_filter(delivered.clone(), false).is_err());
         assert!(replay_filter(delivered, true).is_ok());
         let bad = EventFilter {
-            statuses: vec!["lost".into()],
+            producer: Some("a\0b".into()),
             ..EventFilter::default()
         };
         assert!(replay_filter(bad, true).is_err());

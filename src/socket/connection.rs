@@ -12,12 +12,13 @@ use super::channel::{
 };
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
+use super::user_channel::{ACK_EVENT, CatchUp, GAP_PAGE_TIMEOUT, catch_up_plan, record_acks};
 use crate::event::{
     DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
 };
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
-use crate::store::{ReadMark, SeqOrder};
+use crate::store::SeqOrder;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -258,14 +259,7 @@ impl Connection {
             Endpoint::Stats => STATS_CHANNEL,
         };
         if let Err(refusal) = self.admit_join(&frame) {
-            return match refusal {
-                // No route: Phoenix answers with a null join ref, and no handler was involved.
-                Refusal::Unmatched => {
-                    self.reply(&frame, null(), "error", &reason("unmatched topic"))
-                        .await
-                }
-                Refusal::Reason(why) => self.refuse_join(&frame, channel_tag, why).await,
-            };
+            return self.refuse_join(&frame, channel_tag, refusal).await;
         }
         // What a user join answers is read first: a join whose catch-up cannot be planned is refused
         // (the official client retries with backoff), not answered with a last_seq it cannot trust,
@@ -275,7 +269,7 @@ impl Connection {
                 Some(plan) => Some(plan),
                 None => {
                     return self
-                        .refuse_join(&frame, channel_tag, "unavailable, retry")
+                        .refuse_join(&frame, channel_tag, Refusal::Unavailable)
                         .await;
                 }
             },
@@ -284,7 +278,7 @@ impl Connection {
         let previous = self.channels.remove(&frame.topic);
         if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
             return self
-                .refuse_join(&frame, channel_tag, "too many channels joined")
+                .refuse_join(&frame, channel_tag, Refusal::TooManyChannels)
                 .await;
         }
         if let Some(previous) = &previous {
@@ -295,7 +289,7 @@ impl Connection {
             Err(error) => {
                 tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
                 return self
-                    .refuse_join(&frame, channel_tag, "unavailable, retry")
+                    .refuse_join(&frame, channel_tag, Refusal::Unavailable)
                     .await;
             }
         };
@@ -350,22 +344,29 @@ impl Connection {
         }
     }
 
-    /// Answers a join with an error reply carrying `why`, and counts the refusal.
+    /// Answers a join with an error reply carrying the refusal's reason, and counts the refusal.
+    /// A topic no channel serves is answered as Phoenix does with no route: with a null join ref,
+    /// and not counted, since no channel handler was involved.
     async fn refuse_join(
         &mut self,
         frame: &Frame,
         channel_tag: &'static str,
-        why: &str,
+        refusal: Refusal,
     ) -> Result<(), End> {
-        self.state.metrics.channel_join(channel_tag, false);
-        self.reply(frame, &frame.join_ref, "error", &reason(why))
+        let join_ref: &RawValue = if refusal == Refusal::Unmatched {
+            null()
+        } else {
+            self.state.metrics.channel_join(channel_tag, false);
+            &frame.join_ref
+        };
+        self.reply(frame, join_ref, "error", &reason(refusal.reason()))
             .await
     }
 
     /// Routes and authorises a join.
     fn admit_join(&self, frame: &Frame) -> Result<(), Refusal> {
         if !frame.payload.get().trim_start().starts_with('{') {
-            return Err(Refusal::Reason("join params must be an object"));
+            return Err(Refusal::ParamsNotObject);
         }
         match &self.endpoint {
             Endpoint::User(user) => {
@@ -374,12 +375,12 @@ impl Connection {
                     .strip_prefix(USER_TOPIC_PREFIX)
                     .ok_or(Refusal::Unmatched)?;
                 if requested != user.as_str() {
-                    return Err(Refusal::Reason("unauthorized"));
+                    return Err(Refusal::Unauthorized);
                 }
                 Ok(())
             }
             // The seed's StatsChannel: "invalid" always fails, every other topic joins.
-            Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::Reason("always fails")),
+            Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::AlwaysFails),
             Endpoint::Stats => Ok(()),
         }
     }
@@ -432,7 +433,12 @@ impl Connection {
     async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
-                .reply(&frame, null(), "error", &reason("unmatched topic"))
+                .reply(
+                    &frame,
+                    null(),
+                    "error",
+                    &reason(Refusal::Unmatched.reason()),
+                )
                 .await;
         };
         if is_stale(&frame, &channel.join_ref) {
@@ -743,110 +749,35 @@ fn written(
     }
 }
 
-/// How long one page of a gap fill or catch-up may take to read: the connection waits for it, and
-/// a stalled read must end (the channel is closed with `phx_error` and the client rejoins) well
-/// before the client's 30 s heartbeat would give the whole connection up.
-const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Reads what a user channel join needs to say and do: the user's current last seq, and whether
-/// retention removed any event after the requested `last_seq` (the user's retention watermark,
-/// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
-/// read in time: the join is refused and the client retries.
-async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> Option<CatchUp> {
-    let requested = serde_json::from_str::<UserJoinParams>(params.get())
-        .ok()
-        .and_then(|p| p.last_seq)
-        .filter(|seq| *seq >= 0);
-    let read = timeout(GAP_PAGE_TIMEOUT, state.store.user_seq_bounds(user.as_str())).await;
-    let (pruned_through, last) = match read {
-        Ok(Ok(bounds)) => bounds,
-        Ok(Err(error)) => {
-            tracing::warn!(error = ?error, "join refused: cannot read the user's seqs");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!("join refused: reading the user's seqs timed out");
-            return None;
-        }
-    };
-    Some(CatchUp {
-        from: requested,
-        last_seq: last.unwrap_or(0),
-        // Retention removed events the client has not seen.
-        missed: matches!((requested, pruned_through), (Some(r), Some(p)) if p > r),
-    })
-}
-
-/// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).
-async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> (&'static str, String) {
-    let ids = match serde_json::from_str::<AckParams>(frame.payload.get()) {
-        Ok(params) if params.ids.len() <= MAX_ACK_IDS => params.ids,
-        _ => {
-            return (
-                "error",
-                reason("ack takes {\"ids\": [event ids]}, at most 1000"),
-            );
-        }
-    };
-    match state
-        .store
-        .record_acks(user.as_str(), ReadMark::Ids(&ids))
-        .await
-    {
-        Ok(acked) => {
-            state.metrics.client_acked(acked);
-            ("ok", format!(r#"{{"acked":{acked}}}"#))
-        }
-        Err(error) => {
-            tracing::warn!(error = ?error, "cannot record client acks");
-            ("error", reason("acks could not be recorded; retry"))
-        }
-    }
-}
-
-/// The user channel event by which a client acknowledges events it has shown.
-const ACK_EVENT: &str = "ack";
-/// Most ids in one ack.
-const MAX_ACK_IDS: usize = 1_000;
-
-/// Payload of an ack.
-#[derive(serde::Deserialize)]
-struct AckParams {
-    ids: Vec<uuid::Uuid>,
-}
-
-/// Join params of a user channel; other params are the client's business and ignored.
-#[derive(serde::Deserialize)]
-struct UserJoinParams {
-    last_seq: Option<i64>,
-}
-
-/// What a user channel join answers and whether it catches up.
-#[derive(Default)]
-struct CatchUp {
-    /// Catch up after this seq (the client's `last_seq`).
-    from: Option<i64>,
-    /// The user's latest seq now.
-    last_seq: i64,
-    /// Events after `from` were already removed by retention: the client missed them.
-    missed: bool,
-}
-
-impl CatchUp {
-    fn response(&self) -> String {
-        format!(
-            r#"{{"last_seq":{},"missed":{}}}"#,
-            self.last_seq, self.missed
-        )
-    }
-}
-
-/// Why a join is refused.
+/// Why a join is refused; the client reads the reason in the error reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
-    /// No channel serves this topic.
+    /// No channel serves this topic (also the answer to a client event on a topic not joined).
     Unmatched,
-    /// The channel refused, with this reason.
-    Reason(&'static str),
+    /// The join params are not a JSON object.
+    ParamsNotObject,
+    /// A user channel of another user.
+    Unauthorized,
+    /// The stats topic `invalid`, which the seed's StatsChannel always refuses.
+    AlwaysFails,
+    /// PostgreSQL or the fan-out could not be read in time: the client retries with backoff.
+    Unavailable,
+    /// `socket.max_channels` channels are joined on this connection.
+    TooManyChannels,
+}
+
+impl Refusal {
+    /// The reason the error reply carries.
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::Unmatched => "unmatched topic",
+            Self::ParamsNotObject => "join params must be an object",
+            Self::Unauthorized => "unauthorized",
+            Self::AlwaysFails => "always fails",
+            Self::Unavailable => "unavailable, retry",
+            Self::TooManyChannels => "too many channels joined",
+        }
+    }
 }
 
 /// A frame whose non-null join ref is not the channel's current one belongs to an earlier instance

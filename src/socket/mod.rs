@@ -7,14 +7,15 @@
 //! token; any topic is a stats channel (see [`stats`]). Before any upgrade, a browser's origin is
 //! checked ([`origin`], 403) and the node's room for sockets of that kind (503): each connection
 //! holds a permit until it ends. Protocol parsing is in [`protocol`] (pure), the per-connection loop in
-//! `connection`, channel state and per-user ordering in [`channel`].
+//! `connection`, the user channel's catch-up and acks in `user_channel`, channel state and per-user
+//! ordering in [`channel`].
 
 pub mod channel;
 mod connection;
 pub mod origin;
 pub mod protocol;
 pub mod stats;
-pub mod token;
+mod user_channel;
 
 use connection::Endpoint;
 
@@ -22,6 +23,7 @@ use crate::config::SocketSettings;
 use crate::metrics::{Metrics, STATS_SOCKET, USER_SOCKET};
 use crate::pubsub::PubSub;
 use crate::store::Store;
+use crate::token::{TokenSigner, now_unix_secs};
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
@@ -34,7 +36,6 @@ use origin::OriginPattern;
 use protocol::Vsn;
 use std::collections::HashMap;
 use std::sync::Arc;
-use token::{TokenSigner, now_unix_secs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

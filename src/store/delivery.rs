@@ -1,17 +1,15 @@
 //! Delivery attempts and what operators read and replay: the batched attempt writer (one statement
 //! per batch updates the events and inserts their attempt rows), event listings with keyset
-//! pagination, the replay claim, and replay jobs.
+//! pagination and the replay claim (replay jobs are in `replay_jobs`).
 //!
 //! Times cross this boundary as Unix milliseconds going in and RFC 3339 strings (UTC) coming out,
 //! formatted by PostgreSQL, so Herald needs no date library.
 
 use super::outbox::OutboxMessage;
+use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-/// The statuses an event can have, in lifecycle order.
-pub const EVENT_STATUSES: [&str; 4] = ["accepted", "published", "delivered", "failed"];
 
 /// One delivery attempt, and what it leaves the event as.
 #[derive(Clone, Debug)]
@@ -53,8 +51,8 @@ pub enum AttemptResult {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventFilter {
-    /// Any of these statuses (see [`EVENT_STATUSES`]).
-    pub statuses: Vec<String>,
+    /// Any of these statuses (see [`EventStatus::STORED`]).
+    pub statuses: Vec<EventStatus>,
     /// The producer's name.
     pub producer: Option<String>,
     /// The user.
@@ -70,22 +68,12 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    /// Checks the statuses named, and that no text holds a NUL (PostgreSQL's text cannot, and
-    /// would fail the query rather than match nothing).
+    /// Checks that no text holds a NUL (PostgreSQL's text cannot, and would fail the query rather
+    /// than match nothing).
     ///
     /// # Errors
-    /// A status that does not exist, or a text with a NUL, named with its field.
+    /// A text with a NUL, named with its field.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(bad) = self
-            .statuses
-            .iter()
-            .find(|s| !EVENT_STATUSES.contains(&s.as_str()))
-        {
-            return Err(format!(
-                "status: unknown status {bad:?} (one of {})",
-                EVENT_STATUSES.join(", ")
-            ));
-        }
         let texts = [
             ("producer", &self.producer),
             ("user_id", &self.user_id),
@@ -99,6 +87,26 @@ impl EventFilter {
             None => Ok(()),
         }
     }
+}
+
+/// An operator's filter as written (admin API, `herald replay`): statuses and times still text.
+/// [`Store::event_filter`] makes it an [`EventFilter`], the one way both do.
+#[derive(Debug, Default)]
+pub struct FilterText {
+    /// Status names.
+    pub statuses: Vec<String>,
+    /// The producer's name.
+    pub producer: Option<String>,
+    /// The user.
+    pub user_id: Option<String>,
+    /// The event name.
+    pub event: Option<String>,
+    /// Enqueued at or after: see [`Store::parse_time`]; blank sets no bound.
+    pub since: Option<String>,
+    /// Enqueued before: same forms.
+    pub until: Option<String>,
+    /// Only these events.
+    pub ids: Vec<Uuid>,
 }
 
 /// An event as operators and producers read it.
@@ -115,7 +123,7 @@ pub struct EventRecord {
     /// Event name.
     pub event: String,
     /// Current status.
-    pub status: String,
+    pub status: EventStatus,
     /// Delivery attempts so far (replays included).
     pub attempts: i32,
     /// The error of the last failed attempt, until the event is delivered.
@@ -161,42 +169,6 @@ pub struct AttemptRow {
     pub error: Option<String>,
 }
 
-/// A replay job's progress, as stored.
-#[derive(Clone, Debug, sqlx::FromRow)]
-pub struct ReplayJobRecord {
-    /// Job id.
-    pub id: Uuid,
-    /// `running`, `done`, `failed` or `interrupted` (a running job whose node stopped reporting).
-    pub status: String,
-    /// The filter, as given (JSON text).
-    pub filter: String,
-    /// Events the filter matched when the job started.
-    pub matched: i64,
-    /// Events handed to the publisher.
-    pub replayed: i64,
-    /// Events claimed while the broker was unreachable: the outbox relay publishes them.
-    pub deferred: i64,
-    /// Why the job failed.
-    pub error: Option<String>,
-    /// Start.
-    pub started_at: String,
-    /// Last progress report.
-    pub updated_at: String,
-    /// End.
-    pub finished_at: Option<String>,
-}
-
-/// Formats a timestamptz column as RFC 3339 in UTC with milliseconds.
-macro_rules! rfc3339 {
-    ($col:literal) => {
-        concat!(
-            "to_char(",
-            $col,
-            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-        )
-    };
-}
-
 const EVENT_RECORD_COLUMNS: &str = concat!(
     "e.id, p.name AS producer, e.user_id, e.seq, e.event, e.status, e.attempts, e.last_error, ",
     "e.push_count, ",
@@ -230,7 +202,7 @@ const FILTER_SQL: &str = "(cardinality($1::text[]) = 0 OR e.status = ANY($1))
 /// [`FILTER_SQL`], plus a predicate the planner can match against the failed-events index when
 /// only failed events are asked for (a bound parameter alone never lets it use a partial index).
 fn filter_sql(filter: &EventFilter) -> String {
-    if filter.statuses.iter().all(|s| s == "failed") && !filter.statuses.is_empty() {
+    if filter.statuses.iter().all(|s| *s == EventStatus::Failed) && !filter.statuses.is_empty() {
         format!("{FILTER_SQL} AND e.failed_at IS NOT NULL")
     } else {
         FILTER_SQL.to_owned()
@@ -529,6 +501,40 @@ impl Store {
         Ok(messages.into_iter().map(|m| m.id).zip(rows).collect())
     }
 
+    /// The filter `text` means: times read (a blank one, as a form left blank sends, sets no
+    /// bound, as an empty status list does), statuses parsed, texts checked for NUL.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the field; a query error reading a time.
+    pub async fn event_filter(&self, text: FilterText) -> Result<EventFilter, Error> {
+        let time = |text: Option<String>, key: &'static str| async move {
+            match text.filter(|t| !t.trim().is_empty()) {
+                None => Ok(None),
+                Some(text) => self.parse_time(&text).await.map(Some).map_err(|e| match e {
+                    Error::Invalid(why) => Error::Invalid(format!("{key}: {why}")),
+                    other => other,
+                }),
+            }
+        };
+        let since_ms = time(text.since, "since").await?;
+        let until_ms = time(text.until, "until").await?;
+        let statuses = (text.statuses.iter())
+            .map(|s| EventStatus::parse_stored(s))
+            .collect::<Result<_, _>>()
+            .map_err(Error::Invalid)?;
+        let filter = EventFilter {
+            statuses,
+            producer: text.producer,
+            user_id: text.user_id,
+            event: text.event,
+            since_ms,
+            until_ms,
+            ids: text.ids,
+        };
+        filter.validate().map_err(Error::Invalid)?;
+        Ok(filter)
+    }
+
     /// Parses a time as PostgreSQL reads a `timestamptz` (`2026-11-30T12:00:00Z`, `2026-11-30`,
     /// `now`, ...), or `<n>s|m|h|d` meaning that long ago; returns Unix ms.
     ///
@@ -577,88 +583,5 @@ impl Store {
                 },
             })?
             .ok_or_else(|| Error::Invalid(format!("{text:?} is not a finite time")))
-    }
-
-    /// Records a new running replay job.
-    ///
-    /// # Errors
-    /// The insert failed.
-    pub async fn create_replay_job(
-        &self,
-        id: Uuid,
-        filter: &str,
-        matched: i64,
-        created_by: i64,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO replay_jobs (id, filter, status, matched, created_by)
-             VALUES ($1, $2::text::jsonb, 'running', $3, $4)",
-        )
-        .bind(id)
-        .bind(filter)
-        .bind(matched)
-        .bind(created_by)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("create a replay job"))?;
-        Ok(())
-    }
-
-    /// Writes a job's progress; with `status`, also its end.
-    ///
-    /// # Errors
-    /// The update failed.
-    pub async fn update_replay_job(
-        &self,
-        id: Uuid,
-        replayed: i64,
-        deferred: i64,
-        end: Option<(&str, Option<&str>)>,
-    ) -> Result<(), Error> {
-        let (status, error) = end.map_or((None, None), |(s, e)| (Some(s), e));
-        sqlx::query(
-            "UPDATE replay_jobs SET replayed = $2, deferred = $3, updated_at = now(),
-                    status = COALESCE($4, status), error = COALESCE($5, error),
-                    finished_at = CASE WHEN $4 IS NULL THEN NULL ELSE now() END
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(replayed)
-        .bind(deferred)
-        .bind(status)
-        .bind(error)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("update a replay job"))?;
-        Ok(())
-    }
-
-    /// A replay job. A `running` job that has not reported for `stale_ms` (its node stopped) reads
-    /// as `interrupted`; replay is safe to repeat, so the operator starts it again.
-    ///
-    /// # Errors
-    /// The query failed.
-    pub async fn replay_job(
-        &self,
-        id: Uuid,
-        stale_ms: i64,
-    ) -> Result<Option<ReplayJobRecord>, Error> {
-        sqlx::query_as::<_, ReplayJobRecord>(concat!(
-            "SELECT id, CASE WHEN status = 'running'
-                                  AND updated_at < now() - make_interval(secs => $2 / 1000.0)
-                             THEN 'interrupted' ELSE status END AS status,
-                    filter::text AS filter, matched, replayed, deferred, error, ",
-            rfc3339!("started_at"),
-            " AS started_at, ",
-            rfc3339!("updated_at"),
-            " AS updated_at, ",
-            rfc3339!("finished_at"),
-            " AS finished_at FROM replay_jobs WHERE id = $1"
-        ))
-        .bind(id)
-        .bind(stale_ms as f64)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(Error::query("read a replay job"))
     }
 }

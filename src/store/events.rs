@@ -2,8 +2,8 @@
 //! status changes, the outbox relay's claim, and the reads that fill gaps.
 
 use super::outbox::{self, MessageLimits, OutboxMessage, plan_messages};
-use super::{Error, Store};
-use crate::event::{Envelope, EventName, UserId, envelope_size};
+use super::{Error, EventStatus, Store};
+use crate::event::{Envelope, EventName, UserId, envelope_size, now_unix_ms};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
@@ -28,6 +28,26 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// The event to insert, stamped now: a fresh UUID v7 and the current time. The one way an
+    /// event is made (the API's validation ends here; tests that bypass it too).
+    pub fn new(
+        producer_id: i64,
+        user_id: UserId,
+        event: EventName,
+        data: Box<RawValue>,
+        idempotency_key: Option<String>,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            producer_id,
+            user_id,
+            event,
+            data,
+            idempotency_key,
+            enqueued_at_ms: now_unix_ms(),
+        }
+    }
+
     /// Roughly what the event costs in memory while it waits for its commit: its variable-length
     /// parts plus the fixed ones.
     pub fn buffered_size(&self) -> usize {
@@ -65,14 +85,11 @@ pub enum InsertOutcome {
         id: Uuid,
         /// Its seq (0 for a key whose event was pruned before keys recorded it).
         seq: i64,
-        /// Its current status, or [`PRUNED_STATUS`] once retention removed it.
-        status: String,
+        /// Its current status, or [`EventStatus::Pruned`] once retention removed it (its key is
+        /// kept for `store.idempotency_ttl_secs`).
+        status: EventStatus,
     },
 }
-
-/// The status a retry of an idempotency key is answered with once retention removed the original
-/// event (its key is kept for `store.idempotency_ttl_secs`).
-pub const PRUNED_STATUS: &str = "pruned";
 
 /// What a group commit stored: an outcome per event, and the broker messages that carry the new
 /// events (their outbox rows were written in the same transaction).
@@ -258,7 +275,7 @@ impl Store {
                 Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
                     id: events[j].id,
                     seq: *seq,
-                    status: "accepted".into(),
+                    status: EventStatus::Accepted,
                 },
                 Some(dup) => dup.clone(),
                 None => InsertOutcome::Inserted { seq: 0 },
@@ -512,7 +529,7 @@ async fn claim_idempotency_keys(
             .unzip();
         // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
         // (a key and its event commit together), answered with the seq its key recorded.
-        let originals: Vec<(i64, String, Uuid, i64, String)> = sqlx::query_as(
+        let originals: Vec<(i64, String, Uuid, i64, EventStatus)> = sqlx::query_as(
             "SELECT k.producer_id, k.key, k.event_id, COALESCE(e.seq, k.seq, 0),
                     COALESCE(e.status, $3)
              FROM UNNEST($1::int8[], $2::text[]) AS x(p, k)
@@ -521,7 +538,7 @@ async fn claim_idempotency_keys(
         )
         .bind(&taken_p)
         .bind(&taken_k)
-        .bind(PRUNED_STATUS)
+        .bind(EventStatus::Pruned)
         .fetch_all(&mut **tx)
         .await
         .map_err(Error::query("read idempotent originals"))?;

@@ -5,23 +5,35 @@
 //! and status changes are one `UPDATE ... FROM UNNEST` per batch. Depends on no other Herald module
 //! but the shared `event` types.
 
+/// Formats a timestamptz column as RFC 3339 in UTC with milliseconds.
+macro_rules! rfc3339 {
+    ($col:literal) => {
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        )
+    };
+}
+
 mod delivery;
 mod events;
 mod outbox;
 mod partitions;
 mod producers;
+mod replay_jobs;
+mod status;
 mod sweep;
 
 pub use delivery::{
-    AttemptRecord, AttemptResult, AttemptRow, EVENT_STATUSES, EventFilter, EventRecord,
-    ReplayJobRecord,
+    AttemptRecord, AttemptResult, AttemptRow, EventFilter, EventRecord, FilterText,
 };
-pub use events::{
-    Committed, InsertOutcome, NewEvent, PRUNED_STATUS, ReadMark, SeqOrder, StoredEvent,
-};
+pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
+pub use replay_jobs::ReplayJobRecord;
+pub use status::{EventStatus, ReplayJobStatus};
 pub use sweep::StaleCursor;
 
 use crate::config::StoreSettings;

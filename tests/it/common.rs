@@ -7,8 +7,8 @@
 use futures_util::{SinkExt, StreamExt};
 use herald::App;
 use herald::config::{Secret, Settings};
-use herald::socket::token::{TokenSigner, now_unix_secs};
 use herald::store::Store;
+use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -674,15 +674,13 @@ pub async fn new_event(app: &TestApp, user: &str, data: &str) -> herald::store::
         .fetch_one(app.store.pool())
         .await
         .unwrap();
-    herald::store::NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: producer,
-        user_id: herald::event::UserId::parse(user).unwrap(),
-        event: herald::event::EventName::default_push(),
-        data: serde_json::value::RawValue::from_string(data.into()).unwrap(),
-        idempotency_key: None,
-        enqueued_at_ms: herald::event::now_unix_ms(),
-    }
+    herald::store::NewEvent::new(
+        producer,
+        herald::event::UserId::parse(user).unwrap(),
+        herald::event::EventName::default_push(),
+        serde_json::value::RawValue::from_string(data.into()).unwrap(),
+        None,
+    )
 }
 
 /// Polls `check` until it returns Some, failing after `limit`.

@@ -2,7 +2,7 @@
 //! bounded, weak secrets are refused.
 
 use crate::common::{PATIENCE, spawn_app, spawn_app_with};
-use herald::event::{EventName, UserId, now_unix_ms};
+use herald::event::{EventName, UserId};
 use herald::metrics::Metrics;
 use herald::pipeline::batch::Flush;
 use herald::pipeline::enqueue::{Committer, EnqueueError, Submission};
@@ -78,15 +78,13 @@ async fn a_nul_fails_only_its_own_request() {
 }
 
 fn event(user: &str, data: &str, key: Option<&str>) -> NewEvent {
-    NewEvent {
-        id: uuid::Uuid::now_v7(),
-        producer_id: 1,
-        user_id: UserId::parse(user).unwrap(),
-        event: EventName::default_push(),
-        data: RawValue::from_string(data.to_owned()).unwrap(),
-        idempotency_key: key.map(str::to_owned),
-        enqueued_at_ms: now_unix_ms(),
-    }
+    NewEvent::new(
+        1,
+        UserId::parse(user).unwrap(),
+        EventName::default_push(),
+        RawValue::from_string(data.to_owned()).unwrap(),
+        key.map(str::to_owned),
+    )
 }
 
 /// The second line of defence: a group commit that PostgreSQL refuses for one request's data

@@ -3,7 +3,7 @@
 
 use crate::common::{TEST_SECRET, TestApp, spawn_app};
 use herald::event::UserId;
-use herald::socket::token::{TokenSigner, now_unix_secs};
+use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
 
 /// GET `path` with `token` as bearer; the status and the JSON body.

@@ -22,13 +22,13 @@ async fn a_bad_or_missing_token_is_refused_at_the_upgrade() {
         upgrade_status(format!("{base}?token=forged.sig&vsn=2.0.0")).await,
         403
     );
-    let other_secret = herald::socket::token::TokenSigner::new("another-secret")
+    let other_secret = herald::token::TokenSigner::new("another-secret")
         .sign(&herald::event::UserId::parse("1").unwrap(), u64::MAX / 2);
     assert_eq!(
         upgrade_status(format!("{base}?token={other_secret}&vsn=2.0.0")).await,
         403
     );
-    let expired = herald::socket::token::TokenSigner::new(crate::common::TEST_SECRET)
+    let expired = herald::token::TokenSigner::new(crate::common::TEST_SECRET)
         .sign(&herald::event::UserId::parse("1").unwrap(), 1);
     assert_eq!(
         upgrade_status(format!("{base}?token={expired}&vsn=2.0.0")).await,

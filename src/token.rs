@@ -1,4 +1,5 @@
-//! Socket tokens: a backend asks Herald for one (API or CLI) and hands it to its client, which
+//! Socket tokens: a leaf module, used by the API (which signs) and the socket (which verifies); it
+//! depends on neither. A backend asks Herald for one (API or CLI) and hands it to its client, which
 //! presents it when connecting. A token names one user and an expiry, signed with HMAC-SHA256:
 //! `base64url({"u":user,"e":expiry_unix_secs}) "." base64url(mac)`.
 
