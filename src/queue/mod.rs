@@ -510,28 +510,8 @@ fn is_not_found(error: &lapin::Error) -> bool {
 /// # Errors
 /// The broker is unreachable.
 pub async fn ready_messages(connection: &Connection, queue: &str) -> Result<Option<u32>, Error> {
-    let channel = open_channel(connection).await?;
-    let probed = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match probed {
-        Ok(queue) => {
-            let _ = channel.close(200, "probe done".into()).await;
-            Ok(Some(queue.message_count()))
-        }
-        Err(error) if is_not_found(&error) => Ok(None),
-        Err(source) => Err(Error::Channel {
-            what: "probe a queue",
-            source,
-        }),
-    }
+    let counts = ready_counts(connection, &[queue.to_owned()]).await?;
+    Ok(counts.into_iter().next().flatten())
 }
 
 /// How many messages wait (ready) in each of `queues`, in order; `None` for one that does not

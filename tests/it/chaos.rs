@@ -335,20 +335,12 @@ async fn run_chaos(fault: Fault) {
             log_tail(&log)
         );
     }
-    let (stored, delivered, failed): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'delivered'),
-                count(*) FILTER (WHERE status = 'failed') FROM events",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    let duplicates: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT event_id FROM delivery_attempts WHERE outcome <> 'failed'
-                               GROUP BY event_id HAVING count(*) > 1) d",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    let Outcomes {
+        stored,
+        delivered,
+        failed,
+        delivered_twice: duplicates,
+    } = Outcomes::read(store.pool()).await;
     let unique: std::collections::HashSet<_> = ids.iter().collect();
     println!(
         "chaos ({fault:?}): sent {EVENTS} events in {} requests; accepted {} ({} distinct ids); \
@@ -409,4 +401,38 @@ async fn chaos_broker_closes_the_nodes_connections_mid_stream() {
 #[ignore = "heavy: scripts/test runs it after the suite (cargo test --test it chaos -- --ignored)"]
 async fn chaos_postgres_unreachable_mid_stream() {
     run_chaos(Fault::PostgresUnreachable).await;
+}
+
+/// How a chaos run's events ended, read from PostgreSQL.
+pub(crate) struct Outcomes {
+    pub stored: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    /// Events delivered more than once (a redelivery after a lost ack, as at-least-once allows).
+    pub delivered_twice: i64,
+}
+
+impl Outcomes {
+    pub(crate) async fn read(pool: &sqlx::PgPool) -> Self {
+        let (stored, delivered, failed): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'delivered'),
+                    count(*) FILTER (WHERE status = 'failed') FROM events",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        let delivered_twice: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT event_id FROM delivery_attempts WHERE outcome <> 'failed'
+                                   GROUP BY event_id HAVING count(*) > 1) d",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        Self {
+            stored,
+            delivered,
+            failed,
+            delivered_twice,
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! and stops the cluster again.
 
 use crate::chaos::{
-    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Node, STREAM_PATIENCE, Sent, log_tail, stream,
+    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Node, Outcomes, STREAM_PATIENCE, Sent, log_tail, stream,
 };
 use crate::common::{PATIENCE, WsClient, connect_to, node_env, test_settings, wait_until};
 use herald::config::Secret;
@@ -312,20 +312,12 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
         );
     }
 
-    let (stored, delivered, failed): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'delivered'),
-                count(*) FILTER (WHERE status = 'failed') FROM events",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    let delivered_twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT event_id FROM delivery_attempts WHERE outcome <> 'failed'
-                               GROUP BY event_id HAVING count(*) > 1) d",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    let Outcomes {
+        stored,
+        delivered,
+        failed,
+        delivered_twice,
+    } = Outcomes::read(store.pool()).await;
     let swept: i64 = sqlx::query_scalar("SELECT COALESCE(sum(sweeps), 0)::int8 FROM events")
         .fetch_one(store.pool())
         .await
