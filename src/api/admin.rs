@@ -22,9 +22,20 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Most events one listing page holds (the admin listing's and the inbox's).
-pub(super) const MAX_PAGE: i64 = 1_000;
+const MAX_PAGE: i64 = 1_000;
 /// Events per page unless `limit` says otherwise.
-pub(super) const DEFAULT_PAGE: i64 = 100;
+const DEFAULT_PAGE: i64 = 100;
+
+/// A listing's page size (the admin listing's and the inbox's): `limit`, or the default; 1 to
+/// [`MAX_PAGE`].
+pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::Invalid(format!("limit: must be 1 to {MAX_PAGE}")))
+    }
+}
 /// The fastest replay job the API starts, in events/s: beyond it a cap means nothing (the
 /// publisher is the limit), and the OpenAPI document states a bound its integer type can hold.
 const MAX_REPLAY_RATE: u32 = 1_000_000;
@@ -198,12 +209,9 @@ pub async fn list_events(
         .collect();
     let params: ListParams = parse_object(object, &["limit", "before"])?;
     let limit = match params.limit {
-        None => DEFAULT_PAGE,
-        Some(text) => text
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::Invalid(format!("limit: must be 1 to {MAX_PAGE}")))?,
+        None => page_limit(None)?,
+        // Not a number reads like a number out of range: the same error either way.
+        Some(text) => page_limit(Some(text.parse::<i64>().unwrap_or(0)))?,
     };
     let before = params
         .before

@@ -12,7 +12,7 @@
 //! [`Store::record_acks`]: crate::store::Store::record_acks
 
 use super::ApiState;
-use super::admin::{DEFAULT_PAGE, MAX_PAGE};
+use super::admin::page_limit;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, UserToken};
 use crate::store::{ReadMark, SeqOrder};
@@ -107,10 +107,7 @@ pub async fn list(
     ApiQuery(query): ApiQuery<InboxQuery>,
 ) -> Result<Json<InboxPage>, ApiError> {
     let UserToken(user) = user;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::Invalid(format!("limit: must be 1 to {MAX_PAGE}")));
-    }
+    let limit = page_limit(query.limit)?;
     let before = match query.before {
         Some(cursor) if cursor < 1 => {
             return Err(ApiError::Invalid(

@@ -311,27 +311,9 @@ async fn run_chaos(fault: Fault) {
         .iter()
         .map(|i| i.parse().unwrap())
         .collect();
-    let pending = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
-        )
-        .fetch_one(store.pool())
-        .await
-        .ok()
-    };
-    let settled = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if pending().await == Some(0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    if settled.is_err() {
+    if let Err(pending) = wait_settled(store.pool(), Duration::from_secs(60)).await {
         panic!(
-            "{} events still accepted or published; node log: {:#?}",
-            pending().await.unwrap_or(-1),
+            "{pending} events still accepted or published; node log: {:#?}",
             log_tail(&log)
         );
     }
@@ -401,6 +383,29 @@ async fn chaos_broker_closes_the_nodes_connections_mid_stream() {
 #[ignore = "heavy: scripts/test runs it after the suite (cargo test --test it chaos -- --ignored)"]
 async fn chaos_postgres_unreachable_mid_stream() {
     run_chaos(Fault::PostgresUnreachable).await;
+}
+
+/// Waits until every event ended delivered or failed (none `accepted` or `published`); on timeout,
+/// how many had not (-1 when PostgreSQL cannot say).
+pub(crate) async fn wait_settled(pool: &sqlx::PgPool, limit: Duration) -> Result<(), i64> {
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
+        )
+        .fetch_one(pool)
+        .await
+        .ok()
+    };
+    let settled = tokio::time::timeout(limit, async {
+        while pending().await != Some(0) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    match settled {
+        Ok(()) => Ok(()),
+        Err(_) => Err(pending().await.unwrap_or(-1)),
+    }
 }
 
 /// How a chaos run's events ended, read from PostgreSQL.

@@ -184,17 +184,17 @@ pub async fn spawn_process(
         .kill_on_drop(true)
         .spawn()
         .expect("herald binary starts");
-    let http = reqwest::Client::new();
-    wait_until("the herald process ready", PATIENCE, || async {
-        let r = http
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .ok()?;
+    wait_answering(&reqwest::Client::new(), addr, "/readyz").await;
+    (child, addr)
+}
+
+/// Waits until the node at `addr` answers `GET path` with a 2xx.
+pub async fn wait_answering(http: &reqwest::Client, addr: SocketAddr, path: &str) {
+    wait_until(&format!("{path} answering at {addr}"), PATIENCE, || async {
+        let r = http.get(format!("http://{addr}{path}")).send().await.ok()?;
         r.status().is_success().then_some(())
     })
     .await;
-    (child, addr)
 }
 
 /// The partitions the worker node at `addr` consumes, from its /readyz (empty if it cannot say).

@@ -494,16 +494,7 @@ async fn serve_refuses_weak_or_missing_secrets() {
     for (secret, args) in [(None, &["--dev"][..]), (Some(generated.as_str()), &[])] {
         let (mut command, addr) = serve_command(&app.settings, secret, args);
         let _child = command.spawn().unwrap();
-        crate::common::wait_until("the node serving", PATIENCE, || async {
-            let r = app
-                .http
-                .get(format!("http://{addr}/healthz"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        crate::common::wait_answering(&app.http, addr, "/healthz").await;
     }
 }
 
@@ -590,16 +581,7 @@ async fn sigterm_stops_a_node_whose_stderr_is_closed() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    crate::common::wait_until("the node serving", PATIENCE, || async {
-        let r = app
-            .http
-            .get(format!("http://{addr}/healthz"))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    crate::common::wait_answering(&app.http, addr, "/healthz").await;
     drop(child.stderr.take());
     let pid = i32::try_from(child.id().unwrap()).unwrap();
     // SAFETY: kill(2) on our own child's pid; it has not been reaped (we wait for it below).

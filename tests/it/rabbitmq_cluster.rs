@@ -14,7 +14,8 @@
 //! and stops the cluster again.
 
 use crate::chaos::{
-    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Node, Outcomes, STREAM_PATIENCE, Sent, log_tail, stream,
+    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Node, Outcomes, STREAM_PATIENCE, Sent, log_tail,
+    stream, wait_settled,
 };
 use crate::common::{PATIENCE, WsClient, connect_to, node_env, test_settings, wait_until};
 use herald::config::Secret;
@@ -248,20 +249,7 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
     }
     let stream_took = started.elapsed();
 
-    let pending = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
-        )
-        .fetch_one(store.pool())
-        .await
-        .ok()
-    };
-    let settled = tokio::time::timeout(Duration::from_secs(120), async {
-        while pending().await != Some(0) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let settled = wait_settled(store.pool(), Duration::from_secs(120)).await;
     if settled.is_err() {
         let stuck: Vec<(String, String, i32, Option<String>, i32)> = sqlx::query_as(
             "SELECT id::text, status, attempts, next_attempt_at::text, sweeps FROM events
