@@ -517,15 +517,7 @@ impl Worker {
             topic: format!("{USER_TOPIC_PREFIX}{}", run[first].envelope.user_id).into(),
             pushes: spared
                 .iter()
-                .map(|&i| {
-                    let envelope = &run[i].envelope;
-                    Push {
-                        event: envelope.event.as_str().to_owned(),
-                        seq: Some(envelope.seq),
-                        payload: envelope.push_payload(),
-                        enqueued_at_ms: Some(envelope.at),
-                    }
-                })
+                .map(|&i| Push::from(&run[i].envelope))
                 .collect(),
         };
         let broadcast = self.bounded(async {

@@ -47,6 +47,18 @@ pub struct Push {
     pub enqueued_at_ms: Option<i64>,
 }
 
+impl From<&crate::event::Envelope> for Push {
+    /// The push of a user's event: live from a worker, or read back by a gap fill or catch-up.
+    fn from(envelope: &crate::event::Envelope) -> Self {
+        Self {
+            event: envelope.event.as_str().to_owned(),
+            seq: Some(envelope.seq),
+            payload: envelope.push_payload(),
+            enqueued_at_ms: Some(envelope.at),
+        }
+    }
+}
+
 impl Message {
     /// A message of one push with no seq (control events such as `disconnect`).
     pub fn control(topic: &str, event: &str, payload: &str) -> Self {

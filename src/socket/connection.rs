@@ -7,18 +7,13 @@
 //! can panic the node.
 
 use super::SocketState;
-use super::channel::{
-    Admit, ChannelKind, GapFill, JoinedChannel, OrderGuard, ToConnection, Unfilled,
-};
+use super::channel::{ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
-use super::user_channel::{ACK_EVENT, CatchUp, GAP_PAGE_TIMEOUT, catch_up_plan, record_acks};
-use crate::event::{
-    DISCONNECT_EVENT, RESYNC_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId, now_unix_ms,
-};
+use super::user_channel::{ACK_EVENT, CatchUp, catch_up_plan, record_acks};
+use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
-use crate::pubsub::{Message as PubSubMessage, Push, Subscriber};
-use crate::store::SeqOrder;
+use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -55,19 +50,19 @@ pub enum Endpoint {
 }
 
 /// Why the loop ended.
-enum End {
+pub(super) enum End {
     /// The client closed, or the transport failed: nothing more to send.
     Gone,
     /// Herald closes with this code and reason.
     Close(u16, &'static str),
 }
 
-struct Connection {
+pub(super) struct Connection {
     ws: WebSocket,
-    vsn: Vsn,
-    endpoint: Endpoint,
-    state: SocketState,
-    channels: HashMap<String, JoinedChannel>,
+    pub(super) vsn: Vsn,
+    pub(super) endpoint: Endpoint,
+    pub(super) state: SocketState,
+    pub(super) channels: HashMap<String, JoinedChannel>,
     subscriber: Subscriber,
     to_connection: mpsc::Sender<ToConnection>,
     write_timeout: Duration,
@@ -321,29 +316,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
-    /// (which wait in the connection's queue and are dropped by the order guard if already sent).
-    /// Events retention removed are passed over only when the client was told (`missed`); one
-    /// pruned after the join read its watermark, or PostgreSQL unreadable, closes the channel with
-    /// `phx_error` and the client rejoins (and hears `missed: true` then).
-    async fn catch_up(&mut self, topic: &str, after: i64, missed: bool) -> Result<(), End> {
-        if let Some(JoinedChannel {
-            kind: ChannelKind::User { guard, .. },
-            ..
-        }) = self.channels.get_mut(topic)
-        {
-            guard.pushed(after);
-        }
-        let page = self.state.settings.max_gap_fill;
-        match self
-            .fill(topic, GapFill::catch_up(after, page, missed))
-            .await?
-        {
-            Ok(()) => Ok(()),
-            Err(hole) => self.error_channel(topic, hole).await,
-        }
-    }
-
     /// Answers a join with an error reply carrying the refusal's reason, and counts the refusal.
     /// A topic no channel serves is answered as Phoenix does with no route: with a null join ref,
     /// and not counted, since no channel handler was involved.
@@ -406,7 +378,7 @@ impl Connection {
         })
     }
 
-    fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
+    pub(super) fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
         if let ChannelKind::User { subscription, .. } = &channel.kind {
             self.state.pubsub.unsubscribe(topic, *subscription);
         }
@@ -504,187 +476,6 @@ impl Connection {
         self.flush().await
     }
 
-    async fn deliver_push(&mut self, topic: &str, push: &Push) -> Result<(), End> {
-        let Some(channel) = self.channels.get(topic) else {
-            return Ok(()); // left while the message was queued
-        };
-        let ChannelKind::User { guard, .. } = &channel.kind else {
-            return Ok(());
-        };
-        if push.event == RESYNC_EVENT {
-            // Broadcasts may have been lost while the node's fan-out queue was away.
-            return match guard.last() {
-                // Nothing was reported missed to this client: any hole is told by phx_error.
-                Some(after) => self.catch_up(topic, after, false).await,
-                None => Ok(()),
-            };
-        }
-        let Some(seq) = push.seq else {
-            let join_ref = channel.join_ref.clone();
-            return self.push(&join_ref, topic, push).await;
-        };
-        match guard.admit(seq) {
-            Admit::Duplicate => {
-                self.state.metrics.socket_duplicate_dropped();
-                Ok(())
-            }
-            Admit::Push => self.push_seq(topic, seq, push).await,
-            Admit::Gap { after } => {
-                let settings = &self.state.settings;
-                let filled = match GapFill::gap(
-                    after,
-                    seq,
-                    settings.max_gap_fill,
-                    settings.max_gap_fill_total,
-                ) {
-                    Ok(gap) => self.fill(topic, gap).await?,
-                    Err(hole) => Err(hole),
-                };
-                match filled {
-                    Ok(()) => self.push_seq(topic, seq, push).await,
-                    // Never past the hole: the client rejoins and catches up from its last seq.
-                    Err(hole) => self.error_channel(topic, hole).await,
-                }
-            }
-        }
-    }
-
-    /// Pushes, from PostgreSQL and page by page, the events `fill` is missing; each page is one
-    /// read (bounded by [`GAP_PAGE_TIMEOUT`]) and one flush. Returns why the fill stopped short, if
-    /// it did; the caller closes the channel then. The connection waits meanwhile: a live gap's
-    /// total is bounded by `socket.max_gap_fill_total`.
-    #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %topic, after = ?fill.next_page().map(|p| p.0)))]
-    async fn fill(&mut self, topic: &str, mut fill: GapFill) -> Result<Result<(), Unfilled>, End> {
-        let Endpoint::User(user) = &self.endpoint else {
-            return Ok(Ok(()));
-        };
-        let user = user.clone();
-        while let Some((after, before, limit)) = fill.next_page() {
-            let read = timeout(
-                GAP_PAGE_TIMEOUT,
-                self.state.store.user_events(
-                    user.as_str(),
-                    after,
-                    before,
-                    limit,
-                    SeqOrder::Ascending,
-                ),
-            )
-            .await;
-            let rows = match read {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(error)) => {
-                    tracing::warn!(error = ?error, after, before, "cannot read a user's missing events");
-                    return Ok(Err(Unfilled::StoreUnavailable));
-                }
-                Err(_) => {
-                    tracing::warn!(after, before, "reading a user's missing events timed out");
-                    return Ok(Err(Unfilled::StoreUnavailable));
-                }
-            };
-            let count = rows.len();
-            self.state.metrics.socket_gap_filled(count);
-            for row in rows {
-                let seq = row.seq;
-                if let Err(hole) = fill.admit(seq) {
-                    self.flush().await?;
-                    return Ok(Err(hole));
-                }
-                match row.into_envelope() {
-                    Some(envelope) => {
-                        let push = Push {
-                            event: envelope.event.as_str().to_owned(),
-                            seq: Some(envelope.seq),
-                            payload: envelope.push_payload(),
-                            enqueued_at_ms: Some(envelope.at),
-                        };
-                        self.push_seq(topic, seq, &push).await?;
-                    }
-                    // Stored but unreadable (the API never accepts such values): waiting cannot
-                    // change it, so it is passed over rather than blocking the user's stream.
-                    None => tracing::warn!(seq, "a stored event cannot be decoded; passed over"),
-                }
-                fill.pushed(seq);
-            }
-            self.flush().await?;
-            if let Err(hole) = fill.page_read(count) {
-                return Ok(Err(hole));
-            }
-        }
-        Ok(Ok(()))
-    }
-
-    /// Closes a user channel whose stream has a hole it cannot fill now, with `phx_error` (what
-    /// Phoenix sends when a channel crashes): the official client rejoins by itself (after 1 s,
-    /// then backing off), re-sending its join params, so a client that passes its `last_seq`
-    /// catches up from PostgreSQL, which fills the hole or answers `missed: true`. The payload
-    /// also names the cause and the last seq pushed, for clients that rejoin by hand.
-    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), End> {
-        let Some(channel) = self.channels.remove(topic) else {
-            return Ok(());
-        };
-        self.stop_channel(topic, &channel);
-        let last = match &channel.kind {
-            ChannelKind::User { guard, .. } => guard.last(),
-            ChannelKind::Stats(_) => None,
-        };
-        self.state.metrics.socket_gap_unfilled(hole.label());
-        tracing::warn!(
-            cause = hole.label(),
-            last_seq = ?last,
-            "a gap in a user's events cannot be filled now: channel closed with phx_error"
-        );
-        let payload = format!(
-            r#"{{"reason":"gap_unfilled","cause":"{}","last_seq":{}}}"#,
-            hole.label(),
-            last.map_or_else(|| "null".to_owned(), |seq| seq.to_string())
-        );
-        let text = protocol::encode(
-            self.vsn,
-            &channel.join_ref,
-            &channel.join_ref,
-            topic,
-            "phx_error",
-            &payload,
-        );
-        self.send(text).await
-    }
-
-    async fn push_seq(&mut self, topic: &str, seq: i64, push: &Push) -> Result<(), End> {
-        let Some(channel) = self.channels.get(topic) else {
-            return Ok(());
-        };
-        let join_ref = channel.join_ref.clone();
-        self.push(&join_ref, topic, push).await?;
-        if let Some(JoinedChannel {
-            kind: ChannelKind::User { guard, .. },
-            ..
-        }) = self.channels.get_mut(topic)
-        {
-            guard.pushed(seq);
-        }
-        Ok(())
-    }
-
-    /// Queues a push frame on the socket; the caller flushes.
-    async fn push(&mut self, join_ref: &RawValue, topic: &str, push: &Push) -> Result<(), End> {
-        let text = protocol::encode(
-            self.vsn,
-            join_ref,
-            null(),
-            topic,
-            &push.event,
-            &push.payload,
-        );
-        self.feed(text).await?;
-        if let Some(at) = push.enqueued_at_ms {
-            self.state
-                .metrics
-                .push_delivered(now_unix_ms().saturating_sub(at).max(0) as u64);
-        }
-        Ok(())
-    }
-
     async fn reply(
         &mut self,
         frame: &Frame,
@@ -709,18 +500,18 @@ impl Connection {
     }
 
     /// Writes a frame and flushes it (with whatever was queued before it).
-    async fn send(&mut self, text: String) -> Result<(), End> {
+    pub(super) async fn send(&mut self, text: String) -> Result<(), End> {
         self.feed(text).await?;
         self.flush().await
     }
 
     /// Queues a frame without flushing (it may still be written if the write buffer fills).
-    async fn feed(&mut self, text: String) -> Result<(), End> {
+    pub(super) async fn feed(&mut self, text: String) -> Result<(), End> {
         let fed = timeout(self.write_timeout, self.ws.feed(Message::Text(text.into()))).await;
         written(fed)
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
+    pub(super) async fn flush(&mut self) -> Result<(), End> {
         written(timeout(self.write_timeout, self.ws.flush()).await)
     }
 

@@ -1,11 +1,16 @@
-//! The user channel's reads and writes of PostgreSQL, apart from the protocol loop: what a join
-//! answers (`last_seq`, `missed`) and whether it catches up, and the client's acks. The connection
-//! (`connection`) owns the socket and calls these; nothing here sends a frame.
+//! The user channel (`user:<id>`): what its join answers (`last_seq`, `missed`) and the catch-up
+//! that follows, the order guard every pushed event goes through, gap fills from PostgreSQL, and the
+//! client's acks. The connection (`connection`) owns the socket and the protocol loop; this is the
+//! part of it that knows what a user's stream of events must look like.
 
 use super::SocketState;
-use super::protocol::{Frame, reason};
-use crate::event::UserId;
-use crate::store::ReadMark;
+use super::channel::{Admit, ChannelKind, GapFill, JoinedChannel, Unfilled};
+use super::connection::{Connection, End, Endpoint};
+use super::protocol::{self, Frame, null, reason};
+use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
+use crate::pubsub::Push;
+use crate::store::{ReadMark, SeqOrder};
+use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::time::timeout;
@@ -70,7 +75,7 @@ pub(super) async fn record_acks(
     {
         Ok(acked) => {
             state.metrics.client_acked(acked);
-            ("ok", format!(r#"{{"acked":{acked}}}"#))
+            ("ok", json!({ "acked": acked }).to_string())
         }
         Err(error) => {
             tracing::warn!(error = ?error, "cannot record client acks");
@@ -109,9 +114,198 @@ pub(super) struct CatchUp {
 
 impl CatchUp {
     pub(super) fn response(&self) -> String {
-        format!(
-            r#"{{"last_seq":{},"missed":{}}}"#,
-            self.last_seq, self.missed
-        )
+        json!({ "last_seq": self.last_seq, "missed": self.missed }).to_string()
+    }
+}
+
+impl Connection {
+    /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
+    /// (which wait in the connection's queue and are dropped by the order guard if already sent).
+    /// Events retention removed are passed over only when the client was told (`missed`); one
+    /// pruned after the join read its watermark, or PostgreSQL unreadable, closes the channel with
+    /// `phx_error` and the client rejoins (and hears `missed: true` then).
+    pub(super) async fn catch_up(
+        &mut self,
+        topic: &str,
+        after: i64,
+        missed: bool,
+    ) -> Result<(), End> {
+        if let Some(JoinedChannel {
+            kind: ChannelKind::User { guard, .. },
+            ..
+        }) = self.channels.get_mut(topic)
+        {
+            guard.pushed(after);
+        }
+        let page = self.state.settings.max_gap_fill;
+        match self
+            .fill(topic, GapFill::catch_up(after, page, missed))
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(hole) => self.error_channel(topic, hole).await,
+        }
+    }
+
+    /// Pushes one event of a user topic through the channel's order guard: a duplicate is dropped,
+    /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up.
+    pub(super) async fn deliver_push(&mut self, topic: &str, push: &Push) -> Result<(), End> {
+        let Some(channel) = self.channels.get(topic) else {
+            return Ok(()); // left while the message was queued
+        };
+        let ChannelKind::User { guard, .. } = &channel.kind else {
+            return Ok(());
+        };
+        if push.event == RESYNC_EVENT {
+            // Broadcasts may have been lost while the node's fan-out queue was away.
+            return match guard.last() {
+                // Nothing was reported missed to this client: any hole is told by phx_error.
+                Some(after) => self.catch_up(topic, after, false).await,
+                None => Ok(()),
+            };
+        }
+        let Some(seq) = push.seq else {
+            return self.push(topic, None, push).await;
+        };
+        match guard.admit(seq) {
+            Admit::Duplicate => {
+                self.state.metrics.socket_duplicate_dropped();
+                Ok(())
+            }
+            Admit::Push => self.push(topic, Some(seq), push).await,
+            Admit::Gap { after } => {
+                let settings = &self.state.settings;
+                let filled = match GapFill::gap(
+                    after,
+                    seq,
+                    settings.max_gap_fill,
+                    settings.max_gap_fill_total,
+                ) {
+                    Ok(gap) => self.fill(topic, gap).await?,
+                    Err(hole) => Err(hole),
+                };
+                match filled {
+                    Ok(()) => self.push(topic, Some(seq), push).await,
+                    // Never past the hole: the client rejoins and catches up from its last seq.
+                    Err(hole) => self.error_channel(topic, hole).await,
+                }
+            }
+        }
+    }
+
+    /// Pushes, from PostgreSQL and page by page, the events `fill` is missing; each page is one
+    /// read (bounded by [`GAP_PAGE_TIMEOUT`]) and one flush. Returns why the fill stopped short, if
+    /// it did; the caller closes the channel then. The connection waits meanwhile: a live gap's
+    /// total is bounded by `socket.max_gap_fill_total`.
+    #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %topic, after = ?fill.next_page().map(|p| p.0)))]
+    async fn fill(&mut self, topic: &str, mut fill: GapFill) -> Result<Result<(), Unfilled>, End> {
+        let Endpoint::User(user) = &self.endpoint else {
+            return Ok(Ok(()));
+        };
+        let user = user.clone();
+        while let Some((after, before, limit)) = fill.next_page() {
+            let read = timeout(
+                GAP_PAGE_TIMEOUT,
+                self.state.store.user_events(
+                    user.as_str(),
+                    after,
+                    before,
+                    limit,
+                    SeqOrder::Ascending,
+                ),
+            )
+            .await;
+            let rows = match read {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = ?error, after, before, "cannot read a user's missing events");
+                    return Ok(Err(Unfilled::StoreUnavailable));
+                }
+                Err(_) => {
+                    tracing::warn!(after, before, "reading a user's missing events timed out");
+                    return Ok(Err(Unfilled::StoreUnavailable));
+                }
+            };
+            let count = rows.len();
+            self.state.metrics.socket_gap_filled(count);
+            for row in rows {
+                let seq = row.seq;
+                if let Err(hole) = fill.admit(seq) {
+                    self.flush().await?;
+                    return Ok(Err(hole));
+                }
+                match row.into_envelope() {
+                    Some(envelope) => self.push(topic, Some(seq), &(&envelope).into()).await?,
+                    // Stored but unreadable (the API never accepts such values): waiting cannot
+                    // change it, so it is passed over rather than blocking the user's stream.
+                    None => tracing::warn!(seq, "a stored event cannot be decoded; passed over"),
+                }
+                fill.pushed(seq);
+            }
+            self.flush().await?;
+            if let Err(hole) = fill.page_read(count) {
+                return Ok(Err(hole));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Closes a user channel whose stream has a hole it cannot fill now, with `phx_error` (what
+    /// Phoenix sends when a channel crashes): the official client rejoins by itself (after 1 s,
+    /// then backing off), re-sending its join params, so a client that passes its `last_seq`
+    /// catches up from PostgreSQL, which fills the hole or answers `missed: true`. The payload
+    /// also names the cause and the last seq pushed, for clients that rejoin by hand.
+    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), End> {
+        let Some(channel) = self.channels.remove(topic) else {
+            return Ok(());
+        };
+        self.stop_channel(topic, &channel);
+        let last = match &channel.kind {
+            ChannelKind::User { guard, .. } => guard.last(),
+            ChannelKind::Stats(_) => None,
+        };
+        self.state.metrics.socket_gap_unfilled(hole.label());
+        tracing::warn!(
+            cause = hole.label(),
+            last_seq = ?last,
+            "a gap in a user's events cannot be filled now: channel closed with phx_error"
+        );
+        let payload = json!({ "reason": "gap_unfilled", "cause": hole.label(), "last_seq": last })
+            .to_string();
+        let text = protocol::encode(
+            self.vsn,
+            &channel.join_ref,
+            &channel.join_ref,
+            topic,
+            "phx_error",
+            &payload,
+        );
+        self.send(text).await
+    }
+
+    /// Queues a push on `topic`'s channel (if still joined) and records its seq in the order guard;
+    /// the caller flushes. A write that fails ends the connection, so recording first is safe.
+    async fn push(&mut self, topic: &str, seq: Option<i64>, push: &Push) -> Result<(), End> {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return Ok(());
+        };
+        let join_ref = &channel.join_ref;
+        let text = protocol::encode(
+            self.vsn,
+            join_ref,
+            null(),
+            topic,
+            &push.event,
+            &push.payload,
+        );
+        if let (Some(seq), ChannelKind::User { guard, .. }) = (seq, &mut channel.kind) {
+            guard.pushed(seq);
+        }
+        self.feed(text).await?;
+        if let Some(at) = push.enqueued_at_ms {
+            let waited = now_unix_ms().saturating_sub(at).max(0);
+            self.state.metrics.push_delivered(waited as u64);
+        }
+        Ok(())
     }
 }
