@@ -17,7 +17,9 @@
 
 use crate::config::MetricsSettings;
 use cadence::prelude::*;
-use cadence::{BufferedUdpMetricSink, NopMetricSink, StatsdClient, StatsdClientBuilder};
+use cadence::{
+    BufferedUdpMetricSink, MetricBuilder, NopMetricSink, StatsdClient, StatsdClientBuilder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -592,14 +594,13 @@ impl Metrics {
         if n == 0 {
             return;
         }
-        let mut metric = self
-            .inner
-            .statsd
-            .count_with_tags(counter.name, n.min(i64::MAX as u64) as i64);
-        for (key, value) in counter.tags.iter().zip(values) {
-            metric = metric.with_tag(key, value);
-        }
-        metric.send();
+        let statsd = &self.inner.statsd;
+        let value = n.min(i64::MAX as u64) as i64;
+        send(
+            statsd.count_with_tags(counter.name, value),
+            counter.tags,
+            values,
+        );
         counter
             .family
             .get_or_create(&labels(counter.tags, values))
@@ -607,11 +608,8 @@ impl Metrics {
     }
 
     fn level(&self, gauge: &Level, value: u64, values: &[&str]) {
-        let mut metric = self.inner.statsd.gauge_with_tags(gauge.name, value);
-        for (key, value) in gauge.tags.iter().zip(values) {
-            metric = metric.with_tag(key, value);
-        }
-        metric.send();
+        let metric = self.inner.statsd.gauge_with_tags(gauge.name, value);
+        send(metric, gauge.tags, values);
         gauge
             .family
             .get_or_create(&labels(gauge.tags, values))
@@ -619,27 +617,18 @@ impl Metrics {
     }
 
     fn spread(&self, spread: &Spread, value: f64, values: &[&str]) {
+        let (statsd, whole) = (&self.inner.statsd, value.round() as u64);
         match spread.shape {
-            Shape::Histogram => {
-                let mut metric = self
-                    .inner
-                    .statsd
-                    .histogram_with_tags(spread.name, value.round() as u64);
-                for (key, value) in spread.tags.iter().zip(values) {
-                    metric = metric.with_tag(key, value);
-                }
-                metric.send();
-            }
-            Shape::Timing => {
-                let mut metric = self
-                    .inner
-                    .statsd
-                    .time_with_tags(spread.name, value.round() as u64);
-                for (key, value) in spread.tags.iter().zip(values) {
-                    metric = metric.with_tag(key, value);
-                }
-                metric.send();
-            }
+            Shape::Histogram => send(
+                statsd.histogram_with_tags(spread.name, whole),
+                spread.tags,
+                values,
+            ),
+            Shape::Timing => send(
+                statsd.time_with_tags(spread.name, whole),
+                spread.tags,
+                values,
+            ),
         }
         spread
             .family
@@ -915,6 +904,17 @@ impl Metrics {
         self.level(gauge, in_use, &[pool, "in_use"]);
         self.level(gauge, idle, &[pool, "idle"]);
     }
+}
+
+/// Sends a StatsD metric with its own tags (node and roles are the client's default tags).
+fn send<'m, T>(mut metric: MetricBuilder<'m, '_, T>, keys: &'m [&str], values: &'m [&str])
+where
+    T: cadence::Metric + From<String>,
+{
+    for (key, value) in keys.iter().zip(values) {
+        metric = metric.with_tag(key, value);
+    }
+    metric.send();
 }
 
 fn ms(elapsed: Duration) -> f64 {
