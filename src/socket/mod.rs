@@ -101,13 +101,15 @@ impl SocketState {
         (user + stats) as u64
     }
 
-    /// Why an upgrade is refused before it happens: an origin not allowed (403), or no room (503).
-    /// On success, the permit the connection holds until it ends.
+    /// What every upgrade must pass before anything else: a protocol version the node speaks
+    /// (403), an allowed origin (403) and room for a socket of this kind (503).
     fn admit(
         &self,
+        params: &HashMap<String, String>,
         headers: &HeaderMap,
         slots: &Arc<Semaphore>,
-    ) -> Result<OwnedSemaphorePermit, StatusCode> {
+    ) -> Result<(Vsn, OwnedSemaphorePermit), StatusCode> {
+        let vsn = Vsn::parse(params.get("vsn").map(String::as_str)).ok_or(StatusCode::FORBIDDEN)?;
         let origin = headers
             .get(header::ORIGIN)
             .map(|v| v.to_str().unwrap_or("?"));
@@ -115,9 +117,10 @@ impl SocketState {
             tracing::debug!(origin = ?origin, "socket origin refused");
             return Err(StatusCode::FORBIDDEN);
         }
-        Arc::clone(slots)
+        let slot = Arc::clone(slots)
             .try_acquire_owned()
-            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        Ok((vsn, slot))
     }
 }
 
@@ -149,36 +152,26 @@ async fn user_socket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
-        state.metrics.socket_connect(USER_SOCKET, false);
-        return StatusCode::FORBIDDEN.into_response();
-    };
-    let slot = match state.admit(&headers, &state.user_slots) {
-        Ok(slot) => slot,
-        Err(status) => {
-            state.metrics.socket_connect(USER_SOCKET, false);
-            return refused(status);
+    let admitted = state
+        .admit(&params, &headers, &state.user_slots)
+        .and_then(|(vsn, slot)| {
+            let token = (params.get("token").cloned())
+                .or_else(|| header_token(&headers))
+                .ok_or(StatusCode::FORBIDDEN)?;
+            let user = (state.signer.verify(&token, now_unix_secs())).map_err(|error| {
+                tracing::debug!(error = %error, "socket token refused");
+                StatusCode::FORBIDDEN
+            })?;
+            Ok((vsn, slot, user))
+        });
+    state.metrics.socket_connect(USER_SOCKET, admitted.is_ok());
+    match admitted {
+        Ok((vsn, slot, user)) => {
+            let span = tracing::info_span!("socket", user_id = %user);
+            upgrade_to(upgrade, vsn, Endpoint::User(user), state, slot, span).await
         }
-    };
-    let token = params
-        .get("token")
-        .cloned()
-        .or_else(|| header_token(&headers));
-    let user = match token.map(|t| state.signer.verify(&t, now_unix_secs())) {
-        Some(Ok(user)) => user,
-        Some(Err(error)) => {
-            tracing::debug!(error = %error, "socket token refused");
-            state.metrics.socket_connect(USER_SOCKET, false);
-            return StatusCode::FORBIDDEN.into_response();
-        }
-        None => {
-            state.metrics.socket_connect(USER_SOCKET, false);
-            return StatusCode::FORBIDDEN.into_response();
-        }
-    };
-    state.metrics.socket_connect(USER_SOCKET, true);
-    let span = tracing::info_span!("socket", user_id = %user);
-    upgrade_to(upgrade, vsn, Endpoint::User(user), state, slot, span).await
+        Err(status) => refused(status),
+    }
 }
 
 async fn stats_socket(
@@ -187,20 +180,15 @@ async fn stats_socket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
-        state.metrics.socket_connect(STATS_SOCKET, false);
-        return StatusCode::FORBIDDEN.into_response();
-    };
-    let slot = match state.admit(&headers, &state.stats_slots) {
-        Ok(slot) => slot,
-        Err(status) => {
-            state.metrics.socket_connect(STATS_SOCKET, false);
-            return refused(status);
+    let admitted = state.admit(&params, &headers, &state.stats_slots);
+    state.metrics.socket_connect(STATS_SOCKET, admitted.is_ok());
+    match admitted {
+        Ok((vsn, slot)) => {
+            let span = tracing::info_span!("stats_socket");
+            upgrade_to(upgrade, vsn, Endpoint::Stats, state, slot, span).await
         }
-    };
-    state.metrics.socket_connect(STATS_SOCKET, true);
-    let span = tracing::info_span!("stats_socket");
-    upgrade_to(upgrade, vsn, Endpoint::Stats, state, slot, span).await
+        Err(status) => refused(status),
+    }
 }
 
 /// Completes an accepted upgrade with Herald's buffer limits and runs the connection, tracked so a
