@@ -269,27 +269,13 @@ impl Publisher {
                             self.report(PublisherEvent::Unconfirmed { count: 1, reason }).await;
                         }
                         Err(Settled::Lost(error)) => {
-                            self.flush_confirmed(&mut confirmed).await;
-                            self.report(PublisherEvent::Unconfirmed {
-                                count: 1 + pending.len(),
-                                reason: "connection_lost",
-                            })
-                            .await;
-                            return PumpEnd::Lost(error);
+                            return self.lost(&mut confirmed, 1 + pending.len(), error).await;
                         }
                     }
                 }
                 Some(event) = connection_events.next() => match event {
                     Event::Error(error) => {
-                        self.flush_confirmed(&mut confirmed).await;
-                        if !pending.is_empty() {
-                            self.report(PublisherEvent::Unconfirmed {
-                                count: pending.len(),
-                                reason: "connection_lost",
-                            })
-                            .await;
-                        }
-                        return PumpEnd::Lost(error);
+                        return self.lost(&mut confirmed, pending.len(), error).await;
                     }
                     // A blocked connection (broker memory or disk alarm) would stall publishes:
                     // refuse new ones meanwhile, so they wait in the outbox instead.
@@ -317,13 +303,7 @@ impl Publisher {
                     match self.publish_one(channel, &message).await {
                         Ok(confirm) => pending.push(confirmation(message.id, confirm, confirm_timeout)),
                         Err(error) => {
-                            self.flush_confirmed(&mut confirmed).await;
-                            self.report(PublisherEvent::Unconfirmed {
-                                count: 1 + pending.len(),
-                                reason: "connection_lost",
-                            })
-                            .await;
-                            return PumpEnd::Lost(error);
+                            return self.lost(&mut confirmed, 1 + pending.len(), error).await;
                         }
                     }
                 }
@@ -357,6 +337,26 @@ impl Publisher {
                 properties,
             )
             .await
+    }
+
+    /// The connection went: what was confirmed is reported, the `unsettled` publishes are counted
+    /// as unconfirmed (they stay in the outbox), and the pump ends.
+    async fn lost(
+        &self,
+        confirmed: &mut Vec<Uuid>,
+        unsettled: usize,
+        error: lapin::Error,
+    ) -> PumpEnd {
+        self.flush_confirmed(confirmed).await;
+        if unsettled > 0 {
+            let reason = "connection_lost";
+            self.report(PublisherEvent::Unconfirmed {
+                count: unsettled,
+                reason,
+            })
+            .await;
+        }
+        PumpEnd::Lost(error)
     }
 
     async fn flush_confirmed(&self, confirmed: &mut Vec<Uuid>) {
