@@ -69,10 +69,7 @@ impl ConsumerLink {
                 BasicQosOptions::default(),
             )
             .await
-            .map_err(|source| Error::Channel {
-                what: "set prefetch",
-                source,
-            })?;
+            .map_err(Error::channel("set prefetch"))?;
         self.channel
             .basic_consume(
                 names.partition_queue(partition).as_str().into(),
@@ -81,10 +78,7 @@ impl ConsumerLink {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| Error::Channel {
-                what: "start consuming",
-                source,
-            })
+            .map_err(Error::channel("start consuming"))
     }
 
     /// Stops the consumer `tag`: the broker sends it nothing more (its stream ends after what was
@@ -96,9 +90,6 @@ impl ConsumerLink {
         self.channel
             .basic_cancel(tag.into(), BasicCancelOptions::default())
             .await
-            .map_err(|source| Error::Channel {
-                what: "cancel a consumer",
-                source,
-            })
+            .map_err(Error::channel("cancel a consumer"))
     }
 }

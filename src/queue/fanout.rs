@@ -117,10 +117,7 @@ impl FanoutPublisher {
             Ok(routed) => return Ok(routed),
             Err(Unconfirmed::Nacked) => return Err(Error::Nacked),
             Err(Unconfirmed::Timeout) => Error::ConfirmTimeout,
-            Err(Unconfirmed::Lost(source)) => Error::Channel {
-                what: "publish a broadcast",
-                source,
-            },
+            Err(Unconfirmed::Lost(source)) => Error::channel("publish a broadcast")(source),
         };
         // The channel may be dead or wedged: the next publish opens a new one.
         *self.link.lock().await = None;
@@ -184,10 +181,7 @@ impl NodeQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| Error::Channel {
-                what: "consume the node fan-out queue",
-                source,
-            })?;
+            .map_err(Error::channel("consume the node fan-out queue"))?;
         Ok(Self {
             connection,
             channel,
@@ -211,10 +205,7 @@ impl NodeQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| Error::Channel {
-                what: "bind a topic",
-                source,
-            })
+            .map_err(Error::channel("bind a topic"))
     }
 
     /// Stops receiving broadcasts of `topic`.
@@ -230,9 +221,6 @@ impl NodeQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| Error::Channel {
-                what: "unbind a topic",
-                source,
-            })
+            .map_err(Error::channel("unbind a topic"))
     }
 }

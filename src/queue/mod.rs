@@ -68,6 +68,13 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// For `map_err`: the channel operation `what` failed.
+    pub(crate) fn channel(what: &'static str) -> impl FnOnce(lapin::Error) -> Self {
+        move |source| Self::Channel { what, source }
+    }
+}
+
 /// Why a publish was not confirmed.
 #[derive(Debug, thiserror::Error)]
 pub enum Unconfirmed {
@@ -132,10 +139,7 @@ pub async fn open_channel(connection: &Connection) -> Result<Channel, Error> {
     connection
         .create_channel()
         .await
-        .map_err(|source| Error::Channel {
-            what: "open a channel",
-            source,
-        })
+        .map_err(Error::channel("open a channel"))
 }
 
 /// Turns on publisher confirms: from now on the broker acknowledges each publish once it is safe.
@@ -146,8 +150,5 @@ pub async fn enable_confirms(channel: &Channel) -> Result<(), Error> {
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
-        .map_err(|source| Error::Channel {
-            what: "enable publisher confirms",
-            source,
-        })
+        .map_err(Error::channel("enable publisher confirms"))
 }

@@ -57,12 +57,7 @@ pub async fn ready_counts(
                 counts.push(None);
                 channel = None;
             }
-            Err(source) => {
-                return Err(Error::Channel {
-                    what: "probe a queue",
-                    source,
-                });
-            }
+            Err(source) => return Err(Error::channel("probe a queue")(source)),
         }
     }
     if let Some(open) = channel {

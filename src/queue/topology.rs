@@ -253,10 +253,7 @@ pub async fn remove_legacy_queues(
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await
-            .map_err(|source| Error::Channel {
-                what: "delete a queue of the pre-partition layout",
-                source,
-            })?;
+            .map_err(Error::channel("delete a queue of the pre-partition layout"))?;
         let _ = channel.close(200, "done".into()).await;
         tracing::warn!(queue = %queue, "deleted a queue of the pre-partition layout; the outbox relay republishes what it held");
     }
