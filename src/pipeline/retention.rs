@@ -24,38 +24,35 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        loop {
-            let pruned = store
-                .prune_events(settings.retention_days, settings.retention_per_user, BATCH)
-                .await;
-            match pruned {
-                Ok(n) => {
-                    metrics.events_pruned(n);
-                    if n < BATCH as u64 || stop.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = ?error, "retention pruning failed; retrying later");
-                    break;
+        let prune =
+            || store.prune_events(settings.retention_days, settings.retention_per_user, BATCH);
+        let pruned = in_batches(prune, &stop, "retention pruning").await;
+        metrics.events_pruned(pruned);
+        let expire = || store.expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH);
+        let expired = in_batches(expire, &stop, "expiring idempotency keys").await;
+        metrics.idempotency_keys_expired(expired);
+    }
+}
+
+/// Runs a batched delete until a batch comes back short (nothing more to do now), `stop`, or an
+/// error (logged: the next round tries again); returns the rows deleted.
+async fn in_batches<F, Fut>(mut batch: F, stop: &CancellationToken, what: &str) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, crate::store::Error>>,
+{
+    let mut total = 0;
+    loop {
+        match batch().await {
+            Ok(n) => {
+                total += n;
+                if n < BATCH as u64 || stop.is_cancelled() {
+                    return total;
                 }
             }
-        }
-        loop {
-            let expired = store
-                .expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH)
-                .await;
-            match expired {
-                Ok(n) => {
-                    metrics.idempotency_keys_expired(n);
-                    if n < BATCH as u64 || stop.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = ?error, "expiring idempotency keys failed; retrying later");
-                    break;
-                }
+            Err(error) => {
+                tracing::warn!(error = ?error, "{what} failed; retrying later");
+                return total;
             }
         }
     }
