@@ -113,8 +113,11 @@ async fn readiness_names_the_node_and_its_roles() {
 #[tokio::test]
 async fn clients_of_a_killed_socket_node_reconnect_elsewhere_and_miss_nothing() {
     let (api, _node_a, node_b) = spawn_cluster().await;
-    let (mut doomed, doomed_addr) = crate::common::spawn_process(&api.settings, "socket").await;
-    let mut client = crate::common::connect_to(doomed_addr, "erin").await;
+    let mut socket = api.settings.clone();
+    socket.node.roles = "socket".parse().unwrap();
+    socket.node.name.clear(); // its own: <hostname>-<pid>
+    let mut doomed = crate::common::Node::serve(&socket, &[]).await;
+    let mut client = crate::common::connect_to(doomed.addr, "erin").await;
     client.join("user:erin", json!({})).await;
     // A producer streams 300 events while the client's node dies under it.
     let total = 300;
@@ -123,7 +126,7 @@ async fn clients_of_a_killed_socket_node_reconnect_elsewhere_and_miss_nothing() 
     for _ in 0..20 {
         seen.push(client.recv_push().await[4]["seq"].as_i64().unwrap());
     }
-    doomed.kill().await.expect("SIGKILL");
+    doomed.child.kill().await.expect("SIGKILL");
     // The client reads what reached it before the node died, then notices the connection is gone.
     while let Some(frame) = client.next_or_end().await {
         if let Some(seq) = frame[4]["seq"].as_i64() {

@@ -231,22 +231,17 @@ async fn a_failed_event_replayed_from_the_command_line_is_delivered_once() {
 }
 
 /// Runs the `herald` binary against `app`'s database and queues; returns its stdout.
-pub async fn herald(app: &crate::common::TestApp, args: &[&str]) -> String {
+async fn herald(app: &crate::common::TestApp, args: &[&str]) -> String {
     let (ok, out) = herald_status(app, args).await;
     assert!(ok, "herald {args:?} failed: {out}");
     out
 }
 
 /// Runs the `herald` binary; returns whether it succeeded and its stdout (stderr when it failed).
-pub async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    command
-        .args(args)
-        .env_clear()
-        .envs(crate::common::node_env(&app.settings));
-    let output = tokio::task::spawn_blocking(move || command.output())
+async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool, String) {
+    let output = crate::common::herald_command(&app.settings, args)
+        .output()
         .await
-        .unwrap()
         .expect("herald runs");
     let text = if output.status.success() {
         String::from_utf8_lossy(&output.stdout).into_owned()
