@@ -345,6 +345,12 @@ impl TestApp {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Posts the event `WsClient::expect_sentinel` waits for, to `user`.
+    pub async fn post_sentinel(&self, user: &str) {
+        self.enqueue(json!({"user_id": user, "data": {"sentinel": true}}))
+            .await;
+    }
+
     /// Waits until event `id` has `status`; returns (attempts, last_error).
     pub async fn wait_status(&self, id: &str, status: &str) -> (i32, Option<String>) {
         let uuid = uuid::Uuid::parse_str(id).unwrap();
@@ -589,6 +595,19 @@ impl WsClient {
                 other => panic!("connection ended: {other:?}"),
             }
         }
+    }
+
+    /// Asserts that the next frame is the push of `TestApp::post_sentinel`'s event: nothing unwanted
+    /// came first. Waiting a while for silence instead passes when the unwanted frame is merely
+    /// late; this fails, provided the sentinel is sent after anything unwanted would have been (a
+    /// user's events are pushed in seq order; a connection gets broadcasts in the order made).
+    pub async fn expect_sentinel(&mut self) {
+        let frame = self.recv().await;
+        assert_eq!(
+            frame[4]["data"],
+            json!({"sentinel": true}),
+            "expected the sentinel, got {frame}"
+        );
     }
 
     /// The next frame, or None once the connection has closed or ended (never panics on the end).
