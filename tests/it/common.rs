@@ -2,8 +2,6 @@
 //! fresh queue prefix, a Phoenix v2 WebSocket client, a StatsD listener and a TCP proxy that can cut
 //! a dependency off.
 
-#![allow(dead_code)]
-
 use futures_util::{SinkExt, StreamExt};
 use herald::App;
 use herald::config::{Secret, Settings};
