@@ -10,7 +10,7 @@
 //! them right after it, on their own: `cargo test --test it chaos -- --ignored`.
 
 use crate::common::{Node, TcpProxy, test_settings, wait_until};
-use herald::config::{Secret, Settings};
+use herald::config::Settings;
 use herald::store::Store;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -179,12 +179,9 @@ async fn run_chaos(fault: Fault) {
     let (_, key) = store.create_producer("chaos").await.unwrap();
 
     // The node reaches PostgreSQL through a proxy the test can cut.
-    let proxy = TcpProxy::start("127.0.0.1:5432").await;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(settings.store.database_url.expose()).await;
     let mut node_settings = settings.clone();
-    let direct = settings.store.database_url.expose();
-    let db_name = direct.rsplit('/').next().unwrap();
-    node_settings.store.database_url =
-        Secret::new(format!("postgres://postgres@{}/{db_name}", proxy.addr));
+    node_settings.store.database_url = via_proxy;
     let mut node = Node::serve(&node_settings, &[]).await;
 
     let (addr_tx, addr_rx) = watch::channel(node.addr);

@@ -45,7 +45,7 @@ fn admin_url() -> String {
     std::env::var("HERALD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn amqp_url() -> String {
+pub fn amqp_url() -> String {
     std::env::var("HERALD_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -772,7 +772,7 @@ async fn pump(
 }
 
 impl TcpProxy {
-    pub async fn start(target: &str) -> Arc<Self> {
+    async fn start(target: &str) -> Arc<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, up_rx) = watch::channel(true);
@@ -804,6 +804,19 @@ impl TcpProxy {
             }
         });
         Arc::new(Self { addr, up, flowing })
+    }
+
+    /// A proxy in front of the service `url` names; returns it with `url` pointed at it.
+    pub async fn in_front_of(url: &str) -> (Arc<Self>, Secret) {
+        let mut url = reqwest::Url::parse(url).expect("a service URL");
+        let port = url.port().unwrap_or(match url.scheme() {
+            "amqp" => 5672,
+            _ => 5432,
+        });
+        let proxy = Self::start(&format!("{}:{port}", url.host_str().expect("a host"))).await;
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        (proxy, Secret::new(url.to_string()))
     }
 
     pub fn stall(&self) {

@@ -253,12 +253,10 @@ async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool, St
 
 #[tokio::test]
 async fn a_retry_whose_confirm_times_out_is_retried_not_failed() {
-    let proxy = crate::common::TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = crate::common::TcpProxy::in_front_of(&crate::common::amqp_url()).await;
     let statsd = StatsdListener::bind().await;
     let app = spawn_app_with(|s| {
-        s.queue.amqp_url =
-            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
         // The first attempt hangs until the attempt timeout, then its retry is published.
         s.faults.fail_events = vec!["stalled:1:hang".into()];
         s.retry.attempt_timeout_ms = 3_000;
