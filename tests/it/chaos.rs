@@ -9,13 +9,12 @@
 //! run beside them, so they are `#[ignore]`d in the default run and `scripts/test` (hence CI) runs
 //! them right after it, on their own: `cargo test --test it chaos -- --ignored`.
 
-use crate::common::{PATIENCE, TcpProxy, node_env, test_settings, wait_until};
-use herald::config::{Secret, Settings};
+use crate::common::{Node, TcpProxy, test_settings, wait_until};
+use herald::config::Settings;
 use herald::store::Store;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,80 +31,6 @@ pub(crate) const FAULT_AT: usize = 1_500;
 /// How long one event may take to be accepted, and the stream to reach `FAULT_AT`: a bound for a
 /// stuck node, far above the ~2 s either takes on an idle box.
 pub(crate) const STREAM_PATIENCE: Duration = Duration::from_secs(120);
-
-/// A `herald serve` child; its log (stderr) is kept for a failing test to show.
-pub(crate) struct Node {
-    child: Child,
-    pub(crate) addr: SocketAddr,
-}
-
-impl Node {
-    /// Starts `herald serve` and waits (off the runtime: the test's proxy runs on it) for its
-    /// address.
-    pub(crate) async fn start(env: &[(String, String)], log: &Arc<Mutex<Vec<String>>>) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .env_clear()
-            .envs(env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("herald starts");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("herald serving") {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|field| field.strip_prefix("addr="))
-                        .and_then(|a| a.parse().ok());
-                    if let Some(addr) = addr {
-                        let _ = tx.send(addr);
-                    }
-                }
-                let mut sink = sink.lock().unwrap();
-                if sink.len() > 2_000 {
-                    sink.drain(..1_000);
-                }
-                sink.push(line);
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(PATIENCE))
-            .await
-            .unwrap();
-        // Owned from here, so a failed start still kills the child (no orphan redeclaring queues).
-        let mut node = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        match addr {
-            Ok(addr) => node.addr = addr,
-            Err(_) => {
-                node.kill();
-                panic!("herald did not start: {:?}", log_tail(log));
-            }
-        }
-        node
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub(crate) fn log_tail(log: &Mutex<Vec<String>>) -> Vec<String> {
-    let log = log.lock().unwrap();
-    log.iter().rev().take(30).rev().cloned().collect()
-}
 
 /// Drops the run's database and queues, also when the test fails.
 pub(crate) struct Cleanup(pub(crate) Settings);
@@ -254,15 +179,10 @@ async fn run_chaos(fault: Fault) {
     let (_, key) = store.create_producer("chaos").await.unwrap();
 
     // The node reaches PostgreSQL through a proxy the test can cut.
-    let proxy = TcpProxy::start("127.0.0.1:5432").await;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(settings.store.database_url.expose()).await;
     let mut node_settings = settings.clone();
-    let direct = settings.store.database_url.expose();
-    let db_name = direct.rsplit('/').next().unwrap();
-    node_settings.store.database_url =
-        Secret::new(format!("postgres://postgres@{}/{db_name}", proxy.addr));
-    let env = node_env(&node_settings);
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut node = Node::start(&env, &log).await;
+    node_settings.store.database_url = via_proxy;
+    let mut node = Node::serve(&node_settings, &[]).await;
 
     let (addr_tx, addr_rx) = watch::channel(node.addr);
     let sent = Arc::new(Sent::default());
@@ -274,8 +194,8 @@ async fn run_chaos(fault: Fault) {
     .await;
     match fault {
         Fault::Kill => {
-            node.kill();
-            node = Node::start(&env, &log).await;
+            node.child.kill().await.expect("SIGKILL");
+            node = Node::serve(&node_settings, &[]).await;
             addr_tx.send_replace(node.addr);
         }
         Fault::BrokerConnectionsClosed => {
@@ -299,7 +219,7 @@ async fn run_chaos(fault: Fault) {
     if !matches!(streamed, Ok(Ok(()))) {
         panic!(
             "the stream did not complete ({streamed:?}); node log: {:#?}",
-            log_tail(&log)
+            node.log_tail()
         );
     }
 
@@ -314,7 +234,7 @@ async fn run_chaos(fault: Fault) {
     if let Err(pending) = wait_settled(store.pool(), Duration::from_secs(60)).await {
         panic!(
             "{pending} events still accepted or published; node log: {:#?}",
-            log_tail(&log)
+            node.log_tail()
         );
     }
     let Outcomes {

@@ -2,8 +2,6 @@
 //! fresh queue prefix, a Phoenix v2 WebSocket client, a StatsD listener and a TCP proxy that can cut
 //! a dependency off.
 
-#![allow(dead_code)]
-
 use futures_util::{SinkExt, StreamExt};
 use herald::App;
 use herald::config::{Secret, Settings};
@@ -12,10 +10,12 @@ use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Once};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -45,7 +45,7 @@ fn admin_url() -> String {
     std::env::var("HERALD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn amqp_url() -> String {
+pub fn amqp_url() -> String {
     std::env::var("HERALD_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -159,33 +159,6 @@ pub async fn spawn_node(
     node.cleanup = false;
     node.wait_ready().await;
     node
-}
-
-/// The real `herald` binary serving `roles` on the deployment of `settings`, as a child process
-/// (killed when dropped). Returns it with its HTTP address once it is ready.
-pub async fn spawn_process(
-    settings: &Settings,
-    roles: &str,
-) -> (tokio::process::Child, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("serve")
-        .env_clear()
-        .envs(node_env(settings))
-        .env("HERALD_HTTP_ADDR", addr.to_string())
-        .env("HERALD_STATSD_ADDR", "")
-        .env("HERALD_PUBSUB__MODE", settings.pubsub.mode.as_str())
-        .env("HERALD_NODE__ROLES", roles)
-        .env("HERALD_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("herald binary starts");
-    wait_answering(&reqwest::Client::new(), addr, "/readyz").await;
-    (child, addr)
 }
 
 /// Waits until the node at `addr` answers `GET path` with a 2xx.
@@ -368,6 +341,12 @@ impl TestApp {
         assert_eq!(r.status(), 202);
         let body: Value = r.json().await.unwrap();
         body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Posts the event `WsClient::expect_sentinel` waits for, to `user`.
+    pub async fn post_sentinel(&self, user: &str) {
+        self.enqueue(json!({"user_id": user, "data": {"sentinel": true}}))
+            .await;
     }
 
     /// Waits until event `id` has `status`; returns (attempts, last_error).
@@ -616,6 +595,19 @@ impl WsClient {
         }
     }
 
+    /// Asserts that the next frame is the push of `TestApp::post_sentinel`'s event: nothing unwanted
+    /// came first. Waiting a while for silence instead passes when the unwanted frame is merely
+    /// late; this fails, provided the sentinel is sent after anything unwanted would have been (a
+    /// user's events are pushed in seq order; a connection gets broadcasts in the order made).
+    pub async fn expect_sentinel(&mut self) {
+        let frame = self.recv().await;
+        assert_eq!(
+            frame[4]["data"],
+            json!({"sentinel": true}),
+            "expected the sentinel, got {frame}"
+        );
+    }
+
     /// The next frame, or None once the connection has closed or ended (never panics on the end).
     pub async fn next_or_end(&mut self) -> Option<Value> {
         loop {
@@ -780,7 +772,7 @@ async fn pump(
 }
 
 impl TcpProxy {
-    pub async fn start(target: &str) -> Arc<Self> {
+    async fn start(target: &str) -> Arc<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, up_rx) = watch::channel(true);
@@ -814,6 +806,19 @@ impl TcpProxy {
         Arc::new(Self { addr, up, flowing })
     }
 
+    /// A proxy in front of the service `url` names; returns it with `url` pointed at it.
+    pub async fn in_front_of(url: &str) -> (Arc<Self>, Secret) {
+        let mut url = reqwest::Url::parse(url).expect("a service URL");
+        let port = url.port().unwrap_or(match url.scheme() {
+            "amqp" => 5672,
+            _ => 5432,
+        });
+        let proxy = Self::start(&format!("{}:{port}", url.host_str().expect("a host"))).await;
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        (proxy, Secret::new(url.to_string()))
+    }
+
     pub fn stall(&self) {
         self.flowing.send_replace(false);
     }
@@ -831,112 +836,122 @@ impl TcpProxy {
     }
 }
 
-/// The environment that makes a `herald` child use `settings`' database, queues and schedule.
-pub fn node_env(settings: &Settings) -> Vec<(String, String)> {
-    let list = |items: &[u64]| {
-        items
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    vec![
-        (
-            "HERALD_DATABASE_URL",
-            settings.store.database_url.expose().to_owned(),
-        ),
-        (
-            "HERALD_AMQP_URL",
-            settings.queue.amqp_url.expose().to_owned(),
-        ),
-        ("HERALD_HTTP_ADDR", settings.http.addr.to_string()),
-        ("HERALD_STATSD_ADDR", settings.metrics.statsd_addr.clone()),
-        (
-            "HERALD_METRICS__PROMETHEUS_ADDR",
-            settings.metrics.prometheus_addr.clone(),
-        ),
-        ("HERALD_SECRET", TEST_SECRET.to_owned()),
-        ("HERALD_QUEUE__PREFIX", settings.queue.prefix.clone()),
-        (
-            "HERALD_QUEUE__PARTITIONS",
-            settings.queue.partitions.to_string(),
-        ),
-        (
-            "HERALD_QUEUE__PARTITION_CHECK_MS",
-            settings.queue.partition_check_ms.to_string(),
-        ),
-        (
-            "HERALD_QUEUE__PARTITION_LEASE_MS",
-            settings.queue.partition_lease_ms.to_string(),
-        ),
-        (
-            "HERALD_QUEUE__CONFIRM_TIMEOUT_MS",
-            settings.queue.confirm_timeout_ms.to_string(),
-        ),
-        (
-            "HERALD_QUEUE__RECONNECT_MAX_BACKOFF_MS",
-            settings.queue.reconnect_max_backoff_ms.to_string(),
-        ),
-        (
-            "HERALD_STORE__MAX_CONNECTIONS",
-            settings.store.max_connections.to_string(),
-        ),
-        (
-            "HERALD_STORE__READ_CONNECTIONS",
-            settings.store.read_connections.to_string(),
-        ),
-        (
-            "HERALD_STORE__ACQUIRE_TIMEOUT_MS",
-            settings.store.acquire_timeout_ms.to_string(),
-        ),
-        (
-            "HERALD_PIPELINE__RELAY_GRACE_MS",
-            settings.pipeline.relay_grace_ms.to_string(),
-        ),
-        (
-            "HERALD_PIPELINE__RELAY_INTERVAL_MS",
-            settings.pipeline.relay_interval_ms.to_string(),
-        ),
-        (
-            "HERALD_RETRY__SCHEDULE_MS",
-            list(&settings.retry.schedule_ms),
-        ),
-        (
-            "HERALD_RETRY__MAX_ATTEMPTS",
-            settings.retry.max_attempts.to_string(),
-        ),
-        (
-            "HERALD_FAULTS__FAIL_EVENTS",
-            settings.faults.fail_events.join(","),
-        ),
-        (
-            "HERALD_HTTP__MAX_BODY_BYTES",
-            settings.http.max_body_bytes.to_string(),
-        ),
-        (
-            "HERALD_HTTP__MAX_CONCURRENT_REQUESTS",
-            settings.http.max_concurrent_requests.to_string(),
-        ),
-        (
-            "HERALD_PIPELINE__ENQUEUE_BUFFER",
-            settings.pipeline.enqueue_buffer.to_string(),
-        ),
-        (
-            "HERALD_PIPELINE__ENQUEUE_BUFFER_BYTES",
-            settings.pipeline.enqueue_buffer_bytes.to_string(),
-        ),
-        (
-            "HERALD_PIPELINE__ENQUEUE_TIMEOUT_MS",
-            settings.pipeline.enqueue_timeout_ms.to_string(),
-        ),
-        (
-            "HERALD_HTTP__REQUEST_TIMEOUT_MS",
-            settings.http.request_timeout_ms.to_string(),
-        ),
-        ("HERALD_NODE__SHUTDOWN_TIMEOUT_MS", "5000".to_owned()),
-        ("HERALD_LOG", "herald=info,warn".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+/// The `herald` binary with `args`, on the deployment of `settings`, killed when dropped. Its
+/// environment is `node_env`'s alone: the tester's shell has no say.
+pub fn herald_command(settings: &Settings, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
+        .args(args)
+        .env_clear()
+        .envs(node_env(settings))
+        .kill_on_drop(true);
+    command
+}
+
+/// Every setting of `settings` as its `HERALD_<SECTION>__<KEY>` variable, so a child never differs
+/// from an in-process node by a setting nobody thought to pass on (unset ones keep the child's
+/// defaults). Logs at info: `Node` reads its address from the log.
+fn node_env(settings: &Settings) -> Vec<(String, String)> {
+    fn flatten(var: String, value: &Value, env: &mut Vec<(String, String)>) {
+        let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    flatten(format!("{var}__{}", key.to_uppercase()), value, env);
+                }
+            }
+            Value::Null => {}
+            Value::Array(items) => {
+                let list: Vec<String> = items.iter().map(text).collect();
+                env.push((var, list.join(",")));
+            }
+            other => env.push((var, text(other))),
+        }
+    }
+    let mut env = vec![("HERALD_LOG".to_owned(), "herald=info,warn".to_owned())];
+    let sections = serde_json::to_value(settings).expect("settings serialise");
+    for (section, value) in sections.as_object().expect("settings are sections") {
+        flatten(
+            format!("HERALD_{}", section.to_uppercase()),
+            value,
+            &mut env,
+        );
+    }
+    env
+}
+
+/// The real `herald serve` as a child process, killed when dropped; its log (stderr) is kept for a
+/// failing test to show.
+pub struct Node {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: JoinHandle<()>,
+}
+
+impl Node {
+    /// `herald serve` with `flags` on the deployment of `settings` (its `http.addr` port 0 lets the
+    /// child pick a free port, which it logs), once it is ready.
+    pub async fn serve(settings: &Settings, flags: &[&str]) -> Self {
+        let mut child = herald_command(settings, &["serve"])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("herald starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (serving, addr) = oneshot::channel();
+        let reader = tokio::spawn(keep_log(stderr, Arc::clone(&log), serving));
+        let mut node = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            reader,
+        };
+        match timeout(PATIENCE, addr).await {
+            Ok(Ok(addr)) => node.addr = addr,
+            _ => panic!("herald did not start: {:#?}", node.log_tail()),
+        }
+        wait_answering(&reqwest::Client::new(), node.addr, "/readyz").await;
+        node
+    }
+
+    /// The last lines the node logged.
+    pub fn log_tail(&self) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().rev().take(30).rev().cloned().collect()
+    }
+
+    /// Stops reading the node's log, leaving its stderr without a reader (a log shipper died).
+    pub async fn close_log(&mut self) {
+        self.reader.abort();
+        let _ = (&mut self.reader).await;
+    }
+}
+
+/// Keeps the last lines of a child's log, and sends the address it serves on once it says.
+async fn keep_log(
+    stderr: tokio::process::ChildStderr,
+    log: Arc<Mutex<Vec<String>>>,
+    serving: oneshot::Sender<SocketAddr>,
+) {
+    let mut serving = Some(serving);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("herald serving")
+            && let Some(addr) = line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("addr="))
+                .and_then(|a| a.parse().ok())
+            && let Some(serving) = serving.take()
+        {
+            let _ = serving.send(addr);
+        }
+        let mut log = log.lock().unwrap();
+        if log.len() > 2_000 {
+            log.drain(..1_000);
+        }
+        log.push(line);
+    }
 }

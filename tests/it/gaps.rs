@@ -2,8 +2,7 @@
 //! until the gap is closed, and a gap it cannot close (PostgreSQL unreachable) closes the channel
 //! with `phx_error`, so the client rejoins with its `last_seq` instead of seeing a hole.
 
-use crate::common::{PATIENCE, TcpProxy, spawn_node, spawn_unready};
-use herald::config::Secret;
+use crate::common::{PATIENCE, TcpProxy, amqp_url, spawn_node, spawn_unready};
 use serde_json::{Value, json};
 
 /// Reads pushes until `last`, returning each one's (seq, data.n).
@@ -23,10 +22,9 @@ async fn a_broker_outage_backlog_wider_than_a_gap_fill_page_reaches_a_joined_cli
     // first event published once it is back reaches the channel first and reveals a gap of 40,
     // filled in pages of `socket.max_gap_fill` = 5. A long relay grace keeps the relay's copies out
     // of the way, so the backlog can only reach the client through the gap fill.
-    let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
     let app = spawn_unready(move |s| {
-        s.queue.amqp_url = Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
         s.socket.max_gap_fill = 5;
         s.pipeline.relay_grace_ms = 600_000;
         s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
@@ -75,13 +73,9 @@ async fn a_gap_that_cannot_be_read_closes_the_channel_with_an_error_and_a_rejoin
     })
     .await;
     api.wait_ready().await;
-    let pg = TcpProxy::start("127.0.0.1:5432").await;
-    let pg_addr = pg.addr.to_string();
+    let (pg, via_pg) = TcpProxy::in_front_of(api.settings.store.database_url.expose()).await;
     let socket = spawn_node(&api, "socket", "socket-via-proxy", |s| {
-        let direct = s.store.database_url.expose().to_owned();
-        let proxied = direct.replace("127.0.0.1:5432", &pg_addr);
-        assert_ne!(direct, proxied, "the test database is on 127.0.0.1:5432");
-        s.store.database_url = Secret::new(proxied);
+        s.store.database_url = via_pg;
         s.store.acquire_timeout_ms = 1_000;
     })
     .await;

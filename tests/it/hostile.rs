@@ -1,7 +1,8 @@
 //! Hostile input and resource bounds: one bad request harms nobody else, memory and connections stay
 //! bounded, weak secrets are refused.
 
-use crate::common::{PATIENCE, spawn_app, spawn_app_with};
+use crate::common::{Node, PATIENCE, herald_command, spawn_app, spawn_app_with};
+use herald::config::Secret;
 use herald::event::{EventName, UserId};
 use herald::metrics::Metrics;
 use herald::pipeline::batch::Flush;
@@ -358,8 +359,8 @@ async fn a_stalled_commit_is_answered_503_with_bounded_memory() {
         s.http.request_timeout_ms = 3_000;
     })
     .await;
-    let (child, addr) = crate::common::spawn_process(&app.settings, "api,worker,socket").await;
-    let pid = child.id().unwrap();
+    let node = Node::serve(&app.settings, &[]).await;
+    let (addr, pid) = (node.addr, node.child.id().unwrap());
     let baseline = proc_status_mib(pid, "VmRSS:");
     let lock = stall_commits(app.store.pool()).await;
     // 1,000 events of ~1 KB: one 1 MiB body, shared by every request (reqwest clones Bytes).
@@ -432,38 +433,16 @@ async fn a_stalled_commit_is_answered_503_with_bounded_memory() {
     assert_eq!(r.status(), 202, "accepting again once the stall ends");
 }
 
-/// `herald serve` as a child on `settings`' deployment with `secret` as HERALD_SECRET (none when
-/// `None`) and these extra arguments; its port is free.
-fn serve_command(
-    settings: &herald::Settings,
-    secret: Option<&str>,
-    args: &[&str],
-) -> (tokio::process::Command, std::net::SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    command
-        .arg("serve")
-        .args(args)
-        .env_clear()
-        .envs(crate::common::node_env(settings))
-        .env_remove("HERALD_SECRET")
-        .env("HERALD_HTTP_ADDR", addr.to_string())
-        .kill_on_drop(true);
-    if let Some(secret) = secret {
-        command.env("HERALD_SECRET", secret);
-    }
-    (command, addr)
-}
-
 /// `herald serve` refuses an empty, short or missing secret (saying which setting and how to make
 /// one); `--dev` serves without one, and a secret from `herald secret` is accepted.
 #[tokio::test]
 async fn serve_refuses_weak_or_missing_secrets() {
     let app = spawn_app().await;
+    let with_secret = |secret: Option<&str>| {
+        let mut settings = app.settings.clone();
+        settings.socket.secret = secret.map(Secret::new);
+        settings
+    };
     for (secret, args) in [
         (Some(""), &[][..]),
         (Some("x"), &[]),
@@ -472,8 +451,10 @@ async fn serve_refuses_weak_or_missing_secrets() {
         (None, &[]),
         (Some("short"), &["--dev"]),
     ] {
-        let (mut command, _) = serve_command(&app.settings, secret, args);
-        let out = timeout(PATIENCE, command.output()).await.unwrap().unwrap();
+        let out = herald_command(&with_secret(secret), &["serve"])
+            .args(args)
+            .output();
+        let out = timeout(PATIENCE, out).await.unwrap().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{secret:?} {args:?} was served");
         assert!(
@@ -481,10 +462,9 @@ async fn serve_refuses_weak_or_missing_secrets() {
             "{secret:?} {args:?}: {stderr}"
         );
     }
-    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("secret")
-        .env_clear()
+    let generated = herald_command(&app.settings, &["secret"])
         .output()
+        .await
         .unwrap();
     let generated = String::from_utf8(generated.stdout)
         .unwrap()
@@ -492,9 +472,7 @@ async fn serve_refuses_weak_or_missing_secrets() {
         .to_owned();
     assert!(generated.len() >= 32, "{generated}");
     for (secret, args) in [(None, &["--dev"][..]), (Some(generated.as_str()), &[])] {
-        let (mut command, addr) = serve_command(&app.settings, secret, args);
-        let _child = command.spawn().unwrap();
-        crate::common::wait_answering(&app.http, addr, "/healthz").await;
+        Node::serve(&with_secret(secret), args).await;
     }
 }
 
@@ -576,17 +554,12 @@ async fn a_flood_of_unknown_keys_does_not_starve_ingest() {
 #[tokio::test]
 async fn sigterm_stops_a_node_whose_stderr_is_closed() {
     let app = spawn_app().await;
-    let (mut command, addr) = serve_command(&app.settings, Some(crate::common::TEST_SECRET), &[]);
-    let mut child = command
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::common::wait_answering(&app.http, addr, "/healthz").await;
-    drop(child.stderr.take());
-    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    let mut node = Node::serve(&app.settings, &[]).await;
+    node.close_log().await;
+    let pid = i32::try_from(node.child.id().unwrap()).unwrap();
     // SAFETY: kill(2) on our own child's pid; it has not been reaped (we wait for it below).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = timeout(PATIENCE, child.wait())
+    let status = timeout(PATIENCE, node.child.wait())
         .await
         .expect("the node exits on SIGTERM")
         .unwrap();

@@ -3,8 +3,8 @@
 //! node's partitions move to the survivors, and a joining node takes its share.
 
 use crate::common::{
-    PATIENCE, StatsdListener, TestApp, WsClient, connect_to, partitions_at, spawn_app_with,
-    spawn_node, spawn_process, wait_until,
+    Node, PATIENCE, StatsdListener, TestApp, WsClient, connect_to, partitions_at, spawn_app_with,
+    spawn_node, wait_until,
 };
 use herald::event::partition_of;
 use serde_json::{Value, json};
@@ -183,12 +183,15 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
     })
     .await;
     let partitions = usize::from(app.settings.queue.partitions);
-    let (mut doomed, doomed_addr) = spawn_process(&app.settings, "worker").await;
-    let (_survivor, survivor_addr) = spawn_process(&app.settings, "worker").await;
+    let mut worker = app.settings.clone();
+    worker.node.roles = "worker".parse().unwrap();
+    worker.node.name.clear(); // each its own: <hostname>-<pid>
+    let mut doomed = Node::serve(&worker, &[]).await;
+    let survivor = Node::serve(&worker, &[]).await;
     let http = reqwest::Client::new();
     wait_until("both worker nodes consuming", PATIENCE, || async {
-        let a = partitions_at(&http, doomed_addr).await.len();
-        let b = partitions_at(&http, survivor_addr).await.len();
+        let a = partitions_at(&http, doomed.addr).await.len();
+        let b = partitions_at(&http, survivor.addr).await.len();
         (a > 0 && b > 0 && a + b == partitions).then_some(())
     })
     .await;
@@ -214,14 +217,14 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
     let producer = app.post_in_turn("/api/v1/events/batch", rounds, Duration::from_millis(20));
     // Mid-stream: kill one worker node outright.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    doomed.start_kill().expect("SIGKILL sent");
+    doomed.child.start_kill().expect("SIGKILL sent");
     let killed = Instant::now();
-    let _ = doomed.wait().await;
+    let _ = doomed.child.wait().await;
     let taken_over = wait_until(
         "the survivor consuming every partition",
         Duration::from_secs(10),
         || async {
-            (partitions_at(&http, survivor_addr).await.len() == partitions)
+            (partitions_at(&http, survivor.addr).await.len() == partitions)
                 .then_some(killed.elapsed())
         },
     )
@@ -236,10 +239,10 @@ async fn a_killed_worker_nodes_partitions_move_and_a_joining_node_takes_its_shar
     app.wait_all_delivered().await;
 
     // A third node joins and takes its share; the survivor hands it over.
-    let (_joiner, joiner_addr) = spawn_process(&app.settings, "worker").await;
+    let joiner = Node::serve(&worker, &[]).await;
     let shares = wait_until("the joining node's share", PATIENCE, || async {
-        let joined = partitions_at(&http, joiner_addr).await.len();
-        let kept = partitions_at(&http, survivor_addr).await.len();
+        let joined = partitions_at(&http, joiner.addr).await.len();
+        let kept = partitions_at(&http, survivor.addr).await.len();
         (joined > 0 && joined + kept == partitions).then_some((joined, kept))
     })
     .await;

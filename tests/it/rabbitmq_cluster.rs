@@ -14,10 +14,9 @@
 //! and stops the cluster again.
 
 use crate::chaos::{
-    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Node, Outcomes, STREAM_PATIENCE, Sent, log_tail,
-    stream, wait_settled,
+    CONCURRENCY, Cleanup, EVENTS, FAULT_AT, Outcomes, STREAM_PATIENCE, Sent, stream, wait_settled,
 };
-use crate::common::{PATIENCE, WsClient, connect_to, node_env, test_settings, wait_until};
+use crate::common::{Node, WsClient, connect_to, test_settings, wait_until};
 use herald::config::Secret;
 use herald::store::Store;
 use serde_json::{Value, json};
@@ -175,24 +174,13 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
     store.migrate().await.unwrap();
     let (_, key) = store.create_producer("cluster").await.unwrap();
 
-    let mut env = node_env(&settings);
-    env.push(("HERALD_QUEUE__QUORUM_INITIAL_GROUP_SIZE".into(), "3".into()));
     // The sweeper on a short fuse: a message lost with a node (it happens: see the figures) is
     // sent again within seconds instead of the default five minutes.
-    for (key, value) in [
-        ("HERALD_PIPELINE__SWEEP_AFTER_MS", "10000"),
-        ("HERALD_PIPELINE__SWEEP_INTERVAL_MS", "1000"),
-        ("HERALD_PIPELINE__SWEEP_IDLE_MS", "1000"),
-    ] {
-        env.push((key.into(), value.into()));
-    }
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let node = Node::start(&env, &log).await;
+    settings.pipeline.sweep_after_ms = 10_000;
+    settings.pipeline.sweep_interval_ms = 1_000;
+    settings.pipeline.sweep_idle_ms = 1_000;
+    let node = Node::serve(&settings, &[]).await;
     let http = reqwest::Client::new();
-    wait_until("herald ready on the cluster", PATIENCE, || {
-        broker_nodes(&http, node.addr)
-    })
-    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -244,7 +232,7 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
     if !matches!(streamed, Ok(Ok(()))) {
         panic!(
             "the stream did not complete ({streamed:?}); node log: {:#?}",
-            log_tail(&log)
+            node.log_tail()
         );
     }
     let stream_took = started.elapsed();
@@ -261,7 +249,7 @@ async fn node_loss_twice_mid_stream_on_a_three_node_cluster() {
         panic!(
             "events still accepted or published (id, status, attempts, next attempt, sweeps): \
              {stuck:?}; node log: {:#?}",
-            log_tail(&log)
+            node.log_tail()
         );
     }
     // Each client gets every seq of its user (a failed poison event is filled in from PostgreSQL

@@ -1,17 +1,17 @@
 //! Nothing answered 2xx is lost: not while RabbitMQ is unreachable, not across a graceful shutdown.
 
-use crate::common::{PATIENCE, TcpProxy, spawn_app, spawn_node, spawn_unready, wait_until};
+use crate::common::{
+    PATIENCE, TcpProxy, amqp_url, spawn_app, spawn_node, spawn_unready, wait_until,
+};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;
 
 #[tokio::test]
 async fn the_api_accepts_while_rabbitmq_is_unreachable_and_delivers_when_it_returns() {
-    let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
     let app = spawn_unready(move |s| {
-        s.queue.amqp_url =
-            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
     })
     .await;
     app.wait_ready().await;
@@ -131,11 +131,9 @@ async fn graceful_shutdown_mid_stream_loses_nothing() {
 async fn a_restarted_node_delivers_what_was_left_unpublished() {
     // Events accepted while the broker is unreachable and the node then stops: the next node's
     // relay publishes them.
-    let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
     let mut app = spawn_unready(move |s| {
-        s.queue.amqp_url =
-            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
     })
     .await;
     app.wait_ready().await;
@@ -161,11 +159,9 @@ async fn a_restarted_node_delivers_what_was_left_unpublished() {
 
 #[tokio::test]
 async fn an_api_node_stays_ready_and_accepting_while_the_broker_is_down_and_a_worker_does_not() {
-    let proxy = TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
     let api = spawn_unready(move |s| {
-        s.queue.amqp_url =
-            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
         s.pubsub.mode = herald::config::PubSubMode::Cluster;
         s.node.roles = "api".parse().unwrap();
         s.node.name = "api-only".into();
@@ -212,10 +208,10 @@ async fn an_api_node_stays_ready_and_accepting_while_the_broker_is_down_and_a_wo
 #[tokio::test]
 async fn every_connection_moves_to_the_next_broker_node_when_its_node_fails() {
     // Two "nodes": two proxies in front of the shared broker; the first one is then cut for good.
-    let first = TcpProxy::start("127.0.0.1:5672").await;
-    let second = TcpProxy::start("127.0.0.1:5672").await;
+    let (first, via_first) = TcpProxy::in_front_of(&amqp_url()).await;
+    let (second, _) = TcpProxy::in_front_of(&amqp_url()).await;
     let (a, b) = (first.addr.to_string(), second.addr.to_string());
-    let list = format!("amqp://guest:guest@{a}/%2f,{b}");
+    let list = format!("{},{b}", via_first.expose());
     let app = spawn_unready(move |s| {
         s.queue.amqp_url = herald::config::Secret::new(list);
     })

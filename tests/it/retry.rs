@@ -4,7 +4,6 @@
 
 use crate::common::{PATIENCE, StatsdListener, spawn_app_with, wait_until};
 use serde_json::json;
-use std::time::Duration;
 
 /// The attempts of an event as (outcome, error, ms since the previous attempt ended).
 async fn attempts(app: &crate::common::TestApp, id: &str) -> Vec<(String, Option<String>, i64)> {
@@ -185,7 +184,8 @@ async fn a_retrying_event_neither_delays_others_nor_breaks_the_users_order() {
             .await
             .unwrap();
     assert!(later.iter().all(|s| s != "failed"), "{later:?}");
-    assert!(user.try_recv(Duration::from_millis(200)).await.is_none());
+    app.post_sentinel("5").await;
+    user.expect_sentinel().await;
 }
 
 #[tokio::test]
@@ -231,22 +231,17 @@ async fn a_failed_event_replayed_from_the_command_line_is_delivered_once() {
 }
 
 /// Runs the `herald` binary against `app`'s database and queues; returns its stdout.
-pub async fn herald(app: &crate::common::TestApp, args: &[&str]) -> String {
+async fn herald(app: &crate::common::TestApp, args: &[&str]) -> String {
     let (ok, out) = herald_status(app, args).await;
     assert!(ok, "herald {args:?} failed: {out}");
     out
 }
 
 /// Runs the `herald` binary; returns whether it succeeded and its stdout (stderr when it failed).
-pub async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    command
-        .args(args)
-        .env_clear()
-        .envs(crate::common::node_env(&app.settings));
-    let output = tokio::task::spawn_blocking(move || command.output())
+async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool, String) {
+    let output = crate::common::herald_command(&app.settings, args)
+        .output()
         .await
-        .unwrap()
         .expect("herald runs");
     let text = if output.status.success() {
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -258,12 +253,10 @@ pub async fn herald_status(app: &crate::common::TestApp, args: &[&str]) -> (bool
 
 #[tokio::test]
 async fn a_retry_whose_confirm_times_out_is_retried_not_failed() {
-    let proxy = crate::common::TcpProxy::start("127.0.0.1:5672").await;
-    let proxy_addr = proxy.addr;
+    let (proxy, via_proxy) = crate::common::TcpProxy::in_front_of(&crate::common::amqp_url()).await;
     let statsd = StatsdListener::bind().await;
     let app = spawn_app_with(|s| {
-        s.queue.amqp_url =
-            herald::config::Secret::new(format!("amqp://guest:guest@{proxy_addr}/%2f"));
+        s.queue.amqp_url = via_proxy;
         // The first attempt hangs until the attempt timeout, then its retry is published.
         s.faults.fail_events = vec!["stalled:1:hang".into()];
         s.retry.attempt_timeout_ms = 3_000;

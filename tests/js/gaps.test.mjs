@@ -21,13 +21,12 @@ before(async () => {
     HERALD_RETRY__SCHEDULE_MS: "100",
     HERALD_RETRY__MAX_ATTEMPTS: "2",
   })
-  pg = await tcpProxy(5432)
-  const direct = api.env.HERALD_DATABASE_URL
-  const proxied = direct.replace("127.0.0.1:5432", `127.0.0.1:${pg.port}`)
-  assert.notEqual(proxied, direct)
+  const proxied = new URL(api.env.HERALD_DATABASE_URL)
+  pg = await tcpProxy(proxied.hostname, Number(proxied.port || 5432))
+  proxied.host = `127.0.0.1:${pg.port}`
   socketNode = await api.node({
     HERALD_NODE__ROLES: "socket",
-    HERALD_DATABASE_URL: proxied,
+    HERALD_DATABASE_URL: proxied.href,
     HERALD_STORE__ACQUIRE_TIMEOUT_MS: "1000",
   })
 })

@@ -12,6 +12,9 @@ import WebSocket from "ws"
 
 export const REPO = fileURLToPath(new URL("../../", import.meta.url))
 const HERALD = process.env.TEST_HERALD_BIN ?? `${REPO}target/debug/herald`
+// PostgreSQL (its server, without a database) and RabbitMQ: the variables and defaults tests/it uses.
+const PG = process.env.HERALD_TEST_PG ?? "postgres://postgres@127.0.0.1:5432"
+const AMQP = process.env.HERALD_TEST_AMQP ?? "amqp://guest:guest@127.0.0.1:5672/%2f"
 export const PATIENCE_MS = 20_000
 
 function run(args, env) {
@@ -68,13 +71,14 @@ export class Herald {
     this.log = ""
   }
 
-  /** A fresh node; `settings` are extra HERALD_* variables. */
+  /** A fresh node; `settings` are extra HERALD_* variables. They are its whole environment: the
+   * tester's shell has no say. */
   static async start(settings = {}) {
     const id = randomUUID().replaceAll("-", "")
     const port = await freePort()
     const env = {
-      ...process.env,
-      HERALD_DATABASE_URL: `postgres://postgres@127.0.0.1:5432/herald_js_${id}`,
+      HERALD_DATABASE_URL: `${PG}/herald_js_${id}`,
+      HERALD_AMQP_URL: AMQP,
       HERALD_QUEUE__PREFIX: `js_${id}`,
       HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
       HERALD_SECRET: "js-test-secret-js-test-secret-js-test",
@@ -227,10 +231,10 @@ export async function rawSocket(url) {
   }
 }
 
-/** A TCP proxy in front of a dependency on 127.0.0.1:`targetPort`: `cut()` drops every connection
+/** A TCP proxy in front of a dependency on `host`:`port`: `cut()` drops every connection
  * and refuses new ones until `restore()`, making it unreachable for one node without touching the
  * shared service. */
-export async function tcpProxy(targetPort) {
+export async function tcpProxy(host, port) {
   const open = new Set()
   let up = true
   const server = net.createServer((inbound) => {
@@ -238,7 +242,7 @@ export async function tcpProxy(targetPort) {
       inbound.destroy()
       return
     }
-    const outbound = net.connect(targetPort, "127.0.0.1")
+    const outbound = net.connect(port, host)
     const pair = [inbound, outbound]
     for (const end of pair) {
       open.add(end)
