@@ -366,8 +366,9 @@ impl Store {
     pub async fn failed_count(&self) -> Result<i64, Error> {
         // `failed_at IS NOT NULL` lets the partial index on failed events answer, not a scan.
         sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE failed_at IS NOT NULL AND status = 'failed'",
+            "SELECT count(*) FROM events WHERE failed_at IS NOT NULL AND status = $1",
         )
+        .bind(EventStatus::Failed)
         .fetch_one(&self.pool)
         .await
         .map_err(Error::query("count failed events"))
@@ -410,7 +411,7 @@ impl Store {
                  ORDER BY e.id LIMIT $9
                  FOR UPDATE OF e SKIP LOCKED),
              claimed AS (
-                 UPDATE events e SET status = 'accepted', next_attempt_at = NULL,
+                 UPDATE events e SET status = $10, next_attempt_at = NULL,
                         replays = e.replays + 1, replayed_at = now()
                  FROM due WHERE e.id = due.id RETURNING e.*)
              SELECT {} FROM claimed ORDER BY id",
@@ -421,6 +422,7 @@ impl Store {
         let rows = bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
             .bind(after)
             .bind(limit)
+            .bind(EventStatus::Accepted)
             .fetch_all(&mut *tx)
             .await
             .map_err(Error::query("claim events for replay"))?;
