@@ -92,9 +92,7 @@ impl Error {
             _ => false,
         }
     }
-}
 
-impl Error {
     /// PostgreSQL refused a value of the statement (SQLSTATE class 22, data exception: a NUL in
     /// text, an invalid jsonb, a number out of range; or class 54, a program limit exceeded). The
     /// same statement would fail again, and one row's value fails all of its rows.
