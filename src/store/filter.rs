@@ -41,7 +41,7 @@ pub struct FilterText {
     pub user_id: Option<String>,
     /// The event name.
     pub event: Option<String>,
-    /// Enqueued at or after: see [`parse_time`]; blank sets no bound.
+    /// Enqueued at or after: RFC 3339, a date, `now`, or `30m`, `2h`, `7d` ago; blank: no bound.
     pub since: Option<String>,
     /// Enqueued before: same forms.
     pub until: Option<String>,
