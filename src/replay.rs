@@ -6,7 +6,7 @@ use herald::config::Settings;
 use herald::metrics::Metrics;
 use herald::pipeline::{published, replay};
 use herald::queue::Publisher;
-use herald::store::{FilterText, Store};
+use herald::store::{EventFilter, FilterText, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -51,7 +51,6 @@ pub struct ReplayArgs {
 
 /// Runs the replay described by `args`.
 pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.store).await?;
     let text = FilterText {
         statuses: args.status,
         producer: args.producer,
@@ -61,8 +60,8 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
         until: args.until,
         ids: args.ids,
     };
-    let filter = store.event_filter(text).await?;
-    let filter = replay::replay_filter(filter, args.include_delivered)?;
+    let filter = replay::replay_filter(EventFilter::parse(text)?, args.include_delivered)?;
+    let store = Store::connect(&settings.store).await?;
     let matched = store.count_events(&filter).await?;
     if args.dry_run {
         println!(

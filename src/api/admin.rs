@@ -105,7 +105,7 @@ impl StringOrList {
 }
 
 impl FilterParams {
-    async fn into_filter(self, state: &ApiState) -> Result<EventFilter, ApiError> {
+    fn into_filter(self) -> Result<EventFilter, ApiError> {
         let ids = self
             .ids
             .map(StringOrList::items)
@@ -125,7 +125,7 @@ impl FilterParams {
             until: self.until,
             ids,
         };
-        Ok(state.store.event_filter(text).await?)
+        Ok(EventFilter::parse(text)?)
     }
 }
 
@@ -217,7 +217,7 @@ pub async fn list_events(
         .before
         .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::Invalid("before: not a cursor".into())))
         .transpose()?;
-    let filter = params.filter.into_filter(&state).await?;
+    let filter = params.filter.into_filter()?;
     let events = state.store.list_events(&filter, before, limit).await?;
     let next = (events.len() as i64 == limit)
         .then(|| events.last().map(|e| e.id))
@@ -340,7 +340,7 @@ pub async fn start_replay(
             "rate: must be 1 to {MAX_REPLAY_RATE} events/s"
         )));
     }
-    let filter = request.filter.into_filter(&state).await?;
+    let filter = request.filter.into_filter()?;
     let filter = replay_filter(filter, request.include_delivered).map_err(|e| match e {
         crate::pipeline::replay::ReplayError::Invalid(why) => ApiError::Invalid(why),
         crate::pipeline::replay::ReplayError::Store(e) => e.into(),

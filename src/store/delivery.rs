@@ -1,14 +1,16 @@
 //! Delivery attempts and what operators read and replay: the batched attempt writer (one statement
 //! per batch updates the events and inserts their attempt rows), event listings with keyset
-//! pagination and the replay claim (replay jobs are in `replay_jobs`).
+//! pagination and the replay claim, all selected by an [`EventFilter`] (read in `filter`; replay
+//! jobs are in `replay_jobs`).
 //!
 //! Times cross this boundary as Unix milliseconds going in and RFC 3339 strings (UTC) coming out,
-//! formatted by PostgreSQL, so Herald needs no date library.
+//! formatted by PostgreSQL, so nothing here formats a date.
 
+use super::filter::EventFilter;
 use super::outbox::OutboxMessage;
 use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
 /// One delivery attempt, and what it leaves the event as.
@@ -45,68 +47,6 @@ pub enum AttemptResult {
         /// Why it failed.
         error: String,
     },
-}
-
-/// Which events an operator means: every field narrows the selection; empty means "any".
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EventFilter {
-    /// Any of these statuses (see [`EventStatus::STORED`]).
-    pub statuses: Vec<EventStatus>,
-    /// The producer's name.
-    pub producer: Option<String>,
-    /// The user.
-    pub user_id: Option<String>,
-    /// The event name.
-    pub event: Option<String>,
-    /// Enqueued at or after, Unix ms.
-    pub since_ms: Option<i64>,
-    /// Enqueued before, Unix ms.
-    pub until_ms: Option<i64>,
-    /// Only these events.
-    pub ids: Vec<Uuid>,
-}
-
-impl EventFilter {
-    /// Checks that no text holds a NUL (PostgreSQL's text cannot, and would fail the query rather
-    /// than match nothing).
-    ///
-    /// # Errors
-    /// A text with a NUL, named with its field.
-    pub fn validate(&self) -> Result<(), String> {
-        let texts = [
-            ("producer", &self.producer),
-            ("user_id", &self.user_id),
-            ("event", &self.event),
-        ];
-        match texts
-            .iter()
-            .find(|(_, text)| text.as_deref().is_some_and(|t| t.contains('\0')))
-        {
-            Some((field, _)) => Err(format!("{field}: must not contain NUL")),
-            None => Ok(()),
-        }
-    }
-}
-
-/// An operator's filter as written (admin API, `herald replay`): statuses and times still text.
-/// [`Store::event_filter`] makes it an [`EventFilter`], the one way both do.
-#[derive(Debug, Default)]
-pub struct FilterText {
-    /// Status names.
-    pub statuses: Vec<String>,
-    /// The producer's name.
-    pub producer: Option<String>,
-    /// The user.
-    pub user_id: Option<String>,
-    /// The event name.
-    pub event: Option<String>,
-    /// Enqueued at or after: see [`Store::parse_time`]; blank sets no bound.
-    pub since: Option<String>,
-    /// Enqueued before: same forms.
-    pub until: Option<String>,
-    /// Only these events.
-    pub ids: Vec<Uuid>,
 }
 
 /// An event as operators and producers read it.
@@ -426,8 +366,9 @@ impl Store {
     pub async fn failed_count(&self) -> Result<i64, Error> {
         // `failed_at IS NOT NULL` lets the partial index on failed events answer, not a scan.
         sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE failed_at IS NOT NULL AND status = 'failed'",
+            "SELECT count(*) FROM events WHERE failed_at IS NOT NULL AND status = $1",
         )
+        .bind(EventStatus::Failed)
         .fetch_one(&self.pool)
         .await
         .map_err(Error::query("count failed events"))
@@ -470,7 +411,7 @@ impl Store {
                  ORDER BY e.id LIMIT $9
                  FOR UPDATE OF e SKIP LOCKED),
              claimed AS (
-                 UPDATE events e SET status = 'accepted', next_attempt_at = NULL,
+                 UPDATE events e SET status = $10, next_attempt_at = NULL,
                         replays = e.replays + 1, replayed_at = now()
                  FROM due WHERE e.id = due.id RETURNING e.*)
              SELECT {} FROM claimed ORDER BY id",
@@ -481,6 +422,7 @@ impl Store {
         let rows = bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
             .bind(after)
             .bind(limit)
+            .bind(EventStatus::Accepted)
             .fetch_all(&mut *tx)
             .await
             .map_err(Error::query("claim events for replay"))?;
@@ -499,89 +441,5 @@ impl Store {
             .await
             .map_err(Error::query("commit a replay claim"))?;
         Ok(messages.into_iter().map(|m| m.id).zip(rows).collect())
-    }
-
-    /// The filter `text` means: times read (a blank one, as a form left blank sends, sets no
-    /// bound, as an empty status list does), statuses parsed, texts checked for NUL.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] naming the field; a query error reading a time.
-    pub async fn event_filter(&self, text: FilterText) -> Result<EventFilter, Error> {
-        let time = |text: Option<String>, key: &'static str| async move {
-            match text.filter(|t| !t.trim().is_empty()) {
-                None => Ok(None),
-                Some(text) => self.parse_time(&text).await.map(Some).map_err(|e| match e {
-                    Error::Invalid(why) => Error::Invalid(format!("{key}: {why}")),
-                    other => other,
-                }),
-            }
-        };
-        let since_ms = time(text.since, "since").await?;
-        let until_ms = time(text.until, "until").await?;
-        let statuses = (text.statuses.iter())
-            .map(|s| EventStatus::parse_stored(s))
-            .collect::<Result<_, _>>()
-            .map_err(Error::Invalid)?;
-        let filter = EventFilter {
-            statuses,
-            producer: text.producer,
-            user_id: text.user_id,
-            event: text.event,
-            since_ms,
-            until_ms,
-            ids: text.ids,
-        };
-        filter.validate().map_err(Error::Invalid)?;
-        Ok(filter)
-    }
-
-    /// Parses a time as PostgreSQL reads a `timestamptz` (`2026-11-30T12:00:00Z`, `2026-11-30`,
-    /// `now`, ...), or `<n>s|m|h|d` meaning that long ago; returns Unix ms.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for text that is not a time; a query error otherwise.
-    pub async fn parse_time(&self, text: &str) -> Result<i64, Error> {
-        let text = text.trim();
-        let relative = text
-            .strip_suffix(['s', 'm', 'h', 'd'])
-            .and_then(|n| n.parse::<i64>().ok())
-            .zip(text.chars().last());
-        let (sql, arg) = match relative {
-            Some((n, unit)) => {
-                let unit = match unit {
-                    's' => "seconds",
-                    'm' => "minutes",
-                    'h' => "hours",
-                    _ => "days",
-                };
-                (
-                    "SELECT (extract(epoch FROM t) * 1000)::int8
-                     FROM (SELECT now() - ($1 || ' ' || $2)::interval AS t) AS time WHERE isfinite(t)",
-                    (n.to_string(), unit),
-                )
-            }
-            // `infinity` is a timestamptz too, but no instant: it has no Unix ms (the cast to
-            // int8 would fail as an error, not as a data exception), so it matches no row.
-            None => (
-                "SELECT (extract(epoch FROM t) * 1000)::int8
-                 FROM (SELECT ($1 || $2)::timestamptz AS t) AS time WHERE isfinite(t)",
-                (text.to_owned(), ""),
-            ),
-        };
-        sqlx::query_scalar::<_, i64>(sql)
-            .bind(arg.0)
-            .bind(arg.1)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|source| match &source {
-                sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
-                    Error::Invalid(format!("{text:?} is not a time"))
-                }
-                _ => Error::Query {
-                    what: "parse a time",
-                    source,
-                },
-            })?
-            .ok_or_else(|| Error::Invalid(format!("{text:?} is not a finite time")))
     }
 }

@@ -1,5 +1,5 @@
-//! The events repository: the group-committed insert (with per-user seq and idempotency), batched
-//! status changes, the outbox relay's claim, and the reads that fill gaps.
+//! The events repository: the group-committed insert (with per-user seq and idempotency),
+//! retention, client acknowledgements, and the reads behind catch-up, gap fill and the inbox.
 
 use super::outbox::{self, MessageLimits, OutboxMessage, plan_messages};
 use super::{Error, EventStatus, Store};

@@ -18,6 +18,7 @@ macro_rules! rfc3339 {
 
 mod delivery;
 mod events;
+mod filter;
 mod outbox;
 mod partitions;
 mod producers;
@@ -25,10 +26,9 @@ mod replay_jobs;
 mod status;
 mod sweep;
 
-pub use delivery::{
-    AttemptRecord, AttemptResult, AttemptRow, EventFilter, EventRecord, FilterText,
-};
+pub use delivery::{AttemptRecord, AttemptResult, AttemptRow, EventRecord};
 pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
+pub use filter::{EventFilter, FilterText};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
 pub use producers::{ApiKey, Producer};
@@ -67,7 +67,7 @@ pub enum Error {
     /// A unique name is taken (producer names).
     #[error("{0} already exists")]
     Conflict(String),
-    /// A value the caller gave is invalid (e.g. a time that is not one).
+    /// A value the caller gave is invalid (e.g. a filter's time that is not one), named.
     #[error("{0}")]
     Invalid(String),
 }
@@ -92,9 +92,7 @@ impl Error {
             _ => false,
         }
     }
-}
 
-impl Error {
     /// PostgreSQL refused a value of the statement (SQLSTATE class 22, data exception: a NUL in
     /// text, an invalid jsonb, a number out of range; or class 54, a program limit exceeded). The
     /// same statement would fail again, and one row's value fails all of its rows.

@@ -6,6 +6,7 @@
 //! relay republishes rows still here after a grace period. So the relay finds exactly what was never
 //! confirmed, and nothing between commit and delivery writes the events table.
 
+use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
 use crate::event::partition_of;
 use std::collections::BTreeMap;
@@ -154,11 +155,12 @@ impl Store {
         claimed.sort_by_key(|(id, _, created)| (*created, *id));
         let all: Vec<Uuid> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
         let sql = format!(
-            "SELECT {} FROM events WHERE id = ANY($1) AND status = 'accepted'",
+            "SELECT {} FROM events WHERE id = ANY($1) AND status = $2",
             super::events::STORED_EVENT_COLUMNS
         );
         let rows: Vec<StoredEvent> = sqlx::query_as(&sql)
             .bind(&all)
+            .bind(EventStatus::Accepted)
             .fetch_all(&self.pool)
             .await
             .map_err(Error::query("read unconfirmed events"))?;

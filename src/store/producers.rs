@@ -162,17 +162,6 @@ impl Store {
             .map(|(id, name, admin)| (Producer { id, name }, admin))
             .collect())
     }
-
-    /// All producers, by name.
-    ///
-    /// # Errors
-    /// The query failed.
-    pub async fn list_producers(&self) -> Result<Vec<Producer>, Error> {
-        sqlx::query_as::<_, Producer>("SELECT id, name FROM producers ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::query("list producers"))
-    }
 }
 
 #[cfg(test)]

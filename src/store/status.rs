@@ -74,6 +74,12 @@ macro_rules! text_enum {
 
 /// How far an event's delivery got (the `events.status` column), or `pruned` for an idempotent
 /// retry whose original event retention removed.
+///
+/// Statements bind it, except where a literal reads better or plans better: the transition table
+/// of `record_attempts` (a `CASE` over attempt kinds), and the scans of retention and the sweeper,
+/// where PostgreSQL estimates the rows a literal matches from the column's statistics (`delivered`
+/// is most of them, `accepted` and `published` few), which a parameter hides once the plan is
+/// generic. A test holds those literals and the column's `CHECK` to [`Self::STORED`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
@@ -164,5 +170,43 @@ mod tests {
             "status: unknown status \"lost\" (one of accepted, published, delivered, failed)"
         );
         assert_eq!("interrupted".parse(), Ok(ReplayJobStatus::Interrupted));
+    }
+
+    /// Every `'word'` of lowercase letters in `text` (a lifetime such as `'q` is no word).
+    fn quoted_words(text: &str) -> Vec<&str> {
+        let mut words = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find('\'') {
+            rest = &rest[at + 1..];
+            let len = rest.find(|c: char| !c.is_ascii_lowercase()).unwrap_or(0);
+            if len > 0 && rest[len..].starts_with('\'') {
+                words.push(&rest[..len]);
+                rest = &rest[len + 1..];
+            }
+        }
+        words
+    }
+
+    #[test]
+    fn sql_spells_statuses_as_stored_and_checked() {
+        let stored: Vec<_> = EventStatus::STORED.iter().map(|s| s.as_str()).collect();
+        // The other words the statements quote: attempt kinds and outcomes.
+        let others = ["retrying", "pushed", "offline"];
+        for source in [
+            include_str!("delivery.rs"),
+            include_str!("events.rs"),
+            include_str!("outbox.rs"),
+            include_str!("sweep.rs"),
+        ] {
+            for word in quoted_words(source) {
+                assert!(
+                    stored.contains(&word) || others.contains(&word),
+                    "'{word}' in the store's SQL is no EventStatus::STORED spelling"
+                );
+            }
+        }
+        let schema = include_str!("../../migrations/20261125000001_initial.sql");
+        let check = schema.split("CHECK (status IN (").nth(1).unwrap();
+        assert_eq!(quoted_words(&check[..check.find(')').unwrap()]), stored);
     }
 }

@@ -8,14 +8,15 @@
 //! the caller only sweeps partitions its worker has seen idle.
 
 use super::outbox::{MessageLimits, insert_rows, plan_messages};
+use super::status::EventStatus;
 use super::{Error, Store};
 use uuid::Uuid;
 
-/// The condition on `events e` for a stale event, `$1` the age in ms.
 /// Where a page of stale events ended: its last event's enqueue time (Unix µs) and id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StaleCursor(i64, Uuid);
 
+/// The condition on `events e` for a stale event, `$1` the age in ms.
 const STALE: &str = "e.status IN ('accepted', 'published')
        AND e.enqueued_at < now() - make_interval(secs => $1 / 1000.0)
        AND COALESCE(e.next_attempt_at, e.enqueued_at) < now() - make_interval(secs => $1 / 1000.0)
@@ -79,13 +80,14 @@ impl Store {
         }
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
         let mut rows: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(&format!(
-            "UPDATE events e SET status = 'accepted', next_attempt_at = NULL,
+            "UPDATE events e SET status = $3, next_attempt_at = NULL,
                     sweeps = e.sweeps + 1, swept_at = now()
              WHERE e.id = ANY($2) AND {STALE}
              RETURNING e.id, e.user_id, e.seq, octet_length(e.data::text)"
         ))
         .bind(age_ms as f64)
         .bind(ids)
+        .bind(EventStatus::Accepted)
         .fetch_all(&mut *tx)
         .await
         .map_err(Error::query("sweep stale events"))?;
