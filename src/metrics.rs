@@ -2,7 +2,7 @@
 //! and a Prometheus registry (scraped at `/metrics`, see [`crate::app`]).
 //!
 //! Call sites never spell a metric name: each telemetry event is one method here (vector's internal
-//! events). [`Instruments::declare`] is the one list of metrics, each with its StatsD name, its tag
+//! events). `Instruments::declare` is the one list of metrics, each with its StatsD name, its tag
 //! keys, its help text and, for histograms, its buckets; a method records into one instrument, and
 //! the instrument feeds both outputs with the same name and tags. Prometheus names are the StatsD
 //! names with dots as underscores (`pipeline.push_delivered` -> `pipeline_push_delivered`; counters

@@ -169,14 +169,14 @@ const KNOWN_KEY_TTL: Duration = Duration::from_secs(30);
 const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(5);
 
 /// Remembers key lookups, hits and misses, so a busy producer costs one query per
-/// [`KNOWN_KEY_TTL`], not one per request, and a made-up key one query per [`UNKNOWN_KEY_TTL`].
+/// `KNOWN_KEY_TTL`, not one per request, and a made-up key one query per `UNKNOWN_KEY_TTL`.
 /// Bounded in entries, evicting by frequency (moka's TinyLFU): a flood of one-off unknown keys
 /// does not push out the keys in real use.
 pub struct KeyCache {
     entries: moka::sync::Cache<KeyHash, Option<Producer>>,
 }
 
-/// Entries expire by kind: known keys after [`KNOWN_KEY_TTL`], unknown ones sooner.
+/// Entries expire by kind: known keys after `KNOWN_KEY_TTL`, unknown ones sooner.
 struct ByKind;
 
 impl moka::Expiry<KeyHash, Option<Producer>> for ByKind {
