@@ -163,26 +163,33 @@ async fn events_waiting_behind_a_slow_backlog_are_never_swept() {
         )
         .await;
     assert_eq!(status, 202);
-    // The sweeper looks while the backlog drains, and finds the partition busy.
-    while !statsd
-        .expect_line("pipeline.sweep.partitions:")
+    // The sweeper looks while the backlog drains, and finds the partition busy (the backlog lasts
+    // 8 s: a sweeper that never calls it busy within PATIENCE does not see backlogs at all).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let line = statsd.expect_line("pipeline.sweep.partitions:").await;
+        if line.contains("state:busy") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweeper never found the partition with a backlog busy (last: {line})"
+        );
+    }
+    // Checked at every look, not only at the end: a swept event is sent again behind the backlog,
+    // which then may not drain within the wait at all.
+    let attempts = wait_until("the backlog delivered", Duration::from_secs(60), || async {
+        let (left, swept, attempts): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status <> 'delivered'), coalesce(sum(sweeps), 0)::int8,
+                    coalesce(sum(attempts), 0)::int8
+               FROM events",
+        )
+        .fetch_one(app.store.pool())
         .await
-        .contains("state:busy")
-    {}
-    wait_until("the backlog delivered", Duration::from_secs(60), || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE status <> 'delivered'")
-                .fetch_one(app.store.pool())
-                .await
-                .ok()?;
-        (left == 0).then_some(())
+        .ok()?;
+        assert_eq!(swept, 0, "nothing waiting behind the backlog was swept");
+        (left == 0).then_some(attempts)
     })
     .await;
-    let (swept, attempts): (i64, i64) =
-        sqlx::query_as("SELECT sum(sweeps)::int8, sum(attempts)::int8 FROM events")
-            .fetch_one(app.store.pool())
-            .await
-            .unwrap();
-    assert_eq!(swept, 0, "nothing waiting behind the backlog was swept");
     assert_eq!(attempts, 40, "each event delivered once");
 }
