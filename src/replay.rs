@@ -29,7 +29,8 @@ pub struct ReplayArgs {
     /// Only events with this name.
     #[arg(long)]
     event: Option<String>,
-    /// Enqueued at or after: RFC 3339 (2026-11-30T12:00:00Z) or relative (30m, 2h, 7d ago).
+    /// Enqueued at or after: RFC 3339 (2026-11-30T12:00:00Z), a date (midnight UTC), now, or
+    /// relative (30m, 2h, 7d ago).
     #[arg(long)]
     since: Option<String>,
     /// Enqueued before: same forms as --since.
