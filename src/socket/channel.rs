@@ -187,6 +187,24 @@ pub struct JoinedChannel {
     pub kind: ChannelKind,
 }
 
+impl JoinedChannel {
+    /// A user channel's order guard; `None` for a stats channel, which has no order.
+    pub fn guard(&self) -> Option<&OrderGuard> {
+        match &self.kind {
+            ChannelKind::User { guard, .. } => Some(guard),
+            ChannelKind::Stats(_) => None,
+        }
+    }
+
+    /// [`Self::guard`], to record a push.
+    pub fn guard_mut(&mut self) -> Option<&mut OrderGuard> {
+        match &mut self.kind {
+            ChannelKind::User { guard, .. } => Some(guard),
+            ChannelKind::Stats(_) => None,
+        }
+    }
+}
+
 /// The channels Herald serves.
 pub enum ChannelKind {
     /// `user:<id>` on the user socket: fed by pubsub, guarded for order.

@@ -4,7 +4,7 @@
 //! part of it that knows what a user's stream of events must look like.
 
 use super::SocketState;
-use super::channel::{Admit, ChannelKind, GapFill, JoinedChannel, Unfilled};
+use super::channel::{Admit, GapFill, JoinedChannel, OrderGuard, Unfilled};
 use super::connection::{Connection, End, Endpoint};
 use super::protocol::{self, Frame, null, reason};
 use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
@@ -130,10 +130,10 @@ impl Connection {
         after: i64,
         missed: bool,
     ) -> Result<(), End> {
-        if let Some(JoinedChannel {
-            kind: ChannelKind::User { guard, .. },
-            ..
-        }) = self.channels.get_mut(topic)
+        if let Some(guard) = self
+            .channels
+            .get_mut(topic)
+            .and_then(JoinedChannel::guard_mut)
         {
             guard.pushed(after);
         }
@@ -150,10 +150,8 @@ impl Connection {
     /// Pushes one event of a user topic through the channel's order guard: a duplicate is dropped,
     /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up.
     pub(super) async fn deliver_push(&mut self, topic: &str, push: &Push) -> Result<(), End> {
-        let Some(channel) = self.channels.get(topic) else {
-            return Ok(()); // left while the message was queued
-        };
-        let ChannelKind::User { guard, .. } = &channel.kind else {
+        // None: left while the message was queued.
+        let Some(guard) = self.channels.get(topic).and_then(JoinedChannel::guard) else {
             return Ok(());
         };
         if push.event == RESYNC_EVENT {
@@ -260,10 +258,7 @@ impl Connection {
             return Ok(());
         };
         self.stop_channel(topic, &channel);
-        let last = match &channel.kind {
-            ChannelKind::User { guard, .. } => guard.last(),
-            ChannelKind::Stats(_) => None,
-        };
+        let last = channel.guard().and_then(OrderGuard::last);
         self.state.metrics.socket_gap_unfilled(hole.label());
         tracing::warn!(
             cause = hole.label(),
@@ -298,7 +293,7 @@ impl Connection {
             &push.event,
             &push.payload,
         );
-        if let (Some(seq), ChannelKind::User { guard, .. }) = (seq, &mut channel.kind) {
+        if let (Some(seq), Some(guard)) = (seq, channel.guard_mut()) {
             guard.pushed(seq);
         }
         self.feed(text).await?;
