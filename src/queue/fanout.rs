@@ -7,7 +7,7 @@
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
 
-use super::{BrokerNodes, Error, Unconfirmed, confirmed, enable_confirms, open_channel};
+use super::{BrokerNodes, Error, Unconfirmed, enable_confirms, open_channel, publish_and_confirm};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -90,7 +90,6 @@ impl FanoutPublisher {
     pub async fn publish(&self, topic: &str, body: &[u8], limit: Duration) -> Result<bool, Error> {
         let channel = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
-        let deadline = tokio::time::Instant::now() + limit;
         let publish = channel.basic_publish(
             exchange.as_str().into(),
             topic.into(),
@@ -102,17 +101,7 @@ impl FanoutPublisher {
             // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
             BasicProperties::default(),
         );
-        let confirm = match tokio::time::timeout_at(deadline, publish).await {
-            Ok(Ok(confirm)) => {
-                confirmed(
-                    confirm,
-                    deadline.saturating_duration_since(tokio::time::Instant::now()),
-                )
-                .await
-            }
-            Ok(Err(source)) => Err(Unconfirmed::Lost(source)),
-            Err(_) => Err(Unconfirmed::Timeout),
-        };
+        let confirm = publish_and_confirm(publish, limit).await;
         let error = match confirm {
             Ok(routed) => return Ok(routed),
             Err(Unconfirmed::Nacked) => return Err(Error::Nacked),

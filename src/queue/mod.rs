@@ -31,6 +31,7 @@ pub use topology::{
 
 use crate::config::QueueSettings;
 use lapin::{Channel, Connection, ConnectionProperties};
+use std::future::Future;
 use std::time::Duration;
 
 /// A RabbitMQ failure, named for what failed.
@@ -91,7 +92,8 @@ pub enum Unconfirmed {
 
 /// Waits up to `limit` for the broker's confirm of a publish on a confirm-mode channel. Resolves to
 /// whether a queue took the message: a mandatory publish that no queue binds comes back, acked.
-/// The one confirm wait of the publisher, the fan-out publisher and retries.
+/// The one confirm wait: of the publisher (which pipelines its confirms) and, through
+/// [`publish_and_confirm`], of the fan-out and retries.
 ///
 /// # Errors
 /// The channel failed, the broker nacked, or no confirm came within `limit`.
@@ -104,6 +106,27 @@ pub async fn confirmed(
         Ok(Err(error)) => Err(Unconfirmed::Lost(error)),
         Ok(Ok(confirmation)) if confirmation.is_nack() => Err(Unconfirmed::Nacked),
         Ok(Ok(confirmation)) => Ok(confirmation.take_message().is_none()),
+    }
+}
+
+/// Sends a publish and waits for its confirm, the two together within `limit` (a wedged channel
+/// can stall the send as well as the confirm): for publishes that wait for their own confirm, the
+/// fan-out's broadcasts and retries. Resolves as [`confirmed`] does.
+///
+/// # Errors
+/// The channel failed, the broker nacked, or the send and confirm took longer than `limit`.
+pub async fn publish_and_confirm(
+    publish: impl Future<Output = Result<lapin::PublisherConfirm, lapin::Error>>,
+    limit: Duration,
+) -> Result<bool, Unconfirmed> {
+    let deadline = tokio::time::Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, publish).await {
+        Ok(Ok(confirm)) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            confirmed(confirm, left).await
+        }
+        Ok(Err(error)) => Err(Unconfirmed::Lost(error)),
+        Err(_) => Err(Unconfirmed::Timeout),
     }
 }
 

@@ -2,7 +2,7 @@
 //! (and back to its partition when it expires), or for good to the dead-letter exchange; each
 //! publish waits for its confirm.
 
-use super::{Topology, Unconfirmed, confirmed};
+use super::{Topology, Unconfirmed, publish_and_confirm};
 use lapin::Channel;
 use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
@@ -126,20 +126,17 @@ async fn publish_confirmed(
     properties: lapin::BasicProperties,
     confirm_timeout: Duration,
 ) -> Result<(), RetryPublishError> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .map_err(RetryPublishError::Lost)?;
-    match confirmed(confirm, confirm_timeout).await {
+    let publish = channel.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        properties,
+    );
+    match publish_and_confirm(publish, confirm_timeout).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(RetryPublishError::Refused("unroutable")),
         Err(Unconfirmed::Nacked) => Err(RetryPublishError::Refused("nack")),
