@@ -1,8 +1,10 @@
 //! Joined channels: what a connection keeps per topic, and the user channel's order guard, the last
 //! line of per-user order.
 //!
-//! The guard remembers the last seq pushed. A seq at or below it is a duplicate (a redelivery, or a
-//! relay republish of an event already pushed) and is dropped. A seq that skips ahead means an
+//! The guard remembers the last seq pushed, and starts at the seq the join answered (or the
+//! client's `last_seq`): it never has no baseline, so the first live push is checked like every
+//! other. A seq at or below it is a duplicate (a redelivery, a relay republish of an event already
+//! pushed, or history from before the join) and is dropped. A seq that skips ahead means an
 //! earlier event is late (its publish failed and the relay will send it, or a retry): the channel
 //! fills the gap from PostgreSQL before pushing, so a client sees its events gap-free and in order.
 //!
@@ -30,31 +32,39 @@ pub enum Admit {
     },
 }
 
-/// The per-channel memory of the last seq pushed.
-#[derive(Debug, Default)]
+/// The per-channel memory of the last seq pushed (or the seq the channel started after).
+#[derive(Debug)]
 pub struct OrderGuard {
-    last_seq: Option<i64>,
+    last_seq: i64,
 }
 
 impl OrderGuard {
+    /// A guard for a channel that starts after `seq`: the join's answered `last_seq`, or the
+    /// client's own `last_seq` it catches up from. Its next push must be `seq + 1`.
+    pub fn after(seq: i64) -> Self {
+        Self { last_seq: seq }
+    }
+
     /// Decides what to do with seq `seq`; does not record it (call [`Self::pushed`] after writing).
     pub fn admit(&self, seq: i64) -> Admit {
-        match self.last_seq {
-            None => Admit::Push,
-            Some(last) if seq <= last => Admit::Duplicate,
-            Some(last) if seq == last + 1 => Admit::Push,
-            Some(last) => Admit::Gap { after: last },
+        let last = self.last_seq;
+        if seq <= last {
+            Admit::Duplicate
+        } else if seq == last + 1 {
+            Admit::Push
+        } else {
+            Admit::Gap { after: last }
         }
     }
 
-    /// The last seq pushed, once one was.
-    pub fn last(&self) -> Option<i64> {
+    /// The last seq pushed, or the one the channel started after.
+    pub fn last(&self) -> i64 {
         self.last_seq
     }
 
     /// Records that `seq` was pushed.
     pub fn pushed(&mut self, seq: i64) {
-        self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        self.last_seq = self.last_seq.max(seq);
     }
 }
 
@@ -237,17 +247,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_push_sets_the_baseline() {
-        let mut guard = OrderGuard::default();
-        assert_eq!(guard.admit(7), Admit::Push);
-        guard.pushed(7);
+    fn the_first_push_is_checked_against_where_the_channel_started() {
+        // Joined when the user's last seq was 7: 7 is history, 9 reveals that 8 is missing.
+        let mut guard = OrderGuard::after(7);
+        assert_eq!(guard.admit(7), Admit::Duplicate);
+        assert_eq!(guard.admit(9), Admit::Gap { after: 7 });
         assert_eq!(guard.admit(8), Admit::Push);
+        guard.pushed(8);
+        assert_eq!(guard.admit(9), Admit::Push);
+        // A user with no events yet starts after 0.
+        assert_eq!(OrderGuard::after(0).admit(1), Admit::Push);
     }
 
     #[test]
     fn duplicates_drop_and_gaps_are_reported() {
-        let mut guard = OrderGuard::default();
-        guard.pushed(5);
+        let guard = OrderGuard::after(5);
         assert_eq!(guard.admit(5), Admit::Duplicate);
         assert_eq!(guard.admit(3), Admit::Duplicate);
         assert_eq!(guard.admit(6), Admit::Push);

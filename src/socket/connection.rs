@@ -248,6 +248,15 @@ impl Connection {
         }
     }
 
+    /// A join: subscribe, then read where the channel starts, then answer and catch up.
+    ///
+    /// The order is what makes a join gap-free: once the subscription can receive (in cluster mode,
+    /// once its topic is bound), every event committed later is broadcast to it; reading the
+    /// user's last seq only then leaves no event between the two. Broadcasts that arrive meanwhile
+    /// wait in the connection's queue and go through the channel's order guard, which starts at
+    /// that seq: what is at or below it is dropped, what follows it is pushed, and a hole is filled
+    /// from PostgreSQL. A second join of a joined topic replaces the first only once the new one can
+    /// answer; a join that cannot is refused and the instance already joined stays as it was.
     async fn join(&mut self, frame: Frame) -> Result<(), End> {
         let channel_tag = match &self.endpoint {
             Endpoint::User(_) => USER_CHANNEL,
@@ -256,28 +265,11 @@ impl Connection {
         if let Err(refusal) = self.admit_join(&frame) {
             return self.refuse_join(&frame, channel_tag, refusal).await;
         }
-        // What a user join answers is read first: a join whose catch-up cannot be planned is refused
-        // (the official client retries with backoff), not answered with a last_seq it cannot trust,
-        // and an instance already joined stays as it was.
-        let catch_up = match &self.endpoint {
-            Endpoint::User(user) => match catch_up_plan(&self.state, user, &frame.payload).await {
-                Some(plan) => Some(plan),
-                None => {
-                    return self
-                        .refuse_join(&frame, channel_tag, Refusal::Unavailable)
-                        .await;
-                }
-            },
-            Endpoint::Stats => None,
-        };
-        let previous = self.channels.remove(&frame.topic);
-        if previous.is_none() && self.channels.len() >= self.state.settings.max_channels {
+        let replacing = self.channels.contains_key(&frame.topic);
+        if !replacing && self.channels.len() >= self.state.settings.max_channels {
             return self
                 .refuse_join(&frame, channel_tag, Refusal::TooManyChannels)
                 .await;
-        }
-        if let Some(previous) = &previous {
-            self.stop_channel(&frame.topic, previous);
         }
         let kind = match self.start_channel(&frame).await {
             Ok(kind) => kind,
@@ -288,20 +280,38 @@ impl Connection {
                     .await;
             }
         };
-        self.channels.insert(
-            frame.topic.clone(),
-            JoinedChannel {
-                join_ref: frame.join_ref.clone(),
-                kind,
+        // A join whose start cannot be read is refused (the official client retries with backoff),
+        // not answered with a last_seq it cannot trust.
+        let catch_up = match &self.endpoint {
+            Endpoint::User(user) => match catch_up_plan(&self.state, user, &frame.payload).await {
+                Some(plan) => Some(plan),
+                None => {
+                    self.stop_channel(&frame.topic, &kind);
+                    return self
+                        .refuse_join(&frame, channel_tag, Refusal::Unavailable)
+                        .await;
+                }
             },
-        );
+            Endpoint::Stats => None,
+        };
+        let previous = self.channels.remove(&frame.topic);
+        if let Some(previous) = &previous {
+            self.stop_channel(&frame.topic, &previous.kind);
+        }
+        let mut channel = JoinedChannel {
+            join_ref: frame.join_ref.clone(),
+            kind,
+        };
+        if let (Some(plan), Some(guard)) = (&catch_up, channel.guard_mut()) {
+            *guard = OrderGuard::after(plan.start());
+        }
+        self.channels.insert(frame.topic.clone(), channel);
         self.state.metrics.channel_join(channel_tag, true);
         let response = catch_up
             .as_ref()
             .map_or_else(|| "{}".to_owned(), CatchUp::response);
         self.reply(&frame, &frame.join_ref, "ok", &response).await?;
-        // A second join of a joined topic replaces the first; the old instance is closed with its own
-        // (now stale) join ref, which the client ignores.
+        // The old instance is closed with its own (now stale) join ref, which the client ignores.
         if let Some(previous) = previous {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
         }
@@ -357,6 +367,8 @@ impl Connection {
         }
     }
 
+    /// Makes the channel's state: a user channel's subscription (returned once it can receive;
+    /// its guard is set by the join), or a stats channel's task.
     async fn start_channel(&mut self, frame: &Frame) -> Result<ChannelKind, crate::pubsub::Error> {
         Ok(match &self.endpoint {
             Endpoint::User(_) => ChannelKind::User {
@@ -365,7 +377,7 @@ impl Connection {
                     .pubsub
                     .subscribe(&frame.topic, self.subscriber.clone())
                     .await?,
-                guard: OrderGuard::default(),
+                guard: OrderGuard::after(0),
             },
             Endpoint::Stats => ChannelKind::Stats(StatsChannel::spawn(
                 self.vsn,
@@ -378,8 +390,8 @@ impl Connection {
         })
     }
 
-    pub(super) fn stop_channel(&self, topic: &str, channel: &JoinedChannel) {
-        if let ChannelKind::User { subscription, .. } = &channel.kind {
+    pub(super) fn stop_channel(&self, topic: &str, kind: &ChannelKind) {
+        if let ChannelKind::User { subscription, .. } = kind {
             self.state.pubsub.unsubscribe(topic, *subscription);
         }
         // A stats channel stops when its handle is dropped.
@@ -395,7 +407,7 @@ impl Connection {
         let Some(channel) = self.channels.remove(&frame.topic) else {
             return Ok(());
         };
-        self.stop_channel(&frame.topic, &channel);
+        self.stop_channel(&frame.topic, &channel.kind);
         self.reply(&frame, &channel.join_ref, "ok", "{}").await?;
         self.close_channel(&frame.topic, &channel.join_ref).await
     }
@@ -451,7 +463,7 @@ impl Connection {
                     return Ok(());
                 }
                 if let Some(channel) = self.channels.remove(&topic) {
-                    self.stop_channel(&topic, &channel);
+                    self.stop_channel(&topic, &channel.kind);
                 }
                 self.close_channel(&topic, &join_ref).await
             }
@@ -518,7 +530,7 @@ impl Connection {
     fn leave_all(&mut self) {
         let channels: Vec<_> = self.channels.drain().collect();
         for (topic, channel) in channels {
-            self.stop_channel(&topic, &channel);
+            self.stop_channel(&topic, &channel.kind);
         }
     }
 }

@@ -24,6 +24,11 @@ pub(super) const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// retention removed any event after the requested `last_seq` (the user's retention watermark,
 /// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
 /// read in time: the join is refused and the client retries.
+///
+/// Called only once the channel's subscription can receive (see `Connection::join`): every event
+/// committed after this read is broadcast after it, so it reaches the channel, and every event at
+/// or below the answer is history the channel drops (or, with `last_seq`, catches up from
+/// PostgreSQL). Read before the subscription, an event committed in between fell through.
 pub(super) async fn catch_up_plan(
     state: &SocketState,
     user: &UserId,
@@ -45,9 +50,12 @@ pub(super) async fn catch_up_plan(
             return None;
         }
     };
+    let last_seq = last.unwrap_or(0);
     Some(CatchUp {
-        from: requested,
-        last_seq: last.unwrap_or(0),
+        // A client cannot have seen more than was committed; one that says so (its store was
+        // reset) catches up from the user's last seq rather than dropping what comes next.
+        from: requested.map(|r| r.min(last_seq)),
+        last_seq,
         // Retention removed events the client has not seen.
         missed: matches!((requested, pruned_through), (Some(r), Some(p)) if p > r),
     })
@@ -102,11 +110,10 @@ struct UserJoinParams {
 }
 
 /// What a user channel join answers and whether it catches up.
-#[derive(Default)]
 pub(super) struct CatchUp {
-    /// Catch up after this seq (the client's `last_seq`).
+    /// Catch up after this seq (the client's `last_seq`, at most `last_seq`).
     pub(super) from: Option<i64>,
-    /// The user's latest seq now.
+    /// The user's latest seq, read once the channel could receive.
     pub(super) last_seq: i64,
     /// Events after `from` were already removed by retention: the client missed them.
     pub(super) missed: bool,
@@ -115,6 +122,13 @@ pub(super) struct CatchUp {
 impl CatchUp {
     pub(super) fn response(&self) -> String {
         json!({ "last_seq": self.last_seq, "missed": self.missed }).to_string()
+    }
+
+    /// The seq the channel starts after: its order guard's baseline. A join without `last_seq`
+    /// pushes exactly the events after the `last_seq` it answered; one with `last_seq` pushes
+    /// everything after it, history first.
+    pub(super) fn start(&self) -> i64 {
+        self.from.unwrap_or(self.last_seq)
     }
 }
 
@@ -155,12 +169,10 @@ impl Connection {
             return Ok(());
         };
         if push.event == RESYNC_EVENT {
-            // Broadcasts may have been lost while the node's fan-out queue was away.
-            return match guard.last() {
-                // Nothing was reported missed to this client: any hole is told by phx_error.
-                Some(after) => self.catch_up(topic, after, false).await,
-                None => Ok(()),
-            };
+            // Broadcasts may have been lost while the node's fan-out queue was away. Nothing was
+            // reported missed to this client: any hole is told by phx_error.
+            let after = guard.last();
+            return self.catch_up(topic, after, false).await;
         }
         let Some(seq) = push.seq else {
             return self.push(topic, None, push).await;
@@ -257,8 +269,8 @@ impl Connection {
         let Some(channel) = self.channels.remove(topic) else {
             return Ok(());
         };
-        self.stop_channel(topic, &channel);
-        let last = channel.guard().and_then(OrderGuard::last);
+        self.stop_channel(topic, &channel.kind);
+        let last = channel.guard().map(OrderGuard::last);
         self.state.metrics.socket_gap_unfilled(hole.label());
         tracing::warn!(
             cause = hole.label(),

@@ -1,7 +1,8 @@
 //! Several nodes, one deployment: an api+worker node and two socket nodes, fanning out over RabbitMQ.
 
-use crate::common::spawn_cluster;
+use crate::common::{TcpProxy, spawn_cluster, spawn_node, spawn_unready};
 use serde_json::{Value, json};
+use std::time::Duration;
 
 async fn seqs(client: &mut crate::common::WsClient, count: usize) -> Vec<i64> {
     let mut seqs = Vec::new();
@@ -147,6 +148,53 @@ async fn clients_of_a_killed_socket_node_reconnect_elsewhere_and_miss_nothing() 
         seen,
         (1..=total).collect::<Vec<i64>>(),
         "every event once, in order"
+    );
+    api.post_sentinel("erin").await;
+    client.expect_sentinel().await;
+}
+
+/// A join without `last_seq` answers with the user's last seq, and then pushes exactly what follows
+/// it: nothing at or below it, no hole after it. An event committed and broadcast while the join's
+/// topic bind is still on its way (here: held by a stalled broker link) must not fall between the
+/// two: the join reads where it starts only once its subscription can receive.
+#[tokio::test]
+async fn a_join_pushes_exactly_what_follows_its_reply_even_when_its_bind_is_slow() {
+    let api = spawn_unready(|s| {
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,worker".parse().unwrap();
+        s.node.name = "api-worker".into();
+    })
+    .await;
+    api.wait_ready().await;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(api.settings.queue.amqp_url.expose()).await;
+    let socket = spawn_node(&api, "socket", "socket-slow-bind", |s| {
+        s.queue.amqp_url = via_proxy;
+    })
+    .await;
+    let first = api.enqueue(json!({"user_id": "erin"})).await;
+    api.wait_status(&first, "delivered").await;
+
+    let mut client = socket.connect("erin").await;
+    proxy.stall();
+    client
+        .send(json!(["1", "1", "user:erin", "phx_join", {}]))
+        .await;
+    // Give a join that reads first the time to read seq 1 (one that subscribes first cannot read
+    // before the link resumes, whatever this wait).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Committed and broadcast while the bind waits: the node's queue is not bound yet.
+    let during = api.enqueue(json!({"user_id": "erin"})).await;
+    api.wait_status(&during, "delivered").await;
+    proxy.resume();
+    let reply = client.recv().await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    let last_seq = reply[4]["response"]["last_seq"].as_i64().unwrap();
+    api.post_event(json!({"user_id": "erin"})).await;
+    let push = client.recv_push().await;
+    assert_eq!(
+        push[4]["seq"].as_i64(),
+        Some(last_seq + 1),
+        "the first push follows the reply's last_seq {last_seq}: {push}"
     );
     api.post_sentinel("erin").await;
     client.expect_sentinel().await;
