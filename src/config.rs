@@ -359,6 +359,12 @@ pub struct SocketSettings {
     /// hold a connection (its heartbeats, its other channels) for as long as reading a million rows.
     /// The default is ten default pages, and the default `store.retention_per_user`.
     pub max_gap_fill_total: i64,
+    /// Events one connection may read from PostgreSQL for catch-ups (joins with `last_seq`, and
+    /// resyncs) per minute, with up to a minute's worth at once. A catch-up that runs out closes its
+    /// channel with `phx_error` (cause `throttled`) and the client's rejoin goes on from its last
+    /// seq, so a client repeating `last_seq: 0` cannot make its node re-read the user's history
+    /// over and over. The default is twice the default `store.retention_per_user`.
+    pub max_catch_up_per_minute: i64,
     /// Client pushes queued for one channel task; beyond it a push is answered "too many requests".
     pub channel_inbox: usize,
     /// How long the stats channel's `slow_ping` holds its channel (the inline-handler pitfall).
@@ -393,6 +399,7 @@ impl Default for SocketSettings {
             max_frame_bytes: 64 * 1024,
             max_gap_fill: 1_000,
             max_gap_fill_total: 10_000,
+            max_catch_up_per_minute: 20_000,
             channel_inbox: 16,
             stats_slow_ping_ms: 3_000,
             stats_max_parallel: 10,
@@ -945,6 +952,12 @@ impl Settings {
             return bad(
                 "socket.max_gap_fill",
                 "must be at least 1, and socket.max_gap_fill_total at least as much",
+            );
+        }
+        if self.socket.max_catch_up_per_minute < self.socket.max_gap_fill {
+            return bad(
+                "socket.max_catch_up_per_minute",
+                "must be at least socket.max_gap_fill (one page)",
             );
         }
         if self.replay.page <= 0 || self.replay.default_rate == 0 || self.replay.max_jobs == 0 {

@@ -856,7 +856,7 @@ impl Metrics {
     }
 
     /// A channel could not close a gap in its user's sequence (`reason`: `store_unavailable`,
-    /// `pruned`, `too_large`) and was closed with `phx_error` so that its client rejoins.
+    /// `pruned`, `too_large`, `throttled`) and was closed with `phx_error` so that its client rejoins.
     pub fn socket_gap_unfilled(&self, reason: &'static str) {
         self.count(&self.inner.at.push_gap_unfilled, 1, &[reason]);
     }

@@ -79,6 +79,9 @@ pub enum Unfilled {
     /// The gap is wider than `socket.max_gap_fill_total`: one push must not make a connection read
     /// that much while its other channels and heartbeats wait; the rejoin's catch-up does it.
     TooLarge,
+    /// The connection used up its catch-up budget (`socket.max_catch_up_per_minute`): the client
+    /// rejoins later, with the last seq it got, and goes on from there.
+    Throttled,
 }
 
 impl Unfilled {
@@ -88,6 +91,7 @@ impl Unfilled {
             Self::StoreUnavailable => "store_unavailable",
             Self::Pruned => "pruned",
             Self::TooLarge => "too_large",
+            Self::Throttled => "throttled",
         }
     }
 }
@@ -172,12 +176,17 @@ impl GapFill {
         self.last = self.last.max(seq);
     }
 
-    /// Ends a page that returned `rows` rows.
+    /// True for a join's (or resync's) catch-up, false for a live gap.
+    pub fn is_catch_up(&self) -> bool {
+        self.before.is_none()
+    }
+
+    /// Ends a page that returned `rows` rows of the `asked` it was read with (at most a page).
     ///
     /// # Errors
     /// [`Unfilled::Pruned`]: a short page of a live gap that is not closed yet (the rest is gone).
-    pub fn page_read(&mut self, rows: usize) -> Result<(), Unfilled> {
-        let full = i64::try_from(rows).unwrap_or(i64::MAX) >= self.page;
+    pub fn page_read(&mut self, rows: usize, asked: i64) -> Result<(), Unfilled> {
+        let full = i64::try_from(rows).unwrap_or(i64::MAX) >= asked;
         match self.before {
             Some(before) if !full && self.last + 1 < before => Err(Unfilled::Pruned),
             Some(_) => Ok(()),
@@ -186,6 +195,45 @@ impl GapFill {
                 Ok(())
             }
         }
+    }
+}
+
+/// How many events a connection may read for catch-ups: a token bucket holding at most a minute's
+/// worth (`socket.max_catch_up_per_minute`), refilled continuously. One full catch-up of a user's
+/// retained events fits; a client rejoining with `last_seq: 0` over and over cannot make its node
+/// read the whole history each time. Pure (time is passed in), so its rules are unit-tested.
+#[derive(Debug)]
+pub struct CatchUpBudget {
+    per_minute: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl CatchUpBudget {
+    /// A full budget of `per_minute` events, as of `now`.
+    pub fn new(per_minute: i64, now: tokio::time::Instant) -> Self {
+        let per_minute = per_minute.max(1) as f64;
+        Self {
+            per_minute,
+            tokens: per_minute,
+            at: now,
+        }
+    }
+
+    /// Takes up to `want` events of the budget as of `now`; returns how many it may read (0 when
+    /// spent).
+    pub fn take(&mut self, want: i64, now: tokio::time::Instant) -> i64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_minute / 60.0).min(self.per_minute);
+        self.at = now;
+        let granted = (self.tokens.floor() as i64).clamp(0, want.max(0));
+        self.tokens -= granted as f64;
+        granted
+    }
+
+    /// Gives back what a page did not use (it came back short).
+    pub fn refund(&mut self, unused: i64) {
+        self.tokens = (self.tokens + unused.max(0) as f64).min(self.per_minute);
     }
 }
 
@@ -285,11 +333,32 @@ mod tests {
                 pushed.push(seq);
                 fill.pushed(seq);
             }
-            if let Err(hole) = fill.page_read(page.len()) {
+            if let Err(hole) = fill.page_read(page.len(), limit) {
                 return (pushed, Err(hole));
             }
         }
         (pushed, Ok(()))
+    }
+
+    #[test]
+    fn the_catch_up_budget_grants_a_minutes_worth_then_refills_with_time() {
+        let start = tokio::time::Instant::now();
+        let mut budget = CatchUpBudget::new(600, start);
+        assert_eq!(budget.take(500, start), 500);
+        assert_eq!(
+            budget.take(500, start),
+            100,
+            "no more than the minute's worth"
+        );
+        assert_eq!(budget.take(500, start), 0, "spent");
+        // 600 a minute is 10 a second.
+        let later = start + std::time::Duration::from_secs(3);
+        assert_eq!(budget.take(500, later), 30);
+        budget.refund(20);
+        assert_eq!(budget.take(500, later), 20);
+        // It never holds more than a minute's worth, however long it rests.
+        let much_later = later + std::time::Duration::from_secs(3_600);
+        assert_eq!(budget.take(10_000, much_later), 600);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! can panic the node.
 
 use super::SocketState;
-use super::channel::{ChannelKind, JoinedChannel, OrderGuard, ToConnection};
+use super::channel::{CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
 use super::protocol::{self, Frame, Vsn, null, reason};
 use super::stats::StatsChannel;
 use super::user_channel::{ACK_EVENT, CatchUp, catch_up_plan, record_acks};
@@ -66,6 +66,8 @@ pub(super) struct Connection {
     subscriber: Subscriber,
     to_connection: mpsc::Sender<ToConnection>,
     write_timeout: Duration,
+    /// What this connection may still read for catch-ups (see [`CatchUpBudget`]).
+    pub(super) catch_up_budget: CatchUpBudget,
 }
 
 /// A connection's inbox for broadcasts, made before the upgrade completes: the connection is
@@ -156,6 +158,7 @@ pub async fn serve(
         },
         to_connection,
         write_timeout,
+        catch_up_budget: CatchUpBudget::new(state.settings.max_catch_up_per_minute, Instant::now()),
     };
     let end = connection
         .run(&mut broadcasts, &mut from_channels, &overflowed)

@@ -13,7 +13,7 @@ use crate::store::{ReadMark, SeqOrder};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::Duration;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 /// How long one page of a gap fill or catch-up may take to read: the connection waits for it, and
 /// a stalled read must end (the channel is closed with `phx_error` and the client rejoins) well
@@ -213,7 +213,16 @@ impl Connection {
             return Ok(Ok(()));
         };
         let user = user.clone();
-        while let Some((after, before, limit)) = fill.next_page() {
+        while let Some((after, before, page)) = fill.next_page() {
+            // Catch-ups draw on the connection's budget; a live gap's total is bounded apart.
+            let limit = if fill.is_catch_up() {
+                self.catch_up_budget.take(page, Instant::now())
+            } else {
+                page
+            };
+            if limit == 0 {
+                return Ok(Err(Unfilled::Throttled));
+            }
             let read = timeout(
                 GAP_PAGE_TIMEOUT,
                 self.state.store.user_events(
@@ -237,6 +246,10 @@ impl Connection {
                 }
             };
             let count = rows.len();
+            if fill.is_catch_up() {
+                self.catch_up_budget
+                    .refund(limit - i64::try_from(count).unwrap_or(limit));
+            }
             self.state.metrics.socket_gap_filled(count);
             for row in rows {
                 let seq = row.seq;
@@ -253,7 +266,7 @@ impl Connection {
                 fill.pushed(seq);
             }
             self.flush().await?;
-            if let Err(hole) = fill.page_read(count) {
+            if let Err(hole) = fill.page_read(count, limit) {
                 return Ok(Err(hole));
             }
         }

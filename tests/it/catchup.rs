@@ -206,3 +206,47 @@ async fn a_join_is_told_it_missed_events_pruned_after_its_last_seq_behind_a_kept
         json!({"last_seq": 6, "missed": false})
     );
 }
+
+/// A connection's catch-ups draw on a budget: a client rejoining with `last_seq: 0` over and over
+/// gets a minute's worth of history, then its channel is closed with `phx_error` (cause
+/// `throttled`, with the last seq it got) instead of making the node re-read the user's history
+/// without end; the rejoin from that seq goes on once the budget has refilled.
+#[tokio::test]
+async fn repeated_catch_ups_on_one_connection_are_bounded_by_its_budget() {
+    let app = spawn_app_with(|s| {
+        s.socket.max_gap_fill = 10;
+        s.socket.max_catch_up_per_minute = 50;
+    })
+    .await;
+    let events: Vec<Value> = (1..=40)
+        .map(|n| json!({"user_id": "44", "data": {"n": n}}))
+        .collect();
+    assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
+    app.wait_all_delivered().await;
+    let mut client = app.connect("44").await;
+    // The first catch-up fits the budget whole.
+    client.join("user:44", json!({"last_seq": 0})).await;
+    assert_eq!(
+        seqs_until(&mut client, 40).await,
+        (1..=40).collect::<Vec<i64>>()
+    );
+    // The second has 10 events of budget left: it pushes those, then stops short of the rest.
+    client.join("user:44", json!({"last_seq": 0})).await;
+    let mut seqs = Vec::new();
+    let error = loop {
+        let frame = client.recv().await;
+        match frame[3].as_str() {
+            Some("phx_error") => break frame,
+            Some("phx_close" | "phx_reply") => continue,
+            _ => seqs.push(frame[4]["seq"].as_i64().unwrap()),
+        }
+    };
+    // About 10 (the budget refills by under one event a second meanwhile).
+    let got = seqs.len() as i64;
+    assert!((10..40).contains(&got), "{got} events pushed");
+    assert_eq!(seqs, (1..=got).collect::<Vec<i64>>(), "in order, no hole");
+    assert_eq!(
+        error[4],
+        json!({"reason": "gap_unfilled", "cause": "throttled", "last_seq": got})
+    );
+}
