@@ -373,6 +373,7 @@ impl App {
         let (outcomes, outcome_task) = outcomes::writer(
             self.writes.clone(),
             metrics.clone(),
+            self.node.clone(),
             1024,
             settings.pipeline.max_status_batch,
             outcomes_close.clone(),

@@ -193,6 +193,7 @@ struct Instruments {
     sweep_events: Count,
     sweep_partitions: Count,
     retry_unconfirmed: Count,
+    fenced: Count,
     worker_delivered: Count,
     retry_scheduled: Count,
     dead_lettered: Count,
@@ -374,6 +375,11 @@ impl Instruments {
                 "pipeline.retry.unconfirmed",
                 &[],
                 "Retry publishes without a confirm in time: message requeued, attempt made again.",
+            ),
+            fenced: d.counter(
+                "pipeline.fenced",
+                &["stage"],
+                "Events whose partition lease this node no longer held: not broadcast, or their outcome refused; their messages went back.",
             ),
             relay_republished: d.counter(
                 "pipeline.relay.republished",
@@ -803,6 +809,13 @@ impl Metrics {
     /// A retry's publish got no confirm in time: its message is requeued, the attempt made again.
     pub fn retry_unconfirmed(&self) {
         self.count(&self.inner.at.retry_unconfirmed, 1, &[]);
+    }
+
+    /// Events refused at `stage` (`attempt`: the lease was no longer trusted before the broadcast
+    /// or before a failure's retry; `outcome`: the outcome writer found the lease taken over) and
+    /// sent back to their partition's queue.
+    pub fn fenced(&self, stage: &'static str, count: usize) {
+        self.count(&self.inner.at.fenced, count as u64, &[stage]);
     }
 
     /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.

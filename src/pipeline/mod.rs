@@ -10,6 +10,7 @@ pub mod batch;
 pub mod enqueue;
 pub mod faults;
 mod lanes;
+pub mod lease;
 pub mod outcomes;
 pub mod partitions;
 pub mod published;

@@ -1,15 +1,19 @@
 //! The delivery-outcome writer: each lane run submits its attempts and waits until they are stored
 //! (one batched statement, for every run that queued meanwhile, updates the events and inserts
 //! their attempt rows), and only then are the messages settled, so an acked message always has its
-//! attempts recorded.
+//! attempts recorded. An attempt made under a partition lease this node no longer holds is refused
+//! by the statement (the lease's epoch is its fencing token) and reported back, so its message is
+//! returned to the partition's current owner instead of being acked.
 
 use super::batch::{Batcher, Flush};
 use crate::backoff::with_retries;
 use crate::metrics::Metrics;
 use crate::store::{AttemptRecord, Store};
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Attempts at one outcome batch before giving up (about 15 s of backoff): a longer database outage
 /// leaves the deliveries unacked, and the broker redelivers them.
@@ -19,12 +23,18 @@ const TRIES: u32 = 10;
 pub struct OutcomeWriter {
     store: Store,
     metrics: Metrics,
+    /// This node's name: the owner the attempts' leases must still name.
+    node: String,
 }
 
 /// The outcome could not be stored.
 #[derive(Clone, Copy, Debug, thiserror::Error)]
 #[error("the delivery outcome could not be stored")]
 pub struct NotRecorded;
+
+/// What became of one run's attempts once written: the ids of those refused because their lease
+/// is no longer this node's (see [`Store::record_attempts`]); every other one is stored.
+pub type Recorded = Result<HashSet<Uuid>, NotRecorded>;
 
 /// The handle workers use.
 pub type Outcomes = Batcher<OutcomeWriter>;
@@ -34,43 +44,61 @@ pub type Outcomes = Batcher<OutcomeWriter>;
 pub fn writer(
     store: Store,
     metrics: Metrics,
+    node: String,
     capacity: usize,
     max_batch: usize,
     close: CancellationToken,
 ) -> (Outcomes, impl Future<Output = ()> + Send) {
-    Batcher::new(OutcomeWriter { store, metrics }, capacity, max_batch, close)
+    let writer = OutcomeWriter {
+        store,
+        metrics,
+        node,
+    };
+    Batcher::new(writer, capacity, max_batch, close)
 }
 
 impl Flush for OutcomeWriter {
     /// One lane run's attempts.
     type Item = Vec<AttemptRecord>;
-    type Output = Result<(), NotRecorded>;
+    type Output = Recorded;
 
     fn weight(run: &Vec<AttemptRecord>) -> usize {
         run.len()
     }
 
     async fn flush(&self, runs: Vec<Vec<AttemptRecord>>) -> Vec<Self::Output> {
-        {
-            let n = runs.len();
-            let outcomes: Vec<AttemptRecord> = runs.into_iter().flatten().collect();
-            let started = Instant::now();
-            let result = with_retries("record attempts", TRIES, || {
-                self.store.record_attempts(&outcomes)
-            })
-            .await;
-            let answer = match result {
-                Ok(()) => {
-                    self.metrics
-                        .status_batch("outcome", outcomes.len(), started.elapsed());
-                    Ok(())
+        let outcomes: Vec<AttemptRecord> = runs.iter().flatten().cloned().collect();
+        let started = Instant::now();
+        let result = with_retries("record attempts", TRIES, || {
+            self.store.record_attempts(&self.node, &outcomes)
+        })
+        .await;
+        match result {
+            Ok(fenced) => {
+                self.metrics
+                    .status_batch("outcome", outcomes.len(), started.elapsed());
+                if !fenced.is_empty() {
+                    self.metrics.fenced("outcome", fenced.len());
+                    tracing::warn!(
+                        events = fenced.len(),
+                        "outcomes refused: their partition's lease moved on; their messages go back"
+                    );
                 }
-                Err(error) => {
-                    tracing::error!(error = ?error, events = outcomes.len(), "cannot record delivery outcomes");
-                    Err(NotRecorded)
-                }
-            };
-            vec![answer; n]
+                let fenced: HashSet<Uuid> = fenced.into_iter().collect();
+                runs.iter()
+                    .map(|run| {
+                        Ok(run
+                            .iter()
+                            .map(|record| record.id)
+                            .filter(|id| fenced.contains(id))
+                            .collect())
+                    })
+                    .collect()
+            }
+            Err(error) => {
+                tracing::error!(error = ?error, events = outcomes.len(), "cannot record delivery outcomes");
+                vec![Err(NotRecorded); runs.len()]
+            }
         }
     }
 }

@@ -21,17 +21,22 @@
 //! A node killed outright stops renewing: its connection closes (the broker returns its unacked
 //! messages to their queues, in order), its lease expires, and the nodes whose share now includes
 //! its partitions take them within a lease and a check. A node that cannot reach PostgreSQL
-//! stops consuming before its leases can expire, so it never competes with their next owner; and
-//! if it ever did, the broker's fence would keep them from delivering at once.
+//! stops consuming before its leases can expire, so it never competes with their next owner.
+//!
+//! A node that stalled past its lease (and so may wake up with events in hand while another node
+//! owns the partition) is fenced: its work carries the lease's epoch and the lease's local trust
+//! ([`super::lease`]), checked before each broadcast and by the outcome writer. The loop never
+//! waits for a partition's work: stopping one (handover, loss, abandon) runs in a task of its own.
 
 use super::lanes::Lanes;
+use super::lease::{Lease, trusted_for};
 use super::sweep::{Watched, sweep_once};
 use super::worker::{Ended, Item, PartitionWork, Worker};
 use crate::backoff::{Backoff, reconnect};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::queue::{self, BrokerNodes, ConsumerLink, Topology};
-use crate::store::{self, Layout, Store};
+use crate::store::{self, Layout, LeaseToken, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,6 +221,28 @@ struct Running {
     stop: CancellationToken,
     task: JoinHandle<Ended>,
     work: Arc<PartitionWork>,
+    /// The lease it is consumed under, shared with every event in work.
+    lease: Arc<Lease>,
+}
+
+/// A partition whose consumer is stopping, in a task of its own so the lease loop never waits for
+/// work: it settles (or returns) what it took, then the partition is released or left.
+struct Draining {
+    task: JoinHandle<()>,
+    /// Its lease, renewed while still this node's (a handover drains under a valid lease).
+    lease: Option<Arc<Lease>>,
+}
+
+/// How a partition's consumption ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// No longer this node's share: drained under its lease, then released for the next owner,
+    /// which so starts exactly where this one stopped.
+    HandOver,
+    /// Lost (another node holds the lease now), or no longer renewable (PostgreSQL away past the
+    /// lease's trust, the broker link broken): the lease is revoked at once, so nothing more is
+    /// delivered under it, and what was taken goes back to the queue; the lease is left alone.
+    Abandon,
 }
 
 /// Everything tied to one broker connection.
@@ -234,97 +261,144 @@ impl Session {
     }
 }
 
+/// What the coordinator carries from one check to the next.
+struct State {
+    session: Option<Session>,
+    draining: HashMap<u16, Draining>,
+    /// When the last successful renewal was sent.
+    renewed: Option<Instant>,
+    next_sweep: Instant,
+    sweeping: Option<JoinHandle<()>>,
+}
+
 impl Coordinator {
     /// Runs until `stop` is cancelled, then drains every partition, gives the leases up and leaves
     /// the live set, so the other nodes take over at once.
     pub async fn run(self, stop: CancellationToken) {
         let queue = &self.settings.queue;
-        let check = Duration::from_millis(queue.partition_check_ms);
-        let lease = Duration::from_millis(queue.partition_lease_ms);
-        let mut tick = tokio::time::interval(check);
+        let mut tick = tokio::time::interval(Duration::from_millis(queue.partition_check_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::new(Duration::from_millis(queue.reconnect_max_backoff_ms));
-        let mut session: Option<Session> = None;
-        let mut draining: HashMap<u16, JoinHandle<()>> = HashMap::new();
-        let mut renewed: Option<Instant> = None;
-        let sweep_every = Duration::from_millis(self.settings.pipeline.sweep_interval_ms);
-        let mut next_sweep = Instant::now() + sweep_every;
-        let mut sweeping: Option<JoinHandle<()>> = None;
+        let mut state = State {
+            session: None,
+            draining: HashMap::new(),
+            renewed: None,
+            next_sweep: Instant::now() + self.sweep_every(),
+            sweeping: None,
+        };
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => break,
             }
-            draining.retain(|_, task| !task.is_finished());
-            if session.as_ref().is_some_and(Session::broken) {
-                tracing::warn!("worker lost RabbitMQ; reconnecting");
+            state.draining.retain(|_, d| !d.task.is_finished());
+            if !self.connect(&mut state, &mut backoff, &stop).await {
+                break;
+            }
+            self.check(&mut state).await;
+        }
+        self.shut_down(state).await;
+    }
+
+    fn sweep_every(&self) -> Duration {
+        Duration::from_millis(self.settings.pipeline.sweep_interval_ms)
+    }
+
+    /// Makes sure the node has a live broker session, replacing a broken one; false once stopped
+    /// while reconnecting.
+    async fn connect(
+        &self,
+        state: &mut State,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        if state.session.as_ref().is_some_and(Session::broken) {
+            tracing::warn!("worker lost RabbitMQ; reconnecting");
+            self.metrics.queue_connection_lost("consumer");
+            if let Some(old) = state.session.take() {
+                self.end_session(old, &mut state.draining, Duration::from_secs(5))
+                    .await;
+            }
+        }
+        if state.session.is_some() {
+            return true;
+        }
+        // Without a broker link, this node neither renews nor takes leases: its partitions go to
+        // nodes that can consume them.
+        self.consuming.store(false, Ordering::Relaxed);
+        let opened = reconnect(
+            "consumer",
+            backoff,
+            stop,
+            || self.open_session(),
+            || {
                 self.metrics.queue_connection_lost("consumer");
-                if let Some(old) = session.take() {
-                    self.end_session(old, Duration::from_secs(5)).await;
+                std::future::ready(())
+            },
+        )
+        .await;
+        let Some(opened) = opened else {
+            return false;
+        };
+        tracing::info!(node = %self.node, "worker connected");
+        state.session = Some(opened);
+        true
+    }
+
+    /// One check: renew and rebalance, then maybe start a sweep. A node that could not renew for
+    /// as long as a renewal is trusted stops consuming, before its leases can run out, so a next
+    /// owner never competes with it.
+    async fn check(&self, state: &mut State) {
+        let Some(session) = state.session.as_mut() else {
+            return;
+        };
+        match self.reconcile(session, &mut state.draining).await {
+            Ok(sent) => {
+                state.renewed = Some(sent);
+                // In a task of its own: a slow sweep must never delay the leases' renewal.
+                if self.settings.pipeline.sweep_after_ms > 0
+                    && Instant::now() >= state.next_sweep
+                    && state.sweeping.as_ref().is_none_or(JoinHandle::is_finished)
+                {
+                    state.next_sweep = Instant::now() + self.sweep_every();
+                    state.sweeping = Some(self.spawn_sweep(session));
                 }
             }
-            if session.is_none() {
-                // Without a broker link, this node neither renews nor takes leases: its partitions
-                // go to nodes that can consume them.
-                self.consuming.store(false, Ordering::Relaxed);
-                let opened = reconnect(
-                    "consumer",
-                    &mut backoff,
-                    &stop,
-                    || self.open_session(),
-                    || {
-                        self.metrics.queue_connection_lost("consumer");
-                        std::future::ready(())
-                    },
-                )
-                .await;
-                let Some(opened) = opened else { break };
-                tracing::info!(node = %self.node, "worker connected");
-                session = Some(opened);
-            }
-            let Some(current) = session.as_mut() else {
-                continue;
-            };
-            match self.reconcile(current, &mut draining).await {
-                Ok(()) => {
-                    renewed = Some(Instant::now());
-                    // In a task of its own: a slow sweep must never delay the leases' renewal.
-                    if self.settings.pipeline.sweep_after_ms > 0
-                        && Instant::now() >= next_sweep
-                        && sweeping.as_ref().is_none_or(JoinHandle::is_finished)
-                    {
-                        next_sweep = Instant::now() + sweep_every;
-                        sweeping = Some(self.spawn_sweep(current));
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = ?error, "cannot renew partition leases");
-                    // Stop before the leases can run out, so a next owner never competes with us.
-                    if renewed.is_none_or(|at| at.elapsed() > lease * 3 / 5) {
-                        self.stop_all(current, false).await;
-                        self.consuming.store(false, Ordering::Relaxed);
-                    }
+            Err(error) => {
+                tracing::warn!(error = ?error, "cannot renew partition leases");
+                let trust = trusted_for(Duration::from_millis(
+                    self.settings.queue.partition_lease_ms,
+                ));
+                if state.renewed.is_none_or(|at| at.elapsed() > trust) {
+                    self.stop_running(session, &mut state.draining, Stop::Abandon);
+                    self.consuming.store(false, Ordering::Relaxed);
+                    self.publish_owned(&[]);
                 }
             }
         }
-        // Shutdown: drain every partition, give the leases up, leave the live set.
+    }
+
+    /// Shutdown: hands every partition over (drained, then released), leaves the live set, closes.
+    async fn shut_down(&self, mut state: State) {
         self.consuming.store(false, Ordering::Relaxed);
-        if let Some(sweep) = sweeping {
+        if let Some(sweep) = state.sweeping.take() {
             // A sweep cut short rolls back: nothing half-done.
             sweep.abort();
             let _ = sweep.await;
         }
-        for (_, task) in draining.drain() {
-            let _ = task.await;
+        if let Some(session) = state.session.as_mut() {
+            self.stop_running(session, &mut state.draining, Stop::HandOver);
         }
-        if let Some(current) = session.as_mut() {
-            self.stop_all(current, true).await;
+        for (_, draining) in state.draining.drain() {
+            let _ = draining.task.await;
         }
+        self.publish_owned(&[]);
         if let Err(error) = self.store.worker_leave(&self.node).await {
             tracing::warn!(error = ?error, "cannot leave the worker set; it will notice");
         }
-        if let Some(current) = session {
-            self.end_session(current, Duration::from_secs(5)).await;
+        if let Some(session) = state.session {
+            self.end_session(session, &mut state.draining, Duration::from_secs(5))
+                .await;
         }
     }
 
@@ -378,12 +452,46 @@ impl Coordinator {
         )
     }
 
-    /// One check: heartbeat, assignment, leases, then start, drain or drop consumers to match.
+    /// One check's leases: heartbeat, assignment, renewal, then make the running consumers match
+    /// what this node holds and wants. Never waits for work: consumers stop in tasks of their own.
+    /// Returns when the successful renewal was sent.
     async fn reconcile(
         &self,
         session: &mut Session,
-        draining: &mut HashMap<u16, JoinHandle<()>>,
-    ) -> Result<(), store::Error> {
+        draining: &mut HashMap<u16, Draining>,
+    ) -> Result<Instant, store::Error> {
+        let queue = &self.settings.queue;
+        let nodes = self.live_nodes().await?;
+        let desired = share(queue.partitions, &nodes, &self.node);
+        let wanted: Vec<u16> = desired
+            .iter()
+            .copied()
+            .filter(|p| !draining.contains_key(p))
+            .collect();
+        let sent = Instant::now();
+        let held = self
+            .store
+            .renew_and_acquire(&self.node, &wanted, queue.partition_lease_ms)
+            .await?;
+        self.consuming.store(true, Ordering::Relaxed);
+        // Ended on their own (the stream failed): forgotten here; started again below while held.
+        session.running.retain(|_, r| !r.task.is_finished());
+        self.follow_leases(session, draining, &held, sent);
+        self.hand_over(session, draining, &held, &desired);
+        self.start_held(session, draining, &held, &desired, sent)
+            .await;
+        let mut owned: Vec<u16> = session.running.keys().copied().collect();
+        owned.sort_unstable();
+        self.metrics.partitions_owned(owned.len());
+        let in_flight: usize = session.running.values().map(|r| r.work.in_flight()).sum();
+        self.metrics.worker_in_flight(in_flight as u64);
+        self.sample_depths(session, &owned).await;
+        self.publish_owned(&owned);
+        Ok(sent)
+    }
+
+    /// Renews this node's membership and reads the live worker nodes that run its partition count.
+    async fn live_nodes(&self) -> Result<Vec<String>, store::Error> {
         let queue = &self.settings.queue;
         let live = self
             .store
@@ -405,80 +513,79 @@ impl Coordinator {
                  HERALD_PUBSUB__MODE=cluster on every node"
             );
         }
-        let desired = share(queue.partitions, &nodes, &self.node);
-        let wanted: Vec<u16> = desired
-            .iter()
-            .copied()
-            .filter(|p| !draining.contains_key(p))
-            .collect();
-        let held = self
-            .store
-            .renew_and_acquire(&self.node, &wanted, queue.partition_lease_ms)
-            .await?;
-        self.consuming.store(true, Ordering::Relaxed);
+        Ok(nodes)
+    }
 
-        // Ended on their own (the stream failed): forget them; restarted below while held.
-        let ended: Vec<u16> = session
-            .running
-            .iter()
-            .filter(|(_, r)| r.task.is_finished())
-            .map(|(&p, _)| p)
-            .collect();
-        for p in ended {
-            session.running.remove(&p);
+    /// Extends the trust of every lease the renewal kept (at the same epoch), and abandons the
+    /// consumers whose lease is gone or changed hands meanwhile.
+    fn follow_leases(
+        &self,
+        session: &mut Session,
+        draining: &mut HashMap<u16, Draining>,
+        held: &[LeaseToken],
+        sent: Instant,
+    ) {
+        let kept = |lease: &Lease| held.contains(&lease.token());
+        for d in draining.values() {
+            if let Some(lease) = d.lease.as_ref().filter(|l| kept(l)) {
+                lease.renewed(sent);
+            }
         }
-        // Lost: the lease expired and another node took it. Stop at once; no release.
         let lost: Vec<u16> = session
             .running
-            .keys()
-            .copied()
-            .filter(|p| !held.contains(p))
+            .iter()
+            .filter(|(_, r)| !kept(&r.lease))
+            .map(|(&p, _)| p)
             .collect();
+        for r in session.running.values() {
+            if kept(&r.lease) {
+                r.lease.renewed(sent);
+            }
+        }
         for p in lost {
             if let Some(running) = session.running.remove(&p) {
                 tracing::warn!(partition = p, "partition lease lost; stopping its consumer");
                 self.metrics.partition_moved("lost");
-                running.stop.cancel();
-                let _ = running.task.await;
+                draining.insert(p, self.stop_partition(p, Some(running), Stop::Abandon));
             }
         }
-        // No longer ours: drain, then hand over.
-        let leaving: Vec<u16> = held
-            .iter()
-            .copied()
-            .filter(|p| !desired.contains(p) && !draining.contains_key(p))
-            .collect();
-        for p in leaving {
+    }
+
+    /// Drains and releases the partitions this node holds but no longer wants.
+    fn hand_over(
+        &self,
+        session: &mut Session,
+        draining: &mut HashMap<u16, Draining>,
+        held: &[LeaseToken],
+        desired: &[u16],
+    ) {
+        for token in held {
+            let p = token.partition;
+            if desired.contains(&p) || draining.contains_key(&p) {
+                continue;
+            }
             let running = session.running.remove(&p);
-            let (store, node) = (self.store.clone(), self.node.clone());
-            let metrics = self.metrics.clone();
-            draining.insert(
-                p,
-                tokio::spawn(async move {
-                    if let Some(running) = running {
-                        running.stop.cancel();
-                        let _ = running.task.await;
-                    }
-                    match store.release_partitions(&node, &[p]).await {
-                        Ok(()) => {
-                            tracing::info!(partition = p, "partition handed over");
-                            metrics.partition_moved("released");
-                        }
-                        Err(error) => {
-                            tracing::warn!(error = ?error, partition = p, "cannot release a partition; its lease will expire")
-                        }
-                    }
-                }),
-            );
+            draining.insert(p, self.stop_partition(p, running, Stop::HandOver));
         }
-        // Ours and not yet consumed: start.
-        for &p in held.iter().filter(|p| desired.contains(p)) {
+    }
+
+    /// Starts consuming the partitions this node holds and wants and does not consume yet.
+    async fn start_held(
+        &self,
+        session: &mut Session,
+        draining: &HashMap<u16, Draining>,
+        held: &[LeaseToken],
+        desired: &[u16],
+        sent: Instant,
+    ) {
+        for token in held.iter().filter(|t| desired.contains(&t.partition)) {
+            let p = token.partition;
             if session.running.contains_key(&p) || draining.contains_key(&p) {
                 continue;
             }
-            match self.start(session, p).await {
+            match self.start(session, *token, sent).await {
                 Ok(running) => {
-                    tracing::info!(partition = p, "consuming partition");
+                    tracing::info!(partition = p, epoch = token.epoch, "consuming partition");
                     self.metrics.partition_moved("acquired");
                     session.running.insert(p, running);
                 }
@@ -488,18 +595,20 @@ impl Coordinator {
                 }
             }
         }
-        let mut owned: Vec<u16> = session.running.keys().copied().collect();
-        owned.sort_unstable();
-        self.metrics.partitions_owned(owned.len());
-        let in_flight: usize = session.running.values().map(|r| r.work.in_flight()).sum();
-        self.metrics.worker_in_flight(in_flight as u64);
-        self.sample_depths(session, &owned).await;
+    }
+
+    /// Tells readiness and operators which partitions this node consumes.
+    fn publish_owned(&self, owned: &[u16]) {
+        if owned.is_empty() {
+            self.metrics.partitions_ready(&[]);
+        }
         self.owned.send_if_modified(|current| {
-            let changed = *current != owned;
-            *current = owned;
+            let changed = current.as_slice() != owned;
+            if changed {
+                *current = owned.to_vec();
+            }
             changed
         });
-        Ok(())
     }
 
     /// Reports the ready messages of the partitions this node consumes: each partition's depth
@@ -528,8 +637,15 @@ impl Coordinator {
         }
     }
 
-    async fn start(&self, session: &Session, partition: u16) -> Result<Running, queue::Error> {
+    /// Consumes the partition of `token`, taken by the renewal sent at `sent`.
+    async fn start(
+        &self,
+        session: &Session,
+        token: LeaseToken,
+        sent: Instant,
+    ) -> Result<Running, queue::Error> {
         let queue = &self.settings.queue;
+        let partition = token.partition;
         // A tag of its own per consume: a restarted consumer never collides with a cancelled one.
         let tag = format!(
             "herald-{}-p{partition}-{}",
@@ -538,6 +654,8 @@ impl Coordinator {
         );
         let consumer = session.link.consume(queue, partition, &tag).await?;
         let work = Arc::new(PartitionWork::new(queue.prefetch));
+        let trust = trusted_for(Duration::from_millis(queue.partition_lease_ms));
+        let lease = Arc::new(Lease::new(token, sent, trust));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let (worker, link, lanes) = (
@@ -545,40 +663,73 @@ impl Coordinator {
                 Arc::clone(&session.link),
                 session.lanes.clone(),
             );
-            let (work, stop) = (Arc::clone(&work), stop.clone());
+            let (work, lease, stop) = (Arc::clone(&work), Arc::clone(&lease), stop.clone());
             async move {
                 worker
-                    .consume_partition(partition, consumer, &link, &work, &lanes, &stop)
+                    .consume_partition(partition, consumer, &link, &work, &lease, &lanes, &stop)
                     .await
             }
         });
-        Ok(Running { stop, task, work })
+        Ok(Running {
+            stop,
+            task,
+            work,
+            lease,
+        })
     }
 
-    /// Stops every partition (each drains); with `release`, gives their leases up afterwards.
-    async fn stop_all(&self, session: &mut Session, release: bool) {
+    /// Stops every running partition, each in a task of its own (see [`Stop`]).
+    fn stop_running(
+        &self,
+        session: &mut Session,
+        draining: &mut HashMap<u16, Draining>,
+        how: Stop,
+    ) {
         let running: Vec<(u16, Running)> = session.running.drain().collect();
-        for (_, r) in &running {
-            r.stop.cancel();
-        }
-        let mut stopped = Vec::new();
         for (p, r) in running {
-            let _ = r.task.await;
-            stopped.push(p);
+            draining.insert(p, self.stop_partition(p, Some(r), how));
         }
-        if release
-            && !stopped.is_empty()
-            && let Err(error) = self.store.release_partitions(&self.node, &stopped).await
-        {
-            tracing::warn!(error = ?error, "cannot release partitions; their leases will expire");
-        }
-        self.owned.send_replace(Vec::new());
-        self.metrics.partitions_ready(&[]);
     }
 
-    /// Lets the session's lanes finish (their acks may fail: the broker redelivers), then closes.
-    async fn end_session(&self, mut session: Session, limit: Duration) {
-        self.stop_all(&mut session, false).await;
+    /// Stops partition `p`'s consumer (if it has one) in a task of its own: it cancels the
+    /// consumer, returns what was taken but not in work, waits until every event in work is settled
+    /// (an abandoned lease's are refused and go back), then releases the lease for a handover.
+    fn stop_partition(&self, p: u16, running: Option<Running>, how: Stop) -> Draining {
+        let lease = running.as_ref().map(|r| Arc::clone(&r.lease));
+        if let (Stop::Abandon, Some(lease)) = (how, &lease) {
+            lease.revoke();
+        }
+        let (store, node, metrics) = (self.store.clone(), self.node.clone(), self.metrics.clone());
+        let task = tokio::spawn(async move {
+            if let Some(running) = running {
+                running.stop.cancel();
+                let _ = running.task.await;
+            }
+            if how == Stop::HandOver {
+                match store.release_partitions(&node, &[p]).await {
+                    Ok(()) => {
+                        tracing::info!(partition = p, "partition handed over");
+                        metrics.partition_moved("released");
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = ?error, partition = p, "cannot release a partition; its lease will expire");
+                    }
+                }
+            }
+        });
+        Draining { task, lease }
+    }
+
+    /// Ends a broker session: its partitions are abandoned (their events in work go back), its
+    /// lanes get `limit` to finish (their acks may fail: the broker redelivers), then it closes.
+    async fn end_session(
+        &self,
+        mut session: Session,
+        draining: &mut HashMap<u16, Draining>,
+        limit: Duration,
+    ) {
+        self.stop_running(&mut session, draining, Stop::Abandon);
+        self.publish_owned(&[]);
         session.tasks.close();
         let _ = tokio::time::timeout(limit, session.tasks.wait()).await;
         let _ = session

@@ -32,10 +32,11 @@
 
 use super::faults::Faults;
 use super::lanes::{Lanes, RunHandler};
-use super::outcomes::Outcomes;
+use super::lease::Lease;
+use super::outcomes::{NotRecorded, Outcomes, Recorded};
 use super::retry::{Decision, RetryPolicy};
 use crate::backoff::random_unit;
-use crate::event::{Envelope, USER_TOPIC_PREFIX, decode_batch, encode_batch, now_unix_ms};
+use crate::event::{Envelope, decode_batch, encode_batch, now_unix_ms};
 use crate::metrics::Metrics;
 use crate::pubsub::{Message, PubSub, Push};
 use crate::queue::{self, ConsumerLink, RetryMessage, RetryPublishError, Topology};
@@ -44,6 +45,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Consumer};
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -76,6 +78,9 @@ pub struct Worker {
 pub(super) struct Item {
     envelope: Envelope,
     attempt: u32,
+    /// The partition lease it was taken under: delivered only while trusted, recorded only while
+    /// current (see [`super::lease`]).
+    lease: Arc<Lease>,
     /// Its message, until the item is settled.
     message: Option<Arc<InWork>>,
     /// Returned to the partition's window when the item is dropped (settled).
@@ -172,6 +177,44 @@ enum Settle {
     /// Whether its retry reached the delay queue is unknown (no confirm in time, or its channel
     /// failed): the message comes back and the attempt is made again.
     Requeue,
+}
+
+/// How one event's attempt went, before it is recorded.
+#[derive(Clone, Debug)]
+enum Attempted {
+    /// The broadcast reached this many subscribers (0: nobody online, kept for catch-up).
+    Reached(i32),
+    /// The attempt failed.
+    Failed(AttemptError),
+    /// Not attempted: the partition's lease was no longer trusted here. Its message goes back.
+    Fenced,
+}
+
+/// Why a delivery attempt failed (recorded as the event's `last_error`).
+#[derive(Clone, Debug, thiserror::Error)]
+enum AttemptError {
+    /// The attempt ran past `retry.attempt_timeout_ms`.
+    #[error("timed out after {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    /// The attempt panicked; the worker caught it.
+    #[error("panicked: {0}")]
+    Panicked(String),
+    /// The test fault injector failed it.
+    #[error("{0}")]
+    Injected(String),
+    /// The fan-out could not carry the broadcast.
+    #[error(transparent)]
+    Broadcast(crate::pubsub::Error),
+}
+
+/// One event of a run once its attempt is decided.
+struct Decided {
+    /// What to record; none for an event that was not attempted.
+    record: Option<AttemptRecord>,
+    /// How its message is settled once the records are written.
+    settle: Settle,
+    /// The outcome's metric label (`pushed`, `offline`, `failed`), if attempted.
+    outcome: Option<&'static str>,
 }
 
 /// One partition's consumption on this node.
@@ -285,12 +328,14 @@ impl Worker {
     /// fails. On stop: cancels the consumer, returns every message taken but not yet in work to the
     /// queue (in order, so it goes first to the next consumer), and waits until every event in work
     /// is settled; only then may the partition be handed to another node.
+    #[allow(clippy::too_many_arguments)] // one call site; each is a distinct handle
     pub(super) async fn consume_partition(
         &self,
         partition: u16,
         mut consumer: Consumer,
         link: &ConsumerLink,
         work: &Arc<PartitionWork>,
+        lease: &Arc<Lease>,
         lanes: &Lanes<Item>,
         stop: &CancellationToken,
     ) -> Ended {
@@ -334,7 +379,7 @@ impl Worker {
                 };
                 Some(permits)
             };
-            self.dispatch(delivery, events, &claims, permits, work, lanes);
+            self.dispatch(delivery, events, &claims, permits, work, lease, lanes);
         };
         if ended == Ended::Drained {
             if let Err(error) = link.cancel(&tag).await {
@@ -386,6 +431,7 @@ impl Worker {
 
     /// Puts a message's events on their users' lanes, in message order; the events that claim a
     /// slot of the window ([`slot_claims`]) each carry one permit of `permits`.
+    #[allow(clippy::too_many_arguments)] // one call site; each is a distinct part of the message
     fn dispatch(
         &self,
         delivery: Delivery,
@@ -393,6 +439,7 @@ impl Worker {
         claims: &[bool],
         mut permits: Option<OwnedSemaphorePermit>,
         work: &Arc<PartitionWork>,
+        lease: &Arc<Lease>,
         lanes: &Lanes<Item>,
     ) {
         let attempt = queue::attempt_of(&delivery.properties);
@@ -414,6 +461,7 @@ impl Worker {
             let item = Item {
                 envelope,
                 attempt,
+                lease: Arc::clone(lease),
                 message: Some(Arc::clone(&message)),
                 _permit: permit,
                 _counted: Counted::new(work),
@@ -428,127 +476,188 @@ impl Worker {
         let started = Instant::now();
         let started_at_ms = now_unix_ms();
         self.metrics.worker_run(run.len());
-        let results = self.attempt(&run).await;
+        let attempted = self.attempt(&run).await;
         let finished_at_ms = now_unix_ms();
-        let mut records = Vec::with_capacity(run.len());
-        let mut settles = Vec::with_capacity(run.len());
-        let (mut pushed, mut offline, mut failed) = (0, 0, 0);
-        let mut failures = Vec::new();
-        for (item, result) in run.iter().zip(results) {
-            match result {
-                Ok(sockets) => {
-                    if sockets > 0 {
-                        pushed += 1;
-                    } else {
-                        offline += 1;
-                    }
-                    records.push(AttemptRecord {
-                        id: item.envelope.id,
-                        started_at_ms,
-                        finished_at_ms,
-                        result: AttemptResult::Delivered { sockets },
-                    });
-                    settles.push(Some(Settle::Delivered));
-                }
-                Err(error) => {
-                    failed += 1;
-                    tracing::warn!(error = %error, event_id = %item.envelope.id, "delivery attempt failed");
-                    failures.push((records.len(), error));
-                    records.push(AttemptRecord {
-                        id: item.envelope.id,
-                        started_at_ms,
-                        finished_at_ms,
-                        result: AttemptResult::Delivered { sockets: 0 }, // replaced below
-                    });
-                    settles.push(None);
-                }
+        let at = (started_at_ms, finished_at_ms);
+        let decided: Vec<Decided> = futures_util::future::join_all(
+            run.iter()
+                .zip(attempted)
+                .map(|(item, attempted)| self.decide(item, attempted, at, route)),
+        )
+        .await;
+        let records: Vec<AttemptRecord> = decided.iter().filter_map(|d| d.record.clone()).collect();
+        let recorded: Recorded = if records.is_empty() {
+            Ok(HashSet::new())
+        } else {
+            self.outcomes
+                .submit(records)
+                .await
+                .unwrap_or(Err(NotRecorded))
+        };
+        let mut outcomes: HashMap<&'static str, usize> = HashMap::new();
+        for (item, decided) in run.into_iter().zip(decided) {
+            if let Some(label) = decided.outcome {
+                *outcomes.entry(label).or_default() += 1;
             }
-        }
-        let run_ref = &run;
-        let decided =
-            futures_util::future::join_all(failures.into_iter().map(|(i, error)| async move {
-                (i, self.after_failure(&run_ref[i], error, route).await)
-            }))
-            .await;
-        for (i, (result, settle)) in decided {
-            records[i].result = result;
-            settles[i] = Some(settle);
-        }
-        let recorded = matches!(self.outcomes.submit(records).await, Ok(Ok(())));
-        for (item, settle) in run.into_iter().zip(settles) {
-            let requeue = match settle {
-                Some(Settle::Retried) => false,
-                Some(Settle::Requeue) => true,
-                Some(Settle::Delivered | Settle::Failed) | None => !recorded,
+            let requeue = match decided.settle {
+                Settle::Retried => false,
+                Settle::Requeue => true,
+                // Refused by the lease's epoch: the partition's owner now delivers it.
+                Settle::Delivered | Settle::Failed => recorded
+                    .as_ref()
+                    .map_or(true, |fenced| fenced.contains(&item.envelope.id)),
             };
             item.settle(requeue).await;
         }
         let elapsed = started.elapsed();
-        for (label, count) in [("pushed", pushed), ("offline", offline), ("failed", failed)] {
-            if count > 0 {
-                self.metrics.delivery_outcome(label, count);
-                self.metrics.worker_processed(elapsed, label);
-            }
+        for (label, count) in outcomes {
+            self.metrics.delivery_outcome(label, count);
+            self.metrics.worker_processed(elapsed, label);
         }
     }
 
     /// One attempt for every event of a run: the fault injector (tests), then one broadcast of the
-    /// events it spared, under the attempt timeout, with a panic caught. Returns, per event, the
-    /// sockets reached or why it failed.
-    async fn attempt(&self, run: &[Item]) -> Vec<Result<i32, String>> {
-        let mut results: Vec<Result<i32, String>> = vec![Ok(0); run.len()];
-        if !self.faults.is_empty() {
-            let injected = futures_util::future::join_all(
-                run.iter()
-                    .map(|item| self.bounded(self.faults.inject(&item.envelope))),
-            )
-            .await;
-            for (slot, injected) in results.iter_mut().zip(injected) {
-                if let Err(error) = injected {
-                    *slot = Err(error);
-                }
+    /// events it spared, under the attempt timeout, with a panic caught. An event whose partition
+    /// lease is no longer trusted when the broadcast is about to go is not attempted at all.
+    async fn attempt(&self, run: &[Item]) -> Vec<Attempted> {
+        let injected: Vec<Option<AttemptError>> = if self.faults.is_empty() {
+            run.iter().map(|_| None).collect()
+        } else {
+            futures_util::future::join_all(run.iter().map(|item| {
+                self.bounded(async {
+                    self.faults
+                        .inject(&item.envelope)
+                        .await
+                        .map_err(AttemptError::Injected)
+                })
+            }))
+            .await
+            .into_iter()
+            .map(Result::err)
+            .collect()
+        };
+        // Checked last, right before the broadcast, so a stall anywhere before it is caught.
+        let settled_early: Vec<Option<Attempted>> = run
+            .iter()
+            .zip(injected)
+            .map(|(item, injected)| match injected {
+                Some(error) => Some(Attempted::Failed(error)),
+                None if !item.lease.is_trusted() => Some(Attempted::Fenced),
+                None => None,
+            })
+            .collect();
+        let fenced = settled_early
+            .iter()
+            .filter(|a| matches!(a, Some(Attempted::Fenced)))
+            .count();
+        if fenced > 0 {
+            self.metrics.fenced("attempt", fenced);
+            tracing::warn!(
+                events = fenced,
+                "not broadcast: the partition's lease is no longer trusted here; the messages go back"
+            );
+        }
+        let pushes: Vec<Push> = run
+            .iter()
+            .zip(&settled_early)
+            .filter(|(_, early)| early.is_none())
+            .map(|(item, _)| Push::from(&item.envelope))
+            .collect();
+        let broadcast = match run.first() {
+            Some(first) if !pushes.is_empty() => {
+                let message = Message {
+                    topic: first.envelope.user_id.topic().into(),
+                    pushes,
+                };
+                self.broadcast(message).await
             }
-        }
-        let spared: Vec<usize> = (0..run.len()).filter(|&i| results[i].is_ok()).collect();
-        let Some(&first) = spared.first() else {
-            return results;
+            _ => Attempted::Reached(0), // nothing left to broadcast: no event takes it
         };
-        let message = Message {
-            topic: format!("{USER_TOPIC_PREFIX}{}", run[first].envelope.user_id).into(),
-            pushes: spared
-                .iter()
-                .map(|&i| Push::from(&run[i].envelope))
-                .collect(),
-        };
-        let broadcast = self.bounded(async {
-            let reach = self
-                .pubsub
-                .broadcast(message)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(i32::try_from(reach.delivered).unwrap_or(i32::MAX))
-        });
-        let reached = broadcast.await;
-        for i in spared {
-            results[i] = reached.clone();
+        settled_early
+            .into_iter()
+            .map(|early| early.unwrap_or_else(|| broadcast.clone()))
+            .collect()
+    }
+
+    /// One broadcast under the attempt timeout, a panic in it caught.
+    async fn broadcast(&self, message: Message) -> Attempted {
+        let reached = self
+            .bounded(async {
+                let reach = self
+                    .pubsub
+                    .broadcast(message)
+                    .await
+                    .map_err(AttemptError::Broadcast)?;
+                Ok(i32::try_from(reach.delivered).unwrap_or(i32::MAX))
+            })
+            .await;
+        match reached {
+            Ok(sockets) => Attempted::Reached(sockets),
+            Err(error) => Attempted::Failed(error),
         }
-        results
     }
 
     /// `work` under the attempt timeout, a panic in it caught and reported as a failure.
     async fn bounded<T>(
         &self,
-        work: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Result<T, String> {
+        work: impl std::future::Future<Output = Result<T, AttemptError>>,
+    ) -> Result<T, AttemptError> {
         match tokio::time::timeout(self.attempt_timeout, AssertUnwindSafe(work).catch_unwind())
             .await
         {
-            Err(_) => Err(format!(
-                "timed out after {} ms",
-                self.attempt_timeout.as_millis()
+            Err(_) => Err(AttemptError::TimedOut(self.attempt_timeout)),
+            Ok(Err(panic)) => Err(AttemptError::Panicked(
+                panic_message(panic.as_ref()).to_owned(),
             )),
-            Ok(Err(panic)) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
             Ok(Ok(result)) => result,
+        }
+    }
+
+    /// What one event's attempt comes to: the record to write (none when it was not attempted)
+    /// and how its message is settled; a failure is first scheduled for retry or dead-lettered.
+    async fn decide(
+        &self,
+        item: &Item,
+        attempted: Attempted,
+        (started_at_ms, finished_at_ms): (i64, i64),
+        route: &RetryRoute<'_>,
+    ) -> Decided {
+        let record = |result| AttemptRecord {
+            id: item.envelope.id,
+            lease: item.lease.token(),
+            started_at_ms,
+            finished_at_ms,
+            result,
+        };
+        // A failure is not followed up (no retry scheduled, nothing dead-lettered) under a lease
+        // lost meanwhile: the partition's owner makes its own attempt.
+        let attempted = match attempted {
+            Attempted::Failed(_) if !item.lease.is_trusted() => {
+                self.metrics.fenced("attempt", 1);
+                Attempted::Fenced
+            }
+            attempted => attempted,
+        };
+        match attempted {
+            Attempted::Fenced => Decided {
+                record: None,
+                settle: Settle::Requeue,
+                outcome: None,
+            },
+            Attempted::Reached(sockets) => Decided {
+                record: Some(record(AttemptResult::Delivered { sockets })),
+                settle: Settle::Delivered,
+                outcome: Some(if sockets > 0 { "pushed" } else { "offline" }),
+            },
+            Attempted::Failed(error) => {
+                tracing::warn!(error = %error, event_id = %item.envelope.id, "delivery attempt failed");
+                let (result, settle) = self.after_failure(item, error.to_string(), route).await;
+                Decided {
+                    record: Some(record(result)),
+                    settle,
+                    outcome: Some("failed"),
+                }
+            }
         }
     }
 

@@ -99,7 +99,7 @@ pub struct Reach {
 }
 
 /// Why a broadcast or a subscription failed. The in-memory fan-out cannot fail; a cross-node one can.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// The fan-out transport is unavailable.
     #[error("pubsub transport unavailable: {0}")]

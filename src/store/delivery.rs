@@ -8,6 +8,7 @@
 
 use super::filter::EventFilter;
 use super::outbox::OutboxMessage;
+use super::partitions::LeaseToken;
 use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
 use serde::Serialize;
@@ -18,6 +19,9 @@ use uuid::Uuid;
 pub struct AttemptRecord {
     /// The event.
     pub id: Uuid,
+    /// The lease of the event's partition the attempt was made under: the attempt is recorded
+    /// only while it is still the partition's current lease.
+    pub lease: LeaseToken,
     /// When the attempt started, Unix ms.
     pub started_at_ms: i64,
     /// When it ended, Unix ms.
@@ -174,10 +178,21 @@ impl Store {
     /// have failed after another one delivered), and a scheduled retry moves `accepted` (a confirm
     /// not yet recorded) to `published`, so the outbox relay leaves the event to its retry.
     ///
+    /// **Fenced.** An attempt is stored only if `node` still holds its lease, at the epoch the
+    /// attempt carries; the lease rows are share-locked for the statement, so a node taking a
+    /// partition over waits until the write is done, and a write after the takeover sees the new
+    /// epoch and is refused. Returns the ids of the attempts refused so (the caller returns their
+    /// messages to the queue, for the partition's current owner).
+    ///
     /// # Errors
     /// The statement failed; nothing of the batch is stored.
-    pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), Error> {
+    pub async fn record_attempts(
+        &self,
+        node: &str,
+        records: &[AttemptRecord],
+    ) -> Result<Vec<Uuid>, Error> {
         let n = records.len();
+        let (mut partitions, mut epochs) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let (mut ids, mut kinds, mut sockets, mut errors) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -191,6 +206,8 @@ impl Store {
         );
         for record in records {
             ids.push(record.id);
+            partitions.push(i32::from(record.lease.partition));
+            epochs.push(record.lease.epoch);
             started.push(record.started_at_ms);
             finished.push(record.finished_at_ms);
             let (kind, reached, error, at) = match &record.result {
@@ -205,11 +222,19 @@ impl Store {
             errors.push(error);
             retry_at.push(at);
         }
-        sqlx::query(
-            "WITH x AS (
+        let fenced: Vec<Uuid> = sqlx::query_scalar(
+            "WITH given AS (
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int8[],
-                                      $6::int8[], $7::int8[])
-                     AS x(id, kind, sockets, err, started, finished, retry_at)),
+                                      $6::int8[], $7::int8[], $8::int4[], $9::int8[])
+                     AS g(id, kind, sockets, err, started, finished, retry_at, part, epoch)),
+             -- The leases the attempts were made under, if this node still holds them: locked, so
+             -- a takeover (which raises the epoch) cannot slip in before this statement commits.
+             held AS (
+                 SELECT l.partition, l.epoch FROM partition_leases l
+                 WHERE l.owner = $10 AND l.partition IN (SELECT part FROM given)
+                 FOR SHARE),
+             x AS (
+                 SELECT g.* FROM given g JOIN held h ON h.partition = g.part AND h.epoch = g.epoch),
              -- Events whose first attempt delivered and lives on the event row alone: copied into
              -- delivery_attempts before this attempt changes the row (the snapshot is pre-update).
              first AS (
@@ -247,16 +272,18 @@ impl Store {
                      next_attempt_at = CASE WHEN x.kind = 'retrying' AND e.status <> 'delivered'
                                             THEN to_timestamp(x.retry_at / 1000.0) END
                  FROM x WHERE e.id = x.id
-                 RETURNING e.id, e.attempts)
-             INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
-             SELECT x.id, upd.attempts, to_timestamp(x.started / 1000.0), to_timestamp(x.finished / 1000.0),
-                    CASE WHEN x.kind <> 'delivered' THEN 'failed'
-                         WHEN x.sockets > 0 THEN 'pushed' ELSE 'offline' END,
-                    x.sockets, x.err
-             FROM x JOIN upd ON upd.id = x.id
-             -- A first attempt that delivers stays on the event row (see the migration).
-             WHERE NOT (x.kind = 'delivered' AND upd.attempts = 1)
-             ON CONFLICT DO NOTHING",
+                 RETURNING e.id, e.attempts),
+             logged AS (
+                 INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
+                 SELECT x.id, upd.attempts, to_timestamp(x.started / 1000.0), to_timestamp(x.finished / 1000.0),
+                        CASE WHEN x.kind <> 'delivered' THEN 'failed'
+                             WHEN x.sockets > 0 THEN 'pushed' ELSE 'offline' END,
+                        x.sockets, x.err
+                 FROM x JOIN upd ON upd.id = x.id
+                 -- A first attempt that delivers stays on the event row (see the migration).
+                 WHERE NOT (x.kind = 'delivered' AND upd.attempts = 1)
+                 ON CONFLICT DO NOTHING)
+             SELECT g.id FROM given g WHERE NOT EXISTS (SELECT 1 FROM x WHERE x.id = g.id)",
         )
         .bind(&ids)
         .bind(&kinds)
@@ -265,10 +292,13 @@ impl Store {
         .bind(&started)
         .bind(&finished)
         .bind(&retry_at)
-        .execute(&self.pool)
+        .bind(&partitions)
+        .bind(&epochs)
+        .bind(node)
+        .fetch_all(&self.pool)
         .await
         .map_err(Error::query("record delivery attempts"))?;
-        Ok(())
+        Ok(fenced)
     }
 
     /// One event; with `producer_id`, only if that producer sent it (so a producer cannot probe

@@ -30,7 +30,7 @@ pub use delivery::{AttemptRecord, AttemptResult, AttemptRow, EventRecord};
 pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
 pub use filter::{EventFilter, FilterText};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
-pub use partitions::{Layout, PartitionLease};
+pub use partitions::{Layout, LeaseToken, PartitionLease};
 pub use producers::{ApiKey, Producer};
 pub use replay_jobs::ReplayJobRecord;
 pub use status::{EventStatus, ReplayJobStatus};

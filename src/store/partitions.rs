@@ -23,6 +23,17 @@ pub enum Layout {
     },
 }
 
+/// A partition lease as its holder took it: the fencing token its work carries. The epoch of a
+/// partition goes up each time its lease changes hands, so a token whose epoch is no longer the
+/// partition's belongs to a holder that has lost it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseToken {
+    /// The partition.
+    pub partition: u16,
+    /// The lease's epoch when taken.
+    pub epoch: i64,
+}
+
 /// One partition's lease, as operators see it.
 #[derive(Clone, Debug, sqlx::FromRow, serde::Serialize)]
 pub struct PartitionLease {
@@ -122,8 +133,10 @@ impl Store {
     }
 
     /// Renews `node`'s leases and takes those of `wanted` that are free or expired; returns every
-    /// partition `node` now holds. A lease `node` held but lost (it expired and another node took
-    /// it) is not in the answer.
+    /// lease `node` now holds, with its epoch, by partition. A lease `node` held but lost (it
+    /// expired and another node took it) is not in the answer. Taking a lease (from another node,
+    /// or again after releasing it) raises its epoch, so work done under an older one is fenced
+    /// off (see `record_attempts`).
     ///
     /// # Errors
     /// A statement failed: the caller keeps its partitions only until its leases run out.
@@ -132,15 +145,16 @@ impl Store {
         node: &str,
         wanted: &[u16],
         lease_ms: u64,
-    ) -> Result<Vec<u16>, Error> {
+    ) -> Result<Vec<LeaseToken>, Error> {
         let wanted: Vec<i32> = wanted.iter().map(|&p| i32::from(p)).collect();
-        let held: Vec<i32> = sqlx::query_scalar(
+        let held: Vec<(i32, i64)> = sqlx::query_as(
             "UPDATE partition_leases SET
                  moved_at = CASE WHEN owner IS DISTINCT FROM $1 THEN now() ELSE moved_at END,
+                 epoch = CASE WHEN owner IS DISTINCT FROM $1 THEN epoch + 1 ELSE epoch END,
                  owner = $1,
                  lease_until = now() + make_interval(secs => $2 / 1000.0)
              WHERE owner = $1 OR (partition = ANY($3) AND (owner IS NULL OR lease_until < now()))
-             RETURNING partition",
+             RETURNING partition, epoch",
         )
         .bind(node)
         .bind(lease_ms as f64)
@@ -148,11 +162,16 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::query("renew partition leases"))?;
-        let mut held: Vec<u16> = held
+        let mut held: Vec<LeaseToken> = held
             .into_iter()
-            .filter_map(|p| u16::try_from(p).ok())
+            .filter_map(|(p, epoch)| {
+                Some(LeaseToken {
+                    partition: u16::try_from(p).ok()?,
+                    epoch,
+                })
+            })
             .collect();
-        held.sort_unstable();
+        held.sort_unstable_by_key(|lease| lease.partition);
         Ok(held)
     }
 

@@ -301,3 +301,152 @@ async fn the_partition_count_changes_only_once_the_pipeline_is_empty() {
         herald::store::Layout::Same
     );
 }
+
+/// A partition whose lease another node takes while this node has one of its events in work (its
+/// attempt hangs): the node stops that partition in the background, so its lease loop goes on
+/// renewing its other partitions (none of them ever expires meanwhile), and the event in work is
+/// fenced off: not recorded, retried or dead-lettered by this node, its message back in the queue
+/// for the partition's owner.
+#[tokio::test]
+async fn a_lost_partitions_work_is_fenced_off_and_never_stalls_the_other_leases() {
+    let app = spawn_app_with(|s| {
+        // The first attempt of a `stuck` event hangs for twice the lease.
+        s.faults.fail_events = vec!["stuck:1:hang".into()];
+        s.retry.attempt_timeout_ms = 2 * s.queue.partition_lease_ms;
+    })
+    .await;
+    let partitions = app.settings.queue.partitions;
+    let lost = partition_of("stalled", partitions);
+    wait_until("every partition consumed", PATIENCE, || async {
+        (app.partitions().await.len() == usize::from(partitions)).then_some(())
+    })
+    .await;
+    let id = app
+        .enqueue(json!({"user_id": "stalled", "event": "stuck"}))
+        .await;
+    let admin = app.admin_key().await;
+    wait_until("the event in work", PATIENCE, || async {
+        let (_, stats) = app.get_json("/api/v1/admin/stats", &admin).await;
+        (stats["node"]["in_flight"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let owner: String =
+        sqlx::query_scalar("SELECT owner FROM partition_leases WHERE partition = $1")
+            .bind(i32::from(lost))
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    // Another node takes the partition over (as a node would once this one's lease expired).
+    sqlx::query(
+        "UPDATE partition_leases SET owner = 'thief', epoch = epoch + 1,
+                lease_until = now() + interval '1 hour' WHERE partition = $1",
+    )
+    .bind(i32::from(lost))
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    // Until the hung attempt ends and its message is back in the queue, every other lease of this
+    // node stays live: the lost partition's drain never holds up their renewal.
+    let queue =
+        herald::queue::Topology::new(&app.settings.queue.prefix, partitions).partition_queue(lost);
+    let broker = herald::queue::connect(&app.settings.queue, "test-probe")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let expired: Vec<i32> = sqlx::query_scalar(
+            "SELECT partition FROM partition_leases
+             WHERE partition <> $1 AND (owner IS DISTINCT FROM $2 OR lease_until < now())",
+        )
+        .bind(i32::from(lost))
+        .bind(&owner)
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap();
+        assert!(
+            expired.is_empty(),
+            "leases not kept while the lost partition drained: {expired:?}"
+        );
+        let ready = herald::queue::ready_messages(&broker, &queue)
+            .await
+            .unwrap();
+        if ready == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fenced message never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fenced: the stale attempt left no trace on the event.
+    let (status, attempts, error): (String, i32, Option<String>) =
+        sqlx::query_as("SELECT status, attempts, last_error FROM events WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), attempts, error), ("accepted", 0, None));
+}
+
+/// The lease's epoch fences outcomes: an attempt made under a lease that changed hands since (or
+/// by a node that is not the owner) is refused by the outcome writer's statement and reported
+/// back, leaving the event as it was; one made under the current lease is stored.
+#[tokio::test]
+async fn an_outcome_under_a_lease_that_moved_on_is_refused() {
+    use herald::store::{AttemptRecord, AttemptResult, LeaseToken};
+    let app = spawn_app_with(|_| {}).await;
+    let partitions = app.settings.queue.partitions;
+    let committed = crate::common::new_event(&app, "fenced", "{}").await;
+    let id = committed.id;
+    app.store
+        .insert_events(&[committed], partitions, app.settings.message_limits())
+        .await
+        .unwrap();
+    let p = partition_of("fenced", partitions);
+    let (owner, epoch): (String, i64) =
+        wait_until("the partition's lease taken", PATIENCE, || async {
+            sqlx::query_as("SELECT owner, epoch FROM partition_leases WHERE partition = $1 AND owner IS NOT NULL")
+                .bind(i32::from(p))
+                .fetch_optional(app.store.pool())
+                .await
+                .unwrap()
+        })
+        .await;
+    let record = |epoch| AttemptRecord {
+        id,
+        lease: LeaseToken {
+            partition: p,
+            epoch,
+        },
+        started_at_ms: herald::event::now_unix_ms(),
+        finished_at_ms: herald::event::now_unix_ms(),
+        result: AttemptResult::Failed {
+            error: "stale".into(),
+        },
+    };
+    let refused = app
+        .store
+        .record_attempts(&owner, &[record(epoch - 1)])
+        .await
+        .unwrap();
+    assert_eq!(refused, vec![id], "an older epoch is refused");
+    let refused = app
+        .store
+        .record_attempts("stranger", &[record(epoch)])
+        .await
+        .unwrap();
+    assert_eq!(refused, vec![id], "another node is refused");
+    let status: String = sqlx::query_scalar("SELECT status FROM events WHERE id = $1")
+        .bind(id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "accepted", "refused attempts leave no trace");
+    let refused = app
+        .store
+        .record_attempts(&owner, &[record(epoch)])
+        .await
+        .unwrap();
+    assert!(refused.is_empty(), "the current lease's attempt is stored");
+}
