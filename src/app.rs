@@ -370,7 +370,7 @@ impl App {
     fn start_worker(&mut self, wiring: &mut Wiring, shutdown: &CancellationToken) -> WorkerRole {
         let (settings, metrics) = (&self.settings, &self.metrics);
         let outcomes_close = CancellationToken::new();
-        let (outcomes, outcome_task) = outcomes::writer(
+        let (outcomes, settled, outcome_task) = outcomes::writer(
             self.writes.clone(),
             metrics.clone(),
             self.node.clone(),
@@ -387,6 +387,7 @@ impl App {
         let worker = Worker {
             pubsub: self.pubsub.clone(),
             outcomes,
+            settled,
             metrics: metrics.clone(),
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
             retry_delays_ms: settings.retry.delays_ms().into(),

@@ -39,8 +39,36 @@ pub type Recorded = Result<HashSet<Uuid>, NotRecorded>;
 /// The handle workers use.
 pub type Outcomes = Batcher<OutcomeWriter>;
 
-/// The writer's handle and task (spawn it); the task ends when `close` is cancelled and everything
-/// submitted before is written.
+/// Forgets the outbox rows of messages a worker settled (acked): nothing they carried is in
+/// flight any more. Best effort: a row left behind is deleted by the sweeper once it sees every
+/// event of it final.
+pub struct SettledMessages {
+    store: Store,
+}
+
+/// The handle workers use to forget settled messages' rows.
+pub type Settled = Batcher<SettledMessages>;
+
+impl Flush for SettledMessages {
+    /// A settled message's outbox row.
+    type Item = Uuid;
+    type Output = ();
+
+    async fn flush(&self, rows: Vec<Uuid>) -> Vec<()> {
+        let n = rows.len();
+        if let Err(error) = with_retries("forget settled messages", 3, || {
+            self.store.forget_messages(&rows)
+        })
+        .await
+        {
+            tracing::warn!(error = ?error, messages = n, "cannot forget settled messages; the sweeper will");
+        }
+        vec![(); n]
+    }
+}
+
+/// The writers' handles and their task (spawn it); the task ends when `close` is cancelled and
+/// everything submitted before is written.
 pub fn writer(
     store: Store,
     metrics: Metrics,
@@ -48,13 +76,21 @@ pub fn writer(
     capacity: usize,
     max_batch: usize,
     close: CancellationToken,
-) -> (Outcomes, impl Future<Output = ()> + Send) {
+) -> (Outcomes, Settled, impl Future<Output = ()> + Send) {
+    let settled = SettledMessages {
+        store: store.clone(),
+    };
     let writer = OutcomeWriter {
         store,
         metrics,
         node,
     };
-    Batcher::new(writer, capacity, max_batch, close)
+    let (outcomes, outcome_task) = Batcher::new(writer, capacity, max_batch, close.clone());
+    let (settled, settled_task) = Batcher::new(settled, capacity, max_batch, close);
+    let task = async move {
+        tokio::join!(outcome_task, settled_task);
+    };
+    (outcomes, settled, task)
 }
 
 impl Flush for OutcomeWriter {

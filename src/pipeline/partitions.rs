@@ -146,7 +146,7 @@ pub async fn check_layout(settings: &Settings, store: &Store) -> Result<(), Layo
             others.join(", ")
         )));
     }
-    let (outbox, _) = store.outbox_depth().await?;
+    let outbox = store.messages_in_flight().await?;
     let connection = queue::connect(&settings.queue, "layout-check")
         .await
         .map_err(|e| {

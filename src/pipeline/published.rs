@@ -1,6 +1,7 @@
-//! Records what the broker confirmed: each confirmed message's outbox row is deleted, in batched
-//! DELETEs. What it did not confirm is only counted: those rows stay, and the outbox relay
-//! republishes them.
+//! Records what the broker confirmed: each confirmed message's outbox row is marked confirmed, in
+//! batched UPDATEs, so the relay leaves it alone (the worker that settles the message deletes it).
+//! What the broker did not confirm is only counted: those rows stay unconfirmed, and the outbox
+//! relay republishes them.
 //!
 //! The events table is not touched: a confirm costs one small-table row, never a lock on the rows
 //! the outcome writer is updating (an earlier design's per-event `published` UPDATE contended with
@@ -33,7 +34,7 @@ impl Flush for ConfirmedRows {
         let n = batches.len();
         let ids: Vec<Uuid> = batches.into_iter().flatten().collect();
         let started = Instant::now();
-        match with_retries("delete confirmed outbox rows", 5, || {
+        match with_retries("mark confirmed outbox rows", 5, || {
             self.store.confirm_messages(&ids)
         })
         .await

@@ -1,38 +1,38 @@
 //! The sweeper: sends again the events that no message carries any more, so nothing stays
 //! `accepted` or `published` forever.
 //!
-//! An event is neither delivered nor failed while a message carries it: in the outbox (the relay
-//! covers that), in its partition queue or a worker's hands, or as a retry in a delay queue. A
-//! message can still vanish behind Herald's back after the broker confirmed it: a queue purged or
-//! deleted by an operator, a retry's channel closing after the ack, a quorum queue's delivery
-//! limit dropping a message requeued too often while PostgreSQL was down. Its events then wait for
-//! nothing. The sweeper finds those older than `pipeline.sweep_after_ms` (enqueued, replayed or
-//! due to retry before then) with no outbox row, and puts them back in the outbox as `accepted`,
-//! a message per partition as a group commit's, where the relay publishes them and the normal
-//! confirm path applies. A client whose channel already pushed one drops the copy by seq.
+//! An event is neither delivered nor failed while a message carries it: in the outbox unconfirmed
+//! (the relay covers that), in its partition queue or a worker's hands, or as a retry in a delay
+//! queue. A message can still vanish behind Herald's back after the broker confirmed it: a queue
+//! purged or deleted by an operator, a retry's channel closing after the ack, a quorum queue's
+//! delivery limit dropping a message requeued too often while PostgreSQL was down. Its events then
+//! wait for nothing. Every such message keeps a confirmed row in the outbox until a worker has
+//! settled it (see `store::outbox`), so the sweeper reads, per partition, the confirmed rows older
+//! than `pipeline.sweep_after_ms` and puts the events they still carry back in the outbox as
+//! `accepted`, where the relay publishes them and the normal confirm path applies. A client whose
+//! channel already pushed one drops the copy by seq.
 //!
 //! **Never what is merely waiting behind a backlog.** Age alone cannot tell a lost message from
 //! one queued behind an hour of backlog, so the partition's owner sweeps only its own partitions,
 //! and only those idle: nothing in work on this node, nothing received or settled for
-//! `pipeline.sweep_idle_ms`, and no ready message in the partition queue; checked before the
-//! events are read, and again (same activity mark, still no ready message) before they are swept.
-//! Why that is enough: an event found stale had no outbox row, so its message (if it exists) was
-//! confirmed into the partition queue before the read. A message in that queue is either ready
-//! (the queue is not empty), or handed to this node's consumer, which with nothing in work takes
-//! it at once (the activity mark moves, or something is in work): either way the second check
-//! fails and the partition waits for the next sweep. A retry still in a delay queue is not stale
-//! until `sweep_after_ms` past its due time. What remains is a message in transit from the
-//! broker to the consumer across both checks, which the idle time makes unlikely and which would
-//! cost only a duplicate, dropped at the socket.
+//! `pipeline.sweep_idle_ms`, and no ready message in the partition queue; checked before the rows
+//! are read, and again (same activity mark, still no ready message) before they are swept. Why that
+//! is enough: a row is confirmed, so its message (if it exists) was in the partition queue (or a
+//! delay queue, for a retry not yet due) before the read. A message in the partition queue is
+//! either ready (the queue is not empty), or handed to this node's consumer, which with nothing in
+//! work takes it at once (the activity mark moves, or something is in work): either way the second
+//! check fails and the partition waits for the next sweep. What remains is a message in transit
+//! from the broker to the consumer across both checks, which the idle time makes unlikely and
+//! which would cost only a duplicate, dropped at the socket.
 //!
-//! A partition that is never idle is never swept; its events are swept at its first quiet
-//! moment. Only one sweep runs at a time per node, and it reads PostgreSQL only when a partition
-//! is idle: the read is a scan of the events table (an index on `status` would cost every
-//! outcome write its HOT update), bounded by `pipeline.relay_batch` rows returned.
+//! **No partition starves another, and no sweep scans `events`.** Each idle partition's rows are
+//! read apart, oldest first, at most `pipeline.relay_batch` of them per sweep, through an index of
+//! the outbox (a small table: only messages in flight); each swept row is deleted or replaced by a
+//! newer one, so the next sweep reads further. A partition that is never idle is never swept; its
+//! rows are swept at its first quiet moment. Only one sweep runs at a time per node.
 
 use super::worker::PartitionWork;
 use crate::config::Settings;
-use crate::event::partition_of;
 use crate::metrics::Metrics;
 use crate::queue::{self, ConsumerLink, Topology};
 use crate::store::{self, MessageLimits, Store};
@@ -40,9 +40,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// Most pages of stale events one sweep reads.
-const MAX_PAGES: usize = 10;
 
 /// A partition this node consumes, as the sweeper sees it.
 pub(super) struct Watched {
@@ -92,51 +89,36 @@ pub(super) async fn sweep_once(
     if idle.is_empty() {
         return Ok(0);
     }
-    // Page through the stale events (of every partition: PostgreSQL does not know partitions)
-    // until a sweep's worth of this node's idle partitions is found, or a bounded number of pages
-    // was read, so stale events of busy or other nodes' partitions cannot starve these.
-    let mut by_partition: HashMap<u16, Vec<uuid::Uuid>> = HashMap::new();
-    let (mut found, mut after) = (0i64, None);
-    for _ in 0..MAX_PAGES {
-        let page = store
-            .stale_events(pipeline.sweep_after_ms, after, pipeline.relay_batch)
-            .await?;
-        let full = page.len() as i64 >= pipeline.relay_batch;
-        for (id, user, cursor) in page {
-            after = Some(cursor);
-            let p = partition_of(&user, settings.queue.partitions);
-            if idle.contains_key(&p) {
-                by_partition.entry(p).or_default().push(id);
-                found += 1;
-            }
-        }
-        if !full || found >= pipeline.relay_batch {
-            break;
-        }
-    }
-    let mut ids = Vec::new();
-    for (p, found) in by_partition {
-        let Some(&(w, mark)) = idle.get(&p) else {
-            continue;
-        };
-        // Still idle since the first look, and still nothing waiting in the queue.
-        if idle_mark(w, quiet) == Some(mark) && queue_empty(link, &names, p).await? {
-            ids.extend(found);
-        }
-    }
+    // Rows written before rows had a partition get theirs first (once, after an upgrade).
+    store
+        .place_unplaced_messages(settings.queue.partitions, pipeline.relay_batch)
+        .await?;
     let limits = MessageLimits {
         max_events: settings.queue.message_max_events,
         max_bytes: settings.queue.message_max_bytes,
     };
-    let swept = store
-        .sweep_events(
-            &ids,
-            pipeline.sweep_after_ms,
-            pipeline.relay_grace_ms,
-            settings.queue.partitions,
-            limits,
-        )
-        .await?;
+    let mut swept = 0;
+    for (&p, &(w, mark)) in &idle {
+        let rows = store
+            .stale_messages(p, pipeline.sweep_after_ms, pipeline.relay_batch)
+            .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        // Still idle since the first look, and still nothing waiting in the queue.
+        if idle_mark(w, quiet) != Some(mark) || !queue_empty(link, &names, p).await? {
+            continue;
+        }
+        swept += store
+            .sweep_messages(
+                (p, settings.queue.partitions),
+                &rows,
+                pipeline.sweep_after_ms,
+                pipeline.relay_grace_ms,
+                limits,
+            )
+            .await?;
+    }
     metrics.sweep_events(swept);
     if swept > 0 {
         tracing::warn!(

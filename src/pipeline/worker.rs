@@ -33,7 +33,7 @@
 use super::faults::Faults;
 use super::lanes::{Lanes, RunHandler};
 use super::lease::Lease;
-use super::outcomes::{NotRecorded, Outcomes, Recorded};
+use super::outcomes::{NotRecorded, Outcomes, Recorded, Settled};
 use super::retry::{Decision, RetryPolicy};
 use crate::backoff::random_unit;
 use crate::event::{Envelope, decode_batch, encode_batch, now_unix_ms};
@@ -54,6 +54,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use uuid::Uuid;
 
 /// What delivering needs; cheap to clone.
 #[derive(Clone)]
@@ -62,6 +63,8 @@ pub struct Worker {
     pub pubsub: PubSub,
     /// Where attempts are recorded.
     pub outcomes: Outcomes,
+    /// Where the outbox rows of settled messages are forgotten.
+    pub settled: Settled,
     /// Metrics.
     pub metrics: Metrics,
     /// When to retry, and when to give up.
@@ -92,9 +95,9 @@ pub(super) struct Item {
 impl Item {
     /// The event is done with: its message is acked once all its events are (requeued if any
     /// asked for it).
-    async fn settle(mut self, requeue: bool) {
+    async fn settle(mut self, release: Release) {
         if let Some(message) = self.message.take() {
-            message.settle_one(requeue).await;
+            message.settle_one(release).await;
         }
     }
 }
@@ -106,7 +109,7 @@ impl Drop for Item {
         if let Some(message) = self.message.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(async move { message.settle_one(true).await });
+            runtime.spawn(async move { message.settle_one(Release::Requeue).await });
         }
     }
 }
@@ -136,18 +139,37 @@ struct InWork {
     delivery: Delivery,
     unsettled: AtomicUsize,
     requeue: AtomicBool,
+    /// Its outbox row (the message's id), forgotten once the message is acked unless `keep_row`.
+    row: Option<Uuid>,
+    keep_row: AtomicBool,
+    settled: Settled,
+}
+
+/// How one event lets go of its message once settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Release {
+    /// Done with: the message may be acked and its outbox row forgotten.
+    Done,
+    /// Done with, but its retry's own row could not be recorded: the message is acked and its row
+    /// kept, so the sweeper still has a trace of the event should the retry be lost.
+    DoneKeepRow,
+    /// The message must come back (an outcome not stored, or refused by the lease's epoch).
+    Requeue,
 }
 
 impl InWork {
     /// One of the message's events is settled; the last one settles the message.
-    async fn settle_one(&self, requeue: bool) {
-        if requeue {
-            self.requeue.store(true, Ordering::Relaxed);
+    async fn settle_one(&self, release: Release) {
+        match release {
+            Release::Requeue => self.requeue.store(true, Ordering::Relaxed),
+            Release::DoneKeepRow => self.keep_row.store(true, Ordering::Relaxed),
+            Release::Done => {}
         }
         if self.unsettled.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let result = if self.requeue.load(Ordering::Relaxed) {
+        let requeue = self.requeue.load(Ordering::Relaxed);
+        let result = if requeue {
             // Some event's outcome could not be stored: the whole message comes back (events
             // already delivered come again and are dropped by seq at the socket).
             let options = BasicNackOptions {
@@ -161,6 +183,13 @@ impl InWork {
         if let Err(error) = result {
             // The channel is gone: the broker redelivers, and the socket drops duplicates by seq.
             tracing::warn!(error = %error, "cannot settle a message");
+        }
+        if let (false, false, Some(row)) =
+            (requeue, self.keep_row.load(Ordering::Relaxed), self.row)
+        {
+            // Nothing it carried is in flight any more. Lost (the writer stopped), the row is
+            // deleted by the sweeper once it sees every event final.
+            let _ = self.settled.send(row).await;
         }
     }
 }
@@ -444,10 +473,18 @@ impl Worker {
     ) {
         let attempt = queue::attempt_of(&delivery.properties);
         self.metrics.worker_message(events.len());
+        let row = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::parse_str(id.as_str()).ok());
         let message = Arc::new(InWork {
             delivery,
             unsettled: AtomicUsize::new(events.len()),
             requeue: AtomicBool::new(false),
+            row,
+            keep_row: AtomicBool::new(false),
+            settled: self.settled.clone(),
         });
         for (envelope, &claims) in events.into_iter().zip(claims) {
             // One permit per claiming event. The last permit moves whole; a message claiming more
@@ -499,15 +536,20 @@ impl Worker {
             if let Some(label) = decided.outcome {
                 *outcomes.entry(label).or_default() += 1;
             }
-            let requeue = match decided.settle {
-                Settle::Retried => false,
-                Settle::Requeue => true,
-                // Refused by the lease's epoch: the partition's owner now delivers it.
-                Settle::Delivered | Settle::Failed => recorded
-                    .as_ref()
-                    .map_or(true, |fenced| fenced.contains(&item.envelope.id)),
+            // Refused by the lease's epoch, or not stored: the partition's owner delivers it.
+            let stored = recorded
+                .as_ref()
+                .is_ok_and(|fenced| !fenced.contains(&item.envelope.id));
+            let release = match decided.settle {
+                // Its retry is in a delay queue either way; without its record, the retry has no
+                // outbox row, so this message's row stays.
+                Settle::Retried if stored => Release::Done,
+                Settle::Retried => Release::DoneKeepRow,
+                Settle::Requeue => Release::Requeue,
+                Settle::Delivered | Settle::Failed if stored => Release::Done,
+                Settle::Delivered | Settle::Failed => Release::Requeue,
             };
-            item.settle(requeue).await;
+            item.settle(release).await;
         }
         let elapsed = started.elapsed();
         for (label, count) in outcomes {

@@ -178,6 +178,9 @@ impl Store {
     /// have failed after another one delivered), and a scheduled retry moves `accepted` (a confirm
     /// not yet recorded) to `published`, so the outbox relay leaves the event to its retry.
     ///
+    /// A retrying attempt also records its retry's message in the outbox (confirmed: its publish
+    /// was), so the sweeper can find the event should the retry be lost.
+    ///
     /// **Fenced.** An attempt is stored only if `node` still holds its lease, at the epoch the
     /// attempt carries; the lease rows are share-locked for the statement, so a node taking a
     /// partition over waits until the write is done, and a write after the takeover sees the new
@@ -273,6 +276,14 @@ impl Store {
                                             THEN to_timestamp(x.retry_at / 1000.0) END
                  FROM x WHERE e.id = x.id
                  RETURNING e.id, e.attempts),
+             -- A retry's message is in flight until a worker settles it: it gets an outbox row of
+             -- its own (the message's id is the event's), dated when it is due, for the sweeper.
+             retried AS (
+                 INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
+                 SELECT x.id, ARRAY[x.id], x.part::int2, to_timestamp(x.retry_at / 1000.0), now()
+                 FROM x JOIN upd ON upd.id = x.id WHERE x.kind = 'retrying'
+                 ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at,
+                                                confirmed_at = EXCLUDED.confirmed_at),
              logged AS (
                  INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
                  SELECT x.id, upd.attempts, to_timestamp(x.started / 1000.0), to_timestamp(x.finished / 1000.0),

@@ -34,7 +34,6 @@ pub use partitions::{Layout, LeaseToken, PartitionLease};
 pub use producers::{ApiKey, Producer};
 pub use replay_jobs::ReplayJobRecord;
 pub use status::{EventStatus, ReplayJobStatus};
-pub use sweep::StaleCursor;
 
 use crate::config::StoreSettings;
 use sqlx::migrate::MigrateDatabase;

@@ -1,10 +1,13 @@
-//! The outbox: one row per broker message the broker has not confirmed yet.
+//! The outbox: one row per broker message that may still carry an undelivered event.
 //!
 //! A group commit splits its new events into messages, one per partition (more when a partition's
 //! share exceeds the message bounds), and inserts one outbox row per message in the same
-//! transaction as the events. The publisher deletes a row when the broker confirms its message; the
-//! relay republishes rows still here after a grace period. So the relay finds exactly what was never
-//! confirmed, and nothing between commit and delivery writes the events table.
+//! transaction as the events. The broker's confirm marks the row confirmed; the relay republishes
+//! rows still unconfirmed after a grace period, so it finds exactly what was never confirmed. A
+//! worker that has settled a message (acked it) deletes its row; a retry gets a row of its own when
+//! its attempt is recorded. So the confirmed rows are the messages in flight, per partition: what
+//! the sweeper reads to find events no message carries any more (`sweep`). Nothing between commit
+//! and delivery writes the events table.
 
 use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
@@ -64,9 +67,9 @@ pub fn plan_messages<'a>(
     messages
 }
 
-/// Inserts the outbox rows of `messages` (`ids` maps an event index to its event id), dated
-/// `backdate_ms` in the past: 0 for a message its writer publishes now, the relay's grace for one
-/// the relay is to publish at its next pass (the sweeper's).
+/// Inserts the (unconfirmed) outbox rows of `messages` (`ids` maps an event index to its event
+/// id), dated `backdate_ms` in the past: 0 for a message its writer publishes now, the relay's grace
+/// for one the relay is to publish at its next pass (the sweeper's).
 pub(super) async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     messages: &[OutboxMessage],
@@ -76,23 +79,26 @@ pub(super) async fn insert_rows(
     if messages.is_empty() {
         return Ok(());
     }
-    let (mut rows, mut events) = (Vec::new(), Vec::new());
+    let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
     for message in messages {
         for &i in &message.events {
             rows.push(message.id);
             events.push(ids(i));
+            partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
         }
     }
     sqlx::query(
         // clock_timestamp(), not now() (the transaction's start): the relay's grace counts from
         // the moment the message can be made, however long the commit took to get here.
-        "INSERT INTO outbox (id, event_ids, created_at)
-         SELECT r, array_agg(e ORDER BY o), clock_timestamp() - make_interval(secs => $3 / 1000.0)
-         FROM UNNEST($1::uuid[], $2::uuid[]) WITH ORDINALITY AS x(r, e, o)
+        "INSERT INTO outbox (id, event_ids, partition, created_at)
+         SELECT r, array_agg(e ORDER BY o), min(p),
+                clock_timestamp() - make_interval(secs => $4 / 1000.0)
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::int2[]) WITH ORDINALITY AS x(r, e, p, o)
          GROUP BY r",
     )
     .bind(&rows)
     .bind(&events)
+    .bind(&partitions)
     .bind(backdate_ms as f64)
     .execute(&mut **tx)
     .await
@@ -109,17 +115,41 @@ pub struct ClaimedMessage {
     pub events: Vec<StoredEvent>,
 }
 
+/// Most unconfirmed rows [`Store::outbox_depth`] counts: past it, the count is a floor, and
+/// reading it every relay pass on every api node still costs a bounded index scan.
+pub const OUTBOX_DEPTH_CAP: i64 = 100_000;
+
 impl Store {
-    /// Deletes the outbox rows of messages the broker confirmed.
+    /// Marks the outbox rows of messages the broker confirmed: the relay leaves them alone from
+    /// now on, and they stay until a worker has settled the message (or the sweeper finds nothing
+    /// in flight in them). A row already gone (its message settled first) is simply not there.
     ///
     /// # Errors
-    /// The delete failed (the rows stay, and the relay republishes them: harmless duplicates).
+    /// The update failed (the rows stay unconfirmed, and the relay republishes them: harmless
+    /// duplicates).
     pub async fn confirm_messages(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE outbox SET confirmed_at = now() WHERE id = ANY($1) AND confirmed_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("mark confirmed outbox rows"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes the outbox rows of messages a worker settled: nothing they carried is in flight any
+    /// more (a retry has a row of its own).
+    ///
+    /// # Errors
+    /// The delete failed (the rows stay, and the sweeper deletes them once it sees their events
+    /// final).
+    pub async fn forget_messages(&self, ids: &[Uuid]) -> Result<u64, Error> {
         let done = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind(ids)
             .execute(&self.pool)
             .await
-            .map_err(Error::query("delete confirmed outbox rows"))?;
+            .map_err(Error::query("delete settled outbox rows"))?;
         Ok(done.rows_affected())
     }
 
@@ -138,9 +168,10 @@ impl Store {
         let mut claimed: Vec<(Uuid, Vec<Uuid>, i64)> = sqlx::query_as(
             "WITH due AS (
                  SELECT id FROM outbox
-                 WHERE created_at < now() - make_interval(secs => $1 / 1000.0)
+                 WHERE confirmed_at IS NULL
+                   AND created_at < now() - make_interval(secs => $1 / 1000.0)
                    AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
-                 ORDER BY created_at, id
+                 ORDER BY created_at
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED)
              UPDATE outbox o SET relayed_at = now() FROM due WHERE o.id = due.id
@@ -175,17 +206,36 @@ impl Store {
             .collect())
     }
 
-    /// How many messages wait for a confirm, and the events they carry.
+    /// How many messages wait for a confirm, and the events they carry, counted up to
+    /// [`OUTBOX_DEPTH_CAP`] messages (a floor beyond it).
     ///
     /// # Errors
     /// The query failed.
     pub async fn outbox_depth(&self) -> Result<(i64, i64), Error> {
         sqlx::query_as(
-            "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox",
+            "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8
+             FROM (SELECT event_ids FROM outbox WHERE confirmed_at IS NULL LIMIT $1) AS unconfirmed",
         )
+        .bind(OUTBOX_DEPTH_CAP)
         .fetch_one(&self.pool)
         .await
         .map_err(Error::query("read the outbox depth"))
+    }
+
+    /// Outbox rows carrying an event that is not final (`accepted` or `published`): a message
+    /// in flight, unconfirmed or confirmed. A partition count may change only when there is none.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn messages_in_flight(&self) -> Result<i64, Error> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM outbox o
+             WHERE EXISTS (SELECT 1 FROM events e
+                           WHERE e.id = ANY(o.event_ids) AND e.status IN ('accepted', 'published'))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("count messages in flight"))
     }
 }
 

@@ -1,107 +1,166 @@
-//! The sweeper's queries: events that no message carries any more (see `pipeline::sweep`), and
-//! their return to the outbox.
+//! The sweeper's queries (see `pipeline::sweep`): the messages in flight of one partition that are
+//! old enough to have arrived, and the return of their events to the outbox when no message
+//! carries them any more.
 //!
-//! An event is a candidate when it is neither delivered nor failed, no outbox row holds it (so the
-//! broker confirmed its message, or its retry was scheduled), and nothing was due for it for
-//! longer than the sweep's age: it was enqueued, replayed, swept, or due to retry before then.
-//! Whether its message may still be waiting behind a backlog is not something PostgreSQL knows;
-//! the caller only sweeps partitions its worker has seen idle.
+//! Every message that may carry an undelivered event has an outbox row (see `outbox`); a confirmed
+//! one is in a queue, in a worker's hands, or lost. The sweeper reads a partition's confirmed rows
+//! older than its age, oldest first, through the partial index `outbox_in_flight`: a bounded read
+//! of a small table, never a scan of `events`, and one partition's rows can never hide another's.
+//! Whether a message may still be waiting behind a backlog is not something PostgreSQL knows; the
+//! caller only sweeps partitions its worker has seen idle.
+//!
+//! Sweeping a row deletes it and, for each of its events: a final one (`delivered`, `failed`) needs
+//! nothing; a stale one (enqueued, replayed, swept and due to retry all before the sweep's age) goes
+//! back to `accepted` in a new, unconfirmed row dated back by the relay's grace, which the relay
+//! publishes at its next pass; one still waiting (replayed or due to retry within the age: another
+//! message carries it) keeps a confirmed row of its own, dated when it is due, so it is looked at
+//! again then. So a row leaves the outbox only with nothing in flight left uncovered.
 
 use super::outbox::{MessageLimits, insert_rows, plan_messages};
 use super::status::EventStatus;
 use super::{Error, Store};
+use crate::event::partition_of;
 use uuid::Uuid;
 
-/// Where a page of stale events ended: its last event's enqueue time (Unix µs) and id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StaleCursor(i64, Uuid);
-
-/// The condition on `events e` for a stale event, `$1` the age in ms.
-const STALE: &str = "e.status IN ('accepted', 'published')
-       AND e.enqueued_at < now() - make_interval(secs => $1 / 1000.0)
-       AND COALESCE(e.next_attempt_at, e.enqueued_at) < now() - make_interval(secs => $1 / 1000.0)
-       AND COALESCE(e.replayed_at, e.enqueued_at) < now() - make_interval(secs => $1 / 1000.0)
-       AND COALESCE(e.swept_at, e.enqueued_at) < now() - make_interval(secs => $1 / 1000.0)
-       AND e.id NOT IN (SELECT unnest(event_ids) FROM outbox)";
+/// When an event was last due: enqueued, replayed, swept, or due to retry.
+const DUE: &str = "GREATEST(e.enqueued_at, e.next_attempt_at, e.replayed_at, e.swept_at)";
 
 impl Store {
-    /// Up to `limit` stale events (older than `age_ms`, see the module docs) after `after` (the
-    /// last one of the previous page), oldest first, as `(id, user_id, cursor)`: the caller keeps
-    /// those of the partitions it may sweep, and pages on with the last cursor.
+    /// Up to `limit` confirmed outbox rows of `partition` older than `age_ms`, oldest first: the
+    /// messages of the partition that should have arrived by now.
     ///
     /// # Errors
     /// The query failed.
-    pub async fn stale_events(
+    pub async fn stale_messages(
         &self,
+        partition: u16,
         age_ms: u64,
-        after: Option<StaleCursor>,
         limit: i64,
-    ) -> Result<Vec<(Uuid, String, StaleCursor)>, Error> {
-        let (after_us, after_id) = after.map_or((None, None), |c| (Some(c.0), Some(c.1)));
-        let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(&format!(
-            "SELECT e.id, e.user_id, (extract(epoch FROM e.enqueued_at) * 1000000)::int8 AS at
-             FROM events e
-             WHERE {STALE}
-               AND ($3::int8 IS NULL
-                    OR (e.enqueued_at, e.id) > (to_timestamp($3 / 1000000.0), $4::uuid))
-             ORDER BY e.enqueued_at, e.id LIMIT $2"
-        ))
+    ) -> Result<Vec<Uuid>, Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM outbox
+             WHERE partition = $1 AND confirmed_at IS NOT NULL
+               AND created_at < now() - make_interval(secs => $2 / 1000.0)
+             ORDER BY created_at LIMIT $3",
+        )
+        .bind(i16::try_from(partition).unwrap_or(i16::MAX))
         .bind(age_ms as f64)
         .bind(limit)
-        .bind(after_us)
-        .bind(after_id)
         .fetch_all(&self.pool)
         .await
-        .map_err(Error::query("find stale events"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, user, at)| (id, user, StaleCursor(at, id)))
-            .collect())
+        .map_err(Error::query("find stale messages"))
     }
 
-    /// Sends the events of `ids` that are still stale back through the outbox, in one
-    /// transaction: each goes back to `accepted` (its retry, if any, is forgotten), counts a
-    /// sweep, and rides a new outbox row, a message per partition split at `limits` as a group
-    /// commit's, dated `relay_grace_ms` back so the relay publishes it at its next pass. Returns
-    /// how many events were swept.
+    /// Sweeps the rows `ids` of `partition` (one of `partitions`; see the module docs), in one
+    /// transaction; returns how many events were sent again. Rows already gone (settled meanwhile)
+    /// or locked are left.
     ///
     /// # Errors
     /// The transaction failed; nothing was swept.
-    pub async fn sweep_events(
+    pub async fn sweep_messages(
         &self,
+        (partition, partitions): (u16, u16),
         ids: &[Uuid],
         age_ms: u64,
         relay_grace_ms: u64,
-        partitions: u16,
         limits: MessageLimits,
     ) -> Result<usize, Error> {
         if ids.is_empty() {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let mut rows: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(&format!(
+        let carried: Vec<Uuid> = sqlx::query_scalar(
+            "WITH gone AS (
+                 DELETE FROM outbox WHERE id = ANY(ARRAY(
+                     SELECT id FROM outbox WHERE id = ANY($1) AND confirmed_at IS NOT NULL
+                     FOR UPDATE SKIP LOCKED))
+                 RETURNING event_ids)
+             SELECT DISTINCT unnest(event_ids) FROM gone",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(Error::query("take stale messages"))?;
+        let mut stale: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(&format!(
             "UPDATE events e SET status = $3, next_attempt_at = NULL,
                     sweeps = e.sweeps + 1, swept_at = now()
-             WHERE e.id = ANY($2) AND {STALE}
+             WHERE e.id = ANY($2) AND e.status IN ('accepted', 'published')
+               AND {DUE} < now() - make_interval(secs => $1 / 1000.0)
              RETURNING e.id, e.user_id, e.seq, octet_length(e.data::text)"
         ))
         .bind(age_ms as f64)
-        .bind(ids)
+        .bind(&carried)
         .bind(EventStatus::Accepted)
         .fetch_all(&mut *tx)
         .await
         .map_err(Error::query("sweep stale events"))?;
+        // What another message still carries keeps a row of its own, looked at when it is due.
+        let swept: Vec<Uuid> = stale.iter().map(|row| row.0).collect();
+        sqlx::query(&format!(
+            "INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
+             SELECT gen_random_uuid(), ARRAY[e.id], $3, {DUE}, now()
+             FROM events e
+             WHERE e.id = ANY($1) AND e.id <> ALL($2) AND e.status IN ('accepted', 'published')"
+        ))
+        .bind(&carried)
+        .bind(&swept)
+        .bind(i16::try_from(partition).unwrap_or(i16::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::query("keep waiting events in flight"))?;
         // Seq order within each user, so each message keeps its users' events in order.
-        rows.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+        stale.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
         let messages = plan_messages(
-            rows.iter().enumerate().map(|(i, (_, user, _, size))| {
+            stale.iter().enumerate().map(|(i, (_, user, _, size))| {
                 (i, user.as_str(), usize::try_from(*size).unwrap_or(0) + 128)
             }),
             partitions,
             limits,
         );
-        insert_rows(&mut tx, &messages, |i| rows[i].0, relay_grace_ms).await?;
+        insert_rows(&mut tx, &messages, |i| stale[i].0, relay_grace_ms).await?;
         tx.commit().await.map_err(Error::query("commit a sweep"))?;
+        Ok(stale.len())
+    }
+
+    /// Gives up to `limit` confirmed rows that have no partition yet (written before rows had
+    /// one) the partition of their events, out of `partitions`; deletes those none of whose events
+    /// is stored any more. Returns how many rows it looked at.
+    ///
+    /// # Errors
+    /// A statement failed.
+    pub async fn place_unplaced_messages(
+        &self,
+        partitions: u16,
+        limit: i64,
+    ) -> Result<usize, Error> {
+        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+            "SELECT o.id, (SELECT e.user_id FROM events e WHERE e.id = ANY(o.event_ids) LIMIT 1)
+             FROM outbox o WHERE o.partition IS NULL AND o.confirmed_at IS NOT NULL LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::query("find unplaced messages"))?;
+        let (mut placed, mut places, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, user) in &rows {
+            match user {
+                Some(user) => {
+                    placed.push(*id);
+                    places.push(i16::try_from(partition_of(user, partitions)).unwrap_or(i16::MAX));
+                }
+                None => gone.push(*id),
+            }
+        }
+        sqlx::query(
+            "UPDATE outbox o SET partition = x.p FROM UNNEST($1::uuid[], $2::int2[]) AS x(id, p)
+             WHERE o.id = x.id",
+        )
+        .bind(&placed)
+        .bind(&places)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("place messages"))?;
+        self.forget_messages(&gone).await?;
         Ok(rows.len())
     }
 }

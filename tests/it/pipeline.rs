@@ -212,4 +212,13 @@ async fn confirmed_messages_leave_the_outbox_empty() {
         (messages == 0).then_some(())
     })
     .await;
+    // And once the worker settled the messages, no row is left in flight at all.
+    crate::common::wait_until("no message in flight", crate::common::PATIENCE, || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(app.store.pool())
+            .await
+            .ok()?;
+        (rows == 0).then_some(())
+    })
+    .await;
 }

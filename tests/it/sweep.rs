@@ -193,3 +193,59 @@ async fn events_waiting_behind_a_slow_backlog_are_never_swept() {
     .await;
     assert_eq!(attempts, 40, "each event delivered once");
 }
+
+/// Stale events of a busy partition never hide those of an idle one: the sweeper reads each idle
+/// partition's messages in flight apart. (It used to page through every stale event oldest first,
+/// at most 10 pages a sweep, so 50 stale events of a busy partition, older than an idle
+/// partition's, kept the latter from ever being swept.)
+#[tokio::test]
+async fn a_busy_partitions_stale_events_never_hide_an_idle_partitions() {
+    let partitions = 2;
+    let api = spawn_app_with(|s| {
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.roles = "api,socket".parse().unwrap();
+        s.node.name = "api".into();
+        quick_sweep(s);
+        s.queue.partitions = partitions;
+        s.pipeline.relay_batch = 5;
+        s.faults.fail_events = vec!["slowpoke:slow".into()];
+    })
+    .await;
+    let in_partition = |p: u16| {
+        (0..)
+            .map(move |i| format!("p{p}-{i}"))
+            .filter(move |u| herald::event::partition_of(u, partitions) == p)
+    };
+    let busy_users: Vec<String> = in_partition(0).take(5).collect();
+    let idle_user = in_partition(1).next().unwrap();
+    // 60 events of the busy partition, then one of the idle partition, all lost after their
+    // confirm (no worker runs yet: they wait in their queues, then the queues are purged).
+    let events: Vec<Value> = (0..60)
+        .map(|n| json!({"user_id": busy_users[n % 5], "data": {"n": n}}))
+        .collect();
+    assert_eq!(api.post_batch(Value::Array(events)).await.status(), 202);
+    let idle_event = api.enqueue(json!({"user_id": idle_user})).await;
+    wait_until("every message confirmed", PATIENCE, || async {
+        let (messages, _) = api.store.outbox_depth().await.ok()?;
+        (messages == 0).then_some(())
+    })
+    .await;
+    let names = herald::queue::Topology::new(&api.settings.queue.prefix, partitions);
+    for p in 0..partitions {
+        purge(&api, &names.partition_queue(p)).await;
+    }
+    // The busy partition never idles: a slow event (200 ms each) every 100 ms.
+    let feeder = api.post_in_turn(
+        "/api/v1/events",
+        (0..1_000)
+            .map(|n| json!({"user_id": busy_users[0], "event": "slowpoke", "data": {"n": n}}))
+            .collect(),
+        Duration::from_millis(100),
+    );
+    let _worker = spawn_node(&api, "worker,socket", "worker", |_| {}).await;
+    wait_until("the idle partition's event swept", PATIENCE, || async {
+        (api.status_of(&idle_event).await? == "delivered").then_some(())
+    })
+    .await;
+    feeder.abort();
+}
