@@ -117,6 +117,8 @@ pub async fn run(
     };
     let mut after: Option<Uuid> = None;
     while !stop.is_cancelled() {
+        // Before the claim writes the outbox rows (see `super::publish_deadline`).
+        let publish_by = super::publish_deadline(pace.publish_window);
         let rows = store.claim_for_replay(filter, after, claim).await?;
         let Some((_, last)) = rows.last() else { break };
         after = Some(last.id);
@@ -126,9 +128,11 @@ pub async fn run(
                 continue;
             };
             let partition = partition_of(envelope.user_id.as_str(), pace.partitions);
-            let message = super::message(message_id, partition, &[envelope], pace.publish_window);
-            // Refused (broker down): its outbox row stays and the relay publishes it.
-            if publisher.is_connected() && publisher.publish(message).await.is_ok() {
+            let message = super::message(message_id, partition, &[envelope], publish_by);
+            // Refused (broker down, or no room before the deadline): its outbox row stays and the
+            // relay publishes it.
+            let wait = publish_by.saturating_duration_since(Instant::now());
+            if publisher.publish_within(message, wait).await.is_ok() {
                 sent += 1;
             } else {
                 deferred += 1;
