@@ -48,16 +48,7 @@ async fn replayed_events_of_a_user_arrive_in_seq_order_when_their_ids_are_not() 
     for (event, id) in events.iter_mut().zip(ids.into_iter().rev()) {
         event.id = id;
     }
-    let committed = app
-        .store
-        .insert_events(
-            &events,
-            app.settings.queue.partitions,
-            app.settings.message_limits(),
-        )
-        .await
-        .expect("events committed");
-    assert_eq!(committed.messages.len(), 1);
+    assert_eq!(app.commit_events(&events).await.messages.len(), 1);
     // The relay publishes them; each fails its attempts and ends failed.
     for event in &events {
         app.wait_status(&event.id.to_string(), "failed").await;
