@@ -76,7 +76,9 @@ pub struct EventRecord {
     pub published_at: Option<String>,
     /// When it was delivered (pushed to the sockets online then).
     pub delivered_at: Option<String>,
-    /// When a client acknowledged having shown it to its user (delivered to a person).
+    /// When a client acknowledged having shown it to its user (delivered to a person): its
+    /// channel `ack`, or, for an event the inbox's read mark covers without one, when that mark
+    /// last moved (a mark covers many events at once and keeps one time).
     pub acked_at: Option<String>,
     /// When it was marked failed.
     pub failed_at: Option<String>,
@@ -118,7 +120,11 @@ const EVENT_RECORD_COLUMNS: &str = concat!(
     " AS published_at, ",
     rfc3339!("e.delivered_at"),
     " AS delivered_at, ",
-    rfc3339!("e.acked_at"),
+    // An event under its user's read mark is read without an `acked_at` of its own.
+    rfc3339!(
+        "COALESCE(e.acked_at, (SELECT r.read_at FROM read_watermarks r
+                               WHERE r.user_id = e.user_id AND e.seq <= r.read_through))"
+    ),
     " AS acked_at, ",
     rfc3339!("e.failed_at"),
     " AS failed_at, ",

@@ -29,7 +29,10 @@ mod sweep;
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EventRecord, ReplayCursor, ReplayPage,
 };
-pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
+pub use events::{
+    Committed, InsertOutcome, NewEvent, READ_MARK_SQL, ReadMark, SeqOrder, StoredEvent, UNREAD_CAP,
+    UNREAD_SQL, Unread,
+};
 pub use filter::{EventFilter, FilterText};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, PartitionLease};
