@@ -343,7 +343,8 @@ pub async fn start_replay(
     let filter = request.filter.into_filter()?;
     let filter = replay_filter(filter, request.include_delivered).map_err(|e| match e {
         crate::pipeline::replay::ReplayError::Invalid(why) => ApiError::Invalid(why),
-        crate::pipeline::replay::ReplayError::Store(e) => e.into(),
+        crate::pipeline::replay::ReplayError::Store(e)
+        | crate::pipeline::replay::ReplayError::Locked(e) => e.into(),
     })?;
     let matched = state.store.count_events(&filter).await?;
     if request.dry_run {

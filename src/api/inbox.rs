@@ -2,11 +2,15 @@
 //! pages through the user's retained events newest first (`GET /api/v1/inbox`) and marks them read
 //! (`POST /api/v1/inbox/read`).
 //!
-//! It adds no state of its own. Pages come from the same read as catch-up and gap fill
-//! ([`Store::user_events`], events turned into envelopes the same way), so the inbox shows exactly
-//! what a socket would push, in seq order; "read" is the `acked_at` a channel `ack` sets, written by
-//! the same [`Store::record_acks`], so a channel ack and an inbox mark agree. The token names the
-//! user: no parameter can name another, so another user's events are unreachable with it.
+//! Pages come from the same read as catch-up and gap fill ([`Store::user_events`], events turned
+//! into envelopes the same way), so the inbox shows exactly what a socket would push, in seq order.
+//! "Read" is one state with a channel `ack`, written by the same [`Store::record_acks`]: an event
+//! is read when a channel acked it or the user's read mark (the highest seq marked here) covers
+//! it, so a channel ack and an inbox mark agree. A mark raises that one row rather than touching
+//! every event below it, and the unread count looks at no more than the user's last
+//! [`UNREAD_CAP`] seqs above the mark, saying when there are more (`unread_capped`): both cost the
+//! same for a user with ten events or a million. The token names the user: no parameter can
+//! name another, so another user's events are unreachable with it.
 //!
 //! [`Store::user_events`]: crate::store::Store::user_events
 //! [`Store::record_acks`]: crate::store::Store::record_acks
@@ -15,13 +19,19 @@ use super::ApiState;
 use super::admin::page_limit;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, UserToken};
-use crate::store::{ReadMark, SeqOrder};
+use crate::store::{ReadMark, SeqOrder, UNREAD_CAP};
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
+
+// The response types' documents (the OpenAPI descriptions) name the cap as a number.
+const _: () = assert!(
+    UNREAD_CAP == 1_000,
+    "update the inbox's documents to the new cap"
+);
 
 /// The query of `GET /api/v1/inbox`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -62,8 +72,12 @@ pub struct InboxPage {
     events: Vec<InboxEvent>,
     /// The cursor of the next, older page (`?before=<next>`); null on the last page.
     next: Option<i64>,
-    /// The user's retained events that no client has acknowledged.
+    /// The user's retained events that no client has acknowledged, counted among its last 1,000
+    /// seqs above its read mark (the highest seq marked read here).
     unread: i64,
+    /// True when more than 1,000 seqs lie above the read mark: `unread` counted the newest 1,000
+    /// only, and the true count may be higher (show "999+", or mark read).
+    unread_capped: bool,
     /// The user's latest seq (0 before its first event).
     last_seq: i64,
 }
@@ -80,10 +94,13 @@ pub struct ReadRequest {
 /// The answer to a read mark.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadResponse {
-    /// Events newly marked read (already read ones keep their first mark).
+    /// Events newly marked read (already read ones keep their first mark), counted among the
+    /// newest 1,000 seqs the mark newly covers.
     acked: u64,
-    /// Unread events left.
+    /// Unread events left, counted as in the inbox page.
     unread: i64,
+    /// As in the inbox page: more than 1,000 seqs lie above the read mark.
+    unread_capped: bool,
 }
 
 /// `GET /api/v1/inbox?limit=100&before=<cursor>`: the token's user's events, newest first.
@@ -139,13 +156,14 @@ pub async fn list(
         })
         .collect();
     let next = full_page.then(|| events.last().map(|e| e.seq)).flatten();
-    let (unread, last_seq) = state.store.unread_of(user.as_str()).await?;
+    let unread = state.store.unread_of(user.as_str()).await?;
     state.metrics.inbox_served(events.len());
     Ok(Json(InboxPage {
         events,
         next,
-        unread,
-        last_seq,
+        unread: unread.count,
+        unread_capped: unread.capped,
+        last_seq: unread.last_seq,
     }))
 }
 
@@ -181,6 +199,10 @@ pub async fn mark_read(
         .record_acks(user.as_str(), ReadMark::UpToSeq(request.up_to_seq))
         .await?;
     state.metrics.client_acked(acked);
-    let (unread, _) = state.store.unread_of(user.as_str()).await?;
-    Ok(Json(ReadResponse { acked, unread }))
+    let unread = state.store.unread_of(user.as_str()).await?;
+    Ok(Json(ReadResponse {
+        acked,
+        unread: unread.count,
+        unread_capped: unread.capped,
+    }))
 }

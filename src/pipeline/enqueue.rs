@@ -268,6 +268,9 @@ impl Committer {
         sizes: &[usize],
     ) -> Result<Vec<Vec<Accepted>>, (store::Error, Vec<NewEvent>)> {
         let started = Instant::now();
+        // Before the outbox rows are written: their messages' publishes and confirms must end
+        // before the relay may claim the rows, however long the commit and the wait for room take.
+        let publish_by = super::publish_deadline(self.publish_window);
         let span = tracing::info_span!("commit", events = events.len());
         let result = self
             .store
@@ -284,15 +287,22 @@ impl Committer {
             .zip(&committed.outcomes)
             .map(|(event, outcome)| accepted(event.id, outcome))
             .collect();
-        self.publish_new(events, committed).await;
+        self.publish_new(events, committed, publish_by).await;
         Ok(split(accepted, sizes))
     }
 
-    /// Hands the commit's messages to the publisher, in commit order. While the broker is up and
-    /// the publisher's buffer is full, the commit waits for room (half the publish window at most):
-    /// ingest slows to what the broker takes, instead of running ahead and leaving events to the
-    /// relay's grace (a stall of seconds for them). A message not taken stays in the outbox.
-    async fn publish_new(&self, events: Vec<NewEvent>, committed: Committed) {
+    /// Hands the commit's messages to the publisher, in commit order, each to be published before
+    /// `publish_by` (taken before the commit). While the broker is up and the publisher's buffer is
+    /// full, the commit waits for room (half the publish window at most, and never past
+    /// `publish_by`): ingest slows to what the broker takes, instead of running ahead and leaving
+    /// events to the relay's grace (a stall of seconds for them). A message not taken stays in the
+    /// outbox.
+    async fn publish_new(
+        &self,
+        events: Vec<NewEvent>,
+        committed: Committed,
+        publish_by: tokio::time::Instant,
+    ) {
         let mut envelopes: Vec<Option<Envelope>> = events
             .into_iter()
             .zip(committed.outcomes)
@@ -302,15 +312,14 @@ impl Committer {
             })
             .collect();
         let (mut sent, mut carried, mut deferred) = (0, 0, 0);
-        let deadline = tokio::time::Instant::now() + self.publish_window / 2;
+        let deadline = (tokio::time::Instant::now() + self.publish_window / 2).min(publish_by);
         for planned in committed.messages {
             let batch: Vec<Envelope> = planned
                 .events
                 .iter()
                 .filter_map(|&i| envelopes.get_mut(i).and_then(Option::take))
                 .collect();
-            let message =
-                super::message(planned.id, planned.partition, &batch, self.publish_window);
+            let message = super::message(planned.id, planned.partition, &batch, publish_by);
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.publisher.publish_within(message, wait).await.is_ok() {
                 sent += 1;

@@ -29,26 +29,40 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 /// The broker message of outbox row `id`: `envelopes` (all of partition `partition`, in order),
-/// to be published within `window` from now (see [`publish_window`]).
+/// to be published before `publish_by` (from [`publish_deadline`], taken before the row was
+/// written).
 pub fn message(
     id: Uuid,
     partition: u16,
     envelopes: &[Envelope],
-    window: Duration,
+    publish_by: Instant,
 ) -> OutgoingMessage {
     OutgoingMessage {
         id,
         partition,
         events: envelopes.len(),
         body: encode_batch(envelopes),
-        publish_by: Instant::now() + window,
+        publish_by,
     }
 }
 
-/// How long a message may wait to be published: the relay's grace less the confirm timeout and a
-/// tenth of the grace (for the time between the outbox row's insert and the message's making), so
-/// a publish and its confirm end before the relay may claim the row. The relay then never
-/// republishes a message that is merely slow.
+/// The instant before which a message must be published: `window` ([`publish_window`]) from now.
+///
+/// Take it before the message's outbox row is written or claimed (before the group commit, the
+/// relay's claim, the replay's claim), never when the message is built. Building can come long
+/// after the row: the commit path builds each message after waiting for room for the ones before
+/// it, the relay and a replay after earlier rows' publishes. A deadline counted from the building
+/// could let a publish and its confirm run past the moment the relay may claim the row (its
+/// `created_at`, or the last claim, plus the grace), and the message be sent twice.
+pub fn publish_deadline(window: Duration) -> Instant {
+    Instant::now() + window
+}
+
+/// How long a message may wait to be published, counted from before its outbox row was written
+/// ([`publish_deadline`]): the relay's grace less the confirm timeout and a tenth of the grace (for
+/// the time between taking the deadline and the row's insert, and for clocks), so a publish and
+/// its confirm end before the relay may claim the row. The relay then never republishes a message
+/// that is merely slow.
 pub fn publish_window(settings: &Settings) -> Duration {
     let grace = settings.pipeline.relay_grace_ms;
     Duration::from_millis(

@@ -2,8 +2,9 @@
 //! commit and publish, the broker was down, the publish buffer was full, a confirm never came).
 //!
 //! It reads the outbox, not the events: a row exists exactly while its message is unconfirmed, and
-//! the publisher never sends a message after its publish window (grace less confirm timeout), so
-//! a row older than the grace is one no publisher will still confirm. The relay therefore never
+//! the publisher never sends a message after its publish window (grace less confirm timeout),
+//! counted from before the row was written or last claimed ([`super::publish_deadline`]), so a row
+//! older than the grace is one no publisher will still confirm. The relay therefore never
 //! republishes a message that is merely slow or waiting behind a backlog. Rows are claimed with
 //! `FOR UPDATE SKIP LOCKED` and stamped, so relays on several nodes share the work instead of
 //! repeating it. Only events still `accepted` are sent again; a republish may still duplicate a
@@ -42,6 +43,9 @@ pub async fn run(
         }
         // Drain a backlog batch after batch; stop at a short batch or when the publisher refuses.
         loop {
+            // Before the claim stamps the rows: the next claim may come one grace after the stamp,
+            // so the batch's publishes must end by then, however long earlier rows' publishes take.
+            let publish_by = super::publish_deadline(window);
             let claimed = match store
                 .claim_unconfirmed(pipeline.relay_grace_ms, pipeline.relay_batch)
                 .await
@@ -66,8 +70,11 @@ pub async fn run(
                     continue;
                 };
                 let partition = partition_of(first.user_id.as_str(), settings.queue.partitions);
-                let message = super::message(row.id, partition, &envelopes, window);
-                if publisher.publish(message).await.is_err() {
+                let message = super::message(row.id, partition, &envelopes, publish_by);
+                // Waiting for room past the deadline is pointless: the publisher would drop the
+                // message as stale. The rest of the batch waits for the next claim.
+                let wait = publish_by.saturating_duration_since(tokio::time::Instant::now());
+                if publisher.publish_within(message, wait).await.is_err() {
                     break;
                 }
                 messages += 1;

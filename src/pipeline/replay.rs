@@ -1,9 +1,12 @@
 //! Operator replay: put chosen events back through delivery, shared by `herald replay` (CLI) and
 //! the admin API's replay jobs.
 //!
-//! A replay claims matching events page by page (keyset on id, oldest first), moves each back to
-//! `accepted` with an outbox row of its own in the same transaction, and hands each to the
-//! publisher as a message of one at the given rate; it is delivered with a fresh attempt budget.
+//! A replay claims matching events page by page (keyset on (user, seq), so each user's events go
+//! out in seq order; ids need not follow seqs), moves each back to `accepted` with an outbox row
+//! of its own in the same transaction, and hands each to the publisher as a message of one at the
+//! given rate; it is delivered with a fresh attempt budget. A row another transaction holds is
+//! waited for, never passed over: a job ends `done` only once every event matching it was
+//! visited, and fails (`Locked`) rather than skip one held for good.
 //! The outbox relay takes over any message the replay could not publish (broker down, the process
 //! died) once its grace has passed: a replay never strands an event.
 //!
@@ -15,7 +18,7 @@
 use crate::event::partition_of;
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
-use crate::store::{self, EventFilter, EventStatus, ReplayJobStatus, Store};
+use crate::store::{self, EventFilter, EventStatus, ReplayCursor, ReplayJobStatus, Store};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,7 +34,18 @@ pub enum ReplayError {
     /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// Events the replay had reached stayed locked by other transactions through every retry
+    /// ([`LOCK_RETRIES`]): the replay stopped before them rather than pass them over.
+    #[error(
+        "events stayed locked by other transactions; the replay stopped before them (run it again: replay is safe to repeat)"
+    )]
+    Locked(#[source] store::Error),
 }
+
+/// How many times in a row a replay tries a page again whose claim met a row held past the lock
+/// timeout (2 s each, see `Store::claim_for_replay`) or a deadlock, before it fails: about 30 s of
+/// waiting. A job never reports `done` with a matching event passed over; it fails instead.
+pub const LOCK_RETRIES: u32 = 15;
 
 /// What a replay has done so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,8 +111,14 @@ pub struct Pace {
 /// `progress`, until done or `stop` is cancelled. Events are claimed at most half a second's worth
 /// at a time, so none waits in `accepted` long enough for the relay to race the replay.
 ///
+/// Pages run in (user, seq) order ([`Store::claim_for_replay`]), so each user's events are handed
+/// to the publisher, and reach the user's partition, in seq order. A page whose claim met a row
+/// held by another transaction past the lock timeout is tried again from the same place, up to
+/// [`LOCK_RETRIES`] times in a row; nothing matching is passed over.
+///
 /// # Errors
-/// A claim failed; what was replayed before stays replayed (the sent progress says how much).
+/// A claim failed, or rows stayed locked ([`ReplayError::Locked`]); what was replayed before stays
+/// replayed (the sent progress says how much).
 pub async fn run(
     store: &Store,
     publisher: &PublisherHandle,
@@ -115,20 +135,37 @@ pub async fn run(
         matched: progress.borrow().matched,
         ..Progress::default()
     };
-    let mut after: Option<Uuid> = None;
+    let mut after: Option<ReplayCursor> = None;
+    let mut conflicts = 0;
     while !stop.is_cancelled() {
-        let rows = store.claim_for_replay(filter, after, claim).await?;
-        let Some((_, last)) = rows.last() else { break };
-        after = Some(last.id);
+        // Before the claim writes the outbox rows (see `super::publish_deadline`).
+        let publish_by = super::publish_deadline(pace.publish_window);
+        let page = match store.claim_for_replay(filter, after.as_ref(), claim).await {
+            Ok(page) => page,
+            Err(error) if error.is_lock_conflict() => {
+                conflicts += 1;
+                if conflicts > LOCK_RETRIES {
+                    return Err(ReplayError::Locked(error));
+                }
+                tracing::warn!(error = ?error, retry = conflicts, "replay waits for events another transaction holds");
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        conflicts = 0;
+        let Some(next) = page.next else { break };
+        after = Some(next);
         let (mut sent, mut deferred) = (0usize, 0usize);
-        for (message_id, row) in rows {
+        for (message_id, row) in page.events {
             let Some(envelope) = row.into_envelope() else {
                 continue;
             };
             let partition = partition_of(envelope.user_id.as_str(), pace.partitions);
-            let message = super::message(message_id, partition, &[envelope], pace.publish_window);
-            // Refused (broker down): its outbox row stays and the relay publishes it.
-            if publisher.is_connected() && publisher.publish(message).await.is_ok() {
+            let message = super::message(message_id, partition, &[envelope], publish_by);
+            // Refused (broker down, or no room before the deadline): its outbox row stays and the
+            // relay publishes it.
+            let wait = publish_by.saturating_duration_since(Instant::now());
+            if publisher.publish_within(message, wait).await.is_ok() {
                 sent += 1;
             } else {
                 deferred += 1;

@@ -80,7 +80,9 @@ pub struct EventRecord {
     pub published_at: Option<String>,
     /// When it was delivered (pushed to the sockets online then).
     pub delivered_at: Option<String>,
-    /// When a client acknowledged having shown it to its user (delivered to a person).
+    /// When a client acknowledged having shown it to its user (delivered to a person): its
+    /// channel `ack`, or, for an event the inbox's read mark covers without one, when that mark
+    /// last moved (a mark covers many events at once and keeps one time).
     pub acked_at: Option<String>,
     /// When it was marked failed.
     pub failed_at: Option<String>,
@@ -122,7 +124,11 @@ const EVENT_RECORD_COLUMNS: &str = concat!(
     " AS published_at, ",
     rfc3339!("e.delivered_at"),
     " AS delivered_at, ",
-    rfc3339!("e.acked_at"),
+    // An event under its user's read mark is read without an `acked_at` of its own.
+    rfc3339!(
+        "COALESCE(e.acked_at, (SELECT r.read_at FROM read_watermarks r
+                               WHERE r.user_id = e.user_id AND e.seq <= r.read_through))"
+    ),
     " AS acked_at, ",
     rfc3339!("e.failed_at"),
     " AS failed_at, ",
@@ -164,6 +170,29 @@ fn bind_filter<'q, O>(query: Query<'q, O>, filter: &'q EventFilter) -> Query<'q,
         .bind(filter.since_ms)
         .bind(filter.until_ms)
         .bind(&filter.ids)
+}
+
+/// How long a replay claim waits for a row another transaction holds before it gives up, 2 s:
+/// long past any outcome write, short enough that the replay notices a stop soon (it then tries
+/// the page again; see [`Store::claim_for_replay`]).
+const BOUND_REPLAY_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '2s'";
+
+/// Where a replay has got to: the last event of the last page it looked at, in (user, seq) order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayCursor {
+    /// The event's user.
+    pub user_id: String,
+    /// Its seq.
+    pub seq: i64,
+}
+
+/// One page of a replay: what it claimed, and where the next page starts.
+#[derive(Debug)]
+pub struct ReplayPage {
+    /// The claimed events in (user, seq) order, each with the id of its message (outbox row).
+    pub events: Vec<(Uuid, StoredEvent)>,
+    /// The cursor after this page's candidates (claimed or not), `None` once nothing is left.
+    pub next: Option<ReplayCursor>,
 }
 
 impl Store {
@@ -431,46 +460,94 @@ impl Store {
         Ok(count)
     }
 
-    /// Claims the next `limit` events matching `filter` with an id above `after`, oldest first, for
-    /// replay: each goes back to `accepted` and gets an outbox row of its own in the same
-    /// transaction (a replayed event travels as a message of one), so the outbox relay takes over
-    /// any the replaying process could not publish (broker down, the process died): a replay never
-    /// strands an event. Returns `(message id, event)` in id order, which for one user is seq order.
+    /// Claims the next events matching `filter` after `after`, in (user, seq) order, for replay:
+    /// each goes back to `accepted` and gets an outbox row of its own in the same transaction (a
+    /// replayed event travels as a message of one), so the outbox relay takes over any the
+    /// replaying process could not publish (broker down, the process died): a replay never strands
+    /// an event.
+    ///
+    /// The page is keyed by (user, seq), not by id: ids are minted when a request is validated and
+    /// the group commit may put a later single event ahead of an earlier batch, so one user's ids
+    /// need not follow its seqs, while (user, seq) runs through each user's events in seq order
+    /// (on the `UNIQUE (user_id, seq)` index, or on `events_failed_user_seq` for failed events).
+    ///
+    /// Nothing matching is passed over. The page is chosen first, up to `limit` candidates, and the
+    /// cursor moves past all of them; then every candidate is locked and claimed if it still
+    /// matches. A row another transaction holds (the outcome writer, an operator's session) is
+    /// waited for, not skipped, up to a lock timeout of 2 s; one that changed meanwhile is
+    /// checked again against the filter. A candidate not claimed thus no longer matches. Returns
+    /// the claimed events in (user, seq) order, each with its message id, and the cursor of the
+    /// next page, `None` once no event matches after `after`.
     ///
     /// # Errors
-    /// The statement failed; nothing was claimed.
+    /// The statements failed; nothing was claimed and `after` is still where the replay is. A
+    /// row held past the lock timeout, or a deadlock, is [`Error::is_lock_conflict`]: try again.
     pub async fn claim_for_replay(
         &self,
         filter: &EventFilter,
-        after: Option<Uuid>,
+        after: Option<&ReplayCursor>,
         limit: i64,
-    ) -> Result<Vec<(Uuid, StoredEvent)>, Error> {
+    ) -> Result<ReplayPage, Error> {
+        let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
+        sqlx::query(BOUND_REPLAY_LOCK_WAIT)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::query("bound a replay claim's lock wait"))?;
+        // The candidates, read without locks, so their end is the cursor whatever the claim finds.
+        let (cursor, limit_at) = match after {
+            Some(_) => ("AND (e.user_id, e.seq) > ($8::text, $9::int8)", "$10"),
+            None => ("", "$8"),
+        };
+        let sql = format!(
+            "SELECT e.id, e.user_id, e.seq FROM events e JOIN producers p ON p.id = e.producer_id
+             WHERE {} {cursor}
+             ORDER BY e.user_id, e.seq LIMIT {limit_at}",
+            filter_sql(filter)
+        );
+        let mut query = bind_filter(sqlx::query_as::<_, (Uuid, String, i64)>(&sql), filter);
+        if let Some(after) = after {
+            query = query.bind(&after.user_id).bind(after.seq);
+        }
+        let candidates = query
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::query("choose events to replay"))?;
+        let Some((_, user_id, seq)) = candidates.last() else {
+            return Ok(ReplayPage {
+                events: Vec::new(),
+                next: None,
+            });
+        };
+        let next = ReplayCursor {
+            user_id: user_id.clone(),
+            seq: *seq,
+        };
+        let ids: Vec<Uuid> = candidates.iter().map(|(id, _, _)| *id).collect();
+        // FOR UPDATE waits for a held row and then checks it against the filter again.
         let sql = format!(
             "WITH due AS (
-                 SELECT e.id FROM events e JOIN producers p ON p.id = e.producer_id
-                 WHERE {} AND ($8::uuid IS NULL OR e.id > $8)
-                 ORDER BY e.id LIMIT $9
-                 FOR UPDATE OF e SKIP LOCKED),
-             claimed AS (
-                 UPDATE events e SET status = $10, next_attempt_at = NULL,
-                        replays = e.replays + 1, replayed_at = now()
-                 FROM due WHERE e.id = due.id RETURNING e.*)
-             SELECT {} FROM claimed ORDER BY id",
+                 SELECT e.id AS due_id FROM events e JOIN producers p ON p.id = e.producer_id
+                 WHERE {} AND e.id = ANY($8)
+                 FOR UPDATE OF e)
+             UPDATE events SET status = $9, next_attempt_at = NULL,
+                    replays = replays + 1, replayed_at = now()
+             FROM due WHERE events.id = due.due_id
+             RETURNING {}",
             filter_sql(filter),
             super::events::STORED_EVENT_COLUMNS
         );
-        let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let rows = bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
-            .bind(after)
-            .bind(limit)
+        let mut rows = bind_filter(sqlx::query_as::<_, StoredEvent>(&sql), filter)
+            .bind(&ids)
             .bind(EventStatus::Accepted)
             .fetch_all(&mut *tx)
             .await
             .map_err(Error::query("claim events for replay"))?;
-        let messages: Vec<OutboxMessage> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, _)| OutboxMessage {
+        rows.sort_by(|a, b| (&a.user_id, a.seq).cmp(&(&b.user_id, b.seq)));
+        // Message ids (UUID v7) in (user, seq) order too: the relay, should it take over, sends
+        // rows in that order.
+        let messages: Vec<OutboxMessage> = (0..rows.len())
+            .map(|i| OutboxMessage {
                 id: Uuid::now_v7(),
                 // The relay recomputes partitions from the events; a row of one needs none here.
                 partition: 0,
@@ -481,6 +558,9 @@ impl Store {
         tx.commit()
             .await
             .map_err(Error::query("commit a replay claim"))?;
-        Ok(messages.into_iter().map(|m| m.id).zip(rows).collect())
+        Ok(ReplayPage {
+            events: messages.into_iter().map(|m| m.id).zip(rows).collect(),
+            next: Some(next),
+        })
     }
 }

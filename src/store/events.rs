@@ -116,7 +116,7 @@ pub struct StoredEvent {
     pub data: String,
     /// Enqueue time, Unix ms.
     pub at: i64,
-    /// A client acknowledged it (a channel `ack` or an inbox read mark).
+    /// A client acknowledged it: a channel `ack`, or the inbox's read mark covering its seq.
     pub acked: bool,
 }
 
@@ -134,8 +134,69 @@ impl StoredEvent {
     }
 }
 
+/// The columns of a [`StoredEvent`], over `events` (unaliased: `acked` looks up the row's user's
+/// read mark, a primary-key read of `read_watermarks`).
 pub(super) const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
-     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, acked_at IS NOT NULL AS acked";
+     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, \
+     acked_at IS NOT NULL OR seq <= coalesce((SELECT r.read_through FROM read_watermarks r \
+                                              WHERE r.user_id = events.user_id), 0) AS acked";
+
+/// How far below a user's last seq the unread count, and the read mark's `acked`, look: the
+/// user's newest 1,000 seqs (above its read mark). It bounds both, whatever the number of events
+/// a user has; a user's seqs are gap-free when committed, so the range holds at most this many
+/// events (fewer where retention pruned some).
+pub const UNREAD_CAP: i64 = 1_000;
+
+/// The unread count of user `$1` among its last `$2` seqs above its read mark (`count`), whether
+/// more than `$2` seqs lie above the mark (`capped`: the true count may be higher), and the user's
+/// last seq. Its one read of `events` is a range of at most `$2` entries of the `(user_id, seq)`
+/// index (bounded by seq, so by any plan), besides a primary-key row of `read_watermarks` and of
+/// `user_seqs`. Public so that tests can see its plan.
+pub const UNREAD_SQL: &str = "WITH bounds AS MATERIALIZED (
+        SELECT coalesce((SELECT read_through FROM read_watermarks WHERE user_id = $1), 0) AS mark,
+               coalesce((SELECT last_seq FROM user_seqs WHERE user_id = $1), 0) AS last_seq)
+    SELECT (SELECT count(*) FROM events
+            WHERE user_id = $1 AND seq > greatest(b.mark, b.last_seq - $2) AND acked_at IS NULL)
+               AS count,
+           b.last_seq - $2 > b.mark AS capped,
+           b.last_seq
+    FROM bounds b";
+
+/// Raises user `$1`'s read mark to seq `$2` (never past its last seq handed out, so events still
+/// to come stay unread; never down) and counts the events it newly covers that no channel acked,
+/// among the newest `$3` seqs it covers. It locks the user's mark row (two marks of one user take
+/// turns) and reads a range of at most `$3` entries of the `(user_id, seq)` index, however many
+/// events the mark covers. Public so that tests can see its plan.
+pub const READ_MARK_SQL: &str = "WITH prior AS (
+        SELECT read_through FROM read_watermarks WHERE user_id = $1 FOR UPDATE),
+    target AS (
+        SELECT least($2::int8, coalesce((SELECT last_seq FROM user_seqs WHERE user_id = $1), 0))
+                   AS seq,
+               coalesce((SELECT read_through FROM prior), 0) AS from_seq),
+    raised AS (
+        INSERT INTO read_watermarks AS w (user_id, read_through, read_at)
+        SELECT $1, seq, now() FROM target WHERE seq > from_seq
+        ON CONFLICT (user_id) DO UPDATE
+            SET read_through = EXCLUDED.read_through, read_at = EXCLUDED.read_at
+            WHERE w.read_through < EXCLUDED.read_through
+        RETURNING read_through)
+    SELECT count(*) FROM events
+    WHERE user_id = $1
+      AND seq > greatest((SELECT from_seq FROM target), (SELECT read_through FROM raised) - $3)
+      AND seq <= (SELECT read_through FROM raised)
+      AND acked_at IS NULL";
+
+/// A user's unread count, as [`Store::unread_of`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Unread {
+    /// Events no client acknowledged, among the user's last [`UNREAD_CAP`] seqs above its read
+    /// mark.
+    pub count: i64,
+    /// More than [`UNREAD_CAP`] seqs lie above the read mark: the true count may be higher.
+    pub capped: bool,
+    /// The last seq handed out (0 when none).
+    pub last_seq: i64,
+}
 
 /// Which way a page of a user's events runs by seq.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,12 +207,15 @@ pub enum SeqOrder {
     Descending,
 }
 
-/// What a client marks as read (acknowledged): the same `acked_at` whichever way it says it.
+/// What a client marks as read (acknowledged). One state whichever way it says it: an event is
+/// read when its `acked_at` is set or its seq is at or below its user's read mark.
 #[derive(Clone, Copy, Debug)]
 pub enum ReadMark<'a> {
-    /// These events (a channel `ack`); ids of other users' events are ignored.
+    /// These events (a channel `ack`): each gets its `acked_at`; ids of other users' events, and
+    /// events under the read mark (read already), are left alone.
     Ids(&'a [Uuid]),
-    /// Every event of the user up to this seq, inclusive (the inbox's read mark).
+    /// Every event of the user up to this seq, inclusive (the inbox's read mark): the user's read
+    /// mark rises to it, in one row whatever the number of events it covers.
     UpToSeq(i64),
 }
 
@@ -373,38 +437,39 @@ impl Store {
     }
 
     /// Records that a client of `user_id` showed these events (only that user's events; an event
-    /// keeps its first acknowledgement). Returns how many were newly acknowledged. The one writer of
-    /// `acked_at`: a channel `ack` and the inbox's read mark both come here, so they agree.
+    /// keeps its first acknowledgement). Returns how many were newly read: for a read mark, counted
+    /// among the newest [`UNREAD_CAP`] seqs it covers. The one writer of the read state: a
+    /// channel `ack` and the inbox's read mark both come here, so they agree.
+    ///
+    /// Bounded work per call, however many events the user has: an `ack` touches the events it
+    /// names, and a read mark one row of `read_watermarks` and a range of at most [`UNREAD_CAP`]
+    /// index entries ([`READ_MARK_SQL`]).
     ///
     /// # Errors
     /// The update failed.
     pub async fn record_acks(&self, user_id: &str, mark: ReadMark<'_>) -> Result<u64, Error> {
-        macro_rules! acks_where {
-            ($which:literal) => {
-                concat!(
-                    "UPDATE events SET acked_at = now() WHERE user_id = $1 AND acked_at IS NULL AND ",
-                    $which
-                )
-            };
-        }
-        let done = match mark {
-            ReadMark::Ids(ids) => {
-                sqlx::query(acks_where!("id = ANY($2)"))
-                    .bind(user_id)
-                    .bind(ids)
-                    .execute(&self.pool)
-                    .await
-            }
-            ReadMark::UpToSeq(seq) => {
-                sqlx::query(acks_where!("seq <= $2"))
-                    .bind(user_id)
-                    .bind(seq)
-                    .execute(&self.pool)
-                    .await
-            }
+        let newly = match mark {
+            ReadMark::Ids(ids) => sqlx::query(
+                "UPDATE events SET acked_at = now()
+                 WHERE user_id = $1 AND id = ANY($2) AND acked_at IS NULL
+                   AND seq > coalesce(
+                       (SELECT read_through FROM read_watermarks WHERE user_id = $1), 0)",
+            )
+            .bind(user_id)
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map(|done| done.rows_affected()),
+            ReadMark::UpToSeq(seq) => sqlx::query_scalar::<_, i64>(READ_MARK_SQL)
+                .bind(user_id)
+                .bind(seq)
+                .bind(UNREAD_CAP)
+                .fetch_one(&self.pool)
+                .await
+                .map(|count| u64::try_from(count).unwrap_or(0)),
         }
         .map_err(Error::query("record client acks"))?;
-        Ok(done.rows_affected())
+        Ok(newly)
     }
 
     /// Events of `user_id` with `after < seq < before`, at most `limit`, in `order`: the one read
@@ -437,20 +502,18 @@ impl Store {
         .map_err(Error::query("read events of a user"))
     }
 
-    /// The user's events not acknowledged by any client (its unread count) and the last seq handed
-    /// out (0 when none).
+    /// The user's unread count among its last [`UNREAD_CAP`] seqs above its read mark (see
+    /// [`Unread`]) and its last seq: bounded work ([`UNREAD_SQL`]), however many events it has.
     ///
     /// # Errors
     /// The query failed.
-    pub async fn unread_of(&self, user_id: &str) -> Result<(i64, i64), Error> {
-        sqlx::query_as(
-            "SELECT (SELECT count(*) FROM events WHERE user_id = $1 AND acked_at IS NULL),
-                    coalesce((SELECT last_seq FROM user_seqs WHERE user_id = $1), 0)",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Error::query("count a user's unread events"))
+    pub async fn unread_of(&self, user_id: &str) -> Result<Unread, Error> {
+        sqlx::query_as(UNREAD_SQL)
+            .bind(user_id)
+            .bind(UNREAD_CAP)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("count a user's unread events"))
     }
 }
 

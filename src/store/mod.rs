@@ -26,8 +26,13 @@ mod replay_jobs;
 mod status;
 mod sweep;
 
-pub use delivery::{AttemptRecord, AttemptResult, AttemptRow, EventRecord};
-pub use events::{Committed, InsertOutcome, NewEvent, ReadMark, SeqOrder, StoredEvent};
+pub use delivery::{
+    AttemptRecord, AttemptResult, AttemptRow, EventRecord, ReplayCursor, ReplayPage,
+};
+pub use events::{
+    Committed, InsertOutcome, NewEvent, READ_MARK_SQL, ReadMark, SeqOrder, StoredEvent, UNREAD_CAP,
+    UNREAD_SQL, Unread,
+};
 pub use filter::{EventFilter, FilterText};
 pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, LeaseToken, PartitionLease};
@@ -96,15 +101,27 @@ impl Error {
     /// text, an invalid jsonb, a number out of range; or class 54, a program limit exceeded). The
     /// same statement would fail again, and one row's value fails all of its rows.
     pub fn is_data_error(&self) -> bool {
-        let Self::Query {
-            source: sqlx::Error::Database(db),
-            ..
-        } = self
-        else {
-            return false;
-        };
-        db.code()
+        self.sqlstate()
             .is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
+    }
+
+    /// Another transaction held a row the statement had to lock for longer than its lock timeout
+    /// (SQLSTATE 55P03), or the two deadlocked (40P01): nothing was done, and the same statement
+    /// may well succeed when tried again.
+    pub fn is_lock_conflict(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|code| code == "55P03" || code == "40P01")
+    }
+
+    /// The SQLSTATE of an error PostgreSQL returned.
+    fn sqlstate(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            Self::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => db.code(),
+            _ => None,
+        }
     }
 
     /// PostgreSQL's own message for a database error (what it refused, never a connection detail).

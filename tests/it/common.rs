@@ -415,19 +415,27 @@ impl TestApp {
         })
     }
 
-    /// Commits an event of `user` straight into the store, as if its publish had failed: it waits
-    /// in the outbox for the relay. Returns its seq.
-    pub async fn commit_unpublished(&self, user: &str, data: &str) -> i64 {
-        let event = new_event(self, user, data).await;
-        let committed = self
-            .store
+    /// Commits `events` straight into the store in one group commit, as if their publish had
+    /// failed: their messages wait in the outbox for the relay.
+    pub async fn commit_events(
+        &self,
+        events: &[herald::store::NewEvent],
+    ) -> herald::store::Committed {
+        self.store
             .insert_events(
-                &[event],
+                events,
                 self.settings.queue.partitions,
                 self.settings.message_limits(),
             )
             .await
-            .expect("event committed");
+            .expect("events committed")
+    }
+
+    /// Commits an event of `user` straight into the store, as if its publish had failed: it waits
+    /// in the outbox for the relay. Returns its seq.
+    pub async fn commit_unpublished(&self, user: &str, data: &str) -> i64 {
+        let event = new_event(self, user, data).await;
+        let committed = self.commit_events(&[event]).await;
         match committed.outcomes[0] {
             herald::store::InsertOutcome::Inserted { seq } => seq,
             ref other => panic!("not inserted: {other:?}"),

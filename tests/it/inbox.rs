@@ -1,8 +1,9 @@
 //! The user inbox: a client with its user's socket token pages through the user's events newest
 //! first, sees what is unread, and marks events read (the same state a channel `ack` sets).
 
-use crate::common::{TEST_SECRET, TestApp, spawn_app};
+use crate::common::{TEST_SECRET, TestApp, new_event, spawn_app, spawn_app_with};
 use herald::event::UserId;
+use herald::store::{READ_MARK_SQL, ReadMark, UNREAD_CAP, UNREAD_SQL};
 use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
 
@@ -25,6 +26,16 @@ fn seqs(page: &Value) -> Vec<i64> {
         .unwrap()
         .iter()
         .map(|e| e["seq"].as_i64().unwrap())
+        .collect()
+}
+
+/// Each event of an inbox page as (seq, read).
+fn read_flags(page: &Value) -> Vec<(i64, bool)> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["seq"].as_i64().unwrap(), e["read"].as_bool().unwrap()))
         .collect()
 }
 
@@ -110,12 +121,7 @@ async fn inbox_read_marks_and_channel_acks_are_one_state() {
     assert_eq!(reply[4]["response"], json!({"acked": 2}));
     let (_, page) = inbox_get(&app, "/api/v1/inbox", &token).await;
     assert_eq!(page["unread"], 3);
-    let read: Vec<(i64, bool)> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["seq"].as_i64().unwrap(), e["read"].as_bool().unwrap()))
-        .collect();
+    let read = read_flags(&page);
     assert_eq!(
         read,
         vec![(5, false), (4, false), (3, false), (2, true), (1, true)]
@@ -126,15 +132,15 @@ async fn inbox_read_marks_and_channel_acks_are_one_state() {
         .post_json("/api/v1/inbox/read", &token, json!({"up_to_seq": 4}))
         .await;
     assert_eq!(status, 200, "{marked}");
-    assert_eq!(marked, json!({"acked": 2, "unread": 1}));
-    let acked: Vec<(i64, bool)> =
-        sqlx::query_as("SELECT seq, acked_at IS NOT NULL FROM events ORDER BY seq")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap();
     assert_eq!(
-        acked,
-        vec![(1, true), (2, true), (3, true), (4, true), (5, false)]
+        marked,
+        json!({"acked": 2, "unread": 1, "unread_capped": false})
+    );
+    let (_, page) = inbox_get(&app, "/api/v1/inbox", &token).await;
+    let read = read_flags(&page);
+    assert_eq!(
+        read,
+        vec![(5, false), (4, true), (3, true), (2, true), (1, true)]
     );
     // And a channel ack of an event the inbox marked finds it already acknowledged.
     client
@@ -174,7 +180,13 @@ async fn another_users_events_are_unreachable_with_a_users_token() {
     let (status, marked) = app
         .post_json("/api/v1/inbox/read", &token, json!({"up_to_seq": 100}))
         .await;
-    assert_eq!((status, marked), (200, json!({"acked": 3, "unread": 0})));
+    assert_eq!(
+        (status, marked),
+        (
+            200,
+            json!({"acked": 3, "unread": 0, "unread_capped": false})
+        )
+    );
     let (_, other) = inbox_get(&app, "/api/v1/inbox", &app.token("i4")).await;
     assert_eq!(other["unread"], 2, "{other}");
 }
@@ -253,6 +265,175 @@ async fn bad_cursors_limits_and_bodies_are_refused_with_the_json_error() {
     assert_eq!(status, 200);
     assert_eq!(
         page,
-        json!({"events": [], "next": null, "unread": 0, "last_seq": 0})
+        json!({"events": [], "next": null, "unread": 0, "unread_capped": false, "last_seq": 0})
     );
+}
+
+/// Commits `n` events of `user` straight into the store (one group commit); their outbox rows wait
+/// for a relay whose grace the caller made long.
+async fn commit_events(app: &TestApp, user: &str, n: usize) -> Vec<uuid::Uuid> {
+    let mut events = Vec::with_capacity(n);
+    for i in 1..=n {
+        events.push(new_event(app, user, &format!(r#"{{"n":{i}}}"#)).await);
+    }
+    app.commit_events(&events).await;
+    events.iter().map(|e| e.id).collect()
+}
+
+/// A node whose relay leaves committed events alone (the test reads and marks them only).
+async fn quiet_app() -> TestApp {
+    spawn_app_with(|s| {
+        s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
+    })
+    .await
+}
+
+async fn mark_read(app: &TestApp, token: &str, up_to_seq: i64) -> Value {
+    let (status, marked) = app
+        .post_json("/api/v1/inbox/read", token, json!({"up_to_seq": up_to_seq}))
+        .await;
+    assert_eq!(status, 200, "{marked}");
+    marked
+}
+
+/// The unread count covers the user's last `UNREAD_CAP` seqs above its read mark and says when
+/// there are more; the read mark covers every seq up to it at once (never a seq not handed
+/// out yet), and a channel ack and the mark stay one state.
+#[tokio::test]
+async fn unread_counts_and_read_marks_are_right_around_the_cap_and_the_mark() {
+    let cap = UNREAD_CAP;
+    let app = quiet_app().await;
+    let ids = commit_events(&app, "cap", (cap + 500) as usize).await;
+    let seq_id = |seq: i64| ids[(seq - 1) as usize];
+    let token = app.token("cap");
+    let unread = |page: &Value| (page["unread"].as_i64(), page["unread_capped"].as_bool());
+
+    let (_, page) = inbox_get(&app, "/api/v1/inbox?limit=1", &token).await;
+    assert_eq!(unread(&page), (Some(cap), Some(true)), "{page}");
+    assert_eq!(page["last_seq"], cap + 500);
+    // Two acked on a channel (the same store call a channel's `ack` makes).
+    let acked = app
+        .store
+        .record_acks(
+            "cap",
+            ReadMark::Ids(&[seq_id(cap + 500), seq_id(cap + 499)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(acked, 2);
+    let (_, page) = inbox_get(&app, "/api/v1/inbox?limit=1", &token).await;
+    assert_eq!(unread(&page), (Some(cap - 2), Some(true)), "{page}");
+
+    // A mark leaving cap + 1 events above it: still capped; one more, and the count is exact.
+    let marked = mark_read(&app, &token, 499).await;
+    assert_eq!(
+        marked,
+        json!({"acked": 499, "unread": cap - 2, "unread_capped": true})
+    );
+    let marked = mark_read(&app, &token, 500).await;
+    assert_eq!(
+        marked,
+        json!({"acked": 1, "unread": cap - 2, "unread_capped": false})
+    );
+    let marked = mark_read(&app, &token, 500).await;
+    assert_eq!(marked["acked"], 0, "nothing new under the same mark");
+    let marked = mark_read(&app, &token, 10).await;
+    assert_eq!(marked["acked"], 0, "a mark never moves back");
+    // Up to the second newest: every event between, but the one acked on its channel.
+    let marked = mark_read(&app, &token, cap + 499).await;
+    assert_eq!(
+        marked,
+        json!({"acked": cap - 2, "unread": 0, "unread_capped": false})
+    );
+
+    // Under the mark, a channel ack finds the event read already, and so does the inbox.
+    let again = app
+        .store
+        .record_acks("cap", ReadMark::Ids(&[seq_id(10)]))
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let (_, page) = inbox_get(&app, "/api/v1/inbox?limit=2&before=12", &token).await;
+    let read = read_flags(&page);
+    assert_eq!(read, vec![(11, true), (10, true)]);
+    let (_, record) = app
+        .get_json(&format!("/api/v1/events/{}", seq_id(10)), &app.api_key)
+        .await;
+    assert!(record["acked_at"].is_string(), "{record}");
+
+    // A mark past the last seq covers what exists, not events still to come.
+    let marked = mark_read(&app, &token, cap + 10_000).await;
+    assert_eq!(marked["acked"], 0);
+    commit_events(&app, "cap", 1).await;
+    let (_, page) = inbox_get(&app, "/api/v1/inbox?limit=1", &token).await;
+    assert_eq!(unread(&page), (Some(1), Some(false)), "{page}");
+    assert_eq!(page["events"][0]["read"], false);
+
+    // One mark over more than the cap: all read at once, `acked` counting the newest cap.
+    commit_events(&app, "cap2", (cap + 500) as usize).await;
+    let marked = mark_read(&app, &app.token("cap2"), cap + 500).await;
+    assert_eq!(
+        marked,
+        json!({"acked": cap, "unread": 0, "unread_capped": false})
+    );
+}
+
+/// `EXPLAIN ANALYZE` of the unread count and of the read mark, on a user with thrice the cap of
+/// events: each reads the user's events through a range of the (user_id, seq) index, at most the
+/// cap's worth, never the whole table or all of the user's rows.
+#[tokio::test]
+async fn the_unread_count_and_the_read_mark_read_a_bounded_range_of_the_index() {
+    let cap = UNREAD_CAP;
+    let app = quiet_app().await;
+    commit_events(&app, "many", (3 * cap) as usize).await;
+    for user in 0..20 {
+        commit_events(&app, &format!("other{user}"), 50).await;
+    }
+    sqlx::query("ANALYZE events")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let unread = executed_plan(&app, UNREAD_SQL, &[cap]).await;
+    assert_bounded(&unread, cap);
+    let mark = executed_plan(&app, READ_MARK_SQL, &[2 * cap, cap]).await;
+    assert_bounded(&mark, cap);
+}
+
+/// The plan of `sql` as run for user `many` with `binds` after the user id (`EXPLAIN ANALYZE` in a
+/// transaction rolled back, so a write leaves nothing).
+async fn executed_plan(app: &TestApp, sql: &str, binds: &[i64]) -> String {
+    let mut tx = app.store.pool().begin().await.unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}");
+    let mut query = sqlx::query_scalar::<_, String>(&explain).bind("many");
+    for bind in binds {
+        query = query.bind(bind);
+    }
+    let lines = query.fetch_all(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    lines.join("\n")
+}
+
+/// Every read of `events` in `plan` goes through a range of the (user_id, seq) index and returns
+/// at most `cap` + 1 rows: no sequential scan, no read of all the user's rows.
+fn assert_bounded(plan: &str, cap: i64) {
+    assert!(!plan.contains("Seq Scan on events"), "{plan}");
+    let reads: Vec<&str> = plan
+        .lines()
+        .filter(|l| l.contains(" on events ") || l.contains(" on events_"))
+        .collect();
+    assert!(!reads.is_empty(), "no read of events: {plan}");
+    assert!(
+        plan.contains("events_user_id_seq_key") && plan.contains("Index Cond: ((user_id = "),
+        "not a range of the (user_id, seq) index:\n{plan}"
+    );
+    for read in reads {
+        let rows: f64 = read
+            .split("actual rows=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no row count: {read}"));
+        assert!(rows <= (cap + 1) as f64, "{rows} rows read: {read}\n{plan}");
+    }
 }

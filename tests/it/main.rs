@@ -15,6 +15,7 @@ mod openapi;
 mod partitions;
 mod pipeline;
 mod rabbitmq_cluster;
+mod replay;
 mod resilience;
 mod retry;
 mod socket;

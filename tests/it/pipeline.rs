@@ -1,8 +1,12 @@
 //! The seed's pipeline tests: events reach the right user's channel, in order, and are measured.
 
-use crate::common::{StatsdListener, new_event, spawn_app, spawn_app_with};
+use crate::common::{
+    PATIENCE, StatsdListener, TcpProxy, TestApp, amqp_url, new_event, spawn_app, spawn_app_with,
+    spawn_unready, wait_until,
+};
 use herald::store::MessageLimits;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 
 #[tokio::test]
 async fn ten_events_arrive_in_order_as_push_timed() {
@@ -221,4 +225,127 @@ async fn confirmed_messages_leave_the_outbox_empty() {
         (rows == 0).then_some(())
     })
     .await;
+}
+
+/// A message the commit path builds late (the publish buffer was full, so it waited for room for
+/// the messages before it) must still be published by a deadline counted from before its outbox
+/// row was written, so that its publish and confirm end before the relay may claim the row. Here
+/// the broker is slow (the AMQP link stalled: with one confirm in flight, the publisher takes a
+/// message from its buffer only when the previous one's confirm times out), the relay claims the
+/// rows after their grace, and then the link comes back (cut, so what was sent into the stall is
+/// lost, and reconnected). No commit-path message still in the buffer may be published then: each
+/// event must reach its partition queue once, in the relay's message.
+#[tokio::test]
+async fn a_message_built_late_is_never_published_once_the_relay_may_claim_it() {
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
+    let app = spawn_unready(move |s| {
+        s.queue.amqp_url = via_proxy;
+        // No worker: the partition queues keep every copy that reaches them.
+        s.node.roles = "api".parse().unwrap();
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.queue.message_max_events = 1;
+        s.queue.publish_buffer = 24;
+        s.queue.max_inflight_confirms = 1;
+        s.queue.confirm_timeout_ms = 500;
+        // A publish window of 10 s - 0.5 s - 1 s = 8.5 s, of which a commit waits up to half for
+        // room: the commit's later messages are built up to 4.25 s after their rows.
+        s.pipeline.relay_grace_ms = 10_000;
+    })
+    .await;
+    app.wait_ready().await;
+    app.wait_link("publisher", "ok").await;
+    proxy.stall();
+
+    // One commit, a message per event: the first is sent into the stall, 24 fill the buffer, and
+    // each later one enters as a stalled confirm times out (every 0.5 s), built after waiting for
+    // the one before, until the commit's half window is up; the rest stay in the outbox.
+    let total = 40;
+    let events: Vec<Value> = (1..=total)
+        .map(|n| json!({"user_id": "late", "data": {"n": n}}))
+        .collect();
+    assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
+    wait_until("the relay claimed every row", PATIENCE, || async {
+        let claimed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE relayed_at IS NOT NULL")
+                .fetch_one(app.store.pool())
+                .await
+                .ok()?;
+        (claimed == total).then_some(())
+    })
+    .await;
+    proxy.cut();
+    app.wait_link("publisher", "unavailable").await;
+    proxy.resume();
+    proxy.restore();
+    wait_until("every message confirmed", PATIENCE, || async {
+        let (messages, _) = app.store.outbox_depth().await.ok()?;
+        (messages == 0).then_some(())
+    })
+    .await;
+
+    let copies = copies_per_event(&app).await;
+    assert_eq!(copies.len() as i64, total, "every event reached its queue");
+    let twice: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "published by the commit path after the relay claimed them: {twice:?}"
+    );
+}
+
+/// How many times each event id stands in the messages of the node's partition queues (taken off
+/// the queues by a consumer: single-active-consumer queues refuse `basic.get`).
+async fn copies_per_event(app: &TestApp) -> HashMap<String, usize> {
+    use futures_util::StreamExt;
+    let mut settings = app.settings.queue.clone();
+    settings.amqp_url = herald::config::Secret::new(amqp_url());
+    let connection = herald::queue::connect(&settings, "test-probe")
+        .await
+        .expect("broker");
+    let channel = herald::queue::open_channel(&connection).await.unwrap();
+    let names = herald::queue::Topology::new(&settings.prefix, settings.partitions);
+    let mut copies = HashMap::new();
+    for partition in 0..settings.partitions {
+        let queue = names.partition_queue(partition);
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("the partition queue exists");
+        if declared.message_count() == 0 {
+            continue;
+        }
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("probe-{partition}").as_str().into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("consuming");
+        for _ in 0..declared.message_count() {
+            let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+                .await
+                .expect("a message in time")
+                .expect("the consumer runs")
+                .expect("a delivery");
+            let envelopes: Vec<Value> =
+                serde_json::from_slice(&delivery.data).expect("a JSON array");
+            for envelope in envelopes {
+                let id = envelope["id"].as_str().expect("an id").to_owned();
+                *copies.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+    let _ = connection.close(200, "probe done".into()).await;
+    copies
 }
