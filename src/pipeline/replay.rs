@@ -140,7 +140,10 @@ pub async fn run(
     while !stop.is_cancelled() {
         // Before the claim writes the outbox rows (see `super::publish_deadline`).
         let publish_by = super::publish_deadline(pace.publish_window);
-        let page = match store.claim_for_replay(filter, after.as_ref(), claim).await {
+        let page = match store
+            .claim_for_replay(filter, after.as_ref(), claim, pace.partitions)
+            .await
+        {
             Ok(page) => page,
             Err(error) if error.is_lock_conflict() => {
                 conflicts += 1;

@@ -460,7 +460,8 @@ impl Store {
         Ok(count)
     }
 
-    /// Claims the next events matching `filter` after `after`, in (user, seq) order, for replay:
+    /// Claims the next events matching `filter` after `after`, in (user, seq) order, for replay
+    /// (`partitions` is the deployment's partition count, for their outbox rows):
     /// each goes back to `accepted` and gets an outbox row of its own in the same transaction (a
     /// replayed event travels as a message of one), so the outbox relay takes over any the
     /// replaying process could not publish (broker down, the process died): a replay never strands
@@ -487,6 +488,7 @@ impl Store {
         filter: &EventFilter,
         after: Option<&ReplayCursor>,
         limit: i64,
+        partitions: u16,
     ) -> Result<ReplayPage, Error> {
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
         sqlx::query(BOUND_REPLAY_LOCK_WAIT)
@@ -549,8 +551,8 @@ impl Store {
         let messages: Vec<OutboxMessage> = (0..rows.len())
             .map(|i| OutboxMessage {
                 id: Uuid::now_v7(),
-                // The relay recomputes partitions from the events; a row of one needs none here.
-                partition: 0,
+                // The row's partition is whose sweeper looks at it once confirmed.
+                partition: crate::event::partition_of(&rows[i].user_id, partitions),
                 events: vec![i],
             })
             .collect();

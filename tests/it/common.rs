@@ -702,6 +702,15 @@ where
     }
 }
 
+/// The sum of the StatsD counter `name` over `lines` (as a `StatsdListener` received them).
+pub fn counter_sum(lines: &[String], name: &str) -> i64 {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .filter_map(|rest| rest.split('|').next()?.parse::<i64>().ok())
+        .sum()
+}
+
 /// A UDP listener standing in for StatsD.
 pub struct StatsdListener {
     socket: UdpSocket,
@@ -730,6 +739,24 @@ impl StatsdListener {
                 lines.push(line.to_owned());
             }
         }
+        lines
+    }
+
+    /// Every line received so far (from the listener's start, or its last read), then on until
+    /// `count` more lines starting with `until` arrive: with a gauge sent every second as `until`,
+    /// everything the node sent before this call, counters included, is in the answer.
+    /// (`lines_until` stops at the oldest such lines, which may predate what a test looks for.)
+    pub async fn lines_through(&self, until: &str, count: usize) -> Vec<String> {
+        let mut buf = vec![0u8; 65536];
+        let mut lines = Vec::new();
+        while let Ok(received) = self.socket.try_recv(&mut buf) {
+            lines.extend(
+                String::from_utf8_lossy(&buf[..received])
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
+        lines.extend(self.lines_until(until, count).await);
         lines
     }
 

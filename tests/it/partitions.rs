@@ -3,8 +3,8 @@
 //! node's partitions move to the survivors, and a joining node takes its share.
 
 use crate::common::{
-    Node, PATIENCE, StatsdListener, TestApp, WsClient, connect_to, partitions_at, spawn_app_with,
-    spawn_node, wait_until,
+    Node, PATIENCE, StatsdListener, TestApp, WsClient, connect_to, counter_sum, partitions_at,
+    spawn_app_with, spawn_node, wait_until,
 };
 use herald::event::partition_of;
 use serde_json::{Value, json};
@@ -107,14 +107,6 @@ async fn interleaved(app: &TestApp, users: &[String], per_user: i64) {
     }
 }
 
-fn counter_sum(lines: &[String], name: &str) -> i64 {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .filter_map(|rest| rest.split('|').next()?.parse::<i64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn two_worker_nodes_share_the_partitions_and_keep_every_users_order() {
     let socket_metrics = StatsdListener::bind().await;
@@ -159,7 +151,7 @@ async fn two_worker_nodes_share_the_partitions_and_keep_every_users_order() {
     assert!(counter_sum(&theirs_delivered, "pipeline.worker.delivered") > 0);
     // No event reached a socket out of order: nothing had to be filled in from PostgreSQL. Two
     // gauges (one a second) make sure the flush after the last push has been read.
-    let lines = socket_metrics.lines_until("socket.connections", 2).await;
+    let lines = socket_metrics.lines_through("socket.connections", 2).await;
     assert_eq!(
         counter_sum(&lines, "socket.push.gap_filled"),
         0,
