@@ -91,7 +91,8 @@ fn random_seed() -> u64 {
 }
 
 /// Every node's settings: cluster fan-out, poison events failing after a fast schedule, short
-/// leases, a sweeper and retention that act within the run.
+/// leases (`test_settings` has 3 s, and a relay grace of 2 s), a sweeper and retention that act
+/// within the run.
 fn settings() -> Settings {
     let mut s = test_settings();
     s.pubsub.mode = PubSubMode::Cluster;
@@ -99,9 +100,7 @@ fn settings() -> Settings {
     s.retry.schedule_ms = vec![100, 300];
     s.retry.max_attempts = 3;
     s.queue.partitions = 6;
-    s.queue.partition_lease_ms = 3_000;
     s.queue.partition_check_ms = 300;
-    s.pipeline.relay_grace_ms = 2_000;
     s.pipeline.sweep_after_ms = 10_000;
     s.pipeline.sweep_interval_ms = 1_000;
     s.pipeline.sweep_idle_ms = 1_000;
