@@ -197,7 +197,8 @@ impl Cluster {
         self.slots[slot].name()
     }
 
-    /// SIGSTOPs the node in `slot`: it keeps its sockets and leases, and answers nothing.
+    /// SIGSTOPs the node in `slot`: it keeps its sockets (and a worker its leases, until they
+    /// expire), and answers nothing.
     pub fn pause(&mut self, slot: usize) {
         self.slots[slot].stopped = true;
         self.slots[slot].signal(libc::SIGSTOP);
@@ -214,8 +215,10 @@ impl Cluster {
     /// Undoes every fault: proxies restored, stopped nodes continued, dead ones restarted.
     pub async fn heal(&mut self) {
         for slot in 0..self.slots.len() {
-            self.slots[slot].postgres.restore();
-            self.slots[slot].rabbitmq.restore();
+            for proxy in [&self.slots[slot].postgres, &self.slots[slot].rabbitmq] {
+                proxy.restore();
+                proxy.resume();
+            }
             self.resume(slot);
             self.restart(slot).await;
         }

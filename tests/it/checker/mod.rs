@@ -281,14 +281,16 @@ async fn queue_depths(settings: &Settings) -> Result<Vec<(String, Option<u32>)>,
 /// past [`QUIET_DEADLINE`], describes what was still unsettled (a violation of its own).
 async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<String> {
     let settled = poll_until(QUIET_DEADLINE, Duration::from_millis(500), || async {
-        let (unsettled, outbox): (i64, i64) = sqlx::query_as(
+        // A running replay job may still move failed events back to accepted.
+        let (unsettled, outbox, replaying): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM events WHERE status IN ('accepted', 'published')),
-                    (SELECT count(*) FROM outbox)",
+                    (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM replay_jobs WHERE status = 'running')",
         )
         .fetch_one(store.pool())
         .await
         .ok()?;
-        if unsettled > 0 || outbox > 0 {
+        if unsettled > 0 || outbox > 0 || replaying > 0 {
             return None;
         }
         let depths = queue_depths(settings).await.ok()?;
@@ -335,11 +337,17 @@ async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<
              last_error {error:?}, next_attempt_at {next:?}, outbox rows {rows:?}"
         );
     }
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(store.pool())
-        .await
-        .unwrap_or(-1);
-    let _ = writeln!(text, "  outbox rows: {outbox}");
+    let (outbox, replaying): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox),
+                (SELECT count(*) FROM replay_jobs WHERE status = 'running')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or((-1, -1));
+    let _ = writeln!(
+        text,
+        "  outbox rows: {outbox}; replay jobs running: {replaying}"
+    );
     match queue_depths(settings).await {
         Ok(depths) => {
             for (queue, n) in depths.iter().filter(|(_, n)| n.unwrap_or(0) > 0) {
@@ -543,10 +551,15 @@ fn summary(
     for op in done {
         *faults.entry(format!("{:?}", op.fault)).or_insert(0) += 1;
     }
+    let poison = snapshot
+        .events
+        .iter()
+        .filter(|e| e.status == "failed" && e.event == "poison")
+        .count();
     format!(
         "{accepted} events accepted in {} requests ({} batches); stored {} (delivered {}, failed \
-         {}), pruned {}; {} channel instances ({with} joins with last_seq, {} without), {pushes} \
-         pushes, {} acks; nemesis: {faults:?}",
+         {} of which {poison} poison), pruned {}; {} channel instances ({with} joins with \
+         last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}",
         stats.requests.load(Ordering::Relaxed),
         stats.batches.load(Ordering::Relaxed),
         snapshot.events.len(),

@@ -15,12 +15,19 @@ use tokio_util::sync::CancellationToken;
 pub enum Fault {
     /// SIGKILL a node of the role, then start a new one.
     Kill(Role),
-    /// SIGSTOP a worker node for longer than its lease, then SIGCONT.
-    PauseWorker,
+    /// SIGSTOP a node of the role for 1.5 to 2 partition leases, then SIGCONT: a worker's
+    /// partitions move meanwhile; a socket node's clients wait on a silent socket; an api node
+    /// holds its publishes past their window.
+    Pause(Role),
     /// Cut one node's PostgreSQL proxy, then restore it.
     CutPostgres,
     /// Cut one node's RabbitMQ proxy, then restore it.
     CutRabbitmq,
+    /// Stall one node's PostgreSQL proxy (connections stay open, nothing flows), then resume it:
+    /// a partition that only timeouts reveal.
+    StallPostgres,
+    /// Stall one node's RabbitMQ proxy, then resume it.
+    StallRabbitmq,
     /// The broker closes every connection of the deployment (`rabbitmqctl close_connection`).
     CloseBrokerConnections,
     /// An operator replays the failed events (admin API).
@@ -30,13 +37,17 @@ pub enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 9] = [
+    const ALL: [Fault; 13] = [
         Fault::Kill(Role::Api),
         Fault::Kill(Role::Worker),
         Fault::Kill(Role::Socket),
-        Fault::PauseWorker,
+        Fault::Pause(Role::Api),
+        Fault::Pause(Role::Worker),
+        Fault::Pause(Role::Socket),
         Fault::CutPostgres,
         Fault::CutRabbitmq,
+        Fault::StallPostgres,
+        Fault::StallRabbitmq,
         Fault::CloseBrokerConnections,
         Fault::ReplayFailed,
         Fault::ReplayUserDelivered,
@@ -59,7 +70,7 @@ pub struct Planned {
 }
 
 /// Draws the schedule for a stream of `run`: a fault every few seconds, more than the run can
-/// hold (the run stops it). `lease_ms`: a paused worker stays stopped 1.5 to 2 leases.
+/// hold (the run stops it). `lease_ms`: a paused node stays stopped 1.5 to 2 leases.
 pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
     let mut rng = Rng::stream(seed, "nemesis", 0);
     let mut first_round = Fault::ALL.to_vec();
@@ -79,8 +90,9 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
         };
         let length = Duration::from_millis(match fault {
             Fault::Kill(_) => rng.between(200, 2_000),
-            Fault::PauseWorker => rng.between(lease_ms * 3 / 2, lease_ms * 2),
+            Fault::Pause(_) => rng.between(lease_ms * 3 / 2, lease_ms * 2),
             Fault::CutPostgres | Fault::CutRabbitmq => rng.between(1_000, 3_000),
+            Fault::StallPostgres | Fault::StallRabbitmq => rng.between(1_000, 4_000),
             _ => 0,
         });
         planned.push(Planned {
@@ -159,8 +171,8 @@ async fn strike(
             let started = cluster.restart(slot).await;
             format!("SIGKILL {killed}, down {ms} ms, restarted as {started}")
         }
-        Fault::PauseWorker => {
-            let slots = cluster.of(Role::Worker);
+        Fault::Pause(role) => {
+            let slots = cluster.of(role);
             let slot = slots[op.pick as usize % slots.len()];
             let name = cluster.slots[slot].name();
             cluster.pause(slot);
@@ -179,6 +191,18 @@ async fn strike(
             sleep(op.length).await;
             proxy.restore();
             format!("cut {}'s {what} for {ms} ms", slot.name())
+        }
+        Fault::StallPostgres | Fault::StallRabbitmq => {
+            let slot = &cluster.slots[op.pick as usize % cluster.slots.len()];
+            let (proxy, what) = if op.fault == Fault::StallPostgres {
+                (&slot.postgres, "PostgreSQL")
+            } else {
+                (&slot.rabbitmq, "RabbitMQ")
+            };
+            proxy.stall();
+            sleep(op.length).await;
+            proxy.resume();
+            format!("stalled {}'s {what} for {ms} ms", slot.name())
         }
         Fault::CloseBrokerConnections => {
             let prefix = prefix.to_owned();
