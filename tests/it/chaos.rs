@@ -135,7 +135,7 @@ pub(crate) async fn stream(api_key: String, addr: watch::Receiver<SocketAddr>, s
 
 /// Closes this node's connections only (by the queue prefix in their names): other tests share
 /// the broker.
-fn close_broker_connections(prefix: &str) -> usize {
+pub(crate) fn close_broker_connections(prefix: &str) -> usize {
     // The plain table: the pid column in the form close_connection takes (JSON's is not).
     let out = Command::new("rabbitmqctl")
         .args([
@@ -149,18 +149,23 @@ fn close_broker_connections(prefix: &str) -> usize {
         .expect("rabbitmqctl runs");
     let listed = String::from_utf8_lossy(&out.stdout);
     let needle = format!("herald-{prefix}-");
-    let mut closed = 0;
-    for line in listed.lines().filter(|line| line.contains(&needle)) {
-        let Some(pid) = line.split('\t').next() else {
-            continue;
-        };
-        let status = Command::new("rabbitmqctl")
-            .args(["close_connection", pid.trim(), "chaos test", "-q"])
-            .status()
-            .expect("rabbitmqctl runs");
-        closed += usize::from(status.success());
-    }
-    closed
+    // All at once: each rabbitmqctl takes about a second to start, and a deployment of several
+    // nodes has a dozen connections.
+    let closing: Vec<_> = listed
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split('\t').next())
+        .map(|pid| {
+            Command::new("rabbitmqctl")
+                .args(["close_connection", pid.trim(), "chaos test", "-q"])
+                .spawn()
+                .expect("rabbitmqctl runs")
+        })
+        .collect();
+    closing
+        .into_iter()
+        .map(|mut child| usize::from(child.wait().is_ok_and(|status| status.success())))
+        .sum()
 }
 
 async fn run_chaos(fault: Fault) {

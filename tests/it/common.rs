@@ -186,12 +186,15 @@ pub async fn partitions_at(http: &reqwest::Client, addr: SocketAddr) -> Vec<u16>
         .unwrap_or_default()
 }
 
+/// A socket token for `user`, valid for an hour, signed as the test nodes check it.
+pub fn user_token(user: &str) -> String {
+    let user = herald::event::UserId::parse(user).unwrap();
+    TokenSigner::new(TEST_SECRET).sign(&user, now_unix_secs() + 3600)
+}
+
 /// Connects a v2 client as `user` to the node at `addr`.
 pub async fn connect_to(addr: SocketAddr, user: &str) -> WsClient {
-    let token = TokenSigner::new(TEST_SECRET).sign(
-        &herald::event::UserId::parse(user).unwrap(),
-        now_unix_secs() + 3600,
-    );
+    let token = user_token(user);
     let url = format!("ws://{addr}/socket/websocket?token={token}&vsn=2.0.0");
     let (ws, _) = timeout(PATIENCE, tokio_tungstenite::connect_async(url))
         .await
@@ -269,8 +272,7 @@ impl TestApp {
     }
 
     pub fn token(&self, user: &str) -> String {
-        let user = herald::event::UserId::parse(user).unwrap();
-        TokenSigner::new(TEST_SECRET).sign(&user, now_unix_secs() + 3600)
+        user_token(user)
     }
 
     /// Connects a v2 client as `user`.
@@ -298,14 +300,7 @@ impl TestApp {
 
     /// A new producer with the admin role; returns its key.
     pub async fn admin_key(&self) -> String {
-        let name = format!("ops-{}", uuid::Uuid::now_v7().simple());
-        let (_, key) = self.store.create_producer(&name).await.expect("producer");
-        self.store
-            .set_producer_admin(&name, true)
-            .await
-            .expect("admin role")
-            .expect("producer exists");
-        key.expose().to_owned()
+        create_admin_key(&self.store).await
     }
 
     /// GET `path` with `key`; returns the status and the JSON body.
@@ -683,8 +678,32 @@ pub async fn new_event(app: &TestApp, user: &str, data: &str) -> herald::store::
     )
 }
 
+/// A new producer with the admin role in `store`; returns its key.
+pub async fn create_admin_key(store: &Store) -> String {
+    let name = format!("ops-{}", uuid::Uuid::now_v7().simple());
+    let (_, key) = store.create_producer(&name).await.expect("producer");
+    store
+        .set_producer_admin(&name, true)
+        .await
+        .expect("admin role")
+        .expect("producer exists");
+    key.expose().to_owned()
+}
+
 /// Polls `check` until it returns Some, failing after `limit`.
-pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(limit, Duration::from_millis(25), check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// Polls `check` every `every` until it returns Some; None once `limit` has passed (for a caller
+/// that reports a timeout itself instead of failing on it).
+pub async fn poll_until<T, F, Fut>(limit: Duration, every: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -692,13 +711,12 @@ where
     let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        sleep(Duration::from_millis(25)).await;
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(every).await;
     }
 }
 
@@ -874,7 +892,12 @@ impl TcpProxy {
 /// The `herald` binary with `args`, on the deployment of `settings`, killed when dropped. Its
 /// environment is `node_env`'s alone: the tester's shell has no say.
 pub fn herald_command(settings: &Settings, args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    herald_command_of(env!("CARGO_BIN_EXE_herald"), settings, args)
+}
+
+/// `herald_command` with the binary at `bin`: the checker can run an older build.
+pub fn herald_command_of(bin: &str, settings: &Settings, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bin);
     command
         .args(args)
         .env_clear()
@@ -928,7 +951,12 @@ impl Node {
     /// `herald serve` with `flags` on the deployment of `settings` (its `http.addr` port 0 lets the
     /// child pick a free port, which it logs), once it is ready.
     pub async fn serve(settings: &Settings, flags: &[&str]) -> Self {
-        let mut child = herald_command(settings, &["serve"])
+        Self::serve_of(env!("CARGO_BIN_EXE_herald"), settings, flags).await
+    }
+
+    /// `serve` with the binary at `bin`.
+    pub async fn serve_of(bin: &str, settings: &Settings, flags: &[&str]) -> Self {
+        let mut child = herald_command_of(bin, settings, &["serve"])
             .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -5,6 +5,7 @@ mod admin;
 mod api;
 mod catchup;
 mod chaos;
+mod checker;
 mod cluster;
 mod common;
 mod gaps;
