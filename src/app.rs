@@ -392,6 +392,7 @@ impl App {
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
             retry_delays_ms: settings.retry.delays_ms().into(),
             attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
+            reorder_window_ms: settings.pipeline.reorder_window_ms,
             faults: Arc::clone(&self.faults),
         };
         let consumer_nodes = BrokerNodes::new(&settings.queue);

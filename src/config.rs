@@ -296,9 +296,14 @@ pub struct PipelineSettings {
     pub max_status_batch: usize,
     /// Most events of one user a worker broadcasts (and records) in one go.
     pub max_run_events: usize,
-    /// An event neither delivered nor failed, with no outbox row and nothing due for it for this
-    /// long (enqueued, replayed, swept or due to retry before then), is one no message carries
-    /// any more: the sweeper sends it again. 0 turns the sweeper off.
+    /// How long a user's lane waits for a seq that is missing (its next event queued is further
+    /// ahead): events two api nodes committed close together can reach their partition out of
+    /// order, and the lane puts them back in order instead of leaving it to the socket's gap fill.
+    /// Events in order never wait; 0 never waits.
+    pub reorder_window_ms: u64,
+    /// An event neither delivered nor failed, whose message (a confirmed outbox row) is this old
+    /// and nothing due for it for this long (enqueued, replayed, swept or due to retry before then),
+    /// is one no message carries any more: the sweeper sends it again. 0 turns the sweeper off.
     pub sweep_after_ms: u64,
     /// How often a worker node sweeps its partitions.
     pub sweep_interval_ms: u64,
@@ -321,6 +326,7 @@ impl Default for PipelineSettings {
             relay_batch: 1_000,
             max_status_batch: 1_000,
             max_run_events: 200,
+            reorder_window_ms: 50,
             sweep_after_ms: 300_000,
             sweep_interval_ms: 30_000,
             sweep_idle_ms: 2_000,

@@ -194,6 +194,7 @@ struct Instruments {
     sweep_partitions: Count,
     retry_unconfirmed: Count,
     fenced: Count,
+    lane_reorder: Count,
     worker_delivered: Count,
     retry_scheduled: Count,
     dead_lettered: Count,
@@ -375,6 +376,11 @@ impl Instruments {
                 "pipeline.retry.unconfirmed",
                 &[],
                 "Retry publishes without a confirm in time: message requeued, attempt made again.",
+            ),
+            lane_reorder: d.counter(
+                "pipeline.lane.reorder",
+                &["outcome"],
+                "Lanes that waited for a missing seq: restored (it came in time) or passed (the socket fills it).",
             ),
             fenced: d.counter(
                 "pipeline.fenced",
@@ -816,6 +822,13 @@ impl Metrics {
     /// sent back to their partition's queue.
     pub fn fenced(&self, stage: &'static str, count: usize) {
         self.count(&self.inner.at.fenced, count as u64, &[stage]);
+    }
+
+    /// A lane waited for a seq missing from its user's events: `restored` (it arrived within
+    /// `pipeline.reorder_window_ms`, and the events went on in order) or `passed` (the window ran
+    /// out; the socket fills the seq from PostgreSQL).
+    pub fn lane_reorder(&self, outcome: &'static str) {
+        self.count(&self.inner.at.lane_reorder, 1, &[outcome]);
     }
 
     /// Delivery outcomes (`pushed`, `offline`, `failed`) of `count` events.

@@ -31,7 +31,7 @@
 //! so it is never left with nobody holding it.
 
 use super::faults::Faults;
-use super::lanes::{Lanes, RunHandler};
+use super::lanes::{Lanes, RunHandler, Sequenced};
 use super::lease::Lease;
 use super::outcomes::{NotRecorded, Outcomes, Recorded, Settled};
 use super::retry::{Decision, RetryPolicy};
@@ -73,6 +73,8 @@ pub struct Worker {
     pub retry_delays_ms: Arc<[u64]>,
     /// Bound on one attempt.
     pub attempt_timeout: Duration,
+    /// How long a lane waits for a missing seq (`pipeline.reorder_window_ms`).
+    pub reorder_window_ms: u64,
     /// The test fault injector (empty in production).
     pub faults: Arc<Faults>,
 }
@@ -90,6 +92,12 @@ pub(super) struct Item {
     _permit: Option<OwnedSemaphorePermit>,
     /// Counts the item in its partition's work until it is dropped (settled).
     _counted: Counted,
+}
+
+impl Sequenced for Item {
+    fn seq(&self) -> i64 {
+        self.envelope.seq
+    }
 }
 
 impl Item {
@@ -350,7 +358,8 @@ impl Worker {
                 .instrument(span),
             )
         });
-        Lanes::new(handler, max_run, tasks)
+        let window = Duration::from_millis(self.reorder_window_ms);
+        Lanes::new(handler, max_run, window, self.metrics.clone(), tasks)
     }
 
     /// Consumes partition `partition` through `consumer` until `stop` is cancelled or the stream

@@ -1,6 +1,9 @@
 //! Several nodes, one deployment: an api+worker node and two socket nodes, fanning out over RabbitMQ.
 
-use crate::common::{TcpProxy, spawn_cluster, spawn_node, spawn_unready};
+use crate::common::{
+    PATIENCE, StatsdListener, TcpProxy, counter_sum, spawn_cluster, spawn_node, spawn_unready,
+    wait_until,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -198,4 +201,63 @@ async fn a_join_pushes_exactly_what_follows_its_reply_even_when_its_bind_is_slow
     );
     api.post_sentinel("erin").await;
     client.expect_sentinel().await;
+}
+
+/// Two api nodes committing one user's events close together can publish them out of seq order
+/// (each publishes on its own channel). The user's lane on the worker puts them back in order: a
+/// later seq waits (up to `pipeline.reorder_window_ms`) for the one missing, so the socket never
+/// has to fill it in from PostgreSQL.
+#[tokio::test]
+async fn a_users_events_from_two_api_nodes_are_put_back_in_order_by_its_lane() {
+    let statsd = StatsdListener::bind().await;
+    let a = spawn_unready(|s| {
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.name = "api-worker-socket".into();
+        s.pipeline.reorder_window_ms = 10_000;
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    a.wait_ready().await;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(a.settings.queue.amqp_url.expose()).await;
+    let b = spawn_node(&a, "api", "api-b", |s| {
+        s.queue.amqp_url = via_proxy;
+        s.metrics.statsd_addr = String::new();
+    })
+    .await;
+    let mut client = a.connect_joined("fay").await;
+    let first = a.enqueue(json!({"user_id": "fay", "data": {"n": 1}})).await;
+    a.wait_status(&first, "delivered").await;
+    assert_eq!(client.recv_push().await[4]["seq"], 1);
+    // Seq 2 is committed on b, whose publish is held; seq 3 on a, published at once.
+    proxy.stall();
+    let second = b.enqueue(json!({"user_id": "fay", "data": {"n": 2}})).await;
+    let third = a.enqueue(json!({"user_id": "fay", "data": {"n": 3}})).await;
+    let admin = a.admin_key().await;
+    wait_until("seq 3 in work, waiting for seq 2", PATIENCE, || async {
+        let (_, stats) = a.get_json("/api/v1/admin/stats", &admin).await;
+        (stats["node"]["in_flight"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        a.status_of(&third).await.as_deref(),
+        Some("accepted"),
+        "3 waits"
+    );
+    proxy.resume();
+    for seq in [2, 3] {
+        assert_eq!(client.recv_push().await[4]["seq"], seq);
+    }
+    a.wait_status(&second, "delivered").await;
+    let lines = statsd.lines_through("socket.connections", 2).await;
+    assert_eq!(
+        counter_sum(&lines, "socket.push.gap_filled"),
+        0,
+        "no repair at the socket"
+    );
+    let restored: i64 = lines
+        .iter()
+        .filter(|l| l.starts_with("pipeline.lane.reorder:") && l.contains("outcome:restored"))
+        .filter_map(|l| l.split(['|', ':']).nth(1)?.parse::<i64>().ok())
+        .sum();
+    assert_eq!(restored, 1, "the lane waited for seq 2");
 }

@@ -720,6 +720,23 @@ where
     }
 }
 
+/// Empties the queue `name` behind Herald's back, as an operator's `rabbitmqctl purge_queue`
+/// would; returns how many messages it held.
+pub async fn purge_queue(queue: &herald::config::QueueSettings, name: &str) -> Result<u32, String> {
+    let connection = herald::queue::connect(queue, "test-purge")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = herald::queue::open_channel(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let purged = channel
+        .queue_purge(name.into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .map_err(|e| e.to_string());
+    let _ = connection.close(200, "purged".into()).await;
+    purged
+}
+
 /// The sum of the StatsD counter `name` over `lines` (as a `StatsdListener` received them).
 pub fn counter_sum(lines: &[String], name: &str) -> i64 {
     lines

@@ -16,16 +16,9 @@ fn quick_sweep(s: &mut Settings) {
 
 /// Empties `queue` behind Herald's back, as an operator's `rabbitmqctl purge_queue` would.
 async fn purge(app: &TestApp, queue: &str) -> u32 {
-    let connection = herald::queue::connect(&app.settings.queue, "test-purge")
+    crate::common::purge_queue(&app.settings.queue, queue)
         .await
-        .expect("broker");
-    let channel = herald::queue::open_channel(&connection).await.unwrap();
-    let purged = channel
-        .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
-        .await
-        .expect("queue purged");
-    let _ = connection.close(200, "purged".into()).await;
-    purged
+        .expect("queue purged")
 }
 
 /// Sum of the `pipeline.sweep.events` counts received until they reach `at_least`.

@@ -180,7 +180,7 @@ async fn run() {
         cluster,
         plan,
         admin_key,
-        settings.queue.prefix.clone(),
+        settings.queue.clone(),
         started,
         stop_nemesis.clone(),
     ));

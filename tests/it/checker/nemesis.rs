@@ -5,6 +5,9 @@
 use super::cluster::{Cluster, Role};
 use super::rng::Rng;
 use crate::chaos::close_broker_connections;
+use crate::common::purge_queue;
+use herald::config::QueueSettings;
+use herald::queue::Topology;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::time::sleep;
@@ -34,10 +37,14 @@ pub enum Fault {
     ReplayFailed,
     /// An operator replays one user's events, delivered ones included (admin API).
     ReplayUserDelivered,
+    /// An operator empties a partition queue behind Herald's back (`rabbitmqctl purge_queue`):
+    /// the messages in it are gone after their confirm, and only the sweeper brings their events
+    /// back.
+    PurgeQueue,
 }
 
 impl Fault {
-    const ALL: [Fault; 13] = [
+    const ALL: [Fault; 14] = [
         Fault::Kill(Role::Api),
         Fault::Kill(Role::Worker),
         Fault::Kill(Role::Socket),
@@ -51,6 +58,7 @@ impl Fault {
         Fault::CloseBrokerConnections,
         Fault::ReplayFailed,
         Fault::ReplayUserDelivered,
+        Fault::PurgeQueue,
     ];
 }
 
@@ -121,7 +129,7 @@ pub async fn run(
     mut cluster: Cluster,
     plan: Vec<Planned>,
     admin_key: String,
-    prefix: String,
+    queue: QueueSettings,
     started: std::time::Instant,
     stop: CancellationToken,
 ) -> (Cluster, Vec<Done>) {
@@ -137,7 +145,7 @@ pub async fn run(
             () = stop.cancelled() => break,
         }
         let at_ms = ms();
-        let what = strike(&mut cluster, &op, &http, &admin_key, &prefix).await;
+        let what = strike(&mut cluster, &op, &http, &admin_key, &queue).await;
         println!(
             "[{:>6.1}s] nemesis: {what} (healed at {:.1}s)",
             at_ms as f64 / 1000.0,
@@ -159,7 +167,7 @@ async fn strike(
     op: &Planned,
     http: &reqwest::Client,
     admin_key: &str,
-    prefix: &str,
+    queue: &QueueSettings,
 ) -> String {
     let ms = op.length.as_millis();
     match op.fault {
@@ -205,7 +213,7 @@ async fn strike(
             format!("stalled {}'s {what} for {ms} ms", slot.name())
         }
         Fault::CloseBrokerConnections => {
-            let prefix = prefix.to_owned();
+            let prefix = queue.prefix.clone();
             let closed = tokio::task::spawn_blocking(move || close_broker_connections(&prefix))
                 .await
                 .unwrap_or(0);
@@ -215,6 +223,14 @@ async fn strike(
             let body = json!({"status": "failed", "rate": 500});
             let answer = replay(cluster, http, admin_key, &body).await;
             format!("replay of failed events: {answer}")
+        }
+        Fault::PurgeQueue => {
+            let names = Topology::new(&queue.prefix, queue.partitions);
+            let name = names.partition_queue((op.pick % u64::from(queue.partitions)) as u16);
+            match purge_queue(queue, &name).await {
+                Ok(purged) => format!("purged {purged} message(s) from {name}"),
+                Err(error) => format!("could not purge {name}: {error}"),
+            }
         }
         Fault::ReplayUserDelivered => {
             let body = json!({"user_id": op.user, "include_delivered": true, "rate": 500});
