@@ -380,7 +380,7 @@ impl Instruments {
             lane_reorder: d.counter(
                 "pipeline.lane.reorder",
                 &["outcome"],
-                "Lanes that waited for a missing seq: restored (it came in time) or passed (the socket fills it).",
+                "Events a lane put back in seq order: sorted (arrived behind a later one), restored (waited for), passed (not in time; the socket fills it).",
             ),
             fenced: d.counter(
                 "pipeline.fenced",
@@ -824,9 +824,10 @@ impl Metrics {
         self.count(&self.inner.at.fenced, count as u64, &[stage]);
     }
 
-    /// A lane waited for a seq missing from its user's events: `restored` (it arrived within
-    /// `pipeline.reorder_window_ms`, and the events went on in order) or `passed` (the window ran
-    /// out; the socket fills the seq from PostgreSQL).
+    /// A lane put its user's events back in seq order: `sorted` (an event arrived behind a later
+    /// one still queued, and took its place), or it waited for a missing seq: `restored` (it
+    /// arrived within `pipeline.reorder_window_ms`) or `passed` (the window ran out; the socket
+    /// fills the seq from PostgreSQL).
     pub fn lane_reorder(&self, outcome: &'static str) {
         self.count(&self.inner.at.lane_reorder, 1, &[outcome]);
     }

@@ -71,6 +71,10 @@ enum Command {
         window: u64,
         #[serde(default)]
         skew: Option<f64>,
+        /// The API bases the producers post to, producer `w` to `apis[w % len]` (several api
+        /// nodes); empty: the connected node's.
+        #[serde(default)]
+        apis: Vec<String>,
     },
     /// Open loop at `rate` events/s to the connected users; latency of events accepted between
     /// `warmup` and `warmup + secs`.
@@ -97,6 +101,15 @@ enum Command {
         min_window: f64,
         limit: f64,
     },
+}
+
+/// The closed loop's shape: producers, the window of events in flight, the users' skew, and
+/// which API each producer posts to.
+struct E2eShape {
+    producers: usize,
+    window: u64,
+    skew: Option<f64>,
+    apis: Vec<String>,
 }
 
 struct Shared {
@@ -211,7 +224,16 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 producers,
                 window,
                 skew,
-            } => load.e2e(warmup, secs, producers, window, skew).await,
+                apis,
+            } => {
+                let shape = E2eShape {
+                    producers,
+                    window,
+                    skew,
+                    apis,
+                };
+                load.e2e(warmup, secs, &shape).await
+            }
             Command::Latency { rate, warmup, secs } => {
                 reply(load.latency(rate, warmup, secs).await)
             }
@@ -296,9 +318,14 @@ impl Shared {
 
 impl Loadgen {
     async fn post(&self, path: &str, body: String) -> bool {
+        self.post_to(&self.base, path, body).await
+    }
+
+    /// [`Self::post`] to the API at `base`.
+    async fn post_to(&self, base: &str, path: &str, body: String) -> bool {
         let sent = self
             .http
-            .post(format!("{}{path}", self.base))
+            .post(format!("{base}{path}"))
             .bearer_auth(&self.key)
             .header("content-type", "application/json")
             .body(body)
@@ -445,7 +472,13 @@ impl Loadgen {
         body
     }
 
-    async fn e2e(&self, warmup: f64, secs: f64, producers: usize, window: u64, skew: Option<f64>) {
+    async fn e2e(&self, warmup: f64, secs: f64, shape: &E2eShape) {
+        let E2eShape {
+            producers,
+            window,
+            skew,
+            ref apis,
+        } = *shape;
         let base = self.shared.received.load(Ordering::Relaxed);
         let sent = AtomicU64::new(0);
         let errors = AtomicU64::new(0);
@@ -471,7 +504,8 @@ impl Loadgen {
                     Some(zipf) => self.zipf_batch(zipf, &mut rng, BATCH, drawn_ref),
                     None => self.user_batch(BATCH),
                 };
-                if !self.post("/api/v1/events/batch", body).await {
+                let api = apis.get(w % apis.len().max(1)).unwrap_or(&self.base);
+                if !self.post_to(api, "/api/v1/events/batch", body).await {
                     sent.fetch_sub(BATCH as u64, Ordering::Relaxed);
                     errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -328,6 +328,11 @@ fn smoke_check(report: &Value) -> anyhow::Result<()> {
         ("end-to-end skewed, herald", "/skew/other/rate"),
         ("end-to-end, node A alone (cluster)", "/workers/base/rate"),
         ("end-to-end, nodes A + B (cluster)", "/workers/other/rate"),
+        ("order across api nodes, window 0", "/order/base/rate"),
+        (
+            "order across api nodes, default window",
+            "/order/other/rate",
+        ),
         ("latency 50%, raw", "/latency/1/raw/count"),
         ("latency 50%, herald", "/latency/1/herald/count"),
         ("burst, others' latency", "/burst/during/count"),
@@ -685,6 +690,14 @@ async fn run(
                 json!({"error": format!("{error:#}")})
             }
         };
+    report["order"] = match order(plan, names, deployment, &mut load, sink, &pool, &mut wire).await
+    {
+        Ok(order) => order,
+        Err(error) => {
+            say(format!("  order across api nodes: {error:#}"));
+            json!({"error": format!("{error:#}")})
+        }
+    };
     report["wire"] = wire.report();
     drop(load.stdin);
     let _ = load.child.kill().await;
@@ -804,6 +817,83 @@ async fn workers(
     Ok(report)
 }
 
+/// Order across api nodes: nodes A (`api,worker,socket`, the sockets) and B (`api,worker`), both
+/// in cluster mode, with the closed loop's producers posting to A's API and B's in turn, so one
+/// user's consecutive events are committed on both nodes and published on two channels. Measures
+/// the share of events the sockets had to fill in from PostgreSQL (`socket.push.gap_filled` per
+/// event attempted, `pipeline.worker.delivered`) with the lanes putting events back in seq order
+/// (the default `pipeline.reorder_window_ms`) and, as the same-run baseline, without (0), the two
+/// alternating round by round.
+async fn order(
+    plan: &Plan,
+    names: &Names,
+    deployment: &mut Deployment<'_>,
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+    pool: &sqlx::PgPool,
+    wire: &mut Wire,
+) -> anyhow::Result<Value> {
+    let partitions = herald::config::QueueSettings::default().partitions;
+    let default_window = herald::config::PipelineSettings::default().reorder_window_ms;
+    let mut rounds: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+    for round in 1..=plan.rounds {
+        let turns = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for turn in turns {
+            let window = if turn == 0 { default_window } else { 0 };
+            wait_drained(pool, if plan.quick { 20 } else { 120 }).await?;
+            load.call(json!({"cmd": "disconnect"})).await?;
+            deployment.stop_all().await;
+            for (name, roles) in [
+                ("herald-a", "api,worker,socket"),
+                ("herald-b", "api,worker"),
+            ] {
+                let extra = [
+                    ("HERALD_PUBSUB__MODE", "cluster".to_owned()),
+                    ("HERALD_NODE__ROLES", roles.to_owned()),
+                    ("HERALD_NODE__NAME", format!("bench-{name}")),
+                    ("HERALD_PIPELINE__REORDER_WINDOW_MS", window.to_string()),
+                ];
+                deployment.start(name, &extra).await?;
+            }
+            wait_partitions(&deployment.nodes, partitions).await?;
+            let apis: Vec<String> = deployment.nodes.iter().map(|n| n.base.clone()).collect();
+            load.call(json!({"cmd": "connect", "n": plan.sockets, "base": apis[0]}))
+                .await?;
+            say(format!(
+                "order across api nodes, round {round}/{}: A + B both taking events, lanes' reorder window {window} ms",
+                plan.rounds
+            ));
+            let nodes: Vec<&Node> = deployment.nodes.iter().collect();
+            let mut herald = herald_e2e_via(plan, names, &nodes, load, sink, None, &apis).await?;
+            let metrics = [herald["node_metrics"].clone()];
+            let attempted = statsd::counter(&metrics, "pipeline.worker.delivered");
+            let filled = statsd::counter(&metrics, "socket.push.gap_filled");
+            herald["gap_filled"] = json!(filled);
+            herald["gap_filled_per_event"] = json!(filled / attempted.max(1.0));
+            for outcome in ["sorted", "restored", "passed"] {
+                herald[format!("reorder_{outcome}")] = json!(statsd::counter(
+                    &metrics,
+                    &format!("pipeline.lane.reorder#outcome:{outcome}")
+                ));
+            }
+            say(format!(
+                "  {:.0} events/s; gap fills per event {:.4}; lanes put {} events back in place, waited {} times in time and {} in vain",
+                f(&herald, "/rate"),
+                f(&herald, "/gap_filled_per_event"),
+                f(&herald, "/reorder_sorted"),
+                f(&herald, "/reorder_restored"),
+                f(&herald, "/reorder_passed")
+            ));
+            wire.add("order across api nodes", &herald["node_metrics"]);
+            rounds[turn].push(herald);
+        }
+    }
+    let [with, without] = rounds;
+    let mut report = versus(&without, &with);
+    report["window_ms"] = json!(default_window);
+    Ok(report)
+}
+
 /// Waits until the worker nodes among `nodes` share the `partitions` between them: each consumes
 /// some, none twice, all of them covered (from `/readyz`). Returns how long that took.
 async fn wait_partitions(nodes: &[Node], partitions: u16) -> anyhow::Result<f64> {
@@ -842,9 +932,23 @@ async fn herald_e2e(
     sink: &statsd::Sink,
     skew: Option<f64>,
 ) -> anyhow::Result<Value> {
+    herald_e2e_via(plan, names, nodes, load, sink, skew, &[]).await
+}
+
+/// [`herald_e2e`] with the producers posting to `apis` in turn (empty: the connected node).
+async fn herald_e2e_via(
+    plan: &Plan,
+    names: &Names,
+    nodes: &[&Node],
+    load: &mut Loadgen,
+    sink: &statsd::Sink,
+    skew: Option<f64>,
+    apis: &[String],
+) -> anyhow::Result<Value> {
     load.send(
         json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW, "skew": skew}),
+                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW, "skew": skew,
+                     "apis": apis}),
     )
     .await?;
     let _start = load.recv().await?;
@@ -1126,6 +1230,33 @@ fn render(r: &Value) -> String {
         },
         format!("{:.2}x", f(r, "/workers/ratio")),
         "none (2 cores: a second node adds no CPU)".into(),
+    ]);
+    let (without, with) = (
+        f(r, "/order/base/gap_filled_per_event"),
+        f(r, "/order/other/gap_filled_per_event"),
+    );
+    rows.push([
+        format!(
+            "gap fills per event, two api nodes (A + B, producers alternating), lanes' reorder window {} ms",
+            r["order"]["window_ms"]
+        ),
+        format!(
+            "{without:.4} (window 0, same rounds; {} events/s)",
+            thousands(f(r, "/order/base/rate"))
+        ),
+        match r["order"]["error"].as_str() {
+            Some(error) => format!("failed: {error}"),
+            None => format!(
+                "{with:.4} ({} events/s; {} events put back in place, {} waits)",
+                thousands(f(r, "/order/other/rate")),
+                thousands(f(r, "/order/other/reorder_sorted")),
+                thousands(
+                    f(r, "/order/other/reorder_restored") + f(r, "/order/other/reorder_passed")
+                )
+            ),
+        },
+        format!("{:.2}x rate", f(r, "/order/ratio")),
+        verdict(with <= 0.001, "<= 0.001 gap fills per event"),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));

@@ -15,7 +15,9 @@
 //! `pipeline.reorder_window_ms` for the missing ones to arrive, and a run never spans such a gap.
 //! Nothing waits when events come in order, and a seq that is missing for longer (a retry waiting
 //! in its delay queue, a publish left to the relay) is passed after the window: the socket's order
-//! guard fills it from PostgreSQL, as before. `pipeline.lane.reorder` counts both outcomes.
+//! guard fills it from PostgreSQL, as before. `pipeline.lane.reorder` counts events put back in
+//! place while queued (`sorted`), and waits that ended with the missing seq (`restored`) or
+//! without it (`passed`).
 //!
 //! Invariant: a lane is in the map exactly while a task runs it. A push onto an existing lane
 //! relies on that task to take the item, so a lane left without one would hold its user's events
@@ -123,6 +125,9 @@ impl<T: Sequenced + Send + 'static> Lanes<T> {
             let at = lane
                 .queued
                 .partition_point(|queued| queued.seq() <= item.seq());
+            if at < lane.queued.len() {
+                self.metrics.lane_reorder("sorted");
+            }
             lane.queued.insert(at, item);
             lane.pushed.notify_one();
             return;
