@@ -818,8 +818,9 @@ async fn workers(
 }
 
 /// Order across api nodes: nodes A (`api,worker,socket`, the sockets) and B (`api,worker`), both
-/// in cluster mode, with the closed loop's producers posting to A's API and B's in turn, so one
-/// user's consecutive events are committed on both nodes and published on two channels. Measures
+/// in cluster mode, with the closed loop's producers posting to A's API and B's in turn and users
+/// Zipf-distributed, so a hot user's consecutive events are committed on both nodes and published
+/// on two channels. Measures
 /// the share of events the sockets had to fill in from PostgreSQL (`socket.push.gap_filled` per
 /// event attempted, `pipeline.worker.delivered`) with the lanes putting events back in seq order
 /// (the default `pipeline.reorder_window_ms`) and, as the same-run baseline, without (0), the two
@@ -864,7 +865,9 @@ async fn order(
                 plan.rounds
             ));
             let nodes: Vec<&Node> = deployment.nodes.iter().collect();
-            let mut herald = herald_e2e_via(plan, names, &nodes, load, sink, None, &apis).await?;
+            // Skewed users: hot users' events land in consecutive batches, sent to both nodes.
+            let mut herald =
+                herald_e2e_via(plan, names, &nodes, load, sink, Some(ZIPF_S), &apis).await?;
             let metrics = [herald["node_metrics"].clone()];
             let attempted = statsd::counter(&metrics, "pipeline.worker.delivered");
             let filled = statsd::counter(&metrics, "socket.push.gap_filled");
@@ -1237,7 +1240,7 @@ fn render(r: &Value) -> String {
     );
     rows.push([
         format!(
-            "gap fills per event, two api nodes (A + B, producers alternating), lanes' reorder window {} ms",
+            "gap fills per event, two api nodes (A + B, producers alternating, users Zipf-distributed), lanes' reorder window {} ms",
             r["order"]["window_ms"]
         ),
         format!(

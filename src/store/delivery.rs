@@ -304,24 +304,27 @@ impl Store {
                      next_attempt_at = CASE WHEN x.kind = 'retrying' AND e.status <> 'delivered'
                                             THEN to_timestamp(x.retry_at / 1000.0) END
                  FROM x WHERE e.id = x.id
-                 RETURNING e.id, e.attempts),
+                 -- The attempt's own fields ride along, so nothing below joins two CTEs (the
+                 -- planner cannot estimate them, and a nested loop over both was quadratic).
+                 RETURNING e.id, e.attempts, x.kind, x.sockets, x.err, x.started, x.finished,
+                           x.retry_at, x.part),
              -- A retry's message is in flight until a worker settles it: it gets an outbox row of
              -- its own (the message's id is the event's), dated when it is due, for the sweeper.
              retried AS (
                  INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
-                 SELECT x.id, ARRAY[x.id], x.part::int2, to_timestamp(x.retry_at / 1000.0), now()
-                 FROM x JOIN upd ON upd.id = x.id WHERE x.kind = 'retrying'
+                 SELECT id, ARRAY[id], part::int2, to_timestamp(retry_at / 1000.0), now()
+                 FROM upd WHERE kind = 'retrying'
                  ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at,
                                                 confirmed_at = EXCLUDED.confirmed_at),
              logged AS (
                  INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
-                 SELECT x.id, upd.attempts, to_timestamp(x.started / 1000.0), to_timestamp(x.finished / 1000.0),
-                        CASE WHEN x.kind <> 'delivered' THEN 'failed'
-                             WHEN x.sockets > 0 THEN 'pushed' ELSE 'offline' END,
-                        x.sockets, x.err
-                 FROM x JOIN upd ON upd.id = x.id
+                 SELECT id, attempts, to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
+                        CASE WHEN kind <> 'delivered' THEN 'failed'
+                             WHEN sockets > 0 THEN 'pushed' ELSE 'offline' END,
+                        sockets, err
+                 FROM upd
                  -- A first attempt that delivers stays on the event row (see the migration).
-                 WHERE NOT (x.kind = 'delivered' AND upd.attempts = 1)
+                 WHERE NOT (kind = 'delivered' AND attempts = 1)
                  ON CONFLICT DO NOTHING)
              SELECT g.id FROM given g WHERE NOT EXISTS (SELECT 1 FROM x WHERE x.id = g.id)",
         )
