@@ -326,7 +326,7 @@ impl Default for PipelineSettings {
             relay_batch: 1_000,
             max_status_batch: 1_000,
             max_run_events: 200,
-            reorder_window_ms: 50,
+            reorder_window_ms: 100,
             sweep_after_ms: 300_000,
             sweep_interval_ms: 30_000,
             sweep_idle_ms: 2_000,

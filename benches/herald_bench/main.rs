@@ -1259,7 +1259,7 @@ fn render(r: &Value) -> String {
             ),
         },
         format!("{:.2}x rate", f(r, "/order/ratio")),
-        verdict(with <= 0.001, "<= 0.001 gap fills per event"),
+        verdict(with <= 0.002, "<= 0.002 gap fills per event"),
     ]);
     for k in 0..3 {
         let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
