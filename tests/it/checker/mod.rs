@@ -556,10 +556,12 @@ fn summary(
         .iter()
         .filter(|e| e.status == "failed" && e.event == "poison")
         .count();
+    // Sweeps of events still stored (retention may have pruned swept ones since).
+    let swept: i64 = snapshot.events.iter().map(|e| i64::from(e.sweeps)).sum();
     format!(
         "{accepted} events accepted in {} requests ({} batches); stored {} (delivered {}, failed \
-         {} of which {poison} poison), pruned {}; {} channel instances ({with} joins with \
-         last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}",
+         {} of which {poison} poison, {swept} sweeps), pruned {}; {} channel instances ({with} \
+         joins with last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}",
         stats.requests.load(Ordering::Relaxed),
         stats.batches.load(Ordering::Relaxed),
         snapshot.events.len(),

@@ -37,9 +37,10 @@ pub enum Fault {
     ReplayFailed,
     /// An operator replays one user's events, delivered ones included (admin API).
     ReplayUserDelivered,
-    /// An operator empties a partition queue behind Herald's back (`rabbitmqctl purge_queue`):
-    /// the messages in it are gone after their confirm, and only the sweeper brings their events
-    /// back.
+    /// A worker node loses RabbitMQ (its link cut), so its partitions' messages pile up ready in
+    /// their queues, and meanwhile an operator empties every partition queue behind Herald's back
+    /// (`rabbitmqctl purge_queue`): those messages are gone after their confirm, and only the
+    /// sweeper brings their events back.
     PurgeQueue,
 }
 
@@ -100,6 +101,7 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
             Fault::Kill(_) => rng.between(200, 2_000),
             Fault::Pause(_) => rng.between(lease_ms * 3 / 2, lease_ms * 2),
             Fault::CutPostgres | Fault::CutRabbitmq => rng.between(1_000, 3_000),
+            Fault::PurgeQueue => rng.between(1_000, 2_500),
             Fault::StallPostgres | Fault::StallRabbitmq => rng.between(1_000, 4_000),
             _ => 0,
         });
@@ -225,12 +227,30 @@ async fn strike(
             format!("replay of failed events: {answer}")
         }
         Fault::PurgeQueue => {
+            let workers = cluster.of(Role::Worker);
+            let slot = &cluster.slots[workers[op.pick as usize % workers.len()]];
+            slot.rabbitmq.cut();
+            // Its partitions have no consumer until their leases move: messages wait, ready.
+            sleep(op.length).await;
             let names = Topology::new(&queue.prefix, queue.partitions);
-            let name = names.partition_queue((op.pick % u64::from(queue.partitions)) as u16);
-            match purge_queue(queue, &name).await {
-                Ok(purged) => format!("purged {purged} message(s) from {name}"),
-                Err(error) => format!("could not purge {name}: {error}"),
+            let (mut purged, mut failed) = (0, Vec::new());
+            for p in 0..queue.partitions {
+                match purge_queue(queue, &names.partition_queue(p)).await {
+                    Ok(n) => purged += n,
+                    Err(error) => failed.push(error),
+                }
             }
+            slot.rabbitmq.restore();
+            format!(
+                "cut {}'s RabbitMQ for {ms} ms and purged {purged} message(s) from the partition \
+                 queues meanwhile{}",
+                slot.name(),
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} queue(s) not purged: {})", failed.len(), failed[0])
+                }
+            )
         }
         Fault::ReplayUserDelivered => {
             let body = json!({"user_id": op.user, "include_delivered": true, "rate": 500});
