@@ -162,6 +162,13 @@ impl<T: Sequenced + Send + 'static> Lanes<T> {
         self.max_run
     }
 
+    /// Forgets the last seq handed on of every user: a partition this node consumes again was
+    /// delivered by another node meanwhile, and a remembered seq from before would make its users'
+    /// next events wait out the window for seqs that are long delivered.
+    pub(super) fn forget_seqs(&self) {
+        self.lock().last.clear();
+    }
+
     /// Users with a lane (events queued or running).
     #[cfg(test)]
     fn active(&self) -> usize {
@@ -383,6 +390,12 @@ mod tests {
         );
         assert_eq!(log.recv().await, Some(vec![8]));
         assert!(started.elapsed() >= window * 2);
+        // Forgotten (its partition came back from another node): the next one goes on at once.
+        lanes.forget_seqs();
+        let started = Instant::now();
+        lanes.push("u", ("u".into(), 20));
+        assert_eq!(log.recv().await, Some(vec![20]));
+        assert!(started.elapsed() < window, "nothing to wait for");
         tasks.close();
         tasks.wait().await;
     }

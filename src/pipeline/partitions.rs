@@ -588,6 +588,7 @@ impl Coordinator {
                     tracing::info!(partition = p, epoch = token.epoch, "consuming partition");
                     self.metrics.partition_moved("acquired");
                     session.running.insert(p, running);
+                    session.lanes.forget_seqs();
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, partition = p, "cannot consume a partition");
