@@ -723,6 +723,9 @@ impl Worker {
         let envelope = &item.envelope;
         let body = encode_batch(std::slice::from_ref(envelope));
         let message_id = envelope.id.to_string();
+        // The retry's own id (its outbox row's): each retry is a message apart, settled apart.
+        let retry_id = Uuid::now_v7();
+        let retry_message_id = retry_id.to_string();
         let Decision::Retry {
             delay_ms,
             wait_ms,
@@ -741,7 +744,7 @@ impl Worker {
                 envelope.user_id.as_str(),
                 route.names.partitions,
             ),
-            message_id: &message_id,
+            message_id: &retry_message_id,
             body: &body,
         };
         match queue::publish_retry(route.channel, route.names, &retry, route.confirm_timeout).await
@@ -750,7 +753,11 @@ impl Worker {
                 self.metrics.retry_scheduled(item.attempt);
                 let retry_at_ms = now_unix_ms() + i64::try_from(wait_ms).unwrap_or(i64::MAX / 2);
                 (
-                    AttemptResult::Retrying { error, retry_at_ms },
+                    AttemptResult::Retrying {
+                        error,
+                        retry_at_ms,
+                        message: Some(retry_id),
+                    },
                     Settle::Retried,
                 )
             }
@@ -763,7 +770,11 @@ impl Worker {
                 tracing::warn!(error = %lost, "cannot schedule a retry: its channel failed");
                 let retry_at_ms = now_unix_ms();
                 (
-                    AttemptResult::Retrying { error, retry_at_ms },
+                    AttemptResult::Retrying {
+                        error,
+                        retry_at_ms,
+                        message: None,
+                    },
                     Settle::Requeue,
                 )
             }
@@ -776,7 +787,11 @@ impl Worker {
                 self.metrics.retry_unconfirmed();
                 let retry_at_ms = now_unix_ms();
                 (
-                    AttemptResult::Retrying { error, retry_at_ms },
+                    AttemptResult::Retrying {
+                        error,
+                        retry_at_ms,
+                        message: None,
+                    },
                     Settle::Requeue,
                 )
             }

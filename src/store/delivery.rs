@@ -45,6 +45,11 @@ pub enum AttemptResult {
         error: String,
         /// When the next attempt is due, Unix ms.
         retry_at_ms: i64,
+        /// The retry's message, once confirmed into its delay queue: its id is its outbox row's,
+        /// one of its own per retry (a retry's row must not be the one the retry before it deletes
+        /// when its message is settled). `None` when the attempt is to be made again from the same
+        /// message (the retry's publish failed or was not confirmed).
+        message: Option<Uuid>,
     },
     /// The attempt failed and it was the last one: the event is `failed` (and dead-lettered).
     Failed {
@@ -231,7 +236,8 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut started, mut finished, mut retry_at) = (
+        let (mut started, mut finished, mut retry_at, mut retry_messages) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -242,23 +248,37 @@ impl Store {
             epochs.push(record.lease.epoch);
             started.push(record.started_at_ms);
             finished.push(record.finished_at_ms);
-            let (kind, reached, error, at) = match &record.result {
-                AttemptResult::Delivered { sockets } => ("delivered", Some(*sockets), None, None),
-                AttemptResult::Retrying { error, retry_at_ms } => {
-                    ("retrying", None, Some(error.as_str()), Some(*retry_at_ms))
+            let (kind, reached, error, at, message) = match &record.result {
+                AttemptResult::Delivered { sockets } => {
+                    ("delivered", Some(*sockets), None, None, None)
                 }
-                AttemptResult::Failed { error } => ("failed", None, Some(error.as_str()), None),
+                AttemptResult::Retrying {
+                    error,
+                    retry_at_ms,
+                    message,
+                } => (
+                    "retrying",
+                    None,
+                    Some(error.as_str()),
+                    Some(*retry_at_ms),
+                    *message,
+                ),
+                AttemptResult::Failed { error } => {
+                    ("failed", None, Some(error.as_str()), None, None)
+                }
             };
             kinds.push(kind);
             sockets.push(reached);
             errors.push(error);
             retry_at.push(at);
+            retry_messages.push(message);
         }
         let fenced: Vec<Uuid> = sqlx::query_scalar(
             "WITH given AS (
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int8[],
-                                      $6::int8[], $7::int8[], $8::int4[], $9::int8[])
-                     AS g(id, kind, sockets, err, started, finished, retry_at, part, epoch)),
+                                      $6::int8[], $7::int8[], $8::int4[], $9::int8[], $11::uuid[])
+                     AS g(id, kind, sockets, err, started, finished, retry_at, part, epoch,
+                          retry_message)),
              -- The leases the attempts were made under, if this node still holds them: locked, so
              -- a takeover (which raises the epoch) cannot slip in before this statement commits.
              held AS (
@@ -307,15 +327,14 @@ impl Store {
                  -- The attempt's own fields ride along, so nothing below joins two CTEs (the
                  -- planner cannot estimate them, and a nested loop over both was quadratic).
                  RETURNING e.id, e.attempts, x.kind, x.sockets, x.err, x.started, x.finished,
-                           x.retry_at, x.part),
+                           x.retry_at, x.part, x.retry_message),
              -- A retry's message is in flight until a worker settles it: it gets an outbox row of
-             -- its own (the message's id is the event's), dated when it is due, for the sweeper.
+             -- its own (the retry message's id), dated when it is due, for the sweeper.
              retried AS (
                  INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
-                 SELECT id, ARRAY[id], part::int2, to_timestamp(retry_at / 1000.0), now()
-                 FROM upd WHERE kind = 'retrying'
-                 ON CONFLICT (id) DO UPDATE SET created_at = EXCLUDED.created_at,
-                                                confirmed_at = EXCLUDED.confirmed_at),
+                 SELECT retry_message, ARRAY[id], part::int2, to_timestamp(retry_at / 1000.0), now()
+                 FROM upd WHERE kind = 'retrying' AND retry_message IS NOT NULL
+                 ON CONFLICT (id) DO NOTHING),
              logged AS (
                  INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
                  SELECT id, attempts, to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
@@ -338,6 +357,7 @@ impl Store {
         .bind(&partitions)
         .bind(&epochs)
         .bind(node)
+        .bind(&retry_messages)
         .fetch_all(&self.pool)
         .await
         .map_err(Error::query("record delivery attempts"))?;

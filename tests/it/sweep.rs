@@ -242,3 +242,39 @@ async fn a_busy_partitions_stale_events_never_hide_an_idle_partitions() {
     .await;
     feeder.abort();
 }
+
+/// A retry's message has an outbox row of its own, apart from the retry before it: settling the
+/// first retry's message must not forget the second's. (Both once had the event's id, so the first
+/// retry's ack deleted the row the second had just written, and a second retry lost in its delay
+/// queue then left its event `published` for good, with no row for the sweeper to find.)
+#[tokio::test]
+async fn a_second_retry_destroyed_in_its_delay_queue_is_swept_and_delivered() {
+    let app = spawn_app_with(|s| {
+        quick_sweep(s);
+        s.faults.fail_events = vec!["flaky:2".into()];
+        s.retry.schedule_ms = vec![100, 3_000];
+    })
+    .await;
+    let id = app
+        .enqueue(json!({"user_id": "6", "event": "flaky", "data": {}}))
+        .await;
+    // The second attempt (the first retry) failed too: the second retry waits 3 s.
+    wait_until("the second attempt failed", PATIENCE, || async {
+        let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM events WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&id).unwrap())
+            .fetch_one(app.store.pool())
+            .await
+            .ok()?;
+        (attempts == 2).then_some(())
+    })
+    .await;
+    let names =
+        herald::queue::Topology::new(&app.settings.queue.prefix, app.settings.queue.partitions);
+    assert_eq!(
+        purge(&app, &names.delay_queue(3_000)).await,
+        1,
+        "the second retry waited there"
+    );
+    let (attempts, _) = app.wait_status(&id, "delivered").await;
+    assert_eq!(attempts, 3, "two failed attempts, then the swept one");
+}
