@@ -57,15 +57,9 @@ pub enum Error {
     /// StatsD could not be set up.
     #[error(transparent)]
     Metrics(#[from] metrics::Error),
-    /// The HTTP address could not be bound.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A listener's address could not be bound (the message says which setting moves it).
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The demo is enabled but its files are missing.
     #[error(transparent)]
     Demo(#[from] crate::demo::MissingAsset),
@@ -78,6 +72,71 @@ pub enum Error {
     /// The partition count cannot be used (see [`crate::pipeline::partitions::check_layout`]).
     #[error(transparent)]
     Layout(#[from] crate::pipeline::partitions::LayoutError),
+}
+
+/// A node's listeners, each moved by a setting of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The API, WebSockets, console and health checks (`http.addr`).
+    Http,
+    /// Prometheus' `/metrics` (`metrics.prometheus_addr`).
+    Prometheus,
+}
+
+/// A listener's address could not be bound: it says, in one line, which listener, the address it
+/// tried, why, and the setting to change, since two nodes on one box collide on the defaults.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for {}: {why}; {}", .listener.serves(), .listener.remedy())]
+pub struct BindError {
+    /// Which listener.
+    pub listener: Listener,
+    /// The address tried.
+    pub addr: SocketAddr,
+    /// Why it failed (not a `source`: the message already says it, on one line).
+    pub why: std::io::Error,
+}
+
+impl Listener {
+    /// What the listener serves.
+    pub fn serves(self) -> &'static str {
+        match self {
+            Self::Http => "the HTTP API and WebSockets",
+            Self::Prometheus => "Prometheus' /metrics",
+        }
+    }
+
+    /// The variable that moves it.
+    pub fn variable(self) -> &'static str {
+        match self {
+            Self::Http => "HERALD_HTTP_ADDR",
+            Self::Prometheus => "HERALD_METRICS__PROMETHEUS_ADDR",
+        }
+    }
+
+    fn remedy(self) -> String {
+        match self {
+            Self::Http => format!("set {} (http.addr) to a free address", self.variable()),
+            Self::Prometheus => format!(
+                "set {} (metrics.prometheus_addr) to a free address, or to empty for no /metrics listener",
+                self.variable()
+            ),
+        }
+    }
+
+    /// Binds `addr`, returning the listener and the address it got (port 0 resolved).
+    ///
+    /// # Errors
+    /// The address is taken, not local, or not allowed.
+    pub async fn bind(self, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+        let fail = |why| BindError {
+            listener: self,
+            addr,
+            why,
+        };
+        let listener = TcpListener::bind(addr).await.map_err(fail)?;
+        let bound = listener.local_addr().map_err(fail)?;
+        Ok((listener, bound))
+    }
 }
 
 /// A node, built and ready to run.
@@ -133,24 +192,10 @@ impl App {
         if roles.api || roles.worker {
             check_layout(&settings, &store).await?;
         }
-        let listener = TcpListener::bind(settings.http.addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: settings.http.addr,
-                source,
-            })?;
-        let http_addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: settings.http.addr,
-            source,
-        })?;
+        let (listener, http_addr) = Listener::Http.bind(settings.http.addr).await?;
         let scrape = match settings.prometheus_addr() {
             None => None,
-            Some(addr) => {
-                let bind = |source| Error::Bind { addr, source };
-                let listener = TcpListener::bind(addr).await.map_err(bind)?;
-                let bound = listener.local_addr().map_err(bind)?;
-                Some((listener, bound))
-            }
+            Some(addr) => Some(Listener::Prometheus.bind(addr).await?),
         };
         let signer = TokenSigner::new(secret);
         let demo = if settings.demo.enabled && roles.api {
@@ -222,6 +267,7 @@ impl App {
     /// # Errors
     /// None today (a failed accept is retried); the `Result` leaves callers one error path.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let metrics_addr = self.metrics_addr();
         let mut wiring = Wiring::default();
         let mut api = self
             .roles
@@ -233,9 +279,7 @@ impl App {
             .then(|| self.start_worker(&mut wiring, &shutdown));
         let sockets = self.start_sockets(&mut wiring, &shutdown);
         let (every_node, router) = self.start_every_node(wiring, &sockets.state, &shutdown);
-        tracing::info!(
-            addr = %self.http_addr, node = %self.node, roles = %self.roles.names(), "herald serving"
-        );
+        self.log_serving(metrics_addr);
         // (1) Intake stops: the listener closes (requests in flight finish) and `shutdown` has
         // cancelled the consumers, the relay, retention, replay and the fan-out queue.
         let deadline = server::serve(
@@ -271,6 +315,39 @@ impl App {
         every_node.close(deadline, &self.metrics).await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+
+    /// What the node serves and where, a line for each role at the default level: the node, the
+    /// api's routes, the sockets, the metrics (the worker says which partitions it consumes once it
+    /// has them, see `partitions`).
+    fn log_serving(&self, metrics_addr: Option<SocketAddr>) {
+        let addr = self.http_addr;
+        tracing::info!(
+            addr = %addr, node = %self.node, roles = %self.roles.names(),
+            version = %env!("CARGO_PKG_VERSION"), "herald serving"
+        );
+        if self.roles.api {
+            tracing::info!(
+                "api: events at http://{addr}/api/v1/events, console at http://{addr}/console"
+            );
+        }
+        if self.roles.socket {
+            tracing::info!(
+                "socket: Phoenix Channels at ws://{addr}/socket (pubsub {})",
+                match self.settings.cluster() {
+                    true => "cluster",
+                    false => "local",
+                }
+            );
+        }
+        let statsd = match self.settings.metrics.statsd_addr.as_str() {
+            "" => "no StatsD".to_owned(),
+            to => format!("StatsD to {to}"),
+        };
+        match metrics_addr {
+            Some(at) => tracing::info!("metrics: {statsd}, Prometheus at http://{at}/metrics"),
+            None => tracing::info!("metrics: {statsd}, no Prometheus listener"),
+        }
     }
 
     /// The api role: group commit, publisher and its confirm recorder, outbox relay, retention,
@@ -505,8 +582,7 @@ impl App {
                 settings.http.body_read_timeout_ms,
             )));
         // Prometheus' listener stops and drains with the main one, on the same signal.
-        let scrape_task = self.scrape.take().map(|(listener, addr)| {
-            tracing::info!(addr = %addr, "serving /metrics for Prometheus");
+        let scrape_task = self.scrape.take().map(|(listener, _)| {
             tokio::spawn(server::serve(
                 listener,
                 api::scrape::routes(self.metrics.clone()),

@@ -10,6 +10,7 @@ use herald::store::Store;
 use herald::token::{TokenSigner, now_unix_secs};
 use tokio_util::sync::CancellationToken;
 
+mod check;
 mod replay;
 
 /// Herald: durable real-time notification delivery (HTTP API -> PostgreSQL -> RabbitMQ -> Phoenix
@@ -36,6 +37,21 @@ enum Command {
         /// development key (anyone can forge them) instead of refusing to start.
         #[arg(long)]
         dev: bool,
+    },
+    /// Check, one line each, what this node's roles need (settings, secret, listen addresses,
+    /// PostgreSQL and migrations, partition count, each RabbitMQ node and the vhost permissions,
+    /// StatsD), loading the settings as `serve` would; exits non-zero if any check fails.
+    Check {
+        /// Roles to check for, as `serve --roles`.
+        #[arg(long)]
+        roles: Option<String>,
+        /// As `serve --dev`: a missing HERALD_SECRET is only a warning.
+        #[arg(long)]
+        dev: bool,
+        /// The node is running (a container healthcheck): instead of the listen addresses being
+        /// free, check that the node on them answers /readyz.
+        #[arg(long)]
+        running: bool,
     },
     /// Create the database if it is missing and apply the migrations.
     Migrate,
@@ -109,9 +125,10 @@ fn settings_help() -> String {
     text
 }
 
-fn init_tracing() {
+/// `default` is the filter without HERALD_LOG.
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Logs go to stderr, so a command's output (an API key, a token) stays clean on stdout.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -125,30 +142,60 @@ fn init_tracing() {
         .init();
 }
 
+/// Runs the command; an error is printed on one line (its causes joined by `: `), so a log shows
+/// what failed and why together.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", check::one_line(error.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let help = settings_help();
     let command = Cli::command().mut_subcommand("serve", |c| c.after_help(help.clone()));
+    let command = command.mut_subcommand("check", |c| c.after_help(help.clone()));
     let command = command.mut_subcommand("demo", |c| c.after_help(help));
     let cli = Cli::from_arg_matches(&command.get_matches())?;
-    init_tracing();
+    // `check` prints its own findings; lapin would log each refused probe as an ERROR.
+    init_tracing(match cli.command {
+        Command::Check { .. } => "error,lapin=off",
+        _ => "info,sqlx=warn,lapin=warn",
+    });
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     if let Command::Serve {
+        roles: Some(roles), ..
+    }
+    | Command::Check {
         roles: Some(roles), ..
     } = &cli.command
     {
         env.push(("HERALD_NODE__ROLES".into(), roles.clone()));
     }
-    if let Command::Serve { dev: true, .. } | Command::Token { dev: true, .. } = &cli.command {
+    if let Command::Serve { dev: true, .. }
+    | Command::Token { dev: true, .. }
+    | Command::Check { dev: true, .. } = &cli.command
+    {
         env.push(("HERALD_NODE__DEV".into(), "true".into()));
     }
     if let Command::Secret = cli.command {
         // Needs no settings: it is how a first deployment gets its HERALD_SECRET.
         return secret();
     }
-    let settings = Settings::load(cli.config.as_deref(), env).context("cannot load settings")?;
+    let loaded = Settings::load(cli.config.as_deref(), env).context("cannot load settings");
+    if let Command::Check { .. } = cli.command
+        && let Err(error) = &loaded
+    {
+        return check::settings_failed(error);
+    }
+    let settings = loaded?;
     match cli.command {
         Command::Serve { .. } => serve(settings).await,
+        Command::Check { running, .. } => check::run(&settings, running).await,
         Command::Migrate => migrate(&settings).await.map(|_| ()),
         Command::Producers { command } => producers(&settings, command).await,
         Command::Token {
@@ -162,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    tracing::info!(settings = ?settings, "effective settings");
+    tracing::debug!(settings = ?settings, "effective settings");
     let app = App::build(settings).await.context("cannot start herald")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -249,6 +296,17 @@ async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Re
     Ok(())
 }
 
+/// A fresh key for the demo's producer `name` (created on the first demo), with the admin role or
+/// without: each demo start re-keys it, so a key printed once never outlives its demo.
+async fn demo_key(store: &Store, name: &str, admin: bool) -> anyhow::Result<herald::store::ApiKey> {
+    let (_, key) = match store.rotate_producer_key(name).await? {
+        Some(rekeyed) => rekeyed,
+        None => store.create_producer(name).await?,
+    };
+    store.set_producer_admin(name, admin).await?;
+    Ok(key)
+}
+
 fn signer(settings: &Settings) -> anyhow::Result<TokenSigner> {
     let secret = settings.signing_secret()?;
     if settings.socket.secret.is_none() {
@@ -291,10 +349,9 @@ async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     // The page's stats channel tries ping, slow_ping and parallel_slow_ping.
     settings.socket.stats_enabled = true;
     let store = migrate(&settings).await?;
-    let (_, key) = match store.rotate_producer_key("demo").await? {
-        Some(rekeyed) => rekeyed,
-        None => store.create_producer("demo").await?,
-    };
+    let key = demo_key(&store, "demo", false).await?;
+    // The console's key: an admin producer of its own, so the demo producer stays a plain one.
+    let admin_key = demo_key(&store, "demo-admin", true).await?;
     store.close().await;
     let app = App::build(settings.clone())
         .await
@@ -304,8 +361,11 @@ async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     let token = signer(&settings)?.sign(&user, now_unix_secs() + settings.socket.token_ttl_secs);
     println!(
         "\nHerald is running on http://{addr}  (ctrl-c stops it)\n\
-         Demo page: http://{addr}/demo\n\n\
-         API key of producer \"demo\" (new each time the demo starts):\n  {key}\n\n\
+         Demo page: http://{addr}/demo\n\
+         Console:   http://{addr}/console  (sign in with the admin key below)\n\n\
+         API key of producer \"demo\" (new each time the demo starts):\n  {key}\n\
+         Admin key of producer \"demo-admin\", for the console and the admin API (development only; \
+         new each time):\n  {admin_key}\n\n\
          1. Connect as user 42 (Phoenix Channels v2), e.g. with the official JS client:\n\
          \x20    new Socket(\"ws://{addr}/socket\", {{params: {{token: \"{token}\"}}}}).channel(\"user:42\").join()\n\
          \x20  or any WebSocket client:\n\
@@ -314,7 +374,8 @@ async fn demo(mut settings: Settings) -> anyhow::Result<()> {
          2. Send user 42 an event:\n\
          \x20    curl -i -X POST http://{addr}/api/v1/events -H 'Authorization: Bearer {key}' \\\n\
          \x20      -H 'Content-Type: application/json' -d '{{\"user_id\":\"42\",\"event\":\"push_timed\",\"data\":{{\"n\":1}}}}'\n",
-        key = key.expose()
+        key = key.expose(),
+        admin_key = admin_key.expose()
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -36,7 +36,7 @@ use crate::backoff::{Backoff, reconnect};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::queue::{self, BrokerNodes, ConsumerLink, Topology};
-use crate::store::{self, Layout, LeaseToken, Store};
+use crate::store::{self, Layout, LeaseToken, PRE_PARTITION_QUEUES_REMOVED, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -269,6 +269,8 @@ struct State {
     renewed: Option<Instant>,
     next_sweep: Instant,
     sweeping: Option<JoinHandle<()>>,
+    /// A session was open before: a new one is a recovery worth a line at the default level.
+    reconnecting: bool,
 }
 
 impl Coordinator {
@@ -285,6 +287,7 @@ impl Coordinator {
             renewed: None,
             next_sweep: Instant::now() + self.sweep_every(),
             sweeping: None,
+            reconnecting: false,
         };
         loop {
             tokio::select! {
@@ -340,7 +343,12 @@ impl Coordinator {
         let Some(opened) = opened else {
             return false;
         };
-        tracing::info!(node = %self.node, "worker connected");
+        if state.reconnecting {
+            tracing::info!(node = %self.node, "worker reconnected to RabbitMQ");
+        } else {
+            tracing::debug!(node = %self.node, "worker connected to RabbitMQ");
+        }
+        state.reconnecting = true;
         state.session = Some(opened);
         true
     }
@@ -402,10 +410,41 @@ impl Coordinator {
         }
     }
 
+    /// Removes the queues of the layout before partitions, once per deployment: a fresh one starts
+    /// with the step done (see the `broker_upgrades` migration), because probing for a missing
+    /// queue makes lapin log an ERROR. When the store cannot say, the probe waits for a later
+    /// connection: nothing depends on it but tidiness.
+    async fn remove_legacy_queues_once(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Result<(), queue::Error> {
+        match self.store.upgrade_done(PRE_PARTITION_QUEUES_REMOVED).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::debug!(error = ?error, "cannot read the upgrade steps taken; not probing for old queues now");
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            "looking for the queues of the layout before partitions, once (RabbitMQ closes a channel for each one that is missing, which lapin logs)"
+        );
+        let queue = &self.settings.queue;
+        queue::remove_legacy_queues(connection, queue, &self.worker.retry_delays_ms).await?;
+        if let Err(error) = self
+            .store
+            .mark_upgrade_done(PRE_PARTITION_QUEUES_REMOVED)
+            .await
+        {
+            tracing::debug!(error = ?error, "cannot record the old queues' removal; the next connection looks again");
+        }
+        Ok(())
+    }
+
     async fn open_session(&self) -> Result<Session, queue::Error> {
         let queue = &self.settings.queue;
         let link = ConsumerLink::open(queue, &self.worker.retry_delays_ms, &self.nodes).await?;
-        queue::remove_legacy_queues(&link.connection, queue, &self.worker.retry_delays_ms).await?;
+        self.remove_legacy_queues_once(&link.connection).await?;
         let link = Arc::new(link);
         let names = Arc::new(Topology::new(&queue.prefix, queue.partitions));
         let tasks = TaskTracker::new();
@@ -585,7 +624,7 @@ impl Coordinator {
             }
             match self.start(session, *token, sent).await {
                 Ok(running) => {
-                    tracing::info!(partition = p, epoch = token.epoch, "consuming partition");
+                    tracing::debug!(partition = p, epoch = token.epoch, "consuming partition");
                     self.metrics.partition_moved("acquired");
                     session.running.insert(p, running);
                     session.lanes.forget_seqs();
@@ -607,6 +646,15 @@ impl Coordinator {
             let changed = current.as_slice() != owned;
             if changed {
                 *current = owned.to_vec();
+                tracing::info!(
+                    "worker: consuming {} of {} partitions{}",
+                    owned.len(),
+                    self.settings.queue.partitions,
+                    match owned.is_empty() {
+                        true => String::new(),
+                        false => format!(" ({})", ranges(owned)),
+                    }
+                );
             }
             changed
         });
@@ -709,7 +757,7 @@ impl Coordinator {
             if how == Stop::HandOver {
                 match store.release_partitions(&node, &[p]).await {
                     Ok(()) => {
-                        tracing::info!(partition = p, "partition handed over");
+                        tracing::debug!(partition = p, "partition handed over");
                         metrics.partition_moved("released");
                     }
                     Err(error) => {
@@ -741,12 +789,40 @@ impl Coordinator {
     }
 }
 
+/// `0-3, 7, 9-10` for partitions 0, 1, 2, 3, 7, 9, 10 (sorted): a short line however many there are.
+fn ranges(sorted: &[u16]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(match start == end {
+            true => start.to_string(),
+            false => format!("{start}-{end}"),
+        });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn nodes(names: &[&str]) -> Vec<String> {
         names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn owned_partitions_print_as_ranges() {
+        assert_eq!(ranges(&[]), "");
+        assert_eq!(ranges(&[5]), "5");
+        assert_eq!(ranges(&(0..16).collect::<Vec<u16>>()), "0-15");
+        assert_eq!(ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3, 7, 9-10");
     }
 
     #[test]

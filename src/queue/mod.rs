@@ -14,6 +14,7 @@ pub mod nodes;
 mod probe;
 mod publisher;
 mod retry;
+pub mod selfcheck;
 mod topology;
 
 pub use consumer::{ConsumerLink, PARTITION_QOS_MESSAGES};

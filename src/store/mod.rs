@@ -23,6 +23,7 @@ mod outbox;
 mod partitions;
 mod producers;
 mod replay_jobs;
+mod schema;
 mod status;
 mod sweep;
 
@@ -38,6 +39,7 @@ pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
 pub use partitions::{Layout, LeaseToken, PartitionLease};
 pub use producers::{ApiKey, Producer};
 pub use replay_jobs::ReplayJobRecord;
+pub use schema::{MigrationState, PRE_PARTITION_QUEUES_REMOVED};
 pub use status::{EventStatus, ReplayJobStatus};
 
 use crate::config::StoreSettings;
@@ -196,17 +198,6 @@ impl Store {
         Postgres::force_drop_database(settings.database_url.expose())
             .await
             .map_err(Error::Connect)
-    }
-
-    /// Applies `migrations/` (embedded in the binary).
-    ///
-    /// # Errors
-    /// A migration failed or the recorded ones differ from the embedded ones.
-    pub async fn migrate(&self) -> Result<(), Error> {
-        sqlx::migrate!("./migrations")
-            .run(&self.pool)
-            .await
-            .map_err(Error::Migrate)
     }
 
     /// Checks that PostgreSQL answers.

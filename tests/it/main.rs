@@ -13,6 +13,7 @@ mod hostile;
 mod inbox;
 mod metrics;
 mod openapi;
+mod operator;
 mod partitions;
 mod pipeline;
 mod rabbitmq_cluster;

@@ -1,6 +1,7 @@
-// The demo page in headless Chromium (Debian's chromium driven by playwright-core): a person connects
-// as a user, sends a test event and sees it arrive; the stats buttons answer. A screenshot is kept
-// under target/ for CI.
+// `herald demo` and its page in headless Chromium (Debian's chromium driven by playwright-core): a
+// person connects as a user, sends a test event and sees it arrive; the stats buttons answer; the
+// console the demo prints (and the page links to) opens with the admin key it prints. A screenshot
+// is kept under target/ for CI.
 
 import assert from "node:assert/strict"
 import {existsSync, mkdirSync} from "node:fs"
@@ -10,19 +11,15 @@ import {Herald, REPO} from "./herald.mjs"
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium"
 let herald
+let printed
 let browser
 
 before(async () => {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium (scripts/test does: apt-get install chromium)`)
   }
-  herald = await Herald.start({
-    HERALD_DEMO__ENABLED: "true",
-    HERALD_DEMO__ASSETS_DIR: `${REPO}demo`,
-    // The page's stats channel; `herald demo` turns it on itself.
-    HERALD_SOCKET__STATS_ENABLED: "true",
-    HERALD_SOCKET__STATS_SLOW_PING_MS: "300",
-  })
+  // `herald demo` itself, as README's first command runs it.
+  ;({node: herald, lines: printed} = await Herald.demo({HERALD_SOCKET__STATS_SLOW_PING_MS: "300"}))
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -57,4 +54,22 @@ it("shows a sent event arriving live, and the stats channel answering", async ()
   mkdirSync(`${REPO}target`, {recursive: true})
   await page.screenshot({path: `${REPO}target/demo.png`, fullPage: true})
   assert.deepEqual(errors, [])
+})
+
+it("prints the console's address and an admin key, and the page's link leads there", async () => {
+  const consoleLine = printed.find((l) => l.startsWith("Console:"))
+  assert.ok(consoleLine, printed.join("\n"))
+  assert.equal(consoleLine.split(/\s+/)[1], `${herald.url}/console`)
+  const adminKey = printed[printed.findIndex((l) => l.startsWith("Admin key")) + 1]?.trim()
+  assert.ok(adminKey && adminKey !== herald.key, printed.join("\n"))
+  const page = await browser.newPage()
+  await page.goto(`${herald.url}/demo`)
+  await page.click("#console-link")
+  await page.waitForURL(`${herald.url}/console`)
+  await page.fill("#api-key", adminKey)
+  await page.click("#sign-in-button")
+  await page.waitForSelector("#console", {state: "visible"})
+  // The demo producer's key is not an admin key.
+  const refused = await fetch(`${herald.url}/api/v1/admin/events`, {headers: {authorization: `Bearer ${herald.key}`}})
+  assert.ok([401, 403].includes(refused.status), `${refused.status}`)
 })

@@ -62,6 +62,30 @@ export function within(what, register, limit = PATIENCE_MS) {
   })
 }
 
+/** A new deployment's environment (its own database, queue prefix and port) with `settings` on
+ * top: the node's whole environment, so the tester's shell has no say. */
+async function freshDeployment(settings) {
+  const id = randomUUID().replaceAll("-", "")
+  const port = await freePort()
+  const env = {
+    HERALD_DATABASE_URL: `${PG}/herald_js_${id}`,
+    HERALD_AMQP_URL: AMQP,
+    HERALD_QUEUE__PREFIX: `js_${id}`,
+    HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
+    HERALD_SECRET: "js-test-secret-js-test-secret-js-test",
+    HERALD_STATSD_ADDR: "",
+    // Prometheus' listener on a port of its own per node (the default, 9464, is one per box).
+    HERALD_METRICS__PROMETHEUS_ADDR: "127.0.0.1:0",
+    HERALD_PIPELINE__RELAY_GRACE_MS: "2000",
+    HERALD_QUEUE__CONFIRM_TIMEOUT_MS: "1000",
+    HERALD_QUEUE__PARTITIONS: "4",
+    HERALD_PIPELINE__RELAY_INTERVAL_MS: "200",
+    HERALD_LOG: "info",
+    ...settings,
+  }
+  return {env, port}
+}
+
 export class Herald {
   constructor(env, port, key) {
     this.env = env
@@ -74,29 +98,31 @@ export class Herald {
   /** A fresh node; `settings` are extra HERALD_* variables. They are its whole environment: the
    * tester's shell has no say. */
   static async start(settings = {}) {
-    const id = randomUUID().replaceAll("-", "")
-    const port = await freePort()
-    const env = {
-      HERALD_DATABASE_URL: `${PG}/herald_js_${id}`,
-      HERALD_AMQP_URL: AMQP,
-      HERALD_QUEUE__PREFIX: `js_${id}`,
-      HERALD_HTTP_ADDR: `127.0.0.1:${port}`,
-      HERALD_SECRET: "js-test-secret-js-test-secret-js-test",
-      HERALD_STATSD_ADDR: "",
-      // Prometheus' listener on a port of its own per node (the default, 9464, is one per box).
-      HERALD_METRICS__PROMETHEUS_ADDR: "127.0.0.1:0",
-      HERALD_PIPELINE__RELAY_GRACE_MS: "2000",
-      HERALD_QUEUE__CONFIRM_TIMEOUT_MS: "1000",
-      HERALD_QUEUE__PARTITIONS: "4",
-      HERALD_PIPELINE__RELAY_INTERVAL_MS: "200",
-      HERALD_LOG: "info",
-      ...settings,
-    }
+    const {env, port} = await freshDeployment(settings)
     await run(["migrate"], env)
     const key = (await run(["producers", "add", "js"], env)).trim().split("\n").pop()
     const node = new Herald(env, port, key)
     await node.serve()
     return node
+  }
+
+  /** `herald demo` on a fresh deployment, as a newcomer runs it (it migrates and makes its own
+   * producers): resolves with the node (its `key` the demo producer's) and the lines it printed. */
+  static async demo(settings = {}) {
+    const {env, port} = await freshDeployment({HERALD_DEMO__ASSETS_DIR: `${REPO}demo`, ...settings})
+    const node = new Herald(env, port, null)
+    node.child = spawn(HERALD, ["demo"], {env, stdio: ["ignore", "pipe", "pipe"]})
+    node.child.stderr.on("data", (chunk) => { node.log += chunk })
+    node.exited = new Promise((resolve) => node.child.once("exit", resolve))
+    let printed = ""
+    node.child.stdout.on("data", (chunk) => { printed += chunk })
+    await waitFor("the demo's instructions", () => {
+      if (node.child.exitCode !== null) throw new Error(`herald demo exited:\n${node.log}`)
+      return printed.includes("Send user 42 an event")
+    })
+    const lines = printed.split("\n")
+    node.key = lines[lines.findIndex((l) => l.startsWith("API key")) + 1].trim()
+    return {node, lines}
   }
 
   /** Another node of the same deployment (same database and queues) with `settings` on top, e.g.
