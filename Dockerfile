@@ -12,5 +12,8 @@ COPY --from=build /src/target/release/herald /usr/local/bin/herald
 USER herald
 ENV HERALD_HTTP_ADDR=0.0.0.0:4000
 EXPOSE 4000
+# Ready as `herald check --running` sees it: the node answers /readyz, PostgreSQL and its migrations,
+# and every RabbitMQ node (README, "Running it as a service").
+HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=3 CMD ["herald", "check", "--running"]
 ENTRYPOINT ["herald"]
 CMD ["serve"]

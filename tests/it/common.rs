@@ -550,6 +550,16 @@ pub fn cleanup(mut settings: Settings) {
     .join();
 }
 
+/// Drops a deployment's database and queues when it goes, the test passed or not: for tests that
+/// run the binary on `test_settings` without a `TestApp`.
+pub struct DropsDeployment(pub Settings);
+
+impl Drop for DropsDeployment {
+    fn drop(&mut self) {
+        cleanup(self.0.clone());
+    }
+}
+
 /// A Phoenix Channels v2 client over a real WebSocket.
 pub struct WsClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,

@@ -8,6 +8,7 @@ mod chaos;
 mod checker;
 mod cluster;
 mod common;
+mod deploy;
 mod gaps;
 mod hostile;
 mod inbox;

@@ -5,21 +5,12 @@
 //! Every node here is the real binary as an operator runs it: its own environment, the default log
 //! level.
 
-use crate::common::{PATIENCE, amqp_url, cleanup, herald_command, test_settings};
+use crate::common::{DropsDeployment, PATIENCE, amqp_url, herald_command, test_settings};
 use herald::config::{Secret, Settings};
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
-
-/// Drops the deployment's database and queues at the end of a test, passed or not.
-struct Deployment(Settings);
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        cleanup(self.0.clone());
-    }
-}
 
 /// `herald migrate` on `settings`' database.
 async fn migrate(settings: &Settings) {
@@ -60,7 +51,7 @@ fn line<'a>(lines: &'a [String], status: &str, name: &str) -> Option<&'a String>
 #[tokio::test]
 async fn a_fresh_node_logs_no_error_or_warning_and_one_line_per_role() {
     let settings = test_settings();
-    let _deployment = Deployment(settings.clone());
+    let _deployment = DropsDeployment(settings.clone());
     migrate(&settings).await;
     // The default level: no HERALD_LOG, as an operator starts it.
     let mut child = herald_command(&settings, &["serve"])
@@ -123,7 +114,7 @@ async fn an_upgraded_deployment_has_its_pre_partition_queues_removed_once() {
     let mut settings = test_settings();
     settings.node.roles = "worker".parse().unwrap();
     settings.pubsub.mode = herald::config::PubSubMode::Cluster;
-    let _deployment = Deployment(settings.clone());
+    let _deployment = DropsDeployment(settings.clone());
     migrate(&settings).await;
     let store = herald::store::Store::connect(&settings.store)
         .await
@@ -169,7 +160,7 @@ async fn an_upgraded_deployment_has_its_pre_partition_queues_removed_once() {
 #[tokio::test]
 async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_dependency() {
     let settings = test_settings();
-    let _deployment = Deployment(settings.clone());
+    let _deployment = DropsDeployment(settings.clone());
     let mut fixed_port = settings.clone();
     // Port 0 is always free: a fixed port shows the listen check doing something.
     let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -331,7 +322,7 @@ async fn herald_check_running_asks_the_node_for_readiness() {
 #[tokio::test]
 async fn a_listener_that_cannot_bind_names_its_setting_in_one_line() {
     let settings = test_settings();
-    let _deployment = Deployment(settings.clone());
+    let _deployment = DropsDeployment(settings.clone());
     migrate(&settings).await;
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
