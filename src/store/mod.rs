@@ -35,12 +35,16 @@ pub use events::{
     UNREAD_SQL, Unread,
 };
 pub use filter::{EventFilter, FilterText};
-pub use outbox::{ClaimedMessage, MessageLimits, OutboxMessage, plan_messages};
+pub use outbox::{
+    CLAIM_UNCONFIRMED_SQL, ClaimedMessage, MessageLimits, OUTBOX_DEPTH_SQL, OutboxMessage,
+    plan_messages,
+};
 pub use partitions::{Layout, LeaseToken, PartitionLease};
 pub use producers::{ApiKey, Producer};
 pub use replay_jobs::ReplayJobRecord;
 pub use schema::{MigrationState, PRE_PARTITION_QUEUES_REMOVED};
 pub use status::{EventStatus, ReplayJobStatus};
+pub use sweep::STALE_MESSAGES_SQL;
 
 use crate::config::StoreSettings;
 use sqlx::migrate::MigrateDatabase;

@@ -119,6 +119,25 @@ pub struct ClaimedMessage {
 /// reading it every relay pass on every api node still costs a bounded index scan.
 pub const OUTBOX_DEPTH_CAP: i64 = 100_000;
 
+/// The relay's claim (`$1` the grace in ms, `$2` the limit): the oldest unconfirmed rows, through
+/// the partial index `outbox_unconfirmed`, so the confirmed rows of messages in flight (the
+/// sweeper's) are never read, however many there are. Public for the test of its plan.
+pub const CLAIM_UNCONFIRMED_SQL: &str = "WITH due AS (
+         SELECT id FROM outbox
+         WHERE confirmed_at IS NULL
+           AND created_at < now() - make_interval(secs => $1 / 1000.0)
+           AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
+         ORDER BY created_at
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED)
+     UPDATE outbox o SET relayed_at = now() FROM due WHERE o.id = due.id
+     RETURNING o.id, o.event_ids, (extract(epoch FROM o.created_at) * 1000000)::int8";
+
+/// The outbox depth (`$1` the cap): unconfirmed rows only, through `outbox_unconfirmed`, at most
+/// the cap. Public for the test of its plan.
+pub const OUTBOX_DEPTH_SQL: &str = "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8
+     FROM (SELECT event_ids FROM outbox WHERE confirmed_at IS NULL LIMIT $1) AS unconfirmed";
+
 impl Store {
     /// Marks the outbox rows of messages the broker confirmed: the relay leaves them alone from
     /// now on, and they stay until a worker has settled the message (or the sweeper finds nothing
@@ -165,23 +184,12 @@ impl Store {
         grace_ms: u64,
         limit: i64,
     ) -> Result<Vec<ClaimedMessage>, Error> {
-        let mut claimed: Vec<(Uuid, Vec<Uuid>, i64)> = sqlx::query_as(
-            "WITH due AS (
-                 SELECT id FROM outbox
-                 WHERE confirmed_at IS NULL
-                   AND created_at < now() - make_interval(secs => $1 / 1000.0)
-                   AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $1 / 1000.0))
-                 ORDER BY created_at
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE outbox o SET relayed_at = now() FROM due WHERE o.id = due.id
-             RETURNING o.id, o.event_ids, (extract(epoch FROM o.created_at) * 1000000)::int8",
-        )
-        .bind(grace_ms as f64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::query("claim unconfirmed outbox rows"))?;
+        let mut claimed: Vec<(Uuid, Vec<Uuid>, i64)> = sqlx::query_as(CLAIM_UNCONFIRMED_SQL)
+            .bind(grace_ms as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("claim unconfirmed outbox rows"))?;
         // Oldest first: a user's older message goes before its newer one.
         claimed.sort_by_key(|(id, _, created)| (*created, *id));
         let all: Vec<Uuid> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
@@ -212,14 +220,11 @@ impl Store {
     /// # Errors
     /// The query failed.
     pub async fn outbox_depth(&self) -> Result<(i64, i64), Error> {
-        sqlx::query_as(
-            "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8
-             FROM (SELECT event_ids FROM outbox WHERE confirmed_at IS NULL LIMIT $1) AS unconfirmed",
-        )
-        .bind(OUTBOX_DEPTH_CAP)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Error::query("read the outbox depth"))
+        sqlx::query_as(OUTBOX_DEPTH_SQL)
+            .bind(OUTBOX_DEPTH_CAP)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("read the outbox depth"))
     }
 
     /// Outbox rows carrying an event that is not final (`accepted` or `published`): a message

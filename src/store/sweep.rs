@@ -22,6 +22,14 @@ use super::{Error, Store};
 use crate::event::partition_of;
 use uuid::Uuid;
 
+/// A partition's stale messages (`$1` the partition, `$2` the age in ms, `$3` the limit): a range of
+/// the partial index `outbox_in_flight` (partition, created_at), so one partition's backlog costs
+/// another nothing and no sweep scans the outbox. Public for the test of its plan.
+pub const STALE_MESSAGES_SQL: &str = "SELECT id FROM outbox
+     WHERE partition = $1 AND confirmed_at IS NOT NULL
+       AND created_at < now() - make_interval(secs => $2 / 1000.0)
+     ORDER BY created_at LIMIT $3";
+
 /// When an event was last due: enqueued, replayed, swept, or due to retry.
 const DUE: &str = "GREATEST(e.enqueued_at, e.next_attempt_at, e.replayed_at, e.swept_at)";
 
@@ -37,18 +45,13 @@ impl Store {
         age_ms: u64,
         limit: i64,
     ) -> Result<Vec<Uuid>, Error> {
-        sqlx::query_scalar(
-            "SELECT id FROM outbox
-             WHERE partition = $1 AND confirmed_at IS NOT NULL
-               AND created_at < now() - make_interval(secs => $2 / 1000.0)
-             ORDER BY created_at LIMIT $3",
-        )
-        .bind(i16::try_from(partition).unwrap_or(i16::MAX))
-        .bind(age_ms as f64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::query("find stale messages"))
+        sqlx::query_scalar(STALE_MESSAGES_SQL)
+            .bind(i16::try_from(partition).unwrap_or(i16::MAX))
+            .bind(age_ms as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("find stale messages"))
     }
 
     /// Sweeps the rows `ids` of `partition` (one of `partitions`; see the module docs), in one

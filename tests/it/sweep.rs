@@ -278,3 +278,81 @@ async fn a_second_retry_destroyed_in_its_delay_queue_is_swept_and_delivered() {
     let (attempts, _) = app.wait_status(&id, "delivered").await;
     assert_eq!(attempts, 3, "two failed attempts, then the swept one");
 }
+
+/// The relay's claim and the outbox depth read only unconfirmed rows, and a sweep only a range of
+/// its own partition's: with 20,000 confirmed messages in flight (a long broker backlog, the
+/// sweeper's ledger) beside 40 unconfirmed ones, no statement scans the outbox, and each reads at
+/// most the rows it returns (issue 24: both scanned it every second on every api node).
+#[tokio::test]
+async fn the_relay_depth_and_sweep_statements_read_a_bounded_range_of_the_outbox() {
+    let app = spawn_app_with(|_| {}).await;
+    let pool = app.store.pool();
+    sqlx::query(
+        "INSERT INTO outbox (id, event_ids, created_at, partition, confirmed_at)
+         SELECT gen_random_uuid(), ARRAY[gen_random_uuid()], now() - interval '1 hour' + i * interval '1 ms',
+                (i % 4)::int2, now()
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (id, event_ids, created_at, partition)
+         SELECT gen_random_uuid(), ARRAY[gen_random_uuid()], now() - interval '1 hour' + i * interval '1 ms',
+                (i % 4)::int2
+         FROM generate_series(1, 40) AS i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox").execute(pool).await.unwrap();
+
+    // A grace of 0: this node's own relay may have stamped them meanwhile.
+    let claim = outbox_plan(&app, herald::store::CLAIM_UNCONFIRMED_SQL, &[0.0, 10.0]).await;
+    assert_reads_at_most(&claim, "outbox_unconfirmed", 10);
+    let depth = outbox_plan(&app, herald::store::OUTBOX_DEPTH_SQL, &[100_000.0]).await;
+    assert_reads_at_most(&depth, "outbox_unconfirmed", 40);
+    let stale = outbox_plan(
+        &app,
+        herald::store::STALE_MESSAGES_SQL,
+        &[2.0, 1000.0, 50.0],
+    )
+    .await;
+    assert_reads_at_most(&stale, "outbox_in_flight", 50);
+}
+
+/// The executed plan of `sql` with `binds` (numbers; the partition as an int2), rolled back.
+async fn outbox_plan(app: &TestApp, sql: &str, binds: &[f64]) -> String {
+    let mut tx = app.store.pool().begin().await.unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}");
+    let mut query = sqlx::query_scalar::<_, String>(&explain);
+    for (i, bind) in binds.iter().enumerate() {
+        query = match (sql.contains("partition = $1"), i) {
+            (true, 0) => query.bind(*bind as i16),
+            _ if sql.contains(&format!("LIMIT ${}", i + 1)) => query.bind(*bind as i64),
+            _ => query.bind(*bind),
+        };
+    }
+    let lines = query.fetch_all(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    lines.join("\n")
+}
+
+/// `plan` reads the outbox only through `index`, and no read returns more than `bound` rows.
+fn assert_reads_at_most(plan: &str, index: &str, bound: u32) {
+    assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
+    assert!(
+        plan.contains(&format!("using {index} on outbox")),
+        "not through {index}:\n{plan}"
+    );
+    assert!(!plan.contains("never executed"), "{plan}");
+    for read in plan.lines().filter(|l| l.contains(" on outbox")) {
+        let rows: f64 = read
+            .split("actual rows=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no row count: {read}"));
+        assert!(rows <= f64::from(bound), "{rows} rows read: {read}\n{plan}");
+    }
+}
