@@ -214,7 +214,7 @@ impl App {
         let (pubsub, bind_requests, fanout_nodes) = if settings.cluster() {
             let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub);
             let nodes = transport.broker_nodes();
-            let timeout = Duration::from_millis(settings.pubsub.bind_timeout_ms);
+            let timeout = settings.pubsub.bind_timeout();
             let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);
             (pubsub, Some(requests), Some(nodes))
         } else {
@@ -285,7 +285,7 @@ impl App {
         let deadline = server::serve(
             self.listener,
             router,
-            Duration::from_millis(self.settings.http.header_read_timeout_ms),
+            self.settings.http.header_read_timeout(),
             self.settings.shutdown_timeout(),
             shutdown,
         )
@@ -407,7 +407,7 @@ impl App {
             max_data_bytes: settings.pipeline.max_data_bytes,
             max_token_ttl_secs: settings.socket.token_ttl_secs,
             max_concurrent_requests: settings.http.max_concurrent_requests,
-            request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
+            request_timeout: settings.http.request_timeout(),
         });
         let mut router = std::mem::take(&mut wiring.router);
         if let Some(demo) = self.demo.take() {
@@ -468,7 +468,7 @@ impl App {
             metrics: metrics.clone(),
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
             retry_delays_ms: settings.retry.delays_ms().into(),
-            attempt_timeout: Duration::from_millis(settings.retry.attempt_timeout_ms),
+            attempt_timeout: settings.retry.attempt_timeout(),
             reorder_window_ms: settings.pipeline.reorder_window_ms,
             faults: Arc::clone(&self.faults),
         };
@@ -562,7 +562,10 @@ impl App {
                 ("reads", self.reads.clone()),
             ],
             wiring.broker_nodes.clone(),
-            Duration::from_millis(settings.metrics.flush_interval_ms.max(10)),
+            settings
+                .metrics
+                .flush_interval()
+                .max(Duration::from_millis(10)),
             flusher_stop.clone(),
         ));
         let health = Health {
@@ -578,15 +581,15 @@ impl App {
             .merge(api::health::routes(health))
             .fallback(api::not_found)
             // A body that stalls between reads fails its request (and frees its connection).
-            .layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
-                settings.http.body_read_timeout_ms,
-            )));
+            .layer(RequestBodyTimeoutLayer::new(
+                settings.http.body_read_timeout(),
+            ));
         // Prometheus' listener stops and drains with the main one, on the same signal.
         let scrape_task = self.scrape.take().map(|(listener, _)| {
             tokio::spawn(server::serve(
                 listener,
                 api::scrape::routes(self.metrics.clone()),
-                Duration::from_millis(settings.http.header_read_timeout_ms),
+                settings.http.header_read_timeout(),
                 settings.shutdown_timeout(),
                 shutdown.clone(),
             ))

@@ -231,7 +231,7 @@ async fn connect_store(settings: &Settings, report: &mut Report) -> Option<Store
     let label = database_label(settings.store.database_url.expose());
     // One plain connection first: a pool that cannot connect says only that it timed out.
     let url = settings.store.database_url.expose();
-    let limit = Duration::from_millis(settings.store.acquire_timeout_ms);
+    let limit = settings.store.acquire_timeout();
     let tried = match tokio::time::timeout(limit, sqlx::PgConnection::connect(url)).await {
         Ok(Ok(connection)) => {
             let _ = connection.close().await;

@@ -58,7 +58,7 @@ impl RabbitTransport {
     pub fn new(queue: QueueSettings, pubsub: &PubSubSettings) -> Self {
         Self {
             publisher: FanoutPublisher::new(queue),
-            timeout: Duration::from_millis(pubsub.publish_timeout_ms),
+            timeout: pubsub.publish_timeout(),
         }
     }
 
@@ -115,7 +115,7 @@ pub async fn run_node_queue(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(settings.reconnect_max_backoff_ms));
+    let mut backoff = Backoff::new(settings.reconnect_max_backoff());
     let mut reconnected = false;
     loop {
         // Rebinding is part of opening: a link that cannot rebind backs off like one that cannot

@@ -1043,7 +1043,65 @@ impl Settings {
 
     /// How long the whole graceful shutdown may take.
     pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_millis(self.node.shutdown_timeout_ms)
+        self.node.shutdown_timeout()
+    }
+}
+
+/// `Duration` accessors for settings kept in milliseconds: the number keeps its unit in its name
+/// (and in its environment variable), and the code that waits gets a `Duration`, converted here
+/// once rather than at each call site.
+macro_rules! durations {
+    ($($section:ty { $($field:ident => $name:ident),* $(,)? })*) => {$(
+        impl $section {
+            $(
+                #[doc = concat!("`", stringify!($field), "` as a `Duration`.")]
+                pub fn $name(&self) -> Duration {
+                    Duration::from_millis(self.$field)
+                }
+            )*
+        }
+    )*};
+}
+
+durations! {
+    HttpSettings {
+        header_read_timeout_ms => header_read_timeout,
+        body_read_timeout_ms => body_read_timeout,
+        request_timeout_ms => request_timeout,
+    }
+    StoreSettings {
+        acquire_timeout_ms => acquire_timeout,
+    }
+    QueueSettings {
+        connect_timeout_ms => connect_timeout,
+        confirm_timeout_ms => confirm_timeout,
+        reconnect_max_backoff_ms => reconnect_max_backoff,
+        partition_check_ms => partition_check,
+        partition_lease_ms => partition_lease,
+    }
+    PipelineSettings {
+        relay_interval_ms => relay_interval,
+        enqueue_timeout_ms => enqueue_timeout,
+        sweep_interval_ms => sweep_interval,
+        sweep_idle_ms => sweep_idle,
+    }
+    SocketSettings {
+        write_timeout_ms => write_timeout,
+        idle_timeout_ms => idle_timeout,
+        stats_slow_ping_ms => stats_slow_ping,
+    }
+    MetricsSettings {
+        flush_interval_ms => flush_interval,
+    }
+    NodeSettings {
+        shutdown_timeout_ms => shutdown_timeout,
+    }
+    PubSubSettings {
+        bind_timeout_ms => bind_timeout,
+        publish_timeout_ms => publish_timeout,
+    }
+    RetrySettings {
+        attempt_timeout_ms => attempt_timeout,
     }
 }
 

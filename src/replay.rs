@@ -94,7 +94,7 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> anyhow::Result<()> {
         metrics.clone(),
         settings.pipeline.max_status_batch,
     ));
-    let connect_limit = Duration::from_millis(settings.queue.connect_timeout_ms * 3);
+    let connect_limit = settings.queue.connect_timeout() * 3;
     let connected = tokio::time::timeout(connect_limit, async {
         while !handle.is_connected() {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -149,7 +149,7 @@ impl Enqueue {
         );
         let enqueue = Self {
             batcher,
-            queue_timeout: Duration::from_millis(pipeline.enqueue_timeout_ms),
+            queue_timeout: pipeline.enqueue_timeout(),
             room_events: Room::new(pipeline.enqueue_buffer),
             room_bytes: Room::new(pipeline.enqueue_buffer_bytes),
         };

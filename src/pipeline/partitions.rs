@@ -278,9 +278,9 @@ impl Coordinator {
     /// the live set, so the other nodes take over at once.
     pub async fn run(self, stop: CancellationToken) {
         let queue = &self.settings.queue;
-        let mut tick = tokio::time::interval(Duration::from_millis(queue.partition_check_ms));
+        let mut tick = tokio::time::interval(queue.partition_check());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backoff = Backoff::new(Duration::from_millis(queue.reconnect_max_backoff_ms));
+        let mut backoff = Backoff::new(queue.reconnect_max_backoff());
         let mut state = State {
             session: None,
             draining: HashMap::new(),
@@ -304,7 +304,7 @@ impl Coordinator {
     }
 
     fn sweep_every(&self) -> Duration {
-        Duration::from_millis(self.settings.pipeline.sweep_interval_ms)
+        self.settings.pipeline.sweep_interval()
     }
 
     /// Makes sure the node has a live broker session, replacing a broken one; false once stopped
@@ -374,9 +374,7 @@ impl Coordinator {
             }
             Err(error) => {
                 tracing::warn!(error = ?error, "cannot renew partition leases");
-                let trust = trusted_for(Duration::from_millis(
-                    self.settings.queue.partition_lease_ms,
-                ));
+                let trust = trusted_for(self.settings.queue.partition_lease());
                 if state.renewed.is_none_or(|at| at.elapsed() > trust) {
                     self.stop_running(session, &mut state.draining, Stop::Abandon);
                     self.consuming.store(false, Ordering::Relaxed);
@@ -451,7 +449,7 @@ impl Coordinator {
         let lanes = self.worker.lanes(
             Arc::clone(&link),
             names,
-            Duration::from_millis(queue.confirm_timeout_ms),
+            queue.confirm_timeout(),
             self.settings.pipeline.max_run_events,
             tasks.clone(),
         );
@@ -666,7 +664,7 @@ impl Coordinator {
     async fn sample_depths(&self, session: &Session, owned: &[u16]) {
         let names = Topology::new(&self.settings.queue.prefix, self.settings.queue.partitions);
         let queues: Vec<String> = owned.iter().map(|&p| names.partition_queue(p)).collect();
-        let limit = Duration::from_millis(self.settings.queue.partition_check_ms / 2);
+        let limit = self.settings.queue.partition_check() / 2;
         match tokio::time::timeout(
             limit,
             queue::ready_counts(&session.link.connection, &queues),
@@ -703,7 +701,7 @@ impl Coordinator {
         );
         let consumer = session.link.consume(queue, partition, &tag).await?;
         let work = Arc::new(PartitionWork::new(queue.prefetch));
-        let trust = trusted_for(Duration::from_millis(queue.partition_lease_ms));
+        let trust = trusted_for(queue.partition_lease());
         let lease = Arc::new(Lease::new(token, sent, trust));
         let stop = CancellationToken::new();
         let task = tokio::spawn({

@@ -15,7 +15,6 @@ use crate::event::{Envelope, partition_of};
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
 use crate::store::Store;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Runs until `stop` is cancelled.
@@ -27,7 +26,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let pipeline = &settings.pipeline;
-    let interval = Duration::from_millis(pipeline.relay_interval_ms);
+    let interval = pipeline.relay_interval();
     let window = super::publish_window(&settings);
     loop {
         tokio::select! {

@@ -75,7 +75,7 @@ pub(super) async fn sweep_once(
 ) -> Result<usize, SweepError> {
     let pipeline = &settings.pipeline;
     let names = Topology::new(&settings.queue.prefix, settings.queue.partitions);
-    let quiet = Duration::from_millis(pipeline.sweep_idle_ms);
+    let quiet = pipeline.sweep_idle();
     let mut idle: HashMap<u16, (&Watched, u64)> = HashMap::new();
     for w in watched {
         if let Some(mark) = idle_mark(w, quiet)

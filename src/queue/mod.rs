@@ -149,7 +149,7 @@ async fn connect_url(url: &str, settings: &QueueSettings, role: &str) -> Result<
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("herald-{}-{role}", settings.prefix).into());
     let attempt = Connection::connect(url, properties);
-    match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), attempt).await {
+    match tokio::time::timeout(settings.connect_timeout(), attempt).await {
         Ok(result) => result.map_err(Error::Connect),
         Err(_) => Err(Error::ConnectTimeout),
     }

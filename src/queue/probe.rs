@@ -114,7 +114,7 @@ impl DepthProbe {
         let queues: Vec<String> = (0..self.settings.partitions)
             .map(|p| names.partition_queue(p))
             .collect();
-        let limit = Duration::from_millis(self.settings.connect_timeout_ms);
+        let limit = self.settings.connect_timeout();
         let counts = match tokio::time::timeout(limit, ready_counts(&connection, &queues)).await {
             Ok(counts) => counts?,
             Err(_) => return Err(Error::ConnectTimeout),

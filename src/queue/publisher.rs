@@ -186,9 +186,7 @@ impl Publisher {
     /// what is buffered, settles outstanding confirms, and returns. While the broker is down, buffered
     /// messages wait; new ones are refused by the handle and left to the relay.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(
-            self.settings.reconnect_max_backoff_ms,
-        ));
+        let mut backoff = Backoff::new(self.settings.reconnect_max_backoff());
         loop {
             let this = &self;
             let Some((connection, channel)) = reconnect(
@@ -249,7 +247,7 @@ impl Publisher {
         // Without this an idle publisher would notice a dead connection only at its next publish,
         // and readiness would lie until then.
         let mut connection_events = connection.events_listener();
-        let confirm_timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
+        let confirm_timeout = self.settings.confirm_timeout();
         let max_inflight = self.settings.max_inflight_confirms;
         let mut pending = FuturesUnordered::new();
         let mut confirmed: Vec<Uuid> = Vec::new();

@@ -145,7 +145,7 @@ pub async fn serve(
         socket_id,
     } = mailbox;
     let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
-    let write_timeout = Duration::from_millis(state.settings.write_timeout_ms);
+    let write_timeout = state.settings.write_timeout();
     let mut connection = Connection {
         ws,
         vsn,
@@ -182,7 +182,7 @@ impl Connection {
         from_channels: &mut mpsc::Receiver<ToConnection>,
         overflowed: &CancellationToken,
     ) -> End {
-        let idle_limit = Duration::from_millis(self.state.settings.idle_timeout_ms);
+        let idle_limit = self.state.settings.idle_timeout();
         let idle = tokio::time::sleep(idle_limit);
         tokio::pin!(idle);
         let closing = self.state.closing.clone();

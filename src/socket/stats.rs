@@ -84,7 +84,7 @@ impl StatsChannel {
             connection,
             stop: stop.clone(),
         };
-        let slow = Duration::from_millis(settings.stats_slow_ping_ms);
+        let slow = settings.stats_slow_ping();
         let permits = Arc::new(Semaphore::new(settings.stats_max_parallel));
         tokio::spawn(run(handle, frames, slow, permits, metrics));
         Self { inbox, stop }

@@ -51,7 +51,6 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use std::str::FromStr;
-use std::time::Duration;
 
 /// A failure of the store, named for what failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +168,7 @@ impl Store {
             .options([("statement_timeout", "30s")]);
         let pool = PgPoolOptions::new()
             .max_connections(size)
-            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .acquire_timeout(settings.acquire_timeout())
             .connect_with(options)
             .await
             .map_err(Error::Connect)?;
