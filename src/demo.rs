@@ -1,4 +1,4 @@
-//! The development demo (the seed's socket.js, made visible): a page where a person picks a user id,
+//! The development demo (Real-Time Phoenix's `socket.js` example, made visible): a page where a person picks a user id,
 //! connects with the official phoenix client (served from its npm package, no CDN), watches pushes
 //! arrive with their delivery latency, sends test events, and tries the stats channel.
 //!

@@ -364,7 +364,7 @@ impl Connection {
                 }
                 Ok(())
             }
-            // The seed's StatsChannel: "invalid" always fails, every other topic joins.
+            // As Real-Time Phoenix's StatsChannel: "invalid" always fails, every other topic joins.
             Endpoint::Stats if frame.topic == "invalid" => Err(Refusal::AlwaysFails),
             Endpoint::Stats => Ok(()),
         }
@@ -564,7 +564,7 @@ enum Refusal {
     ParamsNotObject,
     /// A user channel of another user.
     Unauthorized,
-    /// The stats topic `invalid`, which the seed's StatsChannel always refuses.
+    /// The stats topic `invalid`, which Real-Time Phoenix's StatsChannel always refuses.
     AlwaysFails,
     /// PostgreSQL or the fan-out could not be read in time: the client retries with backoff.
     Unavailable,

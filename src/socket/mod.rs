@@ -1,5 +1,6 @@
 //! The socket node: Phoenix Channels over WebSocket, so the official `phoenix` JavaScript client works
-//! unchanged (see ../shared/PHOENIX_PROTOCOL.md).
+//! unchanged: the Phoenix Channels v2 wire format (README, "Sockets", and the protocol tests in
+//! tests/js).
 //!
 //! Two endpoints. `/socket/websocket` (UserSocket): a connection is authorised before the upgrade, and
 //! a missing, forged or expired token gets HTTP 403 and no WebSocket; a connected user may join only

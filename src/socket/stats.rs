@@ -1,4 +1,4 @@
-//! The stats socket's channel (the seed's StatsChannel): a measurement demo, and a lesson in where
+//! The stats socket's channel (Real-Time Phoenix's `StatsChannel`): a measurement demo, and a lesson in where
 //! channel work should run.
 //!
 //! Each joined stats channel is its own task with its own inbox, like a Phoenix channel process: it
