@@ -8,7 +8,7 @@
 
 use super::SocketState;
 use super::channel::{CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
-use super::protocol::{self, Frame, Vsn, null, reason};
+use super::protocol::{self, Frame, Reply, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn, null};
 use super::stats::StatsChannel;
 use super::user_channel::{ACK_EVENT, CatchUp, catch_up_plan, record_acks};
 use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId};
@@ -244,7 +244,7 @@ impl Connection {
             }
         };
         match (frame.topic.as_str(), frame.event.as_str()) {
-            ("phoenix", "heartbeat") => self.reply(&frame, &frame.join_ref, "ok", "{}").await,
+            ("phoenix", "heartbeat") => self.reply(&frame, &frame.join_ref, Reply::ok()).await,
             (_, "phx_join") => self.join(frame).await,
             (_, "phx_leave") => self.leave(frame).await,
             _ => self.handle_in(frame).await,
@@ -310,10 +310,10 @@ impl Connection {
         }
         self.channels.insert(frame.topic.clone(), channel);
         self.state.metrics.channel_join(channel_tag, true);
-        let response = catch_up
+        let reply = catch_up
             .as_ref()
-            .map_or_else(|| "{}".to_owned(), CatchUp::response);
-        self.reply(&frame, &frame.join_ref, "ok", &response).await?;
+            .map_or_else(Reply::ok, |plan| Reply::ok_with(plan.response()));
+        self.reply(&frame, &frame.join_ref, reply).await?;
         // The old instance is closed with its own (now stale) join ref, which the client ignores.
         if let Some(previous) = previous {
             self.close_channel(&frame.topic, &previous.join_ref).await?;
@@ -344,7 +344,7 @@ impl Connection {
             self.state.metrics.channel_join(channel_tag, false);
             &frame.join_ref
         };
-        self.reply(frame, join_ref, "error", &reason(refusal.reason()))
+        self.reply(frame, join_ref, Reply::error(refusal.reason()))
             .await
     }
 
@@ -402,7 +402,7 @@ impl Connection {
 
     async fn leave(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
-            return self.reply(&frame, &frame.join_ref, "ok", "{}").await;
+            return self.reply(&frame, &frame.join_ref, Reply::ok()).await;
         };
         if is_stale(&frame, &channel.join_ref) {
             return Ok(());
@@ -411,7 +411,7 @@ impl Connection {
             return Ok(());
         };
         self.stop_channel(&frame.topic, &channel.kind);
-        self.reply(&frame, &channel.join_ref, "ok", "{}").await?;
+        self.reply(&frame, &channel.join_ref, Reply::ok()).await?;
         self.close_channel(&frame.topic, &channel.join_ref).await
     }
 
@@ -420,12 +420,7 @@ impl Connection {
     async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
-                .reply(
-                    &frame,
-                    null(),
-                    "error",
-                    &reason(Refusal::Unmatched.reason()),
-                )
+                .reply(&frame, null(), Reply::error(Refusal::Unmatched.reason()))
                 .await;
         };
         if is_stale(&frame, &channel.join_ref) {
@@ -436,7 +431,7 @@ impl Connection {
             ChannelKind::Stats(stats) => match stats.push(frame) {
                 Ok(()) => Ok(()),
                 Err(frame) => {
-                    self.reply(&frame, &join_ref, "error", &reason("too many requests"))
+                    self.reply(&frame, &join_ref, Reply::error(TOO_MANY_REQUESTS))
                         .await
                 }
             },
@@ -444,11 +439,11 @@ impl Connection {
                 let Endpoint::User(user) = &self.endpoint else {
                     return Ok(());
                 };
-                let (status, response) = record_acks(&self.state, user, &frame).await;
-                self.reply(&frame, &join_ref, status, &response).await
+                let reply = record_acks(&self.state, user, &frame).await;
+                self.reply(&frame, &join_ref, reply).await
             }
             ChannelKind::User { .. } => {
-                self.reply(&frame, &join_ref, "error", &reason("unknown event"))
+                self.reply(&frame, &join_ref, Reply::error(UNKNOWN_EVENT))
                     .await
             }
         }
@@ -491,21 +486,8 @@ impl Connection {
         self.flush().await
     }
 
-    async fn reply(
-        &mut self,
-        frame: &Frame,
-        join_ref: &RawValue,
-        status: &str,
-        response: &str,
-    ) -> Result<(), End> {
-        let text = protocol::encode_reply(
-            self.vsn,
-            join_ref,
-            &frame.msg_ref,
-            &frame.topic,
-            status,
-            response,
-        );
+    async fn reply(&mut self, frame: &Frame, join_ref: &RawValue, reply: Reply) -> Result<(), End> {
+        let text = protocol::encode_reply(self.vsn, join_ref, &frame.msg_ref, &frame.topic, &reply);
         self.send(text).await
     }
 

@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 /// The serializer a connection speaks, chosen by the `vsn` query parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,22 +199,59 @@ pub fn encode(
     }
 }
 
-/// Encodes a `phx_reply` with `status` (`ok`/`error`) and `response` (a JSON object).
+/// A `phx_reply`'s payload: every reply a channel or the socket sends is one of these, so the
+/// statuses are spelled once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `{"status":"ok","response":<object>}`, the object as JSON text.
+    Ok(Cow<'static, str>),
+    /// `{"status":"error","response":{"reason":<reason>}}`.
+    Error(Cow<'static, str>),
+}
+
+/// The reason of a client event the channel does not handle.
+pub const UNKNOWN_EVENT: &str = "unknown event";
+/// The reason of a client event refused because the channel has too many in progress.
+pub const TOO_MANY_REQUESTS: &str = "too many requests";
+
+impl Reply {
+    /// `ok` with an empty response object.
+    pub const fn ok() -> Self {
+        Self::Ok(Cow::Borrowed("{}"))
+    }
+
+    /// `ok` with `response`, a JSON object's text.
+    pub fn ok_with(response: impl Into<Cow<'static, str>>) -> Self {
+        Self::Ok(response.into())
+    }
+
+    /// `error` with `reason`.
+    pub fn error(reason: impl Into<Cow<'static, str>>) -> Self {
+        Self::Error(reason.into())
+    }
+
+    fn payload(&self) -> String {
+        match self {
+            Self::Ok(response) => format!(r#"{{"status":"ok","response":{response}}}"#),
+            Self::Error(why) => {
+                format!(
+                    r#"{{"status":"error","response":{{"reason":{}}}}}"#,
+                    quote(why)
+                )
+            }
+        }
+    }
+}
+
+/// Encodes a `phx_reply` carrying `reply`.
 pub fn encode_reply(
     vsn: Vsn,
     join_ref: &RawValue,
     msg_ref: &RawValue,
     topic: &str,
-    status: &str,
-    response: &str,
+    reply: &Reply,
 ) -> String {
-    let payload = format!(r#"{{"status":{},"response":{}}}"#, quote(status), response);
-    encode(vsn, join_ref, msg_ref, topic, "phx_reply", &payload)
-}
-
-/// An error reply's response object: `{"reason": reason}`.
-pub fn reason(reason: &str) -> String {
-    format!(r#"{{"reason":{}}}"#, quote(reason))
+    encode(vsn, join_ref, msg_ref, topic, "phx_reply", &reply.payload())
 }
 
 /// The codec's property, checked by the unit test and the fuzz targets alike: a frame that decodes
@@ -308,7 +346,7 @@ mod tests {
 
     #[test]
     fn replies_encode_per_version() {
-        let reply = encode_reply(Vsn::V2, null(), &raw(r#""1""#), "phoenix", "ok", "{}");
+        let reply = encode_reply(Vsn::V2, null(), &raw(r#""1""#), "phoenix", &Reply::ok());
         assert_eq!(
             reply,
             r#"[null,"1","phoenix","phx_reply",{"status":"ok","response":{}}]"#
@@ -318,8 +356,7 @@ mod tests {
             &raw(r#""5""#),
             &raw(r#""1""#),
             "user:1",
-            "error",
-            &reason("unauthorized"),
+            &Reply::error("unauthorized"),
         );
         assert_eq!(
             v1,

@@ -9,7 +9,7 @@
 //! connection: heartbeats and other channels carry on.
 
 use super::channel::ToConnection;
-use super::protocol::{self, Frame, Vsn, reason};
+use super::protocol::{self, Frame, Reply, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn};
 use crate::config::SocketSettings;
 use crate::metrics::Metrics;
 use serde_json::value::RawValue;
@@ -45,15 +45,8 @@ struct ChannelHandle {
 }
 
 impl ChannelHandle {
-    async fn reply(&self, msg_ref: &RawValue, status: &str, response: &str) {
-        let text = protocol::encode_reply(
-            self.vsn,
-            &self.join_ref,
-            msg_ref,
-            &self.topic,
-            status,
-            response,
-        );
+    async fn reply(&self, msg_ref: &RawValue, reply: Reply) {
+        let text = protocol::encode_reply(self.vsn, &self.join_ref, msg_ref, &self.topic, &reply);
         self.send(ToConnection::Frame(text)).await;
     }
 
@@ -117,7 +110,7 @@ async fn run(
         match frame.event.as_str() {
             "ping" => {
                 let started = Instant::now();
-                handle.reply(&frame.msg_ref, "ok", PONG).await;
+                handle.reply(&frame.msg_ref, Reply::ok_with(PONG)).await;
                 metrics.stats_ping(started.elapsed());
             }
             "slow_ping" => {
@@ -126,7 +119,7 @@ async fn run(
                     () = tokio::time::sleep(slow) => {}
                     () = handle.stop.cancelled() => return,
                 }
-                handle.reply(&frame.msg_ref, "ok", PONG).await;
+                handle.reply(&frame.msg_ref, Reply::ok_with(PONG)).await;
             }
             "parallel_slow_ping" => match Arc::clone(&permits).try_acquire_owned() {
                 Ok(permit) => {
@@ -134,7 +127,7 @@ async fn run(
                     tokio::spawn(async move {
                         tokio::select! {
                             () = tokio::time::sleep(slow) => {
-                                handle.reply(&frame.msg_ref, "ok", PONG).await;
+                                handle.reply(&frame.msg_ref, Reply::ok_with(PONG)).await;
                             }
                             () = handle.stop.cancelled() => {}
                         }
@@ -142,13 +135,13 @@ async fn run(
                     });
                 }
                 Err(_) => {
-                    let response = reason("too many requests");
-                    handle.reply(&frame.msg_ref, "error", &response).await;
+                    let refused = Reply::error(TOO_MANY_REQUESTS);
+                    handle.reply(&frame.msg_ref, refused).await;
                 }
             },
             // The server closes the channel: shows clients what a server-side close looks like.
             "close" => {
-                handle.reply(&frame.msg_ref, "ok", "{}").await;
+                handle.reply(&frame.msg_ref, Reply::ok()).await;
                 let close = ToConnection::Close {
                     topic: handle.topic.to_string(),
                     join_ref: (*handle.join_ref).to_owned(),
@@ -157,8 +150,8 @@ async fn run(
                 return;
             }
             _ => {
-                let response = reason("unknown event");
-                handle.reply(&frame.msg_ref, "error", &response).await;
+                let refused = Reply::error(UNKNOWN_EVENT);
+                handle.reply(&frame.msg_ref, refused).await;
             }
         }
     }

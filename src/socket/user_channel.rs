@@ -6,7 +6,7 @@
 use super::SocketState;
 use super::channel::{Admit, GapFill, JoinedChannel, OrderGuard, Unfilled};
 use super::connection::{Connection, End, Endpoint};
-use super::protocol::{self, Frame, null, reason};
+use super::protocol::{self, Frame, Reply, null};
 use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
 use crate::pubsub::Push;
 use crate::store::{ReadMark, SeqOrder};
@@ -62,18 +62,11 @@ pub(super) async fn catch_up_plan(
 }
 
 /// `ack {"ids": [...]}`: the client showed these events. Answers `{"acked": n}` (newly recorded).
-pub(super) async fn record_acks(
-    state: &SocketState,
-    user: &UserId,
-    frame: &Frame,
-) -> (&'static str, String) {
+pub(super) async fn record_acks(state: &SocketState, user: &UserId, frame: &Frame) -> Reply {
     let ids = match serde_json::from_str::<AckParams>(frame.payload.get()) {
         Ok(params) if params.ids.len() <= MAX_ACK_IDS => params.ids,
         _ => {
-            return (
-                "error",
-                reason("ack takes {\"ids\": [event ids]}, at most 1000"),
-            );
+            return Reply::error("ack takes {\"ids\": [event ids]}, at most 1000");
         }
     };
     match state
@@ -83,11 +76,11 @@ pub(super) async fn record_acks(
     {
         Ok(acked) => {
             state.metrics.client_acked(acked);
-            ("ok", json!({ "acked": acked }).to_string())
+            Reply::ok_with(json!({ "acked": acked }).to_string())
         }
         Err(error) => {
             tracing::warn!(error = ?error, "cannot record client acks");
-            ("error", reason("acks could not be recorded; retry"))
+            Reply::error("acks could not be recorded; retry")
         }
     }
 }
