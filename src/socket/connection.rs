@@ -8,9 +8,9 @@
 
 use super::SocketState;
 use super::channel::{CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
-use super::protocol::{self, Frame, Reply, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn, null};
+use super::protocol::{self, Frame, Reply, Request, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn, null};
 use super::stats::StatsChannel;
-use super::user_channel::{ACK_EVENT, CatchUp, catch_up_plan, record_acks};
+use super::user_channel::{CatchUp, catch_up_plan, record_acks};
 use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
@@ -243,11 +243,11 @@ impl Connection {
                 return Err(End::Close(close_code::INVALID, "malformed frame"));
             }
         };
-        match (frame.topic.as_str(), frame.event.as_str()) {
-            ("phoenix", "heartbeat") => self.reply(&frame, &frame.join_ref, Reply::ok()).await,
-            (_, "phx_join") => self.join(frame).await,
-            (_, "phx_leave") => self.leave(frame).await,
-            _ => self.handle_in(frame).await,
+        match Request::of(&frame) {
+            Request::Heartbeat => self.reply(&frame, &frame.join_ref, Reply::ok()).await,
+            Request::Join => self.join(frame).await,
+            Request::Leave => self.leave(frame).await,
+            request @ (Request::Ack | Request::Event) => self.handle_in(frame, request).await,
         }
     }
 
@@ -417,7 +417,7 @@ impl Connection {
 
     /// A client event on a channel: stats channels take it in their own task; user channels take no
     /// client events yet and answer with an error reply instead of crashing (what Phoenix would do).
-    async fn handle_in(&mut self, frame: Frame) -> Result<(), End> {
+    async fn handle_in(&mut self, frame: Frame, request: Request) -> Result<(), End> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
                 .reply(&frame, null(), Reply::error(Refusal::Unmatched.reason()))
@@ -435,7 +435,7 @@ impl Connection {
                         .await
                 }
             },
-            ChannelKind::User { .. } if frame.event == ACK_EVENT => {
+            ChannelKind::User { .. } if request == Request::Ack => {
                 let Endpoint::User(user) = &self.endpoint else {
                     return Ok(());
                 };

@@ -199,6 +199,35 @@ pub fn encode(
     }
 }
 
+/// What a client frame asks for, read once from its topic and event: the socket dispatches on
+/// this, never on the strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `phoenix` `heartbeat`: answered `ok`, keeps the connection alive.
+    Heartbeat,
+    /// `phx_join` of a topic.
+    Join,
+    /// `phx_leave` of a topic.
+    Leave,
+    /// `ack {"ids": [...]}` on a user channel: the client showed these events.
+    Ack,
+    /// Any other event on a channel, for the channel to answer.
+    Event,
+}
+
+impl Request {
+    /// The request `frame` makes.
+    pub fn of(frame: &Frame) -> Self {
+        match (frame.topic.as_str(), frame.event.as_str()) {
+            ("phoenix", "heartbeat") => Self::Heartbeat,
+            (_, "phx_join") => Self::Join,
+            (_, "phx_leave") => Self::Leave,
+            (_, "ack") => Self::Ack,
+            _ => Self::Event,
+        }
+    }
+}
+
 /// A `phx_reply`'s payload: every reply a channel or the socket sends is one of these, so the
 /// statuses are spelled once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -342,6 +371,33 @@ mod tests {
         .unwrap();
         assert!(!f.has_join_ref());
         assert_eq!(f.msg_ref.get(), r#""3""#);
+    }
+
+    #[test]
+    fn a_frame_is_read_as_one_request() {
+        let request = |text: &str| Request::of(&decode(Vsn::V2, text).unwrap());
+        assert_eq!(
+            request(r#"[null,"1","phoenix","heartbeat",{}]"#),
+            Request::Heartbeat
+        );
+        assert_eq!(
+            request(r#"["1","1","user:1","phx_join",{}]"#),
+            Request::Join
+        );
+        assert_eq!(
+            request(r#"["1","2","user:1","phx_leave",{}]"#),
+            Request::Leave
+        );
+        assert_eq!(
+            request(r#"["1","3","user:1","ack",{"ids":[]}]"#),
+            Request::Ack
+        );
+        assert_eq!(request(r#"["1","4","stats","ping",{}]"#), Request::Event);
+        // A heartbeat only on the phoenix topic.
+        assert_eq!(
+            request(r#"["1","5","user:1","heartbeat",{}]"#),
+            Request::Event
+        );
     }
 
     #[test]

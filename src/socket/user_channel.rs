@@ -85,8 +85,6 @@ pub(super) async fn record_acks(state: &SocketState, user: &UserId, frame: &Fram
     }
 }
 
-/// The user channel event by which a client acknowledges events it has shown.
-pub(super) const ACK_EVENT: &str = "ack";
 /// Most ids in one ack.
 const MAX_ACK_IDS: usize = 1_000;
 
