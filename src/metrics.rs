@@ -79,14 +79,14 @@ fn labels(keys: &'static [&'static str], values: &[&str]) -> Labels {
 }
 
 /// A counter: StatsD `|c`, Prometheus `<name>_total`.
-struct Count {
+struct CounterMetric {
     name: &'static str,
     tags: &'static [&'static str],
     family: Family<Labels, Counter>,
 }
 
 /// A gauge: StatsD `|g`, Prometheus gauge.
-struct Level {
+struct GaugeMetric {
     name: &'static str,
     tags: &'static [&'static str],
     family: Family<Labels, Gauge>,
@@ -100,7 +100,7 @@ enum Shape {
 }
 
 /// A distribution: StatsD `|h` or `|ms`, Prometheus histogram with fixed buckets.
-struct Spread {
+struct HistogramMetric {
     name: &'static str,
     tags: &'static [&'static str],
     shape: Shape,
@@ -127,18 +127,28 @@ fn prometheus_name(statsd: &str) -> String {
 }
 
 impl Declare<'_> {
-    fn counter(&mut self, name: &'static str, tags: &'static [&'static str], help: &str) -> Count {
+    fn counter(
+        &mut self,
+        name: &'static str,
+        tags: &'static [&'static str],
+        help: &str,
+    ) -> CounterMetric {
         let family = Family::default();
         self.registry
             .register(prometheus_name(name), help, family.clone());
-        Count { name, tags, family }
+        CounterMetric { name, tags, family }
     }
 
-    fn gauge(&mut self, name: &'static str, tags: &'static [&'static str], help: &str) -> Level {
+    fn gauge(
+        &mut self,
+        name: &'static str,
+        tags: &'static [&'static str],
+        help: &str,
+    ) -> GaugeMetric {
         let family = Family::default();
         self.registry
             .register(prometheus_name(name), help, family.clone());
-        Level { name, tags, family }
+        GaugeMetric { name, tags, family }
     }
 
     fn histogram(
@@ -148,11 +158,11 @@ impl Declare<'_> {
         shape: Shape,
         buckets: &'static [f64],
         help: &str,
-    ) -> Spread {
+    ) -> HistogramMetric {
         let family = Family::new_with_constructor(Bounds(buckets));
         self.registry
             .register(prometheus_name(name), help, family.clone());
-        Spread {
+        HistogramMetric {
             name,
             tags,
             shape,
@@ -163,56 +173,56 @@ impl Declare<'_> {
 
 /// The one list of Herald's metrics (README's metrics table documents the same).
 struct Instruments {
-    socket_connect: Count,
-    channel_join: Count,
-    push_delivered: Spread,
-    worker_process_time: Spread,
-    events_accepted: Count,
-    events_duplicate: Count,
-    api_errors: Count,
-    commit_batch_size: Spread,
-    commit_time: Spread,
-    commit_refused: Count,
-    status_batch_size: Spread,
-    status_time: Spread,
-    publish_messages: Count,
-    publish_events: Count,
-    outbox_messages: Level,
-    worker_message_events: Spread,
-    worker_run_events: Spread,
-    worker_in_flight: Level,
-    partitions_owned: Level,
-    partitions_moved: Count,
-    partition_ready: Level,
-    publish_confirmed: Count,
-    publish_unconfirmed: Count,
-    publish_deferred: Count,
-    connection_lost: Count,
-    relay_republished: Count,
-    broker_node: Level,
-    sweep_events: Count,
-    sweep_partitions: Count,
-    retry_unconfirmed: Count,
-    fenced: Count,
-    lane_reorder: Count,
-    worker_delivered: Count,
-    retry_scheduled: Count,
-    dead_lettered: Count,
-    replay_published: Count,
-    replay_deferred: Count,
-    socket_overflow: Count,
-    frame_malformed: Count,
-    push_duplicate: Count,
-    push_gap_filled: Count,
-    push_gap_unfilled: Count,
-    client_acked: Count,
-    inbox_events: Count,
-    events_pruned: Count,
-    idempotency_keys_expired: Count,
-    stats_ping: Spread,
-    socket_connections: Level,
-    socket_channels: Level,
-    pool_connections: Level,
+    socket_connect: CounterMetric,
+    channel_join: CounterMetric,
+    push_delivered: HistogramMetric,
+    worker_process_time: HistogramMetric,
+    events_accepted: CounterMetric,
+    events_duplicate: CounterMetric,
+    api_errors: CounterMetric,
+    commit_batch_size: HistogramMetric,
+    commit_time: HistogramMetric,
+    commit_refused: CounterMetric,
+    status_batch_size: HistogramMetric,
+    status_time: HistogramMetric,
+    publish_messages: CounterMetric,
+    publish_events: CounterMetric,
+    outbox_messages: GaugeMetric,
+    worker_message_events: HistogramMetric,
+    worker_run_events: HistogramMetric,
+    worker_in_flight: GaugeMetric,
+    partitions_owned: GaugeMetric,
+    partitions_moved: CounterMetric,
+    partition_ready: GaugeMetric,
+    publish_confirmed: CounterMetric,
+    publish_unconfirmed: CounterMetric,
+    publish_deferred: CounterMetric,
+    connection_lost: CounterMetric,
+    relay_republished: CounterMetric,
+    broker_node: GaugeMetric,
+    sweep_events: CounterMetric,
+    sweep_partitions: CounterMetric,
+    retry_unconfirmed: CounterMetric,
+    fenced: CounterMetric,
+    lane_reorder: CounterMetric,
+    worker_delivered: CounterMetric,
+    retry_scheduled: CounterMetric,
+    dead_lettered: CounterMetric,
+    replay_published: CounterMetric,
+    replay_deferred: CounterMetric,
+    socket_overflow: CounterMetric,
+    frame_malformed: CounterMetric,
+    push_duplicate: CounterMetric,
+    push_gap_filled: CounterMetric,
+    push_gap_unfilled: CounterMetric,
+    client_acked: CounterMetric,
+    inbox_events: CounterMetric,
+    events_pruned: CounterMetric,
+    idempotency_keys_expired: CounterMetric,
+    stats_ping: HistogramMetric,
+    socket_connections: GaugeMetric,
+    socket_channels: GaugeMetric,
+    pool_connections: GaugeMetric,
 }
 
 impl Instruments {
@@ -602,7 +612,7 @@ impl Metrics {
         Snapshot::read(&self.render(), &self.inner.prefix)
     }
 
-    fn count(&self, counter: &Count, n: u64, values: &[&str]) {
+    fn count(&self, counter: &CounterMetric, n: u64, values: &[&str]) {
         if n == 0 {
             return;
         }
@@ -619,7 +629,7 @@ impl Metrics {
             .inc_by(n);
     }
 
-    fn level(&self, gauge: &Level, value: u64, values: &[&str]) {
+    fn level(&self, gauge: &GaugeMetric, value: u64, values: &[&str]) {
         let metric = self.inner.statsd.gauge_with_tags(gauge.name, value);
         send(metric, gauge.tags, values);
         gauge
@@ -628,7 +638,7 @@ impl Metrics {
             .set(value.min(i64::MAX as u64) as i64);
     }
 
-    fn spread(&self, spread: &Spread, value: f64, values: &[&str]) {
+    fn spread(&self, spread: &HistogramMetric, value: f64, values: &[&str]) {
         let (statsd, whole) = (&self.inner.statsd, value.round() as u64);
         match spread.shape {
             Shape::Histogram => send(

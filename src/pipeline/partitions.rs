@@ -31,7 +31,7 @@
 use super::lanes::Lanes;
 use super::lease::{Lease, trusted_for};
 use super::sweep::{Watched, sweep_once};
-use super::worker::{Ended, Item, PartitionWork, Worker};
+use super::worker::{ConsumerEnd, EventInWork, PartitionWork, Worker};
 use crate::backoff::{Backoff, reconnect};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -219,7 +219,7 @@ pub struct Coordinator {
 /// One partition being consumed.
 struct Running {
     stop: CancellationToken,
-    task: JoinHandle<Ended>,
+    task: JoinHandle<ConsumerEnd>,
     work: Arc<PartitionWork>,
     /// The lease it is consumed under, shared with every event in work.
     lease: Arc<Lease>,
@@ -248,7 +248,7 @@ enum Stop {
 /// Everything tied to one broker connection.
 struct Session {
     link: Arc<ConsumerLink>,
-    lanes: Lanes<Item>,
+    lanes: Lanes<EventInWork>,
     tasks: TaskTracker,
     running: HashMap<u16, Running>,
 }

@@ -80,27 +80,27 @@ pub struct Worker {
 }
 
 /// One event in work: where it came from, and its share of its partition's demand.
-pub(super) struct Item {
+pub(super) struct EventInWork {
     envelope: Envelope,
     attempt: u32,
     /// The partition lease it was taken under: delivered only while trusted, recorded only while
     /// current (see [`super::lease`]).
     lease: Arc<Lease>,
     /// Its message, until the item is settled.
-    message: Option<Arc<InWork>>,
+    message: Option<Arc<MessageInWork>>,
     /// Returned to the partition's window when the item is dropped (settled).
     _permit: Option<OwnedSemaphorePermit>,
     /// Counts the item in its partition's work until it is dropped (settled).
-    _counted: Counted,
+    _counted: WorkCount,
 }
 
-impl Sequenced for Item {
+impl Sequenced for EventInWork {
     fn seq(&self) -> i64 {
         self.envelope.seq
     }
 }
 
-impl Item {
+impl EventInWork {
     /// The event is done with: its message is acked once all its events are (requeued if any
     /// asked for it).
     async fn settle(mut self, release: Release) {
@@ -110,7 +110,7 @@ impl Item {
     }
 }
 
-impl Drop for Item {
+impl Drop for EventInWork {
     /// An item dropped unsettled (its lane task panicked or was aborted) must not strand its
     /// message unacked: it asks for the message to come back.
     fn drop(&mut self) {
@@ -123,16 +123,16 @@ impl Drop for Item {
 }
 
 /// An event counted in its partition's work while this lives.
-struct Counted(Arc<PartitionWork>);
+struct WorkCount(Arc<PartitionWork>);
 
-impl Counted {
+impl WorkCount {
     fn new(work: &Arc<PartitionWork>) -> Self {
         work.in_work.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(work))
     }
 }
 
-impl Drop for Counted {
+impl Drop for WorkCount {
     fn drop(&mut self) {
         // Before the count drops: whoever sees it at zero sees this moment too (the sweeper).
         self.0.touch();
@@ -143,7 +143,7 @@ impl Drop for Counted {
 }
 
 /// A broker message in work: acked (or requeued) once all of its events are settled.
-struct InWork {
+struct MessageInWork {
     delivery: Delivery,
     unsettled: AtomicUsize,
     requeue: AtomicBool,
@@ -165,7 +165,7 @@ enum Release {
     Requeue,
 }
 
-impl InWork {
+impl MessageInWork {
     /// One of the message's events is settled; the last one settles the message.
     async fn settle_one(&self, release: Release) {
         match release {
@@ -324,7 +324,7 @@ impl PartitionWork {
 
 /// Why a partition's consumption ended.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Ended {
+pub(super) enum ConsumerEnd {
     /// Asked to stop: everything taken was settled or requeued in order.
     Drained,
     /// The consumer's stream failed (the connection is gone): unacked messages return to the
@@ -341,9 +341,9 @@ impl Worker {
         confirm_timeout: Duration,
         max_run: usize,
         tasks: TaskTracker,
-    ) -> Lanes<Item> {
+    ) -> Lanes<EventInWork> {
         let worker = self.clone();
-        let handler: RunHandler<Item> = Arc::new(move |run: Vec<Item>| {
+        let handler: RunHandler<EventInWork> = Arc::new(move |run: Vec<EventInWork>| {
             let (worker, link, names) = (worker.clone(), Arc::clone(&link), Arc::clone(&names));
             let span = tracing::info_span!("deliver", user_id = %run[0].envelope.user_id, events = run.len());
             Box::pin(
@@ -374,23 +374,23 @@ impl Worker {
         link: &ConsumerLink,
         work: &Arc<PartitionWork>,
         lease: &Arc<Lease>,
-        lanes: &Lanes<Item>,
+        lanes: &Lanes<EventInWork>,
         stop: &CancellationToken,
-    ) -> Ended {
+    ) -> ConsumerEnd {
         let tag = consumer.tag().to_string();
         let mut returned: Vec<Delivery> = Vec::new();
         let ended = loop {
             let delivery = tokio::select! {
-                () = stop.cancelled() => break Ended::Drained,
+                () = stop.cancelled() => break ConsumerEnd::Drained,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => delivery,
                     Some(Err(error)) => {
                         tracing::warn!(error = %error, partition, "partition consumer lost RabbitMQ");
-                        break Ended::Lost;
+                        break ConsumerEnd::Lost;
                     }
                     None => {
                         tracing::warn!(partition, "partition consumer ended");
-                        break Ended::Lost;
+                        break ConsumerEnd::Lost;
                     }
                 },
             };
@@ -409,17 +409,17 @@ impl Worker {
                     permits = Arc::clone(&work.window).acquire_many_owned(wanted) => permits,
                     () = stop.cancelled() => {
                         returned.push(delivery);
-                        break Ended::Drained;
+                        break ConsumerEnd::Drained;
                     }
                 };
                 let Ok(permits) = acquired else {
-                    break Ended::Lost; // the window is never closed; unreachable in practice
+                    break ConsumerEnd::Lost; // the window is never closed; unreachable in practice
                 };
                 Some(permits)
             };
             self.dispatch(delivery, events, &claims, permits, work, lease, lanes);
         };
-        if ended == Ended::Drained {
+        if ended == ConsumerEnd::Drained {
             if let Err(error) = link.cancel(&tag).await {
                 tracing::warn!(error = %error, partition, "cannot cancel a partition consumer");
             }
@@ -478,7 +478,7 @@ impl Worker {
         mut permits: Option<OwnedSemaphorePermit>,
         work: &Arc<PartitionWork>,
         lease: &Arc<Lease>,
-        lanes: &Lanes<Item>,
+        lanes: &Lanes<EventInWork>,
     ) {
         let attempt = queue::attempt_of(&delivery.properties);
         self.metrics.worker_message(events.len());
@@ -487,7 +487,7 @@ impl Worker {
             .message_id()
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok());
-        let message = Arc::new(InWork {
+        let message = Arc::new(MessageInWork {
             delivery,
             unsettled: AtomicUsize::new(events.len()),
             requeue: AtomicBool::new(false),
@@ -504,13 +504,13 @@ impl Worker {
                 _ => None,
             };
             let user = envelope.user_id.as_str().to_owned();
-            let item = Item {
+            let item = EventInWork {
                 envelope,
                 attempt,
                 lease: Arc::clone(lease),
                 message: Some(Arc::clone(&message)),
                 _permit: permit,
-                _counted: Counted::new(work),
+                _counted: WorkCount::new(work),
             };
             lanes.push(&user, item);
         }
@@ -518,7 +518,7 @@ impl Worker {
 
     /// Delivers one run of a user's events (see the module docs), records every attempt in one
     /// batch, then settles the events' messages.
-    async fn deliver_run(&self, run: Vec<Item>, route: &RetryRoute<'_>) {
+    async fn deliver_run(&self, run: Vec<EventInWork>, route: &RetryRoute<'_>) {
         let started = Instant::now();
         let started_at_ms = now_unix_ms();
         self.metrics.worker_run(run.len());
@@ -570,7 +570,7 @@ impl Worker {
     /// One attempt for every event of a run: the fault injector (tests), then one broadcast of the
     /// events it spared, under the attempt timeout, with a panic caught. An event whose partition
     /// lease is no longer trusted when the broadcast is about to go is not attempted at all.
-    async fn attempt(&self, run: &[Item]) -> Vec<Attempted> {
+    async fn attempt(&self, run: &[EventInWork]) -> Vec<Attempted> {
         let injected: Vec<Option<AttemptError>> = if self.faults.is_empty() {
             run.iter().map(|_| None).collect()
         } else {
@@ -668,7 +668,7 @@ impl Worker {
     /// and how its message is settled; a failure is first scheduled for retry or dead-lettered.
     async fn decide(
         &self,
-        item: &Item,
+        item: &EventInWork,
         attempted: Attempted,
         (started_at_ms, finished_at_ms): (i64, i64),
         route: &RetryRoute<'_>,
@@ -716,7 +716,7 @@ impl Worker {
     /// dead-letters it; returns what to record and how to settle.
     async fn after_failure(
         &self,
-        item: &Item,
+        item: &EventInWork,
         error: String,
         route: &RetryRoute<'_>,
     ) -> (AttemptResult, Settle) {
@@ -837,7 +837,7 @@ impl Worker {
 /// the lane without a slot, bounded by the unacked messages the broker hands a consumer
 /// ([`queue::PARTITION_QOS_MESSAGES`]). A slow or bursting user therefore cannot fill the window
 /// and stall the other users of its partition.
-fn slot_claims(events: &[Envelope], lanes: &Lanes<Item>) -> Vec<bool> {
+fn slot_claims(events: &[Envelope], lanes: &Lanes<EventInWork>) -> Vec<bool> {
     let cap = lanes.max_run();
     let mut earlier: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     events

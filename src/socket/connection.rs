@@ -50,7 +50,7 @@ pub enum Endpoint {
 }
 
 /// Why the loop ended.
-pub(super) enum End {
+pub(super) enum ConnectionEnd {
     /// The client closed, or the transport failed: nothing more to send.
     Gone,
     /// Herald closes with this code and reason.
@@ -165,7 +165,7 @@ pub async fn serve(
         .await;
     connection.leave_all();
     drop(socket_id);
-    if let End::Close(code, why) = end {
+    if let ConnectionEnd::Close(code, why) = end {
         tracing::debug!(code, reason = why, "closing connection");
         let frame = Message::Close(Some(CloseFrame {
             code,
@@ -181,19 +181,19 @@ impl Connection {
         broadcasts: &mut mpsc::Receiver<Arc<PubSubMessage>>,
         from_channels: &mut mpsc::Receiver<ToConnection>,
         overflowed: &CancellationToken,
-    ) -> End {
+    ) -> ConnectionEnd {
         let idle_limit = self.state.settings.idle_timeout();
         let idle = tokio::time::sleep(idle_limit);
         tokio::pin!(idle);
         let closing = self.state.closing.clone();
         loop {
             let step = tokio::select! {
-                () = closing.cancelled() => Err(End::Close(close_code::RESTART, "server restarting")),
+                () = closing.cancelled() => Err(ConnectionEnd::Close(close_code::RESTART, "server restarting")),
                 () = overflowed.cancelled() => {
                     self.state.metrics.socket_overflow();
-                    Err(End::Close(close_code::POLICY, "too slow: outbound queue full"))
+                    Err(ConnectionEnd::Close(close_code::POLICY, "too slow: outbound queue full"))
                 }
-                () = &mut idle => Err(End::Close(close_code::GOING_AWAY, "idle timeout")),
+                () = &mut idle => Err(ConnectionEnd::Close(close_code::GOING_AWAY, "idle timeout")),
                 received = self.ws.recv() => {
                     idle.as_mut().reset(Instant::now() + idle_limit);
                     self.on_client_message(received).await
@@ -210,37 +210,37 @@ impl Connection {
     async fn on_client_message(
         &mut self,
         received: Option<Result<Message, axum::Error>>,
-    ) -> Result<(), End> {
+    ) -> Result<(), ConnectionEnd> {
         match received {
             Some(Ok(Message::Text(text))) => self.on_frame(text.as_str()).await,
             Some(Ok(Message::Binary(_))) => {
                 self.state.metrics.socket_malformed_frame("binary");
-                Err(End::Close(
+                Err(ConnectionEnd::Close(
                     close_code::UNSUPPORTED,
                     "binary frames are not supported",
                 ))
             }
             // Pings are answered by the WebSocket layer; both only reset the idle timer.
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-            Some(Ok(Message::Close(_))) | None => Err(End::Gone),
+            Some(Ok(Message::Close(_))) | None => Err(ConnectionEnd::Gone),
             Some(Err(error)) => {
                 let error = error.into_inner();
                 if let Some(tungstenite::Error::Capacity(_)) = error.downcast_ref() {
                     self.state.metrics.socket_malformed_frame("oversized");
-                    return Err(End::Close(close_code::TOO_BIG, "frame too large"));
+                    return Err(ConnectionEnd::Close(close_code::TOO_BIG, "frame too large"));
                 }
                 tracing::debug!(error = %error, "websocket read failed");
-                Err(End::Gone)
+                Err(ConnectionEnd::Gone)
             }
         }
     }
 
-    async fn on_frame(&mut self, text: &str) -> Result<(), End> {
+    async fn on_frame(&mut self, text: &str) -> Result<(), ConnectionEnd> {
         let frame = match protocol::decode(self.vsn, text) {
             Ok(frame) => frame,
             Err(error) => {
                 self.state.metrics.socket_malformed_frame(error.label());
-                return Err(End::Close(close_code::INVALID, "malformed frame"));
+                return Err(ConnectionEnd::Close(close_code::INVALID, "malformed frame"));
             }
         };
         match Request::of(&frame) {
@@ -260,7 +260,7 @@ impl Connection {
     /// that seq: what is at or below it is dropped, what follows it is pushed, and a hole is filled
     /// from PostgreSQL. A second join of a joined topic replaces the first only once the new one can
     /// answer; a join that cannot is refused and the instance already joined stays as it was.
-    async fn join(&mut self, frame: Frame) -> Result<(), End> {
+    async fn join(&mut self, frame: Frame) -> Result<(), ConnectionEnd> {
         let channel_tag = match &self.endpoint {
             Endpoint::User(_) => USER_CHANNEL,
             Endpoint::Stats => STATS_CHANNEL,
@@ -337,7 +337,7 @@ impl Connection {
         frame: &Frame,
         channel_tag: &'static str,
         refusal: Refusal,
-    ) -> Result<(), End> {
+    ) -> Result<(), ConnectionEnd> {
         let join_ref: &RawValue = if refusal == Refusal::Unmatched {
             null()
         } else {
@@ -400,7 +400,7 @@ impl Connection {
         // A stats channel stops when its handle is dropped.
     }
 
-    async fn leave(&mut self, frame: Frame) -> Result<(), End> {
+    async fn leave(&mut self, frame: Frame) -> Result<(), ConnectionEnd> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self.reply(&frame, &frame.join_ref, Reply::ok()).await;
         };
@@ -417,7 +417,7 @@ impl Connection {
 
     /// A client event on a channel: stats channels take it in their own task; user channels take no
     /// client events yet and answer with an error reply instead of crashing (what Phoenix would do).
-    async fn handle_in(&mut self, frame: Frame, request: Request) -> Result<(), End> {
+    async fn handle_in(&mut self, frame: Frame, request: Request) -> Result<(), ConnectionEnd> {
         let Some(channel) = self.channels.get(&frame.topic) else {
             return self
                 .reply(&frame, null(), Reply::error(Refusal::Unmatched.reason()))
@@ -449,7 +449,7 @@ impl Connection {
         }
     }
 
-    async fn on_channel_request(&mut self, request: ToConnection) -> Result<(), End> {
+    async fn on_channel_request(&mut self, request: ToConnection) -> Result<(), ConnectionEnd> {
         match request {
             ToConnection::Frame(text) => self.send(text).await,
             ToConnection::Close { topic, join_ref } => {
@@ -470,10 +470,10 @@ impl Connection {
 
     /// Pushes a broadcast's pushes through the channel's order guard, then flushes them together
     /// (a run of events costs one write to the socket, not one per event).
-    async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), End> {
+    async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), ConnectionEnd> {
         if message.topic.starts_with(SOCKET_ID_PREFIX) {
             if message.pushes.iter().any(|p| p.event == DISCONNECT_EVENT) {
-                return Err(End::Close(
+                return Err(ConnectionEnd::Close(
                     close_code::GOING_AWAY,
                     "disconnected by the server",
                 ));
@@ -486,29 +486,38 @@ impl Connection {
         self.flush().await
     }
 
-    async fn reply(&mut self, frame: &Frame, join_ref: &RawValue, reply: Reply) -> Result<(), End> {
+    async fn reply(
+        &mut self,
+        frame: &Frame,
+        join_ref: &RawValue,
+        reply: Reply,
+    ) -> Result<(), ConnectionEnd> {
         let text = protocol::encode_reply(self.vsn, join_ref, &frame.msg_ref, &frame.topic, &reply);
         self.send(text).await
     }
 
-    async fn close_channel(&mut self, topic: &str, join_ref: &RawValue) -> Result<(), End> {
+    async fn close_channel(
+        &mut self,
+        topic: &str,
+        join_ref: &RawValue,
+    ) -> Result<(), ConnectionEnd> {
         let text = protocol::encode(self.vsn, join_ref, join_ref, topic, "phx_close", "{}");
         self.send(text).await
     }
 
     /// Writes a frame and flushes it (with whatever was queued before it).
-    pub(super) async fn send(&mut self, text: String) -> Result<(), End> {
+    pub(super) async fn send(&mut self, text: String) -> Result<(), ConnectionEnd> {
         self.feed(text).await?;
         self.flush().await
     }
 
     /// Queues a frame without flushing (it may still be written if the write buffer fills).
-    pub(super) async fn feed(&mut self, text: String) -> Result<(), End> {
+    pub(super) async fn feed(&mut self, text: String) -> Result<(), ConnectionEnd> {
         let fed = timeout(self.write_timeout, self.ws.feed(Message::Text(text.into()))).await;
         written(fed)
     }
 
-    pub(super) async fn flush(&mut self) -> Result<(), End> {
+    pub(super) async fn flush(&mut self) -> Result<(), ConnectionEnd> {
         written(timeout(self.write_timeout, self.ws.flush()).await)
     }
 
@@ -523,16 +532,16 @@ impl Connection {
 /// What a timed write to the socket came to.
 fn written(
     result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-) -> Result<(), End> {
+) -> Result<(), ConnectionEnd> {
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => {
             tracing::debug!(error = %error, "websocket write failed");
-            Err(End::Gone)
+            Err(ConnectionEnd::Gone)
         }
         Err(_) => {
             tracing::debug!("websocket write timed out");
-            Err(End::Gone)
+            Err(ConnectionEnd::Gone)
         }
     }
 }

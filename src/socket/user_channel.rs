@@ -5,7 +5,7 @@
 
 use super::SocketState;
 use super::channel::{Admit, GapFill, JoinedChannel, OrderGuard, Unfilled};
-use super::connection::{Connection, End, Endpoint};
+use super::connection::{Connection, ConnectionEnd, Endpoint};
 use super::protocol::{self, Frame, Reply, null};
 use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
 use crate::pubsub::Push;
@@ -134,7 +134,7 @@ impl Connection {
         topic: &str,
         after: i64,
         missed: bool,
-    ) -> Result<(), End> {
+    ) -> Result<(), ConnectionEnd> {
         if let Some(guard) = self
             .channels
             .get_mut(topic)
@@ -154,7 +154,11 @@ impl Connection {
 
     /// Pushes one event of a user topic through the channel's order guard: a duplicate is dropped,
     /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up.
-    pub(super) async fn deliver_push(&mut self, topic: &str, push: &Push) -> Result<(), End> {
+    pub(super) async fn deliver_push(
+        &mut self,
+        topic: &str,
+        push: &Push,
+    ) -> Result<(), ConnectionEnd> {
         // None: left while the message was queued.
         let Some(guard) = self.channels.get(topic).and_then(JoinedChannel::guard) else {
             return Ok(());
@@ -199,7 +203,11 @@ impl Connection {
     /// it did; the caller closes the channel then. The connection waits meanwhile: a live gap's
     /// total is bounded by `socket.max_gap_fill_total`.
     #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %topic, after = ?fill.next_page().map(|p| p.0)))]
-    async fn fill(&mut self, topic: &str, mut fill: GapFill) -> Result<Result<(), Unfilled>, End> {
+    async fn fill(
+        &mut self,
+        topic: &str,
+        mut fill: GapFill,
+    ) -> Result<Result<(), Unfilled>, ConnectionEnd> {
         let Endpoint::User(user) = &self.endpoint else {
             return Ok(Ok(()));
         };
@@ -269,7 +277,7 @@ impl Connection {
     /// then backing off), re-sending its join params, so a client that passes its `last_seq`
     /// catches up from PostgreSQL, which fills the hole or answers `missed: true`. The payload
     /// also names the cause and the last seq pushed, for clients that rejoin by hand.
-    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), End> {
+    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), ConnectionEnd> {
         let Some(channel) = self.channels.remove(topic) else {
             return Ok(());
         };
@@ -296,7 +304,12 @@ impl Connection {
 
     /// Queues a push on `topic`'s channel (if still joined) and records its seq in the order guard;
     /// the caller flushes. A write that fails ends the connection, so recording first is safe.
-    async fn push(&mut self, topic: &str, seq: Option<i64>, push: &Push) -> Result<(), End> {
+    async fn push(
+        &mut self,
+        topic: &str,
+        seq: Option<i64>,
+        push: &Push,
+    ) -> Result<(), ConnectionEnd> {
         let Some(channel) = self.channels.get_mut(topic) else {
             return Ok(());
         };
