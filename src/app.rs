@@ -28,7 +28,7 @@ use crate::pipeline::partitions::{Coordinator, check_layout};
 use crate::pipeline::replay::ReplayJobs;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::worker::Worker;
-use crate::pipeline::{outcomes, published, relay, retention};
+use crate::pipeline::{outcomes, published, relay, retention, upkeep};
 use crate::pubsub::{BindRequest, PubSub};
 use crate::queue::{BrokerNodes, DepthProbe, Publisher};
 use crate::server;
@@ -162,6 +162,8 @@ pub struct App {
     scrape: Option<(TcpListener, SocketAddr)>,
     demo: Option<Demo>,
     faults: Arc<Faults>,
+    /// Who looks after the tables (see [`store::Upkeep`]), for /readyz.
+    upkeep: &'static str,
 }
 
 impl App {
@@ -192,6 +194,7 @@ impl App {
         if roles.api || roles.worker {
             check_layout(&settings, &store).await?;
         }
+        let upkeep = upkeep_mode(&settings, &store).await;
         let (listener, http_addr) = Listener::Http.bind(settings.http.addr).await?;
         let scrape = match settings.prometheus_addr() {
             None => None,
@@ -228,6 +231,7 @@ impl App {
             );
         }
         Ok(Self {
+            upkeep,
             faults: Arc::new(faults),
             settings,
             node,
@@ -394,6 +398,11 @@ impl App {
             settings.store.clone(),
             shutdown.child_token(),
         ));
+        let upkeep_task = tokio::spawn(upkeep::run(
+            self.store.clone(),
+            Duration::from_secs(settings.store.upkeep_interval_secs),
+            shutdown.child_token(),
+        ));
         let relay_task = tokio::spawn(relay::run(
             self.store.clone(),
             publisher_handle,
@@ -434,6 +443,7 @@ impl App {
             depths,
             replays,
             retention_task,
+            upkeep_task,
             commit_close,
             commit_task,
             relay_task,
@@ -575,6 +585,7 @@ impl App {
             links: wiring.links,
             broker_nodes: wiring.broker_nodes,
             partitions: wiring.partitions,
+            upkeep: self.upkeep,
         };
         let router = wiring
             .router
@@ -622,6 +633,7 @@ struct ApiRole {
     /// Operator replay jobs: stopped before the publisher they publish through.
     replays: ReplayJobs,
     retention_task: JoinHandle<()>,
+    upkeep_task: JoinHandle<()>,
     commit_close: CancellationToken,
     commit_task: JoinHandle<()>,
     relay_task: JoinHandle<()>,
@@ -639,6 +651,7 @@ impl ApiRole {
         drain("group commit", deadline, &mut self.commit_task).await;
         drain("outbox relay", deadline, &mut self.relay_task).await;
         drain("retention", deadline, &mut self.retention_task).await;
+        drain("table upkeep", deadline, &mut self.upkeep_task).await;
     }
 
     /// Step 4: the publisher publishes what it holds and settles its confirms, which the recorder
@@ -703,6 +716,36 @@ impl EveryNode {
         self.flusher_stop.cancel();
         let _ = self.flusher.await;
         metrics.flush();
+    }
+}
+
+/// Finds who looks after the tables and, when PostgreSQL's autovacuum does not, says so once at
+/// start: the operator of a production database should turn it on (Herald's own upkeep is the
+/// fallback, not the plan).
+async fn upkeep_mode(settings: &Settings, store: &Store) -> &'static str {
+    match store.upkeep_mode().await {
+        Ok(store::Upkeep::Autovacuum) => store::Upkeep::Autovacuum.as_str(),
+        Ok(store::Upkeep::Herald) if settings.store.upkeep_interval_secs > 0 => {
+            tracing::warn!(
+                "PostgreSQL's autovacuum is off on this database: Herald's api nodes vacuum and \
+                 analyze its tables themselves every {} s (store.upkeep_interval_secs); in \
+                 production, turn autovacuum on",
+                settings.store.upkeep_interval_secs
+            );
+            store::Upkeep::Herald.as_str()
+        }
+        Ok(store::Upkeep::Herald) => {
+            tracing::warn!(
+                "PostgreSQL's autovacuum is off and store.upkeep_interval_secs is 0: nothing \
+                 analyzes or vacuums Herald's tables, so plans and the outbox degrade; turn \
+                 autovacuum on or set HERALD_STORE__UPKEEP_INTERVAL_SECS"
+            );
+            "nobody"
+        }
+        Err(error) => {
+            tracing::debug!(error = ?error, "cannot read the autovacuum setting");
+            "unknown"
+        }
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Health {
     pub links: Vec<Link>,
     /// The broker node each of its connections uses (`queue.amqp_url` may list several).
     pub broker_nodes: Vec<(&'static str, BrokerNodes)>,
+    /// Who keeps the tables' statistics and dead rows in check, as found at start.
+    pub upkeep: &'static str,
     /// On a worker node: the partitions it consumes now.
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
@@ -102,6 +104,10 @@ pub struct Ready {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(required = false)]
     partitions: Option<Vec<u16>>,
+    /// Who vacuums and analyzes Herald's tables: `autovacuum` (PostgreSQL), `herald` (autovacuum
+    /// is off, an api node does it every `store.upkeep_interval_secs`), `nobody` (autovacuum off
+    /// and Herald's upkeep turned off: statistics go stale), or `unknown` (not read at start).
+    postgres_upkeep: String,
 }
 
 /// One dependency of /readyz.
@@ -216,6 +222,7 @@ pub async fn ready(State(health): State<Health>) -> (StatusCode, Json<Ready>) {
             .map(|(role, nodes)| ((*role).to_owned(), nodes.in_use()))
             .collect(),
         partitions,
+        postgres_upkeep: health.upkeep.to_owned(),
     };
     (status, Json(body))
 }

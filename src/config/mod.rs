@@ -164,6 +164,10 @@ pub struct StoreSettings {
     /// the key's first use): a retry then gets 200 with `"status": "pruned"`, never a new event.
     /// A key whose event is still stored is kept with it, whatever its age.
     pub idempotency_ttl_secs: u64,
+    /// When PostgreSQL's autovacuum is off (or `track_counts`), how often an api node vacuums and
+    /// analyzes Herald's tables itself (one node of the deployment at a time); 0: never, for a
+    /// deployment whose operator runs it. With autovacuum on, Herald leaves it to PostgreSQL.
+    pub upkeep_interval_secs: u64,
 }
 
 impl Default for StoreSettings {
@@ -178,6 +182,7 @@ impl Default for StoreSettings {
             retention_per_user: 10_000,
             retention_interval_secs: 300,
             idempotency_ttl_secs: 24 * 3600,
+            upkeep_interval_secs: 60,
         }
     }
 }

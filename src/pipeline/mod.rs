@@ -19,6 +19,7 @@ pub mod replay;
 pub mod retention;
 pub mod retry;
 pub mod sweep;
+pub mod upkeep;
 pub mod worker;
 
 use crate::config::Settings;

@@ -26,6 +26,7 @@ mod replay_jobs;
 mod schema;
 mod status;
 mod sweep;
+mod upkeep;
 
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EventRecord, ReplayCursor, ReplayPage,
@@ -45,6 +46,7 @@ pub use replay_jobs::ReplayJobRecord;
 pub use schema::{MigrationState, PRE_PARTITION_QUEUES_REMOVED};
 pub use status::{EventStatus, ReplayJobStatus};
 pub use sweep::STALE_MESSAGES_SQL;
+pub use upkeep::Upkeep;
 
 use crate::config::StoreSettings;
 use sqlx::migrate::MigrateDatabase;

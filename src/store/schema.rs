@@ -31,12 +31,15 @@ impl MigrationState {
 }
 
 impl Store {
-    /// Applies `migrations/` (embedded in the binary).
+    /// Applies `migrations/` (embedded in the binary), then analyzes every table.
     ///
     /// # Errors
     /// A migration failed or the recorded ones differ from the embedded ones.
     pub async fn migrate(&self) -> Result<(), Error> {
-        MIGRATOR.run(&self.pool).await.map_err(Error::Migrate)
+        MIGRATOR.run(&self.pool).await.map_err(Error::Migrate)?;
+        // A table a migration made or changed is never planned without statistics, whether or
+        // not autovacuum runs (it would analyze only after enough writes).
+        self.analyze().await
     }
 
     /// Compares the migrations the database applied with this binary's, without changing anything.

@@ -1,0 +1,130 @@
+//! Herald's own tables' upkeep where PostgreSQL's autovacuum does not do it: statistics for the
+//! planner (without them the outcome writer's update by id was measured running as a sequential
+//! scan of `events` per batch, issue 23) and the dead rows of the tables rewritten per event or
+//! per message (the outbox takes three writes per message).
+
+use super::{Error, Store};
+use sqlx::{Executor, PgConnection};
+
+/// Tables written at the rate of events or messages: vacuumed (and analyzed) at each upkeep.
+const CHURNING: &[&str] = &[
+    "outbox",
+    "user_seqs",
+    "partition_leases",
+    "worker_nodes",
+    "read_watermarks",
+    "retention_watermarks",
+    "idempotency_keys",
+];
+
+/// Large tables: analyzed at each upkeep (a sample: cheap whatever their size), vacuumed only at a
+/// full one.
+const LARGE: &[&str] = &["events", "delivery_attempts"];
+
+/// The advisory lock that lets one node of a deployment do the upkeep at a time (any constant
+/// Herald uses nowhere else).
+const UPKEEP_LOCK: i64 = 0x4845_5241_4c44_0001;
+
+/// Whether PostgreSQL's autovacuum looks after this database: `autovacuum` and `track_counts`
+/// (which it needs) both on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upkeep {
+    /// PostgreSQL's autovacuum does it.
+    Autovacuum,
+    /// Autovacuum is off: Herald does it itself (`store.upkeep_interval_secs`).
+    Herald,
+}
+
+impl Upkeep {
+    /// As `/readyz` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Autovacuum => "autovacuum",
+            Self::Herald => "herald",
+        }
+    }
+}
+
+impl Store {
+    /// Who keeps this database's statistics and dead rows in check.
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn upkeep_mode(&self) -> Result<Upkeep, Error> {
+        let on: bool = sqlx::query_scalar(
+            "SELECT current_setting('autovacuum') = 'on' AND current_setting('track_counts') = 'on'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("read the autovacuum setting"))?;
+        Ok(if on {
+            Upkeep::Autovacuum
+        } else {
+            Upkeep::Herald
+        })
+    }
+
+    /// Statistics for every table: after migrations, so a new or changed table is never planned
+    /// without them.
+    ///
+    /// # Errors
+    /// The statement failed.
+    pub async fn analyze(&self) -> Result<(), Error> {
+        (&self.pool)
+            .execute("ANALYZE")
+            .await
+            .map_err(Error::query("analyze"))?;
+        Ok(())
+    }
+
+    /// Vacuums and analyzes the churning tables and analyzes the large ones (vacuuming those too
+    /// when `full`), unless another node is doing it now. Returns whether this call did it.
+    ///
+    /// # Errors
+    /// A statement failed (what came before it is done).
+    pub async fn upkeep(&self, full: bool) -> Result<bool, Error> {
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(Error::query("acquire a connection for upkeep"))?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(UPKEEP_LOCK)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(Error::query("take the upkeep lock"))?;
+        if !locked {
+            return Ok(false);
+        }
+        let mut statements = vec!["SET statement_timeout = '10min'".to_owned()];
+        for table in CHURNING {
+            statements.push(format!("VACUUM (ANALYZE) {table}"));
+        }
+        for table in LARGE {
+            let statement = if full { "VACUUM (ANALYZE)" } else { "ANALYZE" };
+            statements.push(format!("{statement} {table}"));
+        }
+        let done = run_each(&mut connection, &statements).await;
+        let _ = connection.execute("RESET statement_timeout").await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(UPKEEP_LOCK)
+            .execute(&mut *connection)
+            .await;
+        done.map(|()| true)
+    }
+}
+
+/// Runs `statements` one by one on the simple protocol (no arguments: VACUUM runs in no
+/// transaction block and cannot be prepared); stops at the first failure.
+async fn run_each(connection: &mut PgConnection, statements: &[String]) -> Result<(), Error> {
+    for statement in statements {
+        connection
+            .execute(statement.as_str())
+            .await
+            .map_err(|source| Error::Query {
+                what: "upkeep",
+                source,
+            })?;
+    }
+    Ok(())
+}
