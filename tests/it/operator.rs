@@ -392,6 +392,16 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
         stat("last_analyze", "events")
     })
     .await;
+    // Autovacuum, where it runs, is tuned to each table's churn.
+    let outbox: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(reloptions) FROM pg_class WHERE relname = 'outbox'")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert!(
+        outbox.contains(&"autovacuum_vacuum_threshold=10000".to_owned()),
+        "{outbox:?}"
+    );
     let mode = store.upkeep_mode().await.unwrap();
     let app = crate::common::spawn_app_with(|s| {
         s.store.database_url = settings.store.database_url.clone();
