@@ -1,7 +1,7 @@
 # Herald, built in one stage and run from a slim one.
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 RUN cargo build --release --locked --bin herald
