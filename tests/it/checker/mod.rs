@@ -46,8 +46,15 @@ const PRODUCERS: usize = 5;
 const RATE: f64 = 150.0;
 /// Client tasks; even ones join with `{}`, odd ones with their last seq.
 const CLIENTS: usize = 30;
-/// How long the pipeline has to settle once healed before that is itself a violation.
+/// How long the pipeline has to settle once healed before that is itself a violation, unless it is
+/// still making progress (see [`QUIET_PROGRESS`]).
 const QUIET_DEADLINE: Duration = Duration::from_secs(120);
+/// Past [`QUIET_DEADLINE`], the wait goes on while the work left (unsettled events, outbox rows,
+/// ready messages) went down within this long: a long run's operator replays can leave thousands of
+/// poison events retrying, which is slow, not stuck. A pipeline that stops shrinking fails.
+const QUIET_PROGRESS: Duration = Duration::from_secs(60);
+/// However it progresses, the quiet period ends here.
+const QUIET_CAP: Duration = Duration::from_secs(900);
 /// How long joined clients have to receive their users' last events after that.
 const TAIL_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -277,33 +284,61 @@ async fn queue_depths(settings: &Settings) -> Result<Vec<(String, Option<u32>)>,
         .collect())
 }
 
+/// Unsettled events (`accepted`, `published`) + outbox rows + ready messages in the deployment's
+/// queues, with a running replay job counted as one (it may still move failed events back);
+/// `None` when it cannot be read.
+async fn work_left(store: &Store, settings: &Settings) -> Option<i64> {
+    let (unsettled, outbox, replaying): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events WHERE status IN ('accepted', 'published')),
+                (SELECT count(*) FROM outbox),
+                (SELECT count(*) FROM replay_jobs WHERE status = 'running')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .ok()?;
+    let depths = queue_depths(settings).await.ok()?;
+    let ready: i64 = depths.iter().map(|(_, n)| i64::from(n.unwrap_or(0))).sum();
+    Some(unsettled + outbox + replaying + ready)
+}
+
 /// Waits until every event is delivered or failed, the outbox is empty and so is every queue;
-/// past [`QUIET_DEADLINE`], describes what was still unsettled (a violation of its own).
+/// past [`QUIET_DEADLINE`] (and once the work left stops shrinking, or at [`QUIET_CAP`]),
+/// describes what was still unsettled (a violation of its own).
 async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<String> {
-    let settled = poll_until(QUIET_DEADLINE, Duration::from_millis(500), || async {
-        // A running replay job may still move failed events back to accepted.
-        let (unsettled, outbox, replaying): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM events WHERE status IN ('accepted', 'published')),
-                    (SELECT count(*) FROM outbox),
-                    (SELECT count(*) FROM replay_jobs WHERE status = 'running')",
-        )
-        .fetch_one(store.pool())
-        .await
-        .ok()?;
-        if unsettled > 0 || outbox > 0 || replaying > 0 {
+    let started = tokio::time::Instant::now();
+    let (mut least, mut shrank_at, mut said_at) = (i64::MAX, started, started);
+    let why = loop {
+        let left = work_left(store, settings).await;
+        if left == Some(0) {
             return None;
         }
-        let depths = queue_depths(settings).await.ok()?;
-        depths
-            .iter()
-            .all(|(_, n)| n.unwrap_or(0) == 0)
-            .then_some(())
-    })
-    .await;
-    if settled.is_some() {
-        return None;
-    }
-    let mut text = format!("not settled {QUIET_DEADLINE:?} after the heal:\n");
+        let now = tokio::time::Instant::now();
+        if let Some(left) = left
+            && left < least
+        {
+            (least, shrank_at) = (left, now);
+        }
+        if now.duration_since(said_at) >= Duration::from_secs(30) {
+            println!(
+                "  quiet for {:.0} s: {} unsettled events, outbox rows and ready messages left",
+                now.duration_since(started).as_secs_f64(),
+                left.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
+            );
+            said_at = now;
+        }
+        let waited = now.duration_since(started);
+        if waited >= QUIET_CAP {
+            break format!("not settled {QUIET_CAP:?} after the heal");
+        }
+        if waited >= QUIET_DEADLINE && now.duration_since(shrank_at) >= QUIET_PROGRESS {
+            break format!(
+                "not settled {:.0} s after the heal, no progress for {QUIET_PROGRESS:?}",
+                waited.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut text = format!("{why}:\n");
     /// id, user, seq, status, attempts, sweeps, last_error, next_attempt_at.
     type Unsettled = (
         uuid::Uuid,
