@@ -6,7 +6,7 @@
 use herald::app::Listener;
 use herald::config::Settings;
 use herald::queue::{self, selfcheck};
-use herald::store::{Layout, MigrationState, Store};
+use herald::store::{Layout, MigrationState, Store, Upkeep};
 use sqlx::Connection;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -74,6 +74,7 @@ pub async fn run(settings: &Settings, running: bool) -> anyhow::Result<()> {
     match connect_store(settings, &mut report).await {
         Some(store) => {
             check_migrations(&store, &mut report).await;
+            check_upkeep(settings, &store, &mut report).await;
             if roles.api || roles.worker {
                 check_partitions(settings, &store, &mut report).await;
             }
@@ -306,6 +307,27 @@ fn migration_problem(state: &MigrationState) -> String {
         state.known,
         state.missing[0]
     )
+}
+
+/// Who looks after the tables: PostgreSQL's autovacuum, or (a warning) Herald's own upkeep.
+async fn check_upkeep(settings: &Settings, store: &Store, report: &mut Report) {
+    match store.upkeep_mode().await {
+        Ok(Upkeep::Autovacuum) => report.ok("upkeep", "PostgreSQL's autovacuum is on"),
+        Ok(Upkeep::Herald) if settings.store.upkeep_interval_secs > 0 => report.warn(
+            "upkeep",
+            format!(
+                "PostgreSQL's autovacuum is off: Herald vacuums and analyzes its tables itself \
+                 every {} s; in production turn autovacuum on (README, \"PostgreSQL settings\")",
+                settings.store.upkeep_interval_secs
+            ),
+        ),
+        Ok(Upkeep::Herald) => report.warn(
+            "upkeep",
+            "PostgreSQL's autovacuum is off and store.upkeep_interval_secs is 0: nothing analyzes \
+             or vacuums Herald's tables; turn autovacuum on or set HERALD_STORE__UPKEEP_INTERVAL_SECS",
+        ),
+        Err(error) => report.fail("upkeep", one_line(&error)),
+    }
 }
 
 async fn check_partitions(settings: &Settings, store: &Store, report: &mut Report) {

@@ -201,6 +201,10 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
     ] {
         assert!(line(&lines, "ok", name).is_some(), "{name}: {lines:#?}");
     }
+    assert!(
+        line(&lines, "ok", "upkeep").is_some() || line(&lines, "warn", "upkeep").is_some(),
+        "{lines:#?}"
+    );
     assert!(lines.last().unwrap().contains("all passed"), "{lines:#?}");
 
     // The port taken: the line names the setting.
