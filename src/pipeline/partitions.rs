@@ -225,6 +225,9 @@ struct Running {
     lease: Arc<Lease>,
 }
 
+/// How often a drain that has not ended says so.
+const DRAIN_REPORT_EVERY: Duration = Duration::from_secs(30);
+
 /// A partition whose consumer is stopping, in a task of its own so the lease loop never waits for
 /// work: it settles (or returns) what it took, then the partition is released or left.
 struct Draining {
@@ -750,7 +753,25 @@ impl Coordinator {
         let task = tokio::spawn(async move {
             if let Some(running) = running {
                 running.stop.cancel();
-                let _ = running.task.await;
+                let mut consumer = running.task;
+                // A drain that does not end keeps the partition from this node's leases and, while
+                // the partition is still this node's share, from everyone's: say so, loudly and
+                // repeatedly, with what it waits for (a 30-minute checker run, seed 303, ended with
+                // a partition nobody consumed; this is where to look first).
+                let mut waited = 0u64;
+                while tokio::time::timeout(DRAIN_REPORT_EVERY, &mut consumer)
+                    .await
+                    .is_err()
+                {
+                    waited += DRAIN_REPORT_EVERY.as_secs();
+                    tracing::warn!(
+                        partition = p,
+                        waited_secs = waited,
+                        in_work = running.work.in_flight(),
+                        stop = ?how,
+                        "a partition's consumer is still draining"
+                    );
+                }
             }
             if how == Stop::HandOver {
                 match store.release_partitions(&node, &[p]).await {
