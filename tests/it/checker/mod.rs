@@ -393,6 +393,28 @@ async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<
             let _ = writeln!(text, "  queues unreadable: {e}");
         }
     }
+    // Who holds each partition, and which workers are alive: a partition with ready messages
+    // that nobody consumes is told apart from one whose owner is stuck.
+    let leases: Vec<(i32, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "SELECT partition, owner, (lease_until - now())::text, epoch
+         FROM partition_leases ORDER BY partition",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap_or_default();
+    let _ = writeln!(
+        text,
+        "  partition leases (partition, owner, time left, epoch):"
+    );
+    for (partition, owner, left, epoch) in &leases {
+        let _ = writeln!(text, "    {partition}: {owner:?}, {left:?}, epoch {epoch}");
+    }
+    let workers: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT name, (now() - seen_at)::text FROM worker_nodes ORDER BY name")
+            .fetch_all(store.pool())
+            .await
+            .unwrap_or_default();
+    let _ = writeln!(text, "  worker nodes (name, last seen ago): {workers:?}");
     for slot in &cluster.slots {
         let _ = writeln!(text, "  {} logged last:", slot.name());
         for line in slot.log_tail().iter().rev().take(8).rev() {
