@@ -396,7 +396,10 @@ async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<
     // Who holds each partition, and which workers are alive: a partition with ready messages
     // that nobody consumes is told apart from one whose owner is stuck.
     let leases: Vec<(i32, Option<String>, Option<String>, i64)> = sqlx::query_as(
-        "SELECT partition, owner, (lease_until - now())::text, epoch
+        "SELECT partition, owner,
+                CASE WHEN isfinite(lease_until) THEN (lease_until - now())::text
+                     ELSE 'never held' END,
+                epoch
          FROM partition_leases ORDER BY partition",
     )
     .fetch_all(store.pool())
