@@ -322,6 +322,36 @@ impl PartitionWork {
     }
 }
 
+/// How often a partition whose window stays full says so.
+const FULL_WINDOW_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// Takes `wanted` permits of the partition's window, saying every 30 s while it stays full: a
+/// window that never frees means events in work that never settle, and a partition that is
+/// leased, renewed and consumed by nobody (the first suspect of the seed-303 checker run).
+async fn wait_for_room(
+    work: &Arc<PartitionWork>,
+    wanted: u32,
+    partition: u16,
+) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    let room = Arc::clone(&work.window).acquire_many_owned(wanted);
+    let mut room = std::pin::pin!(room);
+    let mut waited = 0u64;
+    loop {
+        match tokio::time::timeout(FULL_WINDOW_REPORT_EVERY, room.as_mut()).await {
+            Ok(permits) => return permits,
+            Err(_) => {
+                waited += FULL_WINDOW_REPORT_EVERY.as_secs();
+                tracing::warn!(
+                    partition,
+                    waited_secs = waited,
+                    in_work = work.in_flight(),
+                    "a partition's window is still full: its events in work are not settling"
+                );
+            }
+        }
+    }
+}
+
 /// Why a partition's consumption ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum ConsumerEnd {
@@ -406,7 +436,7 @@ impl Worker {
                 None
             } else {
                 let acquired = tokio::select! {
-                    permits = Arc::clone(&work.window).acquire_many_owned(wanted) => permits,
+                    permits = wait_for_room(work, wanted, partition) => permits,
                     () = stop.cancelled() => {
                         returned.push(delivery);
                         break ConsumerEnd::Drained;
