@@ -724,23 +724,12 @@ impl EveryNode {
 /// fallback, not the plan).
 async fn upkeep_mode(settings: &Settings, store: &Store) -> &'static str {
     match store.upkeep_mode().await {
-        Ok(store::Upkeep::Autovacuum) => store::Upkeep::Autovacuum.as_str(),
-        Ok(store::Upkeep::Herald) if settings.store.upkeep_interval_secs > 0 => {
-            tracing::warn!(
-                "PostgreSQL's autovacuum is off on this database: Herald's api nodes vacuum and \
-                 analyze its tables themselves every {} s (store.upkeep_interval_secs); in \
-                 production, turn autovacuum on",
-                settings.store.upkeep_interval_secs
-            );
-            store::Upkeep::Herald.as_str()
-        }
-        Ok(store::Upkeep::Herald) => {
-            tracing::warn!(
-                "PostgreSQL's autovacuum is off and store.upkeep_interval_secs is 0: nothing \
-                 analyzes or vacuums Herald's tables, so plans and the outbox degrade; turn \
-                 autovacuum on or set HERALD_STORE__UPKEEP_INTERVAL_SECS"
-            );
-            "nobody"
+        Ok(mode) => {
+            let keeper = upkeep::Keeper::of(mode, settings.store.upkeep_interval_secs);
+            if let Some(warning) = keeper.warning() {
+                tracing::warn!("{warning}");
+            }
+            keeper.as_str()
         }
         Err(error) => {
             tracing::debug!(error = ?error, "cannot read the autovacuum setting");

@@ -5,8 +5,9 @@
 
 use herald::app::Listener;
 use herald::config::Settings;
+use herald::pipeline::upkeep::Keeper;
 use herald::queue::{self, selfcheck};
-use herald::store::{Layout, MigrationState, Store, Upkeep};
+use herald::store::{Layout, MigrationState, Store};
 use sqlx::Connection;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -312,20 +313,10 @@ fn migration_problem(state: &MigrationState) -> String {
 /// Who looks after the tables: PostgreSQL's autovacuum, or (a warning) Herald's own upkeep.
 async fn check_upkeep(settings: &Settings, store: &Store, report: &mut Report) {
     match store.upkeep_mode().await {
-        Ok(Upkeep::Autovacuum) => report.ok("upkeep", "PostgreSQL's autovacuum is on"),
-        Ok(Upkeep::Herald) if settings.store.upkeep_interval_secs > 0 => report.warn(
-            "upkeep",
-            format!(
-                "PostgreSQL's autovacuum is off: Herald vacuums and analyzes its tables itself \
-                 every {} s; in production turn autovacuum on (README, \"PostgreSQL settings\")",
-                settings.store.upkeep_interval_secs
-            ),
-        ),
-        Ok(Upkeep::Herald) => report.warn(
-            "upkeep",
-            "PostgreSQL's autovacuum is off and store.upkeep_interval_secs is 0: nothing analyzes \
-             or vacuums Herald's tables; turn autovacuum on or set HERALD_STORE__UPKEEP_INTERVAL_SECS",
-        ),
+        Ok(mode) => match Keeper::of(mode, settings.store.upkeep_interval_secs).warning() {
+            None => report.ok("upkeep", "PostgreSQL's autovacuum is on"),
+            Some(warning) => report.warn("upkeep", warning),
+        },
         Err(error) => report.fail("upkeep", one_line(&error)),
     }
 }

@@ -40,3 +40,53 @@ pub async fn run(store: Store, every: Duration, stop: CancellationToken) {
         }
     }
 }
+
+/// Who keeps a deployment's tables, from the server's setting and `store.upkeep_interval_secs`,
+/// and what the operator is told about it: one wording for a node's start and `herald check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keeper {
+    /// PostgreSQL's autovacuum.
+    Autovacuum,
+    /// Herald's api nodes, every this many seconds (autovacuum is off).
+    Herald(u64),
+    /// Nobody: autovacuum is off and so is Herald's upkeep.
+    Nobody,
+}
+
+impl Keeper {
+    /// The keeper of a database in `mode` for a node with `interval_secs` of upkeep.
+    pub fn of(mode: Upkeep, interval_secs: u64) -> Self {
+        match (mode, interval_secs) {
+            (Upkeep::Autovacuum, _) => Self::Autovacuum,
+            (Upkeep::Herald, 0) => Self::Nobody,
+            (Upkeep::Herald, secs) => Self::Herald(secs),
+        }
+    }
+
+    /// As `/readyz` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Autovacuum => "autovacuum",
+            Self::Herald(_) => "herald",
+            Self::Nobody => "nobody",
+        }
+    }
+
+    /// What the operator should act on, if anything.
+    pub fn warning(self) -> Option<String> {
+        match self {
+            Self::Autovacuum => None,
+            Self::Herald(secs) => Some(format!(
+                "PostgreSQL's autovacuum is off on this database: Herald's api nodes vacuum and \
+                 analyze its tables themselves every {secs} s (store.upkeep_interval_secs); in \
+                 production, turn autovacuum on (README, \"PostgreSQL settings\")"
+            )),
+            Self::Nobody => Some(
+                "PostgreSQL's autovacuum is off and store.upkeep_interval_secs is 0: nothing \
+                 analyzes or vacuums Herald's tables, so plans and the outbox degrade; turn \
+                 autovacuum on or set HERALD_STORE__UPKEEP_INTERVAL_SECS"
+                    .to_owned(),
+            ),
+        }
+    }
+}

@@ -35,16 +35,6 @@ pub enum Upkeep {
     Herald,
 }
 
-impl Upkeep {
-    /// As `/readyz` says it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Autovacuum => "autovacuum",
-            Self::Herald => "herald",
-        }
-    }
-}
-
 impl Store {
     /// Who keeps this database's statistics and dead rows in check.
     ///

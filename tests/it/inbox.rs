@@ -428,12 +428,7 @@ fn assert_bounded(plan: &str, cap: i64) {
         "not a range of the (user_id, seq) index:\n{plan}"
     );
     for read in reads {
-        let rows: f64 = read
-            .split("actual rows=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no row count: {read}"));
+        let rows = crate::common::actual_rows(read);
         assert!(rows <= (cap + 1) as f64, "{rows} rows read: {read}\n{plan}");
     }
 }

@@ -48,6 +48,15 @@ fn line<'a>(lines: &'a [String], status: &str, name: &str) -> Option<&'a String>
         .find(|l| l.starts_with(status) && l[6..].starts_with(name))
 }
 
+/// `herald check` on `settings`, which must fail: its FAIL line for check `name`.
+async fn failing(settings: &Settings, name: &str) -> String {
+    let (passed, lines) = check(settings, &[]).await;
+    assert!(!passed, "{lines:#?}");
+    line(&lines, "FAIL", name)
+        .unwrap_or_else(|| panic!("no failed {name} check: {lines:#?}"))
+        .clone()
+}
+
 #[tokio::test]
 async fn a_fresh_node_logs_no_error_or_warning_and_one_line_per_role() {
     let settings = test_settings();
@@ -209,9 +218,7 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
 
     // The port taken: the line names the setting.
     let taken = TcpListener::bind(fixed_port.http.addr).await.unwrap();
-    let (passed, lines) = check(&fixed_port, &[]).await;
-    assert!(!passed);
-    let listen = line(&lines, "FAIL", "listen").expect("listen failed");
+    let listen = failing(&fixed_port, "listen").await;
     assert!(
         listen.contains(&fixed_port.http.addr.to_string()) && listen.contains("HERALD_HTTP_ADDR"),
         "{listen}"
@@ -226,11 +233,9 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
     let mut down = settings.clone();
     down.store.database_url = Secret::new(format!("postgres://postgres@127.0.0.1:{closed}/x"));
     down.queue.amqp_url = Secret::new(format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"));
-    let (passed, lines) = check(&down, &[]).await;
-    assert!(!passed);
-    let postgres = line(&lines, "FAIL", "postgresql").expect("postgresql failed");
+    let postgres = failing(&down, "postgresql").await;
     assert!(postgres.contains("HERALD_DATABASE_URL"), "{postgres}");
-    let rabbit = line(&lines, "FAIL", "rabbitmq").expect("rabbitmq failed");
+    let rabbit = failing(&down, "rabbitmq").await;
     assert!(
         rabbit.contains(&format!("127.0.0.1:{closed}")) && rabbit.contains("HERALD_AMQP_URL"),
         "{rabbit}"
@@ -239,9 +244,7 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
     // A weak secret, and none at all without --dev.
     let mut weak = settings.clone();
     weak.socket.secret = Some(Secret::new("change-me"));
-    let (passed, lines) = check(&weak, &[]).await;
-    assert!(!passed);
-    let refused = line(&lines, "FAIL", "settings").expect("settings failed");
+    let refused = failing(&weak, "settings").await;
     assert!(refused.contains("HERALD_SECRET"), "{refused}");
     let mut none = settings.clone();
     none.socket.secret = None;
@@ -301,18 +304,14 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
     .execute(store.pool())
     .await
     .unwrap();
-    let (passed, lines) = check(&settings, &[]).await;
-    assert!(!passed);
-    let migrations = line(&lines, "FAIL", "migrations").expect("migrations failed");
+    let migrations = failing(&settings, "migrations").await;
     assert!(migrations.contains("newer herald"), "{migrations}");
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (99990101000001, $1)")
         .bind(last)
         .execute(store.pool())
         .await
         .unwrap();
-    let (passed, lines) = check(&settings, &[]).await;
-    assert!(!passed);
-    let migrations = line(&lines, "FAIL", "migrations").expect("migrations failed");
+    let migrations = failing(&settings, "migrations").await;
     assert!(
         migrations.contains("1 of") && migrations.contains("herald migrate"),
         "{migrations}"
@@ -414,7 +413,8 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
     })
     .await;
     let (_, ready) = app.readyz().await;
-    assert_eq!(ready["postgres_upkeep"], mode.as_str(), "{ready}");
+    let keeper = herald::pipeline::upkeep::Keeper::of(mode, 1);
+    assert_eq!(ready["postgres_upkeep"], keeper.as_str(), "{ready}");
     if mode == herald::store::Upkeep::Herald {
         for table in ["outbox", "user_seqs"] {
             crate::common::wait_until(&format!("Herald's VACUUM of {table}"), PATIENCE, || {

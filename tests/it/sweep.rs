@@ -360,12 +360,7 @@ fn assert_reads_at_most(plan: &str, index: &str, bound: u32) {
     );
     assert!(!plan.contains("never executed"), "{plan}");
     for read in plan.lines().filter(|l| l.contains(" on outbox")) {
-        let rows: f64 = read
-            .split("actual rows=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no row count: {read}"));
+        let rows = crate::common::actual_rows(read);
         assert!(rows <= f64::from(bound), "{rows} rows read: {read}\n{plan}");
     }
 }

@@ -200,3 +200,13 @@ pub async fn purge_queue(queue: &herald::config::QueueSettings, name: &str) -> R
     let _ = connection.close(200, "purged".into()).await;
     purged
 }
+
+/// The `actual rows=` count of one line of an `EXPLAIN ANALYZE` plan (failing the test if none).
+pub fn actual_rows(plan_line: &str) -> f64 {
+    plan_line
+        .split("actual rows=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no row count: {plan_line}"))
+}
