@@ -200,6 +200,83 @@ pub struct ReplayPage {
     pub next: Option<ReplayCursor>,
 }
 
+/// The outcome writer: a batch of attempts in one statement (see [`Store::record_attempts`]; `$1`
+/// the events, `$2` each attempt's kind, `$3` sockets, `$4` error, `$5` start and `$6` end in Unix
+/// ms, `$7` when a retry is due, `$8` the partition and `$9` the epoch it was made under, `$10`
+/// the node, `$11` a retry's message). Answers the events whose attempt was fenced off.
+pub const RECORD_ATTEMPTS_SQL: &str = "WITH given AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int8[],
+                              $6::int8[], $7::int8[], $8::int4[], $9::int8[], $11::uuid[])
+             AS g(id, kind, sockets, err, started, finished, retry_at, part, epoch,
+                  retry_message)),
+     -- The leases the attempts were made under, if this node still holds them: locked, so
+     -- a takeover (which raises the epoch) cannot slip in before this statement commits.
+     held AS (
+         SELECT l.partition, l.epoch FROM partition_leases l
+         WHERE l.owner = $10 AND l.partition IN (SELECT part FROM given)
+         FOR SHARE),
+     x AS (
+         SELECT g.* FROM given g JOIN held h ON h.partition = g.part AND h.epoch = g.epoch),
+     -- Events whose first attempt delivered and lives on the event row alone: copied into
+     -- delivery_attempts before this attempt changes the row (the snapshot is pre-update).
+     first AS (
+         SELECT e.id, e.published_at, e.delivered_at, e.push_count
+         FROM events e JOIN x ON x.id = e.id
+         WHERE e.attempts = 1 AND e.delivered_at IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.event_id = e.id)),
+     kept AS (
+         INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets)
+         SELECT id, 1, published_at, delivered_at,
+                CASE WHEN push_count > 0 THEN 'pushed' ELSE 'offline' END, push_count
+         FROM first
+         ON CONFLICT DO NOTHING),
+     upd AS (
+         UPDATE events e SET
+             attempts = e.attempts + 1,
+             -- The broker had it no later than its first attempt began (the confirm
+             -- itself only deletes an outbox row, and never touches the event).
+             published_at = COALESCE(e.published_at, to_timestamp(x.started / 1000.0)),
+             status = CASE
+                 WHEN x.kind = 'delivered' THEN 'delivered'
+                 WHEN e.status = 'delivered' THEN e.status
+                 WHEN x.kind = 'failed' THEN 'failed'
+                 WHEN e.status = 'accepted' THEN 'published'
+                 ELSE e.status END,
+             -- The attempt's own end, so the event and its attempt log agree.
+             delivered_at = CASE WHEN x.kind = 'delivered' THEN to_timestamp(x.finished / 1000.0)
+                                 ELSE e.delivered_at END,
+             failed_at = CASE WHEN x.kind = 'failed' AND e.status <> 'delivered'
+                              THEN to_timestamp(x.finished / 1000.0) ELSE e.failed_at END,
+             push_count = CASE WHEN x.kind = 'delivered' THEN x.sockets ELSE e.push_count END,
+             last_error = CASE WHEN x.kind = 'delivered' THEN NULL
+                               WHEN e.status = 'delivered' THEN e.last_error
+                               ELSE x.err END,
+             next_attempt_at = CASE WHEN x.kind = 'retrying' AND e.status <> 'delivered'
+                                    THEN to_timestamp(x.retry_at / 1000.0) END
+         FROM x WHERE e.id = x.id
+         -- The attempt's own fields ride along, so nothing below joins two CTEs (the
+         -- planner cannot estimate them, and a nested loop over both was quadratic).
+         RETURNING e.id, e.attempts, x.kind, x.sockets, x.err, x.started, x.finished,
+                   x.retry_at, x.part, x.retry_message),
+     -- A retry's message is in flight until a worker settles it: it gets an outbox row of
+     -- its own (the retry message's id), dated when it is due, for the sweeper.
+     retried AS (
+         INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
+         SELECT retry_message, ARRAY[id], part::int2, to_timestamp(retry_at / 1000.0), now()
+         FROM upd WHERE kind = 'retrying' AND retry_message IS NOT NULL
+         ON CONFLICT (id) DO NOTHING),
+     logged AS (
+         INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
+         SELECT id, attempts, to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
+                CASE WHEN kind <> 'delivered' THEN 'failed'
+                     WHEN sockets > 0 THEN 'pushed' ELSE 'offline' END,
+                sockets, err
+         FROM upd
+         -- A first attempt that delivers stays on the event row (see the migration).
+         WHERE NOT (kind = 'delivered' AND attempts = 1)
+         ON CONFLICT DO NOTHING)
+     SELECT g.id FROM given g WHERE NOT EXISTS (SELECT 1 FROM x WHERE x.id = g.id)";
+
 impl Store {
     /// Records a batch of delivery attempts in one statement: each event's status, attempt count,
     /// error and schedule are updated, and a `delivery_attempts` row is inserted per attempt,
@@ -273,94 +350,21 @@ impl Store {
             retry_at.push(at);
             retry_messages.push(message);
         }
-        let fenced: Vec<Uuid> = sqlx::query_scalar(
-            "WITH given AS (
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int8[],
-                                      $6::int8[], $7::int8[], $8::int4[], $9::int8[], $11::uuid[])
-                     AS g(id, kind, sockets, err, started, finished, retry_at, part, epoch,
-                          retry_message)),
-             -- The leases the attempts were made under, if this node still holds them: locked, so
-             -- a takeover (which raises the epoch) cannot slip in before this statement commits.
-             held AS (
-                 SELECT l.partition, l.epoch FROM partition_leases l
-                 WHERE l.owner = $10 AND l.partition IN (SELECT part FROM given)
-                 FOR SHARE),
-             x AS (
-                 SELECT g.* FROM given g JOIN held h ON h.partition = g.part AND h.epoch = g.epoch),
-             -- Events whose first attempt delivered and lives on the event row alone: copied into
-             -- delivery_attempts before this attempt changes the row (the snapshot is pre-update).
-             first AS (
-                 SELECT e.id, e.published_at, e.delivered_at, e.push_count
-                 FROM events e JOIN x ON x.id = e.id
-                 WHERE e.attempts = 1 AND e.delivered_at IS NOT NULL
-                   AND NOT EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.event_id = e.id)),
-             kept AS (
-                 INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets)
-                 SELECT id, 1, published_at, delivered_at,
-                        CASE WHEN push_count > 0 THEN 'pushed' ELSE 'offline' END, push_count
-                 FROM first
-                 ON CONFLICT DO NOTHING),
-             upd AS (
-                 UPDATE events e SET
-                     attempts = e.attempts + 1,
-                     -- The broker had it no later than its first attempt began (the confirm
-                     -- itself only deletes an outbox row, and never touches the event).
-                     published_at = COALESCE(e.published_at, to_timestamp(x.started / 1000.0)),
-                     status = CASE
-                         WHEN x.kind = 'delivered' THEN 'delivered'
-                         WHEN e.status = 'delivered' THEN e.status
-                         WHEN x.kind = 'failed' THEN 'failed'
-                         WHEN e.status = 'accepted' THEN 'published'
-                         ELSE e.status END,
-                     -- The attempt's own end, so the event and its attempt log agree.
-                     delivered_at = CASE WHEN x.kind = 'delivered' THEN to_timestamp(x.finished / 1000.0)
-                                         ELSE e.delivered_at END,
-                     failed_at = CASE WHEN x.kind = 'failed' AND e.status <> 'delivered'
-                                      THEN to_timestamp(x.finished / 1000.0) ELSE e.failed_at END,
-                     push_count = CASE WHEN x.kind = 'delivered' THEN x.sockets ELSE e.push_count END,
-                     last_error = CASE WHEN x.kind = 'delivered' THEN NULL
-                                       WHEN e.status = 'delivered' THEN e.last_error
-                                       ELSE x.err END,
-                     next_attempt_at = CASE WHEN x.kind = 'retrying' AND e.status <> 'delivered'
-                                            THEN to_timestamp(x.retry_at / 1000.0) END
-                 FROM x WHERE e.id = x.id
-                 -- The attempt's own fields ride along, so nothing below joins two CTEs (the
-                 -- planner cannot estimate them, and a nested loop over both was quadratic).
-                 RETURNING e.id, e.attempts, x.kind, x.sockets, x.err, x.started, x.finished,
-                           x.retry_at, x.part, x.retry_message),
-             -- A retry's message is in flight until a worker settles it: it gets an outbox row of
-             -- its own (the retry message's id), dated when it is due, for the sweeper.
-             retried AS (
-                 INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
-                 SELECT retry_message, ARRAY[id], part::int2, to_timestamp(retry_at / 1000.0), now()
-                 FROM upd WHERE kind = 'retrying' AND retry_message IS NOT NULL
-                 ON CONFLICT (id) DO NOTHING),
-             logged AS (
-                 INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, sockets, error)
-                 SELECT id, attempts, to_timestamp(started / 1000.0), to_timestamp(finished / 1000.0),
-                        CASE WHEN kind <> 'delivered' THEN 'failed'
-                             WHEN sockets > 0 THEN 'pushed' ELSE 'offline' END,
-                        sockets, err
-                 FROM upd
-                 -- A first attempt that delivers stays on the event row (see the migration).
-                 WHERE NOT (kind = 'delivered' AND attempts = 1)
-                 ON CONFLICT DO NOTHING)
-             SELECT g.id FROM given g WHERE NOT EXISTS (SELECT 1 FROM x WHERE x.id = g.id)",
-        )
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&sockets)
-        .bind(&errors)
-        .bind(&started)
-        .bind(&finished)
-        .bind(&retry_at)
-        .bind(&partitions)
-        .bind(&epochs)
-        .bind(node)
-        .bind(&retry_messages)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::query("record delivery attempts"))?;
+        let fenced: Vec<Uuid> = sqlx::query_scalar(RECORD_ATTEMPTS_SQL)
+            .bind(&ids)
+            .bind(&kinds)
+            .bind(&sockets)
+            .bind(&errors)
+            .bind(&started)
+            .bind(&finished)
+            .bind(&retry_at)
+            .bind(&partitions)
+            .bind(&epochs)
+            .bind(node)
+            .bind(&retry_messages)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("record delivery attempts"))?;
         Ok(fenced)
     }
 

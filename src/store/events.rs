@@ -134,12 +134,8 @@ impl StoredEvent {
     }
 }
 
-/// The columns of a [`StoredEvent`], over `events` (unaliased: `acked` looks up the row's user's
-/// read mark, a primary-key read of `read_watermarks`).
-pub(super) const STORED_EVENT_COLUMNS: &str = "id, user_id, seq, event, data::text AS data, \
-     (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, \
-     acked_at IS NOT NULL OR seq <= coalesce((SELECT r.read_through FROM read_watermarks r \
-                                              WHERE r.user_id = events.user_id), 0) AS acked";
+/// The columns of a [`StoredEvent`], over `events` (see `stored_event_columns!`).
+pub(super) const STORED_EVENT_COLUMNS: &str = stored_event_columns!();
 
 /// How far below a user's last seq the unread count, and the read mark's `acked`, look: the
 /// user's newest 1,000 seqs (above its read mark). It bounds both, whatever the number of events
@@ -219,6 +215,101 @@ pub enum ReadMark<'a> {
     UpToSeq(i64),
 }
 
+/// The retention statement: deletes the events whose `ctid`s `select` picks and, in the same
+/// statement, raises each of their users' watermark to the highest seq deleted (in user order, so
+/// two nodes pruning at once take the watermark rows' locks in one order) and marks their
+/// idempotency keys pruned with the event's seq (a primary-key lookup per keyed event; the events
+/// row names its key). Answers the count. The bookkeeping costs the background pass about 3 us
+/// per pruned event: 7.1 us against 4.4 for the bare delete (90,000 delivered events of 1,000
+/// users, one in ten keyed, pruned in statements of 10,000 on this box). A macro, so that each
+/// statement is one `const` text.
+macro_rules! prune_sql {
+    ($select:literal) => {
+        concat!(
+            "WITH gone AS (
+                 DELETE FROM events WHERE ctid = ANY(ARRAY(",
+            $select,
+            "))
+                 RETURNING id, producer_id, user_id, seq, idempotency_key),
+             marked AS (
+                 INSERT INTO retention_watermarks AS w (user_id, pruned_through)
+                 SELECT user_id, max(seq) FROM gone GROUP BY user_id ORDER BY user_id
+                 ON CONFLICT (user_id) DO UPDATE
+                     SET pruned_through = GREATEST(w.pruned_through, EXCLUDED.pruned_through)),
+             keys AS (
+                 UPDATE idempotency_keys k SET pruned_at = now(), seq = gone.seq
+                 FROM gone
+                 WHERE gone.idempotency_key IS NOT NULL AND k.producer_id = gone.producer_id
+                   AND k.key = gone.idempotency_key AND k.event_id = gone.id)
+             SELECT count(*) FROM gone"
+        )
+    };
+}
+
+/// The group commit's counter bump (`$1` the users, `$2` each one's number of new events): one
+/// upsert per user, through the primary key, answering each user's new last seq.
+pub const BUMP_USER_SEQS_SQL: &str = "INSERT INTO user_seqs AS s (user_id, last_seq)
+     SELECT * FROM UNNEST($1::text[], $2::int8[])
+     ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+     RETURNING user_id, last_seq";
+
+/// The group commit's insert of its new events, one row per element of the arrays (id, producer,
+/// user, seq, name, data, idempotency key, enqueue time in Unix ms).
+pub const INSERT_EVENTS_SQL: &str =
+    "INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
+     SELECT id, p, u, s, e, d::jsonb, k, to_timestamp(t / 1000.0)
+     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
+                 $7::text[], $8::int8[]) AS x(id, p, u, s, e, d, k, t)";
+
+/// A user's retention watermark and last seq (`$1` the user): two primary-key reads, what a join
+/// reads before it catches up.
+pub const USER_SEQ_BOUNDS_SQL: &str =
+    "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
+            (SELECT last_seq FROM user_seqs WHERE user_id = $1)";
+
+/// Retention by age (`$1` the days, `$2` the batch): delivered events enqueued before the cutoff.
+pub const PRUNE_OLD_EVENTS_SQL: &str = prune_sql!(
+    "SELECT ctid FROM events
+     WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
+     LIMIT $2"
+);
+
+/// Retention by count (`$1` the events kept per user, `$2` the batch): delivered events more than
+/// `$1` seqs below their user's last.
+pub const PRUNE_EVENTS_PAST_COUNT_SQL: &str = prune_sql!(
+    "SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
+     WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
+     LIMIT $2"
+);
+
+/// Expires idempotency keys (`$1` their time to live in seconds, `$2` the batch): keys of pruned
+/// events, through the partial index `idempotency_keys_pruned`.
+pub const EXPIRE_IDEMPOTENCY_KEYS_SQL: &str = "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+         SELECT ctid FROM idempotency_keys
+         WHERE pruned_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)
+         LIMIT $2))";
+
+/// A channel `ack` (`$1` the user, `$2` the event ids): sets `acked_at` on those of the user's
+/// events above its read mark that have none.
+pub const ACK_EVENTS_SQL: &str = "UPDATE events SET acked_at = now()
+     WHERE user_id = $1 AND id = ANY($2) AND acked_at IS NULL
+       AND seq > coalesce((SELECT read_through FROM read_watermarks WHERE user_id = $1), 0)";
+
+/// A page of a user's events (`$1` the user, `$2` < seq < `$3`, `$4` the limit), oldest first:
+/// catch-up and gap fill.
+pub const USER_EVENTS_ASCENDING_SQL: &str = concat!(
+    "SELECT ",
+    stored_event_columns!(),
+    " FROM events WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4"
+);
+
+/// [`USER_EVENTS_ASCENDING_SQL`], newest first: the inbox.
+pub const USER_EVENTS_DESCENDING_SQL: &str = concat!(
+    "SELECT ",
+    stored_event_columns!(),
+    " FROM events WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+);
+
 impl Store {
     /// Inserts a batch of events in one transaction, numbers them per user, and plans the broker
     /// messages that carry the new ones (one per partition, split at `limits`), writing their outbox
@@ -250,17 +341,12 @@ impl Store {
             *per_user.entry(events[i].user_id.as_str()).or_default() += 1;
         }
         let (users, counts): (Vec<&str>, Vec<i64>) = per_user.iter().map(|(u, c)| (*u, *c)).unzip();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "INSERT INTO user_seqs AS s (user_id, last_seq)
-             SELECT * FROM UNNEST($1::text[], $2::int8[])
-             ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
-             RETURNING user_id, last_seq",
-        )
-        .bind(&users)
-        .bind(&counts)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(Error::query("bump user seqs"))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(BUMP_USER_SEQS_SQL)
+            .bind(&users)
+            .bind(&counts)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::query("bump user seqs"))?;
         // The next seq to hand out per user: last_seq - count + 1.
         let mut next: HashMap<String, i64> = rows
             .into_iter()
@@ -304,23 +390,18 @@ impl Store {
             ats.push(e.enqueued_at_ms);
         }
         if n > 0 {
-            sqlx::query(
-                "INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
-                 SELECT id, p, u, s, e, d::jsonb, k, to_timestamp(t / 1000.0)
-                 FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
-                             $7::text[], $8::int8[]) AS x(id, p, u, s, e, d, k, t)",
-            )
-            .bind(&ids)
-            .bind(&producers)
-            .bind(&user_ids)
-            .bind(&seqs)
-            .bind(&names)
-            .bind(&datas)
-            .bind(&keys)
-            .bind(&ats)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::query("insert events"))?;
+            sqlx::query(INSERT_EVENTS_SQL)
+                .bind(&ids)
+                .bind(&producers)
+                .bind(&user_ids)
+                .bind(&seqs)
+                .bind(&names)
+                .bind(&datas)
+                .bind(&keys)
+                .bind(&ats)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::query("insert events"))?;
         }
         let messages = plan_messages(
             fresh.iter().map(|&i| {
@@ -363,14 +444,11 @@ impl Store {
         &self,
         user_id: &str,
     ) -> Result<(Option<i64>, Option<i64>), Error> {
-        sqlx::query_as(
-            "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
-                    (SELECT last_seq FROM user_seqs WHERE user_id = $1)",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Error::query("read a user's seq bounds"))
+        sqlx::query_as(USER_SEQ_BOUNDS_SQL)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("read a user's seq bounds"))
     }
 
     /// Deletes up to `limit` delivered events past retention: older than `max_age_days` (0: no age
@@ -390,28 +468,20 @@ impl Store {
     ) -> Result<u64, Error> {
         let mut pruned = 0;
         if max_age_days > 0 {
-            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
-                "SELECT ctid FROM events
-                 WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
-                 LIMIT $2",
-            ))
-            .bind(max_age_days as i32)
-            .bind(limit)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Error::query("prune old events"))?;
+            pruned += sqlx::query_scalar::<_, i64>(PRUNE_OLD_EVENTS_SQL)
+                .bind(max_age_days as i32)
+                .bind(limit)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(Error::query("prune old events"))?;
         }
         if per_user > 0 {
-            pruned += sqlx::query_scalar::<_, i64>(&prune_sql(
-                "SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
-                 WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
-                 LIMIT $2",
-            ))
-            .bind(per_user)
-            .bind(limit)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Error::query("prune events beyond the per-user count"))?;
+            pruned += sqlx::query_scalar::<_, i64>(PRUNE_EVENTS_PAST_COUNT_SQL)
+                .bind(per_user)
+                .bind(limit)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(Error::query("prune events beyond the per-user count"))?;
         }
         Ok(u64::try_from(pruned).unwrap_or(0))
     }
@@ -422,17 +492,12 @@ impl Store {
     /// # Errors
     /// The delete failed.
     pub async fn expire_idempotency_keys(&self, ttl_secs: u64, limit: i64) -> Result<u64, Error> {
-        let done = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM idempotency_keys
-                 WHERE pruned_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)
-                 LIMIT $2))",
-        )
-        .bind(ttl_secs as f64)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("expire idempotency keys"))?;
+        let done = sqlx::query(EXPIRE_IDEMPOTENCY_KEYS_SQL)
+            .bind(ttl_secs as f64)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("expire idempotency keys"))?;
         Ok(done.rows_affected())
     }
 
@@ -449,17 +514,12 @@ impl Store {
     /// The update failed.
     pub async fn record_acks(&self, user_id: &str, mark: ReadMark<'_>) -> Result<u64, Error> {
         let newly = match mark {
-            ReadMark::Ids(ids) => sqlx::query(
-                "UPDATE events SET acked_at = now()
-                 WHERE user_id = $1 AND id = ANY($2) AND acked_at IS NULL
-                   AND seq > coalesce(
-                       (SELECT read_through FROM read_watermarks WHERE user_id = $1), 0)",
-            )
-            .bind(user_id)
-            .bind(ids)
-            .execute(&self.pool)
-            .await
-            .map(|done| done.rows_affected()),
+            ReadMark::Ids(ids) => sqlx::query(ACK_EVENTS_SQL)
+                .bind(user_id)
+                .bind(ids)
+                .execute(&self.pool)
+                .await
+                .map(|done| done.rows_affected()),
             ReadMark::UpToSeq(seq) => sqlx::query_scalar::<_, i64>(READ_MARK_SQL)
                 .bind(user_id)
                 .bind(seq)
@@ -485,21 +545,18 @@ impl Store {
         limit: i64,
         order: SeqOrder,
     ) -> Result<Vec<StoredEvent>, Error> {
-        let direction = match order {
-            SeqOrder::Ascending => "ASC",
-            SeqOrder::Descending => "DESC",
+        let sql = match order {
+            SeqOrder::Ascending => USER_EVENTS_ASCENDING_SQL,
+            SeqOrder::Descending => USER_EVENTS_DESCENDING_SQL,
         };
-        sqlx::query_as::<_, StoredEvent>(&format!(
-            "SELECT {STORED_EVENT_COLUMNS} FROM events
-             WHERE user_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq {direction} LIMIT $4"
-        ))
-        .bind(user_id)
-        .bind(after)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::query("read events of a user"))
+        sqlx::query_as::<_, StoredEvent>(sql)
+            .bind(user_id)
+            .bind(after)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("read events of a user"))
     }
 
     /// The user's unread count among its last [`UNREAD_CAP`] seqs above its read mark (see
@@ -517,31 +574,20 @@ impl Store {
     }
 }
 
-/// The retention statement: deletes the events whose `ctid`s `select` picks and, in the same
-/// statement, raises each of their users' watermark to the highest seq deleted (in user order, so
-/// two nodes pruning at once take the watermark rows' locks in one order) and marks their
-/// idempotency keys pruned with the event's seq (a primary-key lookup per keyed event; the events
-/// row names its key). Answers the count. The bookkeeping costs the background pass about 3 us
-/// per pruned event: 7.1 us against 4.4 for the bare delete (90,000 delivered events of 1,000
-/// users, one in ten keyed, pruned in statements of 10,000 on this box).
-fn prune_sql(select: &str) -> String {
-    format!(
-        "WITH gone AS (
-             DELETE FROM events WHERE ctid = ANY(ARRAY({select}))
-             RETURNING id, producer_id, user_id, seq, idempotency_key),
-         marked AS (
-             INSERT INTO retention_watermarks AS w (user_id, pruned_through)
-             SELECT user_id, max(seq) FROM gone GROUP BY user_id ORDER BY user_id
-             ON CONFLICT (user_id) DO UPDATE
-                 SET pruned_through = GREATEST(w.pruned_through, EXCLUDED.pruned_through)),
-         keys AS (
-             UPDATE idempotency_keys k SET pruned_at = now(), seq = gone.seq
-             FROM gone
-             WHERE gone.idempotency_key IS NOT NULL AND k.producer_id = gone.producer_id
-               AND k.key = gone.idempotency_key AND k.event_id = gone.id)
-         SELECT count(*) FROM gone"
-    )
-}
+/// The group commit's claim of its idempotency keys (`$1` the producers, `$2` the keys, `$3` the
+/// events): inserts those not taken, through the primary key, answering them.
+pub const CLAIM_IDEMPOTENCY_KEYS_SQL: &str =
+    "INSERT INTO idempotency_keys (producer_id, key, event_id)
+     SELECT * FROM UNNEST($1::int8[], $2::text[], $3::uuid[])
+     ON CONFLICT DO NOTHING RETURNING producer_id, key";
+
+/// The originals of keys already taken (`$1` the producers, `$2` the keys, `$3` the status of an
+/// event retention removed): each key, its event, and the event's seq and status.
+pub const IDEMPOTENT_ORIGINALS_SQL: &str =
+    "SELECT k.producer_id, k.key, k.event_id, COALESCE(e.seq, k.seq, 0), COALESCE(e.status, $3)
+     FROM UNNEST($1::int8[], $2::text[]) AS x(p, k)
+     JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
+     LEFT JOIN events e ON e.id = k.event_id";
 
 /// Claims the batch's idempotency keys and fills `outcomes` for events whose key a committed event
 /// holds. Returns the events that repeat a key used earlier in this batch, as (index, first index).
@@ -570,17 +616,13 @@ async fn claim_idempotency_keys(
     let producers: Vec<i64> = first.keys().map(|(p, _)| *p).collect();
     let keys: Vec<&str> = first.keys().map(|(_, k)| *k).collect();
     let ids: Vec<Uuid> = first.values().map(|&i| events[i].id).collect();
-    let claimed: Vec<(i64, String)> = sqlx::query_as(
-        "INSERT INTO idempotency_keys (producer_id, key, event_id)
-         SELECT * FROM UNNEST($1::int8[], $2::text[], $3::uuid[])
-         ON CONFLICT DO NOTHING RETURNING producer_id, key",
-    )
-    .bind(&producers)
-    .bind(&keys)
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(Error::query("claim idempotency keys"))?;
+    let claimed: Vec<(i64, String)> = sqlx::query_as(CLAIM_IDEMPOTENCY_KEYS_SQL)
+        .bind(&producers)
+        .bind(&keys)
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(Error::query("claim idempotency keys"))?;
 
     if claimed.len() < first.len() {
         let claimed: std::collections::HashSet<(i64, &str)> =
@@ -592,19 +634,14 @@ async fn claim_idempotency_keys(
             .unzip();
         // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
         // (a key and its event commit together), answered with the seq its key recorded.
-        let originals: Vec<(i64, String, Uuid, i64, EventStatus)> = sqlx::query_as(
-            "SELECT k.producer_id, k.key, k.event_id, COALESCE(e.seq, k.seq, 0),
-                    COALESCE(e.status, $3)
-             FROM UNNEST($1::int8[], $2::text[]) AS x(p, k)
-             JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
-             LEFT JOIN events e ON e.id = k.event_id",
-        )
-        .bind(&taken_p)
-        .bind(&taken_k)
-        .bind(EventStatus::Pruned)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(Error::query("read idempotent originals"))?;
+        let originals: Vec<(i64, String, Uuid, i64, EventStatus)> =
+            sqlx::query_as(IDEMPOTENT_ORIGINALS_SQL)
+                .bind(&taken_p)
+                .bind(&taken_k)
+                .bind(EventStatus::Pruned)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(Error::query("read idempotent originals"))?;
         for (producer, key, id, seq, status) in originals {
             if let Some(&i) = first.get(&(producer, key.as_str())) {
                 outcomes[i] = Some(InsertOutcome::Duplicate { id, seq, status });

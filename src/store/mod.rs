@@ -16,6 +16,18 @@ macro_rules! rfc3339 {
     };
 }
 
+/// The columns of a `StoredEvent`, over `events` (unaliased: `acked` looks up the row's user's read
+/// mark, a primary-key read of `read_watermarks`). A macro, so that statements built with
+/// `concat!` can be `const`s.
+macro_rules! stored_event_columns {
+    () => {
+        "id, user_id, seq, event, data::text AS data, \
+         (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, \
+         acked_at IS NOT NULL OR seq <= coalesce((SELECT r.read_through FROM read_watermarks r \
+                                                  WHERE r.user_id = events.user_id), 0) AS acked"
+    };
+}
+
 mod delivery;
 mod events;
 mod filter;
@@ -29,15 +41,20 @@ mod sweep;
 mod upkeep;
 
 pub use delivery::{
-    AttemptRecord, AttemptResult, AttemptRow, EventRecord, ReplayCursor, ReplayPage,
+    AttemptRecord, AttemptResult, AttemptRow, EventRecord, RECORD_ATTEMPTS_SQL, ReplayCursor,
+    ReplayPage,
 };
 pub use events::{
-    Committed, InsertOutcome, NewEvent, READ_MARK_SQL, ReadMark, SeqOrder, StoredEvent, UNREAD_CAP,
-    UNREAD_SQL, Unread,
+    ACK_EVENTS_SQL, BUMP_USER_SEQS_SQL, CLAIM_IDEMPOTENCY_KEYS_SQL, Committed,
+    EXPIRE_IDEMPOTENCY_KEYS_SQL, IDEMPOTENT_ORIGINALS_SQL, INSERT_EVENTS_SQL, InsertOutcome,
+    NewEvent, PRUNE_EVENTS_PAST_COUNT_SQL, PRUNE_OLD_EVENTS_SQL, READ_MARK_SQL, ReadMark, SeqOrder,
+    StoredEvent, UNREAD_CAP, UNREAD_SQL, USER_EVENTS_ASCENDING_SQL, USER_EVENTS_DESCENDING_SQL,
+    USER_SEQ_BOUNDS_SQL, Unread,
 };
 pub use filter::{EventFilter, FilterText};
 pub use outbox::{
-    CLAIM_UNCONFIRMED_SQL, ClaimedMessage, MessageLimits, OUTBOX_DEPTH_SQL, OutboxMessage,
+    CLAIM_UNCONFIRMED_SQL, CONFIRM_MESSAGES_SQL, ClaimedMessage, FORGET_MESSAGES_SQL,
+    INSERT_OUTBOX_ROWS_SQL, MessageLimits, OUTBOX_DEPTH_SQL, OutboxMessage, UNCONFIRMED_EVENTS_SQL,
     plan_messages,
 };
 pub use partitions::{Layout, LeaseToken, PartitionLease};
@@ -45,7 +62,10 @@ pub use producers::{ApiKey, Producer};
 pub use replay_jobs::ReplayJobRecord;
 pub use schema::{MigrationState, PRE_PARTITION_QUEUES_REMOVED};
 pub use status::{EventStatus, ReplayJobStatus};
-pub use sweep::STALE_MESSAGES_SQL;
+pub use sweep::{
+    KEEP_IN_FLIGHT_SQL, PLACE_MESSAGES_SQL, STALE_MESSAGES_SQL, SWEEP_STALE_EVENTS_SQL,
+    TAKE_STALE_MESSAGES_SQL, UNPLACED_MESSAGES_SQL,
+};
 pub use upkeep::Upkeep;
 
 use crate::config::StoreSettings;

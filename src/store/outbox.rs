@@ -67,6 +67,15 @@ pub fn plan_messages<'a>(
     messages
 }
 
+/// New unconfirmed outbox rows (`$1` each event's row, `$2` the event, `$3` its partition, `$4`
+/// how far back to date them, in ms), in the group commit's transaction (and a replay's or a
+/// sweep's). `clock_timestamp()`, not `now()` (the transaction's start): the relay's grace counts
+/// from the moment the message can be made, however long the commit took to get here.
+pub const INSERT_OUTBOX_ROWS_SQL: &str = "INSERT INTO outbox (id, event_ids, partition, created_at)
+     SELECT r, array_agg(e ORDER BY o), min(p), clock_timestamp() - make_interval(secs => $4 / 1000.0)
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::int2[]) WITH ORDINALITY AS x(r, e, p, o)
+     GROUP BY r";
+
 /// Inserts the (unconfirmed) outbox rows of `messages` (`ids` maps an event index to its event
 /// id), dated `backdate_ms` in the past: 0 for a message its writer publishes now, the relay's grace
 /// for one the relay is to publish at its next pass (the sweeper's).
@@ -87,22 +96,14 @@ pub(super) async fn insert_rows(
             partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
         }
     }
-    sqlx::query(
-        // clock_timestamp(), not now() (the transaction's start): the relay's grace counts from
-        // the moment the message can be made, however long the commit took to get here.
-        "INSERT INTO outbox (id, event_ids, partition, created_at)
-         SELECT r, array_agg(e ORDER BY o), min(p),
-                clock_timestamp() - make_interval(secs => $4 / 1000.0)
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::int2[]) WITH ORDINALITY AS x(r, e, p, o)
-         GROUP BY r",
-    )
-    .bind(&rows)
-    .bind(&events)
-    .bind(&partitions)
-    .bind(backdate_ms as f64)
-    .execute(&mut **tx)
-    .await
-    .map_err(Error::query("insert outbox rows"))?;
+    sqlx::query(INSERT_OUTBOX_ROWS_SQL)
+        .bind(&rows)
+        .bind(&events)
+        .bind(&partitions)
+        .bind(backdate_ms as f64)
+        .execute(&mut **tx)
+        .await
+        .map_err(Error::query("insert outbox rows"))?;
     Ok(())
 }
 
@@ -138,6 +139,21 @@ pub const CLAIM_UNCONFIRMED_SQL: &str = "WITH due AS (
 pub const OUTBOX_DEPTH_SQL: &str = "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8
      FROM (SELECT event_ids FROM outbox WHERE confirmed_at IS NULL LIMIT $1) AS unconfirmed";
 
+/// The confirm recorder (`$1` the confirmed messages): marks their rows confirmed.
+pub const CONFIRM_MESSAGES_SQL: &str =
+    "UPDATE outbox SET confirmed_at = now() WHERE id = ANY($1) AND confirmed_at IS NULL";
+
+/// A worker's settle (`$1` the settled messages): deletes their rows.
+pub const FORGET_MESSAGES_SQL: &str = "DELETE FROM outbox WHERE id = ANY($1)";
+
+/// The relay's read of the events of the rows it claimed (`$1` their ids, `$2` `accepted`): those
+/// still waiting for a publish.
+pub const UNCONFIRMED_EVENTS_SQL: &str = concat!(
+    "SELECT ",
+    stored_event_columns!(),
+    " FROM events WHERE id = ANY($1) AND status = $2"
+);
+
 impl Store {
     /// Marks the outbox rows of messages the broker confirmed: the relay leaves them alone from
     /// now on, and they stay until a worker has settled the message (or the sweeper finds nothing
@@ -147,13 +163,11 @@ impl Store {
     /// The update failed (the rows stay unconfirmed, and the relay republishes them: harmless
     /// duplicates).
     pub async fn confirm_messages(&self, ids: &[Uuid]) -> Result<u64, Error> {
-        let done = sqlx::query(
-            "UPDATE outbox SET confirmed_at = now() WHERE id = ANY($1) AND confirmed_at IS NULL",
-        )
-        .bind(ids)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("mark confirmed outbox rows"))?;
+        let done = sqlx::query(CONFIRM_MESSAGES_SQL)
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("mark confirmed outbox rows"))?;
         Ok(done.rows_affected())
     }
 
@@ -164,7 +178,7 @@ impl Store {
     /// The delete failed (the rows stay, and the sweeper deletes them once it sees their events
     /// final).
     pub async fn forget_messages(&self, ids: &[Uuid]) -> Result<u64, Error> {
-        let done = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        let done = sqlx::query(FORGET_MESSAGES_SQL)
             .bind(ids)
             .execute(&self.pool)
             .await
@@ -193,11 +207,7 @@ impl Store {
         // Oldest first: a user's older message goes before its newer one.
         claimed.sort_by_key(|(id, _, created)| (*created, *id));
         let all: Vec<Uuid> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
-        let sql = format!(
-            "SELECT {} FROM events WHERE id = ANY($1) AND status = $2",
-            super::events::STORED_EVENT_COLUMNS
-        );
-        let rows: Vec<StoredEvent> = sqlx::query_as(&sql)
+        let rows: Vec<StoredEvent> = sqlx::query_as(UNCONFIRMED_EVENTS_SQL)
             .bind(&all)
             .bind(EventStatus::Accepted)
             .fetch_all(&self.pool)

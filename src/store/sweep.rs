@@ -30,8 +30,56 @@ pub const STALE_MESSAGES_SQL: &str = "SELECT id FROM outbox
        AND created_at < now() - make_interval(secs => $2 / 1000.0)
      ORDER BY created_at LIMIT $3";
 
-/// When an event was last due: enqueued, replayed, swept, or due to retry.
-const DUE: &str = "GREATEST(e.enqueued_at, e.next_attempt_at, e.replayed_at, e.swept_at)";
+/// When an event was last due: enqueued, replayed, swept, or due to retry. A macro, so that the
+/// statements using it are `const`s.
+macro_rules! due {
+    () => {
+        "GREATEST(e.enqueued_at, e.next_attempt_at, e.replayed_at, e.swept_at)"
+    };
+}
+
+/// A sweep's take (`$1` the rows): deletes those of them still there, confirmed and not locked,
+/// answering the events they carried.
+pub const TAKE_STALE_MESSAGES_SQL: &str = "WITH gone AS (
+         DELETE FROM outbox WHERE id = ANY(ARRAY(
+             SELECT id FROM outbox WHERE id = ANY($1) AND confirmed_at IS NOT NULL
+             FOR UPDATE SKIP LOCKED))
+         RETURNING event_ids)
+     SELECT DISTINCT unnest(event_ids) FROM gone";
+
+/// A sweep's return of stale events to `accepted` (`$1` the age in ms, `$2` the events the taken
+/// rows carried, `$3` `accepted`), answering them.
+pub const SWEEP_STALE_EVENTS_SQL: &str = concat!(
+    "UPDATE events e SET status = $3, next_attempt_at = NULL,
+            sweeps = e.sweeps + 1, swept_at = now()
+     WHERE e.id = ANY($2) AND e.status IN ('accepted', 'published')
+       AND ",
+    due!(),
+    " < now() - make_interval(secs => $1 / 1000.0)
+     RETURNING e.id, e.user_id, e.seq, octet_length(e.data::text)"
+);
+
+/// A sweep's rows for events another message still carries (`$1` the events the taken rows
+/// carried, `$2` those swept, `$3` the partition): a confirmed row each, dated when it is due.
+pub const KEEP_IN_FLIGHT_SQL: &str = concat!(
+    "INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
+     SELECT gen_random_uuid(), ARRAY[e.id], $3, ",
+    due!(),
+    ", now()
+     FROM events e
+     WHERE e.id = ANY($1) AND e.id <> ALL($2) AND e.status IN ('accepted', 'published')"
+);
+
+/// Confirmed rows written before rows had a partition (`$1` the limit), each with a user of its
+/// events (none when none is stored any more).
+pub const UNPLACED_MESSAGES_SQL: &str =
+    "SELECT o.id, (SELECT e.user_id FROM events e WHERE e.id = ANY(o.event_ids) LIMIT 1)
+     FROM outbox o WHERE o.partition IS NULL AND o.confirmed_at IS NOT NULL LIMIT $1";
+
+/// Gives rows their partition (`$1` the rows, `$2` each one's partition).
+pub const PLACE_MESSAGES_SQL: &str =
+    "UPDATE outbox o SET partition = x.p FROM UNNEST($1::uuid[], $2::int2[]) AS x(id, p)
+     WHERE o.id = x.id";
 
 impl Store {
     /// Up to `limit` confirmed outbox rows of `partition` older than `age_ms`, oldest first: the
@@ -72,45 +120,27 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let carried: Vec<Uuid> = sqlx::query_scalar(
-            "WITH gone AS (
-                 DELETE FROM outbox WHERE id = ANY(ARRAY(
-                     SELECT id FROM outbox WHERE id = ANY($1) AND confirmed_at IS NOT NULL
-                     FOR UPDATE SKIP LOCKED))
-                 RETURNING event_ids)
-             SELECT DISTINCT unnest(event_ids) FROM gone",
-        )
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(Error::query("take stale messages"))?;
-        let mut stale: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(&format!(
-            "UPDATE events e SET status = $3, next_attempt_at = NULL,
-                    sweeps = e.sweeps + 1, swept_at = now()
-             WHERE e.id = ANY($2) AND e.status IN ('accepted', 'published')
-               AND {DUE} < now() - make_interval(secs => $1 / 1000.0)
-             RETURNING e.id, e.user_id, e.seq, octet_length(e.data::text)"
-        ))
-        .bind(age_ms as f64)
-        .bind(&carried)
-        .bind(EventStatus::Accepted)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(Error::query("sweep stale events"))?;
+        let carried: Vec<Uuid> = sqlx::query_scalar(TAKE_STALE_MESSAGES_SQL)
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::query("take stale messages"))?;
+        let mut stale: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(SWEEP_STALE_EVENTS_SQL)
+            .bind(age_ms as f64)
+            .bind(&carried)
+            .bind(EventStatus::Accepted)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(Error::query("sweep stale events"))?;
         // What another message still carries keeps a row of its own, looked at when it is due.
         let swept: Vec<Uuid> = stale.iter().map(|row| row.0).collect();
-        sqlx::query(&format!(
-            "INSERT INTO outbox (id, event_ids, partition, created_at, confirmed_at)
-             SELECT gen_random_uuid(), ARRAY[e.id], $3, {DUE}, now()
-             FROM events e
-             WHERE e.id = ANY($1) AND e.id <> ALL($2) AND e.status IN ('accepted', 'published')"
-        ))
-        .bind(&carried)
-        .bind(&swept)
-        .bind(i16::try_from(partition).unwrap_or(i16::MAX))
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::query("keep waiting events in flight"))?;
+        sqlx::query(KEEP_IN_FLIGHT_SQL)
+            .bind(&carried)
+            .bind(&swept)
+            .bind(i16::try_from(partition).unwrap_or(i16::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::query("keep waiting events in flight"))?;
         // Seq order within each user, so each message keeps its users' events in order.
         stale.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
         let messages = plan_messages(
@@ -136,14 +166,11 @@ impl Store {
         partitions: u16,
         limit: i64,
     ) -> Result<usize, Error> {
-        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(
-            "SELECT o.id, (SELECT e.user_id FROM events e WHERE e.id = ANY(o.event_ids) LIMIT 1)
-             FROM outbox o WHERE o.partition IS NULL AND o.confirmed_at IS NOT NULL LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::query("find unplaced messages"))?;
+        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(UNPLACED_MESSAGES_SQL)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("find unplaced messages"))?;
         let (mut placed, mut places, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for (id, user) in &rows {
             match user {
@@ -154,15 +181,12 @@ impl Store {
                 None => gone.push(*id),
             }
         }
-        sqlx::query(
-            "UPDATE outbox o SET partition = x.p FROM UNNEST($1::uuid[], $2::int2[]) AS x(id, p)
-             WHERE o.id = x.id",
-        )
-        .bind(&placed)
-        .bind(&places)
-        .execute(&self.pool)
-        .await
-        .map_err(Error::query("place messages"))?;
+        sqlx::query(PLACE_MESSAGES_SQL)
+            .bind(&placed)
+            .bind(&places)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::query("place messages"))?;
         self.forget_messages(&gone).await?;
         Ok(rows.len())
     }
