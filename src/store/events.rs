@@ -267,26 +267,50 @@ pub const USER_SEQ_BOUNDS_SQL: &str =
     "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
             (SELECT last_seq FROM user_seqs WHERE user_id = $1)";
 
-/// Retention by age (`$1` the days, `$2` the batch): delivered events enqueued before the cutoff.
+/// Retention by age (`$1` the days, `$2` the batch): delivered events enqueued before the cutoff,
+/// found through the BRIN index on `enqueued_at`. Run after [`PRUNE_OLD_EVENTS_PLANNING_SQL`], in
+/// its transaction.
 pub const PRUNE_OLD_EVENTS_SQL: &str = prune_sql!(
     "SELECT ctid FROM events
      WHERE status = 'delivered' AND enqueued_at < now() - make_interval(days => $1)
      LIMIT $2"
 );
 
+/// How [`PRUNE_OLD_EVENTS_SQL`] is planned: with a sequential scan as the last resort only. The one
+/// index that finds old events is the BRIN on `enqueued_at` (a btree would cost every insert an
+/// index entry), and PostgreSQL costs a BRIN read from the column's correlation statistic: without
+/// it (a table never analyzed, or analyzed while empty, as `herald migrate` leaves it) it reckons
+/// the BRIN selects every block range and reads the whole table instead, whatever the statement's
+/// shape, so every retention batch read all of `events` (issue 23). No shape helps, so a planner
+/// setting does, for this statement's transaction alone. With statistics it changes nothing, and
+/// at worst (every range selected) a BRIN read costs about what the scan would.
+pub const PRUNE_OLD_EVENTS_PLANNING_SQL: &str = "SET LOCAL enable_seqscan = off";
+
 /// Retention by count (`$1` the events kept per user, `$2` the batch): delivered events more than
-/// `$1` seqs below their user's last.
+/// `$1` seqs below their user's last. It goes through the users' counters and, for each user with
+/// more than `$1` seqs, reads the range of its events below the kept ones from the `(user_id,
+/// seq)` index. The `LIMIT` in the lateral subquery keeps it a subquery run per user, so no plan
+/// can join the counters to a scan of `events` instead: as a plain join, PostgreSQL hashed
+/// `user_seqs` and read the whole of `events` for every batch, with fresh statistics or none
+/// (issue 23, a million events).
 pub const PRUNE_EVENTS_PAST_COUNT_SQL: &str = prune_sql!(
-    "SELECT e.ctid FROM events e JOIN user_seqs s USING (user_id)
-     WHERE e.status = 'delivered' AND e.seq <= s.last_seq - $1
+    "SELECT e.ctid FROM user_seqs s
+     CROSS JOIN LATERAL (
+         SELECT ctid FROM events
+         WHERE user_id = s.user_id AND seq <= s.last_seq - $1 AND status = 'delivered'
+         LIMIT $2) AS e
+     WHERE s.last_seq > $1
      LIMIT $2"
 );
 
 /// Expires idempotency keys (`$1` their time to live in seconds, `$2` the batch): keys of pruned
-/// events, through the partial index `idempotency_keys_pruned`.
+/// events, oldest first, through the partial index `idempotency_keys_pruned` (created_at). The
+/// order is the index's, so the batch is its first entries: unordered, PostgreSQL without
+/// statistics read the whole table for them instead (issue 23).
 pub const EXPIRE_IDEMPOTENCY_KEYS_SQL: &str = "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
          SELECT ctid FROM idempotency_keys
          WHERE pruned_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at
          LIMIT $2))";
 
 /// A channel `ack` (`$1` the user, `$2` the event ids): sets `acked_at` on those of the user's
@@ -468,12 +492,20 @@ impl Store {
     ) -> Result<u64, Error> {
         let mut pruned = 0;
         if max_age_days > 0 {
+            let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
+            sqlx::query(PRUNE_OLD_EVENTS_PLANNING_SQL)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::query("plan pruning old events"))?;
             pruned += sqlx::query_scalar::<_, i64>(PRUNE_OLD_EVENTS_SQL)
                 .bind(max_age_days as i32)
                 .bind(limit)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(Error::query("prune old events"))?;
+            tx.commit()
+                .await
+                .map_err(Error::query("commit pruning old events"))?;
         }
         if per_user > 0 {
             pruned += sqlx::query_scalar::<_, i64>(PRUNE_EVENTS_PAST_COUNT_SQL)
