@@ -17,6 +17,7 @@ mod openapi;
 mod operator;
 mod partitions;
 mod pipeline;
+mod plans;
 mod rabbitmq_cluster;
 mod replay;
 mod resilience;
