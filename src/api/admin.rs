@@ -454,7 +454,7 @@ pub struct StatsResponse {
     pub roles: String,
     /// When the reading was taken, Unix ms.
     pub at_ms: i64,
-    /// Per node: this node's counters since it started and its gauges, read from the registry
+    /// Per node: this node's counters since it started and its gauges, read from the instruments
     /// `/metrics` serves. The console turns the counters into rates.
     pub node: Snapshot,
     /// Cluster-wide: ready messages in each partition queue, from RabbitMQ; null while the broker

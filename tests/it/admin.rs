@@ -313,7 +313,7 @@ async fn the_console_and_its_stats_are_for_admins_and_read_the_nodes_registry() 
     assert_eq!(partitions.len(), 4);
     assert!(partitions.iter().all(|p| p["ready"].is_u64()), "{before}");
 
-    // Counters move with the node's work (the same registry /metrics serves).
+    // Counters move with the node's work (the same instruments /metrics serves).
     app.enqueue(json!({"user_id": "1", "data": {}})).await;
     app.enqueue(json!({"user_id": "2", "data": {}})).await;
     let after = wait_until("two events accepted and delivered", PATIENCE, || async {
