@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
 /// What an instrument is on each output. Buckets are in StatsD's units (milliseconds for
-/// durations), which Prometheus keeps.
+/// durations); Prometheus gets durations in seconds, its base unit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
     /// StatsD `|c`; a Prometheus counter, `<name>_total`.
@@ -22,13 +22,21 @@ pub enum Kind {
     Gauge,
     /// A count per observation (a batch's size): StatsD `|h`; a Prometheus histogram, unitless.
     Histogram(&'static [f64]),
-    /// A duration: StatsD `|h` in milliseconds; a Prometheus histogram.
+    /// A duration: StatsD `|h` in milliseconds; a Prometheus histogram `<name>_seconds`.
     HistogramMs(&'static [f64]),
-    /// A duration: StatsD `|ms`; a Prometheus histogram.
+    /// A duration: StatsD `|ms`; a Prometheus histogram `<name>_seconds`.
     TimingMs(&'static [f64]),
 }
 
 impl Kind {
+    /// How many StatsD units make one Prometheus unit (1,000 ms to the second), or 1.
+    pub(super) fn per_prometheus_unit(self) -> f64 {
+        match self {
+            Self::HistogramMs(_) | Self::TimingMs(_) => 1_000.0,
+            Self::Counter | Self::Gauge | Self::Histogram(_) => 1.0,
+        }
+    }
+
     /// The upper bounds of a distribution's buckets, in StatsD's units (none for the others).
     pub(super) fn buckets(self) -> &'static [f64] {
         match self {
@@ -53,9 +61,14 @@ pub struct Spec {
 
 impl Spec {
     /// Its Prometheus family's name, before the registry's prefix: the StatsD name with dots as
-    /// underscores. A counter's samples add `_total`, a histogram's `_bucket`, `_sum` and `_count`.
+    /// underscores, durations with `_seconds` (`pipeline_push_delivered_seconds`). A counter's
+    /// samples add `_total`, a histogram's `_bucket`, `_sum` and `_count`.
     pub fn prometheus_family(&self) -> String {
-        self.name.replace('.', "_")
+        let name = self.name.replace('.', "_");
+        match self.kind {
+            Kind::HistogramMs(_) | Kind::TimingMs(_) => format!("{name}_seconds"),
+            Kind::Counter | Kind::Gauge | Kind::Histogram(_) => name,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub(super) struct Instrument<C, const N: usize> {
 pub(super) type Counter<const N: usize> = Instrument<counter::Counter, N>;
 /// StatsD `|g`, Prometheus gauge.
 pub(super) type Gauge<const N: usize> = Instrument<gauge::Gauge, N>;
-/// StatsD `|h` or `|ms`, Prometheus histogram.
+/// StatsD `|h` or `|ms`, Prometheus histogram (in seconds for durations).
 pub(super) type Distribution<const N: usize> = Instrument<Histogram, N>;
 
 impl<C: Cell, const N: usize> Instrument<C, N> {
@@ -34,7 +34,9 @@ impl<C: Cell, const N: usize> Instrument<C, N> {
         keys: [&'static str; N],
     ) -> Self {
         let series = Series::new(spec.kind, keys);
-        // The registry ends the help with a full stop itself.
+        // The registry ends the help with a full stop itself. A duration's family is named with
+        // its unit but carries no `# UNIT` line: the name is what Prometheus' conventions ask for,
+        // and strict readers (openmetrics-parser, which the tests use) refuse `UNIT` on histograms.
         let help = spec.help.trim_end_matches('.');
         registry.register(spec.prometheus_family(), help, series.clone());
         let statsd = Arc::clone(statsd);

@@ -4,10 +4,10 @@
 //! Call sites never spell a metric name: each telemetry event is one method on [`Metrics`]
 //! (`events.rs`, vector's internal events), which records into instruments declared once, a line
 //! each, in `declare.rs`. An instrument (`instrument.rs`) feeds both outputs in one call, so they
-//! cannot drift apart. Prometheus names are the StatsD names with dots as underscores
-//! (`pipeline.push_delivered` -> `pipeline_push_delivered`; counters gain OpenMetrics' `_total`),
-//! in the same units (milliseconds, counts). The console reads the instruments in place
-//! (`snapshot.rs`).
+//! cannot drift apart. Names and units follow each output's conventions: StatsD keeps the dotted
+//! names and milliseconds operators' dashboards read (`statsd.rs`); Prometheus gets the same names
+//! with dots as underscores in its base units, `_seconds` for durations and `_total` for counters
+//! (`prometheus.rs`). The console reads the instruments in place (`snapshot.rs`).
 //!
 //! Tags are always of low cardinality: never a user id or an event id (a partition number is bounded
 //! by `queue.partitions`). Every metric carries `node` and `roles`, as cadence default tags on the

@@ -2,6 +2,10 @@
 //! place. prometheus_client's `Family` can be encoded but not iterated, and its `Histogram` hides
 //! its buckets, so the console used to render the whole registry to text and parse it back by
 //! name; these series keep the same figures readable where they are.
+//!
+//! A distribution keeps StatsD's units (milliseconds) and is converted to Prometheus' base unit
+//! (seconds) only when encoded: the bounds the console reads are then exactly the declared ones,
+//! with no float round trip, and Prometheus still gets `le="0.25"` for 250 ms.
 
 use super::declare::Kind;
 use super::snapshot::Buckets;
@@ -119,6 +123,8 @@ impl<C: Cell, const N: usize> EncodeMetric for Series<C, N> {
 pub(super) struct Histogram {
     /// Upper bounds, ascending, in StatsD's units; +Inf is implied after the last.
     bounds: &'static [f64],
+    /// StatsD units per Prometheus unit (1,000 for ms to seconds, or 1).
+    per_unit: f64,
     observed: Mutex<Observed>,
 }
 
@@ -134,6 +140,7 @@ impl Cell for Histogram {
         let bounds = kind.buckets();
         Self {
             bounds,
+            per_unit: kind.per_prometheus_unit(),
             observed: Mutex::new(Observed {
                 counts: vec![0; bounds.len() + 1],
                 sum: 0.0,
@@ -182,12 +189,13 @@ impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let (buckets, count, sum) = {
             let observed = self.lock();
-            let buckets: Vec<(f64, u64)> = (self.bounds.iter().copied())
+            let bounds = self.bounds.iter().map(|b| b / self.per_unit);
+            let buckets: Vec<(f64, u64)> = bounds
                 .chain(once(f64::INFINITY))
                 .zip(observed.counts.iter().copied())
                 .collect();
             let count = observed.counts.iter().sum();
-            (buckets, count, observed.sum)
+            (buckets, count, observed.sum / self.per_unit)
         };
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }

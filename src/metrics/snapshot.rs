@@ -101,7 +101,7 @@ mod tests {
         assert!(s.push_delivered.buckets.contains(&(Some(5.0), 1)));
         assert!(s.push_delivered.buckets.contains(&(Some(50.0), 2)));
 
-        // Prometheus gets the same figures.
+        // Prometheus gets the same figures, durations in seconds.
         metrics.worker_processed(Duration::from_millis(2), "pushed");
         metrics.worker_run(3);
         let text = metrics.render();
@@ -109,12 +109,16 @@ mod tests {
         has(
             r#"herald_api_events_accepted_total{node="n1",roles="api+worker",endpoint="single"} 3"#,
         );
-        has("# TYPE herald_pipeline_push_delivered histogram");
-        has(r#"herald_pipeline_push_delivered_bucket{node="n1",roles="api+worker",le="5.0"} 1"#);
-        has(r#"herald_pipeline_push_delivered_bucket{node="n1",roles="api+worker",le="+Inf"} 2"#);
-        has(r#"herald_pipeline_push_delivered_sum{node="n1",roles="api+worker"} 43.0"#);
+        has("# TYPE herald_pipeline_push_delivered_seconds histogram");
         has(
-            r#"herald_pipeline_worker_process_time_bucket{node="n1",roles="api+worker",le="2.5",outcome="pushed"} 1"#,
+            r#"herald_pipeline_push_delivered_seconds_bucket{node="n1",roles="api+worker",le="0.005"} 1"#,
+        );
+        has(
+            r#"herald_pipeline_push_delivered_seconds_bucket{node="n1",roles="api+worker",le="+Inf"} 2"#,
+        );
+        has(r#"herald_pipeline_push_delivered_seconds_sum{node="n1",roles="api+worker"} 0.043"#);
+        has(
+            r#"herald_pipeline_worker_process_time_seconds_bucket{node="n1",roles="api+worker",le="0.0025",outcome="pushed"} 1"#,
         );
         has("# TYPE herald_pipeline_worker_run_events histogram");
     }

@@ -1,7 +1,7 @@
 //! The StatsD side: a cadence client whose default tags are the node and its roles, so no
 //! instrument can forget or repeat them, and which buffers metrics up to a datagram
 //! (`metrics.packet_bytes`) or the flush interval, so a hot path costs a mutex and a format, not a
-//! syscall.
+//! syscall. StatsD keeps its units (milliseconds, counts): operators' dashboards read them.
 
 use super::Error;
 use crate::config::MetricsSettings;

@@ -1,8 +1,10 @@
 //! Metrics reach both outputs from one declaration: the StatsD packets and Prometheus' `/metrics`
-//! (parsed with an OpenMetrics parser) carry the same names and tags, every metric tagged with the
-//! node and its roles exactly once, and the histograms move as events are delivered.
+//! (parsed with an OpenMetrics parser) carry the same metrics and tags, every metric tagged with the
+//! node and its roles exactly once, each output in its own units (StatsD ms, Prometheus seconds),
+//! and the histograms move as events are delivered.
 
 use crate::common::{PATIENCE, StatsdListener, TestApp, spawn_app_with, wait_until};
+use herald::metrics::DECLARED;
 use openmetrics_parser::{MetricFamily, MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use serde_json::json;
 use std::collections::HashMap;
@@ -90,7 +92,7 @@ async fn statsd_and_prometheus_carry_the_same_names_and_tags_and_histograms_move
     let before = scrape(&app).await;
     assert_eq!(
         before
-            .and_then(|before| value(&before, "pipeline_push_delivered", &[]))
+            .and_then(|before| value(&before, "pipeline_push_delivered_seconds", &[]))
             .unwrap_or(0.0),
         0.0,
         "nothing delivered yet"
@@ -131,24 +133,28 @@ async fn statsd_and_prometheus_carry_the_same_names_and_tags_and_histograms_move
     find("pipeline.retry.scheduled:1|c", "attempt:1");
     find("pipeline.dead_lettered:1|c", "");
 
-    // Prometheus: the same names (dots as underscores), the same tags as labels.
+    // Prometheus: every metric StatsD got, under its declared name (dots as underscores, times
+    // in `_seconds`), the same tags as labels.
     let after = scrape(&app).await.expect("metrics after deliveries");
     for line in &lines {
-        let name = line.split(':').next().unwrap().replace('.', "_");
+        let name = line.split(':').next().unwrap();
+        let spec = DECLARED
+            .iter()
+            .find(|spec| spec.name == name)
+            .unwrap_or_else(|| panic!("StatsD sends {name}, which is not declared"));
         assert!(
-            after.families.contains_key(&name),
-            "StatsD sends {name} but /metrics lacks it"
+            after.families.contains_key(&spec.prometheus_family()),
+            "StatsD sends {name} but /metrics lacks {}",
+            spec.prometheus_family()
         );
     }
-    assert_eq!(
-        family(&after, "pipeline_push_delivered").family_type,
-        OpenMetricsType::Histogram
-    );
-    let delivered = value(&after, "pipeline_push_delivered", &[]).expect("push_delivered");
+    let latency = family(&after, "pipeline_push_delivered_seconds");
+    assert_eq!(latency.family_type, OpenMetricsType::Histogram);
+    let delivered = value(&after, "pipeline_push_delivered_seconds", &[]).expect("push_delivered");
     assert!(delivered >= 1.0, "the histogram moved: {delivered}");
     let pushed = value(
         &after,
-        "pipeline_worker_process_time",
+        "pipeline_worker_process_time_seconds",
         &[("outcome", "pushed")],
     );
     assert!(pushed.is_some_and(|n| n >= 1.0), "{pushed:?}");
@@ -169,16 +175,31 @@ async fn statsd_and_prometheus_carry_the_same_names_and_tags_and_histograms_move
         Some(1.0)
     );
     assert_eq!(value(&after, "pipeline_dead_lettered", &[]), Some(1.0));
-    let Some(OpenMetricsValue::Histogram(histogram)) = family(&after, "pipeline_push_delivered")
-        .iter_samples()
-        .next()
-        .map(|m| &m.value)
+    let Some(OpenMetricsValue::Histogram(histogram)) =
+        latency.iter_samples().next().map(|m| &m.value)
     else {
         panic!("push_delivered is a histogram");
     };
+    let bounds: Vec<f64> = histogram.buckets.iter().map(|b| b.upper_bound).collect();
     assert!(
-        histogram.buckets.len() > 10,
-        "latency buckets from 1 ms to minutes"
+        bounds.len() > 10 && bounds[0] == 0.001 && bounds.contains(&300.0),
+        "latency buckets from 1 ms to 5 minutes, in seconds: {bounds:?}"
+    );
+    // The same observations as StatsD's milliseconds, in seconds.
+    let statsd_ms: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("pipeline.push_delivered:"))
+        .map(|l| l.split('|').next().unwrap().parse().unwrap())
+        .collect();
+    let sum = histogram
+        .sum
+        .as_ref()
+        .map(|s| s.as_f64())
+        .unwrap_or_default();
+    assert_eq!(histogram.count, Some(statsd_ms.len() as u64));
+    assert!(
+        (sum * 1_000.0 - statsd_ms.iter().sum::<f64>()).abs() < 1e-6,
+        "sum {sum} s, StatsD {statsd_ms:?} ms"
     );
 
     // The operator's gauges, sampled every second.
