@@ -2,7 +2,9 @@
 //! its registration, its recording method, the README's row), and they drifted: the README gave
 //! `queue.publish.confirmed` and `queue.publish.deferred` a `reason` tag they never had. Here a
 //! line declares an instrument once: the field the recording methods use, its StatsD name, type
-//! and tag keys (which also give the Prometheus name and labels), its help and its buckets.
+//! and tag keys (which also give the Prometheus name and labels), its help and its buckets. The
+//! README's table is checked against this list by a test, so a metric added, renamed or retagged
+//! without its row fails `cargo test --lib`.
 //!
 //! The number of tag keys is part of an instrument's type, so a recording method that passes too
 //! few or too many tag values does not compile.
@@ -68,6 +70,25 @@ impl Spec {
         match self.kind {
             Kind::HistogramMs(_) | Kind::TimingMs(_) => format!("{name}_seconds"),
             Kind::Counter | Kind::Gauge | Kind::Histogram(_) => name,
+        }
+    }
+
+    /// The name a query starts from: a counter's `_total` sample, else the family's name.
+    pub fn prometheus_name(&self) -> String {
+        match self.kind {
+            Kind::Counter => format!("{}_total", self.prometheus_family()),
+            _ => self.prometheus_family(),
+        }
+    }
+
+    /// The StatsD type, as the README's table spells it.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram(_) => "histogram",
+            Kind::HistogramMs(_) => "histogram (ms)",
+            Kind::TimingMs(_) => "timing (ms)",
         }
     }
 }
@@ -231,6 +252,103 @@ instruments! {
 mod tests {
     use super::*;
 
+    const README: &str = include_str!("../../README.md");
+
+    /// The rows of the README's metric table: `(StatsD name, [cells])`.
+    fn readme_rows() -> Vec<(String, Vec<String>)> {
+        let section = README
+            .split_once("## Metrics (StatsD and Prometheus)")
+            .and_then(|(_, after)| after.split_once("\n### "))
+            .map(|(section, _)| section)
+            .expect("README has the metrics section");
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|line| {
+                let cells: Vec<String> = line
+                    .trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_owned())
+                    .collect();
+                (cells[0].trim_matches('`').to_owned(), cells)
+            })
+            .collect()
+    }
+
+    /// The tag keys of a tags cell: `pool (`background`, ...), state (...)` -> `[pool, state]`.
+    fn tag_keys(cell: &str) -> Vec<String> {
+        let mut depth = 0;
+        let bare: String = cell
+            .chars()
+            .filter(|c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect();
+        bare.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The row this declaration expects (the meaning is the README's own).
+    fn expected_row(spec: &Spec) -> String {
+        let (name, prometheus) = (spec.name, spec.prometheus_name());
+        let cells = [
+            spec.type_name(),
+            &format!("`{prometheus}`"),
+            &spec.tags.join(", "),
+        ];
+        format!("| `{name}` | {} | ...", cells.join(" | ")).replace("|  |", "| |")
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_declared_metric_as_declared() {
+        let rows = readme_rows();
+        let mut problems = Vec::new();
+        for spec in DECLARED {
+            let matching: Vec<_> = rows.iter().filter(|(n, _)| n == spec.name).collect();
+            let [(_, cells)] = matching.as_slice() else {
+                problems.push(format!(
+                    "{} rows for `{}`; want one: {}",
+                    matching.len(),
+                    spec.name,
+                    expected_row(spec)
+                ));
+                continue;
+            };
+            let prometheus = format!("`{}`", spec.prometheus_name());
+            let tags: Vec<String> = spec.tags.iter().map(|t| (*t).to_owned()).collect();
+            if cells.len() != 5
+                || cells[1] != spec.type_name()
+                || cells[2] != prometheus
+                || tag_keys(&cells[3]) != tags
+            {
+                problems.push(format!(
+                    "`{}` reads {:?}; want {}",
+                    spec.name,
+                    &cells[..cells.len().min(4)],
+                    expected_row(spec)
+                ));
+            }
+        }
+        for (name, _) in &rows {
+            if !DECLARED.iter().any(|s| s.name == name) {
+                problems.push(format!("the README lists `{name}`, which is not declared"));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "README's metric table and src/metrics/declare.rs disagree:\n{}",
+            problems.join("\n")
+        );
+    }
+
     #[test]
     fn names_are_unique_on_both_outputs() {
         let mut statsd: Vec<_> = DECLARED.iter().map(|s| s.name).collect();
@@ -241,5 +359,14 @@ mod tests {
         prometheus.dedup();
         assert_eq!(statsd.len(), DECLARED.len());
         assert_eq!(prometheus.len(), DECLARED.len());
+    }
+
+    #[test]
+    fn tag_keys_read_past_their_values() {
+        assert_eq!(
+            tag_keys("pool (`background`, `writes`), state (`in_use`, `idle`)"),
+            ["pool", "state"]
+        );
+        assert_eq!(tag_keys(""), Vec::<String>::new());
     }
 }
