@@ -218,6 +218,7 @@ impl Cluster {
             for proxy in [&self.slots[slot].postgres, &self.slots[slot].rabbitmq] {
                 proxy.restore();
                 proxy.resume();
+                proxy.accept_new();
             }
             self.resume(slot);
             self.restart(slot).await;

@@ -393,6 +393,15 @@ async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<
             let _ = writeln!(text, "  queues unreadable: {e}");
         }
     }
+    // The broker's side: a queue with ready messages and a consumer that takes none (a standby
+    // behind an active consumer nobody reads, or a full window) is told apart from one with none.
+    let prefix = settings.queue.prefix.clone();
+    let broker = tokio::task::spawn_blocking(move || broker_view(&prefix))
+        .await
+        .unwrap_or_default();
+    for line in broker {
+        let _ = writeln!(text, "  {line}");
+    }
     // Who holds each partition, and which workers are alive: a partition with ready messages
     // that nobody consumes is told apart from one whose owner is stuck.
     let leases: Vec<(i32, Option<String>, Option<String>, i64)> = sqlx::query_as(
@@ -425,6 +434,54 @@ async fn quiet(store: &Store, settings: &Settings, cluster: &Cluster) -> Option<
         }
     }
     Some(text)
+}
+
+/// The deployment's queues that hold messages (ready, unacked, consumers) and every consumer of
+/// its queues (tag, whether single-active-consumer made it the active one), as rabbitmqctl says.
+fn broker_view(prefix: &str) -> Vec<String> {
+    let listed = |args: &[&str]| {
+        std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .args(["-q", "--no-table-headers"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let ours = |line: &&str| line.starts_with(prefix);
+    let queues = listed(&[
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "consumers",
+    ]);
+    let consumers = listed(&[
+        "list_consumers",
+        "queue_name",
+        "consumer_tag",
+        "active",
+        "activity_status",
+        "prefetch_count",
+    ]);
+    let mut lines = vec!["broker queues (name, ready, unacked, consumers):".to_owned()];
+    lines.extend(
+        queues
+            .lines()
+            .filter(ours)
+            .filter(|line| {
+                let counts: Vec<&str> = line.split('\t').skip(1).take(2).collect();
+                counts.iter().any(|n| *n != "0")
+            })
+            .map(|line| format!("  {}", line.replace('\t', ", "))),
+    );
+    lines.push("broker consumers (queue, tag, active, status, prefetch):".to_owned());
+    lines.extend(
+        consumers
+            .lines()
+            .filter(ours)
+            .map(|line| format!("  {}", line.replace('\t', ", "))),
+    );
+    lines
 }
 
 /// Gives the still-joined clients [`TAIL_DEADLINE`] to receive their users' last delivered

@@ -31,6 +31,9 @@ pub enum Fault {
     StallPostgres,
     /// Stall one node's RabbitMQ proxy, then resume it.
     StallRabbitmq,
+    /// PostgreSQL's connections are all taken (another client's storm): every node's open
+    /// connections go on working, but none can open a new one, for longer than a lease.
+    ExhaustPostgres,
     /// The broker closes every connection of the deployment (`rabbitmqctl close_connection`).
     CloseBrokerConnections,
     /// An operator replays the failed events (admin API).
@@ -45,7 +48,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 14] = [
+    const ALL: [Fault; 15] = [
         Fault::Kill(Role::Api),
         Fault::Kill(Role::Worker),
         Fault::Kill(Role::Socket),
@@ -56,6 +59,7 @@ impl Fault {
         Fault::CutRabbitmq,
         Fault::StallPostgres,
         Fault::StallRabbitmq,
+        Fault::ExhaustPostgres,
         Fault::CloseBrokerConnections,
         Fault::ReplayFailed,
         Fault::ReplayUserDelivered,
@@ -103,6 +107,7 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
             Fault::CutPostgres | Fault::CutRabbitmq => rng.between(1_000, 3_000),
             Fault::PurgeQueue => rng.between(1_000, 2_500),
             Fault::StallPostgres | Fault::StallRabbitmq => rng.between(1_000, 4_000),
+            Fault::ExhaustPostgres => rng.between(5_000, 40_000),
             _ => 0,
         });
         planned.push(Planned {
@@ -213,6 +218,16 @@ async fn strike(
             sleep(op.length).await;
             proxy.resume();
             format!("stalled {}'s {what} for {ms} ms", slot.name())
+        }
+        Fault::ExhaustPostgres => {
+            for slot in &cluster.slots {
+                slot.postgres.refuse_new();
+            }
+            sleep(op.length).await;
+            for slot in &cluster.slots {
+                slot.postgres.accept_new();
+            }
+            format!("PostgreSQL refused every node's new connections for {ms} ms")
         }
         Fault::CloseBrokerConnections => {
             let prefix = queue.prefix.clone();

@@ -8,12 +8,14 @@ use tokio::sync::watch;
 
 /// A TCP proxy in front of a dependency; `cut` drops every connection and refuses new ones until
 /// `restore`; `stall` holds every byte in both directions (connections stay open, nothing answers)
-/// until `resume`. Lets one test make RabbitMQ unreachable or silent without touching the shared
-/// broker.
+/// until `resume`; `refuse_new` refuses new connections while the open ones go on working, as a
+/// PostgreSQL whose connections are all taken does, until `accept_new`. Lets one test make a
+/// dependency unreachable, silent or full without touching the shared server.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     up: watch::Sender<bool>,
     flowing: watch::Sender<bool>,
+    accepting: watch::Sender<bool>,
 }
 
 /// Copies `from` to `to`, holding what it read while `flowing` is false.
@@ -41,14 +43,15 @@ impl TcpProxy {
         let addr = listener.local_addr().unwrap();
         let (up, up_rx) = watch::channel(true);
         let (flowing, flowing_rx) = watch::channel(true);
+        let (accepting, accepting_rx) = watch::channel(true);
         let target = target.to_owned();
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !*up_rx.borrow() {
-                    continue; // dropped: refused while cut
+                if !*up_rx.borrow() || !*accepting_rx.borrow() {
+                    continue; // dropped: refused while cut or full
                 }
                 let target = target.clone();
                 let mut up_rx = up_rx.clone();
@@ -67,7 +70,12 @@ impl TcpProxy {
                 });
             }
         });
-        Arc::new(Self { addr, up, flowing })
+        Arc::new(Self {
+            addr,
+            up,
+            flowing,
+            accepting,
+        })
     }
 
     /// A proxy in front of the service `url` names; returns it with `url` pointed at it.
@@ -97,5 +105,13 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.up.send_replace(true);
+    }
+
+    pub fn refuse_new(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn accept_new(&self) {
+        self.accepting.send_replace(true);
     }
 }
