@@ -13,6 +13,27 @@ fn ms(elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1_000.0
 }
 
+/// How a partition came to a worker node or left it (`pipeline.partitions.moved`'s `change`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionMove {
+    /// Its lease was taken and its consumer started.
+    Acquired,
+    /// Handed over: drained, then its lease released, so the next owner starts where it stopped.
+    Released,
+    /// Its lease moved to another node, or could not be kept: abandoned, its work sent back.
+    Lost,
+}
+
+impl PartitionMove {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Acquired => "acquired",
+            Self::Released => "released",
+            Self::Lost => "lost",
+        }
+    }
+}
+
 impl Metrics {
     /// A socket connect attempt: the token was accepted or refused.
     pub fn socket_connect(&self, socket: &'static str, success: bool) {
@@ -103,9 +124,9 @@ impl Metrics {
         self.at().partitions_owned.set(count as u64, []);
     }
 
-    /// A partition came to this node or left it (`change` = acquired, released or lost).
-    pub fn partition_moved(&self, change: &'static str) {
-        self.at().partitions_moved.add(1, [change]);
+    /// A partition came to this node or left it.
+    pub fn partition_moved(&self, change: PartitionMove) {
+        self.at().partitions_moved.add(1, [change.label()]);
     }
 
     /// Messages ready in each partition queue this worker node consumes, `(partition, ready)`.

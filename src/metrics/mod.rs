@@ -22,6 +22,7 @@ mod snapshot;
 mod statsd;
 
 pub use declare::{DECLARED, Kind, Spec};
+pub use events::PartitionMove;
 pub use snapshot::{Buckets, Snapshot};
 
 use crate::config::MetricsSettings;

@@ -34,7 +34,7 @@ use super::sweep::{Watched, sweep_once};
 use super::worker::{ConsumerEnd, EventInWork, PartitionWork, Worker};
 use crate::backoff::{Backoff, reconnect};
 use crate::config::Settings;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PartitionMove};
 use crate::queue::{self, BrokerNodes, ConsumerLink, Topology};
 use crate::store::{self, Layout, LeaseToken, PRE_PARTITION_QUEUES_REMOVED, Store};
 use std::collections::{BTreeSet, HashMap};
@@ -154,38 +154,19 @@ pub async fn check_layout(settings: &Settings, store: &Store) -> Result<(), Layo
                 "RabbitMQ cannot be reached to check it is empty ({e})"
             ))
         })?;
-    let old = Topology::new(&settings.queue.prefix, running);
-    let mut waiting = 0u64;
-    let mut queues: Vec<String> = (0..running).map(|p| old.partition_queue(p)).collect();
-    queues.extend(
-        settings
-            .retry
-            .delays_ms()
-            .iter()
-            .map(|&d| old.delay_queue(d)),
-    );
-    for name in &queues {
-        let ready = queue::ready_messages(&connection, name)
-            .await
-            .map_err(|e| refuse(format!("RabbitMQ cannot be read ({e})")))?;
-        waiting += u64::from(ready.unwrap_or(0));
-    }
-    if waiting > 0 || outbox > 0 {
+    let prefix = &settings.queue.prefix;
+    let delays = settings.retry.delays_ms();
+    let waiting = queue::messages_in_layout(&connection, prefix, running, &delays).await;
+    if !matches!(waiting, Ok(0)) || outbox > 0 {
         let _ = connection.close(200, "layout refused".into()).await;
-        return Err(refuse(format!(
-            "its queues still hold {waiting} messages ({outbox} more wait in the outbox)"
-        )));
+        return Err(refuse(match waiting {
+            Ok(waiting) => format!(
+                "its queues still hold {waiting} messages ({outbox} more wait in the outbox)"
+            ),
+            Err(e) => format!("RabbitMQ cannot be read ({e})"),
+        }));
     }
-    for p in wanted..running {
-        if let Ok(channel) = queue::open_channel(&connection).await {
-            let _ = channel
-                .queue_delete(
-                    old.partition_queue(p).as_str().into(),
-                    lapin::options::QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-    }
+    queue::remove_partitions(&connection, prefix, wanted, running).await;
     let _ = connection.close(200, "layout checked".into()).await;
     store.set_partition_layout(wanted).await?;
     tracing::warn!(
@@ -585,7 +566,7 @@ impl Coordinator {
         for p in lost {
             if let Some(running) = session.running.remove(&p) {
                 tracing::warn!(partition = p, "partition lease lost; stopping its consumer");
-                self.metrics.partition_moved("lost");
+                self.metrics.partition_moved(PartitionMove::Lost);
                 draining.insert(p, self.stop_partition(p, Some(running), Stop::Abandon));
             }
         }
@@ -626,7 +607,7 @@ impl Coordinator {
             match self.start(session, *token, sent).await {
                 Ok(running) => {
                     tracing::debug!(partition = p, epoch = token.epoch, "consuming partition");
-                    self.metrics.partition_moved("acquired");
+                    self.metrics.partition_moved(PartitionMove::Acquired);
                     session.running.insert(p, running);
                     session.lanes.forget_seqs();
                 }
@@ -777,7 +758,7 @@ impl Coordinator {
                 match store.release_partitions(&node, &[p]).await {
                     Ok(()) => {
                         tracing::debug!(partition = p, "partition handed over");
-                        metrics.partition_moved("released");
+                        metrics.partition_moved(PartitionMove::Released);
                     }
                     Err(error) => {
                         tracing::warn!(error = ?error, partition = p, "cannot release a partition; its lease will expire");

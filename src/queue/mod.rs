@@ -27,7 +27,7 @@ pub use retry::{
 };
 pub use topology::{
     Topology, declare_retry_queues, declare_topology, delete_retry_queues, delete_topology,
-    remove_legacy_queues,
+    messages_in_layout, remove_legacy_queues, remove_partitions,
 };
 
 use crate::config::QueueSettings;

@@ -260,6 +260,44 @@ pub async fn remove_legacy_queues(
     Ok(())
 }
 
+/// The messages waiting in the layout of `running` partitions: in its partition queues and in the
+/// delay queues of `delays_ms` (which expire into them). A layout change waits for zero.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn messages_in_layout(
+    connection: &Connection,
+    prefix: &str,
+    running: u16,
+    delays_ms: &[u64],
+) -> Result<u64, Error> {
+    let old = Topology::new(prefix, running);
+    let mut queues: Vec<String> = (0..running).map(|p| old.partition_queue(p)).collect();
+    queues.extend(delays_ms.iter().map(|&d| old.delay_queue(d)));
+    let mut waiting = 0u64;
+    for name in &queues {
+        waiting += u64::from(ready_messages(connection, name).await?.unwrap_or(0));
+    }
+    Ok(waiting)
+}
+
+/// Deletes the partition queues `from..to` of a layout that had `to` partitions, once it shrank
+/// to `from` (they are empty: [`messages_in_layout`] said so). Best effort: a queue left behind
+/// holds nothing and is never consumed.
+pub async fn remove_partitions(connection: &Connection, prefix: &str, from: u16, to: u16) {
+    let old = Topology::new(prefix, to);
+    for p in from..to {
+        if let Ok(channel) = open_channel(connection).await {
+            let _ = channel
+                .queue_delete(
+                    old.partition_queue(p).as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+}
+
 /// Deletes every queue and exchange of the topology (tests and benchmarks clean up with it).
 ///
 /// # Errors
