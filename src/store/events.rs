@@ -353,16 +353,17 @@ impl Store {
         limits: MessageLimits,
     ) -> Result<Committed, Error> {
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let mut outcomes: Vec<Option<InsertOutcome>> = vec![None; events.len()];
-        let repeats = claim_idempotency_keys(&mut tx, events, &mut outcomes).await?;
-        let repeated: std::collections::HashSet<usize> = repeats.iter().map(|(i, _)| *i).collect();
-
-        let fresh: Vec<usize> = (0..events.len())
-            .filter(|&i| outcomes[i].is_none() && !repeated.contains(&i))
-            .collect();
+        let keyed = claim_idempotency_keys(&mut tx, events).await?;
+        let fresh = || {
+            keyed
+                .iter()
+                .zip(events)
+                .filter(|(k, _)| matches!(k, Keyed::Fresh))
+                .map(|(_, e)| e)
+        };
         let mut per_user: BTreeMap<&str, i64> = BTreeMap::new();
-        for &i in &fresh {
-            *per_user.entry(events[i].user_id.as_str()).or_default() += 1;
+        for e in fresh() {
+            *per_user.entry(e.user_id.as_str()).or_default() += 1;
         }
         let (users, counts): (Vec<&str>, Vec<i64>) = per_user.iter().map(|(u, c)| (*u, *c)).unzip();
         let rows: Vec<(String, i64)> = sqlx::query_as(BUMP_USER_SEQS_SQL)
@@ -380,55 +381,37 @@ impl Store {
             })
             .collect();
 
-        let n = fresh.len();
-        let (mut ids, mut producers, mut user_ids, mut seqs) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut names, mut datas, mut keys, mut ats) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for &i in &fresh {
-            let e = &events[i];
-            let slot = next
-                .get_mut(e.user_id.as_str())
-                .ok_or_else(|| Error::Query {
-                    what: "bump user seqs",
-                    source: sqlx::Error::RowNotFound,
-                })?;
-            let seq = *slot;
-            *slot += 1;
-            outcomes[i] = Some(InsertOutcome::Inserted { seq });
-            ids.push(e.id);
-            producers.push(e.producer_id);
-            user_ids.push(e.user_id.as_str());
-            seqs.push(seq);
-            names.push(e.event.as_str());
-            datas.push(e.data.get());
-            keys.push(e.idempotency_key.as_deref());
-            ats.push(e.enqueued_at_ms);
+        // Each event's answer, decided once, in order: a repeat's first occurrence comes before it.
+        let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
+        let mut rows = NewRows::with_capacity(fresh().count());
+        for (i, (e, keyed)) in events.iter().zip(&keyed).enumerate() {
+            let outcome = match keyed {
+                Keyed::Fresh => {
+                    let slot = next.get_mut(e.user_id.as_str()).ok_or(Error::Query {
+                        what: "bump user seqs",
+                        source: sqlx::Error::RowNotFound,
+                    })?;
+                    let seq = *slot;
+                    *slot += 1;
+                    rows.push(i, e, seq);
+                    InsertOutcome::Inserted { seq }
+                }
+                Keyed::Original(original) => original.clone(),
+                Keyed::RepeatOf(first) => match outcomes.get(*first) {
+                    Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
+                        id: events[*first].id,
+                        seq: *seq,
+                        status: EventStatus::Accepted,
+                    },
+                    Some(duplicate) => duplicate.clone(),
+                    None => unreachable_repeat(i, *first)?,
+                },
+            };
+            outcomes.push(outcome);
         }
-        if n > 0 {
-            sqlx::query(INSERT_EVENTS_SQL)
-                .bind(&ids)
-                .bind(&producers)
-                .bind(&user_ids)
-                .bind(&seqs)
-                .bind(&names)
-                .bind(&datas)
-                .bind(&keys)
-                .bind(&ats)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::query("insert events"))?;
-        }
+        rows.insert(&mut tx).await?;
         let messages = plan_messages(
-            fresh.iter().map(|&i| {
+            rows.indices.iter().map(|&i| {
                 let e = &events[i];
                 let size = envelope_size(&e.data, e.user_id.as_str(), e.event.as_str());
                 (i, e.user_id.as_str(), size)
@@ -438,25 +421,7 @@ impl Store {
         );
         outbox::insert_rows(&mut tx, &messages, |i| events[i].id, 0).await?;
         tx.commit().await.map_err(Error::query("commit events"))?;
-        // Repeats inside the batch answer like their first occurrence, new or old.
-        for (i, j) in repeats {
-            outcomes[i] = Some(match &outcomes[j] {
-                Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
-                    id: events[j].id,
-                    seq: *seq,
-                    status: EventStatus::Accepted,
-                },
-                Some(dup) => dup.clone(),
-                None => InsertOutcome::Inserted { seq: 0 },
-            });
-        }
-        Ok(Committed {
-            outcomes: outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or(InsertOutcome::Inserted { seq: 0 }))
-                .collect(),
-            messages,
-        })
+        Ok(Committed { outcomes, messages })
     }
 
     /// The highest seq of `user_id` that retention has removed (its watermark; events above it
@@ -621,28 +586,110 @@ pub const IDEMPOTENT_ORIGINALS_SQL: &str =
      JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
      LEFT JOIN events e ON e.id = k.event_id";
 
-/// Claims the batch's idempotency keys and fills `outcomes` for events whose key a committed event
-/// holds. Returns the events that repeat a key used earlier in this batch, as (index, first index).
+/// What the idempotency keys say of one event of a batch, before anything is numbered.
+enum Keyed {
+    /// New (no key, or a key nobody held): it gets a seq and a row.
+    Fresh,
+    /// A committed event holds its key: the answer is that event ([`InsertOutcome::Duplicate`]).
+    Original(InsertOutcome),
+    /// It repeats the key of the batch's earlier event at this index: answered like that one.
+    RepeatOf(usize),
+}
+
+/// A batch whose repeat points at itself or ahead: [`claim_idempotency_keys`] never makes one, so
+/// this says so as an error rather than a panic.
+fn unreachable_repeat(at: usize, first: usize) -> Result<InsertOutcome, Error> {
+    Err(Error::Query {
+        what: "answer a repeated idempotency key",
+        source: sqlx::Error::Protocol(format!("event {at} repeats event {first}, not before it")),
+    })
+}
+
+/// The columns of the batch's new rows, for one `INSERT ... UNNEST`.
+struct NewRows<'a> {
+    /// Each row's index in the batch.
+    indices: Vec<usize>,
+    ids: Vec<Uuid>,
+    producers: Vec<i64>,
+    user_ids: Vec<&'a str>,
+    seqs: Vec<i64>,
+    names: Vec<&'a str>,
+    datas: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    ats: Vec<i64>,
+}
+
+impl<'a> NewRows<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            indices: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n),
+            producers: Vec::with_capacity(n),
+            user_ids: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(n),
+            names: Vec::with_capacity(n),
+            datas: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            ats: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, index: usize, e: &'a NewEvent, seq: i64) {
+        self.indices.push(index);
+        self.ids.push(e.id);
+        self.producers.push(e.producer_id);
+        self.user_ids.push(e.user_id.as_str());
+        self.seqs.push(seq);
+        self.names.push(e.event.as_str());
+        self.datas.push(e.data.get());
+        self.keys.push(e.idempotency_key.as_deref());
+        self.ats.push(e.enqueued_at_ms);
+    }
+
+    async fn insert(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), Error> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(INSERT_EVENTS_SQL)
+            .bind(&self.ids)
+            .bind(&self.producers)
+            .bind(&self.user_ids)
+            .bind(&self.seqs)
+            .bind(&self.names)
+            .bind(&self.datas)
+            .bind(&self.keys)
+            .bind(&self.ats)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::query("insert events"))?;
+        Ok(())
+    }
+}
+
+/// Claims the batch's idempotency keys and says, per event, whether it is new, answered by the
+/// committed event holding its key, or a repeat of an earlier event of the batch.
 async fn claim_idempotency_keys(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     events: &[NewEvent],
-    outcomes: &mut [Option<InsertOutcome>],
-) -> Result<Vec<(usize, usize)>, Error> {
+) -> Result<Vec<Keyed>, Error> {
     // First occurrence of each (producer, key) in the batch; later ones repeat it.
     let mut first: BTreeMap<(i64, &str), usize> = BTreeMap::new();
-    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    let mut keyed: Vec<Keyed> = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
-        if let Some(key) = e.idempotency_key.as_deref() {
-            match first.get(&(e.producer_id, key)) {
-                Some(&j) => repeats.push((i, j)),
-                None => {
-                    first.insert((e.producer_id, key), i);
-                }
-            }
-        }
+        let repeat =
+            e.idempotency_key
+                .as_deref()
+                .and_then(|key| match first.get(&(e.producer_id, key)) {
+                    Some(&j) => Some(j),
+                    None => {
+                        first.insert((e.producer_id, key), i);
+                        None
+                    }
+                });
+        keyed.push(repeat.map_or(Keyed::Fresh, Keyed::RepeatOf));
     }
     if first.is_empty() {
-        return Ok(repeats);
+        return Ok(keyed);
     }
     // Sorted (BTreeMap order), so concurrent transactions take the index locks in one order.
     let producers: Vec<i64> = first.keys().map(|(p, _)| *p).collect();
@@ -676,9 +723,9 @@ async fn claim_idempotency_keys(
                 .map_err(Error::query("read idempotent originals"))?;
         for (producer, key, id, seq, status) in originals {
             if let Some(&i) = first.get(&(producer, key.as_str())) {
-                outcomes[i] = Some(InsertOutcome::Duplicate { id, seq, status });
+                keyed[i] = Keyed::Original(InsertOutcome::Duplicate { id, seq, status });
             }
         }
     }
-    Ok(repeats)
+    Ok(keyed)
 }
