@@ -28,6 +28,7 @@ macro_rules! stored_event_columns {
     };
 }
 
+mod commit;
 mod delivery;
 mod events;
 mod filter;
@@ -40,16 +41,19 @@ mod status;
 mod sweep;
 mod upkeep;
 
+pub use commit::{
+    BUMP_USER_SEQS_SQL, CLAIM_IDEMPOTENCY_KEYS_SQL, Committed, IDEMPOTENT_ORIGINALS_SQL,
+    INSERT_EVENTS_SQL, InsertOutcome, NewEvent,
+};
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EventRecord, RECORD_ATTEMPTS_SQL, ReplayCursor,
     ReplayPage,
 };
 pub use events::{
-    ACK_EVENTS_SQL, BUMP_USER_SEQS_SQL, CLAIM_IDEMPOTENCY_KEYS_SQL, Committed,
-    EXPIRE_IDEMPOTENCY_KEYS_SQL, IDEMPOTENT_ORIGINALS_SQL, INSERT_EVENTS_SQL, InsertOutcome,
-    NewEvent, PRUNE_EVENTS_PAST_COUNT_SQL, PRUNE_OLD_EVENTS_PLANNING_SQL, PRUNE_OLD_EVENTS_SQL,
-    READ_MARK_SQL, ReadMark, SeqOrder, StoredEvent, UNREAD_CAP, UNREAD_SQL,
-    USER_EVENTS_ASCENDING_SQL, USER_EVENTS_DESCENDING_SQL, USER_SEQ_BOUNDS_SQL, Unread,
+    ACK_EVENTS_SQL, EXPIRE_IDEMPOTENCY_KEYS_SQL, PRUNE_EVENTS_PAST_COUNT_SQL,
+    PRUNE_OLD_EVENTS_PLANNING_SQL, PRUNE_OLD_EVENTS_SQL, READ_MARK_SQL, ReadMark, SeqOrder,
+    StoredEvent, UNREAD_CAP, UNREAD_SQL, USER_EVENTS_ASCENDING_SQL, USER_EVENTS_DESCENDING_SQL,
+    USER_SEQ_BOUNDS_SQL, Unread,
 };
 pub use filter::{EventFilter, FilterText};
 pub use outbox::{
