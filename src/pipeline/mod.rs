@@ -25,9 +25,31 @@ pub mod worker;
 use crate::config::Settings;
 use crate::event::{Envelope, encode_batch};
 use crate::queue::OutgoingMessage;
+use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
+
+/// Awaits `work`, calling `say` with the time waited so far every `every` while it is not done: a
+/// wait that should end on its own (a partition's drain, room in its window) and does not is
+/// reported, repeatedly, instead of hanging in silence.
+pub(crate) async fn waiting_loudly<F: Future>(
+    work: F,
+    every: Duration,
+    mut say: impl FnMut(Duration),
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let mut waited = Duration::ZERO;
+    loop {
+        match tokio::time::timeout(every, work.as_mut()).await {
+            Ok(done) => return done,
+            Err(_) => {
+                waited += every;
+                say(waited);
+            }
+        }
+    }
+}
 
 /// The broker message of outbox row `id`: `envelopes` (all of partition `partition`, in order),
 /// to be published before `publish_by` (from [`publish_deadline`], taken before the row was

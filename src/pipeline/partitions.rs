@@ -734,25 +734,21 @@ impl Coordinator {
         let task = tokio::spawn(async move {
             if let Some(running) = running {
                 running.stop.cancel();
-                let mut consumer = running.task;
                 // A drain that does not end keeps the partition from this node's leases and, while
                 // the partition is still this node's share, from everyone's: say so, loudly and
                 // repeatedly, with what it waits for (a 30-minute checker run, seed 303, ended with
                 // a partition nobody consumed; this is where to look first).
-                let mut waited = 0u64;
-                while tokio::time::timeout(DRAIN_REPORT_EVERY, &mut consumer)
-                    .await
-                    .is_err()
-                {
-                    waited += DRAIN_REPORT_EVERY.as_secs();
+                let work = &running.work;
+                let _ = super::waiting_loudly(running.task, DRAIN_REPORT_EVERY, |waited| {
                     tracing::warn!(
                         partition = p,
-                        waited_secs = waited,
-                        in_work = running.work.in_flight(),
+                        waited_secs = waited.as_secs(),
+                        in_work = work.in_flight(),
                         stop = ?how,
                         "a partition's consumer is still draining"
                     );
-                }
+                })
+                .await;
             }
             if how == Stop::HandOver {
                 match store.release_partitions(&node, &[p]).await {

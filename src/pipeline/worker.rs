@@ -325,31 +325,28 @@ impl PartitionWork {
 /// How often a partition whose window stays full says so.
 const FULL_WINDOW_REPORT_EVERY: Duration = Duration::from_secs(30);
 
-/// Takes `wanted` permits of the partition's window, saying every 30 s while it stays full: a
-/// window that never frees means events in work that never settle, and a partition that is
-/// leased, renewed and consumed by nobody (the first suspect of the seed-303 checker run).
+/// Takes `wanted` permits of the partition's window: at once when there is room (no timer on the
+/// common path), else waiting, saying every 30 s while it stays full. A window that never frees
+/// means events in work that never settle, and a partition that is leased, renewed and consumed
+/// by nobody (the first suspect of the seed-303 checker run).
 async fn wait_for_room(
     work: &Arc<PartitionWork>,
     wanted: u32,
     partition: u16,
-) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
-    let room = Arc::clone(&work.window).acquire_many_owned(wanted);
-    let mut room = std::pin::pin!(room);
-    let mut waited = 0u64;
-    loop {
-        match tokio::time::timeout(FULL_WINDOW_REPORT_EVERY, room.as_mut()).await {
-            Ok(permits) => return permits,
-            Err(_) => {
-                waited += FULL_WINDOW_REPORT_EVERY.as_secs();
-                tracing::warn!(
-                    partition,
-                    waited_secs = waited,
-                    in_work = work.in_flight(),
-                    "a partition's window is still full: its events in work are not settling"
-                );
-            }
-        }
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if let Ok(permits) = Arc::clone(&work.window).try_acquire_many_owned(wanted) {
+        return Ok(permits);
     }
+    let room = Arc::clone(&work.window).acquire_many_owned(wanted);
+    super::waiting_loudly(room, FULL_WINDOW_REPORT_EVERY, |waited| {
+        tracing::warn!(
+            partition,
+            waited_secs = waited.as_secs(),
+            in_work = work.in_flight(),
+            "a partition's window is still full: its events in work are not settling"
+        );
+    })
+    .await
 }
 
 /// Why a partition's consumption ended.
