@@ -2,7 +2,7 @@
 //! consumer, bound to the partition exchange by number), the delay queues of retries, the
 //! dead-letter exchange and queue; and their removal.
 
-use super::{Error, PARTITION_HEADER, connect, fanout, open_channel, ready_messages};
+use super::{Error, PARTITION_HEADER, connect, fanout, open_channel, ready_counts, ready_messages};
 use crate::config::{QueueSettings, QueueType};
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -274,11 +274,8 @@ pub async fn messages_in_layout(
     let old = Topology::new(prefix, running);
     let mut queues: Vec<String> = (0..running).map(|p| old.partition_queue(p)).collect();
     queues.extend(delays_ms.iter().map(|&d| old.delay_queue(d)));
-    let mut waiting = 0u64;
-    for name in &queues {
-        waiting += u64::from(ready_messages(connection, name).await?.unwrap_or(0));
-    }
-    Ok(waiting)
+    let counts = ready_counts(connection, &queues).await?;
+    Ok(counts.into_iter().flatten().map(u64::from).sum())
 }
 
 /// Deletes the partition queues `from..to` of a layout that had `to` partitions, once it shrank
