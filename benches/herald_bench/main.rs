@@ -78,6 +78,10 @@ struct Cli {
     /// Apart from `--prefetch`: one counts messages, the other events.
     #[arg(long)]
     herald_prefetch: Option<u16>,
+    /// The node's `pipeline.commit_streams` (group commits in flight at once); Herald's default
+    /// when not given.
+    #[arg(long)]
+    commit_streams: Option<usize>,
     /// Concurrent clients of the single-event API, and connections of its one-row baseline.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -119,6 +123,8 @@ struct Plan {
     prefetch: u16,
     /// The node's `queue.prefetch` when the caller set it (else the node runs Herald's default).
     herald_prefetch: Option<u16>,
+    /// The node's `pipeline.commit_streams` when the caller set it.
+    commit_streams: Option<usize>,
     /// Publishes awaiting a confirm, Herald's and the raw publishers'.
     max_inflight: usize,
     quick: bool,
@@ -140,6 +146,7 @@ impl Plan {
             rounds: if quick { 1 } else { 3 },
             prefetch: cli.prefetch,
             herald_prefetch: cli.herald_prefetch,
+            commit_streams: cli.commit_streams,
             max_inflight: herald::config::QueueSettings::default().max_inflight_confirms,
             quick,
         }
@@ -241,6 +248,12 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
     let mut settings = vec![("HERALD_STATSD_ADDR", statsd)];
     if let Some(prefetch) = plan.herald_prefetch {
         settings.push(("HERALD_QUEUE__PREFETCH", prefetch.to_string()));
+    }
+    if let Some(streams) = plan.commit_streams {
+        settings.push(("HERALD_PIPELINE__COMMIT_STREAMS", streams.to_string()));
+        let writers =
+            (streams + 2).max(herald::config::StoreSettings::default().write_connections as usize);
+        settings.push(("HERALD_STORE__WRITE_CONNECTIONS", writers.to_string()));
     }
     let mut deployment = Deployment {
         bin,
@@ -409,6 +422,9 @@ async fn run(
         "herald_prefetch": plan
             .herald_prefetch
             .unwrap_or(herald::config::QueueSettings::default().prefetch),
+        "commit_streams": plan
+            .commit_streams
+            .unwrap_or(herald::config::PipelineSettings::default().commit_streams),
         "max_inflight_confirms": plan.max_inflight,
         "e2e_window": E2E_WINDOW,
         "rounds": plan.rounds,

@@ -426,6 +426,38 @@ mod tests {
     }
 
     #[test]
+    fn commit_streams_need_partitions_and_write_connections() {
+        let refused = |adjust: &dyn Fn(&mut Settings)| {
+            let mut s = Settings::default();
+            adjust(&mut s);
+            s.validate().map_err(|e| e.to_string())
+        };
+        assert!(
+            refused(&|s| {
+                s.pipeline.commit_streams = 2;
+                s.store.write_connections = 4;
+            })
+            .is_ok()
+        );
+        let too_many = refused(&|s| {
+            s.pipeline.commit_streams = 17;
+            s.store.write_connections = 19;
+        });
+        assert!(too_many.unwrap_err().contains("pipeline.commit_streams"));
+        let no_connection = refused(&|s| s.pipeline.commit_streams = 2);
+        assert!(
+            no_connection
+                .unwrap_err()
+                .contains("store.write_connections")
+        );
+        assert!(
+            refused(&|s| s.pipeline.commit_streams = 0)
+                .unwrap_err()
+                .contains("pipeline.commit_streams")
+        );
+    }
+
+    #[test]
     fn lists_come_from_comma_separated_variables() {
         let s = Settings::load(
             None,

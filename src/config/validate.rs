@@ -84,6 +84,18 @@ impl Settings {
                 "must hold one whole request (http.max_body_bytes) and be below 4 GiB",
             );
         }
+        if self.pipeline.commit_streams > usize::from(self.queue.partitions) {
+            return invalid(
+                "pipeline.commit_streams",
+                "must not exceed queue.partitions (each stream owns some partitions)",
+            );
+        }
+        if (self.store.write_connections as usize) < self.pipeline.commit_streams + 2 {
+            return invalid(
+                "store.write_connections",
+                "must be at least pipeline.commit_streams + 2 (a connection per commit stream, the confirm recorder and the outcome writer)",
+            );
+        }
         if self.http.request_timeout_ms <= self.pipeline.enqueue_timeout_ms {
             return invalid(
                 "http.request_timeout_ms",
@@ -155,6 +167,7 @@ impl PipelineSettings {
         at_least_one(&[
             ("pipeline.enqueue_buffer", self.enqueue_buffer),
             ("pipeline.max_commit_batch", self.max_commit_batch),
+            ("pipeline.commit_streams", self.commit_streams),
             ("pipeline.max_batch_events", self.max_batch_events),
             ("pipeline.max_status_batch", self.max_status_batch),
             ("pipeline.max_run_events", self.max_run_events),

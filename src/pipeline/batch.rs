@@ -4,7 +4,7 @@
 //! batches grow exactly as fast as load does.
 //!
 //! Serves the enqueue commit (`INSERT ... UNNEST`), the confirmed outbox rows and the delivery
-//! outcomes. Flushes run one at a time.
+//! outcomes. A batcher runs one flush at a time (the enqueue runs several batchers: its streams).
 //!
 //! Items a writer calls small ([`Flush::small`]: a single event, say) queue apart from the others
 //! and go first: a batch takes the small items waiting (up to half its weight while others wait),

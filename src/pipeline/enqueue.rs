@@ -7,18 +7,27 @@
 //! the publisher without waiting; if it cannot take them (broker down, buffer full) their rows stay
 //! in the outbox and the relay publishes them later.
 //!
-//! Commits run one at a time on this node, so messages reach the publisher in commit order, which
-//! for one user is seq order.
+//! Commits run in `pipeline.commit_streams` streams, each owning a fixed share of the partitions
+//! (partition `p` belongs to stream `p % streams`) and group-committing on its own: while one
+//! stream's transaction is in PostgreSQL, the others fill and commit theirs. A request whose events
+//! all fall in one stream (a single event, a batch for one user) commits in that stream. A batch
+//! spanning several goes to the joint batcher and still commits in one transaction, all or nothing.
+//!
+//! Order: every commit holds the *turn* of each stream its events fall in, from before its
+//! transaction until its messages are handed to the publisher. So one partition's commits never
+//! overlap, its messages reach the publisher in commit order, which for one user is seq order, and
+//! two commits in flight never wait on each other's counter rows.
 
 use super::batch::{Batcher, Flush};
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
 use crate::store::{self, Committed, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
+use futures_util::FutureExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, MutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -58,7 +67,11 @@ pub struct Accepted {
 /// The enqueue front: what the API calls.
 #[derive(Clone)]
 pub struct Enqueue {
-    batcher: Batcher<Committer>,
+    /// One group-commit stream per entry; a user's events go to the stream of their partition.
+    streams: Arc<[Batcher<Committer>]>,
+    /// Requests spanning several streams.
+    joint: Batcher<Committer>,
+    turns: Turns,
     queue_timeout: Duration,
     /// Room for events waiting for (or in) a group commit, in events and in bytes: a request takes
     /// its share before it is queued and gives it back once answered. Counted in requests, the
@@ -127,11 +140,12 @@ pub struct Committer {
     partitions: u16,
     limits: MessageLimits,
     publish_window: Duration,
+    turns: Turns,
 }
 
 impl Enqueue {
-    /// The enqueue front and its commit task (spawn it). The task ends when `close` is cancelled and
-    /// every request submitted before has been committed and answered.
+    /// The enqueue front and its commit streams' task (spawn it). The task ends when `close` is
+    /// cancelled and every request submitted before has been committed and answered.
     pub fn new(
         store: Store,
         publisher: PublisherHandle,
@@ -139,21 +153,34 @@ impl Enqueue {
         settings: &crate::config::Settings,
         close: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + use<>) {
-        let committer = Committer::new(store, publisher, metrics, settings);
         let pipeline = &settings.pipeline;
-        let (batcher, task) = Batcher::new(
-            committer,
-            pipeline.enqueue_buffer,
-            pipeline.max_commit_batch,
-            close,
-        );
+        let turns = Turns::new(pipeline.commit_streams, settings.queue.partitions);
+        let mut tasks = Vec::with_capacity(pipeline.commit_streams + 1);
+        let mut batcher = || {
+            let committer =
+                Committer::new(store.clone(), publisher.clone(), metrics.clone(), settings)
+                    .with_turns(turns.clone());
+            // Each queue can hold the whole buffer: the room below is what bounds them all.
+            let (batcher, task) = Batcher::new(
+                committer,
+                pipeline.enqueue_buffer,
+                pipeline.max_commit_batch,
+                close.clone(),
+            );
+            tasks.push(task);
+            batcher
+        };
+        let streams: Arc<[Batcher<Committer>]> = (0..turns.len()).map(|_| batcher()).collect();
+        let joint = batcher();
         let enqueue = Self {
-            batcher,
+            streams,
+            joint,
+            turns,
             queue_timeout: pipeline.enqueue_timeout(),
             room_events: Room::new(pipeline.enqueue_buffer),
             room_bytes: Room::new(pipeline.enqueue_buffer_bytes),
         };
-        (enqueue, task)
+        (enqueue, futures_util::future::join_all(tasks).map(drop))
     }
 
     /// Commits `events` and returns what became of each, in order.
@@ -169,11 +196,63 @@ impl Enqueue {
             self.room_bytes.take(bytes, deadline).await?,
         ];
         // The room is taken, so the queue behind it (as many jobs as events) has space.
-        self.batcher
+        self.batcher_for(&events)
             .submit(Submission { events, room })
             .instrument(tracing::debug_span!("enqueue", events = count))
             .await
             .map_err(|_| EnqueueError::ShuttingDown)?
+    }
+
+    /// The stream all of `events` fall in, or the joint batcher.
+    fn batcher_for(&self, events: &[NewEvent]) -> &Batcher<Committer> {
+        let mut streams = events.iter().map(|e| self.turns.stream_of(e));
+        let first = streams.next().unwrap_or(0);
+        if streams.all(|s| s == first) {
+            &self.streams[first]
+        } else {
+            &self.joint
+        }
+    }
+}
+
+/// The commit streams' turns (see the module docs): a commit holds the turn of every stream its
+/// events fall in, taken in stream order, so commits wait for each other only where they share a
+/// stream and never deadlock.
+#[derive(Clone)]
+struct Turns {
+    turns: Arc<[Mutex<()>]>,
+    partitions: u16,
+}
+
+impl Turns {
+    fn new(streams: usize, partitions: u16) -> Self {
+        Self {
+            turns: (0..streams.max(1)).map(|_| Mutex::new(())).collect(),
+            partitions,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.turns.len()
+    }
+
+    fn stream_of(&self, event: &NewEvent) -> usize {
+        usize::from(crate::event::partition_of(
+            event.user_id.as_str(),
+            self.partitions,
+        )) % self.turns.len()
+    }
+
+    /// Waits for the turns of every stream `events` fall in.
+    async fn take(&self, events: &[NewEvent]) -> Vec<MutexGuard<'_, ()>> {
+        let mut streams: Vec<usize> = events.iter().map(|e| self.stream_of(e)).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut held = Vec::with_capacity(streams.len());
+        for stream in streams {
+            held.push(self.turns[stream].lock().await);
+        }
+        held
     }
 }
 
@@ -242,8 +321,9 @@ impl Flush for Committer {
 }
 
 impl Committer {
-    /// The writer of group commits into `store`, handing their messages to `publisher`. Only
-    /// [`Enqueue`] runs one in production; tests call its [`Flush::flush`] with a batch they choose.
+    /// The writer of group commits into `store`, handing their messages to `publisher`, as the only
+    /// stream. Only [`Enqueue`] runs them in production (one per stream, sharing their turns);
+    /// tests call its [`Flush::flush`] with a batch they choose.
     pub fn new(
         store: Store,
         publisher: PublisherHandle,
@@ -257,7 +337,13 @@ impl Committer {
             partitions: settings.queue.partitions,
             limits: settings.message_limits(),
             publish_window: super::publish_window(settings),
+            turns: Turns::new(1, settings.queue.partitions),
         }
+    }
+
+    /// This writer as one of several streams sharing `turns`.
+    fn with_turns(self, turns: Turns) -> Self {
+        Self { turns, ..self }
     }
 
     /// One transaction for `events` (the requests of `sizes`, in order), then their messages to the
@@ -267,6 +353,7 @@ impl Committer {
         events: Vec<NewEvent>,
         sizes: &[usize],
     ) -> Result<Vec<Vec<Accepted>>, (store::Error, Vec<NewEvent>)> {
+        let _turns = self.turns.take(&events).await;
         let started = Instant::now();
         // Before the outbox rows are written: their messages' publishes and confirms must end
         // before the relay may claim the rows, however long the commit and the wait for room take.

@@ -12,6 +12,7 @@ mod deploy;
 mod gaps;
 mod hostile;
 mod inbox;
+mod ingest;
 mod metrics;
 mod openapi;
 mod operator;

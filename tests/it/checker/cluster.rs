@@ -119,6 +119,12 @@ impl Cluster {
                 settings.node.roles = role.name().parse().unwrap();
                 settings.store.database_url = pg_url;
                 settings.queue.amqp_url = amqp_url;
+                if role == Role::Api && index == 1 {
+                    // The second api node commits in three streams (joint commits for batches
+                    // across them), the first in one: both paths run under the nemesis.
+                    settings.pipeline.commit_streams = 3;
+                    settings.store.write_connections = 5;
+                }
                 slots.push(Slot {
                     role,
                     index,
