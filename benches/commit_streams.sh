@@ -5,6 +5,10 @@
 #   LOAD=batch benches/commit_streams.sh            batch ingest, 16 producers x 100 events
 #   LOAD=latency RATE=3000 benches/commit_streams.sh  open-loop latency to 1,000 joined sockets
 #   STREAMS="1 2 4" ROUNDS=3 ...                    the variants and rounds (the defaults)
+#   SLOW_COMMIT_US=2000 ...                         every commit of the node's database waits this
+#                                                   long before its WAL flush (PostgreSQL's
+#                                                   commit_delay with commit_siblings = 0): a slow
+#                                                   disk or synchronous replication, emulated
 # Prints one JSON line per run, as the load generator answers it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +35,10 @@ run_one() {
       HERALD_HTTP_ADDR="127.0.0.1:$port" HERALD_LOG=warn HERALD_METRICS__PROMETHEUS_ADDR=127.0.0.1:0 \
       HERALD_PIPELINE__COMMIT_STREAMS="$streams" HERALD_STORE__WRITE_CONNECTIONS=$((streams + 2))
     "$herald" migrate >/dev/null
+    if [ -n "${SLOW_COMMIT_US:-}" ]; then
+      psql "$HERALD_DATABASE_URL" -qc "ALTER DATABASE $id SET commit_delay = ${SLOW_COMMIT_US}" \
+        -c "ALTER DATABASE $id SET commit_siblings = 0"
+    fi
     key=$("$herald" producers add bench | tail -1)
     "$herald" serve >"$target/commit-streams-node.log" 2>&1 &
     node=$!
