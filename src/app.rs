@@ -72,6 +72,19 @@ pub enum Error {
     /// The partition count cannot be used (see [`crate::pipeline::partitions::check_layout`]).
     #[error(transparent)]
     Layout(#[from] crate::pipeline::partitions::LayoutError),
+    /// The node routes cross-node broadcasts by another bucket count than its deployment.
+    #[error(
+        "pubsub.buckets is {wanted}, but this deployment routes broadcasts by {running} buckets: \
+         set HERALD_PUBSUB__BUCKETS={running} on every node (to change the count, stop every \
+         worker and socket node, delete the row 'pubsub.buckets' of the table deployment_settings, \
+         and start them with the new one)"
+    )]
+    Buckets {
+        /// This node's setting.
+        wanted: u16,
+        /// The deployment's.
+        running: i64,
+    },
 }
 
 /// A node's listeners, each moved by a setting of its own.
@@ -193,6 +206,15 @@ impl App {
         let reads = Store::connect_sized(&settings.store, settings.store.read_connections).await?;
         if roles.api || roles.worker {
             check_layout(&settings, &store).await?;
+        }
+        if settings.cluster() && (roles.worker || roles.socket) {
+            let wanted = settings.pubsub.buckets;
+            let running = store
+                .deployment_setting("pubsub.buckets", i64::from(wanted))
+                .await?;
+            if running != i64::from(wanted) {
+                return Err(Error::Buckets { wanted, running });
+            }
         }
         let upkeep = upkeep_mode(&settings, &store).await;
         let (listener, http_addr) = Listener::Http.bind(settings.http.addr).await?;
@@ -536,6 +558,7 @@ impl App {
                 wiring.broker_nodes.push(("fanout", nodes.clone()));
                 fanout_task = Some(tokio::spawn(cluster::run_node_queue(
                     self.settings.queue.clone(),
+                    self.settings.pubsub.buckets,
                     self.node.clone(),
                     self.pubsub.clone(),
                     requests,

@@ -1,6 +1,8 @@
 //! Cross-node fan-out, glued together: pubsub's [`Transport`] over the RabbitMQ fan-out publisher,
 //! and the socket node's loop that receives broadcasts for its topics and keeps its bindings equal to
-//! the topics its clients joined.
+//! the buckets its clients' topics fall in (see `queue::fanout`): a join whose bucket is bound
+//! already is answered without a broker round trip, and a bucket is unbound once its last topic
+//! on this node is left.
 //!
 //! Lives apart from `pubsub` and `queue` so neither leaf depends on the other.
 //!
@@ -21,7 +23,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -57,7 +59,7 @@ impl RabbitTransport {
     /// A transport publishing with `queue` settings.
     pub fn new(queue: QueueSettings, pubsub: &PubSubSettings) -> Self {
         Self {
-            publisher: FanoutPublisher::new(queue),
+            publisher: FanoutPublisher::new(queue, pubsub.buckets),
             timeout: pubsub.publish_timeout(),
         }
     }
@@ -107,6 +109,7 @@ impl Transport for RabbitTransport {
 #[allow(clippy::too_many_arguments)] // one call site, in app.rs; each is a distinct handle
 pub async fn run_node_queue(
     settings: QueueSettings,
+    buckets: u16,
     node: String,
     pubsub: PubSub,
     mut binds: mpsc::Receiver<BindRequest>,
@@ -122,8 +125,8 @@ pub async fn run_node_queue(
         // connect.
         let open = || async {
             let link = NodeQueue::open(&settings, &node, &nodes).await?;
-            let mut bound = HashSet::new();
-            rebind_all(&link, &pubsub, &mut bound).await?;
+            let mut bound = Bound::new(buckets);
+            bound.rebind_all(&link, &pubsub).await?;
             Ok::<_, queue::Error>((link, bound))
         };
         let failed = || {
@@ -137,7 +140,11 @@ pub async fn run_node_queue(
             return;
         };
         connected.store(true, Ordering::Relaxed);
-        tracing::info!(queue = %link.queue, topics = bound.len(), "fan-out queue ready");
+        tracing::info!(
+            queue = %link.queue,
+            buckets = bound.topics.len(),
+            "fan-out queue ready"
+        );
         if reconnected {
             resync_local(&pubsub);
         }
@@ -165,7 +172,7 @@ async fn serve(
     link: &mut NodeQueue,
     pubsub: &PubSub,
     binds: &mut mpsc::Receiver<BindRequest>,
-    bound: &mut HashSet<String>,
+    bound: &mut Bound,
     stop: &CancellationToken,
 ) -> Option<String> {
     loop {
@@ -178,7 +185,7 @@ async fn serve(
             },
             request = binds.recv() => {
                 let request = request?;
-                let result = reconcile(link, pubsub, bound, &request.topic).await;
+                let result = bound.reconcile(link, pubsub, &request.topic).await;
                 let failed = result.as_ref().err().map(ToString::to_string);
                 if let Some(done) = request.done {
                     let _ = done.send(result);
@@ -191,35 +198,62 @@ async fn serve(
     }
 }
 
-/// Binds or unbinds `topic` so the node receives it exactly while it has local subscribers.
-async fn reconcile(
-    link: &NodeQueue,
-    pubsub: &PubSub,
-    bound: &mut HashSet<String>,
-    topic: &str,
-) -> Result<(), PubSubError> {
-    let wanted = pubsub.has_subscribers(topic);
-    let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
-    if wanted && !bound.contains(topic) {
-        link.bind(topic).await.map_err(unavailable)?;
-        bound.insert(topic.to_owned());
-    } else if !wanted && bound.contains(topic) {
-        link.unbind(topic).await.map_err(unavailable)?;
-        bound.remove(topic);
-    }
-    Ok(())
+/// The buckets this node's queue is bound to, each with the topics joined on this node that fall
+/// in it: a bucket is bound while it has at least one.
+struct Bound {
+    buckets: u16,
+    topics: HashMap<u16, HashSet<String>>,
 }
 
-async fn rebind_all(
-    link: &NodeQueue,
-    pubsub: &PubSub,
-    bound: &mut HashSet<String>,
-) -> Result<(), queue::Error> {
-    for topic in pubsub.topics() {
-        link.bind(&topic).await?;
-        bound.insert(topic);
+impl Bound {
+    fn new(buckets: u16) -> Self {
+        Self {
+            buckets,
+            topics: HashMap::new(),
+        }
     }
-    Ok(())
+
+    /// Binds or unbinds `topic`'s bucket so the node receives the topic exactly while it has local
+    /// subscribers: the first topic of a bucket binds it, the last one to go unbinds it, and any
+    /// other join or leave is bookkeeping only.
+    async fn reconcile(
+        &mut self,
+        link: &NodeQueue,
+        pubsub: &PubSub,
+        topic: &str,
+    ) -> Result<(), PubSubError> {
+        let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
+        let bucket = crate::event::stable_bucket(topic, self.buckets);
+        let wanted = pubsub.has_subscribers(topic);
+        let topics = self.topics.entry(bucket).or_default();
+        if wanted && !topics.contains(topic) {
+            if topics.is_empty() {
+                link.bind(bucket).await.map_err(unavailable)?;
+            }
+            topics.insert(topic.to_owned());
+        } else if !wanted && topics.remove(topic) && topics.is_empty() {
+            // Forgotten first: if the unbind fails the link is rebuilt, and with it the bindings.
+            self.topics.remove(&bucket);
+            link.unbind(bucket).await.map_err(unavailable)?;
+        }
+        if self.topics.get(&bucket).is_some_and(HashSet::is_empty) {
+            self.topics.remove(&bucket);
+        }
+        Ok(())
+    }
+
+    /// Binds the buckets of every topic joined on this node (a new link's first step).
+    async fn rebind_all(&mut self, link: &NodeQueue, pubsub: &PubSub) -> Result<(), queue::Error> {
+        for topic in pubsub.topics() {
+            let bucket = crate::event::stable_bucket(&topic, self.buckets);
+            let topics = self.topics.entry(bucket).or_default();
+            if topics.is_empty() {
+                link.bind(bucket).await?;
+            }
+            topics.insert(topic);
+        }
+        Ok(())
+    }
 }
 
 /// Joins waiting on a bind while the broker is away are told at once rather than left to time out.

@@ -186,12 +186,18 @@ impl Envelope {
 /// every node, platform and version: a fixed, seedless hash written out here, never `std`'s
 /// randomised one.
 pub fn partition_of(user_id: &str, partitions: u16) -> u16 {
+    stable_bucket(user_id, partitions)
+}
+
+/// Which of `buckets` `key` falls in: FNV-1a, fixed and seedless, so every node, platform and
+/// version agrees (partitions of users, fan-out buckets of topics).
+pub fn stable_bucket(key: &str, buckets: u16) -> u16 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = user_id
+    let hash = key
         .bytes()
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
-    (hash % u64::from(partitions.max(1))) as u16
+    (hash % u64::from(buckets.max(1))) as u16
 }
 
 /// A broker message's body: the events of one partition, in commit order (so each user's in seq

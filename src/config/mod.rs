@@ -587,6 +587,12 @@ pub struct PubSubSettings {
     pub bind_timeout_ms: u64,
     /// How long a worker waits for the broker to confirm a cross-node broadcast.
     pub publish_timeout_ms: u64,
+    /// Buckets a cross-node broadcast is routed by (a stable hash of its topic): a socket node's
+    /// queue is bound to the buckets its clients' topics fall in, at most this many bindings
+    /// however many users it holds, and drops what it receives for topics nobody joined on it.
+    /// A join whose bucket is bound already needs no broker round trip. The same on every node
+    /// (the fan-out exchange records it, and a node with another count is refused at start).
+    pub buckets: u16,
 }
 
 impl Default for PubSubSettings {
@@ -595,6 +601,7 @@ impl Default for PubSubSettings {
             mode: PubSubMode::Local,
             bind_timeout_ms: 5_000,
             publish_timeout_ms: 5_000,
+            buckets: 256,
         }
     }
 }

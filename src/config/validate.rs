@@ -72,6 +72,9 @@ impl Settings {
                 "must exceed pipeline.relay_grace_ms and twice retry.jitter of the longest retry delay (or be 0: off)",
             );
         }
+        if self.pubsub.buckets == 0 {
+            return invalid("pubsub.buckets", "must be at least 1");
+        }
         if self.pubsub.mode == PubSubMode::Local && !self.node.roles.all() {
             return invalid(
                 "pubsub.mode",

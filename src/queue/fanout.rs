@@ -1,11 +1,16 @@
-//! Cross-node fan-out over RabbitMQ: a direct exchange keyed by topic (`{prefix}.fanout`), a
-//! publisher of broadcasts with confirms, and each socket node's own exclusive queue, bound to the
-//! topics its clients joined.
+//! Cross-node fan-out over RabbitMQ: a direct exchange keyed by bucket (`{prefix}.fanout.buckets`,
+//! a broadcast's routing key is the bucket of its topic, see [`bucket_key`]), a publisher of
+//! broadcasts with confirms, and each socket node's own exclusive queue, bound to the buckets its
+//! clients' topics fall in. Bindings so stay at most the bucket count per node, however many users
+//! it holds; the node drops what arrives for topics nobody joined on it.
 //!
-//! A broadcast is published `mandatory`: when no node binds its topic the broker returns it, which
+//! A broadcast is published `mandatory`: when no node binds its bucket the broker returns it, which
 //! tells the worker "nobody online" without counting sockets across nodes. The node queue is
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
+//!
+//! Every node must route by the same bucket count: PostgreSQL records the deployment's
+//! (`deployment_settings`), and a node with another refuses to start (see `App::build`).
 
 use super::{BrokerNodes, Error, Unconfirmed, enable_confirms, open_channel, publish_and_confirm};
 use crate::config::QueueSettings;
@@ -20,11 +25,26 @@ use tokio::sync::Mutex;
 
 /// The fan-out exchange of `prefix`.
 pub fn exchange_name(prefix: &str) -> String {
+    format!("{prefix}.fanout.buckets")
+}
+
+/// The exchange of the fan-out before buckets (routed by topic), for `herald destroy`.
+pub fn legacy_exchange_name(prefix: &str) -> String {
     format!("{prefix}.fanout")
 }
 
-async fn declare_exchange(channel: &Channel, settings: &QueueSettings) -> Result<(), Error> {
-    let name = exchange_name(&settings.prefix);
+/// The routing key of `topic`'s broadcasts: its bucket of `buckets`.
+pub fn bucket_key(topic: &str, buckets: u16) -> String {
+    bucket_key_of(crate::event::stable_bucket(topic, buckets))
+}
+
+/// The routing key of bucket `bucket`.
+pub fn bucket_key_of(bucket: u16) -> String {
+    format!("b{bucket}")
+}
+
+async fn declare_exchange(channel: &Channel, prefix: &str) -> Result<(), Error> {
+    let name = exchange_name(prefix);
     channel
         .exchange_declare(
             name.as_str().into(),
@@ -43,16 +63,18 @@ async fn declare_exchange(channel: &Channel, settings: &QueueSettings) -> Result
 /// pipelined, each task awaiting its own confirm). Reconnects lazily after a failure.
 pub struct FanoutPublisher {
     settings: QueueSettings,
+    buckets: u16,
     link: Mutex<Option<(Connection, Channel)>>,
     nodes: BrokerNodes,
 }
 
 impl FanoutPublisher {
-    /// A publisher that connects on first use.
-    pub fn new(settings: QueueSettings) -> Self {
+    /// A publisher that connects on first use, to an exchange of `buckets`.
+    pub fn new(settings: QueueSettings, buckets: u16) -> Self {
         Self {
             nodes: BrokerNodes::new(&settings),
             settings,
+            buckets,
             link: Mutex::new(None),
         }
     }
@@ -77,22 +99,23 @@ impl FanoutPublisher {
             )
             .await?;
         let channel = open_channel(&connection).await?;
-        declare_exchange(&channel, &self.settings).await?;
+        declare_exchange(&channel, &self.settings.prefix).await?;
         enable_confirms(&channel).await?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
     }
 
-    /// Publishes `body` for `topic`; resolves to whether any node binds the topic.
+    /// Publishes `body` for `topic` to its bucket; resolves to whether any node binds the bucket.
     ///
     /// # Errors
     /// The broker is unreachable, refused the message, or did not confirm within `limit`.
     pub async fn publish(&self, topic: &str, body: &[u8], limit: Duration) -> Result<bool, Error> {
         let channel = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
+        let key = bucket_key(topic, self.buckets);
         let publish = channel.basic_publish(
             exchange.as_str().into(),
-            topic.into(),
+            key.as_str().into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -142,7 +165,7 @@ impl NodeQueue {
             .connect(settings, &format!("{}-fanout-{node}", settings.prefix))
             .await?;
         let channel = open_channel(&connection).await?;
-        declare_exchange(&channel, settings).await?;
+        declare_exchange(&channel, &settings.prefix).await?;
         let declared = channel
             .queue_declare(
                 "".into(),
@@ -180,36 +203,36 @@ impl NodeQueue {
         })
     }
 
-    /// Receives broadcasts of `topic` from now on.
+    /// Receives broadcasts of bucket `bucket` from now on.
     ///
     /// # Errors
     /// The channel failed.
-    pub async fn bind(&self, topic: &str) -> Result<(), Error> {
+    pub async fn bind(&self, bucket: u16) -> Result<(), Error> {
         self.channel
             .queue_bind(
                 self.queue.as_str().into(),
                 self.exchange.as_str().into(),
-                topic.into(),
+                bucket_key_of(bucket).as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(Error::channel("bind a topic"))
+            .map_err(Error::channel("bind a bucket"))
     }
 
-    /// Stops receiving broadcasts of `topic`.
+    /// Stops receiving broadcasts of bucket `bucket`.
     ///
     /// # Errors
     /// The channel failed.
-    pub async fn unbind(&self, topic: &str) -> Result<(), Error> {
+    pub async fn unbind(&self, bucket: u16) -> Result<(), Error> {
         self.channel
             .queue_unbind(
                 self.queue.as_str().into(),
                 self.exchange.as_str().into(),
-                topic.into(),
+                bucket_key_of(bucket).as_str().into(),
                 FieldTable::default(),
             )
             .await
-            .map_err(Error::channel("unbind a topic"))
+            .map_err(Error::channel("unbind a bucket"))
     }
 }

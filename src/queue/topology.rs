@@ -317,6 +317,7 @@ pub async fn delete_topology(settings: &QueueSettings) -> Result<(), Error> {
         names.dead_letter_exchange,
         names.partition_exchange,
         fanout::exchange_name(&settings.prefix),
+        fanout::legacy_exchange_name(&settings.prefix),
     ] {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), Default::default())

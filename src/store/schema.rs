@@ -98,6 +98,28 @@ impl Store {
             .map_err(Error::query("read the upgrade steps taken"))
     }
 
+    /// The deployment's value of the shared setting `name` (see the `deployment_settings`
+    /// migration): `value` when no node recorded one before (it is recorded now), else the
+    /// recorded one.
+    ///
+    /// # Errors
+    /// The statements failed.
+    pub async fn deployment_setting(&self, name: &str, value: i64) -> Result<i64, Error> {
+        sqlx::query(
+            "INSERT INTO deployment_settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::query("record a deployment setting"))?;
+        sqlx::query_scalar("SELECT value FROM deployment_settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("read a deployment setting"))
+    }
+
     /// Records that the deployment took the one-off upgrade step `name` (again is harmless).
     ///
     /// # Errors

@@ -1,8 +1,8 @@
 //! Several nodes, one deployment: an api+worker node and two socket nodes, fanning out over RabbitMQ.
 
 use crate::common::{
-    PATIENCE, StatsdListener, TcpProxy, counter_sum, spawn_cluster, spawn_node, spawn_unready,
-    wait_until,
+    PATIENCE, StatsdListener, TcpProxy, counter_sum, spawn_cluster, spawn_cluster_with, spawn_node,
+    spawn_unready, wait_until,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -260,4 +260,139 @@ async fn a_users_events_from_two_api_nodes_are_put_back_in_order_by_its_lane() {
         .filter_map(|l| l.split(['|', ':']).nth(1)?.parse::<i64>().ok())
         .sum();
     assert_eq!(restored, 1, "the lane waited for seq 2");
+}
+
+/// The routing keys bound from the deployment's fan-out exchange, per destination queue, as
+/// RabbitMQ lists them.
+fn fanout_bindings(prefix: &str) -> std::collections::HashMap<String, Vec<String>> {
+    let exchange = herald::queue::fanout::exchange_name(prefix);
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_bindings", "-q", "--no-table-headers"])
+        .args(["source_name", "destination_name", "routing_key"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let mut bindings: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        if let [source, destination, key] = fields[..]
+            && source == exchange
+        {
+            bindings
+                .entry(destination.to_owned())
+                .or_default()
+                .push(key.to_owned());
+        }
+    }
+    bindings
+}
+
+/// One bucket for every topic: users of the same bucket are split across both socket nodes, and
+/// while events stream to all of them, half the clients leave and rejoin (with their last seq) on
+/// the other node, some twice, so buckets are unbound and bound again mid-stream. Every client
+/// gets exactly its own user's events (its node receives every user's), in order, each once;
+/// each node binds one key. The first node's clients all leave at the first hop, so its bucket is
+/// unbound, and bound again when clients come back at the second.
+#[tokio::test]
+async fn users_of_one_bucket_on_both_nodes_get_their_own_events_through_joins_and_leaves() {
+    let (api, node_a, node_b) = spawn_cluster_with(|s| s.pubsub.buckets = 1).await;
+    let users: Vec<String> = (0..8).map(|u| format!("b{u}")).collect();
+    let nodes = [&node_a, &node_b];
+    let mut clients = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        clients.push(nodes[u % 2].connect_joined(user).await);
+    }
+    let bindings = fanout_bindings(&api.settings.queue.prefix);
+    assert_eq!(bindings.len(), 2, "one queue per socket node: {bindings:?}");
+    assert!(
+        bindings.values().all(|keys| keys == &["b0".to_owned()]),
+        "one binding per node, the only bucket: {bindings:?}"
+    );
+    // Events for every user, 40 rounds, while clients move.
+    let stream = {
+        let users = users.clone();
+        let url = api.url("/api/v1/events");
+        let key = api.api_key.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for round in 0..40 {
+                for user in &users {
+                    let r = http
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&json!({"user_id": user, "data": {"round": round}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // What each user's clients have pushed so far, in order.
+    let mut seen: Vec<Vec<i64>> = vec![Vec::new(); users.len()];
+    for hop in 0..3 {
+        for (u, user) in users.iter().enumerate() {
+            if u % 2 == 1 || (hop == 2 && u % 4 != 0) {
+                continue;
+            }
+            // Take a few pushes, then leave this node and rejoin on the other with the last seq.
+            for _ in 0..3 {
+                seen[u].push(clients[u].recv_push().await[4]["seq"].as_i64().unwrap());
+            }
+            let last = *seen[u].last().unwrap();
+            let mut moved = nodes[(u + hop + 1) % 2].connect(user).await;
+            let reply = moved
+                .join(&format!("user:{user}"), json!({"last_seq": last}))
+                .await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+            clients[u] = moved;
+        }
+    }
+    stream.await.expect("the stream finished");
+    for user in &users {
+        api.post_sentinel(user).await;
+    }
+    for (u, client) in clients.iter_mut().enumerate() {
+        loop {
+            let push = client.recv_push().await;
+            assert_eq!(
+                push[2],
+                format!("user:{}", users[u]),
+                "another user's event"
+            );
+            if push[4]["data"] == json!({"sentinel": true}) {
+                break;
+            }
+            seen[u].push(push[4]["seq"].as_i64().unwrap());
+        }
+        let expected: Vec<i64> = (1..=40).collect();
+        assert_eq!(
+            seen[u], expected,
+            "user {}: every event once, in order",
+            users[u]
+        );
+    }
+}
+
+/// A node whose `pubsub.buckets` differs from its deployment's refuses to start, and says which
+/// setting to align; the same count starts.
+#[tokio::test]
+async fn a_node_with_another_bucket_count_is_refused() {
+    let (api, _node_a, _node_b) = spawn_cluster_with(|s| s.pubsub.buckets = 4).await;
+    let mut settings = api.settings.clone();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.node.roles = "socket".parse().unwrap();
+    settings.pubsub.buckets = 8;
+    let refused = herald::app::App::build(settings.clone()).await;
+    let error = refused.err().expect("refused").to_string();
+    assert!(
+        error.contains("HERALD_PUBSUB__BUCKETS=4"),
+        "says what to set: {error}"
+    );
+    settings.pubsub.buckets = 4;
+    assert!(
+        herald::app::App::build(settings).await.is_ok(),
+        "the same count starts"
+    );
 }

@@ -107,6 +107,9 @@ fn settings() -> Settings {
     s.retry.schedule_ms = vec![100, 300];
     s.retry.max_attempts = 3;
     s.queue.partitions = 6;
+    // Few fan-out buckets: users share them across both socket nodes, so each node receives other
+    // users' broadcasts to drop, and buckets are bound and unbound as clients move.
+    s.pubsub.buckets = 4;
     s.queue.partition_check_ms = 300;
     s.pipeline.sweep_after_ms = 10_000;
     s.pipeline.sweep_interval_ms = 1_000;

@@ -42,10 +42,16 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 /// A deployment of three nodes sharing one database and queue prefix, in cluster mode: `api,worker`,
 /// and two `socket` nodes. The first owns the cleanup.
 pub async fn spawn_cluster() -> (TestApp, TestApp, TestApp) {
+    spawn_cluster_with(|_| {}).await
+}
+
+/// [`spawn_cluster`] with every node's settings adjusted by `adjust`.
+pub async fn spawn_cluster_with(adjust: impl FnOnce(&mut Settings)) -> (TestApp, TestApp, TestApp) {
     let api = spawn_unready(|s| {
         s.pubsub.mode = herald::config::PubSubMode::Cluster;
         s.node.roles = "api,worker".parse().unwrap();
         s.node.name = "api-worker".into();
+        adjust(s);
     })
     .await;
     api.wait_ready().await;
