@@ -79,6 +79,9 @@ pub async fn run(settings: &Settings, running: bool) -> anyhow::Result<()> {
             if roles.api || roles.worker {
                 check_partitions(settings, &store, &mut report).await;
             }
+            if settings.cluster() && (roles.worker || roles.socket) {
+                check_buckets(settings, &store, &mut report).await;
+            }
             store.close().await;
         }
         None => {
@@ -341,6 +344,27 @@ async fn check_partitions(settings: &Settings, store: &Store, report: &mut Repor
             ),
         ),
         Err(error) => report.fail("partitions", one_line(&error)),
+    }
+}
+
+async fn check_buckets(settings: &Settings, store: &Store, report: &mut Report) {
+    let wanted = settings.pubsub.buckets;
+    match store.recorded_deployment_setting("pubsub.buckets").await {
+        Ok(None) => report.ok(
+            "buckets",
+            format!("{wanted}: a new deployment, set by the first node to start"),
+        ),
+        Ok(Some(running)) if running == i64::from(wanted) => {
+            report.ok("buckets", format!("{wanted}, as the deployment routes"));
+        }
+        Ok(Some(running)) => report.fail(
+            "buckets",
+            format!(
+                "pubsub.buckets is {wanted} but the deployment routes broadcasts by {running}: \
+                 set HERALD_PUBSUB__BUCKETS={running} (README, \"One box or many\")"
+            ),
+        ),
+        Err(error) => report.warn("buckets", one_line(&error)),
     }
 }
 

@@ -120,6 +120,19 @@ impl Store {
             .map_err(Error::query("read a deployment setting"))
     }
 
+    /// The deployment's recorded value of the shared setting `name`, if a node recorded one
+    /// (read only, for `herald check`).
+    ///
+    /// # Errors
+    /// The query failed (the table is missing before its migration, say).
+    pub async fn recorded_deployment_setting(&self, name: &str) -> Result<Option<i64>, Error> {
+        sqlx::query_scalar("SELECT value FROM deployment_settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::query("read a deployment setting"))
+    }
+
     /// Records that the deployment took the one-off upgrade step `name` (again is harmless).
     ///
     /// # Errors

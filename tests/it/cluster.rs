@@ -390,6 +390,19 @@ async fn a_node_with_another_bucket_count_is_refused() {
         error.contains("HERALD_PUBSUB__BUCKETS=4"),
         "says what to set: {error}"
     );
+    // `herald check` says the same before a start.
+    let out = crate::common::herald_command(&settings, &["check"])
+        .output()
+        .await
+        .expect("check runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("HERALD_PUBSUB__BUCKETS=4")),
+        "{report}"
+    );
     settings.pubsub.buckets = 4;
     assert!(
         herald::app::App::build(settings).await.is_ok(),
