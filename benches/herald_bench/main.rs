@@ -758,10 +758,12 @@ async fn workers(
     let connected = load
         .call(json!({"cmd": "connect", "n": plan.sockets, "base": base}))
         .await?;
+    let bindings = fanout_bindings(&names.prefix);
     say(format!(
-        "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s",
+        "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s; {} fan-out bindings",
         connected["connected"],
-        f(&connected, "/secs")
+        f(&connected, "/secs"),
+        bindings.map_or_else(|| "?".to_owned(), |b| b.to_string())
     ));
     let (mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=plan.rounds {
@@ -829,8 +831,25 @@ async fn workers(
     }
     let mut report = versus(&one, &two);
     report["connect"] = connected;
+    report["fanout_bindings"] = json!(bindings);
     report["moves"] = json!(moves);
     Ok(report)
+}
+
+/// The bindings of the deployment's fan-out exchange (one socket node: that node's), as
+/// `rabbitmqctl` lists them; None when it cannot be run.
+fn fanout_bindings(prefix: &str) -> Option<usize> {
+    let exchange = herald::queue::fanout::exchange_name(prefix);
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_bindings", "-q", "--no-table-headers", "source_name"])
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|source| *source == exchange)
+            .count()
+    })
 }
 
 /// Order across api nodes: nodes A (`api,worker,socket`, the sockets) and B (`api,worker`), both
@@ -1249,6 +1268,30 @@ fn render(r: &Value) -> String {
         },
         format!("{:.2}x", f(r, "/workers/ratio")),
         "none (2 cores: a second node adds no CPU)".into(),
+    ]);
+    let sockets = f(r, "/workers/connect/connected");
+    rows.push([
+        format!(
+            "{} sockets joining, s (cluster: each join's bucket bound first; {} fan-out bindings)",
+            thousands(sockets),
+            r["workers"]["fanout_bindings"]
+        ),
+        format!(
+            "{:.2} (local pubsub node)",
+            f(r, "/rss/herald/connect/secs")
+        ),
+        format!("{:.2} (cluster-mode node A)", f(r, "/workers/connect/secs")),
+        format!(
+            "{:.2}x",
+            f(r, "/workers/connect/secs") / f(r, "/rss/herald/connect/secs").max(1e-9)
+        ),
+        verdict(
+            f(r, "/workers/connect/secs") <= 2.0
+                && r["workers"]["fanout_bindings"].as_u64().is_some_and(|b| {
+                    b <= u64::from(herald::config::PubSubSettings::default().buckets)
+                }),
+            "<= 2 s for 10,000; bindings <= pubsub.buckets",
+        ),
     ]);
     let (without, with) = (
         f(r, "/order/base/gap_filled_per_event"),
