@@ -168,6 +168,8 @@ pub struct App {
     bind_requests: Option<mpsc::Receiver<BindRequest>>,
     /// The cluster fan-out publisher's broker nodes (cluster mode).
     fanout_nodes: Option<BrokerNodes>,
+    /// What marks this process's cross-node broadcasts (see [`cluster::origin_of`]).
+    fanout_origin: String,
     signer: TokenSigner,
     listener: TcpListener,
     http_addr: SocketAddr,
@@ -236,8 +238,10 @@ impl App {
         } else {
             None
         };
+        let fanout_origin = cluster::origin_of(&node);
         let (pubsub, bind_requests, fanout_nodes) = if settings.cluster() {
-            let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub);
+            let transport =
+                RabbitTransport::new(settings.queue.clone(), &settings.pubsub, &fanout_origin);
             let nodes = transport.broker_nodes();
             let timeout = settings.pubsub.bind_timeout();
             let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);
@@ -265,6 +269,7 @@ impl App {
             pubsub,
             bind_requests,
             fanout_nodes,
+            fanout_origin,
             signer,
             listener,
             http_addr,
@@ -560,6 +565,7 @@ impl App {
                     self.settings.queue.clone(),
                     self.settings.pubsub.buckets,
                     self.node.clone(),
+                    self.fanout_origin.clone(),
                     self.pubsub.clone(),
                     requests,
                     connected,

@@ -49,6 +49,12 @@ struct WirePush<'a> {
     payload: &'a RawValue,
 }
 
+/// What marks this process's broadcasts: the node's name and a fresh id, so that two nodes
+/// given one name by mistake still never drop each other's broadcasts as their own.
+pub fn origin_of(node: &str) -> String {
+    format!("{node}/{}", uuid::Uuid::now_v7().simple())
+}
+
 /// Broadcasts over RabbitMQ.
 pub struct RabbitTransport {
     publisher: FanoutPublisher,
@@ -56,10 +62,11 @@ pub struct RabbitTransport {
 }
 
 impl RabbitTransport {
-    /// A transport publishing with `queue` settings.
-    pub fn new(queue: QueueSettings, pubsub: &PubSubSettings) -> Self {
+    /// A transport publishing with `queue` settings for the node process `origin` (see
+    /// [`origin_of`]).
+    pub fn new(queue: QueueSettings, pubsub: &PubSubSettings, origin: &str) -> Self {
         Self {
-            publisher: FanoutPublisher::new(queue, pubsub.buckets),
+            publisher: FanoutPublisher::new(queue, pubsub.buckets, origin.to_owned()),
             timeout: pubsub.publish_timeout(),
         }
     }
@@ -111,6 +118,7 @@ pub async fn run_node_queue(
     settings: QueueSettings,
     buckets: u16,
     node: String,
+    origin: String,
     pubsub: PubSub,
     mut binds: mpsc::Receiver<BindRequest>,
     connected: Arc<AtomicBool>,
@@ -149,7 +157,7 @@ pub async fn run_node_queue(
             resync_local(&pubsub);
         }
         reconnected = true;
-        let lost = serve(&mut link, &pubsub, &mut binds, &mut bound, &stop).await;
+        let lost = serve(&mut link, &origin, &pubsub, &mut binds, &mut bound, &stop).await;
         connected.store(false, Ordering::Relaxed);
         match lost {
             None => {
@@ -167,9 +175,19 @@ pub async fn run_node_queue(
     }
 }
 
+/// Whether the process `origin` published `delivery`.
+fn sent_by(delivery: &lapin::message::Delivery, origin: &str) -> bool {
+    delivery
+        .properties
+        .app_id()
+        .as_ref()
+        .is_some_and(|sender| sender.as_str() == origin)
+}
+
 /// Serves one connection's life; returns the error that ended it, or None when stopped.
 async fn serve(
     link: &mut NodeQueue,
+    origin: &str,
     pubsub: &PubSub,
     binds: &mut mpsc::Receiver<BindRequest>,
     bound: &mut Bound,
@@ -179,6 +197,8 @@ async fn serve(
         tokio::select! {
             () = stop.cancelled() => return None,
             delivery = link.consumer.next() => match delivery {
+                // This node's own broadcasts reached its subscribers when made (see `PubSub::broadcast`).
+                Some(Ok(delivery)) if sent_by(&delivery, origin) => {}
                 Some(Ok(delivery)) => deliver(pubsub, &delivery.data),
                 Some(Err(error)) => return Some(error.to_string()),
                 None => return Some("the consumer stream ended".into()),

@@ -64,17 +64,20 @@ async fn declare_exchange(channel: &Channel, prefix: &str) -> Result<(), Error> 
 pub struct FanoutPublisher {
     settings: QueueSettings,
     buckets: u16,
+    /// This node's name, sent as each broadcast's `app_id`: the node's own queue drops its own.
+    origin: String,
     link: Mutex<Option<(Connection, Channel)>>,
     nodes: BrokerNodes,
 }
 
 impl FanoutPublisher {
-    /// A publisher that connects on first use, to an exchange of `buckets`.
-    pub fn new(settings: QueueSettings, buckets: u16) -> Self {
+    /// A publisher that connects on first use, to an exchange of `buckets`, for node `origin`.
+    pub fn new(settings: QueueSettings, buckets: u16, origin: String) -> Self {
         Self {
             nodes: BrokerNodes::new(&settings),
             settings,
             buckets,
+            origin,
             link: Mutex::new(None),
         }
     }
@@ -122,7 +125,7 @@ impl FanoutPublisher {
             },
             body,
             // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
-            BasicProperties::default(),
+            BasicProperties::default().with_app_id(self.origin.as_str().into()),
         );
         let confirm = publish_and_confirm(publish, limit).await;
         let error = match confirm {

@@ -409,3 +409,50 @@ async fn a_node_with_another_bucket_count_is_refused() {
         "the same count starts"
     );
 }
+
+/// A node running the worker and socket roles in cluster mode pushes to its own sockets straight
+/// away and still reaches the other socket node's through RabbitMQ; the copy the broker hands back
+/// to the node that made it is dropped before any channel sees it (the order guard counts no
+/// duplicate), so each socket gets each event once.
+#[tokio::test]
+async fn a_worker_socket_node_pushes_to_its_own_sockets_and_still_reaches_the_others() {
+    let statsd = StatsdListener::bind().await;
+    let a = spawn_unready(|s| {
+        s.pubsub.mode = herald::config::PubSubMode::Cluster;
+        s.node.name = "api-worker-socket".into();
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    a.wait_ready().await;
+    let b = spawn_node(&a, "socket", "socket-b", |s| {
+        s.metrics.statsd_addr = String::new();
+    })
+    .await;
+    let mut alice_a = a.connect_joined("alice").await;
+    let mut alice_b = b.connect_joined("alice").await;
+    let mut bob_a = a.connect_joined("bob").await;
+    for n in 1..=30 {
+        for user in ["alice", "bob"] {
+            let r = a
+                .post_event(json!({"user_id": user, "data": {"n": n}}))
+                .await;
+            assert_eq!(r.status(), 202);
+        }
+    }
+    let expected: Vec<i64> = (1..=30).collect();
+    assert_eq!(seqs(&mut alice_a, 30).await, expected, "alice on a");
+    assert_eq!(seqs(&mut alice_b, 30).await, expected, "alice on b");
+    assert_eq!(seqs(&mut bob_a, 30).await, expected, "bob on a");
+    for user in ["alice", "bob"] {
+        a.post_sentinel(user).await;
+    }
+    for client in [&mut alice_a, &mut alice_b, &mut bob_a] {
+        client.expect_sentinel().await;
+    }
+    let lines = statsd.lines_through("socket.connections", 2).await;
+    assert_eq!(
+        counter_sum(&lines, "socket.push.duplicate"),
+        0,
+        "node a's own broadcasts came back to its channels"
+    );
+}
