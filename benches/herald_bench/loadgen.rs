@@ -260,17 +260,17 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
 }
 
 /// One event as the API takes it.
-fn event_json(user: &str, i: u64) -> String {
+pub(crate) fn event_json(user: &str, i: u64) -> String {
     format!(r#"{{"user_id":"{user}","event":"{EVENT}","data":{{"i":{i},"pad":"{PAD}"}}}}"#)
 }
 
-fn batch_json(events: impl Iterator<Item = String>) -> String {
+pub(crate) fn batch_json(events: impl Iterator<Item = String>) -> String {
     let events: Vec<String> = events.collect();
     format!(r#"{{"events":[{}]}}"#, events.join(","))
 }
 
 /// The integer after `"key":` in `text`.
-fn field_i64(text: &str, key: &str) -> Option<i64> {
+pub(crate) fn field_i64(text: &str, key: &str) -> Option<i64> {
     let start = text.find(key)? + key.len();
     let digits: String = text[start..]
         .chars()

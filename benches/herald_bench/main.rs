@@ -13,9 +13,11 @@
 //! `herald` binary, and `cargo bench` builds that binary in release mode for us to start.
 
 mod baseline;
+mod chart;
 mod echo;
 mod loadgen;
 mod node;
+mod soak;
 mod statsd;
 mod sys;
 mod zipf;
@@ -103,6 +105,10 @@ enum Role {
     },
     /// (internal) The bare tokio-tungstenite echo server of the memory baseline.
     Echo,
+    /// The soak: a steady load for a long time, sampled (scripts/soak; BENCHMARKS.md, *Soak*).
+    Soak(soak::Args),
+    /// (internal) The soak's load generator, driven over stdin/stdout.
+    SoakLoadgen(soak::LoadgenArgs),
 }
 
 /// Phase lengths, in seconds.
@@ -163,6 +169,8 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(loadgen::run(base.clone(), key.clone()))
         }
         Some(Role::Echo) => runtime.block_on(echo::run()),
+        Some(Role::Soak(args)) => runtime.block_on(soak::run(args)),
+        Some(Role::SoakLoadgen(args)) => runtime.block_on(soak::loadgen(args)),
         None => runtime.block_on(harness(Plan::new(&cli))),
     }
 }

@@ -1,0 +1,1174 @@
+//! The soak (scripts/soak; issue 23): Herald under a steady, skewed load for a long time, with
+//! retention pruning all along, sampled every `--sample-secs`, so what only time shows (memory that
+//! creeps, a table that keeps growing, latency that drifts, a backlog that builds) shows.
+//!
+//! The bench's pieces, reused: its nodes (the release `herald`, a fresh database and queue prefix,
+//! configured through `HERALD_*` only), its StatsD sink (the nodes' own counters per window), `/proc`
+//! for RSS and CPU, and a load generator in a process of its own (`soak/load.rs`), which holds the
+//! joined sockets and measures enqueue -> push at the client. What is new is the time axis: each
+//! window's figures, a table and a chart of them, and the issue's targets judged from the samples
+//! (reported PASS or FAIL, never asserted: a soak on a shared two-core box informs, it does not
+//! gate).
+//!
+//! Whatever ends a run (the end, an error, a panic, ctrl-c, SIGTERM), the nodes are stopped, the
+//! database dropped and the queues deleted; the samples taken so far are still reported.
+
+mod load;
+
+pub use load::{Args as LoadgenArgs, run as loadgen};
+
+use crate::chart::{Chart, Line, Panel};
+use crate::node::{self, Names, Node};
+use crate::{Deployment, out_dir, statsd, sys, thousands};
+use anyhow::{Context, bail};
+use futures_util::FutureExt;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The issue's reference: the first and last ten minutes, and memory and database size at minute
+/// ten. Runs shorter than twice this use a third of the run instead (see [`reference_secs`]).
+const REFERENCE_SECS: f64 = 600.0;
+/// Pushed / accepted in every window at least this.
+const MIN_PUSH_RATIO: f64 = 0.99;
+/// The last span's p99 at most this times the first span's.
+const MAX_P99_GROWTH: f64 = 1.5;
+/// RSS and database size stay within this fraction of their value at the reference.
+const MAX_DRIFT: f64 = 0.10;
+/// The sustained-rate measurement (`--fraction`): the bench's closed loop, 16 producers, at most
+/// 4,000 events accepted but not yet pushed, measured over 10 s after 5 s of warm-up.
+const MEASURE_PRODUCERS: usize = 16;
+const MEASURE_WINDOW: u64 = 4_000;
+const MEASURE_WARMUP: f64 = 5.0;
+const MEASURE_SECS: f64 = 10.0;
+/// The per-user retention cap when `--retention-per-user` is not given: small enough that the
+/// joined users' history is pruned all along at any rate worth soaking at (see BENCHMARKS.md).
+const RETENTION_PER_USER: i64 = 100;
+/// The node's PostgreSQL pools (background, writes, reads): modest, since the server's 100
+/// connections are shared with other sessions' test suites; enough for the relay, leases,
+/// retention and upkeep to run beside each other.
+const POOLS: (u32, u32, u32) = (6, 3, 4);
+
+/// `herald-bench soak`: see BENCHMARKS.md, *Soak*.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Minutes of load (30-120 for a real soak; 3 for a smoke check).
+    #[arg(long, default_value_t = 60.0)]
+    minutes: f64,
+    /// Events per second, absolute. Without it, `--fraction` of the rate measured first.
+    #[arg(long, conflicts_with = "fraction")]
+    rate: Option<f64>,
+    /// The load as a fraction of the deployment's sustained rate, measured first (about 15 s).
+    #[arg(long, default_value_t = 0.5)]
+    fraction: f64,
+    /// Sockets connected and joined, one per user `s0..s<sockets>`.
+    #[arg(long, default_value_t = 2_000)]
+    sockets: usize,
+    /// Users the events are drawn over (at least `--sockets`; the ones past it are offline).
+    #[arg(long)]
+    users: Option<usize>,
+    /// Exponent of the Zipf distribution of users (rank k is user `s<k>`): the hot users.
+    #[arg(long, default_value_t = 1.1)]
+    skew: f64,
+    /// Seconds per sample window.
+    #[arg(long, default_value_t = 30.0)]
+    sample_secs: f64,
+    /// Herald nodes, each running every role (more than one: cluster pubsub, sockets and
+    /// requests spread over them).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// The nodes' `store.retention_per_user`.
+    #[arg(long, default_value_t = RETENTION_PER_USER)]
+    retention_per_user: i64,
+    /// The nodes' `store.retention_interval_secs`.
+    #[arg(long, default_value_t = 10)]
+    retention_interval_secs: u64,
+    /// Most events per batch request.
+    #[arg(long, default_value_t = crate::loadgen::BATCH)]
+    batch: usize,
+    /// After the load stops, how long everything accepted has to be pushed and the outbox and
+    /// queues to be empty (the no-backlog target).
+    #[arg(long, default_value_t = 30.0)]
+    drain_secs: f64,
+    /// Where the SVG chart goes (default target/bench/soak.svg).
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// `cargo bench` appends this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn say(what: impl AsRef<str>) {
+    eprintln!("[soak] {}", what.as_ref());
+}
+
+/// One window's figures. `None` is a figure that could not be read (its error is kept).
+struct Sample {
+    /// Seconds since the load started: the window's start and end.
+    from: f64,
+    to: f64,
+    /// The load generator's window: accepted, pushed, errors, rejoins (latency apart).
+    load: Value,
+    /// Enqueue -> push at the clients, of the pushes received in the window.
+    latency: Histogram<u64>,
+    /// Each node's RSS, bytes.
+    rss: Vec<Option<u64>>,
+    /// Cores each process group of the box used over the window.
+    cores: Value,
+    db: Result<Db, String>,
+    queues: Result<Queues, String>,
+    /// The nodes' StatsD counters and timings over the window.
+    node_metrics: Value,
+}
+
+/// PostgreSQL's side of a sample.
+struct Db {
+    database_bytes: i64,
+    /// Per table of the run's database: total bytes (with indexes and TOAST), live and dead tuples.
+    tables: BTreeMap<String, (i64, i64, i64)>,
+    outbox_rows: i64,
+    /// Checkpoints requested server-wide so far (every CREATE or DROP DATABASE of other sessions
+    /// forces one): a latency tail beside one is the box's.
+    checkpoints_req: i64,
+}
+
+/// RabbitMQ's side: ready messages in the partition queues, the delay queues (retries waiting)
+/// and the dead-letter queue.
+struct Queues {
+    partitions: u64,
+    delays: u64,
+    dead: u64,
+}
+
+impl Db {
+    fn table_bytes(&self, table: &str) -> Option<i64> {
+        self.tables.get(table).map(|t| t.0)
+    }
+
+    fn dead_tuples(&self) -> i64 {
+        self.tables.values().map(|t| t.2).sum()
+    }
+}
+
+impl Sample {
+    fn minutes(&self) -> f64 {
+        self.to / 60.0
+    }
+
+    fn per_sec(&self, field: &str) -> f64 {
+        crate::f(&self.load, &format!("/{field}")) / crate::f(&self.load, "/secs").max(1e-3)
+    }
+
+    /// Pushed over accepted (to joined users), when anything was accepted.
+    fn push_ratio(&self) -> Option<f64> {
+        let accepted = crate::f(&self.load, "/accepted_joined");
+        (accepted > 0.0).then(|| crate::f(&self.load, "/pushed") / accepted)
+    }
+
+    fn quantile(&self, q: f64) -> Option<u64> {
+        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q))
+    }
+
+    fn rss_total(&self) -> Option<u64> {
+        self.rss.iter().copied().sum()
+    }
+
+    fn counter(&self, name: &str) -> f64 {
+        // + 0.0: an empty sum is -0.0, which the JSON would show as such.
+        statsd::counter(std::slice::from_ref(&self.node_metrics), name) + 0.0
+    }
+
+    /// Events retention pruned per second over the window (the nodes' `store.events.pruned`):
+    /// once every user is at its cap, about the accepted rate.
+    fn pruned_per_sec(&self) -> f64 {
+        self.counter("store.events.pruned") / crate::f(&self.load, "/secs").max(1e-3)
+    }
+
+    fn to_json(&self) -> Value {
+        let db = match &self.db {
+            Ok(db) => json!({
+                "database_bytes": db.database_bytes,
+                "tables": db.tables.iter().map(|(name, (bytes, live, dead))| {
+                    (name.clone(), json!({"bytes": bytes, "live_tuples": live, "dead_tuples": dead}))
+                }).collect::<serde_json::Map<_, _>>(),
+                "dead_tuples": db.dead_tuples(),
+                "outbox_rows": db.outbox_rows,
+                "checkpoints_req": db.checkpoints_req,
+            }),
+            Err(error) => json!({"error": error}),
+        };
+        let queues = match &self.queues {
+            Ok(q) => json!({"partitions_ready": q.partitions, "delay_ready": q.delays,
+                            "dead_letter_ready": q.dead}),
+            Err(error) => json!({"error": error}),
+        };
+        json!({
+            "from_secs": self.from, "to_secs": self.to, "minutes": self.minutes(),
+            "accepted_per_sec": self.per_sec("accepted"),
+            "pushed_per_sec": self.per_sec("pushed"),
+            "push_ratio": self.push_ratio(),
+            "latency_ms": {"count": self.latency.len(), "p50": self.quantile(0.5),
+                           "p99": self.quantile(0.99), "max": self.quantile(1.0)},
+            "load": self.load,
+            "rss_bytes": self.rss,
+            "cores": self.cores,
+            "postgres": db,
+            "rabbitmq": queues,
+            "pruned": self.counter("store.events.pruned"),
+            "prune_ms": null, "sweep_ms": null,
+            "sweep_partitions": {"idle": self.counter("pipeline.sweep.partitions#state:idle"),
+                                 "busy": self.counter("pipeline.sweep.partitions#state:busy")},
+            "swept_events": self.counter("pipeline.sweep.events"),
+            "relay_republished": self.counter("pipeline.relay.republished"),
+            "node_metrics": self.node_metrics,
+        })
+    }
+}
+
+/// What the end of the load found: the no-backlog target's evidence.
+struct End {
+    /// Events to joined users accepted but not yet pushed when the producers stopped.
+    backlog_at_stop: u64,
+    /// Whether everything was pushed, delivered and settled within `--drain-secs`, and when.
+    drained: bool,
+    drain_secs: f64,
+    undelivered: Option<i64>,
+    outbox_rows: Option<i64>,
+    ready: Option<u64>,
+    stopped: Value,
+}
+
+/// Everything a run produced, kept outside the run itself so that an interrupted or failed run
+/// still reports the samples it took.
+#[derive(Default)]
+struct Record {
+    meta: Value,
+    samples: Vec<Sample>,
+    end: Option<End>,
+    /// The load's planned length, s.
+    planned_secs: f64,
+}
+
+/// Runs the soak: starts the deployment, runs [`soak`] under a guard that cleans up whatever
+/// ends it, then reports.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let users = args.users.unwrap_or(args.sockets);
+    check(&args, users)?;
+    let nofile = sys::raise_nofile_limit();
+    if (nofile as usize) < args.sockets + 1000 {
+        bail!(
+            "{} sockets need a higher open-files limit than {nofile}",
+            args.sockets
+        );
+    }
+    std::fs::create_dir_all(out_dir())?;
+    let names = Names::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
+    let (sink, statsd_addr) = statsd::Sink::start()?;
+    let (background, writes, reads) = POOLS;
+    let mut settings = vec![
+        ("HERALD_STATSD_ADDR", statsd_addr),
+        (
+            "HERALD_STORE__RETENTION_PER_USER",
+            args.retention_per_user.to_string(),
+        ),
+        (
+            "HERALD_STORE__RETENTION_INTERVAL_SECS",
+            args.retention_interval_secs.to_string(),
+        ),
+        ("HERALD_STORE__MAX_CONNECTIONS", background.to_string()),
+        ("HERALD_STORE__WRITE_CONNECTIONS", writes.to_string()),
+        ("HERALD_STORE__READ_CONNECTIONS", reads.to_string()),
+        (
+            "HERALD_SOCKET__MAX_CONNECTIONS",
+            (args.sockets.div_ceil(args.nodes) + 100)
+                .max(10_000)
+                .to_string(),
+        ),
+    ];
+    if args.nodes > 1 {
+        settings.push(("HERALD_PUBSUB__MODE", "cluster".to_owned()));
+    }
+    say(format!(
+        "{} min, {} node(s), {} sockets, {users} users (Zipf s = {}), a sample every {} s; database {}, queue prefix {}",
+        args.minutes,
+        args.nodes,
+        args.sockets,
+        args.skew,
+        args.sample_secs,
+        names.database,
+        names.prefix
+    ));
+    let mut deployment = Deployment {
+        bin,
+        names: names.clone(),
+        api_key: String::new(),
+        settings: settings.clone(),
+        nodes: Vec::new(),
+    };
+    let mut record = Record {
+        planned_secs: args.minutes * 60.0,
+        meta: json!({
+            "started_unix": crate::unix_now(),
+            "git": crate::git_revision(),
+            "machine": sys::machine(),
+            "minutes": args.minutes, "sockets": args.sockets, "users": users, "skew": args.skew,
+            "sample_secs": args.sample_secs, "nodes": args.nodes, "batch": args.batch,
+            "node_settings": settings.iter()
+                .filter(|(k, _)| *k != "HERALD_STATSD_ADDR")
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        }),
+        ..Record::default()
+    };
+    let guarded = std::panic::AssertUnwindSafe(async {
+        deployment.api_key = Node::setup(bin, &names)?;
+        for i in 1..=args.nodes {
+            let name = if args.nodes == 1 {
+                "soak-herald".to_owned()
+            } else {
+                format!("soak-herald-{i}")
+            };
+            deployment.start(&name, &[]).await?;
+        }
+        soak(&args, users, &deployment, &sink, &mut record).await
+    })
+    .catch_unwind();
+    let result = tokio::select! {
+        result = guarded => result.unwrap_or_else(|_| Err(anyhow::anyhow!("the soak panicked"))),
+        () = stop_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    say("stopping the nodes and cleaning up");
+    deployment.stop_all().await;
+    node::clean_up(&names).await;
+    record.meta["status"] = json!(match &result {
+        Ok(()) => "complete".to_owned(),
+        Err(error) => format!("ended early: {error:#}"),
+    });
+    record.meta["run_secs"] = json!(started.elapsed().as_secs_f64());
+    if !record.samples.is_empty() {
+        report(&args, &record)?;
+    }
+    result
+}
+
+/// ctrl-c or SIGTERM (a CI job's timeout, `kill`): either ends the run, cleanly.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn check(args: &Args, users: usize) -> anyhow::Result<()> {
+    // Written so that NaN fails too.
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(args.minutes) {
+        bail!("--minutes must be above 0");
+    }
+    if !(args.sample_secs.is_finite() && args.sample_secs >= 1.0) {
+        bail!("--sample-secs must be at least 1");
+    }
+    if args.sockets == 0 || args.nodes == 0 || args.batch == 0 {
+        bail!("--sockets, --nodes and --batch must be at least 1");
+    }
+    if users < args.sockets {
+        bail!(
+            "--users ({users}) must be at least --sockets ({})",
+            args.sockets
+        );
+    }
+    if args.rate.is_some_and(|r| !positive(r)) || !positive(args.fraction) {
+        bail!("--rate and --fraction must be above 0");
+    }
+    if args.retention_per_user < 1 {
+        bail!("--retention-per-user must be at least 1: the soak is about pruning all along");
+    }
+    Ok(())
+}
+
+/// The soak itself, on a started deployment: sockets, the rate, the load with a sample per window,
+/// then the drain at the end. Samples go into `record` as they are taken.
+async fn soak(
+    args: &Args,
+    users: usize,
+    deployment: &Deployment<'_>,
+    sink: &statsd::Sink,
+    record: &mut Record,
+) -> anyhow::Result<()> {
+    let names = &deployment.names;
+    let bases: Vec<String> = deployment.nodes.iter().map(|n| n.base.clone()).collect();
+    let pool = crate::baseline::pool(names, 2).await?;
+    let upkeep: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&pool)
+        .await?;
+    record.meta["postgres_autovacuum"] = json!(upkeep);
+    let mut load = start_load(args, users, &bases, &deployment.api_key)?;
+
+    say(format!("connecting and joining {} sockets", args.sockets));
+    let connected = load
+        .call(json!({"cmd": "connect", "n": args.sockets}))
+        .await?;
+    say(format!(
+        "  {} joined ({} failed) in {:.1} s",
+        connected["connected"],
+        connected["failed"],
+        crate::f(&connected, "/secs")
+    ));
+    record.meta["connect"] = connected;
+
+    let rate = match args.rate {
+        Some(rate) => rate,
+        None => {
+            say(format!(
+                "measuring the sustained rate: closed loop, {MEASURE_PRODUCERS} producers, at most {MEASURE_WINDOW} events in flight, {MEASURE_SECS} s after {MEASURE_WARMUP} s"
+            ));
+            let measured = load
+                .call(
+                    json!({"cmd": "measure", "warmup": MEASURE_WARMUP, "secs": MEASURE_SECS,
+                             "producers": MEASURE_PRODUCERS, "window": MEASURE_WINDOW,
+                             "drain": 60}),
+                )
+                .await?;
+            let sustained = crate::f(&measured, "/rate");
+            if sustained <= 0.0 {
+                bail!("the sustained rate measured nothing: {measured}");
+            }
+            say(format!(
+                "  sustained {}/s; the soak runs at {:.0}% of it",
+                thousands(sustained),
+                args.fraction * 100.0
+            ));
+            record.meta["sustained"] = measured;
+            sustained * args.fraction
+        }
+    };
+    record.meta["rate"] = json!(rate);
+    let zipf = crate::zipf::Zipf::new(users, args.skew);
+    let coldest_per_sec = zipf.probability(users - 1) * rate;
+    let fill_minutes = args.retention_per_user as f64 / coldest_per_sec.max(1e-9) / 60.0;
+    record.meta["top_user_share"] = json!(zipf.probability(0));
+    record.meta["coldest_user_fills_cap_minutes"] = json!(fill_minutes);
+    say(format!(
+        "load: {} events/s, the hottest user {:.1}% of them; retention keeps {} delivered events per user, pruning every {} s (the coldest user reaches that after about {:.1} min)",
+        thousands(rate),
+        zipf.probability(0) * 100.0,
+        args.retention_per_user,
+        args.retention_interval_secs,
+        fill_minutes
+    ));
+
+    let mut broker = Broker::new(names);
+    let pids: Vec<u32> = deployment.nodes.iter().map(|n| n.pid).collect();
+    let mut cpu_before = sys::cpu_by_group(&pids, load.child.id());
+    sink.take();
+    load.call(json!({"cmd": "start", "rate": rate})).await?;
+    let started = Instant::now();
+    let total = args.minutes * 60.0;
+    let mut from = 0.0;
+    loop {
+        let to = (from + args.sample_secs).min(total);
+        tokio::time::sleep_until((started + Duration::from_secs_f64(to)).into()).await;
+        let mut window = load.call(json!({"cmd": "sample"})).await?;
+        let node_metrics = sink.take();
+        let latency = histogram_of(&window["latency"]);
+        if let Some(w) = window.as_object_mut() {
+            w.remove("latency");
+        }
+        let secs = crate::f(&window, "/secs").max(1e-3);
+        let cpu_now = sys::cpu_by_group(&pids, load.child.id());
+        let cores = cores_used(&cpu_before, &cpu_now, secs);
+        cpu_before = cpu_now;
+        let sample = Sample {
+            from,
+            to,
+            load: window,
+            latency,
+            rss: deployment
+                .nodes
+                .iter()
+                .map(|n| sys::rss_bytes(n.pid))
+                .collect(),
+            cores,
+            db: read_db(&pool).await.map_err(|e| format!("{e:#}")),
+            queues: broker.read().await.map_err(|e| format!("{e:#}")),
+            node_metrics,
+        };
+        say(progress(&sample));
+        record.samples.push(sample);
+        if to >= total {
+            break;
+        }
+        from = to;
+    }
+
+    say("load stopped; waiting for the backlog to drain");
+    let stop_at = Instant::now();
+    let stopped = load.call(json!({"cmd": "stop"})).await?;
+    let left = (args.drain_secs - stop_at.elapsed().as_secs_f64()).max(0.0);
+    let pushed = load.call(json!({"cmd": "drain", "limit": left})).await?;
+    let deadline = stop_at + Duration::from_secs_f64(args.drain_secs);
+    let mut end = End {
+        backlog_at_stop: stopped["backlog"].as_u64().unwrap_or(0),
+        drained: false,
+        drain_secs: 0.0,
+        undelivered: None,
+        outbox_rows: None,
+        ready: None,
+        stopped,
+    };
+    loop {
+        end.undelivered = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE status IN ('accepted', 'published')",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok();
+        end.outbox_rows = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await
+            .ok();
+        end.ready = broker.read().await.ok().map(|q| q.partitions + q.delays);
+        end.drain_secs = stop_at.elapsed().as_secs_f64();
+        end.drained = pushed["drained"].as_bool() == Some(true)
+            && end.undelivered == Some(0)
+            && end.outbox_rows == Some(0)
+            && end.ready == Some(0);
+        if end.drained || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    say(format!(
+        "  backlog at the stop {}; {} after {:.1} s (undelivered {}, outbox rows {}, ready {})",
+        end.backlog_at_stop,
+        if end.drained {
+            "drained"
+        } else {
+            "NOT drained"
+        },
+        end.drain_secs,
+        shown(end.undelivered),
+        shown(end.outbox_rows),
+        shown(end.ready)
+    ));
+    record.end = Some(end);
+    let _ = load.call(json!({"cmd": "disconnect"})).await;
+    drop(load.stdin);
+    let _ = load.child.kill().await;
+    broker.close().await;
+    pool.close().await;
+    Ok(())
+}
+
+/// The soak's load generator process (`soak-loadgen`), on the bench's command pipe.
+fn start_load(
+    args: &Args,
+    users: usize,
+    bases: &[String],
+    key: &str,
+) -> anyhow::Result<crate::Loadgen> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args(["soak-loadgen", "--key", key]);
+    command.args(["--users", &users.to_string()]);
+    command.args(["--skew", &args.skew.to_string()]);
+    command.args(["--batch", &args.batch.to_string()]);
+    for base in bases {
+        command.args(["--base", base]);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the soak's load generator")?;
+    let stdin = child.stdin.take().context("loadgen stdin")?;
+    let stdout = child.stdout.take().context("loadgen stdout")?;
+    Ok(crate::Loadgen {
+        child,
+        stdin,
+        lines: BufReader::new(stdout).lines(),
+    })
+}
+
+/// A window's latency histogram from the load generator's (value, count) pairs.
+fn histogram_of(pairs: &Value) -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 3_600_000, 3)
+        .expect("1 ms to an hour at 3 significant figures are valid bounds");
+    for pair in pairs.as_array().map_or(&[][..], Vec::as_slice) {
+        if let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) {
+            h.saturating_record_n(value, count);
+        }
+    }
+    h
+}
+
+/// Cores each process group of the box used between two readings `secs` apart (`herald`: the
+/// nodes; `other`: other sessions on the shared box).
+fn cores_used(
+    before: &BTreeMap<&'static str, Duration>,
+    after: &BTreeMap<&'static str, Duration>,
+    secs: f64,
+) -> Value {
+    after
+        .iter()
+        .map(|(group, t)| {
+            let used = t.saturating_sub(before.get(group).copied().unwrap_or_default());
+            let cores = (used.as_secs_f64() / secs * 100.0).round() / 100.0;
+            ((*group).to_owned(), json!(cores))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// PostgreSQL's figures for one sample: cheap catalog reads, and a count of the outbox (a small
+/// table: messages in flight only).
+async fn read_db(pool: &sqlx::PgPool) -> anyhow::Result<Db> {
+    let database_bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+        .fetch_one(pool)
+        .await?;
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, pg_total_relation_size(relid), n_live_tup, n_dead_tup
+         FROM pg_stat_user_tables",
+    )
+    .fetch_all(pool)
+    .await?;
+    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?;
+    let checkpoints_req: i64 = sqlx::query_scalar("SELECT checkpoints_req FROM pg_stat_bgwriter")
+        .fetch_one(pool)
+        .await?;
+    Ok(Db {
+        database_bytes,
+        tables: rows
+            .into_iter()
+            .map(|(name, bytes, live, dead)| (name, (bytes, live, dead)))
+            .collect(),
+        outbox_rows,
+        checkpoints_req,
+    })
+}
+
+/// The run's queues on RabbitMQ, read on a connection of the harness's own (opened again after a
+/// failure).
+struct Broker {
+    settings: herald::config::QueueSettings,
+    partitions: Vec<String>,
+    delays: Vec<String>,
+    dead: String,
+    connection: Option<lapin::Connection>,
+}
+
+impl Broker {
+    fn new(names: &Names) -> Self {
+        let settings = names.queue_settings();
+        let topology = herald::queue::Topology::new(&settings.prefix, settings.partitions);
+        Self {
+            partitions: (0..settings.partitions)
+                .map(|p| topology.partition_queue(p))
+                .collect(),
+            delays: herald::config::Settings::default()
+                .retry
+                .delays_ms()
+                .into_iter()
+                .map(|ms| topology.delay_queue(ms))
+                .collect(),
+            dead: topology.dead_letter_queue.clone(),
+            settings,
+            connection: None,
+        }
+    }
+
+    async fn read(&mut self) -> anyhow::Result<Queues> {
+        let connection = match self.connection.take() {
+            Some(open) if open.status().connected() => open,
+            _ => herald::queue::connect(&self.settings, "soak").await?,
+        };
+        let mut queues = self.partitions.clone();
+        queues.extend(self.delays.iter().cloned());
+        queues.push(self.dead.clone());
+        let counts = tokio::time::timeout(
+            Duration::from_secs(10),
+            herald::queue::ready_counts(&connection, &queues),
+        )
+        .await
+        .context("RabbitMQ took over 10 s to answer")??;
+        self.connection = Some(connection);
+        let sum = |range: std::ops::Range<usize>| -> u64 {
+            counts[range]
+                .iter()
+                .map(|c| u64::from(c.unwrap_or(0)))
+                .sum()
+        };
+        let (p, d) = (self.partitions.len(), self.delays.len());
+        Ok(Queues {
+            partitions: sum(0..p),
+            delays: sum(p..p + d),
+            dead: sum(p + d..p + d + 1),
+        })
+    }
+
+    async fn close(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.close(200, "soak done".into()).await;
+        }
+    }
+}
+
+fn shown<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn mib(bytes: Option<f64>) -> String {
+    bytes.map_or_else(|| "-".to_owned(), |b| format!("{:.1}", b / 1048576.0))
+}
+
+/// One line per sample while the run goes, so an hour's run shows where it is.
+fn progress(s: &Sample) -> String {
+    let db = s.db.as_ref().ok();
+    format!(
+        "{:.1} min: accepted {}/s, pushed {}/s, p50/p99 {}/{} ms, RSS {} MiB, database {} MiB, outbox {} rows, ready {}, pruned {}/s",
+        s.minutes(),
+        thousands(s.per_sec("accepted")),
+        thousands(s.per_sec("pushed")),
+        shown(s.quantile(0.5)),
+        shown(s.quantile(0.99)),
+        mib(s.rss_total().map(|b| b as f64)),
+        mib(db.map(|d| d.database_bytes as f64)),
+        shown(db.map(|d| d.outbox_rows)),
+        shown(s.queues.as_ref().ok().map(|q| q.partitions)),
+        thousands(s.pruned_per_sec()),
+    )
+}
+
+/// Seconds that stand for "the first and last ten minutes" and "minute ten": ten minutes, or a
+/// third of a run shorter than twenty minutes (a smoke run still gets verdicts, marked scaled).
+fn reference_secs(run_secs: f64) -> f64 {
+    if run_secs >= 2.0 * REFERENCE_SECS {
+        REFERENCE_SECS
+    } else {
+        run_secs / 3.0
+    }
+}
+
+/// One target's verdict: `None` when the samples cannot tell.
+struct Verdict {
+    target: &'static str,
+    pass: Option<bool>,
+    detail: String,
+}
+
+/// The issue's targets, judged from the samples.
+fn verdicts(record: &Record) -> Vec<Verdict> {
+    let samples = &record.samples;
+    let run_secs = samples.last().map_or(0.0, |s| s.to);
+    let reference = reference_secs(run_secs);
+    let span = format!("{:.1} min", reference / 60.0);
+    let mut out = Vec::new();
+
+    let ratios: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| s.push_ratio().map(|r| (s.minutes(), r)))
+        .collect();
+    let lowest = ratios.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1));
+    out.push(Verdict {
+        target: "pushed / accepted >= 0.99 in every window",
+        pass: lowest.map(|(_, r)| r >= MIN_PUSH_RATIO),
+        detail: lowest.map_or_else(
+            || "no window accepted anything".to_owned(),
+            |(m, r)| {
+                let below = ratios.iter().filter(|(_, r)| *r < MIN_PUSH_RATIO).count();
+                format!(
+                    "lowest {r:.4} (window ending at {m:.1} min); {below} of {} windows below",
+                    ratios.len()
+                )
+            },
+        ),
+    });
+
+    let merged = |pick: &dyn Fn(&Sample) -> bool| {
+        let mut h = histogram_of(&Value::Null);
+        for s in samples.iter().filter(|s| pick(s)) {
+            let _ = h.add(&s.latency);
+        }
+        (!h.is_empty()).then(|| (h.value_at_quantile(0.99), h.len()))
+    };
+    let middle = |s: &Sample| (s.from + s.to) / 2.0;
+    let first = merged(&|s| middle(s) <= reference);
+    let last = merged(&|s| middle(s) >= run_secs - reference);
+    out.push(Verdict {
+        target: "p99 over the last 10 min <= 1.5x the first 10 min",
+        pass: first
+            .zip(last)
+            .map(|(f, l)| l.0 as f64 <= MAX_P99_GROWTH * f.0 as f64),
+        detail: match first.zip(last) {
+            Some((f, l)) => format!(
+                "first {span}: p99 {} ms of {} pushes; last {span}: p99 {} ms of {} pushes; {:.2}x",
+                f.0,
+                thousands(f.1 as f64),
+                l.0,
+                thousands(l.1 as f64),
+                l.0 as f64 / (f.0 as f64).max(1.0)
+            ),
+            None => "no pushes in one of the spans".to_owned(),
+        },
+    });
+
+    let at_reference = samples.iter().position(|s| s.to >= reference - 1e-6);
+    let drift = |value: &dyn Fn(&Sample) -> Option<f64>| -> Option<(f64, f64, f64)> {
+        let i = at_reference?;
+        let base = value(&samples[i])?;
+        let later: Vec<f64> = samples[i + 1..].iter().filter_map(value).collect();
+        if later.is_empty() || base <= 0.0 {
+            return None;
+        }
+        let worst = later
+            .iter()
+            .map(|v| (v - base) / base)
+            .fold(0.0_f64, |w, d| if d.abs() > w.abs() { d } else { w });
+        Some((base, *later.last().unwrap_or(&base), worst))
+    };
+    let nodes = samples.first().map_or(0, |s| s.rss.len());
+    let rss: Vec<Option<(f64, f64, f64)>> = (0..nodes)
+        .map(|n| drift(&|s: &Sample| s.rss.get(n).copied().flatten().map(|b| b as f64)))
+        .collect();
+    let worst_rss = rss
+        .iter()
+        .enumerate()
+        .filter_map(|(n, d)| d.map(|d| (n, d)))
+        .max_by(|a, b| a.1.2.abs().total_cmp(&b.1.2.abs()));
+    out.push(Verdict {
+        target: "RSS within 10% of its minute-10 value",
+        pass: (rss.iter().all(Option::is_some) && !rss.is_empty())
+            .then(|| rss.iter().flatten().all(|d| d.2.abs() <= MAX_DRIFT)),
+        detail: match worst_rss {
+            Some((n, (base, end, worst))) => format!(
+                "{}{} MiB at {span}, {} MiB at the end, {:+.1}% at most since",
+                if nodes > 1 {
+                    format!("node {}: ", n + 1)
+                } else {
+                    String::new()
+                },
+                mib(Some(base)),
+                mib(Some(end)),
+                worst * 100.0
+            ),
+            None => format!("no RSS sample after {span}"),
+        },
+    });
+
+    let db = drift(&|s: &Sample| s.db.as_ref().ok().map(|d| d.database_bytes as f64));
+    out.push(Verdict {
+        target: "database size flat once pruning runs (within 10% of minute 10)",
+        pass: db.map(|d| d.2.abs() <= MAX_DRIFT),
+        detail: db.map_or_else(
+            || format!("no database size sample after {span}"),
+            |(base, end, worst)| {
+                format!(
+                    "{} MiB at {span}, {} MiB at the end, {:+.1}% at most since",
+                    mib(Some(base)),
+                    mib(Some(end)),
+                    worst * 100.0
+                )
+            },
+        ),
+    });
+
+    out.push(Verdict {
+        target: "no backlog at the end",
+        pass: record.end.as_ref().map(|e| e.drained),
+        detail: record.end.as_ref().map_or_else(
+            || "the run did not reach its end".to_owned(),
+            |e| {
+                format!(
+                    "{} events accepted but not yet pushed when the load stopped; {} {:.1} s after it (undelivered events {}, outbox rows {}, ready messages {})",
+                    thousands(e.backlog_at_stop as f64),
+                    if e.drained { "all settled" } else { "NOT all settled" },
+                    e.drain_secs,
+                    shown(e.undelivered),
+                    shown(e.outbox_rows),
+                    shown(e.ready)
+                )
+            },
+        ),
+    });
+    out
+}
+
+/// Figures the soak cannot read, and why (printed under the table and kept in the JSON).
+const NOT_MEASURED: &str = "prune/sweep ms: not measured: Herald times neither a retention round nor a sweep (src/metrics/declare.rs declares only their counters, store.events.pruned and pipeline.sweep.*); `pruned/s` is store.events.pruned over the window";
+
+/// The samples as a Markdown table, then the verdicts.
+fn render(record: &Record, verdicts: &[Verdict]) -> String {
+    let header = [
+        "min",
+        "accepted/s",
+        "pushed/s",
+        "pushed / accepted",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB",
+        "DB MiB",
+        "events / outbox / user_seqs MiB",
+        "dead tuples",
+        "outbox rows",
+        "ready msgs",
+        "pruned/s",
+        "prune / sweep ms",
+        "errors",
+        "rejoins",
+    ];
+    let mut out = format!("| {} |\n", header.join(" | "));
+    out.push_str(&format!("|{}\n", " --- |".repeat(header.len())));
+    for s in &record.samples {
+        let db = s.db.as_ref().ok();
+        let table = |t: &str| mib(db.and_then(|d| d.table_bytes(t)).map(|b| b as f64));
+        let row = [
+            format!("{:.1}", s.minutes()),
+            thousands(s.per_sec("accepted")),
+            thousands(s.per_sec("pushed")),
+            s.push_ratio()
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
+            shown(s.quantile(0.5)),
+            shown(s.quantile(0.99)),
+            mib(s.rss_total().map(|b| b as f64)),
+            mib(db.map(|d| d.database_bytes as f64)),
+            format!(
+                "{} / {} / {}",
+                table("events"),
+                table("outbox"),
+                table("user_seqs")
+            ),
+            shown(db.map(|d| thousands(d.dead_tuples() as f64))),
+            shown(db.map(|d| thousands(d.outbox_rows as f64))),
+            shown(
+                s.queues
+                    .as_ref()
+                    .ok()
+                    .map(|q| thousands(q.partitions as f64)),
+            ),
+            thousands(s.pruned_per_sec()),
+            "- / -".to_owned(),
+            thousands(crate::f(&s.load, "/request_errors")),
+            thousands(crate::f(&s.load, "/rejoins")),
+        ];
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out.push_str(&format!("\n{NOT_MEASURED}.\n"));
+    let missing: Vec<String> = record
+        .samples
+        .iter()
+        .flat_map(|s| {
+            let at = s.minutes();
+            [
+                s.db.as_ref()
+                    .err()
+                    .map(|e| format!("{at:.1} min PostgreSQL: {e}")),
+                s.queues
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{at:.1} min RabbitMQ: {e}")),
+            ]
+        })
+        .flatten()
+        .collect();
+    if !missing.is_empty() {
+        out.push_str(&format!(
+            "Figures shown as - could not be read: {}.\n",
+            missing.join("; ")
+        ));
+    }
+    out.push_str("\nTargets (judged from the samples; reported, not asserted):\n");
+    let run_secs = record.samples.last().map_or(0.0, |s| s.to);
+    let reference = reference_secs(run_secs);
+    if reference < REFERENCE_SECS {
+        out.push_str(&format!(
+            "(a run under {:.0} min: \"the first and last 10 min\" read as the first and last {:.1} min, \"minute 10\" as minute {:.1}, a third of the run)\n",
+            2.0 * REFERENCE_SECS / 60.0,
+            reference / 60.0,
+            reference / 60.0
+        ));
+    }
+    for v in verdicts {
+        let word = match v.pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "n/a",
+        };
+        out.push_str(&format!("- {}: {word} ({})\n", v.target, v.detail));
+    }
+    out
+}
+
+/// The samples drawn as small multiples, minutes along every x axis.
+fn draw(args: &Args, record: &Record) -> String {
+    let samples = &record.samples;
+    let line = |label: &str, value: &dyn Fn(&Sample) -> Option<f64>| Line {
+        label: label.to_owned(),
+        points: samples.iter().map(|s| (s.minutes(), value(s))).collect(),
+    };
+    let db = |s: &Sample, f: &dyn Fn(&Db) -> f64| s.db.as_ref().ok().map(f);
+    let mib_of = |b: i64| b as f64 / 1048576.0;
+    let nodes = samples.first().map_or(0, |s| s.rss.len());
+    let mut panels = vec![
+        Panel {
+            title: "events/s".into(),
+            lines: vec![
+                line("accepted", &|s| Some(s.per_sec("accepted"))),
+                line("pushed", &|s| Some(s.per_sec("pushed"))),
+            ],
+        },
+        Panel {
+            title: "enqueue -> push, ms".into(),
+            lines: vec![
+                line("p50", &|s| s.quantile(0.5).map(|v| v as f64)),
+                line("p99", &|s| s.quantile(0.99).map(|v| v as f64)),
+            ],
+        },
+        Panel {
+            title: "node RSS, MiB".into(),
+            lines: (0..nodes)
+                .map(|n| {
+                    line(
+                        &if nodes > 1 {
+                            format!("node {}", n + 1)
+                        } else {
+                            "herald".to_owned()
+                        },
+                        &move |s: &Sample| {
+                            s.rss
+                                .get(n)
+                                .copied()
+                                .flatten()
+                                .map(|b| b as f64 / 1048576.0)
+                        },
+                    )
+                })
+                .collect(),
+        },
+        Panel {
+            title: "database size, MiB".into(),
+            lines: vec![line("pg_database_size", &|s| {
+                db(s, &|d| mib_of(d.database_bytes))
+            })],
+        },
+    ];
+    let tables = ["events", "outbox", "user_seqs"];
+    panels.push(Panel {
+        title: "tables with indexes, MiB".into(),
+        lines: tables
+            .iter()
+            .map(|t| {
+                line(t, &|s: &Sample| {
+                    s.db.as_ref()
+                        .ok()
+                        .and_then(|d| d.table_bytes(t))
+                        .map(mib_of)
+                })
+            })
+            .collect(),
+    });
+    panels.push(Panel {
+        title: "dead tuples".into(),
+        lines: vec![line("Herald's tables", &|s| {
+            db(s, &|d| d.dead_tuples() as f64)
+        })],
+    });
+    panels.push(Panel {
+        title: "outbox rows".into(),
+        lines: vec![line("outbox", &|s| db(s, &|d| d.outbox_rows as f64))],
+    });
+    panels.push(Panel {
+        title: "ready messages".into(),
+        lines: vec![
+            line("partitions", &|s| {
+                s.queues.as_ref().ok().map(|q| q.partitions as f64)
+            }),
+            line("delay queues", &|s| {
+                s.queues.as_ref().ok().map(|q| q.delays as f64)
+            }),
+        ],
+    });
+    panels.push(Panel {
+        title: "events/s pruned".into(),
+        lines: vec![line("store.events.pruned", &|s| Some(s.pruned_per_sec()))],
+    });
+    let run_secs = samples.last().map_or(0.0, |s| s.to);
+    let reference = reference_secs(run_secs);
+    Chart {
+        title: format!(
+            "Herald soak: {} events/s, {} sockets, {} node(s), {:.0} min",
+            thousands(crate::f(&record.meta, "/rate")),
+            args.sockets,
+            args.nodes,
+            run_secs / 60.0
+        ),
+        subtitle: format!(
+            "{} at {}; a sample every {} s; retention {} events per user every {} s; {}",
+            record.meta["machine"].as_str().unwrap_or(""),
+            record.meta["git"].as_str().unwrap_or(""),
+            args.sample_secs,
+            args.retention_per_user,
+            args.retention_interval_secs,
+            record.meta["status"].as_str().unwrap_or("")
+        ),
+        x_max: run_secs / 60.0,
+        marker: Some((reference / 60.0, "reference".into())),
+        panels,
+        notes: vec![
+            "Not drawn: how long pruning and sweeps took (Herald has no timing for either; see BENCHMARKS.md, Soak).".into(),
+        ],
+    }
+    .svg()
+}
+
+/// Prints the table and verdicts, writes the JSON and the chart.
+fn report(args: &Args, record: &Record) -> anyhow::Result<()> {
+    let verdicts = verdicts(record);
+    println!("{}", render(record, &verdicts));
+    let mut json = record.meta.clone();
+    json["reference_secs"] = json!(reference_secs(record.samples.last().map_or(0.0, |s| s.to)));
+    json["planned_secs"] = json!(record.planned_secs);
+    json["samples"] = record.samples.iter().map(Sample::to_json).collect();
+    json["end"] = record.end.as_ref().map_or(Value::Null, |e| {
+        json!({"backlog_at_stop": e.backlog_at_stop, "drained": e.drained,
+               "drain_secs": e.drain_secs, "undelivered": e.undelivered,
+               "outbox_rows": e.outbox_rows, "ready": e.ready, "stopped": e.stopped})
+    });
+    json["verdicts"] = verdicts
+        .iter()
+        .map(|v| json!({"target": v.target, "pass": v.pass, "detail": v.detail}))
+        .collect();
+    json["not_measured"] = json!([NOT_MEASURED]);
+    let text = serde_json::to_string_pretty(&json)?;
+    let when = record.meta["started_unix"].as_u64().unwrap_or(0);
+    std::fs::write(out_dir().join(format!("soak-{when}.json")), &text)?;
+    std::fs::write(out_dir().join("soak-latest.json"), &text)?;
+    let chart = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| out_dir().join("soak.svg"));
+    if let Some(dir) = chart.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&chart, draw(args, record))?;
+    say(format!(
+        "JSON in {}, chart in {}",
+        out_dir().join("soak-latest.json").display(),
+        chart.display()
+    ));
+    Ok(())
+}
