@@ -190,8 +190,22 @@ impl Store {
     pub async fn connect_sized(settings: &StoreSettings, size: u32) -> Result<Self, Error> {
         let options = PgConnectOptions::from_str(settings.database_url.expose())
             .map_err(Error::Url)?
-            // Every statement is bounded: a stuck query fails instead of holding a request forever.
-            .options([("statement_timeout", "30s")]);
+            .options([
+                // Every statement is bounded: a stuck query fails instead of holding a request
+                // forever.
+                ("statement_timeout", "30s"),
+                // Every execution is planned for its arguments and the tables as they are then.
+                // sqlx keeps statements prepared per connection, and PostgreSQL may settle on a
+                // generic plan after five runs and keep it until an `ANALYZE` of one of its
+                // tables: a node's first runs are on a fresh deployment's empty tables, and the
+                // plans made for those read whole tables once they have grown. The soak's first
+                // minute (issue 23): the outcome writer's update, planned on a few dozen events,
+                // read all of `events` for each event of its batch, 0.3-2.2 s a statement at
+                // 15,000 events, until the upkeep's next `ANALYZE`; 35 of the hot path's plans
+                // do that (`tests/it/plans.rs`). Planning again costs about 0.5 ms a statement
+                // (the outcome writer's, 100 events), not the whole-table reads.
+                ("plan_cache_mode", "force_custom_plan"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(settings.acquire_timeout())

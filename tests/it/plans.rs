@@ -9,7 +9,10 @@
 //! (sqlx keeps its statements prepared per connection). Each time in three states of the
 //! statistics: never analyzed, analyzed while empty (what `herald migrate` leaves until the upkeep
 //! or autovacuum analyzes: a new deployment with autovacuum off plans with it for a while), and
-//! freshly analyzed. A plan fails when it reads the whole of a large table.
+//! freshly analyzed. And once as a node on a fresh deployment runs it: on a connection made as the
+//! store makes them, six times on the empty tables before the fixture is loaded, then once more on
+//! the million events (a prepared statement may keep the plan it settled on while the tables were
+//! empty: the soak's first-minute stall). A plan fails when it reads the whole of a large table.
 //!
 //! One fixture (1.5 million rows, filled by `generate_series` in about 15 s) serves every
 //! statement. The test is in the normal suite, so CI runs it: `cargo test --test it plans`.
@@ -174,6 +177,41 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
          END $$",
     )
     .await;
+    // A node on a fresh deployment sends its first statements while the tables are empty, and a
+    // statement sqlx keeps prepared may go on with the generic plan PostgreSQL made for it then
+    // (only an `ANALYZE` of one of its tables, or DDL, makes it plan again): the soak's first
+    // minute, the outcome writer's update reading every row of `events` for every event of its
+    // batch, up to 2 s a statement. So each statement runs six times (the plan cache tries five
+    // custom plans before it may settle on the generic one) on a connection Herald's way, on the
+    // empty tables, with arguments shaped like the later ones; once the fixture is in, the plan
+    // that connection would run must not read a large table whole either.
+    let early_statements = statements(&Rows::made_up());
+    let mut early = store.pool().acquire().await.unwrap();
+    for (i, statement) in early_statements.iter().enumerate() {
+        run(
+            &mut early,
+            &format!(
+                "PREPARE early{i} ({}) AS {}",
+                statement.types, statement.sql.1
+            ),
+        )
+        .await;
+        for _ in 0..6 {
+            for (_, args) in &statement.cases {
+                explain_in(&mut early, statement, &format!("EXECUTE early{i} ({args})")).await;
+            }
+        }
+    }
+    // The state is what it claims: a generic plan made now is still used after the fixture.
+    run(
+        &mut early,
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE planted (uuid) AS SELECT id FROM events WHERE id = $1",
+    )
+    .await;
+    explain(&mut early, "EXECUTE planted (gen_random_uuid())").await;
+    run(&mut early, "RESET plan_cache_mode").await;
+
     sqlx::raw_sql(FIXTURE).execute(&mut *conn).await.unwrap();
     let partial: Vec<String> = sqlx::query_scalar(
         "SELECT indexrelid::regclass::text FROM pg_index WHERE indpred IS NOT NULL",
@@ -181,7 +219,7 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
     .fetch_all(&mut *conn)
     .await
     .unwrap();
-    let statements = statements(&mut conn).await;
+    let statements = statements(&Rows::read(&mut conn).await);
     // Every statement the store exports is planned here: a new one cannot be forgotten.
     let planned: Vec<&str> = statements.iter().map(|s| s.sql.0).collect();
     let unplanned: Vec<String> = exported_statements()
@@ -191,6 +229,28 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
     assert!(unplanned.is_empty(), "not planned here: {unplanned:?}");
 
     let mut failures = Vec::new();
+    for (i, statement) in statements.iter().enumerate() {
+        for (case, args) in &statement.cases {
+            let sql = format!("EXECUTE early{i} ({args})");
+            let plan = explain_in(&mut early, statement, &sql).await;
+            let whole = whole_reads(&plan, &forbidden(statement), &partial);
+            if !whole.is_empty() {
+                failures.push(format!(
+                    "{} ({case}), first run on the empty tables: reads whole {whole:?}\n{plan}\n",
+                    statement.sql.0
+                ));
+            }
+        }
+    }
+    run(&mut early, "SET plan_cache_mode = force_generic_plan").await;
+    let planted = explain(&mut early, "EXECUTE planted (gen_random_uuid())").await;
+    assert!(
+        !whole_reads(&planted, &["events"], &partial).is_empty(),
+        "a generic plan made on the empty tables was not kept:\n{planted}"
+    );
+    run(&mut early, "DEALLOCATE ALL; RESET plan_cache_mode").await;
+    drop(early);
+
     for statistics in [
         Statistics::NeverAnalyzed,
         Statistics::AnalyzedEmpty,
@@ -213,12 +273,7 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
                 run(&mut conn, &format!("SET plan_cache_mode = {mode}")).await;
                 for (case, args) in &statement.cases {
                     let plan = explain(&mut conn, &format!("EXECUTE hot ({args})")).await;
-                    let forbidden: Vec<&str> = LARGE
-                        .iter()
-                        .copied()
-                        .filter(|t| !statement.scans.contains(t))
-                        .collect();
-                    let whole = whole_reads(&plan, &forbidden, &partial);
+                    let whole = whole_reads(&plan, &forbidden(statement), &partial);
                     if !whole.is_empty() {
                         failures.push(format!(
                             "{} ({case}), {statistics:?}, {mode}: reads whole {whole:?}\n{plan}\n",
@@ -290,52 +345,111 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
     );
 }
 
-/// The statements and their arguments, read from the fixture.
-async fn statements(conn: &mut PgConnection) -> Vec<Statement> {
-    // Events enqueued in the last hours (through the BRIN index): the outcome writer's batch.
-    let recent: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, user_id FROM events
+/// The rows of the fixture the statements' arguments are made of.
+struct Rows {
+    /// Events of the last hours, with their users: the outcome writer's batch.
+    recent: Vec<(Uuid, String)>,
+    /// Messages waiting for their confirm.
+    unconfirmed: Vec<Uuid>,
+    /// Their events.
+    accepted: Vec<Uuid>,
+    /// Confirmed messages of partition 3, with their event.
+    in_flight: Vec<(Uuid, Uuid)>,
+    /// Confirmed messages with no partition.
+    unplaced: Vec<Uuid>,
+    /// The hot user's last events.
+    hot_ids: Vec<Uuid>,
+    /// A cold user's events.
+    cold_ids: Vec<Uuid>,
+}
+
+impl Rows {
+    /// As many made-up ids as the fixture gives each list: the arguments of a node's first
+    /// statements on a fresh deployment, shaped like the ones it sends later.
+    fn made_up() -> Self {
+        let ids = |n: usize| (0..n).map(|_| Uuid::now_v7()).collect::<Vec<_>>();
+        Self {
+            recent: (0..1000)
+                .map(|i| (Uuid::now_v7(), format!("u{i}")))
+                .collect(),
+            unconfirmed: ids(50),
+            accepted: ids(100),
+            in_flight: ids(1000).into_iter().zip(ids(1000)).collect(),
+            unplaced: ids(4),
+            hot_ids: ids(1000),
+            cold_ids: ids(5),
+        }
+    }
+
+    /// Read from the fixture.
+    async fn read(conn: &mut PgConnection) -> Self {
+        // Events enqueued in the last hours (through the BRIN index): the outcome writer's batch.
+        let recent: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, user_id FROM events
          WHERE enqueued_at > now() - interval '2 hours' ORDER BY enqueued_at LIMIT 1000",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let unconfirmed: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM outbox WHERE confirmed_at IS NULL")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    let accepted: Vec<Uuid> =
-        sqlx::query_scalar("SELECT unnest(event_ids) FROM outbox WHERE confirmed_at IS NULL")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    let in_flight: Vec<(Uuid, Uuid)> = sqlx::query_as(
-        "SELECT id, event_ids[1] FROM outbox
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let unconfirmed: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM outbox WHERE confirmed_at IS NULL")
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let accepted: Vec<Uuid> =
+            sqlx::query_scalar("SELECT unnest(event_ids) FROM outbox WHERE confirmed_at IS NULL")
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let in_flight: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT id, event_ids[1] FROM outbox
          WHERE partition = 3 AND confirmed_at IS NOT NULL ORDER BY created_at LIMIT 1000",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let unplaced: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM outbox WHERE partition IS NULL AND confirmed_at IS NOT NULL",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let hot_ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM events WHERE user_id = 'hot0' AND seq > 99000 ORDER BY seq",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
-    let cold_ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM events WHERE user_id = 'u42' ORDER BY seq")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!(recent.len(), 1000, "the fixture's last hours");
-    assert!(unconfirmed.len() > 10 && unplaced.len() == 4 && in_flight.len() == 1000);
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let unplaced: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM outbox WHERE partition IS NULL AND confirmed_at IS NOT NULL",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let hot_ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM events WHERE user_id = 'hot0' AND seq > 99000 ORDER BY seq",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let cold_ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM events WHERE user_id = 'u42' ORDER BY seq")
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!(recent.len(), 1000, "the fixture's last hours");
+        assert!(unconfirmed.len() > 10 && unplaced.len() == 4 && in_flight.len() == 1000);
+        Self {
+            recent,
+            unconfirmed,
+            accepted,
+            in_flight,
+            unplaced,
+            hot_ids,
+            cold_ids,
+        }
+    }
+}
+
+/// The statements and their arguments, made of `rows`.
+fn statements(rows: &Rows) -> Vec<Statement> {
+    let Rows {
+        recent,
+        unconfirmed,
+        accepted,
+        in_flight,
+        unplaced,
+        hot_ids,
+        cold_ids,
+    } = rows;
 
     // A full group commit, 1,000 new events: 100 of each hot user, one each of 500 cold users,
     // one in ten with a key.
@@ -451,7 +565,7 @@ async fn statements(conn: &mut PgConnection) -> Vec<Statement> {
     let carried: Vec<Uuid> = in_flight.iter().map(|m| m.1).collect();
     let placed = format!(
         "{}, {}",
-        uuids(&unplaced),
+        uuids(unplaced),
         array(unplaced.iter().map(|_| Some(2)), "int2")
     );
     let max = i64::MAX;
@@ -526,7 +640,7 @@ async fn statements(conn: &mut PgConnection) -> Vec<Statement> {
             sql: named!(CONFIRM_MESSAGES_SQL),
             types: "uuid[]",
             cases: vec![
-                ("the unconfirmed messages", uuids(&unconfirmed)),
+                ("the unconfirmed messages", uuids(unconfirmed)),
                 ("1,000 messages", uuids(&batch_of_messages)),
             ],
             scans: &[],
@@ -556,7 +670,7 @@ async fn statements(conn: &mut PgConnection) -> Vec<Statement> {
             cases: vec![
                 (
                     "the claimed messages' events",
-                    format!("{}, 'accepted'", uuids(&accepted)),
+                    format!("{}, 'accepted'", uuids(accepted)),
                 ),
                 (
                     "1,000 events",
@@ -629,8 +743,8 @@ async fn statements(conn: &mut PgConnection) -> Vec<Statement> {
             sql: named!(ACK_EVENTS_SQL),
             types: "text, uuid[]",
             cases: vec![
-                ("hot user", format!("'hot0', {}", uuids(&hot_ids))),
-                ("cold user", format!("'u42', {}", uuids(&cold_ids))),
+                ("hot user", format!("'hot0', {}", uuids(hot_ids))),
+                ("cold user", format!("'u42', {}", uuids(cold_ids))),
             ],
             scans: &[],
             planning: None,
@@ -846,6 +960,27 @@ fn estimated_rows(plan: &str) -> f64 {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no row estimate: {plan}"))
+}
+
+/// The large tables `statement` must not read whole.
+fn forbidden(statement: &Statement) -> Vec<&'static str> {
+    LARGE
+        .iter()
+        .copied()
+        .filter(|t| !statement.scans.contains(t))
+        .collect()
+}
+
+/// `EXPLAIN` of `sql`, which executes `statement`, in a transaction with what the store runs before
+/// it there.
+async fn explain_in(conn: &mut PgConnection, statement: &Statement, sql: &str) -> String {
+    let Some(planning) = statement.planning else {
+        return explain(conn, sql).await;
+    };
+    run(conn, &format!("BEGIN; {planning}")).await;
+    let plan = explain(conn, sql).await;
+    run(conn, "ROLLBACK").await;
+    plan
 }
 
 /// `EXPLAIN` of `sql`, as text.
