@@ -24,6 +24,19 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
+        if settings.retention_days > 0 {
+            // Else the age prune reads every page written since the last vacuum, old or not.
+            match store.summarize_new_event_ranges().await {
+                Ok(_) => {}
+                Err(error) if error.is_lock_conflict() => {
+                    tracing::debug!("events is being vacuumed: its new block ranges wait");
+                }
+                Err(error) => tracing::warn!(
+                    error = ?error,
+                    "could not summarize the new block ranges of events; pruning by age reads them all"
+                ),
+            }
+        }
         let prune =
             || store.prune_events(settings.retention_days, settings.retention_per_user, BATCH);
         let pruned = in_batches(prune, &stop, "retention pruning").await;

@@ -1086,3 +1086,80 @@ fn the_plan_check_names_whole_reads_only() {
         ["Seq Scan on events"]
     );
 }
+
+/// Retention by age when nothing is old yet, as in a deployment's first 30 days: once the retention
+/// pass has summarized the BRIN's new block ranges, the age prune reads no page of `events`
+/// (before, it read every page written since the last vacuum, every round), and it still finds
+/// old events written after the summary.
+#[tokio::test]
+async fn retention_by_age_reads_no_page_of_recent_events() {
+    let settings = crate::common::test_settings();
+    let _deployment = crate::common::DropsDeployment(settings.clone());
+    Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = Store::connect(&settings.store).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut conn = store.pool().acquire().await.unwrap();
+    // An hour of 100,000 delivered events (about 40 block ranges), never vacuumed.
+    run(
+        &mut conn,
+        "INSERT INTO producers (name, key_hash) VALUES ('load', '\\x00');
+         INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                             enqueued_at, published_at, delivered_at)
+         SELECT gen_random_uuid(), 1, 'u' || i % 1000, i / 1000 + 1, 'push',
+                jsonb_build_object('n', i), 'delivered', 1,
+                now() - interval '1 hour' + i * interval '36 ms', now(), now()
+         FROM generate_series(1, 100000) AS i",
+    )
+    .await;
+    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('events') / 8192")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let types = "int4, int8";
+    run(
+        &mut conn,
+        &format!("PREPARE age ({types}) AS {}", store::PRUNE_OLD_EVENTS_SQL),
+    )
+    .await;
+    // The heap pages the age prune reads (in a transaction rolled back: nothing is old anyway).
+    async fn heap_pages(conn: &mut PgConnection) -> (i64, String) {
+        run(
+            conn,
+            &format!("BEGIN; {}", store::PRUNE_OLD_EVENTS_PLANNING_SQL),
+        )
+        .await;
+        let plan = explain(conn, "(ANALYZE, BUFFERS) EXECUTE age (30, 10000)").await;
+        run(conn, "ROLLBACK").await;
+        let read = plan
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("Heap Blocks:"))
+            .flat_map(|counts| counts.split_whitespace())
+            .filter_map(|count| count.split_once('=')?.1.parse::<i64>().ok())
+            .sum();
+        (read, plan)
+    }
+    let (unsummarized, plan) = heap_pages(&mut conn).await;
+    assert!(
+        unsummarized > pages * 9 / 10,
+        "the state: a BRIN without summaries reads the table ({pages} pages):\n{plan}"
+    );
+    assert!(store.summarize_new_event_ranges().await.unwrap() > 0);
+    let (summarized, plan) = heap_pages(&mut conn).await;
+    assert_eq!(summarized, 0, "nothing is old, and still:\n{plan}");
+    assert_eq!(store.prune_events(30, 0, 10_000).await.unwrap(), 0);
+
+    // Old events written after the summary (a restore, a clock gone back) are still found.
+    run(
+        &mut conn,
+        "INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                             enqueued_at)
+         SELECT gen_random_uuid(), 1, 'old', i, 'push', '{}', 'delivered', 1,
+                now() - interval '31 days'
+         FROM generate_series(1, 10) AS i",
+    )
+    .await;
+    assert_eq!(store.prune_events(30, 0, 10_000).await.unwrap(), 10);
+    drop(conn);
+}
