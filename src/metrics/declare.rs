@@ -104,6 +104,12 @@ const LATENCY_MS: &[f64] = &[
 const WORK_MS: &[f64] = &[
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 10_000.0,
 ];
+/// Buckets of a background pass, in ms (a sweep, a retention round): a few ms when there is
+/// nothing to do, up to a minute for a round that prunes a backlog in batches.
+const PASS_MS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0,
+    30_000.0, 60_000.0,
+];
 /// Buckets of batch sizes (events per commit, message or run; rows per status batch).
 const SIZES: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0,
@@ -158,6 +164,8 @@ instruments! {
         "Events the sweeper sent back through the outbox: no message carried them any more.";
     sweep_partitions: Counter "pipeline.sweep.partitions" ["state"]
         "Partitions the sweeper looked at: idle (swept) or busy (skipped).";
+    sweep_time: TimingMs(PASS_MS) "pipeline.sweep.time" []
+        "One sweep of the node's partitions: idle checks, stale rows read and swept.";
     retry_unconfirmed: Counter "pipeline.retry.unconfirmed" []
         "Retry publishes without a confirm in time: message requeued, attempt made again.";
     lane_reorder: Counter "pipeline.lane.reorder" ["outcome"]
@@ -238,6 +246,8 @@ instruments! {
         "Delivered events removed by retention.";
     idempotency_keys_expired: Counter "store.idempotency_keys.expired" []
         "Idempotency keys of pruned events expired after store.idempotency_ttl_secs.";
+    retention_time: TimingMs(PASS_MS) "store.retention.time" []
+        "One retention round: new block ranges summarized, events pruned, idempotency keys expired.";
     retry_scheduled: Counter "pipeline.retry.scheduled" ["attempt"]
         "Failed attempts sent to a delay queue, by the attempt that failed.";
     dead_lettered: Counter "pipeline.dead_lettered" []

@@ -182,6 +182,11 @@ impl Metrics {
         self.at().sweep_events.add(count as u64, []);
     }
 
+    /// How long a sweep took, whether it swept anything or failed.
+    pub fn sweep_time(&self, elapsed: Duration) {
+        self.at().sweep_time.observe(ms(elapsed), []);
+    }
+
     /// Partitions the sweeper looked at, and whether each was idle enough to sweep (`idle`) or
     /// skipped because its worker or queue was busy (`busy`).
     pub fn sweep_partitions(&self, state: &'static str, count: usize) {
@@ -268,6 +273,11 @@ impl Metrics {
     /// Events an inbox page served (`GET /api/v1/inbox`).
     pub fn inbox_served(&self, count: usize) {
         self.at().inbox_events.add(count as u64, []);
+    }
+
+    /// How long a retention round took, all its statements together.
+    pub fn retention_round(&self, elapsed: Duration) {
+        self.at().retention_time.observe(ms(elapsed), []);
     }
 
     /// Delivered events pruned by retention.

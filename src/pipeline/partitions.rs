@@ -465,7 +465,10 @@ impl Coordinator {
         let span = tracing::info_span!("sweep", partitions = watched.len());
         tokio::spawn(
             async move {
-                if let Err(error) = sweep_once(&store, &link, &watched, &settings, &metrics).await {
+                let started = Instant::now();
+                let swept = sweep_once(&store, &link, &watched, &settings, &metrics).await;
+                metrics.sweep_time(started.elapsed());
+                if let Err(error) = swept {
                     tracing::warn!(error = ?error, "sweep failed; the next one tries again");
                 }
             }

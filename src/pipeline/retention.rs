@@ -7,7 +7,7 @@
 use crate::config::StoreSettings;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Rows deleted per statement, so pruning never holds long locks.
@@ -24,6 +24,7 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
+        let started = Instant::now();
         if settings.retention_days > 0 {
             // Else the age prune reads every page written since the last vacuum, old or not.
             match store.summarize_new_event_ranges().await {
@@ -44,6 +45,7 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
         let expire = || store.expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH);
         let expired = in_batches(expire, &stop, "expiring idempotency keys").await;
         metrics.idempotency_keys_expired(expired);
+        metrics.retention_round(started.elapsed());
     }
 }
 
