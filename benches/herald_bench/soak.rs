@@ -188,6 +188,22 @@ impl Sample {
         self.counter("store.events.pruned") / crate::f(&self.load, "/secs").max(1e-3)
     }
 
+    /// The window's rounds of a pass Herald times (`store.retention.time`, `pipeline.sweep.time`):
+    /// how many, mean and max ms, over every node.
+    fn timing(&self, name: &str) -> Option<(u64, f64, f64)> {
+        statsd::timing(&self.node_metrics, name)
+    }
+
+    /// The longest retention round and sweep of the window, ms.
+    fn prune_sweep_max(&self) -> String {
+        let max = |name| shown(self.timing(name).map(|(_, _, max)| format!("{max:.0}")));
+        format!(
+            "{} / {}",
+            max("store.retention.time"),
+            max("pipeline.sweep.time")
+        )
+    }
+
     fn to_json(&self) -> Value {
         let db = match &self.db {
             Ok(db) => json!({
@@ -219,7 +235,8 @@ impl Sample {
             "postgres": db,
             "rabbitmq": queues,
             "pruned": self.counter("store.events.pruned"),
-            "prune_ms": null, "sweep_ms": null,
+            "prune_ms": timing_json(self.timing("store.retention.time")),
+            "sweep_ms": timing_json(self.timing("pipeline.sweep.time")),
             "sweep_partitions": {"idle": self.counter("pipeline.sweep.partitions#state:idle"),
                                  "busy": self.counter("pipeline.sweep.partitions#state:busy")},
             "swept_events": self.counter("pipeline.sweep.events"),
@@ -227,6 +244,14 @@ impl Sample {
             "node_metrics": self.node_metrics,
         })
     }
+}
+
+/// A pass's timings in a window as JSON (null when none ran).
+fn timing_json(timing: Option<(u64, f64, f64)>) -> Value {
+    timing.map_or(
+        Value::Null,
+        |(rounds, mean, max)| json!({"rounds": rounds, "mean": mean, "max": max}),
+    )
 }
 
 /// What the end of the load found: the no-backlog target's evidence.
@@ -908,8 +933,8 @@ fn verdicts(record: &Record) -> Vec<Verdict> {
     out
 }
 
-/// Figures the soak cannot read, and why (printed under the table and kept in the JSON).
-const NOT_MEASURED: &str = "prune/sweep ms: not measured: Herald times neither a retention round nor a sweep (src/metrics/declare.rs declares only their counters, store.events.pruned and pipeline.sweep.*); `pruned/s` is store.events.pruned over the window";
+/// What the table's columns from the nodes' timings are (printed under the table).
+const FROM_TIMINGS: &str = "prune / sweep ms: the longest retention round (store.retention.time) and sweep (pipeline.sweep.time) of the window, over every node, `-` when none ran (rounds and means in the JSON); `pruned/s` is store.events.pruned over the window";
 
 /// The samples as a Markdown table, then the verdicts.
 fn render(record: &Record, verdicts: &[Verdict]) -> String {
@@ -961,13 +986,13 @@ fn render(record: &Record, verdicts: &[Verdict]) -> String {
                     .map(|q| thousands(q.partitions as f64)),
             ),
             thousands(s.pruned_per_sec()),
-            "- / -".to_owned(),
+            s.prune_sweep_max(),
             thousands(crate::f(&s.load, "/request_errors")),
             thousands(crate::f(&s.load, "/rejoins")),
         ];
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    out.push_str(&format!("\n{NOT_MEASURED}.\n"));
+    out.push_str(&format!("\n{FROM_TIMINGS}.\n"));
     let missing: Vec<String> = record
         .samples
         .iter()
@@ -1106,6 +1131,17 @@ fn draw(args: &Args, record: &Record) -> String {
         title: "events/s pruned".into(),
         lines: vec![line("store.events.pruned", &|s| Some(s.pruned_per_sec()))],
     });
+    panels.push(Panel {
+        title: "longest retention round and sweep, ms".into(),
+        lines: vec![
+            line("store.retention.time", &|s| {
+                s.timing("store.retention.time").map(|t| t.2)
+            }),
+            line("pipeline.sweep.time", &|s| {
+                s.timing("pipeline.sweep.time").map(|t| t.2)
+            }),
+        ],
+    });
     let run_secs = samples.last().map_or(0.0, |s| s.to);
     let reference = reference_secs(run_secs);
     Chart {
@@ -1128,9 +1164,7 @@ fn draw(args: &Args, record: &Record) -> String {
         x_max: run_secs / 60.0,
         marker: Some((reference / 60.0, "reference".into())),
         panels,
-        notes: vec![
-            "Not drawn: how long pruning and sweeps took (Herald has no timing for either; see BENCHMARKS.md, Soak).".into(),
-        ],
+        notes: Vec::new(),
     }
     .svg()
 }
@@ -1152,7 +1186,6 @@ fn report(args: &Args, record: &Record) -> anyhow::Result<()> {
         .iter()
         .map(|v| json!({"target": v.target, "pass": v.pass, "detail": v.detail}))
         .collect();
-    json["not_measured"] = json!([NOT_MEASURED]);
     let text = serde_json::to_string_pretty(&json)?;
     let when = record.meta["started_unix"].as_u64().unwrap_or(0);
     std::fs::write(out_dir().join(format!("soak-{when}.json")), &text)?;

@@ -116,6 +116,14 @@ fn record(stats: &mut BTreeMap<String, Agg>, line: &str) {
     }
 }
 
+/// A timing's observations in one [`Sink::take`] snapshot: how many, their mean and their maximum
+/// (ms); `None` when there was none.
+pub fn timing(snapshot: &Value, name: &str) -> Option<(u64, f64, f64)> {
+    let t = snapshot.get(format!("{name}|ms"))?;
+    let count = t["count"].as_u64().filter(|&c| c > 0)?;
+    Some((count, t["mean"].as_f64()?, t["max"].as_f64()?))
+}
+
 /// Sum of the counter `name` (optionally `name#tag:value`) over [`Sink::take`] snapshots.
 pub fn counter(snapshots: &[Value], name: &str) -> f64 {
     let key = match name.split_once('#') {
