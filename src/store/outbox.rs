@@ -139,9 +139,16 @@ pub const CLAIM_UNCONFIRMED_SQL: &str = "WITH due AS (
 pub const OUTBOX_DEPTH_SQL: &str = "SELECT count(*), COALESCE(sum(cardinality(event_ids)), 0)::int8
      FROM (SELECT event_ids FROM outbox WHERE confirmed_at IS NULL LIMIT $1) AS unconfirmed";
 
-/// The confirm recorder (`$1` the confirmed messages): marks their rows confirmed.
-pub const CONFIRM_MESSAGES_SQL: &str =
-    "UPDATE outbox SET confirmed_at = now() WHERE id = ANY($1) AND confirmed_at IS NULL";
+/// The confirm recorder (`$1` the confirmed messages): marks their rows confirmed. It never waits
+/// for a row: the worker's settle may be deleting the same rows at the same moment (a message
+/// delivered before its confirm was recorded), and the two statements, each locking its rows in
+/// the order its plan visits them, deadlocked (PostgreSQL broke each after `deadlock_timeout`, a
+/// second of stall for both; seen in the soak). A row another statement holds is being deleted
+/// (settled: its confirm no longer matters) or claimed by the relay (which republishes it and
+/// records that confirm).
+pub const CONFIRM_MESSAGES_SQL: &str = "UPDATE outbox SET confirmed_at = now()
+     WHERE id IN (SELECT id FROM outbox WHERE id = ANY($1) AND confirmed_at IS NULL
+                  FOR UPDATE SKIP LOCKED)";
 
 /// A worker's settle (`$1` the settled messages): deletes their rows, each found by its primary
 /// key. The ids go through `ARRAY(SELECT unnest(..))`, an array the planner sees only when the

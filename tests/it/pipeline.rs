@@ -197,6 +197,61 @@ async fn a_confirm_never_waits_on_event_rows() {
     holder.rollback().await.unwrap();
 }
 
+/// The confirm recorder never waits on an outbox row another statement holds (a worker's settle
+/// deleting the same message's row, here held open): it confirms the rest and passes that one.
+/// Waiting, it and the settle locked their rows in different orders and deadlocked, a second of
+/// stall for both each time (seen in the soak).
+#[tokio::test]
+async fn a_confirm_never_waits_on_an_outbox_row_being_settled() {
+    let app = spawn_app_with(|s| {
+        s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000; // beyond the grace, as validation asks
+    })
+    .await;
+    // Two users of different partitions: one message each.
+    let partitions = app.settings.queue.partitions;
+    let other = (0..)
+        .map(|n| format!("confirmed{n}"))
+        .find(|u| {
+            herald::event::partition_of(u, partitions)
+                != herald::event::partition_of("settled", partitions)
+        })
+        .unwrap();
+    let events = vec![
+        new_event(&app, "settled", "{}").await,
+        new_event(&app, &other, "{}").await,
+    ];
+    let committed = app
+        .store
+        .insert_events(&events, app.settings.queue.partitions, limits(&app))
+        .await
+        .unwrap();
+    let ids: Vec<uuid::Uuid> = committed.messages.iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "one message per user (their partitions differ)"
+    );
+    let mut settle = app.store.pool().begin().await.unwrap();
+    sqlx::query("DELETE FROM outbox WHERE id = $1")
+        .bind(ids[0])
+        .execute(&mut *settle)
+        .await
+        .unwrap();
+    let confirmed = tokio::time::timeout(crate::common::PATIENCE, app.store.confirm_messages(&ids))
+        .await
+        .expect("returns while the settle holds its row")
+        .unwrap();
+    assert_eq!(confirmed, 1, "the free row confirmed, the held one passed");
+    settle.commit().await.unwrap();
+    let unconfirmed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE confirmed_at IS NULL")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(unconfirmed, 0, "nothing left for the relay");
+}
+
 /// Every message of a delivered stream was confirmed: the outbox ends empty, and the relay had
 /// nothing to send again.
 #[tokio::test]
