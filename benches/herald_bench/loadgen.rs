@@ -26,7 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The event name of every benchmark event; frames carrying it are pushes to count.
 const EVENT: &str = "bench";
@@ -35,7 +35,7 @@ pub const PAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef012345678
 /// Events per request of the batch API (also the raw UNNEST baseline's rows per statement).
 pub const BATCH: usize = 100;
 /// Sockets connecting at once.
-const CONNECT_CONCURRENCY: usize = 64;
+pub(crate) const CONNECT_CONCURRENCY: usize = 64;
 /// Herald closes sockets silent for 60 s; clients heartbeat every 25 s like the JS client (30 s).
 const HEARTBEAT: Duration = Duration::from_secs(25);
 
@@ -358,26 +358,15 @@ impl Loadgen {
     async fn connect(&mut self, n: usize) -> Value {
         let started = Instant::now();
         let from = self.users;
-        // Unordered: each result carries its user's index, which names the socket (`s<i>`).
         let this = &*self;
-        let results: Vec<(usize, Option<Ws>)> = stream::iter(from..n)
-            .map(|i| async move { (i, this.connect_user(i).await) })
-            .buffer_unordered(CONNECT_CONCURRENCY)
-            .collect()
-            .await;
-        let mut failed = 0;
-        for (i, ws) in results {
-            match ws {
-                Some(ws) => {
-                    self.sockets.spawn(serve_socket(
-                        ws,
-                        Arc::clone(&self.shared),
-                        i as u64,
-                        self.close_sockets.clone(),
-                    ));
-                }
-                None => failed += 1,
-            }
+        let (joined, failed) = join_all_users(from..n, |i| this.connect_user(i)).await;
+        for (i, ws) in joined {
+            self.sockets.spawn(serve_socket(
+                ws,
+                Arc::clone(&self.shared),
+                i as u64,
+                self.close_sockets.clone(),
+            ));
         }
         self.users = n;
         json!({"connected": n - from - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
@@ -400,16 +389,7 @@ impl Loadgen {
         let user = UserId::parse(format!("s{i}")).ok()?;
         let token = self.signer.sign(&user, now_unix_secs() + 24 * 3600);
         let url = format!("{}/socket/websocket?vsn=2.0.0&token={token}", self.ws_base);
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
-        let join = format!(r#"["1","1","user:{user}","phx_join",{{}}]"#);
-        ws.send(Message::Text(join.into())).await.ok()?;
-        loop {
-            if let Message::Text(text) = ws.next().await?.ok()?
-                && text.contains("phx_reply")
-            {
-                return text.contains(r#""status":"ok""#).then_some(ws);
-            }
-        }
+        join_user(url, &user).await
     }
 
     /// Offline users (nobody connected), so only the API and the commit are measured at the edge;
@@ -908,4 +888,45 @@ async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64, close: CancellationTo
         }
     }
     shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Opens the sockets of users `users` with `open`, [`CONNECT_CONCURRENCY`] at a time: the joined
+/// ones with their index (which names the socket, `s<i>`), in no order, and how many failed.
+pub(crate) async fn join_all_users<F, Fut>(
+    users: std::ops::Range<usize>,
+    open: F,
+) -> (Vec<(usize, Ws)>, usize)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Option<Ws>>,
+{
+    let results: Vec<(usize, Option<Ws>)> = stream::iter(users)
+        .map(|i| {
+            let opening = open(i);
+            async move { (i, opening.await) }
+        })
+        .buffer_unordered(CONNECT_CONCURRENCY)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|(_, ws)| ws.is_none()).count();
+    let joined = results
+        .into_iter()
+        .filter_map(|(i, ws)| Some((i, ws?)))
+        .collect();
+    (joined, failed)
+}
+
+/// Connects to the user socket at `url` (its token included) and joins `user:<user>`: the socket,
+/// once the join is answered `ok`.
+pub(crate) async fn join_user(url: String, user: &UserId) -> Option<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+    let join = format!(r#"["1","1","user:{user}","phx_join",{{}}]"#);
+    ws.send(Message::Text(join.into())).await.ok()?;
+    loop {
+        if let Message::Text(text) = ws.next().await?.ok()?
+            && text.contains("phx_reply")
+        {
+            return text.contains(r#""status":"ok""#).then_some(ws);
+        }
+    }
 }

@@ -146,17 +146,23 @@ struct Statement {
     planning: Option<&'static str>,
 }
 
-/// Every statement of the hot path, in three states of the statistics and both plan modes, with
-/// realistic arguments: none reads a large table whole (and the check rejects a plan that does).
-#[tokio::test]
-async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
+/// A migrated database of the test's own (dropped with the guard, after the store).
+async fn migrated_store() -> (crate::common::DropsDeployment, Store) {
     let settings = crate::common::test_settings();
-    let _deployment = crate::common::DropsDeployment(settings.clone());
+    let deployment = crate::common::DropsDeployment(settings.clone());
     Store::create_database_if_missing(&settings.store)
         .await
         .unwrap();
     let store = Store::connect(&settings.store).await.unwrap();
     store.migrate().await.unwrap();
+    (deployment, store)
+}
+
+/// Every statement of the hot path, in three states of the statistics and both plan modes, with
+/// realistic arguments: none reads a large table whole (and the check rejects a plan that does).
+#[tokio::test]
+async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
+    let (_deployment, store) = migrated_store().await;
     let mut conn = store.pool().acquire().await.unwrap();
     let analyzed_empty = sizes(&mut conn).await;
     assert!(
@@ -233,13 +239,8 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
         for (case, args) in &statement.cases {
             let sql = format!("EXECUTE early{i} ({args})");
             let plan = explain_in(&mut early, statement, &sql).await;
-            let whole = whole_reads(&plan, &forbidden(statement), &partial);
-            if !whole.is_empty() {
-                failures.push(format!(
-                    "{} ({case}), first run on the empty tables: reads whole {whole:?}\n{plan}\n",
-                    statement.sql.0
-                ));
-            }
+            let when = "first run on the empty tables";
+            note_whole_reads(&mut failures, statement, case, when, &plan, &partial);
         }
     }
     run(&mut early, "SET plan_cache_mode = force_generic_plan").await;
@@ -273,13 +274,8 @@ async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
                 run(&mut conn, &format!("SET plan_cache_mode = {mode}")).await;
                 for (case, args) in &statement.cases {
                     let plan = explain(&mut conn, &format!("EXECUTE hot ({args})")).await;
-                    let whole = whole_reads(&plan, &forbidden(statement), &partial);
-                    if !whole.is_empty() {
-                        failures.push(format!(
-                            "{} ({case}), {statistics:?}, {mode}: reads whole {whole:?}\n{plan}\n",
-                            statement.sql.0
-                        ));
-                    }
+                    let when = format!("{statistics:?}, {mode}");
+                    note_whole_reads(&mut failures, statement, case, &when, &plan, &partial);
                 }
             }
             run(&mut conn, "DEALLOCATE hot; ROLLBACK").await;
@@ -963,6 +959,25 @@ fn estimated_rows(plan: &str) -> f64 {
 }
 
 /// The large tables `statement` must not read whole.
+/// Adds to `failures` the plan of `statement` (its case `case`, planned `when`) if it reads a
+/// table it must not read whole.
+fn note_whole_reads(
+    failures: &mut Vec<String>,
+    statement: &Statement,
+    case: &str,
+    when: &str,
+    plan: &str,
+    partial: &[String],
+) {
+    let whole = whole_reads(plan, &forbidden(statement), partial);
+    if !whole.is_empty() {
+        failures.push(format!(
+            "{} ({case}), {when}: reads whole {whole:?}\n{plan}\n",
+            statement.sql.0
+        ));
+    }
+}
+
 fn forbidden(statement: &Statement) -> Vec<&'static str> {
     LARGE
         .iter()
@@ -1093,13 +1108,7 @@ fn the_plan_check_names_whole_reads_only() {
 /// old events written after the summary.
 #[tokio::test]
 async fn retention_by_age_reads_no_page_of_recent_events() {
-    let settings = crate::common::test_settings();
-    let _deployment = crate::common::DropsDeployment(settings.clone());
-    Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = Store::connect(&settings.store).await.unwrap();
-    store.migrate().await.unwrap();
+    let (_deployment, store) = migrated_store().await;
     let mut conn = store.pool().acquire().await.unwrap();
     // An hour of 100,000 delivered events (about 40 block ranges), never vacuumed.
     run(

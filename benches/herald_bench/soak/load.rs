@@ -14,9 +14,9 @@
 //! enough for a gap to close a channel, and a channel that silently stopped would read as lost
 //! pushes instead of the repair it is. Rejoins are counted per window.
 
-use crate::loadgen::{BATCH, batch_json, event_json, field_i64};
+use crate::loadgen::{BATCH, Ws, batch_json, event_json, field_i64, join_all_users, join_user};
 use crate::zipf::{SplitMix64, Zipf};
-use futures_util::{SinkExt, StreamExt, future, stream};
+use futures_util::{SinkExt, StreamExt, future};
 use hdrhistogram::Histogram;
 use herald::event::{UserId, now_unix_ms};
 use herald::token::{TokenSigner, now_unix_secs};
@@ -27,17 +27,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 /// Sockets connecting at once.
-const CONNECT_CONCURRENCY: usize = 64;
 /// Herald closes sockets silent for 60 s; clients heartbeat every 25 s like the JS client (30 s).
 const HEARTBEAT: Duration = Duration::from_secs(25);
 /// How long a closed channel waits before it rejoins: the official client's first backoff.
@@ -239,25 +234,15 @@ impl Load {
     async fn connect(&mut self, n: usize) -> Value {
         let started = Instant::now();
         let this = &*self;
-        let results: Vec<(usize, Option<Ws>)> = stream::iter(0..n)
-            .map(|i| async move { (i, this.connect_user(i).await) })
-            .buffer_unordered(CONNECT_CONCURRENCY)
-            .collect()
-            .await;
-        let mut failed = 0;
-        for (i, ws) in results {
-            match ws {
-                Some(ws) => {
-                    self.sockets.spawn(hold_socket(
-                        ws,
-                        format!("s{i}"),
-                        Arc::clone(&self.shared),
-                        i as u64,
-                        self.close_sockets.clone(),
-                    ));
-                }
-                None => failed += 1,
-            }
+        let (joined, failed) = join_all_users(0..n, |i| this.connect_user(i)).await;
+        for (i, ws) in joined {
+            self.sockets.spawn(hold_socket(
+                ws,
+                format!("s{i}"),
+                Arc::clone(&self.shared),
+                i as u64,
+                self.close_sockets.clone(),
+            ));
         }
         self.joined = n;
         json!({"connected": n - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
@@ -268,16 +253,7 @@ impl Load {
         let token = self.signer.sign(&user, now_unix_secs() + 7 * 24 * 3600);
         let ws_base = self.base(i).replacen("http", "ws", 1);
         let url = format!("{ws_base}/socket/websocket?vsn=2.0.0&token={token}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
-        let join = format!(r#"["1","1","user:{user}","phx_join",{{}}]"#);
-        ws.send(Message::Text(join.into())).await.ok()?;
-        loop {
-            if let Message::Text(text) = ws.next().await?.ok()?
-                && text.contains("phx_reply")
-            {
-                return text.contains(r#""status":"ok""#).then_some(ws);
-            }
-        }
+        join_user(url, &user).await
     }
 
     /// A batch request to node `k mod nodes`, for [`draw`]'s body.
