@@ -38,36 +38,49 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
                 ),
             }
         }
-        let prune =
-            || store.prune_events(settings.retention_days, settings.retention_per_user, BATCH);
-        let pruned = in_batches(prune, &stop, "retention pruning").await;
-        metrics.events_pruned(pruned);
+        // Each rule in batches of its own: when the per-user cap has more to delete than one
+        // batch (a deployment past its cap takes in events faster than a batch a round), its
+        // batches go on alone, not each behind another age prune that finds nothing (the soak:
+        // 2 s an age prune, rounds that never ended, and the pruned count never reported).
+        let pruned = |n| metrics.events_pruned(n);
+        let by_age = || store.prune_events(settings.retention_days, 0, BATCH);
+        if settings.retention_days > 0 {
+            in_batches(by_age, &stop, "retention pruning by age", pruned).await;
+        }
+        let by_count = || store.prune_events(0, settings.retention_per_user, BATCH);
+        if settings.retention_per_user > 0 {
+            in_batches(by_count, &stop, "retention pruning by count", pruned).await;
+        }
         let expire = || store.expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH);
-        let expired = in_batches(expire, &stop, "expiring idempotency keys").await;
-        metrics.idempotency_keys_expired(expired);
+        let expired = |n| metrics.idempotency_keys_expired(n);
+        in_batches(expire, &stop, "expiring idempotency keys", expired).await;
         metrics.retention_round(started.elapsed());
     }
 }
 
 /// Runs a batched delete until a batch comes back short (nothing more to do now), `stop`, or an
-/// error (logged: the next round tries again); returns the rows deleted.
-async fn in_batches<F, Fut>(mut batch: F, stop: &CancellationToken, what: &str) -> u64
-where
+/// error (logged: the next round tries again), telling `deleted` the rows of each batch as it
+/// ends (a round may go on for long while a backlog is worked off).
+async fn in_batches<F, Fut>(
+    mut batch: F,
+    stop: &CancellationToken,
+    what: &str,
+    deleted: impl Fn(u64),
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<u64, crate::store::Error>>,
 {
-    let mut total = 0;
     loop {
         match batch().await {
             Ok(n) => {
-                total += n;
+                deleted(n);
                 if n < BATCH as u64 || stop.is_cancelled() {
-                    return total;
+                    return;
                 }
             }
             Err(error) => {
                 tracing::warn!(error = ?error, "{what} failed; retrying later");
-                return total;
+                return;
             }
         }
     }
