@@ -244,20 +244,19 @@ impl Bound {
     ) -> Result<(), PubSubError> {
         let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
         let bucket = crate::event::stable_bucket(topic, self.buckets);
-        let wanted = pubsub.has_subscribers(topic);
-        let topics = self.topics.entry(bucket).or_default();
-        if wanted && !topics.contains(topic) {
+        if pubsub.has_subscribers(topic) {
+            let topics = self.topics.entry(bucket).or_default();
             if topics.is_empty() {
                 link.bind(bucket).await.map_err(unavailable)?;
             }
             topics.insert(topic.to_owned());
-        } else if !wanted && topics.remove(topic) && topics.is_empty() {
+        } else if let Some(topics) = self.topics.get_mut(&bucket)
+            && topics.remove(topic)
+            && topics.is_empty()
+        {
             // Forgotten first: if the unbind fails the link is rebuilt, and with it the bindings.
             self.topics.remove(&bucket);
             link.unbind(bucket).await.map_err(unavailable)?;
-        }
-        if self.topics.get(&bucket).is_some_and(HashSet::is_empty) {
-            self.topics.remove(&bucket);
         }
         Ok(())
     }

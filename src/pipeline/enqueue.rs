@@ -141,6 +141,7 @@ pub struct Committer {
     limits: MessageLimits,
     publish_window: Duration,
     turns: Turns,
+    owner: Owner,
 }
 
 impl Enqueue {
@@ -156,10 +157,10 @@ impl Enqueue {
         let pipeline = &settings.pipeline;
         let turns = Turns::new(pipeline.commit_streams, settings.queue.partitions);
         let mut tasks = Vec::with_capacity(pipeline.commit_streams + 1);
-        let mut batcher = || {
+        let mut batcher = |owner| {
             let committer =
                 Committer::new(store.clone(), publisher.clone(), metrics.clone(), settings)
-                    .with_turns(turns.clone());
+                    .with_turns(turns.clone(), owner);
             // Each queue can hold the whole buffer: the room below is what bounds them all.
             let (batcher, task) = Batcher::new(
                 committer,
@@ -170,8 +171,10 @@ impl Enqueue {
             tasks.push(task);
             batcher
         };
-        let streams: Arc<[Batcher<Committer>]> = (0..turns.len()).map(|_| batcher()).collect();
-        let joint = batcher();
+        let streams: Arc<[Batcher<Committer>]> = (0..turns.len())
+            .map(|s| batcher(Owner::Stream(s)))
+            .collect();
+        let joint = batcher(Owner::Joint);
         let enqueue = Self {
             streams,
             joint,
@@ -215,6 +218,13 @@ impl Enqueue {
     }
 }
 
+/// Which commits a writer makes: those of one stream's users, or the joint ones.
+#[derive(Clone, Copy)]
+enum Owner {
+    Stream(usize),
+    Joint,
+}
+
 /// The commit streams' turns (see the module docs): a commit holds the turn of every stream its
 /// events fall in, taken in stream order, so commits wait for each other only where they share a
 /// stream and never deadlock.
@@ -243,8 +253,12 @@ impl Turns {
         )) % self.turns.len()
     }
 
-    /// Waits for the turns of every stream `events` fall in.
-    async fn take(&self, events: &[NewEvent]) -> Vec<MutexGuard<'_, ()>> {
+    /// Waits for the turns `commit` needs: its own stream's, or for the joint batcher every
+    /// stream `events` fall in (the only commit that hashes its users again).
+    async fn take(&self, commit: Owner, events: &[NewEvent]) -> Vec<MutexGuard<'_, ()>> {
+        if let Owner::Stream(stream) = commit {
+            return vec![self.turns[stream].lock().await];
+        }
         let mut streams: Vec<usize> = events.iter().map(|e| self.stream_of(e)).collect();
         streams.sort_unstable();
         streams.dedup();
@@ -338,12 +352,17 @@ impl Committer {
             limits: settings.message_limits(),
             publish_window: super::publish_window(settings),
             turns: Turns::new(1, settings.queue.partitions),
+            owner: Owner::Stream(0),
         }
     }
 
-    /// This writer as one of several streams sharing `turns`.
-    fn with_turns(self, turns: Turns) -> Self {
-        Self { turns, ..self }
+    /// This writer as `owner` of several streams sharing `turns`.
+    fn with_turns(self, turns: Turns, owner: Owner) -> Self {
+        Self {
+            turns,
+            owner,
+            ..self
+        }
     }
 
     /// One transaction for `events` (the requests of `sizes`, in order), then their messages to the
@@ -353,7 +372,7 @@ impl Committer {
         events: Vec<NewEvent>,
         sizes: &[usize],
     ) -> Result<Vec<Vec<Accepted>>, (store::Error, Vec<NewEvent>)> {
-        let _turns = self.turns.take(&events).await;
+        let _turns = self.turns.take(self.owner, &events).await;
         let started = Instant::now();
         // Before the outbox rows are written: their messages' publishes and confirms must end
         // before the relay may claim the rows, however long the commit and the wait for room take.
