@@ -13,16 +13,28 @@ use tokio_util::sync::CancellationToken;
 /// Rows deleted per statement, so pruning never holds long locks.
 const BATCH: i64 = 10_000;
 
+/// How long one rule's batches go on in a round before the round ends (and the next starts at
+/// once), so that a round's time and count are reported while a backlog is worked off.
+const RULE_BUDGET: Duration = Duration::from_secs(10);
+
 /// Prunes every `retention_interval_secs` until `stop`.
 pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: CancellationToken) {
     if settings.retention_days == 0 && settings.retention_per_user == 0 {
         return;
     }
     let every = Duration::from_secs(settings.retention_interval_secs.max(1));
+    let mut more_left = false;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stop.cancelled() => return,
+        // A round that ended on its budget goes on at once: a backlog is worked off in rounds of
+        // bounded length, each timed and counted as it ends.
+        if !more_left {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        if stop.is_cancelled() {
+            return;
         }
         let started = Instant::now();
         if settings.retention_days > 0 {
@@ -43,44 +55,50 @@ pub async fn run(store: Store, metrics: Metrics, settings: StoreSettings, stop: 
         // batches go on alone, not each behind another age prune that finds nothing (the soak:
         // 2 s an age prune, rounds that never ended, and the pruned count never reported).
         let pruned = |n| metrics.events_pruned(n);
-        let by_age = || store.prune_events(settings.retention_days, 0, BATCH);
+        more_left = false;
         if settings.retention_days > 0 {
-            in_batches(by_age, &stop, "retention pruning by age", pruned).await;
+            let by_age = || store.prune_events(settings.retention_days, 0, BATCH);
+            more_left |= in_batches(by_age, &stop, "retention pruning by age", pruned).await;
         }
-        let by_count = || store.prune_events(0, settings.retention_per_user, BATCH);
         if settings.retention_per_user > 0 {
-            in_batches(by_count, &stop, "retention pruning by count", pruned).await;
+            let by_count = || store.prune_events(0, settings.retention_per_user, BATCH);
+            more_left |= in_batches(by_count, &stop, "retention pruning by count", pruned).await;
         }
         let expire = || store.expire_idempotency_keys(settings.idempotency_ttl_secs, BATCH);
         let expired = |n| metrics.idempotency_keys_expired(n);
-        in_batches(expire, &stop, "expiring idempotency keys", expired).await;
+        more_left |= in_batches(expire, &stop, "expiring idempotency keys", expired).await;
         metrics.retention_round(started.elapsed());
     }
 }
 
-/// Runs a batched delete until a batch comes back short (nothing more to do now), `stop`, or an
-/// error (logged: the next round tries again), telling `deleted` the rows of each batch as it
-/// ends (a round may go on for long while a backlog is worked off).
+/// Runs a batched delete until a batch comes back short (nothing more to do now), `stop`, an
+/// error (logged: the next round tries again) or [`RULE_BUDGET`] (answering true: more is left),
+/// telling `deleted` the rows of each batch as it ends.
 async fn in_batches<F, Fut>(
     mut batch: F,
     stop: &CancellationToken,
     what: &str,
     deleted: impl Fn(u64),
-) where
+) -> bool
+where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<u64, crate::store::Error>>,
 {
+    let started = Instant::now();
     loop {
         match batch().await {
             Ok(n) => {
                 deleted(n);
                 if n < BATCH as u64 || stop.is_cancelled() {
-                    return;
+                    return false;
+                }
+                if started.elapsed() >= RULE_BUDGET {
+                    return true;
                 }
             }
             Err(error) => {
                 tracing::warn!(error = ?error, "{what} failed; retrying later");
-                return;
+                return false;
             }
         }
     }

@@ -806,8 +806,9 @@ fn statements(rows: &Rows) -> Vec<Statement> {
             sql: named!(PRUNE_EVENTS_PAST_COUNT_SQL),
             types: "int8, int8",
             cases: vec![("10,000 per user, a batch", "10000, 10000".into())],
-            // Every user's counter is looked at: whether it has more events than it keeps.
-            scans: &["user_seqs"],
+            // Every user's counter and watermark are looked at: whether it has more events than
+            // it keeps above what was pruned.
+            scans: &["user_seqs", "retention_watermarks"],
             planning: None,
         },
         Statement {
@@ -1170,5 +1171,131 @@ async fn retention_by_age_reads_no_page_of_recent_events() {
     )
     .await;
     assert_eq!(store.prune_events(30, 0, 10_000).await.unwrap(), 10);
+    drop(conn);
+}
+
+/// Retention by count starts each user where its last batch ended: with the rows that earlier
+/// batches deleted still dead (nothing vacuumed), a batch reads a fraction of the table, where the
+/// statement before it (planted below) read every page those rows were on. And it never passes
+/// an event still in flight: that user's events above it wait for it, while a failed event is
+/// passed over and kept.
+#[tokio::test]
+async fn retention_by_count_reads_no_pruned_rows_and_waits_for_events_in_flight() {
+    let (_deployment, store) = migrated_store().await;
+    let mut conn = store.pool().acquire().await.unwrap();
+    // 200 users with 500 delivered events each; u7's 250th still in flight, u8's failed.
+    run(
+        &mut conn,
+        "INSERT INTO producers (name, key_hash) VALUES ('load', '\\x00');
+         INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                             enqueued_at, published_at, delivered_at)
+         SELECT gen_random_uuid(), 1, 'u' || i % 200, i / 200 + 1, 'push',
+                jsonb_build_object('n', i), 'delivered', 1, now(), now(), now()
+         FROM generate_series(0, 99999) AS i;
+         INSERT INTO user_seqs (user_id, last_seq) SELECT 'u' || i, 500 FROM generate_series(0, 199) AS i;
+         UPDATE events SET status = 'published', delivered_at = NULL WHERE user_id = 'u7' AND seq = 250;
+         UPDATE events SET status = 'failed', failed_at = now(), delivered_at = NULL
+         WHERE user_id = 'u8' AND seq = 250",
+    )
+    .await;
+    let prune_all = || async {
+        let mut total = 0;
+        loop {
+            let n = store.prune_events(0, 100, 10_000).await.unwrap();
+            total += n;
+            if n < 10_000 {
+                return total;
+            }
+        }
+    };
+    assert_eq!(prune_all().await, 198 * 400 + 249 + 399);
+    let watermark = |user: &'static str| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT pruned_through FROM retention_watermarks WHERE user_id = $1",
+            )
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(watermark("u7").await, 249, "up to the event in flight");
+    assert_eq!(watermark("u8").await, 400, "past the failed event");
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE user_id = 'u8' AND seq = 250")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(failed, 1, "a failed event is kept");
+
+    // Ten more events each, and a batch's reads with the pruned rows still dead.
+    run(
+        &mut conn,
+        "INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                             enqueued_at, published_at, delivered_at)
+         SELECT gen_random_uuid(), 1, 'u' || i % 200, 500 + i / 200 + 1, 'push', '{}',
+                'delivered', 1, now(), now(), now()
+         FROM generate_series(0, 1999) AS i;
+         UPDATE user_seqs SET last_seq = 510",
+    )
+    .await;
+    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('events') / 8192")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // The buffers a batch's selection reads (the delete then touches the rows it selected).
+    async fn buffers(conn: &mut PgConnection, select: &str) -> (i64, String) {
+        let plan = explain(conn, &format!("(ANALYZE, BUFFERS) {select}")).await;
+        let first = plan
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("Buffers:"))
+            .unwrap_or_default();
+        let read = first
+            .split_whitespace()
+            .filter_map(|count| count.split_once('=')?.1.parse::<i64>().ok())
+            .sum();
+        (read, plan)
+    }
+    let select = store::PRUNE_EVENTS_PAST_COUNT_SQL
+        .split_once("ANY(ARRAY(")
+        .and_then(|(_, rest)| rest.split_once("RETURNING"))
+        .map(|(select, _)| select.trim_end().trim_end_matches(')'))
+        .expect("the statement deletes the rows of its selection")
+        .replace("$1", "100")
+        .replace("$2", "10000");
+    let (read, plan) = buffers(&mut conn, &select).await;
+    // The planted regression: the selection before this one, from each user's lowest seq.
+    let planted = "SELECT e.ctid FROM user_seqs s
+         CROSS JOIN LATERAL (
+             SELECT ctid FROM events
+             WHERE user_id = s.user_id AND seq <= s.last_seq - 100 AND status = 'delivered'
+             LIMIT 10000) AS e
+         WHERE s.last_seq > 100
+         LIMIT 10000";
+    let (planted_read, planted_plan) = buffers(&mut conn, planted).await;
+    eprintln!(
+        "a batch of 1,990 rows read {read} buffers; the planted selection {planted_read}; the table has {pages} pages"
+    );
+    assert!(
+        read < pages,
+        "a batch read {read} buffers of a {pages}-page table:\n{plan}"
+    );
+    assert!(
+        planted_read > pages * 2,
+        "the check would not see the rows read again ({planted_read} buffers of {pages}):\n{planted_plan}"
+    );
+
+    // Once u7's event is delivered, its run goes on.
+    run(
+        &mut conn,
+        "UPDATE events SET status = 'delivered', delivered_at = now()
+         WHERE user_id = 'u7' AND seq = 250",
+    )
+    .await;
+    assert_eq!(prune_all().await, 198 * 10 + 161 + 10);
+    assert_eq!(watermark("u7").await, 410);
+    assert_eq!(watermark("u8").await, 410);
     drop(conn);
 }
