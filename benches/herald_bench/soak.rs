@@ -84,6 +84,12 @@ pub struct Args {
     /// The nodes' `store.retention_per_user`.
     #[arg(long, default_value_t = RETENTION_PER_USER)]
     retention_per_user: i64,
+    /// Delivered events each user already has when the load starts (their seqs 1..N, written
+    /// straight into the database, users interleaved as a day's intake would be): with
+    /// `--retention-per-user` N, the soak runs on a table of users x N retained events, pruned at
+    /// the intake rate (10 M rows: `--users 2000 --prefill-per-user 5000`).
+    #[arg(long, default_value_t = 0)]
+    prefill_per_user: i64,
     /// The nodes' `store.retention_interval_secs`.
     #[arg(long, default_value_t = 10)]
     retention_interval_secs: u64,
@@ -440,6 +446,12 @@ async fn soak(
         .fetch_one(&pool)
         .await?;
     record.meta["postgres_autovacuum"] = json!(upkeep);
+    if args.prefill_per_user > 0 {
+        let started = Instant::now();
+        prefill(&pool, users, args.prefill_per_user).await?;
+        record.meta["prefill"] = json!({"per_user": args.prefill_per_user,
+                                         "secs": started.elapsed().as_secs_f64()});
+    }
     let mut load = start_load(args, users, &bases, &deployment.api_key)?;
 
     say(format!("connecting and joining {} sockets", args.sockets));
@@ -599,6 +611,49 @@ async fn soak(
 }
 
 /// The soak's load generator process (`soak-loadgen`), on the bench's command pipe.
+/// Writes `per_user` delivered events for each of the `users` users (`s0`, `s1`, ...), a day old,
+/// in statements of 100 seqs of every user, so that a user's events are spread over the table as
+/// a day's intake spreads them; then the users' counters. Before any event of these users exists.
+async fn prefill(pool: &sqlx::PgPool, users: usize, per_user: i64) -> anyhow::Result<()> {
+    const SEQS_PER_STATEMENT: i64 = 100;
+    say(format!(
+        "prefilling {} delivered events ({per_user} per user)",
+        thousands(users as f64 * per_user as f64)
+    ));
+    let last_user = users as i64 - 1;
+    let mut from = 1;
+    while from <= per_user {
+        let to = (from + SEQS_PER_STATEMENT - 1).min(per_user);
+        sqlx::query(
+            "INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                                 push_count, enqueued_at, published_at, delivered_at)
+             SELECT gen_random_uuid(), (SELECT min(id) FROM producers), 's' || u, n, 'prefill',
+                    jsonb_build_object('n', n, 'text', repeat('x', 80)), 'delivered', 1, 1,
+                    now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+             FROM generate_series($1::int8, $2::int8) AS n
+             CROSS JOIN generate_series(0, $3::int8) AS u",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(last_user)
+        .execute(pool)
+        .await?;
+        if to % (SEQS_PER_STATEMENT * 10) == 0 {
+            say(format!("  {to} of {per_user} per user"));
+        }
+        from = to + 1;
+    }
+    sqlx::query(
+        "INSERT INTO user_seqs (user_id, last_seq)
+         SELECT 's' || u, $1 FROM generate_series(0, $2::int8) AS u",
+    )
+    .bind(per_user)
+    .bind(last_user)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 fn start_load(
     args: &Args,
     users: usize,
