@@ -495,7 +495,8 @@ async fn soak(
     record.meta["rate"] = json!(rate);
     let zipf = crate::zipf::Zipf::new(users, args.skew);
     let coldest_per_sec = zipf.probability(users - 1) * rate;
-    let fill_minutes = args.retention_per_user as f64 / coldest_per_sec.max(1e-9) / 60.0;
+    let to_fill = (args.retention_per_user - args.prefill_per_user).max(0) as f64;
+    let fill_minutes = to_fill / coldest_per_sec.max(1e-9) / 60.0;
     record.meta["top_user_share"] = json!(zipf.probability(0));
     record.meta["coldest_user_fills_cap_minutes"] = json!(fill_minutes);
     say(format!(

@@ -366,6 +366,60 @@ async fn a_listener_that_cannot_bind_names_its_setting_in_one_line() {
     }
 }
 
+/// The upkeep vacuums `events` when retention has left enough dead rows in it, not only every
+/// tenth round: until a vacuum their space is not used again, and the table grows by them.
+#[tokio::test]
+async fn upkeep_vacuums_events_once_its_dead_rows_call_for_it() {
+    let settings = test_settings();
+    let _deployment = DropsDeployment(settings.clone());
+    migrate(&settings).await;
+    let store = herald::store::Store::connect(&settings.store)
+        .await
+        .unwrap();
+    let vacuumed = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT last_vacuum::text FROM pg_stat_user_tables WHERE relname = 'events'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    };
+    sqlx::raw_sql(
+        "INSERT INTO producers (name, key_hash) VALUES ('load', '\\x00');
+         INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
+                             enqueued_at, delivered_at)
+         SELECT gen_random_uuid(), 1, 'u' || i % 100, i / 100 + 1, 'push', '{}', 'delivered', 1,
+                now(), now()
+         FROM generate_series(0, 29999) AS i",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert!(store.upkeep(false).await.unwrap());
+    assert_eq!(
+        vacuumed().await,
+        None,
+        "no dead rows yet, and still vacuumed"
+    );
+
+    sqlx::query("DELETE FROM events WHERE seq <= 200")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    crate::common::wait_until("the deleted rows counted dead", PATIENCE, || async {
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'events'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        (dead >= 20_000).then_some(())
+    })
+    .await;
+    assert!(store.upkeep(false).await.unwrap());
+    assert!(vacuumed().await.is_some(), "20,000 dead rows of 30,000");
+}
+
 /// PostgreSQL without autovacuum (this machine's, CI's) must not leave Herald's tables without
 /// statistics or their dead rows piling up in silence: `herald migrate` analyzes what it made, a
 /// node says in /readyz who looks after the tables, and where autovacuum is off an api node
