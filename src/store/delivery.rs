@@ -214,6 +214,8 @@ pub const RECORD_ATTEMPTS_SQL: &str = "WITH given AS (
      held AS (
          SELECT l.partition, l.epoch FROM partition_leases l
          WHERE l.owner = $10 AND l.partition IN (SELECT part FROM given)
+         -- In partition order, as every statement locking several leases (a renewal too).
+         ORDER BY l.partition
          FOR SHARE),
      x AS (
          SELECT g.* FROM given g JOIN held h ON h.partition = g.part AND h.epoch = g.epoch),

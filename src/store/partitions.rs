@@ -132,6 +132,11 @@ impl Store {
         .map_err(Error::query("read live worker nodes"))
     }
 
+    /// Every statement that locks several lease rows locks them in partition order (the outcome
+    /// writer's fence too), or two of them can each hold a row the other waits for: under a slow
+    /// PostgreSQL, renewals and outcome writes deadlocked, renewals failed until leases ran out, and
+    /// the worker put its messages back (a soak's 17th minute, see BENCHMARKS.md).
+    ///
     /// Renews `node`'s leases and takes those of `wanted` that are free or expired; returns every
     /// lease `node` now holds, with its epoch, by partition. A lease `node` held but lost (it
     /// expired and another node took it) is not in the answer. Taking a lease (from another node,
@@ -148,13 +153,18 @@ impl Store {
     ) -> Result<Vec<LeaseToken>, Error> {
         let wanted: Vec<i32> = wanted.iter().map(|&p| i32::from(p)).collect();
         let held: Vec<(i32, i64)> = sqlx::query_as(
-            "UPDATE partition_leases SET
+            "WITH mine AS (
+                 SELECT partition FROM partition_leases
+                 WHERE owner = $1 OR (partition = ANY($3) AND (owner IS NULL OR lease_until < now()))
+                 ORDER BY partition
+                 FOR UPDATE)
+             UPDATE partition_leases l SET
                  moved_at = CASE WHEN owner IS DISTINCT FROM $1 THEN now() ELSE moved_at END,
                  epoch = CASE WHEN owner IS DISTINCT FROM $1 THEN epoch + 1 ELSE epoch END,
                  owner = $1,
                  lease_until = now() + make_interval(secs => $2 / 1000.0)
-             WHERE owner = $1 OR (partition = ANY($3) AND (owner IS NULL OR lease_until < now()))
-             RETURNING partition, epoch",
+             FROM mine WHERE l.partition = mine.partition
+             RETURNING l.partition, l.epoch",
         )
         .bind(node)
         .bind(lease_ms as f64)
@@ -183,8 +193,13 @@ impl Store {
     pub async fn release_partitions(&self, node: &str, partitions: &[u16]) -> Result<(), Error> {
         let partitions: Vec<i32> = partitions.iter().map(|&p| i32::from(p)).collect();
         sqlx::query(
-            "UPDATE partition_leases SET owner = NULL, lease_until = '-infinity', moved_at = now()
-             WHERE owner = $1 AND partition = ANY($2)",
+            "WITH mine AS (
+                 SELECT partition FROM partition_leases
+                 WHERE owner = $1 AND partition = ANY($2)
+                 ORDER BY partition
+                 FOR UPDATE)
+             UPDATE partition_leases l SET owner = NULL, lease_until = '-infinity', moved_at = now()
+             FROM mine WHERE l.partition = mine.partition",
         )
         .bind(node)
         .bind(&partitions)

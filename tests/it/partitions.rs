@@ -442,3 +442,73 @@ async fn an_outcome_under_a_lease_that_moved_on_is_refused() {
         .unwrap();
     assert!(refused.is_empty(), "the current lease's attempt is stored");
 }
+
+/// A lease renewal locks its rows in partition order, as the outcome writer's fence does, so the
+/// two cannot deadlock (under a slow PostgreSQL they did: renewals failed until the leases ran out).
+/// With partition 7's row stored before partition 3's, and 3 held by another transaction, the
+/// renewal waits at 3 without having locked 7 (locking in the order rows are stored, it held 7).
+#[tokio::test]
+async fn a_lease_renewal_locks_its_rows_in_partition_order() {
+    let settings = crate::common::test_settings();
+    let _deployment = crate::common::DropsDeployment(settings.clone());
+    herald::store::Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = herald::store::Store::connect(&settings.store)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store.set_partition_layout(8).await.unwrap();
+    store.renew_and_acquire("a", &[3, 7], 60_000).await.unwrap();
+    // Partition 3's row moves behind 7's: an update writes its new version at the page's end.
+    sqlx::query("UPDATE partition_leases SET moved_at = now() WHERE partition = 3")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let stored: Vec<i32> = sqlx::query_scalar("SELECT partition FROM partition_leases")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    let position = |p| stored.iter().position(|&s| s == p).unwrap();
+    assert!(
+        position(7) < position(3),
+        "the state: 7 stored before 3, {stored:?}"
+    );
+
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM partition_leases WHERE partition = 3 FOR SHARE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let renewal = {
+        let store = store.clone();
+        tokio::spawn(async move { store.renew_and_acquire("a", &[3, 7], 60_000).await })
+    };
+    wait_until("the renewal waiting for partition 3", PATIENCE, || async {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE '%WITH mine AS%'
+               AND datname = current_database()",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        waiting.then_some(())
+    })
+    .await;
+    let mut probe = store.pool().begin().await.unwrap();
+    let seven = sqlx::query("SELECT 1 FROM partition_leases WHERE partition = 7 FOR UPDATE NOWAIT")
+        .execute(&mut *probe)
+        .await;
+    probe.rollback().await.unwrap();
+    assert!(
+        seven.is_ok(),
+        "the renewal locked partition 7 before 3: {seven:?}"
+    );
+    holder.commit().await.unwrap();
+    let held = renewal.await.unwrap().unwrap();
+    assert_eq!(
+        held.iter().map(|lease| lease.partition).collect::<Vec<_>>(),
+        [3, 7]
+    );
+}
