@@ -1,5 +1,5 @@
-//! Validation: each section checks its own bounds, and one cross-check relates the sections;
-//! `load` runs it, and so does `App::build` for settings built in code.
+//! Validation: each section checks its own bounds (in its own file), and one cross-check here
+//! relates the sections; `load` runs it, and so does `App::build` for settings built in code.
 
 use super::*;
 
@@ -110,171 +110,14 @@ impl Settings {
 }
 
 /// An invalid setting, named by its key.
-fn invalid<T>(key: &str, why: &str) -> Result<T, Error> {
+pub(super) fn invalid<T>(key: &str, why: &str) -> Result<T, Error> {
     Err(Error::Invalid(format!("{key}: {why}")))
 }
 
 /// Each of `counts` (sizes, buffers, limits) must be at least 1.
-fn at_least_one(counts: &[(&str, usize)]) -> Result<(), Error> {
+pub(super) fn at_least_one(counts: &[(&str, usize)]) -> Result<(), Error> {
     match counts.iter().find(|(_, value)| *value == 0) {
         Some((key, _)) => invalid(key, "must be at least 1"),
         None => Ok(()),
-    }
-}
-
-impl HttpSettings {
-    fn validate(&self) -> Result<(), Error> {
-        at_least_one(&[("http.max_concurrent_requests", self.max_concurrent_requests)])
-    }
-}
-
-impl StoreSettings {
-    fn validate(&self) -> Result<(), Error> {
-        at_least_one(&[
-            ("store.max_connections", self.max_connections as usize),
-            ("store.write_connections", self.write_connections as usize),
-            ("store.read_connections", self.read_connections as usize),
-        ])
-    }
-}
-
-impl QueueSettings {
-    fn validate(&self) -> Result<(), Error> {
-        crate::queue::nodes::parse_node_list(self.amqp_url.expose())
-            .map_err(|why| Error::Invalid(format!("queue.amqp_url: {why}")))?;
-        if self.prefetch == 0 {
-            return invalid("queue.prefetch", "must be at least 1");
-        }
-        if !(1..=1024).contains(&self.partitions) {
-            return invalid("queue.partitions", "must be 1 to 1024");
-        }
-        if self.partition_check_ms == 0 || self.partition_lease_ms < 3 * self.partition_check_ms {
-            return invalid(
-                "queue.partition_lease_ms",
-                "must be at least 3 x queue.partition_check_ms (a lease outlives two missed renewals)",
-            );
-        }
-        at_least_one(&[
-            ("queue.message_max_events", self.message_max_events),
-            ("queue.publish_buffer", self.publish_buffer),
-            ("queue.max_inflight_confirms", self.max_inflight_confirms),
-        ])
-    }
-}
-
-impl PipelineSettings {
-    fn validate(&self) -> Result<(), Error> {
-        if self.sweep_interval_ms == 0 {
-            return invalid("pipeline.sweep_interval_ms", "must be at least 1");
-        }
-        at_least_one(&[
-            ("pipeline.enqueue_buffer", self.enqueue_buffer),
-            ("pipeline.max_commit_batch", self.max_commit_batch),
-            ("pipeline.commit_streams", self.commit_streams),
-            ("pipeline.max_batch_events", self.max_batch_events),
-            ("pipeline.max_status_batch", self.max_status_batch),
-            ("pipeline.max_run_events", self.max_run_events),
-        ])?;
-        if u32::try_from(self.enqueue_buffer_bytes).is_err() {
-            return invalid(
-                "pipeline.enqueue_buffer_bytes",
-                "must hold one whole request (http.max_body_bytes) and be below 4 GiB",
-            );
-        }
-        if self.max_batch_events > self.enqueue_buffer {
-            return invalid(
-                "pipeline.max_batch_events",
-                "must not exceed pipeline.enqueue_buffer",
-            );
-        }
-        Ok(())
-    }
-}
-
-impl SocketSettings {
-    fn validate(&self) -> Result<(), Error> {
-        at_least_one(&[
-            ("socket.outbound_buffer", self.outbound_buffer),
-            ("socket.max_channels", self.max_channels),
-            ("socket.channel_inbox", self.channel_inbox),
-            ("socket.max_connections", self.max_connections),
-            ("socket.stats_max_connections", self.stats_max_connections),
-        ])?;
-        for pattern in &self.check_origin {
-            crate::socket::origin::OriginPattern::parse(pattern)
-                .map_err(|why| Error::Invalid(format!("socket.check_origin: {why}")))?;
-        }
-        if self.max_gap_fill < 1 || self.max_gap_fill_total < self.max_gap_fill {
-            return invalid(
-                "socket.max_gap_fill",
-                "must be at least 1, and socket.max_gap_fill_total at least as much",
-            );
-        }
-        if self.max_catch_up_per_minute < self.max_gap_fill {
-            return invalid(
-                "socket.max_catch_up_per_minute",
-                "must be at least socket.max_gap_fill (one page)",
-            );
-        }
-        Ok(())
-    }
-}
-
-impl MetricsSettings {
-    fn validate(&self) -> Result<(), Error> {
-        if !self.prometheus_addr.is_empty() && self.prometheus_addr.parse::<SocketAddr>().is_err() {
-            return invalid(
-                "metrics.prometheus_addr",
-                "must be host:port with an IP address (e.g. 127.0.0.1:9464), or empty",
-            );
-        }
-        at_least_one(&[("metrics.packet_bytes", self.packet_bytes)])
-    }
-}
-
-impl RetrySettings {
-    fn validate(&self) -> Result<(), Error> {
-        if self.max_attempts == 0 {
-            return invalid("retry.max_attempts", "must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.jitter) {
-            return invalid("retry.jitter", "must be at least 0 and below 1");
-        }
-        if self.max_attempts > 1 && self.schedule_ms.is_empty() {
-            return invalid(
-                "retry.schedule_ms",
-                "must list a delay when retries are allowed",
-            );
-        }
-        for (name, policy) in &self.events {
-            if policy.max_attempts == Some(0) {
-                return invalid(
-                    &format!("retry.events.{name}.max_attempts"),
-                    "must be at least 1",
-                );
-            }
-            if policy.schedule_ms.as_ref().is_some_and(Vec::is_empty) {
-                return invalid(
-                    &format!("retry.events.{name}.schedule_ms"),
-                    "must not be empty",
-                );
-            }
-        }
-        if self.delays_ms().contains(&0) {
-            return invalid("retry.schedule_ms", "delays must be at least 1 ms");
-        }
-        Ok(())
-    }
-}
-
-impl ReplaySettings {
-    fn validate(&self) -> Result<(), Error> {
-        if self.page <= 0 || self.default_rate == 0 || self.max_jobs == 0 {
-            return invalid(
-                "replay",
-                "page, default_rate and max_jobs must be at least 1",
-            );
-        }
-        Ok(())
     }
 }
