@@ -6,6 +6,7 @@
 //! properties, the same prefetch and confirm window, on a quorum queue.
 
 use crate::node::Names;
+use crate::protocol::Ingested;
 use futures_util::StreamExt;
 use futures_util::future;
 use futures_util::stream::FuturesUnordered;
@@ -17,8 +18,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde::Serialize;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
@@ -26,6 +27,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// The raw broker's closed loop: messages consumed over the measured window.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerE2e {
+    pub events: u64,
+    pub secs: f64,
+    pub rate: f64,
+}
+
+/// The raw broker's publish -> consume latency, ms.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerLatency {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub sent: u64,
+}
+
+/// lapin's consume + ack of a filled queue, with the CPU this process spent on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsumeCpu {
+    pub events: u64,
+    pub secs: f64,
+    pub rate: f64,
+    pub cpu_secs: f64,
+    pub cpu_us_per_event: f64,
+}
 
 /// Raw queues made so far, so each measurement starts on an empty queue of its own.
 static QUEUES: AtomicU64 = AtomicU64::new(0);
@@ -104,7 +135,7 @@ pub async fn pg_unnest(
     secs: f64,
     connections: usize,
     batch: usize,
-) -> Value {
+) -> Ingested {
     let seq = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
@@ -146,13 +177,15 @@ pub async fn pg_unnest(
         }
     };
     future::join_all((0..connections).map(worker)).await;
-    let secs = started.elapsed().as_secs_f64();
-    let rows = rows.load(Ordering::Relaxed);
-    json!({"events": rows, "secs": secs, "rate": rows as f64 / secs, "errors": errors.load(Ordering::Relaxed)})
+    Ingested::over(
+        started,
+        rows.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    )
 }
 
 /// `connections` connections each inserting one row per transaction, for `secs`. Returns rows/s.
-pub async fn pg_single(pool: &PgPool, producer: i64, secs: f64, connections: usize) -> Value {
+pub async fn pg_single(pool: &PgPool, producer: i64, secs: f64, connections: usize) -> Ingested {
     let seq = AtomicU64::new(1 << 40);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
@@ -182,9 +215,11 @@ pub async fn pg_single(pool: &PgPool, producer: i64, secs: f64, connections: usi
         }
     };
     future::join_all((0..connections).map(worker)).await;
-    let secs = started.elapsed().as_secs_f64();
-    let rows = rows.load(Ordering::Relaxed);
-    json!({"events": rows, "secs": secs, "rate": rows as f64 / secs, "errors": errors.load(Ordering::Relaxed)})
+    Ingested::over(
+        started,
+        rows.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    )
 }
 
 /// The body Herald publishes for a benchmark event: its envelope, serialised by Herald's own code.
@@ -295,7 +330,7 @@ pub async fn broker_e2e(
     prefetch: u16,
     max_inflight: usize,
     window: u64,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<BrokerE2e> {
     let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let (con_conn, _con_chan, mut deliveries) = consumer(names, queue, prefetch).await?;
@@ -354,7 +389,11 @@ pub async fn broker_e2e(
     let _ = con_conn.close(200, "done".into()).await;
     delete_queue(names, queue).await;
     let secs = (t1 - t0).as_secs_f64();
-    Ok(json!({"events": c1 - c0, "secs": secs, "rate": (c1 - c0) as f64 / secs}))
+    Ok(BrokerE2e {
+        events: c1 - c0,
+        secs,
+        rate: (c1 - c0) as f64 / secs,
+    })
 }
 
 /// Publishes at `rate` messages/s (open loop, 10 ms ticks, confirms pipelined) and consumes with
@@ -366,7 +405,7 @@ pub async fn broker_latency(
     warmup: f64,
     secs: f64,
     prefetch: u16,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<BrokerLatency> {
     let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let (con_conn, _con_chan, mut deliveries) = consumer(names, queue, prefetch).await?;
@@ -443,16 +482,24 @@ pub async fn broker_latency(
         .map_err(|_| anyhow::anyhow!("histogram poisoned"))?
         .clone();
     let ms = |us: u64| us as f64 / 1000.0;
-    Ok(
-        json!({"count": h.len(), "p50": ms(h.value_at_quantile(0.5)), "p99": ms(h.value_at_quantile(0.99)),
-              "p999": ms(h.value_at_quantile(0.999)), "max": ms(h.max()), "mean": h.mean() / 1000.0,
-              "sent": published}),
-    )
+    Ok(BrokerLatency {
+        count: h.len(),
+        p50: ms(h.value_at_quantile(0.5)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+        mean: h.mean() / 1000.0,
+        sent: published,
+    })
 }
 
 /// Fills a queue with `messages` Herald-sized messages, then consumes them with manual acks at
 /// `prefetch` and reports the CPU time this process spent per message consumed.
-pub async fn consume_cpu(names: &Names, messages: u64, prefetch: u16) -> anyhow::Result<Value> {
+pub async fn consume_cpu(
+    names: &Names,
+    messages: u64,
+    prefetch: u16,
+) -> anyhow::Result<ConsumeCpu> {
     let queue = &raw_queue(names);
     let (pub_conn, pub_chan) = publisher(names, queue).await?;
     let mut pending = FuturesUnordered::new();
@@ -481,11 +528,13 @@ pub async fn consume_cpu(names: &Names, messages: u64, prefetch: u16) -> anyhow:
     let cpu = crate::sys::own_cpu_time() - cpu0;
     let secs = started.elapsed().as_secs_f64();
     let _ = con_conn.close(200, "done".into()).await;
-    Ok(
-        json!({"events": consumed, "secs": secs, "rate": consumed as f64 / secs,
-              "cpu_secs": cpu.as_secs_f64(),
-              "cpu_us_per_event": cpu.as_secs_f64() * 1e6 / consumed.max(1) as f64}),
-    )
+    Ok(ConsumeCpu {
+        events: consumed,
+        secs,
+        rate: consumed as f64 / secs,
+        cpu_secs: cpu.as_secs_f64(),
+        cpu_us_per_event: cpu.as_secs_f64() * 1e6 / consumed.max(1) as f64,
+    })
 }
 
 /// Deletes every raw queue of this run (those a failed measurement left behind too).

@@ -6,14 +6,17 @@
 //! answers their heartbeats' replies, counts every pushed event and, while a latency window is open,
 //! records receive time minus the event's `at` in an HDR histogram: latency as a client sees it.
 
+use crate::protocol::{
+    Background, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart,
+    Ingested, KeepupReply, LatencyReply, Mark, Quantiles,
+};
 use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{SinkExt, future};
 use hdrhistogram::Histogram;
 use herald::event::{UserId, now_unix_ms, partition_of};
 use herald::token::{TokenSigner, now_unix_secs};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,70 +41,6 @@ pub const BATCH: usize = 100;
 pub(crate) const CONNECT_CONCURRENCY: usize = 64;
 /// Herald closes sockets silent for 60 s; clients heartbeat every 25 s like the JS client (30 s).
 const HEARTBEAT: Duration = Duration::from_secs(25);
-
-/// One command from the harness.
-#[derive(Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-enum Command {
-    /// Connect `n` plain WebSockets to the echo server, one echo each, and hold them.
-    ConnectEcho { port: u16, n: usize },
-    /// Drop the echo sockets.
-    CloseEcho,
-    /// Connect user sockets `s0..s<n>` to Herald and join `user:s<i>` on each; with `base`, to
-    /// the node there from now on (API requests included).
-    Connect {
-        n: usize,
-        #[serde(default)]
-        base: Option<String>,
-    },
-    /// Close every user socket (before their node stops) and wait until they are gone.
-    Disconnect,
-    /// Batch API at full speed for `secs`, from `producers` concurrent producers, to offline users.
-    IngestBatch { secs: f64, producers: usize },
-    /// Single-event API at full speed for `secs`, from `clients` concurrent clients.
-    IngestSingle { secs: f64, clients: usize },
-    /// Closed loop to the connected users: at most `window` events accepted but not yet received.
-    /// Answers a `start` mark after `warmup`, an `end` mark after `secs` more, then `done` once
-    /// everything sent has arrived. Users in round-robin order, or with `skew`, each event's user
-    /// drawn from a Zipf distribution of that exponent over the connected users.
-    E2e {
-        warmup: f64,
-        secs: f64,
-        producers: usize,
-        window: u64,
-        #[serde(default)]
-        skew: Option<f64>,
-        /// The API bases the producers post to, producer `w` to `apis[w % len]` (several api
-        /// nodes); empty: the connected node's.
-        #[serde(default)]
-        apis: Vec<String>,
-    },
-    /// Open loop at `rate` events/s to the connected users; latency of events accepted between
-    /// `warmup` and `warmup + secs`.
-    Latency { rate: f64, warmup: f64, secs: f64 },
-    /// Open loop without a window: `producers` post batches to the connected users (round-robin)
-    /// as fast as they are answered. Answers the events accepted and pushed per second over the
-    /// same `secs` after `warmup`, then waits (at most `drain` s) for the backlog to arrive.
-    Keepup {
-        warmup: f64,
-        secs: f64,
-        producers: usize,
-        drain: u64,
-    },
-    /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
-    /// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the
-    /// others' latency before and during the burst (from its first request until `s0` has every
-    /// burst event, at least `min_window` s) and how long `s0` took to get them all (at most
-    /// `limit` s).
-    Burst {
-        events: u64,
-        requests: usize,
-        rate: f64,
-        warmup: f64,
-        min_window: f64,
-        limit: f64,
-    },
-}
 
 /// The closed loop's shape: producers, the window of events in flight, the users' skew, and
 /// which API each producer posts to.
@@ -158,9 +97,12 @@ struct Loadgen {
     close_sockets: CancellationToken,
 }
 
-fn reply(value: Value) {
+/// Answers the harness: one JSON line.
+fn reply(answer: &impl Serialize) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
+    if let Ok(line) = serde_json::to_string(answer) {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = out.flush();
 }
 
@@ -199,24 +141,24 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let command: Command = serde_json::from_str(&line)?;
         match command {
-            Command::ConnectEcho { port, n } => reply(load.connect_echo(port, n).await),
+            Command::ConnectEcho { port, n } => reply(&load.connect_echo(port, n).await),
             Command::CloseEcho => {
                 load.echo.clear();
-                reply(json!({"closed": true}));
+                reply(&Closed { closed: true });
             }
             Command::Connect { n, base } => {
                 if let Some(base) = base {
                     load.ws_base = base.replacen("http", "ws", 1);
                     load.base = base;
                 }
-                reply(load.connect(n).await)
+                reply(&load.connect(n).await)
             }
-            Command::Disconnect => reply(load.disconnect().await),
+            Command::Disconnect => reply(&load.disconnect().await),
             Command::IngestBatch { secs, producers } => {
-                reply(load.ingest(secs, producers, true).await)
+                reply(&load.ingest(secs, producers, true).await)
             }
             Command::IngestSingle { secs, clients } => {
-                reply(load.ingest(secs, clients, false).await)
+                reply(&load.ingest(secs, clients, false).await)
             }
             Command::E2e {
                 warmup,
@@ -235,14 +177,14 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 load.e2e(warmup, secs, &shape).await
             }
             Command::Latency { rate, warmup, secs } => {
-                reply(load.latency(rate, warmup, secs).await)
+                reply(&load.latency(rate, warmup, secs).await)
             }
             Command::Keepup {
                 warmup,
                 secs,
                 producers,
                 drain,
-            } => reply(load.keepup(warmup, secs, producers, drain).await),
+            } => reply(&load.keepup(warmup, secs, producers, drain).await),
             Command::Burst {
                 events,
                 requests,
@@ -251,7 +193,8 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 min_window,
                 limit,
             } => reply(
-                load.burst(events, requests, rate, warmup, min_window, limit)
+                &load
+                    .burst(events, requests, rate, warmup, min_window, limit)
                     .await,
             ),
         }
@@ -334,7 +277,7 @@ impl Loadgen {
         matches!(sent, Ok(r) if r.status().is_success())
     }
 
-    async fn connect_echo(&mut self, port: u16, n: usize) -> Value {
+    async fn connect_echo(&mut self, port: u16, n: usize) -> Connected {
         let started = Instant::now();
         let url = format!("ws://127.0.0.1:{port}/");
         let sockets: Vec<Option<Ws>> = stream::iter(0..n)
@@ -352,10 +295,14 @@ impl Loadgen {
             .await;
         let failed = sockets.iter().filter(|s| s.is_none()).count();
         self.echo = sockets.into_iter().flatten().collect();
-        json!({"connected": self.echo.len(), "failed": failed, "secs": started.elapsed().as_secs_f64()})
+        Connected {
+            connected: self.echo.len(),
+            failed,
+            secs: started.elapsed().as_secs_f64(),
+        }
     }
 
-    async fn connect(&mut self, n: usize) -> Value {
+    async fn connect(&mut self, n: usize) -> Connected {
         let started = Instant::now();
         let from = self.users;
         let this = &*self;
@@ -369,10 +316,14 @@ impl Loadgen {
             ));
         }
         self.users = n;
-        json!({"connected": n - from - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
+        Connected {
+            connected: n - from - failed,
+            failed,
+            secs: started.elapsed().as_secs_f64(),
+        }
     }
 
-    async fn disconnect(&mut self) -> Value {
+    async fn disconnect(&mut self) -> Disconnected {
         let started = Instant::now();
         let n = self.users;
         self.close_sockets.cancel();
@@ -382,7 +333,10 @@ impl Loadgen {
         self.users = 0;
         // Sockets closed on purpose are not failures of the next phases.
         self.shared.closed.store(0, Ordering::Relaxed);
-        json!({"disconnected": n, "secs": started.elapsed().as_secs_f64()})
+        Disconnected {
+            disconnected: n,
+            secs: started.elapsed().as_secs_f64(),
+        }
     }
 
     async fn connect_user(&self, i: usize) -> Option<Ws> {
@@ -394,7 +348,7 @@ impl Loadgen {
 
     /// Offline users (nobody connected), so only the API and the commit are measured at the edge;
     /// the node still publishes and delivers them behind.
-    async fn ingest(&self, secs: f64, concurrency: usize, batch: bool) -> Value {
+    async fn ingest(&self, secs: f64, concurrency: usize, batch: bool) -> Ingested {
         let deadline = Instant::now() + Duration::from_secs_f64(secs);
         let started = Instant::now();
         let accepted = AtomicU64::new(0);
@@ -424,10 +378,11 @@ impl Loadgen {
             }
         });
         future::join_all(workers).await;
-        let secs = started.elapsed().as_secs_f64();
-        let events = accepted.load(Ordering::Relaxed);
-        json!({"events": events, "secs": secs, "rate": events as f64 / secs,
-               "errors": errors.load(Ordering::Relaxed)})
+        Ingested::over(
+            started,
+            accepted.load(Ordering::Relaxed),
+            errors.load(Ordering::Relaxed),
+        )
     }
 
     /// A batch of `n` events to the next `n` users in round-robin order.
@@ -495,30 +450,39 @@ impl Loadgen {
         let conductor = async {
             tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
             let (r0, t0) = (received(), Instant::now());
-            reply(json!({"mark": "start"}));
+            reply(&E2eStart { mark: Mark::Start });
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             let (r1, t1) = (received(), Instant::now());
             let secs = (t1 - t0).as_secs_f64();
-            let mut end = json!({"mark": "end", "events": r1 - r0, "secs": secs,
-                                 "rate": (r1 - r0) as f64 / secs});
+            let mut end = E2eEnd {
+                mark: Mark::End,
+                events: r1 - r0,
+                secs,
+                rate: (r1 - r0) as f64 / secs,
+                top_user_share: None,
+                top_user_expected: None,
+            };
             if let Some(zipf) = zipf {
                 // The sampler's own check: the most frequent user's share of the events drawn.
                 let all = drawn.all.load(Ordering::Relaxed).max(1) as f64;
-                end["top_user_share"] = json!(drawn.top.load(Ordering::Relaxed) as f64 / all);
-                end["top_user_expected"] = json!(zipf.probability(0));
+                end.top_user_share = Some(drawn.top.load(Ordering::Relaxed) as f64 / all);
+                end.top_user_expected = Some(zipf.probability(0));
             }
-            reply(end);
+            reply(&end);
             stop.cancel();
         };
         future::join(conductor, future::join_all((0..producers).map(producer))).await;
         let drained = self
             .wait_received(base, sent.load(Ordering::Relaxed), 60)
             .await;
-        reply(
-            json!({"mark": "done", "sent": sent.load(Ordering::Relaxed), "received": received(),
-                     "drained": drained, "errors": errors.load(Ordering::Relaxed),
-                     "closed": self.shared.closed.load(Ordering::Relaxed)}),
-        );
+        reply(&E2eDone {
+            mark: Mark::Done,
+            sent: sent.load(Ordering::Relaxed),
+            received: received(),
+            drained,
+            errors: errors.load(Ordering::Relaxed),
+            closed: self.shared.closed.load(Ordering::Relaxed),
+        });
     }
 
     /// Waits until `expected` events arrived since `base`, at most `limit_secs`.
@@ -533,7 +497,7 @@ impl Loadgen {
         true
     }
 
-    async fn latency(&self, rate: f64, warmup: f64, secs: f64) -> Value {
+    async fn latency(&self, rate: f64, warmup: f64, secs: f64) -> LatencyReply {
         let base = self.shared.received.load(Ordering::Relaxed);
         if let Ok(mut h) = self.shared.latency.lock() {
             h.reset();
@@ -594,20 +558,31 @@ impl Loadgen {
         let expected = accepted.load(Ordering::Relaxed);
         let drained = self.wait_received(base, expected, 30).await;
         self.shared.record_lo.store(i64::MAX, Ordering::Relaxed);
-        let h = match self.shared.latency.lock() {
-            Ok(h) => h.clone(),
-            Err(_) => return json!({"error": "histogram poisoned"}),
-        };
-        json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
-               "p999": h.value_at_quantile(0.999), "max": h.max(), "mean": h.mean(),
-               "sent": expected, "drained": drained, "late_ticks": late_ticks,
-               "errors": errors.load(Ordering::Relaxed),
-               "closed": self.shared.closed.load(Ordering::Relaxed)})
+        // Poisoned only by a panic while recording, which leaves the histogram whole.
+        let h = self
+            .shared
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        LatencyReply {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+            sent: expected,
+            drained,
+            late_ticks,
+            errors: errors.load(Ordering::Relaxed),
+            closed: self.shared.closed.load(Ordering::Relaxed),
+        }
     }
 }
 
 impl Loadgen {
-    async fn keepup(&self, warmup: f64, secs: f64, producers: usize, drain: u64) -> Value {
+    async fn keepup(&self, warmup: f64, secs: f64, producers: usize, drain: u64) -> KeepupReply {
         let base = self.shared.received.load(Ordering::Relaxed);
         let received = || self.shared.received.load(Ordering::Relaxed) - base;
         let accepted = AtomicU64::new(0);
@@ -648,15 +623,19 @@ impl Loadgen {
         let drain_started = Instant::now();
         let drained = self.wait_received(base, total, drain).await;
         let (accepted_rate, pushed_rate) = (accepted_n as f64 / window, pushed_n as f64 / window);
-        json!({
-            "secs": window, "accepted": accepted_n, "pushed": pushed_n,
-            "accepted_rate": accepted_rate, "pushed_rate": pushed_rate,
-            "ratio": pushed_rate / accepted_rate.max(f64::MIN_POSITIVE),
-            "backlog_at_end": backlog, "drained": drained,
-            "drain_secs": drain_started.elapsed().as_secs_f64(),
-            "errors": errors.load(Ordering::Relaxed),
-            "closed": self.shared.closed.load(Ordering::Relaxed),
-        })
+        KeepupReply {
+            secs: window,
+            accepted: accepted_n,
+            pushed: pushed_n,
+            accepted_rate,
+            pushed_rate,
+            ratio: pushed_rate / accepted_rate.max(f64::MIN_POSITIVE),
+            backlog_at_end: backlog,
+            drained,
+            drain_secs: drain_started.elapsed().as_secs_f64(),
+            errors: errors.load(Ordering::Relaxed),
+            closed: self.shared.closed.load(Ordering::Relaxed),
+        }
     }
 
     async fn burst(
@@ -667,7 +646,7 @@ impl Loadgen {
         warmup: f64,
         min_window: f64,
         limit: f64,
-    ) -> Value {
+    ) -> BurstReply {
         let others = self.users.saturating_sub(1).max(1) as u64;
         let shared = &self.shared;
         let base = shared.received.load(Ordering::Relaxed);
@@ -808,24 +787,33 @@ impl Loadgen {
         let during_shared = latency_of(&samples, start_ms, start_ms + window_ms, shares);
         let during_apart = latency_of(&samples, start_ms, start_ms + window_ms, |i| !shares(i));
         let burst_accepted: u64 = answers.iter().filter(|a| a.0).map(|a| a.1).sum();
-        json!({
-            "events": events, "requests": requests, "rate": rate, "others": others,
-            "burst_accepted": burst_accepted,
-            "burst_errors": answers.iter().filter(|a| !a.0).count(),
-            "answered_secs": answers.iter().map(|a| a.2).fold(0.0, f64::max),
-            "hot_received": shared.hot_received.load(Ordering::Relaxed),
-            "drain_secs": drained, "drained": drained.is_some(),
-            "hot_max_ms": shared.hot_max_ms.load(Ordering::Relaxed),
-            "window_secs": window,
-            "during": during, "before": before,
-            "during_hot_partition": during_shared, "during_other_partitions": during_apart,
-            "during_timeline_max_ms": timeline(&samples, start_ms, window_ms),
-            // The others' requests: how long their answer (the commit) took, sent in the window.
-            "during_api": latency_of(&api, start_ms, start_ms + window_ms, all),
-            "before_api": latency_of(&api, start_ms - before_ms, start_ms - 1, all),
-            "background": {"accepted": accepted, "errors": errors, "late_ticks": late},
-            "closed": shared.closed.load(Ordering::Relaxed) - closed,
-        })
+        BurstReply {
+            events,
+            requests,
+            rate,
+            others,
+            burst_accepted,
+            burst_errors: answers.iter().filter(|a| !a.0).count(),
+            answered_secs: answers.iter().map(|a| a.2).fold(0.0, f64::max),
+            hot_received: shared.hot_received.load(Ordering::Relaxed),
+            drain_secs: drained,
+            drained: drained.is_some(),
+            hot_max_ms: shared.hot_max_ms.load(Ordering::Relaxed),
+            window_secs: window,
+            during,
+            before,
+            during_hot_partition: during_shared,
+            during_other_partitions: during_apart,
+            during_timeline_max_ms: timeline(&samples, start_ms, window_ms),
+            during_api: latency_of(&api, start_ms, start_ms + window_ms, all),
+            before_api: latency_of(&api, start_ms - before_ms, start_ms - 1, all),
+            background: Background {
+                accepted,
+                errors,
+                late_ticks: late,
+            },
+            closed: shared.closed.load(Ordering::Relaxed) - closed,
+        }
     }
 }
 
@@ -847,17 +835,25 @@ fn timeline(samples: &[(i64, u64, u64)], start_ms: i64, window_ms: i64) -> Vec<u
 
 /// p50 / p99 / max (ms) and count of the samples with `at` in `lo..=hi` (Unix ms) from the
 /// sockets `which` picks.
-fn latency_of(samples: &[(i64, u64, u64)], lo: i64, hi: i64, which: impl Fn(u64) -> bool) -> Value {
-    let Ok(mut h) = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3) else {
-        return Value::Null;
-    };
+fn latency_of(
+    samples: &[(i64, u64, u64)],
+    lo: i64,
+    hi: i64,
+    which: impl Fn(u64) -> bool,
+) -> Option<Quantiles> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).ok()?;
     for &(at, waited, socket) in samples {
         if (lo..=hi).contains(&at) && which(socket) {
             h.saturating_record(waited);
         }
     }
-    json!({"count": h.len(), "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99),
-           "max": h.max(), "mean": h.mean()})
+    Some(Quantiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.5),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+        mean: h.mean(),
+    })
 }
 
 /// Holds one user socket: counts pushes, heartbeats like the JS client, ends when Herald closes it

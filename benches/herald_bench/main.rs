@@ -17,6 +17,8 @@ mod chart;
 mod echo;
 mod loadgen;
 mod node;
+mod protocol;
+mod report;
 mod soak;
 mod statsd;
 mod sys;
@@ -26,7 +28,17 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::FutureExt;
 use node::{Names, Node};
-use serde_json::{Value, json};
+use protocol::{
+    BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart, Ingested,
+    KeepupReply, LatencyReply,
+};
+use report::{
+    Attempt, Checkpointed, Cpu, HeraldCpu, HeraldE2e, HeraldIngest, Keepup, LatencyPoint, Move,
+    Order, Paired, Phases, Reorder, Report, Rss, Skew, SocketsRss, Versus, Workers, thousands,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -137,6 +149,11 @@ struct Plan {
 }
 
 impl Plan {
+    /// How long a phase waits for the node to deliver its backlog before going on, s.
+    fn drain_limit_secs(&self) -> u64 {
+        if self.quick { 20 } else { 120 }
+    }
+
     fn new(cli: &Cli) -> Self {
         let quick = cli.quick;
         Self {
@@ -200,24 +217,24 @@ impl Loadgen {
         })
     }
 
-    async fn send(&mut self, command: Value) -> anyhow::Result<()> {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .await?;
+    async fn send(&mut self, command: &impl Serialize) -> anyhow::Result<()> {
+        let line = serde_json::to_string(command)?;
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
         self.stdin.flush().await?;
         Ok(())
     }
 
-    async fn recv(&mut self) -> anyhow::Result<Value> {
+    /// The next answer, as the type the command answers with.
+    async fn recv<R: DeserializeOwned>(&mut self) -> anyhow::Result<R> {
         let line = self
             .lines
             .next_line()
             .await?
             .context("the load generator exited")?;
-        Ok(serde_json::from_str(&line)?)
+        serde_json::from_str(&line).with_context(|| format!("the load generator answered {line}"))
     }
 
-    async fn call(&mut self, command: Value) -> anyhow::Result<Value> {
+    async fn call<R: DeserializeOwned>(&mut self, command: &impl Serialize) -> anyhow::Result<R> {
         self.send(command).await?;
         self.recv().await
     }
@@ -286,10 +303,10 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
     deployment.stop_all().await;
     node::clean_up(&names).await;
     let mut report = result?;
-    report["run_secs"] = json!(started.elapsed().as_secs_f64());
-    let table = render(&report);
+    report.run_secs = started.elapsed().as_secs_f64();
+    let table = report.render();
     println!("{table}");
-    let when = report["started_unix"].as_u64().unwrap_or(0);
+    let when = report.started_unix;
     let json_text = serde_json::to_string_pretty(&report)?;
     std::fs::write(
         out_dir().join(format!("herald-bench-{when}.json")),
@@ -301,7 +318,7 @@ async fn harness(plan: Plan) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         out_dir().join("latest.json").display()
     ));
-    smoke_check(&report)
+    report.smoke_check()
 }
 
 /// The nodes running now, all on the run's database and queue prefix, and how to start more.
@@ -336,63 +353,6 @@ impl Deployment<'_> {
     }
 }
 
-/// Every figure produced a measurement (the harness works); speed is never asserted.
-fn smoke_check(report: &Value) -> anyhow::Result<()> {
-    let mut missing = Vec::new();
-    for (figure, path) in [
-        ("ingest batch, raw", "/ingest_batch/raw/rate"),
-        ("ingest batch, herald", "/ingest_batch/herald/rate"),
-        ("ingest single, raw", "/ingest_single/raw/rate"),
-        ("ingest single, herald", "/ingest_single/herald/rate"),
-        ("end-to-end, raw", "/e2e/raw/rate"),
-        ("end-to-end, herald", "/e2e/herald/rate"),
-        ("end-to-end skewed, herald", "/skew/other/rate"),
-        ("end-to-end, node A alone (cluster)", "/workers/base/rate"),
-        ("end-to-end, nodes A + B (cluster)", "/workers/other/rate"),
-        ("order across api nodes, window 0", "/order/base/rate"),
-        (
-            "order across api nodes, default window",
-            "/order/other/rate",
-        ),
-        ("latency 50%, raw", "/latency/1/raw/count"),
-        ("latency 50%, herald", "/latency/1/herald/count"),
-        ("burst, others' latency", "/burst/during/count"),
-        ("burst, hot user drained", "/burst/drain_secs"),
-        ("keep-up, accepted", "/keepup/accepted_rate"),
-        ("keep-up, pushed", "/keepup/pushed_rate"),
-        ("RSS, echo", "/rss/raw/per_socket_bytes"),
-        ("RSS, herald", "/rss/herald/per_socket_bytes"),
-        ("CPU, lapin", "/cpu/raw/cpu_us_per_event"),
-        ("CPU, herald", "/cpu/herald/cpu_us_per_event"),
-    ] {
-        if !report
-            .pointer(path)
-            .and_then(Value::as_f64)
-            .is_some_and(|v| v > 0.0)
-        {
-            missing.push(figure);
-        }
-    }
-    let phases = report["wire"].as_array().map_or(&[][..], Vec::as_slice);
-    if phases.is_empty() {
-        missing.push("messages per event (no phase counted)");
-    }
-    for phase in phases {
-        if !(f(phase, "/messages") > 0.0 && f(phase, "/events") > 0.0) {
-            missing.push(
-                phase["phase"]
-                    .as_str()
-                    .unwrap_or("a phase's messages per event"),
-            );
-        }
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        bail!("no measurement for: {}", missing.join(", "))
-    }
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -415,59 +375,40 @@ async fn run(
     names: &Names,
     deployment: &mut Deployment<'_>,
     sink: &statsd::Sink,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Report> {
     let node = deployment.nodes.first().context("no node")?;
-    let mut report = json!({
-        "started_unix": unix_now(),
-        "git": git_revision(),
-        "machine": sys::machine(),
-        "mode": if plan.quick { "quick" } else { "full" },
-        "sockets": plan.sockets,
-        "concurrency": plan.concurrency,
-        "batch": loadgen::BATCH,
-        "batch_producers": BATCH_PRODUCERS,
-        "prefetch": plan.prefetch,
-        "herald_prefetch": plan
-            .herald_prefetch
-            .unwrap_or(herald::config::QueueSettings::default().prefetch),
-        "commit_streams": plan
-            .commit_streams
-            .unwrap_or(herald::config::PipelineSettings::default().commit_streams),
-        "max_inflight_confirms": plan.max_inflight,
-        "e2e_window": E2E_WINDOW,
-        "rounds": plan.rounds,
-    });
-    let mut wire = Wire::default();
+    let started_unix = unix_now();
+    let mut phases = Phases::default();
     let pool = baseline::pool(names, plan.concurrency.max(BATCH_PRODUCERS) as u32 + 2).await?;
     let producer = baseline::create_raw_table(&pool).await?;
     let mut load = Loadgen::start(&node.base, &node.api_key)?;
 
     // Memory first, on a fresh node: what N idle sockets cost before any load grew the heap.
     say(format!("RSS: bare echo server, {} sockets", plan.sockets));
-    report["rss"]["raw"] = echo_rss(&mut load, plan.sockets).await?;
+    let echo_rss = echo_rss(&mut load, plan.sockets).await?;
     say(format!(
         "RSS: herald, {} sockets connected and joined",
         plan.sockets
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = node.rss_bytes();
-    let connected = load
-        .call(json!({"cmd": "connect", "n": plan.sockets}))
+    let connected: Connected = load
+        .call(&Command::Connect {
+            n: plan.sockets,
+            base: None,
+        })
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = node.rss_bytes();
-    let n = connected["connected"].as_u64().unwrap_or(0);
-    report["rss"]["herald"] = json!({
-        "before_bytes": before, "after_bytes": after, "sockets": n,
-        "connect": connected,
-        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
-    });
+    let rss = Rss {
+        raw: echo_rss,
+        herald: SocketsRss::new(before, node.rss_bytes(), connected),
+    };
 
     say(format!(
         "CPU: lapin consume+ack of {} messages",
         plan.prefill
     ));
-    report["cpu"]["raw"] = baseline::consume_cpu(names, plan.prefill, plan.prefetch).await?;
+    let raw_cpu = baseline::consume_cpu(names, plan.prefill, plan.prefetch).await?;
 
     // Rounds alternate baseline and Herald, and the ratio is the median of the rounds' ratios: on a
     // shared box the noise moves within minutes, and a pair measured back to back sees the same.
@@ -488,7 +429,7 @@ async fn run(
             E2E_WINDOW,
         )
         .await?;
-        say(format!("  {:.0} events/s", f(&raw, "/rate")));
+        say(format!("  {:.0} events/s", raw.rate));
         raw_rounds.push(raw);
         // Uniform and skewed alternate which goes first, so neither always follows the baseline.
         let order = if round % 2 == 1 {
@@ -507,35 +448,41 @@ async fn run(
             ));
             let checkpoints = forced_checkpoints(&pool).await;
             let mut herald = herald_e2e(plan, names, &[node], &mut load, sink, skew).await?;
-            herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
+            herald.forced_checkpoints = Some(forced_checkpoints(&pool).await - checkpoints);
             say(format!(
                 "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
-                f(&herald, "/rate"),
-                f(&herald, "/queue_ready_mean"),
-                herald["cores_used"]
+                herald.rate,
+                herald.queue_ready_mean,
+                cores_shown(&herald)
             ));
             if skew.is_some() {
-                wire.add("end-to-end, skewed", &herald["node_metrics"]);
+                phases.add("end-to-end, skewed", &herald.node_metrics);
                 skew_rounds.push(herald);
             } else {
-                wire.add("end-to-end, uniform", &herald["node_metrics"]);
+                phases.add("end-to-end, uniform", &herald.node_metrics);
                 herald_rounds.push(herald);
             }
         }
     }
-    report["e2e"] = paired(raw_rounds, herald_rounds.clone());
-    report["skew"] = versus(&herald_rounds, &skew_rounds);
-    report["skew"]["s"] = json!(ZIPF_S);
-    let sustained = f(&report, "/e2e/herald/rate");
     let (cpu, delivered) = herald_rounds.iter().fold((0.0, 0.0), |(c, n), r| {
-        (c + f(r, "/cpu_secs"), n + f(r, "/events"))
+        (c + r.cpu_secs, n + r.events as f64)
     });
-    report["cpu"]["herald"] = json!({
-        "events": delivered, "cpu_secs": cpu,
-        "cpu_us_per_event": cpu * 1e6 / delivered.max(1.0),
-    });
+    let cpu = Cpu {
+        raw: raw_cpu,
+        herald: HeraldCpu {
+            events: delivered,
+            cpu_secs: cpu,
+            cpu_us_per_event: cpu * 1e6 / delivered.max(1.0),
+        },
+    };
+    let e2e = Paired::new(raw_rounds, herald_rounds.clone());
+    let skew = Skew {
+        versus: Versus::new(herald_rounds, skew_rounds),
+        s: ZIPF_S,
+    };
+    let sustained = e2e.herald.as_ref().map_or(0.0, |h| h.rate);
 
-    let mut latencies = Vec::new();
+    let mut latency = Vec::new();
     for fraction in [0.25, 0.5, 0.75] {
         let rate = (sustained * fraction).max(10.0);
         say(format!(
@@ -544,17 +491,21 @@ async fn run(
         ));
         sink.take();
         let checkpoints = forced_checkpoints(&pool).await;
-        let mut herald = load
-            .call(
-                json!({"cmd": "latency", "rate": rate, "warmup": plan.latency_warmup,
-                         "secs": plan.latency}),
-            )
+        let reply: LatencyReply = load
+            .call(&Command::Latency {
+                rate,
+                warmup: plan.latency_warmup,
+                secs: plan.latency,
+            })
             .await?;
-        herald["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
-        herald["node_metrics"] = sink.take();
-        wire.add(
+        let herald = Checkpointed {
+            load: reply,
+            forced_checkpoints: forced_checkpoints(&pool).await - checkpoints,
+            node_metrics: sink.take(),
+        };
+        phases.add(
             &format!("latency at {:.0}%", fraction * 100.0),
-            &herald["node_metrics"],
+            &herald.node_metrics,
         );
         let raw = baseline::broker_latency(
             names,
@@ -566,17 +517,21 @@ async fn run(
         .await?;
         say(format!(
             "  herald p50/p99/max {}/{}/{} ms ({} forced PG checkpoints meanwhile); broker {:.1}/{:.1}/{:.1} ms",
-            herald["p50"],
-            herald["p99"],
-            herald["max"],
-            herald["forced_checkpoints"],
-            raw["p50"].as_f64().unwrap_or(0.0),
-            raw["p99"].as_f64().unwrap_or(0.0),
-            raw["max"].as_f64().unwrap_or(0.0)
+            herald.load.p50,
+            herald.load.p99,
+            herald.load.max,
+            herald.forced_checkpoints,
+            raw.p50,
+            raw.p99,
+            raw.max
         ));
-        latencies.push(json!({"fraction": fraction, "rate": rate, "herald": herald, "raw": raw}));
+        latency.push(LatencyPoint {
+            fraction,
+            rate,
+            herald,
+            raw,
+        });
     }
-    report["latency"] = Value::Array(latencies);
 
     let requests = BURST_EVENTS.div_ceil(loadgen::BATCH as u64);
     say(format!(
@@ -586,61 +541,66 @@ async fn run(
     ));
     sink.take();
     let checkpoints = forced_checkpoints(&pool).await;
-    let mut burst = load
-        .call(json!({"cmd": "burst", "events": BURST_EVENTS, "requests": requests,
-                     "rate": BURST_BACKGROUND_RATE, "warmup": plan.burst_warmup,
-                     "min_window": BURST_MIN_WINDOW, "limit": if plan.quick { 15.0 } else { 30.0 }}))
+    let reply: BurstReply = load
+        .call(&Command::Burst {
+            events: BURST_EVENTS,
+            requests: requests as usize,
+            rate: BURST_BACKGROUND_RATE,
+            warmup: plan.burst_warmup,
+            min_window: BURST_MIN_WINDOW,
+            limit: if plan.quick { 15.0 } else { 30.0 },
+        })
         .await?;
-    burst["forced_checkpoints"] = json!(forced_checkpoints(&pool).await - checkpoints);
-    burst["node_metrics"] = sink.take();
-    wire.add("burst to one user", &burst["node_metrics"]);
+    let burst = Checkpointed {
+        load: reply,
+        forced_checkpoints: forced_checkpoints(&pool).await - checkpoints,
+        node_metrics: sink.take(),
+    };
+    phases.add("burst to one user", &burst.node_metrics);
+    let b = &burst.load;
+    let waits = |q: Option<protocol::Quantiles>| {
+        let q = q.unwrap_or_default();
+        format!("{}/{}/{}", q.p50, q.p99, q.max)
+    };
     say(format!(
-        "  hot user had all {} after {:.2} s (requests answered after {:.2} s); others p50/p99/max {}/{}/{} ms during, {}/{}/{} ms before",
+        "  hot user had all {} after {:.2} s (requests answered after {:.2} s); others p50/p99/max {} ms during, {} ms before",
         BURST_EVENTS,
-        f(&burst, "/drain_secs"),
-        f(&burst, "/answered_secs"),
-        burst["during"]["p50"],
-        burst["during"]["p99"],
-        burst["during"]["max"],
-        burst["before"]["p50"],
-        burst["before"]["p99"],
-        burst["before"]["max"],
+        b.drain_secs.unwrap_or(0.0),
+        b.answered_secs,
+        waits(b.during),
+        waits(b.before),
     ));
+    let p99 = |q: Option<protocol::Quantiles>| q.unwrap_or_default().p99;
     say(format!(
-        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms; the others' requests answered after p50/p99/max {}/{}/{} ms ({}/{}/{} before)",
-        burst["during_hot_partition"]["p99"],
-        burst["during_hot_partition"]["count"],
-        burst["during_other_partitions"]["p99"],
-        burst["during_api"]["p50"],
-        burst["during_api"]["p99"],
-        burst["during_api"]["max"],
-        burst["before_api"]["p50"],
-        burst["before_api"]["p99"],
-        burst["before_api"]["max"],
+        "  during: users sharing the hot user's partition p99 {} ms ({} events), the rest p99 {} ms; the others' requests answered after p50/p99/max {} ms ({} before)",
+        p99(b.during_hot_partition),
+        b.during_hot_partition.unwrap_or_default().count,
+        p99(b.during_other_partitions),
+        waits(b.during_api),
+        waits(b.before_api),
     ));
-    report["burst"] = burst;
 
     say("keep-up: producers post batches as fast as they are answered, no window");
     sink.take();
-    let mut keepup = load
-        .call(
-            json!({"cmd": "keepup", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                     "producers": BATCH_PRODUCERS, "drain": if plan.quick { 30 } else { 120 }}),
-        )
+    let reply: KeepupReply = load
+        .call(&Command::Keepup {
+            warmup: plan.e2e_warmup,
+            secs: plan.e2e,
+            producers: BATCH_PRODUCERS,
+            drain: if plan.quick { 30 } else { 120 },
+        })
         .await?;
-    keepup["node_metrics"] = sink.take();
-    wire.add("keep-up", &keepup["node_metrics"]);
+    let node_metrics = sink.take();
+    phases.add("keep-up", &node_metrics);
     say(format!(
         "  accepted {:.0}/s, pushed {:.0}/s ({:.2}x); backlog {} at the end, drained in {:.1} s",
-        f(&keepup, "/accepted_rate"),
-        f(&keepup, "/pushed_rate"),
-        f(&keepup, "/ratio"),
-        keepup["backlog_at_end"],
-        f(&keepup, "/drain_secs")
+        reply.accepted_rate, reply.pushed_rate, reply.ratio, reply.backlog_at_end, reply.drain_secs
     ));
-    keepup["drained_db_secs"] =
-        json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
-    report["keepup"] = keepup;
+    let keepup = Keepup {
+        load: reply,
+        node_metrics,
+        drained_db_secs: wait_drained(&pool, plan.drain_limit_secs()).await?,
+    };
 
     // Ingest last: it outruns delivery, and the backlog it leaves must not touch the figures above;
     // each Herald round drains before the next pair starts.
@@ -650,83 +610,132 @@ async fn run(
             "ingest batch, round {round}/{}: raw UNNEST, then herald batch API",
             plan.rounds
         ));
-        raw_rounds.push(
-            baseline::pg_unnest(
-                &pool,
-                producer,
-                plan.ingest,
-                BATCH_PRODUCERS,
-                loadgen::BATCH,
-            )
-            .await,
-        );
+        let raw = baseline::pg_unnest(
+            &pool,
+            producer,
+            plan.ingest,
+            BATCH_PRODUCERS,
+            loadgen::BATCH,
+        )
+        .await;
         sink.take();
-        let mut herald = load
-            .call(json!({"cmd": "ingest_batch", "secs": plan.ingest, "producers": BATCH_PRODUCERS}))
+        let reply: Ingested = load
+            .call(&Command::IngestBatch {
+                secs: plan.ingest,
+                producers: BATCH_PRODUCERS,
+            })
             .await?;
-        herald["node_metrics"] = sink.take();
-        herald["drain_secs"] = json!(wait_drained(&pool, if plan.quick { 20 } else { 120 }).await?);
+        let node_metrics = sink.take();
+        let drain_secs = wait_drained(&pool, plan.drain_limit_secs()).await?;
         // The backlog is published while it drains: its messages count too.
-        herald["drain_metrics"] = sink.take();
-        wire.add("ingest, batch API", &herald["node_metrics"]);
-        wire.add("ingest, batch API", &herald["drain_metrics"]);
+        let drain_metrics = sink.take();
+        let herald = HeraldIngest {
+            load: reply,
+            node_metrics,
+            drain_secs: Some(drain_secs),
+            drain_metrics: Some(drain_metrics),
+        };
+        herald.count_into(&mut phases, "ingest, batch API");
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
-            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
-            f(&herald, "/rate")
+            raw.rate, herald.load.rate
         ));
+        raw_rounds.push(raw);
         herald_rounds.push(herald);
     }
-    report["ingest_batch"] = paired(raw_rounds, herald_rounds);
+    let ingest_batch = Paired::new(raw_rounds, herald_rounds);
     let (mut raw_rounds, mut herald_rounds) = (Vec::new(), Vec::new());
     for round in 1..=plan.rounds {
         say(format!(
             "ingest single, round {round}/{}: raw one-row inserts, then herald",
             plan.rounds
         ));
-        raw_rounds.push(baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await);
+        let raw = baseline::pg_single(&pool, producer, plan.ingest, plan.concurrency).await;
         sink.take();
-        let mut herald = load
-            .call(json!({"cmd": "ingest_single", "secs": plan.ingest, "clients": plan.concurrency}))
+        let reply: Ingested = load
+            .call(&Command::IngestSingle {
+                secs: plan.ingest,
+                clients: plan.concurrency,
+            })
             .await?;
-        herald["node_metrics"] = sink.take();
+        let node_metrics = sink.take();
+        let mut drain_metrics = None;
         if round < plan.rounds {
             wait_drained(&pool, 60).await?;
-            herald["drain_metrics"] = sink.take();
+            drain_metrics = Some(sink.take());
         }
-        wire.add("ingest, single API", &herald["node_metrics"]);
-        wire.add("ingest, single API", &herald["drain_metrics"]);
+        let herald = HeraldIngest {
+            load: reply,
+            node_metrics,
+            drain_secs: None,
+            drain_metrics,
+        };
+        herald.count_into(&mut phases, "ingest, single API");
         say(format!(
             "  raw {:.0}/s, herald {:.0}/s",
-            f(raw_rounds.last().unwrap_or(&Value::Null), "/rate"),
-            f(&herald, "/rate")
+            raw.rate, herald.load.rate
         ));
+        raw_rounds.push(raw);
         herald_rounds.push(herald);
     }
-    report["ingest_single"] = paired(raw_rounds, herald_rounds);
+    let ingest_single = Paired::new(raw_rounds, herald_rounds);
 
     // Last, since it replaces the node: the same closed loop on one and on two worker nodes.
-    report["workers"] =
-        match workers(plan, names, deployment, &mut load, sink, &pool, &mut wire).await {
-            Ok(workers) => workers,
-            Err(error) => {
-                say(format!("  two worker nodes: {error:#}"));
-                json!({"error": format!("{error:#}")})
-            }
-        };
-    report["order"] = match order(plan, names, deployment, &mut load, sink, &pool, &mut wire).await
+    let workers = match workers(plan, names, deployment, &mut load, sink, &pool, &mut phases).await
     {
-        Ok(order) => order,
+        Ok(workers) => Attempt::Done(workers),
         Err(error) => {
-            say(format!("  order across api nodes: {error:#}"));
-            json!({"error": format!("{error:#}")})
+            say(format!("  two worker nodes: {error:#}"));
+            Attempt::Failed {
+                error: format!("{error:#}"),
+            }
         }
     };
-    report["wire"] = wire.report();
+    let order = match order(plan, names, deployment, &mut load, sink, &pool, &mut phases).await {
+        Ok(order) => Attempt::Done(order),
+        Err(error) => {
+            say(format!("  order across api nodes: {error:#}"));
+            Attempt::Failed {
+                error: format!("{error:#}"),
+            }
+        }
+    };
     drop(load.stdin);
     let _ = load.child.kill().await;
     pool.close().await;
-    Ok(report)
+    Ok(Report {
+        started_unix,
+        git: git_revision(),
+        machine: sys::machine(),
+        mode: if plan.quick { "quick" } else { "full" },
+        sockets: plan.sockets,
+        concurrency: plan.concurrency,
+        batch: loadgen::BATCH,
+        batch_producers: BATCH_PRODUCERS,
+        prefetch: plan.prefetch,
+        herald_prefetch: plan
+            .herald_prefetch
+            .unwrap_or(herald::config::QueueSettings::default().prefetch),
+        commit_streams: plan
+            .commit_streams
+            .unwrap_or(herald::config::PipelineSettings::default().commit_streams),
+        max_inflight_confirms: plan.max_inflight,
+        e2e_window: E2E_WINDOW,
+        rounds: plan.rounds,
+        rss,
+        cpu,
+        e2e,
+        skew,
+        latency,
+        burst,
+        keepup,
+        ingest_batch,
+        ingest_single,
+        workers,
+        order,
+        wire: phases.report(),
+        run_secs: 0.0,
+    })
 }
 
 /// End-to-end with one and with two worker nodes. The deployment becomes node A (`api,worker,socket`,
@@ -743,13 +752,13 @@ async fn workers(
     load: &mut Loadgen,
     sink: &statsd::Sink,
     pool: &sqlx::PgPool,
-    wire: &mut Wire,
-) -> anyhow::Result<Value> {
+    phases: &mut Phases,
+) -> anyhow::Result<Workers> {
     let partitions = herald::config::QueueSettings::default().partitions;
     let cluster = ("HERALD_PUBSUB__MODE", "cluster".to_owned());
-    wait_drained(pool, if plan.quick { 20 } else { 120 }).await?;
+    wait_drained(pool, plan.drain_limit_secs()).await?;
     say("two worker nodes: node A (api,worker,socket) and node B (worker), cluster pubsub");
-    load.call(json!({"cmd": "disconnect"})).await?;
+    let _: Disconnected = load.call(&Command::Disconnect).await?;
     deployment.stop_all().await;
     deployment
         .start(
@@ -763,14 +772,17 @@ async fn workers(
         .await?;
     let owned_secs = wait_partitions(&deployment.nodes, partitions).await?;
     let base = deployment.nodes[0].base.clone();
-    let connected = load
-        .call(json!({"cmd": "connect", "n": plan.sockets, "base": base}))
+    let connected: Connected = load
+        .call(&Command::Connect {
+            n: plan.sockets,
+            base: Some(base),
+        })
         .await?;
     let bindings = fanout_bindings(&names.prefix);
     say(format!(
         "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s; {} fan-out bindings",
-        connected["connected"],
-        f(&connected, "/secs"),
+        connected.connected,
+        connected.secs,
         bindings.map_or_else(|| "?".to_owned(), |b| b.to_string())
     ));
     let (mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new());
@@ -793,7 +805,10 @@ async fn workers(
                 say(format!(
                     "  node B joined; partitions shared after {secs:.1} s"
                 ));
-                moves.push(json!({"change": "B joined", "secs": secs}));
+                moves.push(Move {
+                    change: "B joined",
+                    secs,
+                });
             } else if workers == 1 && deployment.nodes.len() == 2 {
                 if let Some(b) = deployment.nodes.pop() {
                     b.stop().await;
@@ -802,7 +817,10 @@ async fn workers(
                 say(format!(
                     "  node B left; node A owns every partition after {secs:.1} s"
                 ));
-                moves.push(json!({"change": "B left", "secs": secs}));
+                moves.push(Move {
+                    change: "B left",
+                    secs,
+                });
             }
             say(format!(
                 "end-to-end, round {round}/{}: {} (cluster pubsub)",
@@ -816,32 +834,30 @@ async fn workers(
             let nodes: Vec<&Node> = deployment.nodes.iter().collect();
             let mut owned = Vec::new();
             for node in &nodes {
-                owned.push(json!(node.partitions().await));
+                owned.push(node.partitions().await);
             }
             let mut herald = herald_e2e(plan, names, &nodes, load, sink, None).await?;
-            herald["partitions"] = json!(owned);
+            herald.partitions = Some(owned);
             say(format!(
                 "  {:.0} events/s; cores used: {}",
-                f(&herald, "/rate"),
-                herald["cores_used"]
+                herald.rate,
+                cores_shown(&herald)
             ));
             if workers == 1 {
-                wire.add(
-                    "end-to-end, node A alone (cluster)",
-                    &herald["node_metrics"],
-                );
+                phases.add("end-to-end, node A alone (cluster)", &herald.node_metrics);
                 one.push(herald);
             } else {
-                wire.add("end-to-end, nodes A + B (cluster)", &herald["node_metrics"]);
+                phases.add("end-to-end, nodes A + B (cluster)", &herald.node_metrics);
                 two.push(herald);
             }
         }
     }
-    let mut report = versus(&one, &two);
-    report["connect"] = connected;
-    report["fanout_bindings"] = json!(bindings);
-    report["moves"] = json!(moves);
-    Ok(report)
+    Ok(Workers {
+        versus: Versus::new(one, two),
+        connect: connected,
+        fanout_bindings: bindings,
+        moves,
+    })
 }
 
 /// The bindings of the deployment's fan-out exchange (one socket node: that node's), as
@@ -875,17 +891,17 @@ async fn order(
     load: &mut Loadgen,
     sink: &statsd::Sink,
     pool: &sqlx::PgPool,
-    wire: &mut Wire,
-) -> anyhow::Result<Value> {
+    phases: &mut Phases,
+) -> anyhow::Result<Order> {
     let partitions = herald::config::QueueSettings::default().partitions;
     let default_window = herald::config::PipelineSettings::default().reorder_window_ms;
-    let mut rounds: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+    let mut rounds: [Vec<HeraldE2e>; 2] = [Vec::new(), Vec::new()];
     for round in 1..=plan.rounds {
         let turns = if round % 2 == 1 { [0, 1] } else { [1, 0] };
         for turn in turns {
             let window = if turn == 0 { default_window } else { 0 };
-            wait_drained(pool, if plan.quick { 20 } else { 120 }).await?;
-            load.call(json!({"cmd": "disconnect"})).await?;
+            wait_drained(pool, plan.drain_limit_secs()).await?;
+            let _: Disconnected = load.call(&Command::Disconnect).await?;
             deployment.stop_all().await;
             for (name, roles) in [
                 ("herald-a", "api,worker,socket"),
@@ -901,7 +917,11 @@ async fn order(
             }
             wait_partitions(&deployment.nodes, partitions).await?;
             let apis: Vec<String> = deployment.nodes.iter().map(|n| n.base.clone()).collect();
-            load.call(json!({"cmd": "connect", "n": plan.sockets, "base": apis[0]}))
+            let _: Connected = load
+                .call(&Command::Connect {
+                    n: plan.sockets,
+                    base: Some(apis[0].clone()),
+                })
                 .await?;
             say(format!(
                 "order across api nodes, round {round}/{}: A + B both taking events, lanes' reorder window {window} ms",
@@ -911,33 +931,25 @@ async fn order(
             // Skewed users: hot users' events land in consecutive batches, sent to both nodes.
             let mut herald =
                 herald_e2e_via(plan, names, &nodes, load, sink, Some(ZIPF_S), &apis).await?;
-            let metrics = [herald["node_metrics"].clone()];
-            let attempted = statsd::counter(&metrics, "pipeline.worker.delivered");
-            let filled = statsd::counter(&metrics, "socket.push.gap_filled");
-            herald["gap_filled"] = json!(filled);
-            herald["gap_filled_per_event"] = json!(filled / attempted.max(1.0));
-            for outcome in ["sorted", "restored", "passed"] {
-                herald[format!("reorder_{outcome}")] = json!(statsd::counter(
-                    &metrics,
-                    &format!("pipeline.lane.reorder#outcome:{outcome}")
-                ));
-            }
+            let reorder = Reorder::of(&herald.node_metrics);
             say(format!(
                 "  {:.0} events/s; gap fills per event {:.4}; lanes put {} events back in place, waited {} times in time and {} in vain",
-                f(&herald, "/rate"),
-                f(&herald, "/gap_filled_per_event"),
-                f(&herald, "/reorder_sorted"),
-                f(&herald, "/reorder_restored"),
-                f(&herald, "/reorder_passed")
+                herald.rate,
+                reorder.gap_filled_per_event,
+                reorder.reorder_sorted,
+                reorder.reorder_restored,
+                reorder.reorder_passed
             ));
-            wire.add("order across api nodes", &herald["node_metrics"]);
+            herald.reorder = Some(reorder);
+            phases.add("order across api nodes", &herald.node_metrics);
             rounds[turn].push(herald);
         }
     }
     let [with, without] = rounds;
-    let mut report = versus(&without, &with);
-    report["window_ms"] = json!(default_window);
-    Ok(report)
+    Ok(Order {
+        versus: Versus::new(without, with),
+        window_ms: default_window,
+    })
 }
 
 /// Waits until the worker nodes among `nodes` share the `partitions` between them: each consumes
@@ -977,7 +989,7 @@ async fn herald_e2e(
     load: &mut Loadgen,
     sink: &statsd::Sink,
     skew: Option<f64>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<HeraldE2e> {
     herald_e2e_via(plan, names, nodes, load, sink, skew, &[]).await
 }
 
@@ -990,14 +1002,17 @@ async fn herald_e2e_via(
     sink: &statsd::Sink,
     skew: Option<f64>,
     apis: &[String],
-) -> anyhow::Result<Value> {
-    load.send(
-        json!({"cmd": "e2e", "warmup": plan.e2e_warmup, "secs": plan.e2e,
-                     "producers": BATCH_PRODUCERS, "window": E2E_WINDOW, "skew": skew,
-                     "apis": apis}),
-    )
+) -> anyhow::Result<HeraldE2e> {
+    load.send(&Command::E2e {
+        warmup: plan.e2e_warmup,
+        secs: plan.e2e,
+        producers: BATCH_PRODUCERS,
+        window: E2E_WINDOW,
+        skew,
+        apis: apis.to_vec(),
+    })
     .await?;
-    let _start = load.recv().await?;
+    let _start: E2eStart = load.recv().await?;
     let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
     let cpu_of = || nodes.iter().map(|n| n.cpu_time()).sum::<Duration>();
     let cpu0 = cpu_of();
@@ -1008,119 +1023,48 @@ async fn herald_e2e_via(
         let (names, stop) = (names.clone(), stop_sampling.clone());
         async move { baseline::sample_ready(&names, stop).await }
     });
-    let end = load.recv().await?;
+    let end: E2eEnd = load.recv().await?;
     let cpu = cpu_of() - cpu0;
     stop_sampling.cancel();
     let ready = sampler.await.unwrap_or_default();
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
     let groups1 = sys::cpu_by_group(&pids, load.child.id());
     let node_metrics = sink.take();
-    let window = f(&end, "/secs").max(0.001);
-    let cores: serde_json::Map<String, Value> = groups1
+    let window = end.secs.max(0.001);
+    let cores_used = groups1
         .iter()
         .map(|(group, t)| {
             let before = groups0.get(group).copied().unwrap_or_default();
             let used = t.saturating_sub(before).as_secs_f64() / window;
-            ((*group).to_owned(), json!((used * 100.0).round() / 100.0))
+            (*group, (used * 100.0).round() / 100.0)
         })
         .collect();
-    let done = load.recv().await?;
-    Ok(json!({
-        "events": end["events"], "secs": end["secs"], "rate": end["rate"],
-        "cpu_secs": cpu.as_secs_f64(), "cores_used": cores, "node_metrics": node_metrics,
-        "queue_ready_mean": mean_ready,
-        "top_user_share": end["top_user_share"], "top_user_expected": end["top_user_expected"],
-        "wire": statsd::wire(std::slice::from_ref(&node_metrics)),
-        "after": done,
-    }))
-}
-
-/// The node's StatsD snapshots of each phase, in run order, for the wire figures: messages
-/// published per event and what the relay republished (see [`statsd::wire`]).
-#[derive(Default)]
-struct Wire {
-    phases: Vec<(String, Vec<Value>)>,
-}
-
-impl Wire {
-    /// Adds a snapshot (a round, a drain) to `phase`; a null snapshot (a step not taken) is skipped.
-    fn add(&mut self, phase: &str, snapshot: &Value) {
-        if snapshot.is_null() {
-            return;
-        }
-        match self.phases.iter_mut().find(|(p, _)| p == phase) {
-            Some((_, snapshots)) => snapshots.push(snapshot.clone()),
-            None => self.phases.push((phase.to_owned(), vec![snapshot.clone()])),
-        }
-    }
-
-    /// `[{phase, messages, events, messages_per_event, ...}]`, in run order.
-    fn report(&self) -> Value {
-        Value::Array(
-            self.phases
-                .iter()
-                .map(|(phase, snapshots)| {
-                    let mut figures = statsd::wire(snapshots);
-                    figures["phase"] = json!(phase);
-                    figures
-                })
-                .collect(),
-        )
-    }
-}
-
-/// The most messages per event a phase may publish: batching keeps it far below 1, so anything
-/// near it means events went out more than once (relay republishes, replays).
-const MAX_MESSAGES_PER_EVENT: f64 = 1.02;
-
-/// Rounds of a baseline and of Herald as `{raw, herald, ratio, rounds}`: `raw` and `herald` are the
-/// rounds with the median rate (their other fields kept), `ratio` the median of the rounds' ratios.
-fn paired(raw: Vec<Value>, herald: Vec<Value>) -> Value {
-    let ratios: Vec<f64> = raw
-        .iter()
-        .zip(&herald)
-        .map(|(r, h)| f(h, "/rate") / f(r, "/rate").max(f64::MIN_POSITIVE))
-        .collect();
-    json!({
-        "raw": median_by_rate(&raw),
-        "herald": median_by_rate(&herald),
-        "ratio": median(ratios),
-        "rounds": {"raw": raw, "herald": herald},
+    let done: E2eDone = load.recv().await?;
+    Ok(HeraldE2e {
+        events: end.events,
+        secs: end.secs,
+        rate: end.rate,
+        cpu_secs: cpu.as_secs_f64(),
+        cores_used,
+        wire: statsd::wire(std::slice::from_ref(&node_metrics)),
+        node_metrics,
+        queue_ready_mean: mean_ready,
+        top_user_share: end.top_user_share,
+        top_user_expected: end.top_user_expected,
+        after: done,
+        forced_checkpoints: None,
+        partitions: None,
+        reorder: None,
     })
 }
 
-/// Two Herald variants measured in the same rounds (`base` and `other`, round by round) as
-/// `{base, other, ratio, rounds}`: each the round with the median rate, `ratio` the median of the
-/// rounds' other/base ratios.
-fn versus(base: &[Value], other: &[Value]) -> Value {
-    let ratios: Vec<f64> = base
-        .iter()
-        .zip(other)
-        .map(|(b, o)| f(o, "/rate") / f(b, "/rate").max(f64::MIN_POSITIVE))
-        .collect();
-    json!({
-        "base": median_by_rate(base),
-        "other": median_by_rate(other),
-        "ratio": median(ratios),
-        "rounds": {"base": base, "other": other},
-    })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn median_by_rate(rounds: &[Value]) -> Value {
-    let mut sorted: Vec<&Value> = rounds.iter().collect();
-    sorted.sort_by(|a, b| f(a, "/rate").total_cmp(&f(b, "/rate")));
-    sorted
-        .get(sorted.len() / 2)
-        .map_or(Value::Null, |v| (*v).clone())
+/// The cores each process group used in a round, as one line of JSON.
+fn cores_shown(round: &HeraldE2e) -> String {
+    serde_json::to_string(&round.cores_used).unwrap_or_default()
 }
 
 /// Starts the echo server, connects `n` sockets to it (one echo each), reads its growth.
-async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<Value> {
+async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<SocketsRss> {
     let mut echo = tokio::process::Command::new(std::env::current_exe()?)
         .arg("echo")
         .stdout(Stdio::piped())
@@ -1137,18 +1081,12 @@ async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<Value> {
     let pid = echo.id().context("echo pid")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = sys::rss_bytes(pid).unwrap_or(0);
-    let connected = load
-        .call(json!({"cmd": "connect_echo", "port": port, "n": n}))
-        .await?;
+    let connected: Connected = load.call(&Command::ConnectEcho { port, n }).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sys::rss_bytes(pid).unwrap_or(0);
-    load.call(json!({"cmd": "close_echo"})).await?;
+    let _: Closed = load.call(&Command::CloseEcho).await?;
     let _ = echo.kill().await;
-    let n = connected["connected"].as_u64().unwrap_or(0);
-    Ok(json!({
-        "before_bytes": before, "after_bytes": after, "sockets": n, "connect": connected,
-        "per_socket_bytes": after.saturating_sub(before) as f64 / n.max(1) as f64,
-    }))
+    Ok(SocketsRss::new(before, after, connected))
 }
 
 /// Checkpoints PostgreSQL was asked for so far, server-wide. Every CREATE or DROP DATABASE forces
@@ -1183,346 +1121,7 @@ async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f6
     }
 }
 
-/// 12345.6 -> "12,346".
-fn thousands(v: f64) -> String {
-    let digits = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
+/// A figure of a JSON answer by pointer, 0 when missing (the soak's answers).
 fn f(report: &Value, path: &str) -> f64 {
     report.pointer(path).and_then(Value::as_f64).unwrap_or(0.0)
-}
-
-fn ratio(herald: f64, raw: f64) -> String {
-    if raw > 0.0 {
-        format!("{:.2}x", herald / raw)
-    } else {
-        "n/a".into()
-    }
-}
-
-fn verdict(met: bool, target: &str) -> String {
-    format!("{target}: {}", if met { "met" } else { "MISSED" })
-}
-
-/// The table of issue 3, as Markdown (BENCHMARKS.md carries it as printed).
-fn render(r: &Value) -> String {
-    let mut rows: Vec<[String; 5]> = Vec::new();
-    let ratio_of = |figure: &str| format!("{:.2}x", f(r, &format!("/{figure}/ratio")));
-    let (raw, herald) = (
-        f(r, "/ingest_batch/raw/rate"),
-        f(r, "/ingest_batch/herald/rate"),
-    );
-    rows.push([
-        format!("ingest, events/s, `POST /api/v1/events/batch` ({} events/request, {BATCH_PRODUCERS} producers)", loadgen::BATCH),
-        format!("{} (UNNEST, {} rows/statement, {BATCH_PRODUCERS} connections)", thousands(raw), loadgen::BATCH),
-        thousands(herald),
-        ratio_of("ingest_batch"),
-        verdict(f(r, "/ingest_batch/ratio") >= 0.5, ">= 0.5x"),
-    ]);
-    let c = r["concurrency"].as_u64().unwrap_or(0);
-    let (raw, herald) = (
-        f(r, "/ingest_single/raw/rate"),
-        f(r, "/ingest_single/herald/rate"),
-    );
-    rows.push([
-        format!("ingest, events/s, single `POST /api/v1/events`, {c} concurrent clients"),
-        format!("{} (1 row/transaction, {c} connections)", thousands(raw)),
-        thousands(herald),
-        ratio_of("ingest_single"),
-        "none".into(),
-    ]);
-    let n = r["sockets"].as_u64().unwrap_or(0);
-    let (raw, herald) = (f(r, "/e2e/raw/rate"), f(r, "/e2e/herald/rate"));
-    rows.push([
-        format!("end-to-end sustained events/s, enqueue -> pushed to {} sockets (closed loop, {E2E_WINDOW} in flight)", thousands(n as f64)),
-        format!("{} (quorum, persistent, {} confirms in flight, prefetch {}, ack each)", thousands(raw), r["max_inflight_confirms"], r["prefetch"]),
-        thousands(herald),
-        ratio_of("e2e"),
-        verdict(f(r, "/e2e/ratio") >= 1.0, ">= 1.0x (aim 1.5x)"),
-    ]);
-    let (uniform, skewed) = (f(r, "/skew/base/rate"), f(r, "/skew/other/rate"));
-    rows.push([
-        format!(
-            "end-to-end events/s, users Zipf-distributed (s = {ZIPF_S}; the top user drew {:.0}% of the events), vs uniform",
-            f(r, "/skew/other/top_user_share") * 100.0
-        ),
-        format!("{} (Herald, users uniform, same rounds)", thousands(uniform)),
-        thousands(skewed),
-        format!("{:.2}x", f(r, "/skew/ratio")),
-        verdict(f(r, "/skew/ratio") >= 0.9, ">= 0.9x"),
-    ]);
-    let (one, two) = (f(r, "/workers/base/rate"), f(r, "/workers/other/rate"));
-    rows.push([
-        format!(
-            "end-to-end events/s, two worker nodes: A (api,worker,socket; the {} sockets) + B (worker), cluster pubsub",
-            thousands(n as f64)
-        ),
-        format!(
-            "{} (node A alone, cluster pubsub, same rounds; the usual single node, local pubsub: {})",
-            thousands(one),
-            thousands(f(r, "/e2e/herald/rate"))
-        ),
-        match r["workers"]["error"].as_str() {
-            Some(error) => format!("failed: {error}"),
-            None => thousands(two),
-        },
-        format!("{:.2}x", f(r, "/workers/ratio")),
-        "none (2 cores: a second node adds no CPU)".into(),
-    ]);
-    let sockets = f(r, "/workers/connect/connected");
-    rows.push([
-        format!(
-            "{} sockets joining, s (cluster: each join's bucket bound first; {} fan-out bindings)",
-            thousands(sockets),
-            r["workers"]["fanout_bindings"]
-        ),
-        format!(
-            "{:.2} (local pubsub node)",
-            f(r, "/rss/herald/connect/secs")
-        ),
-        format!("{:.2} (cluster-mode node A)", f(r, "/workers/connect/secs")),
-        format!(
-            "{:.2}x",
-            f(r, "/workers/connect/secs") / f(r, "/rss/herald/connect/secs").max(1e-9)
-        ),
-        verdict(
-            f(r, "/workers/connect/secs") <= 2.0
-                && r["workers"]["fanout_bindings"].as_u64().is_some_and(|b| {
-                    b <= u64::from(herald::config::PubSubSettings::default().buckets)
-                }),
-            "<= 2 s for 10,000; bindings <= pubsub.buckets",
-        ),
-    ]);
-    let (without, with) = (
-        f(r, "/order/base/gap_filled_per_event"),
-        f(r, "/order/other/gap_filled_per_event"),
-    );
-    rows.push([
-        format!(
-            "gap fills per event, two api nodes (A + B, producers alternating, users Zipf-distributed), lanes' reorder window {} ms",
-            r["order"]["window_ms"]
-        ),
-        format!(
-            "{without:.4} (window 0, same rounds; {} events/s)",
-            thousands(f(r, "/order/base/rate"))
-        ),
-        match r["order"]["error"].as_str() {
-            Some(error) => format!("failed: {error}"),
-            None => format!(
-                "{with:.4} ({} events/s; {} events put back in place, {} waits)",
-                thousands(f(r, "/order/other/rate")),
-                thousands(f(r, "/order/other/reorder_sorted")),
-                thousands(
-                    f(r, "/order/other/reorder_restored") + f(r, "/order/other/reorder_passed")
-                )
-            ),
-        },
-        format!("{:.2}x rate", f(r, "/order/ratio")),
-        verdict(with <= 0.002, "<= 0.002 gap fills per event"),
-    ]);
-    for k in 0..3 {
-        let at = |who: &str, q: &str| f(r, &format!("/latency/{k}/{who}/{q}"));
-        let fraction = f(r, &format!("/latency/{k}/fraction"));
-        let rate = f(r, &format!("/latency/{k}/rate"));
-        let p99 = at("herald", "p99");
-        rows.push([
-            format!(
-                "enqueue -> push latency ms p50 / p99 / max at {:.0}% of sustained ({}/s), {} sockets",
-                fraction * 100.0,
-                thousands(rate),
-                thousands(n as f64)
-            ),
-            format!(
-                "{:.1} / {:.1} / {:.1} (publish -> consume)",
-                at("raw", "p50"),
-                at("raw", "p99"),
-                at("raw", "max")
-            ),
-            format!(
-                "{:.0} / {:.0} / {:.0} ({} forced PG checkpoints)",
-                at("herald", "p50"),
-                p99,
-                at("herald", "max"),
-                f(r, &format!("/latency/{k}/herald/forced_checkpoints"))
-            ),
-            format!("p99 {}", ratio(p99, at("raw", "p99"))),
-            if k == 1 { verdict(p99 <= 25.0, "p99 <= 25 ms") } else { "none".into() },
-        ]);
-    }
-    let burst = |q: &str| f(r, &format!("/burst/{q}"));
-    rows.push([
-        format!(
-            "burst: other users' latency ms p50 / p99 / max while {} events go to one user ({} concurrent requests), {} single events/s to {} others",
-            thousands(burst("events")),
-            burst("requests"),
-            thousands(burst("rate")),
-            thousands(burst("others")),
-        ),
-        format!(
-            "{:.0} / {:.0} / {:.0} (the same load just before the burst)",
-            burst("before/p50"),
-            burst("before/p99"),
-            burst("before/max")
-        ),
-        format!(
-            "{:.0} / {:.0} / {:.0} ({} events over {:.2} s; p99 {:.0} in the hot user's partition, {:.0} in the others; their requests answered after p99 {:.0})",
-            burst("during/p50"),
-            burst("during/p99"),
-            burst("during/max"),
-            burst("during/count"),
-            burst("window_secs"),
-            burst("during_hot_partition/p99"),
-            burst("during_other_partitions/p99"),
-            burst("during_api/p99"),
-        ),
-        format!("p99 {}", ratio(burst("during/p99"), burst("before/p99"))),
-        verdict(
-            burst("during/count") > 0.0 && burst("during/p99") <= 100.0,
-            "p99 <= 100 ms",
-        ),
-    ]);
-    let drained = r["burst"]["drain_secs"].as_f64();
-    rows.push([
-        format!(
-            "burst: s from its first request until the hot user's client has all {}",
-            thousands(burst("events"))
-        ),
-        format!(
-            "requests all answered after {:.2} s",
-            burst("answered_secs")
-        ),
-        drained.map_or_else(
-            || format!("not within the limit ({} received)", burst("hot_received")),
-            |s| format!("{s:.2}"),
-        ),
-        "n/a".into(),
-        verdict(drained.is_some_and(|s| s <= 2.0), "<= 2 s"),
-    ]);
-    let keepup = |q: &str| f(r, &format!("/keepup/{q}"));
-    rows.push([
-        format!(
-            "keep-up: events/s pushed vs accepted, {BATCH_PRODUCERS} producers posting batches of {} as fast as answered to {} sockets (no window)",
-            loadgen::BATCH,
-            thousands(n as f64)
-        ),
-        format!("{} accepted/s (the same window)", thousands(keepup("accepted_rate"))),
-        format!(
-            "{} pushed/s (backlog {} at the end)",
-            thousands(keepup("pushed_rate")),
-            thousands(keepup("backlog_at_end"))
-        ),
-        format!("{:.2}x", keepup("ratio")),
-        verdict(keepup("ratio") >= 0.9, ">= 0.9x"),
-    ]);
-    let (raw, herald) = (
-        f(r, "/rss/raw/per_socket_bytes") / 1024.0,
-        f(r, "/rss/herald/per_socket_bytes") / 1024.0,
-    );
-    rows.push([
-        format!(
-            "RSS per idle socket, KB ({} connected; Herald's joined)",
-            thousands(n as f64)
-        ),
-        format!("{raw:.1} (tokio-tungstenite echo, same buffers)"),
-        format!("{herald:.1}"),
-        ratio(herald, raw),
-        verdict(herald <= 12.0, "<= 12 KB"),
-    ]);
-    let (raw, herald) = (
-        f(r, "/cpu/raw/cpu_us_per_event"),
-        f(r, "/cpu/herald/cpu_us_per_event"),
-    );
-    rows.push([
-        "CPU time per delivered event, µs (Herald: whole process, ingest to push)".into(),
-        format!("{raw:.1} (lapin consume + ack, prefetch {})", r["prefetch"]),
-        format!("{herald:.1}"),
-        ratio(herald, raw),
-        verdict(herald <= 2.0 * raw, "<= 2x"),
-    ]);
-    let phases = r["wire"].as_array().map_or(&[][..], Vec::as_slice);
-    let worst = phases
-        .iter()
-        .max_by(|a, b| f(a, "/messages_per_event").total_cmp(&f(b, "/messages_per_event")));
-    if let Some(worst) = worst {
-        let per_event = f(worst, "/messages_per_event");
-        rows.push([
-            format!(
-                "messages published per event, the highest of {} phases ({})",
-                phases.len(),
-                worst["phase"].as_str().unwrap_or("?")
-            ),
-            "1.00 (the raw baselines publish one event per message)".into(),
-            format!(
-                "{per_event:.3} ({} relay-republished events in all phases)",
-                thousands(phases.iter().map(|p| f(p, "/relay_events")).sum())
-            ),
-            format!("{per_event:.3}x"),
-            verdict(
-                phases
-                    .iter()
-                    .all(|p| f(p, "/messages_per_event") <= MAX_MESSAGES_PER_EVENT),
-                &format!("<= {MAX_MESSAGES_PER_EVENT} in every phase"),
-            ),
-        ]);
-    }
-    let mut out = format!(
-        "\nHerald benchmark ({} run, {}s, git {}) on {}\n\n",
-        r["mode"].as_str().unwrap_or("?"),
-        thousands(f(r, "/run_secs")),
-        r["git"].as_str().unwrap_or("?"),
-        r["machine"].as_str().unwrap_or("?"),
-    );
-    out.push_str(&format!(
-        "Throughput rows: median of {} alternating baseline/Herald rounds (ratio: median of the rounds' ratios).\n\n",
-        r["rounds"]
-    ));
-    out.push_str("| figure | raw baseline, same run | Herald | ratio | target |\n");
-    out.push_str("| --- | --- | --- | --- | --- |\n");
-    for row in rows {
-        out.push_str(&format!("| {} |\n", row.join(" | ")));
-    }
-    out.push_str(&render_wire(phases));
-    out
-}
-
-/// The wire per phase, from the node's StatsD counters over the phase (a drain included where the
-/// phase leaves a backlog): what the group commits and the relay handed to the broker.
-fn render_wire(phases: &[Value]) -> String {
-    let mut out = String::from(
-        "\nMessages published per event, per phase (node counters; relay = outbox republishes):\n\n",
-    );
-    out.push_str("| phase | events accepted | messages published | events published | messages per event | events published per accepted | relay-republished events | target |\n");
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
-    for p in phases {
-        let per_event = f(p, "/messages_per_event");
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {per_event:.3} | {:.3} | {} | {} |\n",
-            p["phase"].as_str().unwrap_or("?"),
-            thousands(f(p, "/accepted")),
-            thousands(f(p, "/messages")),
-            thousands(f(p, "/events")),
-            f(p, "/events_per_accepted"),
-            thousands(f(p, "/relay_events")),
-            verdict(
-                per_event <= MAX_MESSAGES_PER_EVENT,
-                &format!("<= {MAX_MESSAGES_PER_EVENT}")
-            ),
-        ));
-    }
-    let drops: f64 = phases.iter().map(|p| f(p, "/statsd_udp_drops")).sum();
-    if drops > 0.0 {
-        out.push_str(&format!(
-            "\n{} StatsD datagrams were dropped by the kernel: the counters above undercount.\n",
-            thousands(drops)
-        ));
-    }
-    out
 }

@@ -128,7 +128,7 @@ struct Sample {
     db: Result<Db, String>,
     queues: Result<Queues, String>,
     /// The nodes' StatsD counters and timings over the window.
-    node_metrics: Value,
+    node_metrics: statsd::Snapshot,
 }
 
 /// PostgreSQL's side of a sample.
@@ -456,7 +456,7 @@ async fn soak(
 
     say(format!("connecting and joining {} sockets", args.sockets));
     let connected = load
-        .call(json!({"cmd": "connect", "n": args.sockets}))
+        .call::<Value>(&json!({"cmd": "connect", "n": args.sockets}))
         .await?;
     say(format!(
         "  {} joined ({} failed) in {:.1} s",
@@ -473,8 +473,8 @@ async fn soak(
                 "measuring the sustained rate: closed loop, {MEASURE_PRODUCERS} producers, at most {MEASURE_WINDOW} events in flight, {MEASURE_SECS} s after {MEASURE_WARMUP} s"
             ));
             let measured = load
-                .call(
-                    json!({"cmd": "measure", "warmup": MEASURE_WARMUP, "secs": MEASURE_SECS,
+                .call::<Value>(
+                    &json!({"cmd": "measure", "warmup": MEASURE_WARMUP, "secs": MEASURE_SECS,
                              "producers": MEASURE_PRODUCERS, "window": MEASURE_WINDOW,
                              "drain": 60}),
                 )
@@ -512,14 +512,15 @@ async fn soak(
     let pids: Vec<u32> = deployment.nodes.iter().map(|n| n.pid).collect();
     let mut cpu_before = sys::cpu_by_group(&pids, load.child.id());
     sink.take();
-    load.call(json!({"cmd": "start", "rate": rate})).await?;
+    load.call::<Value>(&json!({"cmd": "start", "rate": rate}))
+        .await?;
     let started = Instant::now();
     let total = args.minutes * 60.0;
     let mut from = 0.0;
     loop {
         let to = (from + args.sample_secs).min(total);
         tokio::time::sleep_until((started + Duration::from_secs_f64(to)).into()).await;
-        let mut window = load.call(json!({"cmd": "sample"})).await?;
+        let mut window = load.call::<Value>(&json!({"cmd": "sample"})).await?;
         let node_metrics = sink.take();
         let latency = histogram_of(&window["latency"]);
         if let Some(w) = window.as_object_mut() {
@@ -554,9 +555,11 @@ async fn soak(
 
     say("load stopped; waiting for the backlog to drain");
     let stop_at = Instant::now();
-    let stopped = load.call(json!({"cmd": "stop"})).await?;
+    let stopped = load.call::<Value>(&json!({"cmd": "stop"})).await?;
     let left = (args.drain_secs - stop_at.elapsed().as_secs_f64()).max(0.0);
-    let pushed = load.call(json!({"cmd": "drain", "limit": left})).await?;
+    let pushed = load
+        .call::<Value>(&json!({"cmd": "drain", "limit": left}))
+        .await?;
     let deadline = stop_at + Duration::from_secs_f64(args.drain_secs);
     let mut end = End {
         backlog_at_stop: stopped["backlog"].as_u64().unwrap_or(0),
@@ -603,7 +606,7 @@ async fn soak(
         shown(end.ready)
     ));
     record.end = Some(end);
-    let _ = load.call(json!({"cmd": "disconnect"})).await;
+    let _ = load.call::<Value>(&json!({"cmd": "disconnect"})).await;
     drop(load.stdin);
     let _ = load.child.kill().await;
     broker.close().await;

@@ -3,9 +3,9 @@
 //! (`store.commit.time`, `pipeline.worker.process_time`, ...) and counters per phase, for the
 //! report. Every node of a deployment sends here, so a phase's figures cover them all.
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 #[derive(Default, Clone, Copy)]
 struct Agg {
@@ -17,6 +17,28 @@ struct Agg {
 /// Tags every metric carries (the node's identity): never kept apart, or a two-node phase would
 /// split every figure in two.
 const IDENTITY_TAGS: [&str; 2] = ["node", "roles"];
+
+/// The node's metrics over a phase, as [`Sink::take`] leaves them: each metric under its StatsD
+/// name and type (`name|type`, and `name|type#tag:value` for each of its tags), the way the node
+/// names them, beside the datagrams the kernel dropped meanwhile.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Datagrams the kernel dropped (the sink fell behind): non-zero means the counters undercount.
+    #[serde(rename = "statsd.udp_drops")]
+    pub udp_drops: u64,
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, Figure>,
+}
+
+/// One metric's figure over a snapshot.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Figure {
+    /// A counter: its sum.
+    Counter { sum: f64 },
+    /// A timing or histogram (ms): how many observations, their mean and maximum.
+    Timing { count: u64, mean: f64, max: f64 },
+}
 
 /// The sink's aggregates since the last [`Sink::take`].
 #[derive(Clone, Default)]
@@ -52,34 +74,34 @@ impl Sink {
         Ok((sink, addr.to_string()))
     }
 
-    /// Timings and histograms (ms) and counters since the last call, then starts afresh. A tagged
-    /// metric is there twice: under `name|type` (all tags together) and under
-    /// `name|type#tag:value` for each of its tags. `statsd.udp_drops` counts datagrams the kernel
-    /// dropped meanwhile (the sink fell behind): non-zero means the counters undercount.
-    pub fn take(&self) -> Value {
-        let stats = match self.stats.lock() {
-            Ok(mut stats) => std::mem::take(&mut *stats),
-            Err(_) => return Value::Null,
-        };
-        let mut out = Map::new();
-        for (name, agg) in stats {
-            let kind = name.split('#').next().and_then(|n| n.rsplit('|').next());
-            let value = if kind == Some("c") {
-                json!({"sum": agg.sum})
-            } else {
-                json!({"count": agg.count, "mean": agg.sum / agg.count.max(1) as f64, "max": agg.max})
-            };
-            out.insert(name, value);
-        }
+    /// Timings and histograms (ms) and counters since the last call, then starts afresh.
+    pub fn take(&self) -> Snapshot {
+        // The lock is poisoned only by a panic in `record`, which leaves the map whole.
+        let stats = std::mem::take(&mut *self.stats.lock().unwrap_or_else(PoisonError::into_inner));
+        let metrics = stats
+            .into_iter()
+            .map(|(name, agg)| {
+                let kind = name.split('#').next().and_then(|n| n.rsplit('|').next());
+                let figure = if kind == Some("c") {
+                    Figure::Counter { sum: agg.sum }
+                } else {
+                    Figure::Timing {
+                        count: agg.count,
+                        mean: agg.sum / agg.count.max(1) as f64,
+                        max: agg.max,
+                    }
+                };
+                (name, figure)
+            })
+            .collect();
         let drops = crate::sys::udp_drops(self.port).unwrap_or(0);
-        if let Ok(mut seen) = self.drops_seen.lock() {
-            out.insert(
-                "statsd.udp_drops".into(),
-                json!(drops.saturating_sub(*seen)),
-            );
-            *seen = drops;
-        }
-        Value::Object(out)
+        let mut seen = self
+            .drops_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let udp_drops = drops.saturating_sub(*seen);
+        *seen = drops;
+        Snapshot { udp_drops, metrics }
     }
 }
 
@@ -118,22 +140,44 @@ fn record(stats: &mut BTreeMap<String, Agg>, line: &str) {
 
 /// A timing's observations in one [`Sink::take`] snapshot: how many, their mean and their maximum
 /// (ms); `None` when there was none.
-pub fn timing(snapshot: &Value, name: &str) -> Option<(u64, f64, f64)> {
-    let t = snapshot.get(format!("{name}|ms"))?;
-    let count = t["count"].as_u64().filter(|&c| c > 0)?;
-    Some((count, t["mean"].as_f64()?, t["max"].as_f64()?))
+pub fn timing(snapshot: &Snapshot, name: &str) -> Option<(u64, f64, f64)> {
+    match snapshot.metrics.get(&format!("{name}|ms"))? {
+        Figure::Timing { count, mean, max } if *count > 0 => Some((*count, *mean, *max)),
+        _ => None,
+    }
 }
 
 /// Sum of the counter `name` (optionally `name#tag:value`) over [`Sink::take`] snapshots.
-pub fn counter(snapshots: &[Value], name: &str) -> f64 {
+pub fn counter(snapshots: &[Snapshot], name: &str) -> f64 {
     let key = match name.split_once('#') {
         Some((name, tag)) => format!("{name}|c#{tag}"),
         None => format!("{name}|c"),
     };
     snapshots
         .iter()
-        .filter_map(|m| m.get(&key).and_then(|m| m["sum"].as_f64()))
+        .filter_map(|m| match m.metrics.get(&key)? {
+            Figure::Counter { sum } => Some(*sum),
+            Figure::Timing { .. } => None,
+        })
         .sum()
+}
+
+/// What a phase put on the wire, from the node's counters (see [`wire`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Wire {
+    pub messages: f64,
+    pub events: f64,
+    pub accepted: f64,
+    pub messages_per_event: f64,
+    pub events_per_accepted: f64,
+    pub commit_messages: f64,
+    pub relay_messages: f64,
+    pub relay_events: f64,
+    pub relay_republished: f64,
+    pub replay_events: f64,
+    pub confirmed: f64,
+    pub unconfirmed: f64,
+    pub statsd_udp_drops: u64,
 }
 
 /// What a phase put on the wire, from the node's counters: messages handed to the broker per event
@@ -141,26 +185,27 @@ pub fn counter(snapshots: &[Value], name: &str) -> f64 {
 /// the events published per event accepted (1.0 when nothing is published twice), and what the
 /// outbox relay republished. Over a phase's snapshots (its rounds, its drain); every node of the
 /// deployment counts into the same snapshot.
-pub fn wire(metrics: &[Value]) -> Value {
+pub fn wire(metrics: &[Snapshot]) -> Wire {
     let messages = counter(metrics, "queue.publish.messages");
     let events = counter(metrics, "queue.publish.events");
     let accepted = counter(metrics, "api.events.accepted");
-    json!({
-        "messages": messages,
-        "events": events,
-        "accepted": accepted,
-        "messages_per_event": if events > 0.0 { messages / events } else { 0.0 },
-        "events_per_accepted": if accepted > 0.0 { events / accepted } else { 0.0 },
-        "commit_messages": counter(metrics, "queue.publish.messages#source:commit"),
-        "relay_messages": counter(metrics, "queue.publish.messages#source:relay"),
-        "relay_events": counter(metrics, "queue.publish.events#source:relay"),
-        "relay_republished": counter(metrics, "pipeline.relay.republished"),
-        "replay_events": counter(metrics, "queue.publish.events#source:replay"),
-        "confirmed": counter(metrics, "queue.publish.confirmed"),
-        "unconfirmed": counter(metrics, "queue.publish.unconfirmed"),
-        "statsd_udp_drops": metrics
-            .iter()
-            .filter_map(|m| m["statsd.udp_drops"].as_u64())
-            .sum::<u64>(),
-    })
+    Wire {
+        messages,
+        events,
+        accepted,
+        messages_per_event: if events > 0.0 { messages / events } else { 0.0 },
+        events_per_accepted: if accepted > 0.0 {
+            events / accepted
+        } else {
+            0.0
+        },
+        commit_messages: counter(metrics, "queue.publish.messages#source:commit"),
+        relay_messages: counter(metrics, "queue.publish.messages#source:relay"),
+        relay_events: counter(metrics, "queue.publish.events#source:relay"),
+        relay_republished: counter(metrics, "pipeline.relay.republished"),
+        replay_events: counter(metrics, "queue.publish.events#source:replay"),
+        confirmed: counter(metrics, "queue.publish.confirmed"),
+        unconfirmed: counter(metrics, "queue.publish.unconfirmed"),
+        statsd_udp_drops: metrics.iter().map(|m| m.udp_drops).sum(),
+    }
 }
