@@ -98,7 +98,7 @@ struct Loadgen {
 }
 
 /// Answers the harness: one JSON line.
-fn reply(answer: &impl Serialize) {
+pub(crate) fn reply(answer: &impl Serialize) {
     let mut out = std::io::stdout().lock();
     if let Ok(line) = serde_json::to_string(answer) {
         let _ = writeln!(out, "{line}");

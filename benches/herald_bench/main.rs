@@ -38,7 +38,6 @@ use report::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -1030,15 +1029,7 @@ async fn herald_e2e_via(
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
     let groups1 = sys::cpu_by_group(&pids, load.child.id());
     let node_metrics = sink.take();
-    let window = end.secs.max(0.001);
-    let cores_used = groups1
-        .iter()
-        .map(|(group, t)| {
-            let before = groups0.get(group).copied().unwrap_or_default();
-            let used = t.saturating_sub(before).as_secs_f64() / window;
-            (*group, (used * 100.0).round() / 100.0)
-        })
-        .collect();
+    let cores_used = sys::cores_used(&groups0, &groups1, end.secs.max(0.001));
     let done: E2eDone = load.recv().await?;
     Ok(HeraldE2e {
         events: end.events,
@@ -1119,9 +1110,4 @@ async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f6
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// A figure of a JSON answer by pointer, 0 when missing (the soak's answers).
-fn f(report: &Value, path: &str) -> f64 {
-    report.pointer(path).and_then(Value::as_f64).unwrap_or(0.0)
 }

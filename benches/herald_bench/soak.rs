@@ -19,11 +19,14 @@ pub use load::{Args as LoadgenArgs, run as loadgen};
 
 use crate::chart::{Chart, Line, Panel};
 use crate::node::{self, Names, Node};
+use crate::protocol::Connected;
+use crate::report::Attempt;
 use crate::{Deployment, out_dir, statsd, sys, thousands};
 use anyhow::{Context, bail};
 use futures_util::FutureExt;
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use load::{Command, Disconnected, Drained, Measured, Started, Stopped, Window, WindowCounts};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -118,13 +121,13 @@ struct Sample {
     from: f64,
     to: f64,
     /// The load generator's window: accepted, pushed, errors, rejoins (latency apart).
-    load: Value,
+    load: WindowCounts,
     /// Enqueue -> push at the clients, of the pushes received in the window.
     latency: Histogram<u64>,
     /// Each node's RSS, bytes.
     rss: Vec<Option<u64>>,
     /// Cores each process group of the box used over the window.
-    cores: Value,
+    cores: BTreeMap<&'static str, f64>,
     db: Result<Db, String>,
     queues: Result<Queues, String>,
     /// The nodes' StatsD counters and timings over the window.
@@ -165,14 +168,22 @@ impl Sample {
         self.to / 60.0
     }
 
-    fn per_sec(&self, field: &str) -> f64 {
-        crate::f(&self.load, &format!("/{field}")) / crate::f(&self.load, "/secs").max(1e-3)
+    fn per_sec(&self, count: f64) -> f64 {
+        count / self.load.secs.max(1e-3)
+    }
+
+    fn accepted_per_sec(&self) -> f64 {
+        self.per_sec(self.load.accepted as f64)
+    }
+
+    fn pushed_per_sec(&self) -> f64 {
+        self.per_sec(self.load.pushed as f64)
     }
 
     /// Pushed over accepted (to joined users), when anything was accepted.
     fn push_ratio(&self) -> Option<f64> {
-        let accepted = crate::f(&self.load, "/accepted_joined");
-        (accepted > 0.0).then(|| crate::f(&self.load, "/pushed") / accepted)
+        let accepted = self.load.accepted_joined as f64;
+        (accepted > 0.0).then(|| self.load.pushed as f64 / accepted)
     }
 
     fn quantile(&self, q: f64) -> Option<u64> {
@@ -191,7 +202,7 @@ impl Sample {
     /// Events retention pruned per second over the window (the nodes' `store.events.pruned`):
     /// once every user is at its cap, about the accepted rate.
     fn pruned_per_sec(&self) -> f64 {
-        self.counter("store.events.pruned") / crate::f(&self.load, "/secs").max(1e-3)
+        self.per_sec(self.counter("store.events.pruned"))
     }
 
     /// The window's rounds of a pass Herald times (`store.retention.time`, `pipeline.sweep.time`):
@@ -210,57 +221,154 @@ impl Sample {
         )
     }
 
-    fn to_json(&self) -> Value {
-        let db = match &self.db {
-            Ok(db) => json!({
-                "database_bytes": db.database_bytes,
-                "tables": db.tables.iter().map(|(name, (bytes, live, dead))| {
-                    (name.clone(), json!({"bytes": bytes, "live_tuples": live, "dead_tuples": dead}))
-                }).collect::<serde_json::Map<_, _>>(),
-                "dead_tuples": db.dead_tuples(),
-                "outbox_rows": db.outbox_rows,
-                "checkpoints_req": db.checkpoints_req,
-            }),
-            Err(error) => json!({"error": error}),
-        };
-        let queues = match &self.queues {
-            Ok(q) => json!({"partitions_ready": q.partitions, "delay_ready": q.delays,
-                            "dead_letter_ready": q.dead}),
-            Err(error) => json!({"error": error}),
-        };
-        json!({
-            "from_secs": self.from, "to_secs": self.to, "minutes": self.minutes(),
-            "accepted_per_sec": self.per_sec("accepted"),
-            "pushed_per_sec": self.per_sec("pushed"),
-            "push_ratio": self.push_ratio(),
-            "latency_ms": {"count": self.latency.len(), "p50": self.quantile(0.5),
-                           "p99": self.quantile(0.99), "max": self.quantile(1.0)},
-            "load": self.load,
-            "rss_bytes": self.rss,
-            "cores": self.cores,
-            "postgres": db,
-            "rabbitmq": queues,
-            "pruned": self.counter("store.events.pruned"),
-            "prune_ms": timing_json(self.timing("store.retention.time")),
-            "sweep_ms": timing_json(self.timing("pipeline.sweep.time")),
-            "sweep_partitions": {"idle": self.counter("pipeline.sweep.partitions#state:idle"),
-                                 "busy": self.counter("pipeline.sweep.partitions#state:busy")},
-            "swept_events": self.counter("pipeline.sweep.events"),
-            "relay_republished": self.counter("pipeline.relay.republished"),
-            "node_metrics": self.node_metrics,
-        })
+    fn report(&self) -> SampleReport<'_> {
+        SampleReport {
+            from_secs: self.from,
+            to_secs: self.to,
+            minutes: self.minutes(),
+            accepted_per_sec: self.accepted_per_sec(),
+            pushed_per_sec: self.pushed_per_sec(),
+            push_ratio: self.push_ratio(),
+            latency_ms: LatencyMs {
+                count: self.latency.len(),
+                p50: self.quantile(0.5),
+                p99: self.quantile(0.99),
+                max: self.quantile(1.0),
+            },
+            load: &self.load,
+            rss_bytes: &self.rss,
+            cores: &self.cores,
+            postgres: match &self.db {
+                Ok(db) => Attempt::Done(PostgresFigures {
+                    database_bytes: db.database_bytes,
+                    tables: db
+                        .tables
+                        .iter()
+                        .map(|(name, &(bytes, live_tuples, dead_tuples))| {
+                            let table = TableFigures {
+                                bytes,
+                                live_tuples,
+                                dead_tuples,
+                            };
+                            (name.as_str(), table)
+                        })
+                        .collect(),
+                    dead_tuples: db.dead_tuples(),
+                    outbox_rows: db.outbox_rows,
+                    checkpoints_req: db.checkpoints_req,
+                }),
+                Err(error) => Attempt::Failed {
+                    error: error.clone(),
+                },
+            },
+            rabbitmq: match &self.queues {
+                Ok(q) => Attempt::Done(RabbitFigures {
+                    partitions_ready: q.partitions,
+                    delay_ready: q.delays,
+                    dead_letter_ready: q.dead,
+                }),
+                Err(error) => Attempt::Failed {
+                    error: error.clone(),
+                },
+            },
+            pruned: self.counter("store.events.pruned"),
+            prune_ms: self.timing("store.retention.time").map(PassTiming::from),
+            sweep_ms: self.timing("pipeline.sweep.time").map(PassTiming::from),
+            sweep_partitions: SweepPartitions {
+                idle: self.counter("pipeline.sweep.partitions#state:idle"),
+                busy: self.counter("pipeline.sweep.partitions#state:busy"),
+            },
+            swept_events: self.counter("pipeline.sweep.events"),
+            relay_republished: self.counter("pipeline.relay.republished"),
+            node_metrics: &self.node_metrics,
+        }
     }
 }
 
-/// A pass's timings in a window as JSON (null when none ran).
-fn timing_json(timing: Option<(u64, f64, f64)>) -> Value {
-    timing.map_or(
-        Value::Null,
-        |(rounds, mean, max)| json!({"rounds": rounds, "mean": mean, "max": max}),
-    )
+/// A sample as the JSON carries it.
+#[derive(Serialize)]
+struct SampleReport<'a> {
+    from_secs: f64,
+    to_secs: f64,
+    minutes: f64,
+    accepted_per_sec: f64,
+    pushed_per_sec: f64,
+    push_ratio: Option<f64>,
+    latency_ms: LatencyMs,
+    load: &'a WindowCounts,
+    rss_bytes: &'a [Option<u64>],
+    cores: &'a BTreeMap<&'static str, f64>,
+    postgres: Attempt<PostgresFigures<'a>>,
+    rabbitmq: Attempt<RabbitFigures>,
+    pruned: f64,
+    /// The window's retention rounds (null when none ran).
+    prune_ms: Option<PassTiming>,
+    /// The window's sweeps (null when none ran).
+    sweep_ms: Option<PassTiming>,
+    sweep_partitions: SweepPartitions,
+    swept_events: f64,
+    relay_republished: f64,
+    node_metrics: &'a statsd::Snapshot,
+}
+
+/// Enqueue -> push at the clients over a window, ms; `None` when nothing was pushed.
+#[derive(Serialize)]
+struct LatencyMs {
+    count: u64,
+    p50: Option<u64>,
+    p99: Option<u64>,
+    max: Option<u64>,
+}
+
+/// PostgreSQL's side of a sample as the JSON carries it.
+#[derive(Serialize)]
+struct PostgresFigures<'a> {
+    database_bytes: i64,
+    tables: BTreeMap<&'a str, TableFigures>,
+    dead_tuples: i64,
+    outbox_rows: i64,
+    checkpoints_req: i64,
+}
+
+/// One table's size and tuples.
+#[derive(Serialize)]
+struct TableFigures {
+    bytes: i64,
+    live_tuples: i64,
+    dead_tuples: i64,
+}
+
+/// RabbitMQ's side of a sample as the JSON carries it.
+#[derive(Serialize)]
+struct RabbitFigures {
+    partitions_ready: u64,
+    delay_ready: u64,
+    dead_letter_ready: u64,
+}
+
+/// The partitions the window's sweeps found idle (swept) and busy (left alone).
+#[derive(Serialize)]
+struct SweepPartitions {
+    idle: f64,
+    busy: f64,
+}
+
+/// A pass's rounds in a window: how many, and their mean and longest, ms.
+#[derive(Serialize)]
+struct PassTiming {
+    rounds: u64,
+    mean: f64,
+    max: f64,
+}
+
+impl From<(u64, f64, f64)> for PassTiming {
+    fn from((rounds, mean, max): (u64, f64, f64)) -> Self {
+        Self { rounds, mean, max }
+    }
 }
 
 /// What the end of the load found: the no-backlog target's evidence.
+#[derive(Serialize)]
 struct End {
     /// Events to joined users accepted but not yet pushed when the producers stopped.
     backlog_at_stop: u64,
@@ -270,18 +378,64 @@ struct End {
     undelivered: Option<i64>,
     outbox_rows: Option<i64>,
     ready: Option<u64>,
-    stopped: Value,
+    stopped: Stopped,
 }
 
 /// Everything a run produced, kept outside the run itself so that an interrupted or failed run
 /// still reports the samples it took.
-#[derive(Default)]
 struct Record {
-    meta: Value,
+    meta: Meta,
     samples: Vec<Sample>,
     end: Option<End>,
     /// The load's planned length, s.
     planned_secs: f64,
+}
+
+/// The run's plan and what it learnt before the load: a run that ends early has only the
+/// figures it got to.
+#[derive(Serialize)]
+struct Meta {
+    started_unix: u64,
+    git: String,
+    machine: String,
+    minutes: f64,
+    sockets: usize,
+    users: usize,
+    skew: f64,
+    sample_secs: f64,
+    nodes: usize,
+    batch: usize,
+    /// Every node's `HERALD_*` settings but the StatsD address.
+    node_settings: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres_autovacuum: Option<String>,
+    /// The history written before the load (`--prefill-per-user`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill: Option<Prefill>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect: Option<Connected>,
+    /// The sustained rate, when the soak measured it (no `--rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sustained: Option<Measured>,
+    /// The soak's rate, events/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_user_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coldest_user_fills_cap_minutes: Option<f64>,
+    /// `complete`, or why it ended early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_secs: Option<f64>,
+}
+
+/// The delivered events each user had before the load, and how long writing them took.
+#[derive(Serialize)]
+struct Prefill {
+    per_user: i64,
+    secs: f64,
 }
 
 /// Runs the soak: starts the deployment, runs [`soak`] under a guard that cleans up whatever
@@ -344,18 +498,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut record = Record {
         planned_secs: args.minutes * 60.0,
-        meta: json!({
-            "started_unix": crate::unix_now(),
-            "git": crate::git_revision(),
-            "machine": sys::machine(),
-            "minutes": args.minutes, "sockets": args.sockets, "users": users, "skew": args.skew,
-            "sample_secs": args.sample_secs, "nodes": args.nodes, "batch": args.batch,
-            "node_settings": settings.iter()
+        meta: Meta {
+            started_unix: crate::unix_now(),
+            git: crate::git_revision(),
+            machine: sys::machine(),
+            minutes: args.minutes,
+            sockets: args.sockets,
+            users,
+            skew: args.skew,
+            sample_secs: args.sample_secs,
+            nodes: args.nodes,
+            batch: args.batch,
+            node_settings: settings
+                .iter()
                 .filter(|(k, _)| *k != "HERALD_STATSD_ADDR")
-                .map(|(k, v)| ((*k).to_owned(), json!(v)))
-                .collect::<serde_json::Map<_, _>>(),
-        }),
-        ..Record::default()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            postgres_autovacuum: None,
+            prefill: None,
+            connect: None,
+            sustained: None,
+            rate: None,
+            top_user_share: None,
+            coldest_user_fills_cap_minutes: None,
+            status: None,
+            run_secs: None,
+        },
+        samples: Vec::new(),
+        end: None,
     };
     let guarded = std::panic::AssertUnwindSafe(async {
         deployment.api_key = Node::setup(bin, &names)?;
@@ -377,11 +547,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     say("stopping the nodes and cleaning up");
     deployment.stop_all().await;
     node::clean_up(&names).await;
-    record.meta["status"] = json!(match &result {
+    record.meta.status = Some(match &result {
         Ok(()) => "complete".to_owned(),
         Err(error) => format!("ended early: {error:#}"),
     });
-    record.meta["run_secs"] = json!(started.elapsed().as_secs_f64());
+    record.meta.run_secs = Some(started.elapsed().as_secs_f64());
     if !record.samples.is_empty() {
         report(&args, &record)?;
     }
@@ -445,26 +615,24 @@ async fn soak(
     let upkeep: String = sqlx::query_scalar("SHOW autovacuum")
         .fetch_one(&pool)
         .await?;
-    record.meta["postgres_autovacuum"] = json!(upkeep);
+    record.meta.postgres_autovacuum = Some(upkeep);
     if args.prefill_per_user > 0 {
         let started = Instant::now();
         prefill(&pool, users, args.prefill_per_user).await?;
-        record.meta["prefill"] = json!({"per_user": args.prefill_per_user,
-                                         "secs": started.elapsed().as_secs_f64()});
+        record.meta.prefill = Some(Prefill {
+            per_user: args.prefill_per_user,
+            secs: started.elapsed().as_secs_f64(),
+        });
     }
     let mut load = start_load(args, users, &bases, &deployment.api_key)?;
 
     say(format!("connecting and joining {} sockets", args.sockets));
-    let connected = load
-        .call::<Value>(&json!({"cmd": "connect", "n": args.sockets}))
-        .await?;
+    let connected: Connected = load.call(&Command::Connect { n: args.sockets }).await?;
     say(format!(
         "  {} joined ({} failed) in {:.1} s",
-        connected["connected"],
-        connected["failed"],
-        crate::f(&connected, "/secs")
+        connected.connected, connected.failed, connected.secs
     ));
-    record.meta["connect"] = connected;
+    record.meta.connect = Some(connected);
 
     let rate = match args.rate {
         Some(rate) => rate,
@@ -472,33 +640,38 @@ async fn soak(
             say(format!(
                 "measuring the sustained rate: closed loop, {MEASURE_PRODUCERS} producers, at most {MEASURE_WINDOW} events in flight, {MEASURE_SECS} s after {MEASURE_WARMUP} s"
             ));
-            let measured = load
-                .call::<Value>(
-                    &json!({"cmd": "measure", "warmup": MEASURE_WARMUP, "secs": MEASURE_SECS,
-                             "producers": MEASURE_PRODUCERS, "window": MEASURE_WINDOW,
-                             "drain": 60}),
-                )
+            let measured: Measured = load
+                .call(&Command::Measure {
+                    warmup: MEASURE_WARMUP,
+                    secs: MEASURE_SECS,
+                    producers: MEASURE_PRODUCERS,
+                    window: MEASURE_WINDOW,
+                    drain: 60,
+                })
                 .await?;
-            let sustained = crate::f(&measured, "/rate");
+            let sustained = measured.rate;
             if sustained <= 0.0 {
-                bail!("the sustained rate measured nothing: {measured}");
+                bail!(
+                    "the sustained rate measured nothing: {}",
+                    serde_json::to_string(&measured)?
+                );
             }
             say(format!(
                 "  sustained {}/s; the soak runs at {:.0}% of it",
                 thousands(sustained),
                 args.fraction * 100.0
             ));
-            record.meta["sustained"] = measured;
+            record.meta.sustained = Some(measured);
             sustained * args.fraction
         }
     };
-    record.meta["rate"] = json!(rate);
+    record.meta.rate = Some(rate);
     let zipf = crate::zipf::Zipf::new(users, args.skew);
     let coldest_per_sec = zipf.probability(users - 1) * rate;
     let to_fill = (args.retention_per_user - args.prefill_per_user).max(0) as f64;
     let fill_minutes = to_fill / coldest_per_sec.max(1e-9) / 60.0;
-    record.meta["top_user_share"] = json!(zipf.probability(0));
-    record.meta["coldest_user_fills_cap_minutes"] = json!(fill_minutes);
+    record.meta.top_user_share = Some(zipf.probability(0));
+    record.meta.coldest_user_fills_cap_minutes = Some(fill_minutes);
     say(format!(
         "load: {} events/s, the hottest user {:.1}% of them; retention keeps {} delivered events per user, pruning every {} s (the coldest user reaches that after about {:.1} min)",
         thousands(rate),
@@ -512,28 +685,24 @@ async fn soak(
     let pids: Vec<u32> = deployment.nodes.iter().map(|n| n.pid).collect();
     let mut cpu_before = sys::cpu_by_group(&pids, load.child.id());
     sink.take();
-    load.call::<Value>(&json!({"cmd": "start", "rate": rate}))
-        .await?;
+    let _: Started = load.call(&Command::Start { rate }).await?;
     let started = Instant::now();
     let total = args.minutes * 60.0;
     let mut from = 0.0;
     loop {
         let to = (from + args.sample_secs).min(total);
         tokio::time::sleep_until((started + Duration::from_secs_f64(to)).into()).await;
-        let mut window = load.call::<Value>(&json!({"cmd": "sample"})).await?;
+        let window: Window = load.call(&Command::Sample).await?;
         let node_metrics = sink.take();
-        let latency = histogram_of(&window["latency"]);
-        if let Some(w) = window.as_object_mut() {
-            w.remove("latency");
-        }
-        let secs = crate::f(&window, "/secs").max(1e-3);
+        let latency = histogram_of(&window.latency);
+        let secs = window.counts.secs.max(1e-3);
         let cpu_now = sys::cpu_by_group(&pids, load.child.id());
-        let cores = cores_used(&cpu_before, &cpu_now, secs);
+        let cores = sys::cores_used(&cpu_before, &cpu_now, secs);
         cpu_before = cpu_now;
         let sample = Sample {
             from,
             to,
-            load: window,
+            load: window.counts,
             latency,
             rss: deployment
                 .nodes
@@ -555,14 +724,12 @@ async fn soak(
 
     say("load stopped; waiting for the backlog to drain");
     let stop_at = Instant::now();
-    let stopped = load.call::<Value>(&json!({"cmd": "stop"})).await?;
+    let stopped: Stopped = load.call(&Command::Stop).await?;
     let left = (args.drain_secs - stop_at.elapsed().as_secs_f64()).max(0.0);
-    let pushed = load
-        .call::<Value>(&json!({"cmd": "drain", "limit": left}))
-        .await?;
+    let pushed: Drained = load.call(&Command::Drain { limit: left }).await?;
     let deadline = stop_at + Duration::from_secs_f64(args.drain_secs);
     let mut end = End {
-        backlog_at_stop: stopped["backlog"].as_u64().unwrap_or(0),
+        backlog_at_stop: stopped.backlog,
         drained: false,
         drain_secs: 0.0,
         undelivered: None,
@@ -583,7 +750,7 @@ async fn soak(
             .ok();
         end.ready = broker.read().await.ok().map(|q| q.partitions + q.delays);
         end.drain_secs = stop_at.elapsed().as_secs_f64();
-        end.drained = pushed["drained"].as_bool() == Some(true)
+        end.drained = pushed.drained
             && end.undelivered == Some(0)
             && end.outbox_rows == Some(0)
             && end.ready == Some(0);
@@ -606,7 +773,7 @@ async fn soak(
         shown(end.ready)
     ));
     record.end = Some(end);
-    let _ = load.call::<Value>(&json!({"cmd": "disconnect"})).await;
+    let _: anyhow::Result<Disconnected> = load.call(&Command::Disconnect).await;
     drop(load.stdin);
     let _ = load.child.kill().await;
     broker.close().await;
@@ -688,33 +855,13 @@ fn start_load(
 }
 
 /// A window's latency histogram from the load generator's (value, count) pairs.
-fn histogram_of(pairs: &Value) -> Histogram<u64> {
+fn histogram_of(pairs: &[[u64; 2]]) -> Histogram<u64> {
     let mut h = Histogram::new_with_bounds(1, 3_600_000, 3)
         .expect("1 ms to an hour at 3 significant figures are valid bounds");
-    for pair in pairs.as_array().map_or(&[][..], Vec::as_slice) {
-        if let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) {
-            h.saturating_record_n(value, count);
-        }
+    for &[value, count] in pairs {
+        h.saturating_record_n(value, count);
     }
     h
-}
-
-/// Cores each process group of the box used between two readings `secs` apart (`herald`: the
-/// nodes; `other`: other sessions on the shared box).
-fn cores_used(
-    before: &BTreeMap<&'static str, Duration>,
-    after: &BTreeMap<&'static str, Duration>,
-    secs: f64,
-) -> Value {
-    after
-        .iter()
-        .map(|(group, t)| {
-            let used = t.saturating_sub(before.get(group).copied().unwrap_or_default());
-            let cores = (used.as_secs_f64() / secs * 100.0).round() / 100.0;
-            ((*group).to_owned(), json!(cores))
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
 }
 
 /// PostgreSQL's figures for one sample: cheap catalog reads, and a count of the outbox (a small
@@ -826,8 +973,8 @@ fn progress(s: &Sample) -> String {
     format!(
         "{:.1} min: accepted {}/s, pushed {}/s, p50/p99 {}/{} ms, RSS {} MiB, database {} MiB, outbox {} rows, ready {}, pruned {}/s",
         s.minutes(),
-        thousands(s.per_sec("accepted")),
-        thousands(s.per_sec("pushed")),
+        thousands(s.accepted_per_sec()),
+        thousands(s.pushed_per_sec()),
         shown(s.quantile(0.5)),
         shown(s.quantile(0.99)),
         mib(s.rss_total().map(|b| b as f64)),
@@ -849,6 +996,7 @@ fn reference_secs(run_secs: f64) -> f64 {
 }
 
 /// One target's verdict: `None` when the samples cannot tell.
+#[derive(Serialize)]
 struct Verdict {
     target: &'static str,
     pass: Option<bool>,
@@ -884,7 +1032,7 @@ fn verdicts(record: &Record) -> Vec<Verdict> {
     });
 
     let merged = |pick: &dyn Fn(&Sample) -> bool| {
-        let mut h = histogram_of(&Value::Null);
+        let mut h = histogram_of(&[]);
         for s in samples.iter().filter(|s| pick(s)) {
             let _ = h.add(&s.latency);
         }
@@ -1022,8 +1170,8 @@ fn render(record: &Record, verdicts: &[Verdict]) -> String {
         let table = |t: &str| mib(db.and_then(|d| d.table_bytes(t)).map(|b| b as f64));
         let row = [
             format!("{:.1}", s.minutes()),
-            thousands(s.per_sec("accepted")),
-            thousands(s.per_sec("pushed")),
+            thousands(s.accepted_per_sec()),
+            thousands(s.pushed_per_sec()),
             s.push_ratio()
                 .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
             shown(s.quantile(0.5)),
@@ -1046,8 +1194,8 @@ fn render(record: &Record, verdicts: &[Verdict]) -> String {
             ),
             thousands(s.pruned_per_sec()),
             s.prune_sweep_max(),
-            thousands(crate::f(&s.load, "/request_errors")),
-            thousands(crate::f(&s.load, "/rejoins")),
+            thousands(s.load.request_errors as f64),
+            thousands(s.load.rejoins as f64),
         ];
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
@@ -1111,8 +1259,8 @@ fn draw(args: &Args, record: &Record) -> String {
         Panel {
             title: "events/s".into(),
             lines: vec![
-                line("accepted", &|s| Some(s.per_sec("accepted"))),
-                line("pushed", &|s| Some(s.per_sec("pushed"))),
+                line("accepted", &|s| Some(s.accepted_per_sec())),
+                line("pushed", &|s| Some(s.pushed_per_sec())),
             ],
         },
         Panel {
@@ -1206,19 +1354,19 @@ fn draw(args: &Args, record: &Record) -> String {
     Chart {
         title: format!(
             "Herald soak: {} events/s, {} sockets, {} node(s), {:.0} min",
-            thousands(crate::f(&record.meta, "/rate")),
+            thousands(record.meta.rate.unwrap_or(0.0)),
             args.sockets,
             args.nodes,
             run_secs / 60.0
         ),
         subtitle: format!(
             "{} at {}; a sample every {} s; retention {} events per user every {} s; {}",
-            record.meta["machine"].as_str().unwrap_or(""),
-            record.meta["git"].as_str().unwrap_or(""),
+            record.meta.machine,
+            record.meta.git,
             args.sample_secs,
             args.retention_per_user,
             args.retention_interval_secs,
-            record.meta["status"].as_str().unwrap_or("")
+            record.meta.status.as_deref().unwrap_or("")
         ),
         x_max: run_secs / 60.0,
         marker: Some((reference / 60.0, "reference".into())),
@@ -1228,25 +1376,32 @@ fn draw(args: &Args, record: &Record) -> String {
     .svg()
 }
 
+/// The soak's JSON: the run's plan, its samples, the end and the verdicts.
+#[derive(Serialize)]
+struct SoakReport<'a> {
+    #[serde(flatten)]
+    meta: &'a Meta,
+    reference_secs: f64,
+    planned_secs: f64,
+    samples: Vec<SampleReport<'a>>,
+    end: Option<&'a End>,
+    verdicts: &'a [Verdict],
+}
+
 /// Prints the table and verdicts, writes the JSON and the chart.
 fn report(args: &Args, record: &Record) -> anyhow::Result<()> {
     let verdicts = verdicts(record);
     println!("{}", render(record, &verdicts));
-    let mut json = record.meta.clone();
-    json["reference_secs"] = json!(reference_secs(record.samples.last().map_or(0.0, |s| s.to)));
-    json["planned_secs"] = json!(record.planned_secs);
-    json["samples"] = record.samples.iter().map(Sample::to_json).collect();
-    json["end"] = record.end.as_ref().map_or(Value::Null, |e| {
-        json!({"backlog_at_stop": e.backlog_at_stop, "drained": e.drained,
-               "drain_secs": e.drain_secs, "undelivered": e.undelivered,
-               "outbox_rows": e.outbox_rows, "ready": e.ready, "stopped": e.stopped})
-    });
-    json["verdicts"] = verdicts
-        .iter()
-        .map(|v| json!({"target": v.target, "pass": v.pass, "detail": v.detail}))
-        .collect();
+    let json = SoakReport {
+        meta: &record.meta,
+        reference_secs: reference_secs(record.samples.last().map_or(0.0, |s| s.to)),
+        planned_secs: record.planned_secs,
+        samples: record.samples.iter().map(Sample::report).collect(),
+        end: record.end.as_ref(),
+        verdicts: &verdicts,
+    };
     let text = serde_json::to_string_pretty(&json)?;
-    let when = record.meta["started_unix"].as_u64().unwrap_or(0);
+    let when = record.meta.started_unix;
     std::fs::write(out_dir().join(format!("soak-{when}.json")), &text)?;
     std::fs::write(out_dir().join("soak-latest.json"), &text)?;
     let chart = args

@@ -167,3 +167,20 @@ pub fn cpu_by_group(
     }
     groups
 }
+
+/// Cores each process group used between two readings of [`cpu_by_group`] `secs` apart, to two
+/// decimals.
+pub fn cores_used(
+    before: &std::collections::BTreeMap<&'static str, Duration>,
+    after: &std::collections::BTreeMap<&'static str, Duration>,
+    secs: f64,
+) -> std::collections::BTreeMap<&'static str, f64> {
+    after
+        .iter()
+        .map(|(group, t)| {
+            let used = t.saturating_sub(before.get(group).copied().unwrap_or_default());
+            let cores = (used.as_secs_f64() / secs * 100.0).round() / 100.0;
+            (*group, cores)
+        })
+        .collect()
+}

@@ -14,15 +14,16 @@
 //! enough for a gap to close a channel, and a channel that silently stopped would read as lost
 //! pushes instead of the repair it is. Rejoins are counted per window.
 
-use crate::loadgen::{BATCH, Ws, batch_json, event_json, field_i64, join_all_users, join_user};
+use crate::loadgen::{
+    BATCH, Ws, batch_json, event_json, field_i64, join_all_users, join_user, reply,
+};
+use crate::protocol::Connected;
 use crate::zipf::{SplitMix64, Zipf};
 use futures_util::{SinkExt, StreamExt, future};
 use hdrhistogram::Histogram;
 use herald::event::{UserId, now_unix_ms};
 use herald::token::{TokenSigner, now_unix_secs};
-use serde::Deserialize;
-use serde_json::{Value, json};
-use std::io::Write;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,9 +64,9 @@ pub struct Args {
 }
 
 /// One command from the harness.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-enum Command {
+pub enum Command {
     /// Connect the sockets of users `s0..s<n>` (socket i to node i mod nodes) and join each user's
     /// channel.
     Connect { n: usize },
@@ -91,6 +92,74 @@ enum Command {
     Drain { limit: f64 },
     /// Close every socket.
     Disconnect,
+}
+
+/// The sustained rate, measured the bench's way (`measure`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Measured {
+    pub secs: f64,
+    pub accepted: u64,
+    pub pushed: u64,
+    pub rate: f64,
+    pub errors: u64,
+    pub drained: bool,
+}
+
+/// The open loop runs (`start`).
+#[derive(Serialize, Deserialize)]
+pub struct Started {
+    pub started: bool,
+}
+
+/// A window since the last sample (`sample`): its counts, and the latency of its pushes as
+/// (value, count) pairs, so the harness can merge windows into the spans its verdicts compare
+/// (quantiles of windows do not combine).
+#[derive(Serialize, Deserialize)]
+pub struct Window {
+    #[serde(flatten)]
+    pub counts: WindowCounts,
+    pub latency: Vec<[u64; 2]>,
+}
+
+/// What a window counted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WindowCounts {
+    pub secs: f64,
+    pub accepted: u64,
+    pub accepted_joined: u64,
+    pub pushed: u64,
+    pub request_errors: u64,
+    pub failed_events: u64,
+    pub late_ticks: u64,
+    pub rejoins: u64,
+    pub sockets_closed: u64,
+    pub latency_count: u64,
+}
+
+/// The totals when the open loop stopped (`stop`), and the backlog: events to joined users
+/// accepted but not yet pushed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stopped {
+    pub accepted: u64,
+    pub accepted_joined: u64,
+    pub pushed: u64,
+    pub backlog: u64,
+    pub request_errors: u64,
+    pub sockets_closed: u64,
+}
+
+/// Whether every accepted event to a joined user was pushed (`drain`), and what was left.
+#[derive(Serialize, Deserialize)]
+pub struct Drained {
+    pub drained: bool,
+    pub secs: f64,
+    pub left: u64,
+}
+
+/// The sockets are closed (`disconnect`).
+#[derive(Serialize, Deserialize)]
+pub struct Disconnected {
+    pub disconnected: usize,
 }
 
 /// Counters since the start; they only grow.
@@ -125,12 +194,6 @@ fn histogram() -> Histogram<u64> {
     // Values are clamped into the bounds (saturating_record), so an hour is only the top bucket.
     Histogram::new_with_bounds(1, 3_600_000, 3)
         .expect("1 ms to an hour at 3 significant figures are valid bounds")
-}
-
-fn reply(value: Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
 }
 
 struct Load {
@@ -206,22 +269,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let command: Command = serde_json::from_str(&line)?;
-        let answer = match command {
-            Command::Connect { n } => load.connect(n).await,
+        match command {
+            Command::Connect { n } => reply(&load.connect(n).await),
             Command::Measure {
                 warmup,
                 secs,
                 producers,
                 window,
                 drain,
-            } => load.measure(warmup, secs, producers, window, drain).await,
-            Command::Start { rate } => load.start(rate),
-            Command::Sample => load.sample(),
-            Command::Stop => load.stop().await,
-            Command::Drain { limit } => load.drain(limit).await,
-            Command::Disconnect => load.disconnect().await,
-        };
-        reply(answer);
+            } => reply(&load.measure(warmup, secs, producers, window, drain).await),
+            Command::Start { rate } => reply(&load.start(rate)),
+            Command::Sample => reply(&load.sample()),
+            Command::Stop => reply(&load.stop().await),
+            Command::Drain { limit } => reply(&load.drain(limit).await),
+            Command::Disconnect => reply(&load.disconnect().await),
+        }
     }
     Ok(())
 }
@@ -231,7 +293,7 @@ impl Load {
         &self.args.bases[i % self.args.bases.len()]
     }
 
-    async fn connect(&mut self, n: usize) -> Value {
+    async fn connect(&mut self, n: usize) -> Connected {
         let started = Instant::now();
         let this = &*self;
         let (joined, failed) = join_all_users(0..n, |i| this.connect_user(i)).await;
@@ -245,7 +307,11 @@ impl Load {
             ));
         }
         self.joined = n;
-        json!({"connected": n - failed, "failed": failed, "secs": started.elapsed().as_secs_f64()})
+        Connected {
+            connected: n - failed,
+            failed,
+            secs: started.elapsed().as_secs_f64(),
+        }
     }
 
     async fn connect_user(&self, i: usize) -> Option<Ws> {
@@ -268,7 +334,7 @@ impl Load {
         producers: usize,
         window: u64,
         drain: u64,
-    ) -> Value {
+    ) -> Measured {
         let counters = &self.shared.counters;
         let base = counters.snapshot();
         let stop = CancellationToken::new();
@@ -324,14 +390,17 @@ impl Load {
         .await;
         let drained = self.wait_pushed(drain as f64).await;
         let accepted = a1.accepted - a0.accepted;
-        json!({
-            "secs": window_secs, "accepted": accepted, "pushed": a1.pushed - a0.pushed,
-            "rate": accepted as f64 / window_secs.max(0.001),
-            "errors": a1.request_errors - base.request_errors, "drained": drained,
-        })
+        Measured {
+            secs: window_secs,
+            accepted,
+            pushed: a1.pushed - a0.pushed,
+            rate: accepted as f64 / window_secs.max(0.001),
+            errors: a1.request_errors - base.request_errors,
+            drained,
+        }
     }
 
-    fn start(&mut self, rate: f64) -> Value {
+    fn start(&mut self, rate: f64) -> Started {
         self.last = self.shared.counters.snapshot();
         self.last_at = Instant::now();
         if let Ok(mut h) = self.shared.latency.lock() {
@@ -340,7 +409,7 @@ impl Load {
         let stop = CancellationToken::new();
         let task = tokio::spawn(open_loop(self.share(), rate, stop.clone()));
         self.producer = Some((stop, task));
-        json!({"started": true})
+        Started { started: true }
     }
 
     /// What the open loop needs, apart from `self` (which stays with the command loop).
@@ -355,7 +424,7 @@ impl Load {
         }
     }
 
-    fn sample(&mut self) -> Value {
+    fn sample(&mut self) -> Window {
         let now = self.shared.counters.snapshot();
         let secs = self.last_at.elapsed().as_secs_f64();
         let window = match self.shared.latency.lock() {
@@ -364,38 +433,40 @@ impl Load {
         };
         let last = std::mem::replace(&mut self.last, now);
         self.last_at = Instant::now();
-        // The histogram travels as (value, count) pairs, so the harness can merge windows into
-        // the spans its verdicts compare (quantiles of windows do not combine).
-        let buckets: Vec<[u64; 2]> = window
-            .iter_recorded()
-            .map(|v| [v.value_iterated_to(), v.count_at_value()])
-            .collect();
-        json!({
-            "secs": secs,
-            "accepted": now.accepted - last.accepted,
-            "accepted_joined": now.accepted_joined - last.accepted_joined,
-            "pushed": now.pushed - last.pushed,
-            "request_errors": now.request_errors - last.request_errors,
-            "failed_events": now.failed_events - last.failed_events,
-            "late_ticks": now.late_ticks - last.late_ticks,
-            "rejoins": now.rejoins - last.rejoins,
-            "sockets_closed": now.closed - last.closed,
-            "latency_count": window.len(),
-            "latency": buckets,
-        })
+        Window {
+            counts: WindowCounts {
+                secs,
+                accepted: now.accepted - last.accepted,
+                accepted_joined: now.accepted_joined - last.accepted_joined,
+                pushed: now.pushed - last.pushed,
+                request_errors: now.request_errors - last.request_errors,
+                failed_events: now.failed_events - last.failed_events,
+                late_ticks: now.late_ticks - last.late_ticks,
+                rejoins: now.rejoins - last.rejoins,
+                sockets_closed: now.closed - last.closed,
+                latency_count: window.len(),
+            },
+            latency: window
+                .iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()])
+                .collect(),
+        }
     }
 
-    async fn stop(&mut self) -> Value {
+    async fn stop(&mut self) -> Stopped {
         if let Some((stop, task)) = self.producer.take() {
             stop.cancel();
             let _ = task.await;
         }
         let now = self.shared.counters.snapshot();
-        json!({
-            "accepted": now.accepted, "accepted_joined": now.accepted_joined, "pushed": now.pushed,
-            "backlog": now.accepted_joined.saturating_sub(now.pushed),
-            "request_errors": now.request_errors, "sockets_closed": now.closed,
-        })
+        Stopped {
+            accepted: now.accepted,
+            accepted_joined: now.accepted_joined,
+            pushed: now.pushed,
+            backlog: now.accepted_joined.saturating_sub(now.pushed),
+            request_errors: now.request_errors,
+            sockets_closed: now.closed,
+        }
     }
 
     /// Waits until the pushes received cover every accepted event to a joined user, at most
@@ -414,19 +485,24 @@ impl Load {
         }
     }
 
-    async fn drain(&self, limit: f64) -> Value {
+    async fn drain(&self, limit: f64) -> Drained {
         let started = Instant::now();
         let drained = self.wait_pushed(limit).await;
         let now = self.shared.counters.snapshot();
-        json!({"drained": drained, "secs": started.elapsed().as_secs_f64(),
-               "left": now.accepted_joined.saturating_sub(now.pushed)})
+        Drained {
+            drained,
+            secs: started.elapsed().as_secs_f64(),
+            left: now.accepted_joined.saturating_sub(now.pushed),
+        }
     }
 
-    async fn disconnect(&mut self) -> Value {
+    async fn disconnect(&mut self) -> Disconnected {
         self.close_sockets.cancel();
         self.sockets.close();
         self.sockets.wait().await;
-        json!({"disconnected": self.joined})
+        Disconnected {
+            disconnected: self.joined,
+        }
     }
 }
 
