@@ -7,8 +7,8 @@
 //! records receive time minus the event's `at` in an HDR histogram: latency as a client sees it.
 
 use crate::protocol::{
-    Background, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart,
-    Ingested, KeepupReply, LatencyReply, Mark, Quantiles,
+    Background, BurstPlan, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd,
+    E2eStart, Ingested, KeepupReply, LatencyReply, Mark, Quantiles,
 };
 use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
@@ -185,18 +185,7 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 producers,
                 drain,
             } => reply(&load.keepup(warmup, secs, producers, drain).await),
-            Command::Burst {
-                events,
-                requests,
-                rate,
-                warmup,
-                min_window,
-                limit,
-            } => reply(
-                &load
-                    .burst(events, requests, rate, warmup, min_window, limit)
-                    .await,
-            ),
+            Command::Burst(plan) => reply(&load.burst(&plan).await),
         }
     }
     Ok(())
@@ -638,21 +627,13 @@ impl Loadgen {
         }
     }
 
-    async fn burst(
-        &self,
-        events: u64,
-        requests: usize,
-        rate: f64,
-        warmup: f64,
-        min_window: f64,
-        limit: f64,
-    ) -> BurstReply {
+    async fn burst(&self, plan: &BurstPlan) -> BurstReply {
         let others = self.users.saturating_sub(1).max(1) as u64;
         let shared = &self.shared;
         let base = shared.received.load(Ordering::Relaxed);
         let closed = shared.closed.load(Ordering::Relaxed);
         shared.hot_received.store(0, Ordering::Relaxed);
-        shared.hot_target.store(events, Ordering::Relaxed);
+        shared.hot_target.store(plan.events, Ordering::Relaxed);
         shared.hot_max_ms.store(0, Ordering::Relaxed);
         if let Ok(mut done) = shared.hot_done.lock() {
             *done = None;
@@ -678,7 +659,7 @@ impl Loadgen {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             while !stop.is_cancelled() {
                 tick.tick().await;
-                let due = (rate * started.elapsed().as_secs_f64()) as u64;
+                let due = (plan.rate * started.elapsed().as_secs_f64()) as u64;
                 while sent < due {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                         late += 1;
@@ -725,12 +706,12 @@ impl Loadgen {
         };
         // The hot user: every burst request at once, then wait until its client has them all.
         let hot = async {
-            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            tokio::time::sleep(Duration::from_secs_f64(plan.warmup)).await;
             let (start_ms, t0) = (now_unix_ms(), Instant::now());
-            let per_request = events.div_ceil(requests.max(1) as u64);
-            let answers = future::join_all((0..requests as u64).map(|r| {
+            let per_request = plan.events.div_ceil(plan.requests.max(1) as u64);
+            let answers = future::join_all((0..plan.requests as u64).map(|r| {
                 let first = r * per_request;
-                let last = (first + per_request).min(events);
+                let last = (first + per_request).min(plan.events);
                 let body = batch_json((first..last).map(|i| event_json("s0", i)));
                 async move {
                     let ok = self.post("/api/v1/events/batch", body).await;
@@ -738,7 +719,7 @@ impl Loadgen {
                 }
             }))
             .await;
-            let deadline = t0 + Duration::from_secs_f64(limit);
+            let deadline = t0 + Duration::from_secs_f64(plan.limit);
             let drained = loop {
                 if let Some(done) = shared.hot_done.lock().ok().and_then(|d| *d) {
                     break Some((done - t0).as_secs_f64());
@@ -748,7 +729,7 @@ impl Loadgen {
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             };
-            let window = drained.unwrap_or(limit).max(min_window);
+            let window = drained.unwrap_or(plan.limit).max(plan.min_window);
             tokio::time::sleep_until((t0 + Duration::from_secs_f64(window)).into()).await;
             stop.cancel();
             (start_ms, answers, drained, window)
@@ -775,7 +756,7 @@ impl Loadgen {
         let window_ms = (window * 1000.0) as i64;
         // Before: the same background load over the warm-up's last part (its first half second
         // is the ramp).
-        let before_ms = ((warmup - 0.5).max(0.5) * 1000.0) as i64;
+        let before_ms = ((plan.warmup - 0.5).max(0.5) * 1000.0) as i64;
         let all = |_: u64| true;
         let during = latency_of(&samples, start_ms, start_ms + window_ms, all);
         let before = latency_of(&samples, start_ms - before_ms, start_ms - 1, all);
@@ -788,9 +769,9 @@ impl Loadgen {
         let during_apart = latency_of(&samples, start_ms, start_ms + window_ms, |i| !shares(i));
         let burst_accepted: u64 = answers.iter().filter(|a| a.0).map(|a| a.1).sum();
         BurstReply {
-            events,
-            requests,
-            rate,
+            events: plan.events,
+            requests: plan.requests,
+            rate: plan.rate,
             others,
             burst_accepted,
             burst_errors: answers.iter().filter(|a| !a.0).count(),

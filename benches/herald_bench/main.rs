@@ -29,8 +29,8 @@ use clap::{Parser, Subcommand};
 use futures_util::FutureExt;
 use node::{Names, Node};
 use protocol::{
-    BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart, Ingested,
-    KeepupReply, LatencyReply,
+    BurstPlan, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart,
+    Ingested, KeepupReply, LatencyReply,
 };
 use report::{
     Attempt, Checkpointed, Cpu, HeraldCpu, HeraldE2e, HeraldIngest, Keepup, LatencyPoint, Move,
@@ -541,14 +541,14 @@ async fn run(
     sink.take();
     let checkpoints = forced_checkpoints(&pool).await;
     let reply: BurstReply = load
-        .call(&Command::Burst {
+        .call(&Command::Burst(BurstPlan {
             events: BURST_EVENTS,
             requests: requests as usize,
             rate: BURST_BACKGROUND_RATE,
             warmup: plan.burst_warmup,
             min_window: BURST_MIN_WINDOW,
             limit: if plan.quick { 15.0 } else { 30.0 },
-        })
+        }))
         .await?;
     let burst = Checkpointed {
         load: reply,

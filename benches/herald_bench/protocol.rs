@@ -53,19 +53,22 @@ pub enum Command {
         producers: usize,
         drain: u64,
     },
-    /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
-    /// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the
-    /// others' latency before and during the burst (from its first request until `s0` has every
-    /// burst event, at least `min_window` s) and how long `s0` took to get them all (at most
-    /// `limit` s).
-    Burst {
-        events: u64,
-        requests: usize,
-        rate: f64,
-        warmup: f64,
-        min_window: f64,
-        limit: f64,
-    },
+    /// A hot user's burst amid the others' steady load (see [`BurstPlan`]).
+    Burst(BurstPlan),
+}
+
+/// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
+/// `warmup`, `events` to `s0` at once as `requests` concurrent batch requests. Answers the others'
+/// latency before and during the burst (from its first request until `s0` has every burst event,
+/// at least `min_window` s) and how long `s0` took to get them all (at most `limit` s).
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct BurstPlan {
+    pub events: u64,
+    pub requests: usize,
+    pub rate: f64,
+    pub warmup: f64,
+    pub min_window: f64,
+    pub limit: f64,
 }
 
 /// Sockets connected (`connect`, `connect_echo`).
