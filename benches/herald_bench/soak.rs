@@ -781,7 +781,6 @@ async fn soak(
     Ok(())
 }
 
-/// The soak's load generator process (`soak-loadgen`), on the bench's command pipe.
 /// Writes `per_user` delivered events for each of the `users` users (`s0`, `s1`, ...), a day old,
 /// in statements of 100 seqs of every user, so that a user's events are spread over the table as
 /// a day's intake spreads them; then the users' counters. Before any event of these users exists.
@@ -825,6 +824,7 @@ async fn prefill(pool: &sqlx::PgPool, users: usize, per_user: i64) -> anyhow::Re
     Ok(())
 }
 
+/// The soak's load generator process (`soak-loadgen`), on the bench's command pipe.
 fn start_load(
     args: &Args,
     users: usize,
