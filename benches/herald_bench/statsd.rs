@@ -159,7 +159,8 @@ pub fn counter(snapshots: &[Snapshot], name: &str) -> f64 {
             Figure::Counter { sum } => Some(*sum),
             Figure::Timing { .. } => None,
         })
-        .sum()
+        // Not `sum()`: a float sum of nothing is -0.0, printed "-0".
+        .fold(0.0, |total, sum| total + sum)
 }
 
 /// What a phase put on the wire, from the node's counters (see [`wire`]).
