@@ -20,6 +20,7 @@ mod node;
 mod protocol;
 mod report;
 mod soak;
+mod sockmem;
 mod statsd;
 mod sys;
 mod zipf;
@@ -120,6 +121,8 @@ enum Role {
     Soak(soak::Args),
     /// (internal) The soak's load generator, driven over stdin/stdout.
     SoakLoadgen(soak::LoadgenArgs),
+    /// Memory per idle socket alone, against the echo server (scripts/sockmem).
+    Sockmem(sockmem::Args),
 }
 
 /// Phase lengths, in seconds.
@@ -187,6 +190,7 @@ fn main() -> anyhow::Result<()> {
         Some(Role::Echo) => runtime.block_on(echo::run()),
         Some(Role::Soak(args)) => runtime.block_on(soak::run(args)),
         Some(Role::SoakLoadgen(args)) => runtime.block_on(soak::loadgen(args)),
+        Some(Role::Sockmem(args)) => runtime.block_on(sockmem::run(args)),
         None => runtime.block_on(harness(Plan::new(&cli))),
     }
 }
