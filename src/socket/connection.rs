@@ -64,10 +64,19 @@ pub(super) struct Connection {
     pub(super) state: SocketState,
     pub(super) channels: HashMap<String, JoinedChannel>,
     subscriber: Subscriber,
-    to_connection: mpsc::Sender<ToConnection>,
+    /// The way back from this connection's channel tasks (stats channels), opened by the first
+    /// one: a user socket has none, and the queue's first block alone (1.3 KB) was a fifth of
+    /// what a user socket cost beyond the echo server.
+    channel_requests: Option<ChannelRequests>,
     write_timeout: Duration,
     /// What this connection may still read for catch-ups (see [`CatchUpBudget`]).
     pub(super) catch_up_budget: CatchUpBudget,
+}
+
+/// The queue from a connection's channel tasks to the connection.
+struct ChannelRequests {
+    sender: mpsc::Sender<ToConnection>,
+    receiver: mpsc::Receiver<ToConnection>,
 }
 
 /// A connection's inbox for broadcasts, made before the upgrade completes: the connection is
@@ -144,7 +153,6 @@ pub async fn serve(
         overflowed,
         socket_id,
     } = mailbox;
-    let (to_connection, mut from_channels) = mpsc::channel(state.settings.outbound_buffer);
     let write_timeout = state.settings.write_timeout();
     let mut connection = Connection {
         ws,
@@ -156,13 +164,11 @@ pub async fn serve(
             queue,
             overflowed: overflowed.clone(),
         },
-        to_connection,
+        channel_requests: None,
         write_timeout,
         catch_up_budget: CatchUpBudget::new(state.settings.max_catch_up_per_minute, Instant::now()),
     };
-    let end = connection
-        .run(&mut broadcasts, &mut from_channels, &overflowed)
-        .await;
+    let end = connection.run(&mut broadcasts, &overflowed).await;
     connection.leave_all();
     drop(socket_id);
     if let ConnectionEnd::Close(code, why) = end {
@@ -179,7 +185,6 @@ impl Connection {
     async fn run(
         &mut self,
         broadcasts: &mut mpsc::Receiver<Arc<PubSubMessage>>,
-        from_channels: &mut mpsc::Receiver<ToConnection>,
         overflowed: &CancellationToken,
     ) -> ConnectionEnd {
         let idle_limit = self.state.settings.idle_timeout();
@@ -199,7 +204,7 @@ impl Connection {
                     self.on_client_message(received).await
                 }
                 Some(message) = broadcasts.recv() => self.deliver(&message).await,
-                Some(request) = from_channels.recv() => self.on_channel_request(request).await,
+                Some(request) = next_request(&mut self.channel_requests) => self.on_channel_request(request).await,
             };
             if let Err(end) = step {
                 return end;
@@ -382,15 +387,30 @@ impl Connection {
                     .await?,
                 guard: OrderGuard::after(0),
             },
-            Endpoint::Stats => ChannelKind::Stats(StatsChannel::spawn(
-                self.vsn,
-                &frame.topic,
-                &frame.join_ref,
-                self.to_connection.clone(),
-                &self.state.settings,
-                self.state.metrics.clone(),
-            )),
+            Endpoint::Stats => {
+                let connection = self.channel_requests().clone();
+                ChannelKind::Stats(StatsChannel::spawn(
+                    self.vsn,
+                    &frame.topic,
+                    &frame.join_ref,
+                    connection,
+                    &self.state.settings,
+                    self.state.metrics.clone(),
+                ))
+            }
         })
+    }
+
+    /// The sender channel tasks answer through, the queue opened on first use.
+    fn channel_requests(&mut self) -> &mpsc::Sender<ToConnection> {
+        let capacity = self.state.settings.outbound_buffer;
+        &self
+            .channel_requests
+            .get_or_insert_with(|| {
+                let (sender, receiver) = mpsc::channel(capacity);
+                ChannelRequests { sender, receiver }
+            })
+            .sender
     }
 
     pub(super) fn stop_channel(&self, topic: &str, kind: &ChannelKind) {
@@ -526,6 +546,14 @@ impl Connection {
         for (topic, channel) in channels {
             self.stop_channel(&topic, &channel.kind);
         }
+    }
+}
+
+/// The next request from the connection's channel tasks; never, while it has none.
+async fn next_request(requests: &mut Option<ChannelRequests>) -> Option<ToConnection> {
+    match requests {
+        Some(requests) => requests.receiver.recv().await,
+        None => std::future::pending().await,
     }
 }
 
