@@ -206,6 +206,16 @@ async fn upgrade_to(
     let settings = Arc::clone(&state.settings);
     let in_flight = state.tracker.token();
     let mailbox = connection::Mailbox::open(&state, &endpoint).await;
+    // Boxed: axum keeps the callback in the connection's task for the task's whole life, so what
+    // it captures is room every socket keeps (280 bytes inline, one pointer boxed).
+    let accepted = Box::new(Accepted {
+        vsn,
+        endpoint,
+        state,
+        mailbox,
+        held: (in_flight, slot),
+        span,
+    });
     upgrade
         .read_buffer_size(settings.read_buffer_bytes)
         .write_buffer_size(settings.write_buffer_bytes)
@@ -216,14 +226,28 @@ async fn upgrade_to(
         .max_frame_size(settings.max_frame_bytes)
         .protocols(["phoenix"])
         .on_upgrade(move |socket| {
-            tracing::Instrument::instrument(
-                async move {
-                    let (_in_flight, _slot) = (in_flight, slot);
-                    connection::serve(socket, vsn, endpoint, state, mailbox).await;
-                },
+            let Accepted {
+                vsn,
+                endpoint,
+                state,
+                mailbox,
+                held,
                 span,
-            )
+            } = *accepted;
+            // Built here, not in an async block: the task holds one copy of the connection.
+            let connection = connection::Connection::new(socket, vsn, endpoint, state, mailbox);
+            tracing::Instrument::instrument(connection.serve(held), span)
         })
+}
+
+/// What an accepted upgrade hands to its connection once the socket is open.
+struct Accepted {
+    vsn: Vsn,
+    endpoint: Endpoint,
+    state: SocketState,
+    mailbox: connection::Mailbox,
+    held: connection::Held,
+    span: tracing::Span,
 }
 
 /// The token offered as `Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.<base64url token>`.

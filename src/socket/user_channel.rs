@@ -153,7 +153,9 @@ impl Connection {
     }
 
     /// Pushes one event of a user topic through the channel's order guard: a duplicate is dropped,
-    /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up.
+    /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up. The
+    /// fill and the catch-up read PostgreSQL and run boxed: inline, their futures would be room
+    /// every idle connection keeps (see `Connection`).
     pub(super) async fn deliver_push(
         &mut self,
         topic: &str,
@@ -167,7 +169,7 @@ impl Connection {
             // Broadcasts may have been lost while the node's fan-out queue was away. Nothing was
             // reported missed to this client: any hole is told by phx_error.
             let after = guard.last();
-            return self.catch_up(topic, after, false).await;
+            return Box::pin(self.catch_up(topic, after, false)).await;
         }
         let Some(seq) = push.seq else {
             return self.push(topic, None, push).await;
@@ -178,23 +180,33 @@ impl Connection {
                 Ok(())
             }
             Admit::Push => self.push(topic, Some(seq), push).await,
-            Admit::Gap { after } => {
-                let settings = &self.state.settings;
-                let filled = match GapFill::gap(
-                    after,
-                    seq,
-                    settings.max_gap_fill,
-                    settings.max_gap_fill_total,
-                ) {
-                    Ok(gap) => self.fill(topic, gap).await?,
-                    Err(hole) => Err(hole),
-                };
-                match filled {
-                    Ok(()) => self.push(topic, Some(seq), push).await,
-                    // Never past the hole: the client rejoins and catches up from its last seq.
-                    Err(hole) => self.error_channel(topic, hole).await,
-                }
-            }
+            Admit::Gap { after } => Box::pin(self.fill_gap(topic, after, seq, push)).await,
+        }
+    }
+
+    /// Fills the gap between `after` (pushed) and `seq` (just arrived) from PostgreSQL, then pushes
+    /// `push`; a gap that cannot be filled closes the channel with `phx_error` instead.
+    async fn fill_gap(
+        &mut self,
+        topic: &str,
+        after: i64,
+        seq: i64,
+        push: &Push,
+    ) -> Result<(), ConnectionEnd> {
+        let settings = &self.state.settings;
+        let filled = match GapFill::gap(
+            after,
+            seq,
+            settings.max_gap_fill,
+            settings.max_gap_fill_total,
+        ) {
+            Ok(gap) => self.fill(topic, gap).await?,
+            Err(hole) => Err(hole),
+        };
+        match filled {
+            Ok(()) => self.push(topic, Some(seq), push).await,
+            // Never past the hole: the client rejoins and catches up from its last seq.
+            Err(hole) => self.error_channel(topic, hole).await,
         }
     }
 
