@@ -184,9 +184,12 @@ impl PubSub {
         let id = SubscriptionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         {
             let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+            // Room for one: a topic is a user's, and most users have one socket. A Vec's first
+            // push would make room for four (96 bytes, two topics per socket); a second
+            // subscriber grows it as usual.
             topics
                 .entry(Arc::from(topic))
-                .or_default()
+                .or_insert_with(|| Vec::with_capacity(1))
                 .push((id, subscriber));
         }
         let Some(cluster) = &self.cluster else {
