@@ -237,6 +237,81 @@ impl CatchUpBudget {
     }
 }
 
+/// A connection's joined channels (or anything else kept per topic), by topic.
+///
+/// A Vec searched in order rather than a HashMap: a connection joins one channel or a few (at most
+/// `socket.max_channels`, 100 by default), and a HashMap's smallest table (room for three, 276
+/// bytes) was most of what a joined channel cost. The Vec starts with room for one and doubles.
+#[derive(Debug)]
+pub struct ByTopic<V> {
+    entries: Vec<(String, V)>,
+}
+
+impl<V> Default for ByTopic<V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<V> ByTopic<V> {
+    /// The value of `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<&V> {
+        self.entries
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, v)| v)
+    }
+
+    /// [`Self::get`], to change it.
+    pub fn get_mut(&mut self, topic: &str) -> Option<&mut V> {
+        self.entries
+            .iter_mut()
+            .find(|(t, _)| t == topic)
+            .map(|(_, v)| v)
+    }
+
+    /// True when `topic` has a value.
+    pub fn contains(&self, topic: &str) -> bool {
+        self.get(topic).is_some()
+    }
+
+    /// How many topics have a value.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no topic has a value.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Sets `topic`'s value; returns the one it replaces.
+    pub fn insert(&mut self, topic: String, value: V) -> Option<V> {
+        if let Some(current) = self.get_mut(&topic) {
+            return Some(std::mem::replace(current, value));
+        }
+        if self.entries.len() == self.entries.capacity() {
+            // Room for one first (a Vec's first push would make room for four), then doubling.
+            self.entries.reserve_exact(self.entries.len().max(1));
+        }
+        self.entries.push((topic, value));
+        None
+    }
+
+    /// Removes `topic`'s value and returns it.
+    pub fn remove(&mut self, topic: &str) -> Option<V> {
+        let at = self.entries.iter().position(|(t, _)| t == topic)?;
+        Some(self.entries.swap_remove(at).1)
+    }
+
+    /// Removes every value and returns them with their topics, in no particular order.
+    pub fn take_all(&mut self) -> Vec<(String, V)> {
+        std::mem::take(&mut self.entries)
+    }
+}
+
 /// One joined channel on a connection.
 pub struct JoinedChannel {
     /// The join's ref, echoed on every frame of this channel.
@@ -293,6 +368,28 @@ pub enum ToConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_topic_keeps_one_value_per_topic() {
+        let mut channels = ByTopic::default();
+        assert!(channels.is_empty());
+        assert_eq!(channels.insert("user:1".to_owned(), 1), None);
+        assert_eq!(channels.entries.capacity(), 1, "room for one at first");
+        assert_eq!(channels.insert("user:2".to_owned(), 2), None);
+        assert_eq!(
+            channels.insert("user:1".to_owned(), 10),
+            Some(1),
+            "replaced"
+        );
+        assert_eq!(channels.len(), 2);
+        assert_eq!(channels.get("user:1"), Some(&10));
+        *channels.get_mut("user:2").unwrap() += 1;
+        assert_eq!(channels.remove("user:2"), Some(3));
+        assert_eq!(channels.remove("user:2"), None);
+        assert!(!channels.contains("user:2") && channels.contains("user:1"));
+        assert_eq!(channels.take_all(), vec![("user:1".to_owned(), 10)]);
+        assert!(channels.is_empty());
+    }
 
     #[test]
     fn the_first_push_is_checked_against_where_the_channel_started() {

@@ -7,7 +7,9 @@
 //! can panic the node.
 
 use super::SocketState;
-use super::channel::{CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection};
+use super::channel::{
+    ByTopic, CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection,
+};
 use super::protocol::{self, Frame, Reply, Request, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn, null};
 use super::stats::StatsChannel;
 use super::user_channel::{CatchUp, catch_up_plan, record_acks};
@@ -17,7 +19,6 @@ use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, timeout};
@@ -70,7 +71,7 @@ pub(super) struct Connection {
     pub(super) vsn: Vsn,
     pub(super) endpoint: Endpoint,
     pub(super) state: SocketState,
-    pub(super) channels: HashMap<String, JoinedChannel>,
+    pub(super) channels: ByTopic<JoinedChannel>,
     /// What this connection's channels subscribe with: its inbox and its overflow switch.
     subscriber: Subscriber,
     /// The inbox's receiving end: broadcasts to this connection's topics.
@@ -177,7 +178,7 @@ impl Connection {
             vsn,
             endpoint,
             state,
-            channels: HashMap::new(),
+            channels: ByTopic::default(),
             subscriber: Subscriber { queue, overflowed },
             broadcasts,
             socket_id,
@@ -304,7 +305,7 @@ impl Connection {
         if let Err(refusal) = self.admit_join(&frame) {
             return self.refuse_join(&frame, channel_tag, refusal).await;
         }
-        let replacing = self.channels.contains_key(&frame.topic);
+        let replacing = self.channels.contains(&frame.topic);
         if !replacing && self.channels.len() >= self.state.settings.max_channels {
             return self
                 .refuse_join(&frame, channel_tag, Refusal::TooManyChannels)
@@ -574,8 +575,7 @@ impl Connection {
     }
 
     fn leave_all(&mut self) {
-        let channels: Vec<_> = self.channels.drain().collect();
-        for (topic, channel) in channels {
+        for (topic, channel) in self.channels.take_all() {
             self.stop_channel(&topic, &channel.kind);
         }
     }
