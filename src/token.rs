@@ -36,14 +36,15 @@ struct Claims {
 /// Signs and verifies tokens with one secret.
 #[derive(Clone)]
 pub struct TokenSigner {
-    secret: Vec<u8>,
+    /// Shared: every socket's state holds a signer, and a clone must not copy the key.
+    secret: std::sync::Arc<[u8]>,
 }
 
 impl TokenSigner {
     /// A signer for `secret`.
     pub fn new(secret: &str) -> Self {
         Self {
-            secret: secret.as_bytes().to_vec(),
+            secret: secret.as_bytes().into(),
         }
     }
 
