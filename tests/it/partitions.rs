@@ -449,15 +449,7 @@ async fn an_outcome_under_a_lease_that_moved_on_is_refused() {
 /// renewal waits at 3 without having locked 7 (locking in the order rows are stored, it held 7).
 #[tokio::test]
 async fn a_lease_renewal_locks_its_rows_in_partition_order() {
-    let settings = crate::common::test_settings();
-    let _deployment = crate::common::DropsDeployment(settings.clone());
-    herald::store::Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = herald::store::Store::connect(&settings.store)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (_deployment, store) = crate::common::migrated_store().await;
     store.set_partition_layout(8).await.unwrap();
     store.renew_and_acquire("a", &[3, 7], 60_000).await.unwrap();
     // Partition 3's row moves behind 7's: an update writes its new version at the page's end.

@@ -17,7 +17,7 @@
 //! One fixture (1.5 million rows, filled by `generate_series` in about 15 s) serves every
 //! statement. The test is in the normal suite, so CI runs it: `cargo test --test it plans`.
 
-use herald::store::{self, Store};
+use herald::store;
 use sqlx::{PgConnection, Row};
 use std::fmt::Write as _;
 use uuid::Uuid;
@@ -146,23 +146,11 @@ struct Statement {
     planning: Option<&'static str>,
 }
 
-/// A migrated database of the test's own (dropped with the guard, after the store).
-async fn migrated_store() -> (crate::common::DropsDeployment, Store) {
-    let settings = crate::common::test_settings();
-    let deployment = crate::common::DropsDeployment(settings.clone());
-    Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = Store::connect(&settings.store).await.unwrap();
-    store.migrate().await.unwrap();
-    (deployment, store)
-}
-
 /// Every statement of the hot path, in three states of the statistics and both plan modes, with
 /// realistic arguments: none reads a large table whole (and the check rejects a plan that does).
 #[tokio::test]
 async fn no_hot_statement_reads_a_large_table_whole_whatever_the_statistics() {
-    let (_deployment, store) = migrated_store().await;
+    let (_deployment, store) = crate::common::migrated_store().await;
     let mut conn = store.pool().acquire().await.unwrap();
     let analyzed_empty = sizes(&mut conn).await;
     assert!(
@@ -1109,7 +1097,7 @@ fn the_plan_check_names_whole_reads_only() {
 /// old events written after the summary.
 #[tokio::test]
 async fn retention_by_age_reads_no_page_of_recent_events() {
-    let (_deployment, store) = migrated_store().await;
+    let (_deployment, store) = crate::common::migrated_store().await;
     let mut conn = store.pool().acquire().await.unwrap();
     // An hour of 100,000 delivered events (about 40 block ranges), never vacuumed.
     run(
@@ -1181,7 +1169,7 @@ async fn retention_by_age_reads_no_page_of_recent_events() {
 /// passed over and kept.
 #[tokio::test]
 async fn retention_by_count_reads_no_pruned_rows_and_waits_for_events_in_flight() {
-    let (_deployment, store) = migrated_store().await;
+    let (_deployment, store) = crate::common::migrated_store().await;
     let mut conn = store.pool().acquire().await.unwrap();
     // 200 users with 500 delivered events each; u7's 250th still in flight, u8's failed.
     run(

@@ -286,15 +286,7 @@ async fn a_second_retry_destroyed_in_its_delay_queue_is_swept_and_delivered() {
 #[tokio::test]
 async fn the_relay_depth_and_sweep_statements_read_a_bounded_range_of_the_outbox() {
     // A migrated database and no node: a node's relay would claim the rows meanwhile.
-    let settings = crate::common::test_settings();
-    let _deployment = crate::common::DropsDeployment(settings.clone());
-    herald::store::Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = herald::store::Store::connect(&settings.store)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (_deployment, store) = crate::common::migrated_store().await;
     let pool = store.pool();
     sqlx::query(
         "INSERT INTO outbox (id, event_ids, created_at, partition, confirmed_at)

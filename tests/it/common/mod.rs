@@ -127,6 +127,21 @@ impl Drop for DropsDeployment {
     }
 }
 
+/// A migrated database of the test's own and its store, no node (dropped with the guard, after
+/// the store): for tests of statements that a node's background work would disturb.
+pub async fn migrated_store() -> (DropsDeployment, herald::store::Store) {
+    let settings = test_settings();
+    let deployment = DropsDeployment(settings.clone());
+    herald::store::Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = herald::store::Store::connect(&settings.store)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    (deployment, store)
+}
+
 /// An event of `user` to insert straight into the store (bypassing the API and the publisher).
 pub async fn new_event(app: &TestApp, user: &str, data: &str) -> herald::store::NewEvent {
     let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
