@@ -255,13 +255,7 @@ fn say(what: impl AsRef<str>) {
 
 async fn harness(plan: Plan) -> anyhow::Result<()> {
     let started = Instant::now();
-    let nofile = sys::raise_nofile_limit();
-    if (nofile as usize) < plan.sockets + 1000 {
-        bail!(
-            "{} sockets need a higher open-files limit than {nofile}",
-            plan.sockets
-        );
-    }
+    sys::ensure_nofile_for(plan.sockets)?;
     std::fs::create_dir_all(out_dir())?;
     let names = Names::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));

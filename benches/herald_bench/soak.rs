@@ -444,13 +444,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let users = args.users.unwrap_or(args.sockets);
     check(&args, users)?;
-    let nofile = sys::raise_nofile_limit();
-    if (nofile as usize) < args.sockets + 1000 {
-        bail!(
-            "{} sockets need a higher open-files limit than {nofile}",
-            args.sockets
-        );
-    }
+    sys::ensure_nofile_for(args.sockets)?;
     std::fs::create_dir_all(out_dir())?;
     let names = Names::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));

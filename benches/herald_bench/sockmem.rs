@@ -61,13 +61,7 @@ struct Round {
 /// Runs the measurement: prints a line per round and the median, writes
 /// `target/bench/sockmem-latest.json`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let nofile = sys::raise_nofile_limit();
-    if (nofile as usize) < args.sockets + 1000 {
-        bail!(
-            "{} sockets need a higher open-files limit than {nofile}",
-            args.sockets
-        );
-    }
+    sys::ensure_nofile_for(args.sockets)?;
     std::fs::create_dir_all(out_dir())?;
     let names = Names::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));

@@ -3,6 +3,16 @@
 
 use std::time::Duration;
 
+/// Raises the open-files limit and checks it leaves room for `sockets` (and a thousand more
+/// descriptors: the database, the broker, the nodes' files).
+pub fn ensure_nofile_for(sockets: usize) -> anyhow::Result<()> {
+    let nofile = raise_nofile_limit();
+    if (nofile as usize) < sockets + 1000 {
+        anyhow::bail!("{sockets} sockets need a higher open-files limit than {nofile}");
+    }
+    Ok(())
+}
+
 /// Raises the soft open-files limit to the hard one (10,000 sockets need 10,000 descriptors on each
 /// side); returns the soft limit now in force.
 pub fn raise_nofile_limit() -> u64 {

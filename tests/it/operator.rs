@@ -366,24 +366,28 @@ async fn a_listener_that_cannot_bind_names_its_setting_in_one_line() {
     }
 }
 
+/// A column of `table`'s row in `pg_stat_user_tables` (when it was last analyzed, vacuumed...),
+/// as text; `None` for never.
+async fn table_stat(
+    store: &herald::store::Store,
+    column: &'static str,
+    table: &'static str,
+) -> Option<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT {column}::text FROM pg_stat_user_tables WHERE relname = $1"
+    ))
+    .bind(table)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
 /// The upkeep vacuums `events` when retention has left enough dead rows in it, not only every
 /// tenth round: until a vacuum their space is not used again, and the table grows by them.
 #[tokio::test]
 async fn upkeep_vacuums_events_once_its_dead_rows_call_for_it() {
-    let settings = test_settings();
-    let _deployment = DropsDeployment(settings.clone());
-    migrate(&settings).await;
-    let store = herald::store::Store::connect(&settings.store)
-        .await
-        .unwrap();
-    let vacuumed = || async {
-        sqlx::query_scalar::<_, Option<String>>(
-            "SELECT last_vacuum::text FROM pg_stat_user_tables WHERE relname = 'events'",
-        )
-        .fetch_one(store.pool())
-        .await
-        .unwrap()
-    };
+    let (_deployment, store) = crate::common::migrated_store().await;
+    let vacuumed = || table_stat(&store, "last_vacuum", "events");
     sqlx::raw_sql(
         "INSERT INTO producers (name, key_hash) VALUES ('load', '\\x00');
          INSERT INTO events (id, producer_id, user_id, seq, event, data, status, attempts,
@@ -432,19 +436,7 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
     let store = herald::store::Store::connect(&settings.store)
         .await
         .unwrap();
-    let stat = |column: &'static str, table: &'static str| {
-        let store = store.clone();
-        async move {
-            let at: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT {column}::text FROM pg_stat_user_tables WHERE relname = $1"
-            ))
-            .bind(table)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-            at
-        }
-    };
+    let stat = |column: &'static str, table: &'static str| table_stat(&store, column, table);
     crate::common::wait_until("migrate's ANALYZE", PATIENCE, || {
         stat("last_analyze", "events")
     })

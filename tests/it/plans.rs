@@ -999,6 +999,20 @@ async fn explain(conn: &mut PgConnection, sql: &str) -> String {
         .join("\n")
 }
 
+/// The `name=count` figures of each line of `plan` labelled `label` (`Heap Blocks:`,
+/// `Buffers:`), summed per line, top line first.
+fn figures(plan: &str, label: &str) -> Vec<i64> {
+    plan.lines()
+        .filter_map(|line| line.trim_start().strip_prefix(label))
+        .map(|counts| {
+            counts
+                .split_whitespace()
+                .filter_map(|count| count.split_once('=')?.1.parse::<i64>().ok())
+                .sum()
+        })
+        .collect()
+}
+
 /// Runs `sql` (one or more statements, no arguments).
 async fn run(conn: &mut PgConnection, sql: &str) {
     sqlx::raw_sql(sql)
@@ -1130,12 +1144,7 @@ async fn retention_by_age_reads_no_page_of_recent_events() {
         .await;
         let plan = explain(conn, "(ANALYZE, BUFFERS) EXECUTE age (30, 10000)").await;
         run(conn, "ROLLBACK").await;
-        let read = plan
-            .lines()
-            .filter_map(|l| l.trim_start().strip_prefix("Heap Blocks:"))
-            .flat_map(|counts| counts.split_whitespace())
-            .filter_map(|count| count.split_once('=')?.1.parse::<i64>().ok())
-            .sum();
+        let read = figures(&plan, "Heap Blocks:").iter().sum();
         (read, plan)
     }
     let (unsummarized, plan) = heap_pages(&mut conn).await;
@@ -1236,14 +1245,8 @@ async fn retention_by_count_reads_no_pruned_rows_and_waits_for_events_in_flight(
     // The buffers a batch's selection reads (the delete then touches the rows it selected).
     async fn buffers(conn: &mut PgConnection, select: &str) -> (i64, String) {
         let plan = explain(conn, &format!("(ANALYZE, BUFFERS) {select}")).await;
-        let first = plan
-            .lines()
-            .find_map(|l| l.trim_start().strip_prefix("Buffers:"))
-            .unwrap_or_default();
-        let read = first
-            .split_whitespace()
-            .filter_map(|count| count.split_once('=')?.1.parse::<i64>().ok())
-            .sum();
+        // The top node's line: the whole statement's.
+        let read = figures(&plan, "Buffers:").first().copied().unwrap_or(0);
         (read, plan)
     }
     let select = store::PRUNE_EVENTS_PAST_COUNT_SQL
