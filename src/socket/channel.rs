@@ -15,7 +15,7 @@
 //! join's catch-up fills the hole or reports `missed`.
 
 use super::stats::StatsChannel;
-use crate::pubsub::SubscriptionId;
+use super::user_channel::UserChannel;
 use serde_json::value::RawValue;
 
 /// What to do with an incoming event of seq `n`.
@@ -320,33 +320,10 @@ pub struct JoinedChannel {
     pub kind: ChannelKind,
 }
 
-impl JoinedChannel {
-    /// A user channel's order guard; `None` for a stats channel, which has no order.
-    pub fn guard(&self) -> Option<&OrderGuard> {
-        match &self.kind {
-            ChannelKind::User { guard, .. } => Some(guard),
-            ChannelKind::Stats(_) => None,
-        }
-    }
-
-    /// [`Self::guard`], to record a push.
-    pub fn guard_mut(&mut self) -> Option<&mut OrderGuard> {
-        match &mut self.kind {
-            ChannelKind::User { guard, .. } => Some(guard),
-            ChannelKind::Stats(_) => None,
-        }
-    }
-}
-
 /// The channels Herald serves.
 pub enum ChannelKind {
     /// `user:<id>` on the user socket: fed by pubsub, guarded for order.
-    User {
-        /// The pubsub subscription feeding it.
-        subscription: SubscriptionId,
-        /// Duplicate and gap detection.
-        guard: OrderGuard,
-    },
+    User(UserChannel),
     /// Any topic on the stats socket: a task of its own, answering client pushes.
     Stats(StatsChannel),
 }

@@ -2,44 +2,26 @@
 //!
 //! The connection task owns the socket and everything about it: its joined channels, its bounded
 //! queues (pubsub broadcasts in, channel tasks' frames in), its idle timer. It reads client frames,
-//! answers control frames itself, routes client pushes to channels, and writes pushed events through
-//! each user channel's order guard. A bad frame closes only this connection; nothing a client sends
-//! can panic the node.
+//! answers control frames itself, routes client pushes to channels, and hands pushed events to
+//! their user channel ([`UserChannel`]), which puts them through its order guard. A bad frame
+//! closes only this connection; nothing a client sends can panic the node.
 
 use super::SocketState;
-use super::channel::{
-    ByTopic, CatchUpBudget, ChannelKind, JoinedChannel, OrderGuard, ToConnection,
-};
+use super::channel::{ByTopic, CatchUpBudget, ChannelKind, JoinedChannel, ToConnection, Unfilled};
+use super::mailbox::{Mailbox, SocketIdSubscription};
 use super::protocol::{self, Frame, Reply, Request, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn, null};
 use super::stats::StatsChannel;
-use super::user_channel::{CatchUp, catch_up_plan, record_acks};
+use super::user_channel::{CatchUp, ChannelIo, UserChannel, record_acks};
+use super::wire::{Wire, close_code};
 use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-
-/// Close codes Herald uses (RFC 6455 and the IANA registry).
-mod close_code {
-    /// Going away: idle timeout, or the user's connections were disconnected by the server.
-    pub const GOING_AWAY: u16 = 1001;
-    /// Unsupported data: binary frames.
-    pub const UNSUPPORTED: u16 = 1003;
-    /// Invalid payload data: a malformed frame.
-    pub const INVALID: u16 = 1007;
-    /// Policy violation: a client that does not read its events.
-    pub const POLICY: u16 = 1008;
-    /// Message too big.
-    pub const TOO_BIG: u16 = 1009;
-    /// Service restart: the node is draining; clients reconnect elsewhere.
-    pub const RESTART: u16 = 1012;
-}
 
 /// Which socket a connection came in on.
 #[derive(Clone, Debug)]
@@ -67,11 +49,10 @@ pub(super) enum ConnectionEnd {
 /// they run. Inline, each `async fn` argument and nested future is room the task keeps for its
 /// whole life: 4.7 KB per socket, where the echo server's whole socket is 6.8 KB.
 pub(super) struct Connection {
-    ws: WebSocket,
-    pub(super) vsn: Vsn,
-    pub(super) endpoint: Endpoint,
-    pub(super) state: SocketState,
-    pub(super) channels: ByTopic<JoinedChannel>,
+    wire: Wire,
+    endpoint: Endpoint,
+    state: SocketState,
+    channels: ByTopic<JoinedChannel>,
     /// What this connection's channels subscribe with: its inbox and its overflow switch.
     subscriber: Subscriber,
     /// The inbox's receiving end: broadcasts to this connection's topics.
@@ -82,74 +63,15 @@ pub(super) struct Connection {
     /// one: a user socket has none, and the queue's first block alone (1.3 KB) was a fifth of
     /// what a user socket cost beyond the echo server.
     channel_requests: Option<ChannelRequests>,
-    /// What this connection may still read for catch-ups (see [`CatchUpBudget`]).
-    pub(super) catch_up_budget: CatchUpBudget,
+    /// What this connection may still read for catch-ups (see [`CatchUpBudget`]): the
+    /// connection's, not a channel's, so rejoining does not refill it.
+    catch_up_budget: CatchUpBudget,
 }
 
 /// The queue from a connection's channel tasks to the connection.
 struct ChannelRequests {
     sender: mpsc::Sender<ToConnection>,
     receiver: mpsc::Receiver<ToConnection>,
-}
-
-/// A connection's inbox for broadcasts, made before the upgrade completes: the connection is
-/// subscribed to its user's socket id by then, so a server-side disconnect sent as soon as the
-/// client sees its socket open cannot miss it. Dropped unused (the upgrade failed), it unsubscribes.
-pub struct Mailbox {
-    queue: mpsc::Sender<Arc<PubSubMessage>>,
-    broadcasts: mpsc::Receiver<Arc<PubSubMessage>>,
-    overflowed: CancellationToken,
-    socket_id: Option<SocketIdSubscription>,
-}
-
-/// The subscription to a user's socket id (`users_socket:<id>`), undone when dropped.
-struct SocketIdSubscription {
-    pubsub: crate::pubsub::PubSub,
-    topic: String,
-    id: crate::pubsub::SubscriptionId,
-}
-
-impl Drop for SocketIdSubscription {
-    fn drop(&mut self) {
-        self.pubsub.unsubscribe(&self.topic, self.id);
-    }
-}
-
-impl Mailbox {
-    /// The inbox of a connection on `endpoint`; a user's is subscribed to its socket id, where a
-    /// "disconnect" broadcast closes every connection of the user.
-    pub async fn open(state: &SocketState, endpoint: &Endpoint) -> Self {
-        let (queue, broadcasts) = mpsc::channel(state.settings.outbound_buffer);
-        let overflowed = CancellationToken::new();
-        let socket_id = match endpoint {
-            Endpoint::User(user) => {
-                let subscriber = Subscriber {
-                    queue: queue.clone(),
-                    overflowed: overflowed.clone(),
-                };
-                let topic = user.socket_id();
-                match state.pubsub.subscribe(&topic, subscriber).await {
-                    Ok(id) => Some(SocketIdSubscription {
-                        pubsub: state.pubsub.clone(),
-                        topic,
-                        id,
-                    }),
-                    Err(error) => {
-                        // The connection still works; only a server-side disconnect would miss it.
-                        tracing::warn!(error = %error, "cannot subscribe to the socket id");
-                        None
-                    }
-                }
-            }
-            Endpoint::Stats => None,
-        };
-        Self {
-            queue,
-            broadcasts,
-            overflowed,
-            socket_id,
-        }
-    }
 }
 
 /// What a connection holds until it has ended (its close frame sent): its place in the node's
@@ -174,8 +96,7 @@ impl Connection {
         let catch_up_budget =
             CatchUpBudget::new(state.settings.max_catch_up_per_minute, Instant::now());
         Self {
-            ws,
-            vsn,
+            wire: Wire::new(ws, vsn, state.settings.write_timeout()),
             endpoint,
             state,
             channels: ByTopic::default(),
@@ -198,11 +119,7 @@ impl Connection {
             self.socket_id = None;
             if let ConnectionEnd::Close(code, why) = end {
                 tracing::debug!(code, reason = why, "closing connection");
-                let frame = Message::Close(Some(CloseFrame {
-                    code,
-                    reason: why.into(),
-                }));
-                let _ = timeout(self.state.settings.write_timeout(), self.ws.send(frame)).await;
+                self.wire.close(code, why).await;
             }
             drop(held);
         }
@@ -222,7 +139,7 @@ impl Connection {
                     Err(ConnectionEnd::Close(close_code::POLICY, "too slow: outbound queue full"))
                 }
                 () = &mut idle => Err(ConnectionEnd::Close(close_code::GOING_AWAY, "idle timeout")),
-                received = self.ws.recv() => {
+                received = self.wire.ws.recv() => {
                     idle.as_mut().reset(Instant::now() + idle_limit);
                     match self.client_text(received) {
                         Ok(Some(text)) => self.on_frame(text.as_str()).await,
@@ -270,7 +187,7 @@ impl Connection {
     }
 
     async fn on_frame(&mut self, text: &str) -> Result<(), ConnectionEnd> {
-        let frame = match protocol::decode(self.vsn, text) {
+        let frame = match protocol::decode(self.wire.vsn, text) {
             Ok(frame) => frame,
             Err(error) => {
                 self.state.metrics.socket_malformed_frame(error.label());
@@ -288,15 +205,10 @@ impl Connection {
         }
     }
 
-    /// A join: subscribe, then read where the channel starts, then answer and catch up.
-    ///
-    /// The order is what makes a join gap-free: once the subscription can receive (in cluster mode,
-    /// once its topic is bound), every event committed later is broadcast to it; reading the
-    /// user's last seq only then leaves no event between the two. Broadcasts that arrive meanwhile
-    /// wait in the connection's queue and go through the channel's order guard, which starts at
-    /// that seq: what is at or below it is dropped, what follows it is pushed, and a hole is filled
-    /// from PostgreSQL. A second join of a joined topic replaces the first only once the new one can
-    /// answer; a join that cannot is refused and the instance already joined stays as it was.
+    /// A join: start the channel (a user channel subscribes, then reads where it starts: see
+    /// [`UserChannel::open`]), then answer and catch up. A second join of a joined topic replaces
+    /// the first only once the new one can answer; a join that cannot is refused and the instance
+    /// already joined stays as it was.
     async fn join(&mut self, frame: Frame) -> Result<(), ConnectionEnd> {
         let channel_tag = match &self.endpoint {
             Endpoint::User(_) => USER_CHANNEL,
@@ -311,40 +223,19 @@ impl Connection {
                 .refuse_join(&frame, channel_tag, Refusal::TooManyChannels)
                 .await;
         }
-        let kind = match self.start_channel(&frame).await {
-            Ok(kind) => kind,
-            Err(error) => {
-                tracing::warn!(error = %error, topic = %frame.topic, "join failed: fan-out unavailable");
-                return self
-                    .refuse_join(&frame, channel_tag, Refusal::Unavailable)
-                    .await;
-            }
-        };
-        // A join whose start cannot be read is refused (the official client retries with backoff),
-        // not answered with a last_seq it cannot trust.
-        let catch_up = match &self.endpoint {
-            Endpoint::User(user) => match catch_up_plan(&self.state, user, &frame.payload).await {
-                Some(plan) => Some(plan),
-                None => {
-                    self.stop_channel(&frame.topic, &kind);
-                    return self
-                        .refuse_join(&frame, channel_tag, Refusal::Unavailable)
-                        .await;
-                }
-            },
-            Endpoint::Stats => None,
+        let Some((kind, catch_up)) = self.start_channel(&frame).await else {
+            return self
+                .refuse_join(&frame, channel_tag, Refusal::Unavailable)
+                .await;
         };
         let previous = self.channels.remove(&frame.topic);
         if let Some(previous) = &previous {
             self.stop_channel(&frame.topic, &previous.kind);
         }
-        let mut channel = JoinedChannel {
+        let channel = JoinedChannel {
             join_ref: frame.join_ref.clone(),
             kind,
         };
-        if let (Some(plan), Some(guard)) = (&catch_up, channel.guard_mut()) {
-            *guard = OrderGuard::after(plan.start());
-        }
         self.channels.insert(frame.topic.clone(), channel);
         self.state.metrics.channel_join(channel_tag, true);
         let reply = catch_up
@@ -407,30 +298,30 @@ impl Connection {
         }
     }
 
-    /// Makes the channel's state: a user channel's subscription (returned once it can receive;
-    /// its guard is set by the join), or a stats channel's task.
-    async fn start_channel(&mut self, frame: &Frame) -> Result<ChannelKind, crate::pubsub::Error> {
-        Ok(match &self.endpoint {
-            Endpoint::User(_) => ChannelKind::User {
-                subscription: self
-                    .state
-                    .pubsub
-                    .subscribe(&frame.topic, self.subscriber.clone())
-                    .await?,
-                guard: OrderGuard::after(0),
-            },
+    /// Makes the channel's state: a user channel, subscribed and with its start read (and what its
+    /// join answers), or a stats channel's task. `None` when the user channel cannot start now.
+    async fn start_channel(&mut self, frame: &Frame) -> Option<(ChannelKind, Option<CatchUp>)> {
+        match &self.endpoint {
+            Endpoint::User(user) => {
+                let subscriber = self.subscriber.clone();
+                let (channel, plan) =
+                    UserChannel::open(&self.state, user, &frame.topic, subscriber, &frame.payload)
+                        .await?;
+                Some((ChannelKind::User(channel), Some(plan)))
+            }
             Endpoint::Stats => {
                 let connection = self.channel_requests().clone();
-                ChannelKind::Stats(StatsChannel::spawn(
-                    self.vsn,
+                let channel = StatsChannel::spawn(
+                    self.wire.vsn,
                     &frame.topic,
                     &frame.join_ref,
                     connection,
                     &self.state.settings,
                     self.state.metrics.clone(),
-                ))
+                );
+                Some((ChannelKind::Stats(channel), None))
             }
-        })
+        }
     }
 
     /// The sender channel tasks answer through, the queue opened on first use.
@@ -445,11 +336,12 @@ impl Connection {
             .sender
     }
 
-    pub(super) fn stop_channel(&self, topic: &str, kind: &ChannelKind) {
-        if let ChannelKind::User { subscription, .. } = kind {
-            self.state.pubsub.unsubscribe(topic, *subscription);
+    fn stop_channel(&self, topic: &str, kind: &ChannelKind) {
+        match kind {
+            ChannelKind::User(channel) => channel.stop(&self.state, topic),
+            // A stats channel stops when its handle is dropped.
+            ChannelKind::Stats(_) => {}
         }
-        // A stats channel stops when its handle is dropped.
     }
 
     async fn leave(&mut self, frame: Frame) -> Result<(), ConnectionEnd> {
@@ -487,14 +379,14 @@ impl Connection {
                         .await
                 }
             },
-            ChannelKind::User { .. } if request == Request::Ack => {
+            ChannelKind::User(_) if request == Request::Ack => {
                 let Endpoint::User(user) = &self.endpoint else {
                     return Ok(());
                 };
                 let reply = record_acks(&self.state, user, &frame).await;
                 self.reply(&frame, &join_ref, reply).await
             }
-            ChannelKind::User { .. } => {
+            ChannelKind::User(_) => {
                 self.reply(&frame, &join_ref, Reply::error(UNKNOWN_EVENT))
                     .await
             }
@@ -503,7 +395,7 @@ impl Connection {
 
     async fn on_channel_request(&mut self, request: ToConnection) -> Result<(), ConnectionEnd> {
         match request {
-            ToConnection::Frame(text) => self.send(text).await,
+            ToConnection::Frame(text) => self.wire.send(text).await,
             ToConnection::Close { topic, join_ref } => {
                 let current = self
                     .channels
@@ -520,8 +412,8 @@ impl Connection {
         }
     }
 
-    /// Pushes a broadcast's pushes through the channel's order guard, then flushes them together
-    /// (a run of events costs one write to the socket, not one per event).
+    /// Hands a broadcast's pushes to their user channel, then flushes them together (a run of
+    /// events costs one write to the socket, not one per event).
     async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), ConnectionEnd> {
         if message.topic.starts_with(SOCKET_ID_PREFIX) {
             if message.pushes.iter().any(|p| p.event == DISCONNECT_EVENT) {
@@ -533,9 +425,74 @@ impl Connection {
             return Ok(());
         }
         for push in &message.pushes {
-            self.deliver_push(&message.topic, push).await?;
+            // None: left while the message was queued (or closed over a hole by an earlier push).
+            let Some((channel, mut io)) = self.user_channel(&message.topic) else {
+                break;
+            };
+            if let Err(hole) = channel.deliver(&mut io, push).await? {
+                self.error_channel(&message.topic, hole).await?;
+            }
         }
-        self.flush().await
+        self.wire.flush().await
+    }
+
+    /// Catches `topic`'s user channel up from PostgreSQL after `after` (see
+    /// [`UserChannel::catch_up`]).
+    async fn catch_up(
+        &mut self,
+        topic: &str,
+        after: i64,
+        missed: bool,
+    ) -> Result<(), ConnectionEnd> {
+        let Some((channel, mut io)) = self.user_channel(topic) else {
+            return Ok(());
+        };
+        match channel.catch_up(&mut io, after, missed).await? {
+            Ok(()) => Ok(()),
+            Err(hole) => self.error_channel(topic, hole).await,
+        }
+    }
+
+    /// `topic`'s user channel, if joined, with what its steps borrow of this connection.
+    fn user_channel<'a>(
+        &'a mut self,
+        topic: &'a str,
+    ) -> Option<(&'a mut UserChannel, ChannelIo<'a>)> {
+        let Endpoint::User(user) = &self.endpoint else {
+            return None;
+        };
+        let JoinedChannel {
+            join_ref,
+            kind: ChannelKind::User(channel),
+        } = self.channels.get_mut(topic)?
+        else {
+            return None;
+        };
+        let io = ChannelIo {
+            wire: &mut self.wire,
+            state: &self.state,
+            user,
+            budget: &mut self.catch_up_budget,
+            topic,
+            join_ref,
+        };
+        Some((channel, io))
+    }
+
+    /// Removes `topic`'s user channel over a hole it cannot fill now, and closes it with
+    /// `phx_error` ([`UserChannel::close_over`]).
+    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), ConnectionEnd> {
+        let Some(JoinedChannel {
+            join_ref,
+            kind: ChannelKind::User(channel),
+        }) = self.channels.remove(topic)
+        else {
+            return Ok(());
+        };
+        let payload = channel.close_over(&self.state, topic, hole);
+        self.wire
+            .send_channel_event(&join_ref, topic, "phx_error", &payload)
+            .await
     }
 
     async fn reply(
@@ -544,8 +501,9 @@ impl Connection {
         join_ref: &RawValue,
         reply: Reply,
     ) -> Result<(), ConnectionEnd> {
-        let text = protocol::encode_reply(self.vsn, join_ref, &frame.msg_ref, &frame.topic, &reply);
-        self.send(text).await
+        self.wire
+            .reply(join_ref, &frame.msg_ref, &frame.topic, &reply)
+            .await
     }
 
     async fn close_channel(
@@ -553,25 +511,9 @@ impl Connection {
         topic: &str,
         join_ref: &RawValue,
     ) -> Result<(), ConnectionEnd> {
-        let text = protocol::encode(self.vsn, join_ref, join_ref, topic, "phx_close", "{}");
-        self.send(text).await
-    }
-
-    /// Writes a frame and flushes it (with whatever was queued before it).
-    pub(super) async fn send(&mut self, text: String) -> Result<(), ConnectionEnd> {
-        self.feed(text).await?;
-        self.flush().await
-    }
-
-    /// Queues a frame without flushing (it may still be written if the write buffer fills).
-    pub(super) async fn feed(&mut self, text: String) -> Result<(), ConnectionEnd> {
-        let limit = self.state.settings.write_timeout();
-        let fed = timeout(limit, self.ws.feed(Message::Text(text.into()))).await;
-        written(fed)
-    }
-
-    pub(super) async fn flush(&mut self) -> Result<(), ConnectionEnd> {
-        written(timeout(self.state.settings.write_timeout(), self.ws.flush()).await)
+        self.wire
+            .send_channel_event(join_ref, topic, "phx_close", "{}")
+            .await
     }
 
     fn leave_all(&mut self) {
@@ -586,23 +528,6 @@ async fn next_request(requests: &mut Option<ChannelRequests>) -> Option<ToConnec
     match requests {
         Some(requests) => requests.receiver.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// What a timed write to the socket came to.
-fn written(
-    result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-) -> Result<(), ConnectionEnd> {
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => {
-            tracing::debug!(error = %error, "websocket write failed");
-            Err(ConnectionEnd::Gone)
-        }
-        Err(_) => {
-            tracing::debug!("websocket write timed out");
-            Err(ConnectionEnd::Gone)
-        }
     }
 }
 

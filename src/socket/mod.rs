@@ -8,15 +8,18 @@
 //! token; any topic is a stats channel (see [`stats`]). Before any upgrade, a browser's origin is
 //! checked ([`origin`], 403) and the node's room for sockets of that kind (503): each connection
 //! holds a permit until it ends. Protocol parsing is in [`protocol`] (pure), the per-connection loop in
-//! `connection`, the user channel's catch-up and acks in `user_channel`, channel state and per-user
-//! ordering in [`channel`].
+//! `connection` (writing through its `wire`, fed by its `mailbox`), the user channel (its order
+//! guard, gap fills, catch-up and acks) in `user_channel`, the bookkeeping those rest on (the guard,
+//! gap paging, the catch-up budget) in [`channel`].
 
 pub mod channel;
 mod connection;
+mod mailbox;
 pub mod origin;
 pub mod protocol;
 pub mod stats;
 mod user_channel;
+mod wire;
 
 use connection::Endpoint;
 
@@ -205,7 +208,7 @@ async fn upgrade_to(
 ) -> Response {
     let settings = Arc::clone(&state.settings);
     let in_flight = state.tracker.token();
-    let mailbox = connection::Mailbox::open(&state, &endpoint).await;
+    let mailbox = mailbox::Mailbox::open(&state, &endpoint).await;
     // Boxed: axum keeps the callback in the connection's task for the task's whole life, so what
     // it captures is room every socket keeps (280 bytes inline, one pointer boxed).
     let accepted = Box::new(Accepted {
@@ -245,7 +248,7 @@ struct Accepted {
     vsn: Vsn,
     endpoint: Endpoint,
     state: SocketState,
-    mailbox: connection::Mailbox,
+    mailbox: mailbox::Mailbox,
     held: connection::Held,
     span: tracing::Span,
 }

@@ -1,14 +1,16 @@
 //! The user channel (`user:<id>`): what its join answers (`last_seq`, `missed`) and the catch-up
 //! that follows, the order guard every pushed event goes through, gap fills from PostgreSQL, and the
-//! client's acks. The connection (`connection`) owns the socket and the protocol loop; this is the
-//! part of it that knows what a user's stream of events must look like.
+//! client's acks. [`UserChannel`] owns the channel's state (its subscription and order guard); the
+//! connection owns the socket and the protocol loop, and lends a step what it needs of them
+//! ([`ChannelIo`]). This is the part that knows what a user's stream of events must look like.
 
 use super::SocketState;
-use super::channel::{Admit, GapFill, JoinedChannel, OrderGuard, Unfilled};
-use super::connection::{Connection, ConnectionEnd, Endpoint};
-use super::protocol::{self, Frame, Reply, null};
+use super::channel::{Admit, CatchUpBudget, GapFill, OrderGuard, Unfilled};
+use super::connection::ConnectionEnd;
+use super::protocol::{Frame, Reply};
+use super::wire::Wire;
 use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
-use crate::pubsub::Push;
+use crate::pubsub::{Push, Subscriber, SubscriptionId};
 use crate::store::{ReadMark, SeqOrder};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -25,15 +27,11 @@ pub(super) const GAP_PAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// raised by the statement that prunes, is past it). `None` (logged) when PostgreSQL cannot be
 /// read in time: the join is refused and the client retries.
 ///
-/// Called only once the channel's subscription can receive (see `Connection::join`): every event
+/// Called only once the channel's subscription can receive (see [`UserChannel::open`]): every event
 /// committed after this read is broadcast after it, so it reaches the channel, and every event at
 /// or below the answer is history the channel drops (or, with `last_seq`, catches up from
 /// PostgreSQL). Read before the subscription, an event committed in between fell through.
-pub(super) async fn catch_up_plan(
-    state: &SocketState,
-    user: &UserId,
-    params: &RawValue,
-) -> Option<CatchUp> {
+async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) -> Option<CatchUp> {
     let requested = serde_json::from_str::<UserJoinParams>(params.get())
         .ok()
         .and_then(|p| p.last_seq)
@@ -123,111 +121,157 @@ impl CatchUp {
     }
 }
 
-impl Connection {
+/// A joined user channel: the subscription feeding it and its order guard, the last line of the
+/// user's order.
+pub struct UserChannel {
+    subscription: SubscriptionId,
+    guard: OrderGuard,
+}
+
+/// What a user channel's step borrows of its connection: the socket, the node's state, the
+/// connection's user and catch-up budget, and the channel's topic and join ref (kept by the
+/// connection, which looks channels up by topic).
+pub(super) struct ChannelIo<'a> {
+    pub(super) wire: &'a mut Wire,
+    pub(super) state: &'a SocketState,
+    pub(super) user: &'a UserId,
+    pub(super) budget: &'a mut CatchUpBudget,
+    pub(super) topic: &'a str,
+    pub(super) join_ref: &'a RawValue,
+}
+
+/// How a step left a user channel: `Err` is a hole in the user's stream it cannot fill now, and
+/// the connection closes the channel with `phx_error` ([`UserChannel::close_over`]) rather than push past
+/// it.
+pub(super) type Filled = Result<(), Unfilled>;
+
+impl UserChannel {
+    /// Opens `user`'s channel on `topic`: subscribes, then reads where the channel starts.
+    /// `None` (logged) when the fan-out or PostgreSQL cannot answer: the join is refused and the
+    /// client retries.
+    ///
+    /// The order is what makes a join gap-free: once the subscription can receive (in cluster
+    /// mode, once its topic is bound), every event committed later is broadcast to it; reading the
+    /// user's last seq only then leaves no event between the two. Broadcasts that arrive meanwhile
+    /// wait in the connection's queue and go through the order guard, which starts at that seq:
+    /// what is at or below it is dropped, what follows it is pushed, and a hole is filled from
+    /// PostgreSQL.
+    pub(super) async fn open(
+        state: &SocketState,
+        user: &UserId,
+        topic: &str,
+        subscriber: Subscriber,
+        params: &RawValue,
+    ) -> Option<(Self, CatchUp)> {
+        let subscription = match state.pubsub.subscribe(topic, subscriber).await {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::warn!(error = %error, topic, "join failed: fan-out unavailable");
+                return None;
+            }
+        };
+        // A join whose start cannot be read is refused (the official client retries with
+        // backoff), not answered with a last_seq it cannot trust.
+        let Some(plan) = catch_up_plan(state, user, params).await else {
+            state.pubsub.unsubscribe(topic, subscription);
+            return None;
+        };
+        let channel = Self {
+            subscription,
+            guard: OrderGuard::after(plan.start()),
+        };
+        Some((channel, plan))
+    }
+
+    /// Ends the channel's subscription; the channel is gone once its connection drops it.
+    pub(super) fn stop(&self, state: &SocketState, topic: &str) {
+        state.pubsub.unsubscribe(topic, self.subscription);
+    }
+
     /// Pushes the user's events after `after` from PostgreSQL, page by page, before live events
     /// (which wait in the connection's queue and are dropped by the order guard if already sent).
     /// Events retention removed are passed over only when the client was told (`missed`); one
-    /// pruned after the join read its watermark, or PostgreSQL unreadable, closes the channel with
-    /// `phx_error` and the client rejoins (and hears `missed: true` then).
+    /// pruned after the join read its watermark, or PostgreSQL unreadable, is a hole: the channel
+    /// is closed with `phx_error` and the client rejoins (and hears `missed: true` then).
     pub(super) async fn catch_up(
         &mut self,
-        topic: &str,
+        io: &mut ChannelIo<'_>,
         after: i64,
         missed: bool,
-    ) -> Result<(), ConnectionEnd> {
-        if let Some(guard) = self
-            .channels
-            .get_mut(topic)
-            .and_then(JoinedChannel::guard_mut)
-        {
-            guard.pushed(after);
-        }
-        let page = self.state.settings.max_gap_fill;
-        match self
-            .fill(topic, GapFill::catch_up(after, page, missed))
-            .await?
-        {
-            Ok(()) => Ok(()),
-            Err(hole) => self.error_channel(topic, hole).await,
-        }
+    ) -> Result<Filled, ConnectionEnd> {
+        self.guard.pushed(after);
+        let page = io.state.settings.max_gap_fill;
+        self.fill(io, GapFill::catch_up(after, page, missed)).await
     }
 
-    /// Pushes one event of a user topic through the channel's order guard: a duplicate is dropped,
-    /// a gap is filled first (or the channel closed with `phx_error`), a resync catches up. The
-    /// fill and the catch-up read PostgreSQL and run boxed: inline, their futures would be room
-    /// every idle connection keeps (see `Connection`).
-    pub(super) async fn deliver_push(
+    /// Pushes one event through the order guard: a duplicate is dropped, a gap is filled first, a
+    /// resync catches up. The fill and the catch-up read PostgreSQL and run boxed: inline, their
+    /// futures would be room every idle connection keeps (see `Connection`). The caller flushes.
+    pub(super) async fn deliver(
         &mut self,
-        topic: &str,
+        io: &mut ChannelIo<'_>,
         push: &Push,
-    ) -> Result<(), ConnectionEnd> {
-        // None: left while the message was queued.
-        let Some(guard) = self.channels.get(topic).and_then(JoinedChannel::guard) else {
-            return Ok(());
-        };
+    ) -> Result<Filled, ConnectionEnd> {
         if push.event == RESYNC_EVENT {
             // Broadcasts may have been lost while the node's fan-out queue was away. Nothing was
             // reported missed to this client: any hole is told by phx_error.
-            let after = guard.last();
-            return Box::pin(self.catch_up(topic, after, false)).await;
+            let after = self.guard.last();
+            return Box::pin(self.catch_up(io, after, false)).await;
         }
         let Some(seq) = push.seq else {
-            return self.push(topic, None, push).await;
+            return self.push(io, None, push).await.map(Ok);
         };
-        match guard.admit(seq) {
+        match self.guard.admit(seq) {
             Admit::Duplicate => {
-                self.state.metrics.socket_duplicate_dropped();
-                Ok(())
+                io.state.metrics.socket_duplicate_dropped();
+                Ok(Ok(()))
             }
-            Admit::Push => self.push(topic, Some(seq), push).await,
-            Admit::Gap { after } => Box::pin(self.fill_gap(topic, after, seq, push)).await,
+            Admit::Push => self.push(io, Some(seq), push).await.map(Ok),
+            Admit::Gap { after } => Box::pin(self.fill_gap(io, after, seq, push)).await,
         }
     }
 
     /// Fills the gap between `after` (pushed) and `seq` (just arrived) from PostgreSQL, then pushes
-    /// `push`; a gap that cannot be filled closes the channel with `phx_error` instead.
+    /// `push`; never past a gap that cannot be filled.
     async fn fill_gap(
         &mut self,
-        topic: &str,
+        io: &mut ChannelIo<'_>,
         after: i64,
         seq: i64,
         push: &Push,
-    ) -> Result<(), ConnectionEnd> {
-        let settings = &self.state.settings;
-        let filled = match GapFill::gap(
+    ) -> Result<Filled, ConnectionEnd> {
+        let settings = &io.state.settings;
+        let gap = GapFill::gap(
             after,
             seq,
             settings.max_gap_fill,
             settings.max_gap_fill_total,
-        ) {
-            Ok(gap) => self.fill(topic, gap).await?,
+        );
+        let filled = match gap {
+            Ok(gap) => self.fill(io, gap).await?,
             Err(hole) => Err(hole),
         };
         match filled {
-            Ok(()) => self.push(topic, Some(seq), push).await,
+            Ok(()) => self.push(io, Some(seq), push).await.map(Ok),
             // Never past the hole: the client rejoins and catches up from its last seq.
-            Err(hole) => self.error_channel(topic, hole).await,
+            Err(hole) => Ok(Err(hole)),
         }
     }
 
     /// Pushes, from PostgreSQL and page by page, the events `fill` is missing; each page is one
     /// read (bounded by [`GAP_PAGE_TIMEOUT`]) and one flush. Returns why the fill stopped short, if
-    /// it did; the caller closes the channel then. The connection waits meanwhile: a live gap's
-    /// total is bounded by `socket.max_gap_fill_total`.
-    #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %topic, after = ?fill.next_page().map(|p| p.0)))]
+    /// it did. The connection waits meanwhile: a live gap's total is bounded by
+    /// `socket.max_gap_fill_total`, a catch-up by the connection's budget.
+    #[tracing::instrument(name = "gap_fill", skip_all, fields(topic = %io.topic, after = ?fill.next_page().map(|p| p.0)))]
     async fn fill(
         &mut self,
-        topic: &str,
+        io: &mut ChannelIo<'_>,
         mut fill: GapFill,
-    ) -> Result<Result<(), Unfilled>, ConnectionEnd> {
-        let Endpoint::User(user) = &self.endpoint else {
-            return Ok(Ok(()));
-        };
-        let user = user.clone();
+    ) -> Result<Filled, ConnectionEnd> {
         while let Some((after, before, page)) = fill.next_page() {
             // Catch-ups draw on the connection's budget; a live gap's total is bounded apart.
             let limit = if fill.is_catch_up() {
-                self.catch_up_budget.take(page, Instant::now())
+                io.budget.take(page, Instant::now())
             } else {
                 page
             };
@@ -236,8 +280,8 @@ impl Connection {
             }
             let read = timeout(
                 GAP_PAGE_TIMEOUT,
-                self.state.store.user_events(
-                    user.as_str(),
+                io.state.store.user_events(
+                    io.user.as_str(),
                     after,
                     before,
                     limit,
@@ -258,25 +302,25 @@ impl Connection {
             };
             let count = rows.len();
             if fill.is_catch_up() {
-                self.catch_up_budget
+                io.budget
                     .refund(limit - i64::try_from(count).unwrap_or(limit));
             }
-            self.state.metrics.socket_gap_filled(count);
+            io.state.metrics.socket_gap_filled(count);
             for row in rows {
                 let seq = row.seq;
                 if let Err(hole) = fill.admit(seq) {
-                    self.flush().await?;
+                    io.wire.flush().await?;
                     return Ok(Err(hole));
                 }
                 match row.into_envelope() {
-                    Some(envelope) => self.push(topic, Some(seq), &(&envelope).into()).await?,
+                    Some(envelope) => self.push(io, Some(seq), &(&envelope).into()).await?,
                     // Stored but unreadable (the API never accepts such values): waiting cannot
                     // change it, so it is passed over rather than blocking the user's stream.
                     None => tracing::warn!(seq, "a stored event cannot be decoded; passed over"),
                 }
                 fill.pushed(seq);
             }
-            self.flush().await?;
+            io.wire.flush().await?;
             if let Err(hole) = fill.page_read(count, limit) {
                 return Ok(Err(hole));
             }
@@ -284,64 +328,42 @@ impl Connection {
         Ok(Ok(()))
     }
 
-    /// Closes a user channel whose stream has a hole it cannot fill now, with `phx_error` (what
-    /// Phoenix sends when a channel crashes): the official client rejoins by itself (after 1 s,
-    /// then backing off), re-sending its join params, so a client that passes its `last_seq`
-    /// catches up from PostgreSQL, which fills the hole or answers `missed: true`. The payload
-    /// also names the cause and the last seq pushed, for clients that rejoin by hand.
-    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), ConnectionEnd> {
-        let Some(channel) = self.channels.remove(topic) else {
-            return Ok(());
-        };
-        self.stop_channel(topic, &channel.kind);
-        let last = channel.guard().map(OrderGuard::last);
-        self.state.metrics.socket_gap_unfilled(hole.label());
-        tracing::warn!(
-            cause = hole.label(),
-            last_seq = ?last,
-            "a gap in a user's events cannot be filled now: channel closed with phx_error"
-        );
-        let payload = json!({ "reason": "gap_unfilled", "cause": hole.label(), "last_seq": last })
-            .to_string();
-        let text = protocol::encode(
-            self.vsn,
-            &channel.join_ref,
-            &channel.join_ref,
-            topic,
-            "phx_error",
-            &payload,
-        );
-        self.send(text).await
-    }
-
-    /// Queues a push on `topic`'s channel (if still joined) and records its seq in the order guard;
-    /// the caller flushes. A write that fails ends the connection, so recording first is safe.
+    /// Queues a push and records its seq in the order guard; the caller flushes. A write that
+    /// fails ends the connection, so recording first is safe.
     async fn push(
         &mut self,
-        topic: &str,
+        io: &mut ChannelIo<'_>,
         seq: Option<i64>,
         push: &Push,
     ) -> Result<(), ConnectionEnd> {
-        let Some(channel) = self.channels.get_mut(topic) else {
-            return Ok(());
-        };
-        let join_ref = &channel.join_ref;
-        let text = protocol::encode(
-            self.vsn,
-            join_ref,
-            null(),
-            topic,
-            &push.event,
-            &push.payload,
-        );
-        if let (Some(seq), Some(guard)) = (seq, channel.guard_mut()) {
-            guard.pushed(seq);
+        if let Some(seq) = seq {
+            self.guard.pushed(seq);
         }
-        self.feed(text).await?;
+        io.wire
+            .feed_push(io.join_ref, io.topic, &push.event, &push.payload)
+            .await?;
         if let Some(at) = push.enqueued_at_ms {
             let waited = now_unix_ms().saturating_sub(at).max(0);
-            self.state.metrics.push_delivered(waited as u64);
+            io.state.metrics.push_delivered(waited as u64);
         }
         Ok(())
+    }
+
+    /// Ends the channel (already removed from its connection) over a hole in its stream it cannot
+    /// fill now; returns the payload of the `phx_error` (what Phoenix sends when a channel crashes)
+    /// the connection closes it with. The official client rejoins by itself (after 1 s, then
+    /// backing off), re-sending its join params, so a client that passes its `last_seq` catches up
+    /// from PostgreSQL, which fills the hole or answers `missed: true`. The payload also names the
+    /// cause and the last seq pushed, for clients that rejoin by hand.
+    pub(super) fn close_over(self, state: &SocketState, topic: &str, hole: Unfilled) -> String {
+        self.stop(state, topic);
+        let last = self.guard.last();
+        state.metrics.socket_gap_unfilled(hole.label());
+        tracing::warn!(
+            cause = hole.label(),
+            last_seq = last,
+            "a gap in a user's events cannot be filled now: channel closed with phx_error"
+        );
+        json!({ "reason": "gap_unfilled", "cause": hole.label(), "last_seq": last }).to_string()
     }
 }
