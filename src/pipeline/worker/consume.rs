@@ -193,24 +193,23 @@ impl Worker {
 /// and stall the other users of its partition.
 fn claim_slots(events: Vec<Envelope>, lanes: &Lanes<EventInWork>) -> Vec<Incoming> {
     let cap = lanes.max_run();
-    let mut earlier: HashMap<&str, usize> = HashMap::new();
-    // Decided while the events are only borrowed (the counts key on their user ids), then paired.
-    let takes_slot: Vec<bool> = events
-        .iter()
-        .map(|envelope| {
-            let user = envelope.user_id.as_str();
-            let before = earlier.entry(user).or_default();
-            let depth = lanes.depth(user) + *before;
-            *before += 1;
-            depth < cap
+    let mut incoming: Vec<Incoming> = events
+        .into_iter()
+        .map(|envelope| Incoming {
+            envelope,
+            takes_slot: false,
         })
         .collect();
-    events
-        .into_iter()
-        .zip(takes_slot)
-        .map(|(envelope, takes_slot)| Incoming {
-            envelope,
-            takes_slot,
-        })
-        .collect()
+    let mut earlier: HashMap<&str, usize> = HashMap::new();
+    for Incoming {
+        envelope,
+        takes_slot,
+    } in &mut incoming
+    {
+        let user = envelope.user_id.as_str();
+        let before = earlier.entry(user).or_default();
+        *takes_slot = lanes.depth(user) + *before < cap;
+        *before += 1;
+    }
+    incoming
 }
