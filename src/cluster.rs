@@ -12,7 +12,7 @@
 
 use crate::backoff::{Backoff, reconnect};
 use crate::config::{PubSubSettings, QueueSettings};
-use crate::event::RESYNC_EVENT;
+use crate::event::{RESYNC_EVENT, Topic};
 use crate::metrics::Metrics;
 use crate::pubsub::{
     BindRequest, BoxFuture, Error as PubSubError, Message, PubSub, Push, Transport,
@@ -87,7 +87,7 @@ impl Transport for RabbitTransport {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| PubSubError::Unavailable(format!("payload is not JSON: {e}")))?;
             let wire = Wire {
-                topic: Cow::Borrowed(&message.topic),
+                topic: Cow::Borrowed(message.topic.as_str()),
                 pushes: message
                     .pushes
                     .iter()
@@ -103,7 +103,7 @@ impl Transport for RabbitTransport {
             let body =
                 serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))?;
             self.publisher
-                .publish(&message.topic, &body, self.timeout)
+                .publish(message.topic.as_str(), &body, self.timeout)
                 .await
                 .map_err(|e| PubSubError::Unavailable(e.to_string()))
         })
@@ -222,7 +222,7 @@ async fn serve(
 /// in it: a bucket is bound while it has at least one.
 struct Bound {
     buckets: u16,
-    topics: HashMap<u16, HashSet<String>>,
+    topics: HashMap<u16, HashSet<Topic>>,
 }
 
 impl Bound {
@@ -240,16 +240,16 @@ impl Bound {
         &mut self,
         link: &NodeQueue,
         pubsub: &PubSub,
-        topic: &str,
+        topic: &Topic,
     ) -> Result<(), PubSubError> {
         let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
-        let bucket = crate::event::stable_bucket(topic, self.buckets);
-        if pubsub.has_subscribers(topic) {
+        let bucket = crate::event::stable_bucket(topic.as_str(), self.buckets);
+        if pubsub.has_subscribers(topic.as_str()) {
             let topics = self.topics.entry(bucket).or_default();
             if topics.is_empty() {
                 link.bind(bucket).await.map_err(unavailable)?;
             }
-            topics.insert(topic.to_owned());
+            topics.insert(topic.clone());
         } else if let Some(topics) = self.topics.get_mut(&bucket)
             && topics.remove(topic)
             && topics.is_empty()
@@ -264,7 +264,7 @@ impl Bound {
     /// Binds the buckets of every topic joined on this node (a new link's first step).
     async fn rebind_all(&mut self, link: &NodeQueue, pubsub: &PubSub) -> Result<(), queue::Error> {
         for topic in pubsub.topics() {
-            let bucket = crate::event::stable_bucket(&topic, self.buckets);
+            let bucket = crate::event::stable_bucket(topic.as_str(), self.buckets);
             let topics = self.topics.entry(bucket).or_default();
             if topics.is_empty() {
                 link.bind(bucket).await?;
@@ -290,7 +290,7 @@ fn deliver(pubsub: &PubSub, body: &[u8]) {
         return;
     };
     pubsub.deliver_local(Arc::new(Message {
-        topic: wire.topic.as_ref().into(),
+        topic: Topic::from(wire.topic.as_ref()),
         pushes: wire
             .pushes
             .into_iter()

@@ -45,13 +45,13 @@ impl UserId {
     }
 
     /// The topic a user's sockets join: `user:<id>`.
-    pub fn topic(&self) -> String {
-        format!("{USER_TOPIC_PREFIX}{}", self.0)
+    pub fn topic(&self) -> Topic {
+        Topic::from(format!("{USER_TOPIC_PREFIX}{}", self.0))
     }
 
     /// The socket id every connection of this user listens on: `users_socket:<id>`.
-    pub fn socket_id(&self) -> String {
-        format!("{SOCKET_ID_PREFIX}{}", self.0)
+    pub fn socket_id(&self) -> Topic {
+        Topic::from(format!("{SOCKET_ID_PREFIX}{}", self.0))
     }
 }
 
@@ -141,12 +141,112 @@ impl From<EventName> for String {
     }
 }
 
+/// An event's id: a UUID v7 minted when the API accepts the event, so ids sort by creation time.
+///
+/// Apart from the other UUIDs Herald handles (outbox rows and the messages they name, replay
+/// jobs), so one cannot be passed for the other. Transparent on every wire: JSON, the broker's
+/// message bodies and PostgreSQL's `uuid` columns see the UUID itself.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type,
+)]
+#[serde(transparent)]
+#[sqlx(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A fresh id, as the API mints one for each event it accepts.
+    pub fn mint() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The id as a UUID.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl From<EventId> for Uuid {
+    fn from(id: EventId) -> Self {
+        id.0
+    }
+}
+
+impl std::str::FromStr for EventId {
+    type Err = uuid::Error;
+    fn from_str(text: &str) -> Result<Self, uuid::Error> {
+        Uuid::parse_str(text).map(Self)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A pubsub topic, such as a user channel's `user:<id>` or a user's socket id
+/// `users_socket:<id>`: what a broadcast is addressed to and a channel subscribes to.
+///
+/// Shared rather than copied (a clone is a reference count): the registry of subscribers, each
+/// broadcast and the binder's requests all hold the same topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(std::sync::Arc<str>);
+
+impl Topic {
+    /// The topic as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(topic: &str) -> Self {
+        Self(topic.into())
+    }
+}
+
+impl From<String> for Topic {
+    fn from(topic: String) -> Self {
+        Self(topic.into())
+    }
+}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl std::borrow::Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// An event as it travels through RabbitMQ and reaches the worker: everything needed to push it,
 /// so the worker never reads PostgreSQL on the normal path.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope {
-    /// The event id (UUID v7, so ids sort by creation time).
-    pub id: Uuid,
+    /// The event id.
+    pub id: EventId,
     /// Whose event it is.
     pub user_id: UserId,
     /// The user's sequence number: gap-free and increasing per user.
@@ -164,7 +264,7 @@ impl Envelope {
     pub fn push_payload(&self) -> String {
         #[derive(Serialize)]
         struct Payload<'a> {
-            id: &'a Uuid,
+            id: &'a EventId,
             seq: i64,
             at: i64,
             data: &'a RawValue,
@@ -238,7 +338,7 @@ mod tests {
         assert!(UserId::parse("").is_err());
         assert!(UserId::parse("a b").is_err());
         assert!(UserId::parse("x".repeat(129)).is_err());
-        assert_eq!(UserId::parse("7").unwrap().topic(), "user:7");
+        assert_eq!(UserId::parse("7").unwrap().topic().as_str(), "user:7");
     }
 
     #[test]
@@ -268,7 +368,7 @@ mod tests {
     #[test]
     fn a_batch_round_trips() {
         let envelope = |seq| Envelope {
-            id: Uuid::now_v7(),
+            id: EventId::mint(),
             user_id: UserId::parse("7").unwrap(),
             seq,
             event: EventName::default_push(),
@@ -284,7 +384,7 @@ mod tests {
     #[test]
     fn push_payload_carries_id_seq_at_and_raw_data() {
         let env = Envelope {
-            id: Uuid::nil(),
+            id: EventId::from(Uuid::nil()),
             user_id: UserId::parse("1").unwrap(),
             seq: 3,
             event: EventName::default_push(),

@@ -3,6 +3,7 @@
 //! progress bar on a terminal (log lines every two seconds otherwise), and a publisher of its own.
 
 use herald::config::Settings;
+use herald::event::EventId;
 use herald::metrics::Metrics;
 use herald::pipeline::{published, replay};
 use herald::queue::Publisher;
@@ -12,7 +13,6 @@ use std::io::IsTerminal;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// Which events, and how fast.
 #[derive(clap::Args, Debug)]
@@ -38,7 +38,7 @@ pub struct ReplayArgs {
     until: Option<String>,
     /// Only these events (repeat, or comma-separate).
     #[arg(long = "id", value_delimiter = ',')]
-    ids: Vec<Uuid>,
+    ids: Vec<EventId>,
     /// Also replay events already delivered (they are skipped otherwise).
     #[arg(long)]
     include_delivered: bool,

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use futures_util::future;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
-use herald::event::{Envelope, EventName, UserId, now_unix_ms};
+use herald::event::{Envelope, EventId, EventName, UserId, now_unix_ms};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -225,7 +225,7 @@ pub async fn pg_single(pool: &PgPool, producer: i64, secs: f64, connections: usi
 /// The body Herald publishes for a benchmark event: its envelope, serialised by Herald's own code.
 fn envelope_body(i: u64) -> Vec<u8> {
     let envelope = Envelope {
-        id: Uuid::now_v7(),
+        id: EventId::mint(),
         user_id: UserId::parse(format!("s{}", i % 10_000)).unwrap_or_else(|_| unreachable!()),
         seq: i as i64,
         event: EventName::parse("bench").unwrap_or_else(|_| unreachable!()),

@@ -6,7 +6,7 @@
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, bearer_key_hash, cached_lookup};
-use crate::event::now_unix_ms;
+use crate::event::{EventId, now_unix_ms};
 use crate::metrics::Snapshot;
 use crate::pipeline::replay::{JOB_STALE_MS, replay_filter};
 use crate::store::{AttemptRow, EventFilter, EventRecord, FilterText, Producer, ReplayJobStatus};
@@ -112,7 +112,7 @@ impl FilterParams {
             .unwrap_or_default()
             .iter()
             .map(|id| {
-                Uuid::parse_str(id)
+                id.parse::<EventId>()
                     .map_err(|_| ApiError::Invalid(format!("ids: {id:?} is not an event id")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -170,7 +170,8 @@ pub struct EventPage {
     /// Newest first.
     events: Vec<EventRecord>,
     /// The cursor of the next page (`&before=<next>`); null on the last one.
-    next: Option<Uuid>,
+    #[schema(value_type = Option<Uuid>)]
+    next: Option<EventId>,
 }
 
 /// `GET /api/v1/admin/events?status=failed&producer=billing&user_id=42&event=x&since=2h&until=...
@@ -215,7 +216,10 @@ pub async fn list_events(
     };
     let before = params
         .before
-        .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::Invalid("before: not a cursor".into())))
+        .map(|c| {
+            c.parse::<EventId>()
+                .map_err(|_| ApiError::Invalid("before: not a cursor".into()))
+        })
         .transpose()?;
     let filter = params.filter.into_filter()?;
     let events = state.store.list_events(&filter, before, limit).await?;
@@ -255,7 +259,7 @@ pub async fn get_event(
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<EventDetail>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let id = id.parse::<EventId>().map_err(|_| ApiError::NotFound)?;
     let event = state
         .store
         .event_record(id, None)

@@ -8,6 +8,7 @@ use super::ApiState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Authenticated};
 use super::request::{self, BatchRequest, EventRequest};
+use crate::event::EventId;
 use crate::pipeline::enqueue::Accepted;
 use crate::store::{EventRecord, EventStatus};
 use axum::Json;
@@ -15,7 +16,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 /// The header carrying a single event's idempotency key.
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -24,7 +24,8 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[derive(Serialize, ToSchema)]
 pub struct EventResponse {
     /// The event's id (UUID v7).
-    id: Uuid,
+    #[schema(value_type = uuid::Uuid)]
+    id: EventId,
     /// `accepted` for a new event; a duplicate's current status.
     status: EventStatus,
     /// The user's sequence number.
@@ -168,7 +169,7 @@ pub async fn get_one(
     Authenticated(producer): Authenticated,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<EventRecord>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let id = id.parse::<EventId>().map_err(|_| ApiError::NotFound)?;
     state
         .store
         .event_record(id, Some(producer.id))

@@ -19,13 +19,13 @@ use super::ApiState;
 use super::admin::page_limit;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, UserToken};
+use crate::event::EventId;
 use crate::store::{ReadMark, SeqOrder, UNREAD_CAP};
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
-use uuid::Uuid;
 
 // The response types' documents (the OpenAPI descriptions) name the cap as a number.
 const _: () = assert!(
@@ -51,7 +51,8 @@ pub struct InboxQuery {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InboxEvent {
     /// Event id.
-    id: Uuid,
+    #[schema(value_type = uuid::Uuid)]
+    id: EventId,
     /// The user's sequence number.
     seq: i64,
     /// The event name a socket pushes it under.

@@ -19,7 +19,7 @@
 //! two commits in flight never wait on each other's counter rows.
 
 use super::batch::{Batcher, Flush};
-use crate::event::Envelope;
+use crate::event::{Envelope, EventId};
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
 use crate::store::{self, Committed, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, MutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uuid::Uuid;
 
 /// Why events were not accepted.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -57,7 +56,7 @@ pub enum EnqueueError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
     /// The event id (the original one for a duplicate).
-    pub id: Uuid,
+    pub id: EventId,
     /// The user's seq.
     pub seq: i64,
     /// For a retry of an idempotency key: the original event's current status.
@@ -448,7 +447,7 @@ fn failure(error: &store::Error) -> EnqueueError {
     }
 }
 
-fn accepted(id: Uuid, outcome: &InsertOutcome) -> Accepted {
+fn accepted(id: EventId, outcome: &InsertOutcome) -> Accepted {
     match outcome {
         InsertOutcome::Inserted { seq } => Accepted {
             id,

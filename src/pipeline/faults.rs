@@ -4,10 +4,9 @@
 //! from the real `herald` binary in chaos tests. A node with rules warns loudly at start.
 
 use crate::config::FaultSettings;
-use crate::event::Envelope;
+use crate::event::{Envelope, EventId};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use uuid::Uuid;
 
 /// How an injected fault shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +79,7 @@ const MAX_COUNTED: usize = 100_000;
 pub struct Faults {
     rules: Vec<FaultRule>,
     // A std Mutex: held only to bump a counter, never across an await.
-    counted: Mutex<HashMap<Uuid, u32>>,
+    counted: Mutex<HashMap<EventId, u32>>,
 }
 
 impl Faults {
@@ -152,7 +151,7 @@ mod tests {
 
     fn envelope(name: &str) -> Envelope {
         Envelope {
-            id: Uuid::now_v7(),
+            id: EventId::mint(),
             user_id: UserId::parse("1").unwrap(),
             seq: 1,
             event: EventName::parse(name).unwrap(),

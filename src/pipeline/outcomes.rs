@@ -7,6 +7,7 @@
 
 use super::batch::{Batcher, Flush};
 use crate::backoff::with_retries;
+use crate::event::EventId;
 use crate::metrics::Metrics;
 use crate::store::{AttemptRecord, Store};
 use std::collections::HashSet;
@@ -34,7 +35,7 @@ pub struct NotRecorded;
 
 /// What became of one run's attempts once written: the ids of those refused because their lease
 /// is no longer this node's (see [`Store::record_attempts`]); every other one is stored.
-pub type Recorded = Result<HashSet<Uuid>, NotRecorded>;
+pub type Recorded = Result<HashSet<EventId>, NotRecorded>;
 
 /// The handle workers use.
 pub type Outcomes = Batcher<OutcomeWriter>;
@@ -120,7 +121,7 @@ impl Flush for OutcomeWriter {
                         "outcomes refused: their partition's lease moved on; their messages go back"
                     );
                 }
-                let fenced: HashSet<Uuid> = fenced.into_iter().collect();
+                let fenced: HashSet<EventId> = fenced.into_iter().collect();
                 runs.iter()
                     .map(|run| {
                         Ok(run

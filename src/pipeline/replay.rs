@@ -343,7 +343,7 @@ mod tests {
         let f = replay_filter(EventFilter::default(), false).unwrap();
         assert_eq!(f.statuses, vec![EventStatus::Failed]);
         let ids = EventFilter {
-            ids: vec![Uuid::nil()],
+            ids: vec![crate::event::EventId::from(Uuid::nil())],
             ..EventFilter::default()
         };
         let f = replay_filter(ids.clone(), false).unwrap();

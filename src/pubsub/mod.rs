@@ -12,8 +12,9 @@
 //! reaches every node with subscribers to the topic, and each node hands what it receives to
 //! [`PubSub::deliver_local`]. Which topics a node wants is reconciled by one binder task, fed
 //! [`BindRequest`]s in order, so a bind and an unbind of one topic can never cross. Depends on
-//! nothing else in Herald.
+//! nothing else in Herald but the shared types of `crate::event`.
 
+use crate::event::Topic;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub struct Message {
     /// The topic, e.g. `user:42`.
-    pub topic: Arc<str>,
+    pub topic: Topic,
     /// What the subscribers push, in order.
     pub pushes: Vec<Push>,
 }
@@ -61,9 +62,9 @@ impl From<&crate::event::Envelope> for Push {
 
 impl Message {
     /// A message of one push with no seq (control events such as `disconnect`).
-    pub fn control(topic: &str, event: &str, payload: &str) -> Self {
+    pub fn control(topic: &Topic, event: &str, payload: &str) -> Self {
         Self {
-            topic: topic.into(),
+            topic: topic.clone(),
             pushes: vec![Push {
                 event: event.to_owned(),
                 seq: None,
@@ -119,7 +120,7 @@ pub trait Transport: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct BindRequest {
     /// The topic to reconcile.
-    pub topic: String,
+    pub topic: Topic,
     /// Told when done (for a join that must not miss events), or None (an unbind).
     pub done: Option<oneshot::Sender<Result<(), Error>>>,
 }
@@ -142,7 +143,7 @@ type Subscribers = Vec<(SubscriptionId, Subscriber)>;
 #[derive(Default)]
 struct Registry {
     // A std RwLock: held only to copy senders or edit the map, never across an await.
-    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
+    topics: RwLock<HashMap<Topic, Subscribers>>,
     next_id: AtomicU64,
 }
 
@@ -178,7 +179,7 @@ impl PubSub {
     /// The node's fan-out queue could not be bound in time (the subscription is undone).
     pub async fn subscribe(
         &self,
-        topic: &str,
+        topic: &Topic,
         subscriber: Subscriber,
     ) -> Result<SubscriptionId, Error> {
         let id = SubscriptionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
@@ -188,7 +189,7 @@ impl PubSub {
             // push would make room for four (96 bytes, two topics per socket); a second
             // subscriber grows it as usual.
             topics
-                .entry(Arc::from(topic))
+                .entry(topic.clone())
                 .or_insert_with(|| Vec::with_capacity(1))
                 .push((id, subscriber));
         }
@@ -197,7 +198,7 @@ impl PubSub {
         };
         let (done, bound) = oneshot::channel();
         let request = BindRequest {
-            topic: topic.to_owned(),
+            topic: topic.clone(),
             done: Some(done),
         };
         let outcome = async {
@@ -225,14 +226,14 @@ impl PubSub {
 
     /// Removes a subscription; the topic goes when its last subscriber does (and, in cluster mode,
     /// the node stops receiving it).
-    pub fn unsubscribe(&self, topic: &str, id: SubscriptionId) {
+    pub fn unsubscribe(&self, topic: &Topic, id: SubscriptionId) {
         let emptied = {
             let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-            match topics.get_mut(topic) {
+            match topics.get_mut(topic.as_str()) {
                 Some(subs) => {
                     subs.retain(|(sid, _)| *sid != id);
                     if subs.is_empty() {
-                        topics.remove(topic);
+                        topics.remove(topic.as_str());
                         true
                     } else {
                         false
@@ -244,7 +245,7 @@ impl PubSub {
         if let (true, Some(cluster)) = (emptied, &self.cluster) {
             // A lost unbind only costs traffic this node drops; the binder reconciles on reconnect.
             let _ = cluster.binder.try_send(BindRequest {
-                topic: topic.to_owned(),
+                topic: topic.clone(),
                 done: None,
             });
         }
@@ -284,11 +285,11 @@ impl PubSub {
     }
 
     /// The topics this node has subscribers to.
-    pub fn topics(&self) -> Vec<String> {
+    pub fn topics(&self) -> Vec<Topic> {
         self.inner
             .topics
             .read()
-            .map(|t| t.keys().map(|k| k.to_string()).collect())
+            .map(|t| t.keys().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -297,7 +298,7 @@ impl PubSub {
     pub fn deliver_local(&self, message: Arc<Message>) -> Reach {
         let mut reach = Reach::default();
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
-        let Some(subs) = topics.get(&message.topic) else {
+        let Some(subs) = topics.get(message.topic.as_str()) else {
             return reach;
         };
         for (_, sub) in subs {
@@ -322,7 +323,7 @@ impl PubSub {
             .read()
             .map(|t| {
                 t.iter()
-                    .filter(|(topic, _)| topic.starts_with(prefix))
+                    .filter(|(topic, _)| topic.as_str().starts_with(prefix))
                     .map(|(_, subscribers)| subscribers.len())
                     .sum()
             })
@@ -340,7 +341,7 @@ mod tests {
     use super::*;
 
     fn message(topic: &str) -> Message {
-        Message::control(topic, "push", "{}")
+        Message::control(&Topic::from(topic), "push", "{}")
     }
 
     fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Arc<Message>>) {
@@ -357,11 +358,11 @@ mod tests {
         let pubsub = PubSub::new();
         let (a, mut rx_a) = subscriber(4);
         let (b, mut rx_b) = subscriber(4);
-        pubsub.subscribe("user:1", a).await.unwrap();
-        pubsub.subscribe("user:2", b).await.unwrap();
+        pubsub.subscribe(&Topic::from("user:1"), a).await.unwrap();
+        pubsub.subscribe(&Topic::from("user:2"), b).await.unwrap();
         let reach = pubsub.broadcast(message("user:1")).await.unwrap();
         assert_eq!(reach.delivered, 1);
-        assert_eq!(&*rx_a.recv().await.unwrap().topic, "user:1");
+        assert_eq!(rx_a.recv().await.unwrap().topic.as_str(), "user:1");
         assert!(rx_b.try_recv().is_err());
     }
 
@@ -371,8 +372,14 @@ mod tests {
         let (slow, _rx_slow) = subscriber(1);
         let (fast, mut rx_fast) = subscriber(8);
         let flag = slow.overflowed.clone();
-        pubsub.subscribe("user:1", slow).await.unwrap();
-        pubsub.subscribe("user:1", fast).await.unwrap();
+        pubsub
+            .subscribe(&Topic::from("user:1"), slow)
+            .await
+            .unwrap();
+        pubsub
+            .subscribe(&Topic::from("user:1"), fast)
+            .await
+            .unwrap();
         pubsub.broadcast(message("user:1")).await.unwrap();
         let reach = pubsub.broadcast(message("user:1")).await.unwrap();
         assert_eq!(
@@ -390,9 +397,9 @@ mod tests {
     async fn unsubscribe_removes_the_topic() {
         let pubsub = PubSub::new();
         let (a, _rx) = subscriber(1);
-        let id = pubsub.subscribe("user:1", a).await.unwrap();
+        let id = pubsub.subscribe(&Topic::from("user:1"), a).await.unwrap();
         assert_eq!(pubsub.topic_count(), 1);
-        pubsub.unsubscribe("user:1", id);
+        pubsub.unsubscribe(&Topic::from("user:1"), id);
         assert_eq!(pubsub.topic_count(), 0);
         assert_eq!(
             pubsub.broadcast(message("user:1")).await.unwrap().delivered,

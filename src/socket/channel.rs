@@ -16,6 +16,7 @@
 
 use super::stats::StatsChannel;
 use super::user_channel::UserChannel;
+use crate::event::Topic;
 use serde_json::value::RawValue;
 
 /// What to do with an incoming event of seq `n`.
@@ -244,7 +245,7 @@ impl CatchUpBudget {
 /// bytes) was most of what a joined channel cost. The Vec starts with room for one and doubles.
 #[derive(Debug)]
 pub struct ByTopic<V> {
-    entries: Vec<(String, V)>,
+    entries: Vec<(Topic, V)>,
 }
 
 impl<V> Default for ByTopic<V> {
@@ -257,7 +258,7 @@ impl<V> Default for ByTopic<V> {
 
 impl<V> ByTopic<V> {
     /// The value of `topic`, if any.
-    pub fn get(&self, topic: &str) -> Option<&V> {
+    pub fn get(&self, topic: &Topic) -> Option<&V> {
         self.entries
             .iter()
             .find(|(t, _)| t == topic)
@@ -265,7 +266,7 @@ impl<V> ByTopic<V> {
     }
 
     /// [`Self::get`], to change it.
-    pub fn get_mut(&mut self, topic: &str) -> Option<&mut V> {
+    pub fn get_mut(&mut self, topic: &Topic) -> Option<&mut V> {
         self.entries
             .iter_mut()
             .find(|(t, _)| t == topic)
@@ -273,7 +274,7 @@ impl<V> ByTopic<V> {
     }
 
     /// True when `topic` has a value.
-    pub fn contains(&self, topic: &str) -> bool {
+    pub fn contains(&self, topic: &Topic) -> bool {
         self.get(topic).is_some()
     }
 
@@ -288,7 +289,7 @@ impl<V> ByTopic<V> {
     }
 
     /// Sets `topic`'s value; returns the one it replaces.
-    pub fn insert(&mut self, topic: String, value: V) -> Option<V> {
+    pub fn insert(&mut self, topic: Topic, value: V) -> Option<V> {
         if let Some(current) = self.get_mut(&topic) {
             return Some(std::mem::replace(current, value));
         }
@@ -301,13 +302,13 @@ impl<V> ByTopic<V> {
     }
 
     /// Removes `topic`'s value and returns it.
-    pub fn remove(&mut self, topic: &str) -> Option<V> {
+    pub fn remove(&mut self, topic: &Topic) -> Option<V> {
         let at = self.entries.iter().position(|(t, _)| t == topic)?;
         Some(self.entries.swap_remove(at).1)
     }
 
     /// Removes every value and returns them with their topics, in no particular order.
-    pub fn take_all(&mut self) -> Vec<(String, V)> {
+    pub fn take_all(&mut self) -> Vec<(Topic, V)> {
         std::mem::take(&mut self.entries)
     }
 }
@@ -336,7 +337,7 @@ pub enum ToConnection {
     /// The server closes this channel instance: remove it and send `phx_close`.
     Close {
         /// The channel's topic.
-        topic: String,
+        topic: Topic,
         /// The instance's join ref (a stale one is ignored).
         join_ref: Box<RawValue>,
     },
@@ -348,23 +349,20 @@ mod tests {
 
     #[test]
     fn by_topic_keeps_one_value_per_topic() {
+        let (one, two) = (Topic::from("user:1"), Topic::from("user:2"));
         let mut channels = ByTopic::default();
         assert!(channels.is_empty());
-        assert_eq!(channels.insert("user:1".to_owned(), 1), None);
+        assert_eq!(channels.insert(one.clone(), 1), None);
         assert_eq!(channels.entries.capacity(), 1, "room for one at first");
-        assert_eq!(channels.insert("user:2".to_owned(), 2), None);
-        assert_eq!(
-            channels.insert("user:1".to_owned(), 10),
-            Some(1),
-            "replaced"
-        );
+        assert_eq!(channels.insert(two.clone(), 2), None);
+        assert_eq!(channels.insert(one.clone(), 10), Some(1), "replaced");
         assert_eq!(channels.len(), 2);
-        assert_eq!(channels.get("user:1"), Some(&10));
-        *channels.get_mut("user:2").unwrap() += 1;
-        assert_eq!(channels.remove("user:2"), Some(3));
-        assert_eq!(channels.remove("user:2"), None);
-        assert!(!channels.contains("user:2") && channels.contains("user:1"));
-        assert_eq!(channels.take_all(), vec![("user:1".to_owned(), 10)]);
+        assert_eq!(channels.get(&one), Some(&10));
+        *channels.get_mut(&two).unwrap() += 1;
+        assert_eq!(channels.remove(&two), Some(3));
+        assert_eq!(channels.remove(&two), None);
+        assert!(!channels.contains(&two) && channels.contains(&one));
+        assert_eq!(channels.take_all(), vec![(one, 10)]);
         assert!(channels.is_empty());
     }
 

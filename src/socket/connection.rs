@@ -13,7 +13,7 @@ use super::protocol::{self, Frame, Reply, Request, TOO_MANY_REQUESTS, UNKNOWN_EV
 use super::stats::StatsChannel;
 use super::user_channel::{CatchUp, ChannelIo, UserChannel, record_acks};
 use super::wire::{Wire, close_code};
-use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, USER_TOPIC_PREFIX, UserId};
+use crate::event::{DISCONNECT_EVENT, SOCKET_ID_PREFIX, Topic, USER_TOPIC_PREFIX, UserId};
 use crate::metrics::{STATS_CHANNEL, USER_CHANNEL};
 use crate::pubsub::{Message as PubSubMessage, Subscriber};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
@@ -285,6 +285,7 @@ impl Connection {
             Endpoint::User(user) => {
                 let requested = frame
                     .topic
+                    .as_str()
                     .strip_prefix(USER_TOPIC_PREFIX)
                     .ok_or(Refusal::Unmatched)?;
                 if requested != user.as_str() {
@@ -336,7 +337,7 @@ impl Connection {
             .sender
     }
 
-    fn stop_channel(&self, topic: &str, kind: &ChannelKind) {
+    fn stop_channel(&self, topic: &Topic, kind: &ChannelKind) {
         match kind {
             ChannelKind::User(channel) => channel.stop(&self.state, topic),
             // A stats channel stops when its handle is dropped.
@@ -415,7 +416,7 @@ impl Connection {
     /// Hands a broadcast's pushes to their user channel, then flushes them together (a run of
     /// events costs one write to the socket, not one per event).
     async fn deliver(&mut self, message: &PubSubMessage) -> Result<(), ConnectionEnd> {
-        if message.topic.starts_with(SOCKET_ID_PREFIX) {
+        if message.topic.as_str().starts_with(SOCKET_ID_PREFIX) {
             if message.pushes.iter().any(|p| p.event == DISCONNECT_EVENT) {
                 return Err(ConnectionEnd::Close(
                     close_code::GOING_AWAY,
@@ -440,7 +441,7 @@ impl Connection {
     /// [`UserChannel::catch_up`]).
     async fn catch_up(
         &mut self,
-        topic: &str,
+        topic: &Topic,
         after: i64,
         missed: bool,
     ) -> Result<(), ConnectionEnd> {
@@ -456,7 +457,7 @@ impl Connection {
     /// `topic`'s user channel, if joined, with what its steps borrow of this connection.
     fn user_channel<'a>(
         &'a mut self,
-        topic: &'a str,
+        topic: &'a Topic,
     ) -> Option<(&'a mut UserChannel, ChannelIo<'a>)> {
         let Endpoint::User(user) = &self.endpoint else {
             return None;
@@ -481,7 +482,7 @@ impl Connection {
 
     /// Removes `topic`'s user channel over a hole it cannot fill now, and closes it with
     /// `phx_error` ([`UserChannel::close_over`]).
-    async fn error_channel(&mut self, topic: &str, hole: Unfilled) -> Result<(), ConnectionEnd> {
+    async fn error_channel(&mut self, topic: &Topic, hole: Unfilled) -> Result<(), ConnectionEnd> {
         let Some(JoinedChannel {
             join_ref,
             kind: ChannelKind::User(channel),
@@ -491,7 +492,7 @@ impl Connection {
         };
         let payload = channel.close_over(&self.state, topic, hole);
         self.wire
-            .send_channel_event(&join_ref, topic, "phx_error", &payload)
+            .send_channel_event(&join_ref, topic.as_str(), "phx_error", &payload)
             .await
     }
 
@@ -502,17 +503,17 @@ impl Connection {
         reply: Reply,
     ) -> Result<(), ConnectionEnd> {
         self.wire
-            .reply(join_ref, &frame.msg_ref, &frame.topic, &reply)
+            .reply(join_ref, &frame.msg_ref, frame.topic.as_str(), &reply)
             .await
     }
 
     async fn close_channel(
         &mut self,
-        topic: &str,
+        topic: &Topic,
         join_ref: &RawValue,
     ) -> Result<(), ConnectionEnd> {
         self.wire
-            .send_channel_event(join_ref, topic, "phx_close", "{}")
+            .send_channel_event(join_ref, topic.as_str(), "phx_close", "{}")
             .await
     }
 

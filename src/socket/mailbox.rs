@@ -3,6 +3,7 @@
 
 use super::SocketState;
 use super::connection::Endpoint;
+use crate::event::Topic;
 use crate::pubsub::{Message as PubSubMessage, PubSub, Subscriber, SubscriptionId};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -21,7 +22,7 @@ pub struct Mailbox {
 /// The subscription to a user's socket id (`users_socket:<id>`), undone when dropped.
 pub(super) struct SocketIdSubscription {
     pubsub: PubSub,
-    topic: String,
+    topic: Topic,
     id: SubscriptionId,
 }
 

@@ -5,6 +5,7 @@
 //! v1 (no `vsn`, older clients): `{"topic", "event", "payload", "ref", "join_ref"?}`.
 //! Refs are opaque: they are kept as the exact JSON the client sent and echoed byte for byte.
 
+use crate::event::Topic;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -44,7 +45,7 @@ pub struct Frame {
     /// The message ref as sent (JSON text, `null` when absent).
     pub msg_ref: Box<RawValue>,
     /// Topic, e.g. `user:42` or `phoenix`.
-    pub topic: String,
+    pub topic: Topic,
     /// Event, e.g. `phx_join`.
     pub event: String,
     /// Payload, JSON text.
@@ -112,7 +113,7 @@ fn decode_v2(text: &str) -> Result<Frame, DecodeError> {
     Ok(Frame {
         join_ref: check_ref(join_ref)?,
         msg_ref: check_ref(msg_ref)?,
-        topic: string(&topic)?,
+        topic: string(&topic)?.into(),
         event: string(&event)?,
         payload,
     })
@@ -136,7 +137,7 @@ fn decode_v1(text: &str) -> Result<Frame, DecodeError> {
             None => null().to_owned(),
         },
         msg_ref: check_ref(v1.msg_ref)?,
-        topic: string(&v1.topic)?,
+        topic: string(&v1.topic)?.into(),
         event: string(&v1.event)?,
         payload: v1.payload,
     })
@@ -295,7 +296,7 @@ pub fn assert_round_trip(vsn: Vsn, text: &str) {
         vsn,
         &frame.join_ref,
         &frame.msg_ref,
-        &frame.topic,
+        frame.topic.as_str(),
         &frame.event,
         frame.payload.get(),
     );

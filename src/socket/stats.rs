@@ -11,6 +11,7 @@
 use super::channel::ToConnection;
 use super::protocol::{self, Frame, Reply, TOO_MANY_REQUESTS, UNKNOWN_EVENT, Vsn};
 use crate::config::SocketSettings;
+use crate::event::Topic;
 use crate::metrics::Metrics;
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ impl Drop for StatsChannel {
 #[derive(Clone)]
 struct ChannelHandle {
     vsn: Vsn,
-    topic: Arc<str>,
+    topic: Topic,
     join_ref: Arc<RawValue>,
     connection: mpsc::Sender<ToConnection>,
     stop: CancellationToken,
@@ -46,7 +47,13 @@ struct ChannelHandle {
 
 impl ChannelHandle {
     async fn reply(&self, msg_ref: &RawValue, reply: Reply) {
-        let text = protocol::encode_reply(self.vsn, &self.join_ref, msg_ref, &self.topic, &reply);
+        let text = protocol::encode_reply(
+            self.vsn,
+            &self.join_ref,
+            msg_ref,
+            self.topic.as_str(),
+            &reply,
+        );
         self.send(ToConnection::Frame(text)).await;
     }
 
@@ -62,7 +69,7 @@ impl StatsChannel {
     /// Starts the task of a stats channel joined on `topic`.
     pub fn spawn(
         vsn: Vsn,
-        topic: &str,
+        topic: &Topic,
         join_ref: &RawValue,
         connection: mpsc::Sender<ToConnection>,
         settings: &SocketSettings,
@@ -72,7 +79,7 @@ impl StatsChannel {
         let stop = CancellationToken::new();
         let handle = ChannelHandle {
             vsn,
-            topic: topic.into(),
+            topic: topic.clone(),
             join_ref: Arc::from(join_ref.to_owned()),
             connection,
             stop: stop.clone(),
@@ -143,7 +150,7 @@ async fn run(
             "close" => {
                 handle.reply(&frame.msg_ref, Reply::ok()).await;
                 let close = ToConnection::Close {
-                    topic: handle.topic.to_string(),
+                    topic: handle.topic.clone(),
                     join_ref: (*handle.join_ref).to_owned(),
                 };
                 handle.send(close).await;

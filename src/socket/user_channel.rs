@@ -9,7 +9,7 @@ use super::channel::{Admit, CatchUpBudget, GapFill, OrderGuard, Unfilled};
 use super::connection::ConnectionEnd;
 use super::protocol::{Frame, Reply};
 use super::wire::Wire;
-use crate::event::{RESYNC_EVENT, UserId, now_unix_ms};
+use crate::event::{EventId, RESYNC_EVENT, Topic, UserId, now_unix_ms};
 use crate::pubsub::{Push, Subscriber, SubscriptionId};
 use crate::store::{ReadMark, SeqOrder};
 use serde_json::json;
@@ -89,7 +89,7 @@ const MAX_ACK_IDS: usize = 1_000;
 /// Payload of an ack.
 #[derive(serde::Deserialize)]
 struct AckParams {
-    ids: Vec<uuid::Uuid>,
+    ids: Vec<EventId>,
 }
 
 /// Join params of a user channel; other params are the client's business and ignored.
@@ -136,7 +136,7 @@ pub(super) struct ChannelIo<'a> {
     pub(super) state: &'a SocketState,
     pub(super) user: &'a UserId,
     pub(super) budget: &'a mut CatchUpBudget,
-    pub(super) topic: &'a str,
+    pub(super) topic: &'a Topic,
     pub(super) join_ref: &'a RawValue,
 }
 
@@ -159,14 +159,14 @@ impl UserChannel {
     pub(super) async fn open(
         state: &SocketState,
         user: &UserId,
-        topic: &str,
+        topic: &Topic,
         subscriber: Subscriber,
         params: &RawValue,
     ) -> Option<(Self, CatchUp)> {
         let subscription = match state.pubsub.subscribe(topic, subscriber).await {
             Ok(subscription) => subscription,
             Err(error) => {
-                tracing::warn!(error = %error, topic, "join failed: fan-out unavailable");
+                tracing::warn!(error = %error, topic = %topic, "join failed: fan-out unavailable");
                 return None;
             }
         };
@@ -184,7 +184,7 @@ impl UserChannel {
     }
 
     /// Ends the channel's subscription; the channel is gone once its connection drops it.
-    pub(super) fn stop(&self, state: &SocketState, topic: &str) {
+    pub(super) fn stop(&self, state: &SocketState, topic: &Topic) {
         state.pubsub.unsubscribe(topic, self.subscription);
     }
 
@@ -340,7 +340,7 @@ impl UserChannel {
             self.guard.pushed(seq);
         }
         io.wire
-            .feed_push(io.join_ref, io.topic, &push.event, &push.payload)
+            .feed_push(io.join_ref, io.topic.as_str(), &push.event, &push.payload)
             .await?;
         if let Some(at) = push.enqueued_at_ms {
             let waited = now_unix_ms().saturating_sub(at).max(0);
@@ -355,7 +355,7 @@ impl UserChannel {
     /// backing off), re-sending its join params, so a client that passes its `last_seq` catches up
     /// from PostgreSQL, which fills the hole or answers `missed: true`. The payload also names the
     /// cause and the last seq pushed, for clients that rejoin by hand.
-    pub(super) fn close_over(self, state: &SocketState, topic: &str, hole: Unfilled) -> String {
+    pub(super) fn close_over(self, state: &SocketState, topic: &Topic, hole: Unfilled) -> String {
         self.stop(state, topic);
         let last = self.guard.last();
         state.metrics.socket_gap_unfilled(hole.label());

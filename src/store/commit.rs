@@ -4,16 +4,15 @@
 
 use super::outbox::{self, MessageLimits, OutboxMessage, plan_messages};
 use super::{Error, EventStatus, Store};
-use crate::event::{Envelope, EventName, UserId, envelope_size, now_unix_ms};
+use crate::event::{Envelope, EventId, EventName, UserId, envelope_size, now_unix_ms};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
-use uuid::Uuid;
 
 /// An event to insert, validated by the API.
 #[derive(Debug)]
 pub struct NewEvent {
     /// Chosen by Herald (UUID v7).
-    pub id: Uuid,
+    pub id: EventId,
     /// Who sent it.
     pub producer_id: i64,
     /// Whose it is.
@@ -39,7 +38,7 @@ impl NewEvent {
         idempotency_key: Option<String>,
     ) -> Self {
         Self {
-            id: Uuid::now_v7(),
+            id: EventId::mint(),
             producer_id,
             user_id,
             event,
@@ -83,7 +82,7 @@ pub enum InsertOutcome {
     /// The idempotency key was used before: this is the original event.
     Duplicate {
         /// The original event.
-        id: Uuid,
+        id: EventId,
         /// Its seq (0 for a key whose event was pruned before keys recorded it).
         seq: i64,
         /// Its current status, or [`EventStatus::Pruned`] once retention removed it (its key is
@@ -246,7 +245,7 @@ fn unreachable_repeat(at: usize, first: usize) -> Result<InsertOutcome, Error> {
 struct NewRows<'a> {
     /// Each row's index in the batch.
     indices: Vec<usize>,
-    ids: Vec<Uuid>,
+    ids: Vec<EventId>,
     producers: Vec<i64>,
     user_ids: Vec<&'a str>,
     seqs: Vec<i64>,
@@ -331,7 +330,7 @@ async fn claim_idempotency_keys(
     // Sorted (BTreeMap order), so concurrent transactions take the index locks in one order.
     let producers: Vec<i64> = first.keys().map(|(p, _)| *p).collect();
     let keys: Vec<&str> = first.keys().map(|(_, k)| *k).collect();
-    let ids: Vec<Uuid> = first.values().map(|&i| events[i].id).collect();
+    let ids: Vec<EventId> = first.values().map(|&i| events[i].id).collect();
     let claimed: Vec<(i64, String)> = sqlx::query_as(CLAIM_IDEMPOTENCY_KEYS_SQL)
         .bind(&producers)
         .bind(&keys)
@@ -350,7 +349,7 @@ async fn claim_idempotency_keys(
             .unzip();
         // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
         // (a key and its event commit together), answered with the seq its key recorded.
-        let originals: Vec<(i64, String, Uuid, i64, EventStatus)> =
+        let originals: Vec<(i64, String, EventId, i64, EventStatus)> =
             sqlx::query_as(IDEMPOTENT_ORIGINALS_SQL)
                 .bind(&taken_p)
                 .bind(&taken_k)

@@ -11,6 +11,7 @@ use super::outbox::OutboxMessage;
 use super::partitions::LeaseToken;
 use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
+use crate::event::EventId;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -18,7 +19,7 @@ use uuid::Uuid;
 #[derive(Clone, Debug)]
 pub struct AttemptRecord {
     /// The event.
-    pub id: Uuid,
+    pub id: EventId,
     /// The lease of the event's partition the attempt was made under: the attempt is recorded
     /// only while it is still the partition's current lease.
     pub lease: LeaseToken,
@@ -62,7 +63,8 @@ pub enum AttemptResult {
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Event id.
-    pub id: Uuid,
+    #[schema(value_type = Uuid)]
+    pub id: EventId,
     /// The producer's name.
     pub producer: String,
     /// Owner.
@@ -306,7 +308,7 @@ impl Store {
         &self,
         node: &str,
         records: &[AttemptRecord],
-    ) -> Result<Vec<Uuid>, Error> {
+    ) -> Result<Vec<EventId>, Error> {
         let n = records.len();
         let (mut partitions, mut epochs) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let (mut ids, mut kinds, mut sockets, mut errors) = (
@@ -352,7 +354,7 @@ impl Store {
             retry_at.push(at);
             retry_messages.push(message);
         }
-        let fenced: Vec<Uuid> = sqlx::query_scalar(RECORD_ATTEMPTS_SQL)
+        let fenced: Vec<EventId> = sqlx::query_scalar(RECORD_ATTEMPTS_SQL)
             .bind(&ids)
             .bind(&kinds)
             .bind(&sockets)
@@ -377,7 +379,7 @@ impl Store {
     /// The query failed.
     pub async fn event_record(
         &self,
-        id: Uuid,
+        id: EventId,
         producer_id: Option<i64>,
     ) -> Result<Option<EventRecord>, Error> {
         sqlx::query_as::<_, EventRecord>(&format!(
@@ -395,7 +397,7 @@ impl Store {
     ///
     /// # Errors
     /// The query failed.
-    pub async fn event_data(&self, id: Uuid) -> Result<Option<String>, Error> {
+    pub async fn event_data(&self, id: EventId) -> Result<Option<String>, Error> {
         sqlx::query_scalar("SELECT data::text FROM events WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -407,7 +409,7 @@ impl Store {
     ///
     /// # Errors
     /// The query failed.
-    pub async fn attempts_of(&self, id: Uuid) -> Result<Vec<AttemptRow>, Error> {
+    pub async fn attempts_of(&self, id: EventId) -> Result<Vec<AttemptRow>, Error> {
         // The rows, and a first attempt that delivered, which only the event row holds.
         sqlx::query_as::<_, AttemptRow>(concat!(
             "SELECT attempt, ",
@@ -441,7 +443,7 @@ impl Store {
     pub async fn list_events(
         &self,
         filter: &EventFilter,
-        before: Option<Uuid>,
+        before: Option<EventId>,
         limit: i64,
     ) -> Result<Vec<EventRecord>, Error> {
         let sql = format!(
@@ -535,7 +537,7 @@ impl Store {
              ORDER BY e.user_id, e.seq LIMIT {limit_at}",
             filter_sql(filter)
         );
-        let mut query = bind_filter(sqlx::query_as::<_, (Uuid, String, i64)>(&sql), filter);
+        let mut query = bind_filter(sqlx::query_as::<_, (EventId, String, i64)>(&sql), filter);
         if let Some(after) = after {
             query = query.bind(&after.user_id).bind(after.seq);
         }
@@ -554,7 +556,7 @@ impl Store {
             user_id: user_id.clone(),
             seq: *seq,
         };
-        let ids: Vec<Uuid> = candidates.iter().map(|(id, _, _)| *id).collect();
+        let ids: Vec<EventId> = candidates.iter().map(|(id, _, _)| *id).collect();
         // FOR UPDATE waits for a held row and then checks it against the filter again.
         let sql = format!(
             "WITH due AS (

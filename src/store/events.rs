@@ -2,15 +2,14 @@
 //! fill and the inbox (the group-committed insert is `commit`).
 
 use super::{Error, Store};
-use crate::event::{Envelope, EventName, UserId};
+use crate::event::{Envelope, EventId, EventName, UserId};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
 /// An event read back from PostgreSQL (relay, gap fill and catch-up, the inbox).
 #[derive(Debug, sqlx::FromRow)]
 pub struct StoredEvent {
     /// Event id.
-    pub id: Uuid,
+    pub id: EventId,
     /// Owner.
     pub user_id: String,
     /// The user's seq.
@@ -114,7 +113,7 @@ pub enum SeqOrder {
 pub enum ReadMark<'a> {
     /// These events (a channel `ack`): each gets its `acked_at`; ids of other users' events, and
     /// events under the read mark (read already), are left alone.
-    Ids(&'a [Uuid]),
+    Ids(&'a [EventId]),
     /// Every event of the user up to this seq, inclusive (the inbox's read mark): the user's read
     /// mark rises to it, in one row whatever the number of events it covers.
     UpToSeq(i64),

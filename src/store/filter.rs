@@ -4,11 +4,11 @@
 
 use super::Error;
 use super::status::EventStatus;
+use crate::event::EventId;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
-use uuid::Uuid;
 
 /// Which events an operator means: every field narrows the selection; empty means "any".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -26,7 +26,7 @@ pub struct EventFilter {
     /// Enqueued before, Unix ms.
     pub until_ms: Option<i64>,
     /// Only these events.
-    pub ids: Vec<Uuid>,
+    pub ids: Vec<EventId>,
 }
 
 /// An operator's filter as written (admin API, `herald replay`): statuses and times still text.
@@ -46,7 +46,7 @@ pub struct FilterText {
     /// Enqueued before: same forms.
     pub until: Option<String>,
     /// Only these events.
-    pub ids: Vec<Uuid>,
+    pub ids: Vec<EventId>,
 }
 
 impl EventFilter {

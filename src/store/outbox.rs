@@ -11,7 +11,7 @@
 
 use super::status::EventStatus;
 use super::{Error, Store, StoredEvent};
-use crate::event::partition_of;
+use crate::event::{EventId, partition_of};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -82,7 +82,7 @@ pub const INSERT_OUTBOX_ROWS_SQL: &str = "INSERT INTO outbox (id, event_ids, par
 pub(super) async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     messages: &[OutboxMessage],
-    ids: impl Fn(usize) -> Uuid,
+    ids: impl Fn(usize) -> EventId,
     backdate_ms: u64,
 ) -> Result<(), Error> {
     if messages.is_empty() {
@@ -209,7 +209,7 @@ impl Store {
         grace_ms: u64,
         limit: i64,
     ) -> Result<Vec<ClaimedMessage>, Error> {
-        let mut claimed: Vec<(Uuid, Vec<Uuid>, i64)> = sqlx::query_as(CLAIM_UNCONFIRMED_SQL)
+        let mut claimed: Vec<(Uuid, Vec<EventId>, i64)> = sqlx::query_as(CLAIM_UNCONFIRMED_SQL)
             .bind(grace_ms as f64)
             .bind(limit)
             .fetch_all(&self.pool)
@@ -217,14 +217,14 @@ impl Store {
             .map_err(Error::query("claim unconfirmed outbox rows"))?;
         // Oldest first: a user's older message goes before its newer one.
         claimed.sort_by_key(|(id, _, created)| (*created, *id));
-        let all: Vec<Uuid> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
+        let all: Vec<EventId> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
         let rows: Vec<StoredEvent> = sqlx::query_as(UNCONFIRMED_EVENTS_SQL)
             .bind(&all)
             .bind(EventStatus::Accepted)
             .fetch_all(&self.pool)
             .await
             .map_err(Error::query("read unconfirmed events"))?;
-        let mut by_id: std::collections::HashMap<Uuid, StoredEvent> =
+        let mut by_id: std::collections::HashMap<EventId, StoredEvent> =
             rows.into_iter().map(|row| (row.id, row)).collect();
         Ok(claimed
             .into_iter()

@@ -19,7 +19,7 @@
 use super::outbox::{MessageLimits, insert_rows, plan_messages};
 use super::status::EventStatus;
 use super::{Error, Store};
-use crate::event::partition_of;
+use crate::event::{EventId, partition_of};
 use uuid::Uuid;
 
 /// A partition's stale messages (`$1` the partition, `$2` the age in ms, `$3` the limit): a range of
@@ -123,12 +123,12 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let carried: Vec<Uuid> = sqlx::query_scalar(TAKE_STALE_MESSAGES_SQL)
+        let carried: Vec<EventId> = sqlx::query_scalar(TAKE_STALE_MESSAGES_SQL)
             .bind(ids)
             .fetch_all(&mut *tx)
             .await
             .map_err(Error::query("take stale messages"))?;
-        let mut stale: Vec<(Uuid, String, i64, i32)> = sqlx::query_as(SWEEP_STALE_EVENTS_SQL)
+        let mut stale: Vec<(EventId, String, i64, i32)> = sqlx::query_as(SWEEP_STALE_EVENTS_SQL)
             .bind(age_ms as f64)
             .bind(&carried)
             .bind(EventStatus::Accepted)
@@ -136,7 +136,7 @@ impl Store {
             .await
             .map_err(Error::query("sweep stale events"))?;
         // What another message still carries keeps a row of its own, looked at when it is due.
-        let swept: Vec<Uuid> = stale.iter().map(|row| row.0).collect();
+        let swept: Vec<EventId> = stale.iter().map(|row| row.0).collect();
         sqlx::query(KEEP_IN_FLIGHT_SQL)
             .bind(&carried)
             .bind(&swept)

@@ -2,7 +2,7 @@
 //! first, sees what is unread, and marks events read (the same state a channel `ack` sets).
 
 use crate::common::{TEST_SECRET, TestApp, new_event, spawn_app, spawn_app_with};
-use herald::event::UserId;
+use herald::event::{EventId, UserId};
 use herald::store::{READ_MARK_SQL, ReadMark, UNREAD_CAP, UNREAD_SQL};
 use herald::token::{TokenSigner, now_unix_secs};
 use serde_json::{Value, json};
@@ -271,7 +271,7 @@ async fn bad_cursors_limits_and_bodies_are_refused_with_the_json_error() {
 
 /// Commits `n` events of `user` straight into the store (one group commit); their outbox rows wait
 /// for a relay whose grace the caller made long.
-async fn commit_events(app: &TestApp, user: &str, n: usize) -> Vec<uuid::Uuid> {
+async fn commit_events(app: &TestApp, user: &str, n: usize) -> Vec<EventId> {
     let mut events = Vec::with_capacity(n);
     for i in 1..=n {
         events.push(new_event(app, user, &format!(r#"{{"n":{i}}}"#)).await);

@@ -4,7 +4,7 @@
 use crate::common::{
     PATIENCE, StatsdListener, TestApp, counter_sum, new_event, spawn_app_with, wait_until,
 };
-use herald::event::EventName;
+use herald::event::{EventId, EventName};
 use serde_json::{Value, json};
 
 /// A node on which every event named `flaky` fails its first 4 attempts: failed for good, then
@@ -53,7 +53,7 @@ async fn replayed_events_of_a_user_arrive_in_seq_order_when_their_ids_are_not() 
         events.push(event);
     }
     // The lowest seq gets the highest id.
-    let mut ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    let mut ids: Vec<EventId> = events.iter().map(|e| e.id).collect();
     ids.sort();
     for (event, id) in events.iter_mut().zip(ids.into_iter().rev()) {
         event.id = id;

@@ -90,7 +90,7 @@ impl Worker {
         let broadcast = match run.first() {
             Some((first, _)) if !pushes.is_empty() => {
                 let message = Message {
-                    topic: first.envelope.user_id.topic().into(),
+                    topic: first.envelope.user_id.topic(),
                     pushes,
                 };
                 self.broadcast(message).await
