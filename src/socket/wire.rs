@@ -33,7 +33,9 @@ pub(super) mod close_code {
 pub(super) struct Wire {
     pub(super) ws: WebSocket,
     pub(super) vsn: Vsn,
-    write_timeout: Duration,
+    /// `socket.write_timeout_ms`, kept as milliseconds: beside `vsn` it takes 8 bytes of every
+    /// connection's task, where a `Duration` took 16 (see `Connection` on what each byte costs).
+    write_timeout_ms: u32,
 }
 
 impl Wire {
@@ -41,8 +43,12 @@ impl Wire {
         Self {
             ws,
             vsn,
-            write_timeout,
+            write_timeout_ms: u32::try_from(write_timeout.as_millis()).unwrap_or(u32::MAX),
         }
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.write_timeout_ms))
     }
 
     /// Queues a server push of `event` on a channel (`join_ref`, `topic`) without flushing.
@@ -90,13 +96,17 @@ impl Wire {
 
     /// Queues a frame without flushing (it may still be written if the write buffer fills).
     async fn feed(&mut self, text: String) -> Result<(), ConnectionEnd> {
-        let fed = timeout(self.write_timeout, self.ws.feed(Message::Text(text.into()))).await;
+        let fed = timeout(
+            self.write_timeout(),
+            self.ws.feed(Message::Text(text.into())),
+        )
+        .await;
         written(fed)
     }
 
     /// Writes whatever was queued.
     pub(super) async fn flush(&mut self) -> Result<(), ConnectionEnd> {
-        written(timeout(self.write_timeout, self.ws.flush()).await)
+        written(timeout(self.write_timeout(), self.ws.flush()).await)
     }
 
     /// Sends a close frame with `code` and `reason`; the connection is over either way.
@@ -105,7 +115,7 @@ impl Wire {
             code,
             reason: reason.into(),
         }));
-        let _ = timeout(self.write_timeout, self.ws.send(frame)).await;
+        let _ = timeout(self.write_timeout(), self.ws.send(frame)).await;
     }
 }
 
