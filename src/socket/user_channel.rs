@@ -339,9 +339,7 @@ impl UserChannel {
         if let Some(seq) = seq {
             self.guard.pushed(seq);
         }
-        io.wire
-            .feed_push(io.join_ref, io.topic.as_str(), &push.event, &push.payload)
-            .await?;
+        io.wire.feed_push(io.join_ref, io.topic, push).await?;
         if let Some(at) = push.enqueued_at_ms {
             let waited = now_unix_ms().saturating_sub(at).max(0);
             io.state.metrics.push_delivered(waited as u64);

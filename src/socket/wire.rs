@@ -7,6 +7,8 @@
 
 use super::connection::ConnectionEnd;
 use super::protocol::{self, Reply, Vsn};
+use crate::event::Topic;
+use crate::pubsub::Push;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
@@ -51,15 +53,22 @@ impl Wire {
         Duration::from_millis(u64::from(self.write_timeout_ms))
     }
 
-    /// Queues a server push of `event` on a channel (`join_ref`, `topic`) without flushing.
+    /// Queues `push` on a channel (`join_ref`, `topic`) without flushing: a server push carries
+    /// no message ref.
     pub(super) async fn feed_push(
         &mut self,
         join_ref: &RawValue,
-        topic: &str,
-        event: &str,
-        payload: &str,
+        topic: &Topic,
+        push: &Push,
     ) -> Result<(), ConnectionEnd> {
-        let text = protocol::encode(self.vsn, join_ref, protocol::null(), topic, event, payload);
+        let text = protocol::encode(
+            self.vsn,
+            join_ref,
+            protocol::null(),
+            topic.as_str(),
+            &push.event,
+            &push.payload,
+        );
         self.feed(text).await
     }
 
