@@ -6,7 +6,7 @@
 //! properties, the same prefetch and confirm window, on a quorum queue.
 
 use crate::node::Names;
-use crate::protocol::Ingested;
+use crate::protocol::{FineQuantiles, Ingested};
 use futures_util::StreamExt;
 use futures_util::future;
 use futures_util::stream::FuturesUnordered;
@@ -39,12 +39,8 @@ pub struct BrokerE2e {
 /// The raw broker's publish -> consume latency, ms.
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerLatency {
-    pub count: u64,
-    pub p50: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
+    #[serde(flatten)]
+    pub waits: FineQuantiles,
     pub sent: u64,
 }
 
@@ -481,14 +477,8 @@ pub async fn broker_latency(
         .lock()
         .map_err(|_| anyhow::anyhow!("histogram poisoned"))?
         .clone();
-    let ms = |us: u64| us as f64 / 1000.0;
     Ok(BrokerLatency {
-        count: h.len(),
-        p50: ms(h.value_at_quantile(0.5)),
-        p99: ms(h.value_at_quantile(0.99)),
-        p999: ms(h.value_at_quantile(0.999)),
-        max: ms(h.max()),
-        mean: h.mean() / 1000.0,
+        waits: FineQuantiles::of_micros(&h),
         sent: published,
     })
 }

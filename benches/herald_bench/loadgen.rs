@@ -8,7 +8,8 @@
 
 use crate::protocol::{
     Background, BurstPlan, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd,
-    E2eStart, Ingested, KeepupReply, LatencyReply, Mark, Quantiles,
+    E2eStart, FineQuantiles, Ingested, KeepupReply, LatencyReply, Mark, PacedPlan, PacedReply,
+    Quantiles,
 };
 use crate::zipf::{SplitMix64, Zipf};
 use futures_util::stream::{self, StreamExt};
@@ -72,6 +73,13 @@ struct Shared {
     /// its windows afterwards.
     sampling: AtomicBool,
     samples: Mutex<Vec<(i64, u64, u64)>>,
+    /// Events whose `sent_us` (Unix µs, set by the paced producers) is in [lo, hi] are recorded
+    /// in `paced`, in µs: the fixed-rate phase's waits, finer than the server's ms `at`.
+    paced_lo: AtomicI64,
+    paced_hi: AtomicI64,
+    paced: Mutex<Histogram<u64>>,
+    /// The paced requests' send -> 2xx, µs, over the same window.
+    paced_answers: Mutex<Histogram<u64>>,
 }
 
 /// Events a skewed producer drew, and how many went to the most frequent user.
@@ -130,6 +138,10 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
             hot_max_ms: AtomicU64::new(0),
             sampling: AtomicBool::new(false),
             samples: Mutex::new(Vec::new()),
+            paced_lo: AtomicI64::new(i64::MAX),
+            paced_hi: AtomicI64::new(i64::MIN),
+            paced: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
+            paced_answers: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
         }),
         users: 0,
         echo: Vec::new(),
@@ -186,6 +198,7 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
                 drain,
             } => reply(&load.keepup(warmup, secs, producers, drain).await),
             Command::Burst(plan) => reply(&load.burst(&plan).await),
+            Command::Paced(plan) => reply(&load.paced(&plan).await),
         }
     }
     Ok(())
@@ -194,6 +207,20 @@ pub async fn run(base: String, key: String) -> anyhow::Result<()> {
 /// One event as the API takes it.
 pub(crate) fn event_json(user: &str, i: u64) -> String {
     format!(r#"{{"user_id":"{user}","event":"{EVENT}","data":{{"i":{i},"pad":"{PAD}"}}}}"#)
+}
+
+/// One event that carries its send time (Unix µs), for the paced phase's fine latency.
+fn stamped_event_json(user: &str, i: u64, sent_us: i64) -> String {
+    format!(
+        r#"{{"user_id":"{user}","event":"{EVENT}","data":{{"i":{i},"sent_us":{sent_us},"pad":"{PAD}"}}}}"#
+    )
+}
+
+/// Microseconds since the Unix epoch.
+fn now_unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 pub(crate) fn batch_json(events: impl Iterator<Item = String>) -> String {
@@ -218,6 +245,10 @@ impl Shared {
             return; // a reply (join, heartbeat), not a push
         }
         self.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(sent_us) = field_i64(text, r#""sent_us":"#) {
+            self.on_paced(sent_us);
+            return;
+        }
         let Some(at) = field_i64(text, r#""at":"#) else {
             return;
         };
@@ -244,6 +275,16 @@ impl Shared {
             if let Ok(mut h) = self.latency.lock() {
                 h.saturating_record(waited);
             }
+        }
+    }
+
+    /// A paced event sent at `sent_us` arrived.
+    fn on_paced(&self, sent_us: i64) {
+        if (self.paced_lo.load(Ordering::Relaxed)..=self.paced_hi.load(Ordering::Relaxed))
+            .contains(&sent_us)
+            && let Ok(mut h) = self.paced.lock()
+        {
+            h.saturating_record((now_unix_us() - sent_us).max(1) as u64);
         }
     }
 }
@@ -624,6 +665,98 @@ impl Loadgen {
             drain_secs: drain_started.elapsed().as_secs_f64(),
             errors: errors.load(Ordering::Relaxed),
             closed: self.shared.closed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Single events at a fixed rate (see [`PacedPlan`]).
+    async fn paced(&self, plan: &PacedPlan) -> PacedReply {
+        let shared = &self.shared;
+        let base = shared.received.load(Ordering::Relaxed);
+        let closed = shared.closed.load(Ordering::Relaxed);
+        for h in [&shared.paced, &shared.paced_answers] {
+            if let Ok(mut h) = h.lock() {
+                h.reset();
+            }
+        }
+        let lo = now_unix_us() + (plan.warmup * 1e6) as i64;
+        let hi = lo + (plan.secs * 1e6) as i64;
+        shared.paced_lo.store(lo, Ordering::Relaxed);
+        shared.paced_hi.store(hi, Ordering::Relaxed);
+        let producers = plan.producers.max(1);
+        let interval = Duration::from_secs_f64(producers as f64 / plan.rate.max(1e-3));
+        let started = tokio::time::Instant::now();
+        let end = started + Duration::from_secs_f64(plan.warmup + plan.secs);
+        let users = self.users.max(1) as u64;
+        let (sent, accepted, errors, late) = (
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+        );
+        let answers = &shared.paced_answers;
+        let producer = |w: usize| {
+            let (sent, accepted, errors, late) = (&sent, &accepted, &errors, &late);
+            async move {
+                // A client of its own: one connection, as one backend process would hold.
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .unwrap_or_else(|_| self.http.clone());
+                let mut slot = started + interval.mul_f64(w as f64 / producers as f64);
+                while slot < end {
+                    // Late: the previous answer came after this slot (the timer's own ms of
+                    // slack is not lateness).
+                    if tokio::time::Instant::now() > slot {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep_until(slot).await;
+                    slot += interval;
+                    let i = self.next_event.fetch_add(1, Ordering::Relaxed);
+                    let sent_us = now_unix_us();
+                    let request = http
+                        .post(format!("{}/api/v1/events", self.base))
+                        .bearer_auth(&self.key)
+                        .header("content-type", "application/json")
+                        .body(stamped_event_json(&format!("s{}", i % users), i, sent_us));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match request.send().await {
+                        Ok(r) if r.status().is_success() => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            if (lo..=hi).contains(&sent_us)
+                                && let Ok(mut h) = answers.lock()
+                            {
+                                h.saturating_record((now_unix_us() - sent_us).max(1) as u64);
+                            }
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        };
+        future::join_all((0..producers).map(producer)).await;
+        let drained = self
+            .wait_received(base, accepted.load(Ordering::Relaxed), 30)
+            .await;
+        shared.paced_lo.store(i64::MAX, Ordering::Relaxed);
+        let fine = |h: &Mutex<Histogram<u64>>| {
+            h.lock()
+                .ok()
+                .map(|h| FineQuantiles::of_micros(&h))
+                .filter(|q| q.count > 0)
+        };
+        PacedReply {
+            rate: plan.rate,
+            producers,
+            sent: sent.load(Ordering::Relaxed),
+            accepted: accepted.load(Ordering::Relaxed),
+            errors: errors.load(Ordering::Relaxed),
+            late: late.load(Ordering::Relaxed),
+            push: fine(&shared.paced),
+            answer: fine(answers),
+            drained,
+            closed: shared.closed.load(Ordering::Relaxed) - closed,
         }
     }
 

@@ -19,6 +19,7 @@ mod loadgen;
 mod node;
 mod protocol;
 mod report;
+mod rowcost;
 mod soak;
 mod sockmem;
 mod statsd;
@@ -31,11 +32,12 @@ use futures_util::FutureExt;
 use node::{Names, Node};
 use protocol::{
     BurstPlan, BurstReply, Closed, Command, Connected, Disconnected, E2eDone, E2eEnd, E2eStart,
-    Ingested, KeepupReply, LatencyReply,
+    Ingested, KeepupReply, LatencyReply, PacedPlan, PacedReply,
 };
 use report::{
     Attempt, Checkpointed, Cpu, HeraldCpu, HeraldE2e, HeraldIngest, Keepup, LatencyPoint, Move,
-    Order, Paired, Phases, Reorder, Report, Rss, Skew, SocketsRss, Versus, Workers, thousands,
+    Order, PacedPoint, Paired, Phases, Reorder, Report, Rss, Skew, SocketsRss, Versus, Workers,
+    thousands,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -69,6 +71,9 @@ const BURST_BACKGROUND_RATE: f64 = 500.0;
 /// has it all, and over at least this long (s), so that a fast drain still leaves a few hundred
 /// samples.
 const BURST_MIN_WINDOW: f64 = 1.0;
+/// The fixed-rate phases of single events: (events/s, producers). 200/s from one producer is what
+/// a small deployment sees every day; 2,000/s from 16 is a busy one's steady trickle.
+const PACED: [(f64, usize); 2] = [(200.0, 1), (2_000.0, 16)];
 /// Closed-loop window of the end-to-end figure: events accepted but not yet pushed. Under
 /// `queue.publish_buffer`, so the loop measures delivery, not the outbox relay.
 const E2E_WINDOW: u64 = 4000;
@@ -123,6 +128,8 @@ enum Role {
     SoakLoadgen(soak::LoadgenArgs),
     /// Memory per idle socket alone, against the echo server (scripts/sockmem).
     Sockmem(sockmem::Args),
+    /// What a group commit costs inside PostgreSQL, per event (BENCHMARKS.md, *Per-row costs*).
+    Rowcost(rowcost::Args),
 }
 
 /// Phase lengths, in seconds.
@@ -134,6 +141,8 @@ struct Plan {
     e2e: f64,
     latency_warmup: f64,
     latency: f64,
+    /// The measured window of each fixed-rate phase.
+    paced: f64,
     prefill: u64,
     /// Warm-up of the burst phase: the others' load alone, also its "before" latency.
     burst_warmup: f64,
@@ -166,6 +175,7 @@ impl Plan {
             e2e: if quick { 3.0 } else { 8.0 },
             latency_warmup: if quick { 0.5 } else { 3.0 },
             latency: if quick { 1.5 } else { 10.0 },
+            paced: if quick { 1.5 } else { 20.0 },
             prefill: if quick { 5_000 } else { 100_000 },
             burst_warmup: if quick { 1.5 } else { 3.0 },
             rounds: if quick { 1 } else { 3 },
@@ -191,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         Some(Role::Soak(args)) => runtime.block_on(soak::run(args)),
         Some(Role::SoakLoadgen(args)) => runtime.block_on(soak::loadgen(args)),
         Some(Role::Sockmem(args)) => runtime.block_on(sockmem::run(args)),
+        Some(Role::Rowcost(args)) => runtime.block_on(rowcost::run(args)),
         None => runtime.block_on(harness(Plan::new(&cli))),
     }
 }
@@ -486,20 +497,17 @@ async fn run(
             "latency at {:.0}% of sustained: {rate:.0} events/s",
             fraction * 100.0
         ));
-        sink.take();
-        let checkpoints = forced_checkpoints(&pool).await;
-        let reply: LatencyReply = load
-            .call(&Command::Latency {
+        let herald: Checkpointed<LatencyReply> = checkpointed(
+            &mut load,
+            &Command::Latency {
                 rate,
                 warmup: plan.latency_warmup,
                 secs: plan.latency,
-            })
-            .await?;
-        let herald = Checkpointed {
-            load: reply,
-            forced_checkpoints: forced_checkpoints(&pool).await - checkpoints,
-            node_metrics: sink.take(),
-        };
+            },
+            &pool,
+            sink,
+        )
+        .await?;
         phases.add(
             &format!("latency at {:.0}%", fraction * 100.0),
             &herald.node_metrics,
@@ -518,9 +526,9 @@ async fn run(
             herald.load.p99,
             herald.load.max,
             herald.forced_checkpoints,
-            raw.p50,
-            raw.p99,
-            raw.max
+            raw.waits.p50,
+            raw.waits.p99,
+            raw.waits.max
         ));
         latency.push(LatencyPoint {
             fraction,
@@ -530,29 +538,70 @@ async fn run(
         });
     }
 
+    let mut paced = Vec::new();
+    for (rate, producers) in PACED {
+        say(format!(
+            "single events at {rate:.0}/s, {producers} producer(s), each request alone"
+        ));
+        let herald: Checkpointed<PacedReply> = checkpointed(
+            &mut load,
+            &Command::Paced(PacedPlan {
+                rate,
+                producers,
+                warmup: plan.latency_warmup,
+                secs: plan.paced,
+            }),
+            &pool,
+            sink,
+        )
+        .await?;
+        phases.add(
+            &format!("single events at {rate:.0}/s"),
+            &herald.node_metrics,
+        );
+        let raw =
+            baseline::broker_latency(names, rate, plan.latency_warmup, plan.paced, plan.prefetch)
+                .await?;
+        let (push, answer) = (
+            herald.load.push.unwrap_or_default(),
+            herald.load.answer.unwrap_or_default(),
+        );
+        say(format!(
+            "  herald p50/p99/max {:.2}/{:.2}/{:.2} ms (answered after p50/p99 {:.2}/{:.2} ms; {} late, {} errors); broker {:.2}/{:.2}/{:.2} ms",
+            push.p50,
+            push.p99,
+            push.max,
+            answer.p50,
+            answer.p99,
+            herald.load.late,
+            herald.load.errors,
+            raw.waits.p50,
+            raw.waits.p99,
+            raw.waits.max
+        ));
+        paced.push(PacedPoint { herald, raw });
+    }
+
     let requests = BURST_EVENTS.div_ceil(loadgen::BATCH as u64);
     say(format!(
         "burst: {} events to one user ({requests} concurrent batch requests), {BURST_BACKGROUND_RATE:.0} single events/s to the {} others",
         BURST_EVENTS,
         plan.sockets.saturating_sub(1)
     ));
-    sink.take();
-    let checkpoints = forced_checkpoints(&pool).await;
-    let reply: BurstReply = load
-        .call(&Command::Burst(BurstPlan {
+    let burst: Checkpointed<BurstReply> = checkpointed(
+        &mut load,
+        &Command::Burst(BurstPlan {
             events: BURST_EVENTS,
             requests: requests as usize,
             rate: BURST_BACKGROUND_RATE,
             warmup: plan.burst_warmup,
             min_window: BURST_MIN_WINDOW,
             limit: if plan.quick { 15.0 } else { 30.0 },
-        }))
-        .await?;
-    let burst = Checkpointed {
-        load: reply,
-        forced_checkpoints: forced_checkpoints(&pool).await - checkpoints,
-        node_metrics: sink.take(),
-    };
+        }),
+        &pool,
+        sink,
+    )
+    .await?;
     phases.add("burst to one user", &burst.node_metrics);
     let b = &burst.load;
     let waits = |q: Option<protocol::Quantiles>| {
@@ -724,6 +773,7 @@ async fn run(
         e2e,
         skew,
         latency,
+        paced,
         burst,
         keepup,
         ingest_batch,
@@ -1081,6 +1131,24 @@ async fn echo_rss(load: &mut Loadgen, n: usize) -> anyhow::Result<SocketsRss> {
 /// Checkpoints PostgreSQL was asked for so far, server-wide. Every CREATE or DROP DATABASE forces
 /// one (other sessions' test suites make a database per test), and each flushes every dirty page
 /// at once: commits stall behind it. Counted per phase so a latency tail can be told from it.
+/// Runs a phase's `command` on the load generator, its answer kept with the node's metrics over
+/// the phase and the PostgreSQL checkpoints forced meanwhile.
+async fn checkpointed<R: DeserializeOwned>(
+    load: &mut Loadgen,
+    command: &Command,
+    pool: &sqlx::PgPool,
+    sink: &statsd::Sink,
+) -> anyhow::Result<Checkpointed<R>> {
+    sink.take();
+    let checkpoints = forced_checkpoints(pool).await;
+    let answer: R = load.call(command).await?;
+    Ok(Checkpointed {
+        load: answer,
+        forced_checkpoints: forced_checkpoints(pool).await - checkpoints,
+        node_metrics: sink.take(),
+    })
+}
+
 async fn forced_checkpoints(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT checkpoints_req FROM pg_stat_bgwriter")
         .fetch_one(pool)

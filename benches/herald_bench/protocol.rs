@@ -55,6 +55,22 @@ pub enum Command {
     },
     /// A hot user's burst amid the others' steady load (see [`BurstPlan`]).
     Burst(BurstPlan),
+    /// Single events at a fixed `rate` (see [`PacedPlan`]).
+    Paced(PacedPlan),
+}
+
+/// Single events at a fixed `rate`/s to the connected users in turn, from `producers` producers,
+/// each on its own connection, one request at a time, on a schedule of its own spread evenly
+/// between the others' (open loop: a slow answer delays that producer's next request, which is
+/// counted late, never the schedule). What a small deployment sees every day: no batch to hide
+/// in. Latency of the events sent between `warmup` and `warmup + secs`, from the producer's send
+/// to the client's receive, in microseconds.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct PacedPlan {
+    pub rate: f64,
+    pub producers: usize,
+    pub warmup: f64,
+    pub secs: f64,
 }
 
 /// A hot user: single events at `rate`/s (open loop) to every connected user but `s0`; after
@@ -172,6 +188,51 @@ pub struct LatencyReply {
     pub late_ticks: u64,
     pub errors: u64,
     pub closed: u64,
+}
+
+/// The fixed-rate single events' figures (`paced`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PacedReply {
+    pub rate: f64,
+    pub producers: usize,
+    pub sent: u64,
+    pub accepted: u64,
+    pub errors: u64,
+    /// Requests sent after their slot because the producer's previous answer came late.
+    pub late: u64,
+    /// Send -> push at the client: the whole durable path as a producer and a client see it.
+    pub push: Option<FineQuantiles>,
+    /// Send -> 2xx answer: the API and the commit (the rest of `push` is the broker and the
+    /// worker).
+    pub answer: Option<FineQuantiles>,
+    pub drained: bool,
+    pub closed: u64,
+}
+
+/// Quantiles of a set of waits measured in microseconds, shown in ms with their fraction.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct FineQuantiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl FineQuantiles {
+    /// The quantiles of a histogram of microseconds, in ms.
+    pub fn of_micros(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
 }
 
 /// p50 / p99 / max (ms), mean and count of a set of waits.

@@ -5,7 +5,7 @@
 
 use crate::baseline::{BrokerE2e, BrokerLatency, ConsumeCpu};
 use crate::protocol::{
-    BurstReply, Connected, E2eDone, Ingested, KeepupReply, LatencyReply, Quantiles,
+    BurstReply, Connected, E2eDone, Ingested, KeepupReply, LatencyReply, PacedReply, Quantiles,
 };
 use crate::statsd::{self, Snapshot};
 use crate::{BATCH_PRODUCERS, E2E_WINDOW, ZIPF_S, loadgen};
@@ -44,6 +44,8 @@ pub struct Report {
     pub skew: Skew,
     /// At 25%, 50% and 75% of the sustained rate.
     pub latency: Vec<LatencyPoint>,
+    /// Single events at fixed rates, one request each: 200/s from one producer, 2,000/s from 16.
+    pub paced: Vec<PacedPoint>,
     pub burst: Checkpointed<BurstReply>,
     pub keepup: Keepup,
     pub ingest_batch: Paired<Ingested, HeraldIngest>,
@@ -347,6 +349,18 @@ pub struct LatencyPoint {
     pub raw: BrokerLatency,
 }
 
+/// Single events at a fixed rate, Herald's send -> push and the raw broker's publish -> consume
+/// at the same rate.
+#[derive(Serialize)]
+pub struct PacedPoint {
+    pub herald: Checkpointed<PacedReply>,
+    pub raw: BrokerLatency,
+}
+
+/// The fixed-rate phases' targets (issue 21): about one WAL flush and one broker round trip.
+const PACED_P50_MS: f64 = 3.0;
+const PACED_P99_MS: f64 = 6.0;
+
 /// A load generator's answer with the node's metrics and the PostgreSQL checkpoints forced
 /// meanwhile (every CREATE or DROP DATABASE of other sessions forces one; commits stall behind
 /// it).
@@ -433,6 +447,8 @@ impl Report {
     /// The figures with no measurement, named.
     pub fn smoke_check(&self) -> anyhow::Result<()> {
         let latency = |f: fn(&LatencyPoint) -> u64| self.latency.get(1).map_or(0, f) as f64;
+        let paced = |k: usize, f: fn(&PacedPoint) -> u64| self.paced.get(k).map_or(0, f) as f64;
+        let pushed = |p: &PacedPoint| p.herald.load.push.map_or(0, |q| q.count);
         let burst = &self.burst.load;
         let workers = self.workers.done().map(|w| &w.versus);
         let order = self.order.done().map(|o| &o.versus);
@@ -473,8 +489,15 @@ impl Report {
                 "order across api nodes, default window",
                 rate_of(order.and_then(|o| o.other.as_ref())),
             ),
-            ("latency 50%, raw", latency(|l| l.raw.count)),
+            ("latency 50%, raw", latency(|l| l.raw.waits.count)),
             ("latency 50%, herald", latency(|l| l.herald.load.count)),
+            ("single events 200/s, raw", paced(0, |p| p.raw.waits.count)),
+            ("single events 200/s, herald", paced(0, pushed)),
+            (
+                "single events 2,000/s, raw",
+                paced(1, |p| p.raw.waits.count),
+            ),
+            ("single events 2,000/s, herald", paced(1, pushed)),
             (
                 "burst, others' latency",
                 burst.during.unwrap_or_default().count as f64,
@@ -514,6 +537,7 @@ impl Report {
         rows.extend(self.e2e_rows());
         rows.extend(self.cluster_rows());
         rows.extend(self.latency_rows());
+        rows.extend(self.paced_rows());
         rows.extend(self.burst_rows());
         rows.push(self.keepup_row());
         rows.extend(self.resource_rows());
@@ -717,18 +741,61 @@ impl Report {
                     ),
                     format!(
                         "{:.1} / {:.1} / {:.1} (publish -> consume)",
-                        raw.p50, raw.p99, raw.max
+                        raw.waits.p50, raw.waits.p99, raw.waits.max
                     ),
                     format!(
                         "{:.0} / {p99:.0} / {:.0} ({} forced PG checkpoints)",
                         herald.p50 as f64, herald.max as f64, point.herald.forced_checkpoints
                     ),
-                    format!("p99 {}", ratio(p99, raw.p99)),
+                    format!("p99 {}", ratio(p99, raw.waits.p99)),
                     if k == 1 {
                         verdict(p99 <= 25.0, "p99 <= 25 ms")
                     } else {
                         "none".into()
                     },
+                ]
+            })
+            .collect()
+    }
+
+    fn paced_rows(&self) -> Vec<[String; 5]> {
+        let n = self.sockets as f64;
+        self.paced
+            .iter()
+            .map(|point| {
+                let (herald, raw) = (&point.herald.load, &point.raw.waits);
+                let push = herald.push.unwrap_or_default();
+                let answer = herald.answer.unwrap_or_default();
+                [
+                    format!(
+                        "send -> push latency ms p50 / p99 / max, single events at {}/s from {} producer(s), each request alone, {} sockets",
+                        thousands(herald.rate),
+                        herald.producers,
+                        thousands(n)
+                    ),
+                    format!(
+                        "{:.2} / {:.2} / {:.2} (publish -> consume, same rate)",
+                        raw.p50, raw.p99, raw.max
+                    ),
+                    format!(
+                        "{:.2} / {:.2} / {:.2} (answered after p50 {:.2}, p99 {:.2}; {} late sends, {} forced PG checkpoints)",
+                        push.p50,
+                        push.p99,
+                        push.max,
+                        answer.p50,
+                        answer.p99,
+                        herald.late,
+                        point.herald.forced_checkpoints
+                    ),
+                    format!(
+                        "p50 {}, p99 {}",
+                        ratio(push.p50, raw.p50),
+                        ratio(push.p99, raw.p99)
+                    ),
+                    verdict(
+                        push.count > 0 && push.p50 <= PACED_P50_MS && push.p99 <= PACED_P99_MS,
+                        &format!("p50 <= {PACED_P50_MS:.0} ms, p99 <= {PACED_P99_MS:.0} ms"),
+                    ),
                 ]
             })
             .collect()

@@ -1,0 +1,437 @@
+//! What one group commit costs inside PostgreSQL, per event (`scripts/bench rowcost`; issue 21,
+//! BENCHMARKS.md, *Per-row costs*): each statement `store::insert_events` runs, with its own SQL
+//! text (the `pub const`s) and binds of the same shape, under `EXPLAIN (ANALYZE, BUFFERS, WAL)`,
+//! in batches on a table that already holds `--prefill` events, then the commit (its WAL flush).
+//! Reported per event: execution time, WAL records and bytes, full-page images and buffers
+//! dirtied, per statement and for the whole; beside them the same insert into `raw_events` (a
+//! copy of `events` with its indexes), which is what the bench's UNNEST baseline runs.
+//!
+//! The statements run on their own connection, one batch at a time: what a commit costs, not how
+//! commits contend (the bench's ingest figures say that).
+
+use crate::node::{Names, Node};
+use crate::{baseline, out_dir, say};
+use herald::store::{
+    BUMP_USER_SEQS_SQL, INSERT_EVENTS_SQL, INSERT_OUTBOX_ROWS_SQL, MessageLimits, plan_messages,
+};
+use serde::Serialize;
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgConnection, Row};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+use uuid::Uuid;
+
+/// Arguments of `rowcost`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Events per commit (the batch API's request is 100; a group commit under load holds more).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Commits measured.
+    #[arg(long, default_value_t = 200)]
+    rounds: usize,
+    /// Events in the table before the first measured commit (delivered, as a day's history).
+    #[arg(long, default_value_t = 1_000_000)]
+    prefill: u64,
+    /// Users the events are spread over (round-robin).
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// Partitions the outbox rows are planned over (Herald's default).
+    #[arg(long, default_value_t = herald::config::QueueSettings::default().partitions)]
+    partitions: u16,
+    /// SQL run on the migrated database before the prefill (repeatable): a storage setting to
+    /// measure, e.g. `ALTER TABLE user_seqs SET (fillfactor = 50)`.
+    #[arg(long = "setup-sql")]
+    setup_sql: Vec<String>,
+    /// `cargo bench` appends this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// One statement's `EXPLAIN (ANALYZE, BUFFERS, WAL)` figures, summed over the rounds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Cost {
+    /// Execution time plus planning time, ms.
+    ms: f64,
+    wal_records: f64,
+    wal_bytes: f64,
+    wal_fpi: f64,
+    dirtied: f64,
+    hit: f64,
+    read: f64,
+}
+
+impl Cost {
+    /// The figures of one `EXPLAIN (..., FORMAT JSON)` answer.
+    fn of(explain: &serde_json::Value) -> Self {
+        let top = &explain[0];
+        let plan = &top["Plan"];
+        let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        Self {
+            ms: n(&top["Execution Time"]) + n(&top["Planning Time"]),
+            wal_records: n(&plan["WAL Records"]),
+            wal_bytes: n(&plan["WAL Bytes"]),
+            wal_fpi: n(&plan["WAL FPI"]),
+            dirtied: n(&plan["Shared Dirtied Blocks"]),
+            hit: n(&plan["Shared Hit Blocks"]),
+            read: n(&plan["Shared Read Blocks"]),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.ms += other.ms;
+        self.wal_records += other.wal_records;
+        self.wal_bytes += other.wal_bytes;
+        self.wal_fpi += other.wal_fpi;
+        self.dirtied += other.dirtied;
+        self.hit += other.hit;
+        self.read += other.read;
+    }
+
+    /// Per event, `events` being how many the sums cover.
+    fn per(self, events: f64) -> PerEvent {
+        PerEvent {
+            us: self.ms * 1000.0 / events,
+            wal_records: self.wal_records / events,
+            wal_bytes: self.wal_bytes / events,
+            wal_fpi: self.wal_fpi / events,
+            dirtied: self.dirtied / events,
+            buffers: (self.hit + self.read) / events,
+        }
+    }
+}
+
+/// A statement's cost per event.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct PerEvent {
+    us: f64,
+    wal_records: f64,
+    wal_bytes: f64,
+    wal_fpi: f64,
+    dirtied: f64,
+    buffers: f64,
+}
+
+/// One batch's columns, as `insert_events` binds them.
+struct Batch {
+    ids: Vec<Uuid>,
+    producers: Vec<i64>,
+    users: Vec<String>,
+    names: Vec<&'static str>,
+    datas: Vec<String>,
+    keys: Vec<Option<String>>,
+    ats: Vec<i64>,
+}
+
+impl Batch {
+    /// `n` events to the users after `next` in round-robin order.
+    fn new(n: usize, next: &mut u64, users: u64, producer: i64) -> Self {
+        let mut batch = Self {
+            ids: Vec::with_capacity(n),
+            producers: vec![producer; n],
+            users: Vec::with_capacity(n),
+            names: vec!["bench"; n],
+            datas: Vec::with_capacity(n),
+            keys: vec![None; n],
+            ats: vec![herald::event::now_unix_ms(); n],
+        };
+        for _ in 0..n {
+            batch.ids.push(Uuid::now_v7());
+            batch.users.push(format!("r{}", *next % users));
+            batch.datas.push(format!(
+                r#"{{"i":{},"pad":"{}"}}"#,
+                *next,
+                crate::loadgen::PAD
+            ));
+            *next += 1;
+        }
+        batch
+    }
+
+    /// Each user of the batch once, with its number of events (sorted, as the commit bumps them).
+    fn per_user(&self) -> (Vec<String>, Vec<i64>) {
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for u in &self.users {
+            *counts.entry(u.as_str()).or_default() += 1;
+        }
+        counts.into_iter().map(|(u, c)| (u.to_owned(), c)).unzip()
+    }
+
+    /// Each event's seq from the users' new last seqs (`last - count + 1` on, in batch order).
+    fn seqs(&self, bumped: &[(String, i64)], counts: &BTreeMap<String, i64>) -> Vec<i64> {
+        let mut next: BTreeMap<&str, i64> = bumped
+            .iter()
+            .map(|(u, last)| (u.as_str(), last - counts.get(u).copied().unwrap_or(0) + 1))
+            .collect();
+        self.users
+            .iter()
+            .map(|u| {
+                let slot = next.entry(u.as_str()).or_insert(1);
+                *slot += 1;
+                *slot - 1
+            })
+            .collect()
+    }
+
+    /// The insert's binds, with `seqs`.
+    fn insert_arguments(&self, seqs: &[i64]) -> anyhow::Result<PgArguments> {
+        let mut args = PgArguments::default();
+        let err = |e| anyhow::anyhow!("bind: {e}");
+        args.add(&self.ids).map_err(err)?;
+        args.add(&self.producers).map_err(err)?;
+        args.add(&self.users).map_err(err)?;
+        args.add(seqs).map_err(err)?;
+        args.add(&self.names).map_err(err)?;
+        args.add(&self.datas).map_err(err)?;
+        args.add(&self.keys).map_err(err)?;
+        args.add(&self.ats).map_err(err)?;
+        Ok(args)
+    }
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON)` of `sql` with `args`: its cost.
+async fn explain(conn: &mut PgConnection, sql: &str, args: PgArguments) -> anyhow::Result<Cost> {
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON) {sql}");
+    let row = sqlx::query_with(&explain, args).fetch_one(conn).await?;
+    // `json`, whose wire form is its text: read as such (sqlx's `json` feature is not enabled).
+    let plan: String = row.try_get_unchecked(0)?;
+    Ok(Cost::of(&serde_json::from_str(&plan)?))
+}
+
+/// The figures of a run.
+#[derive(Serialize)]
+struct RowCosts {
+    git: String,
+    setup_sql: Vec<String>,
+    batch: usize,
+    rounds: usize,
+    prefill: u64,
+    users: u64,
+    /// Per statement of the commit, in the order it runs them, then the commit itself (`us` only:
+    /// the client's wait for `COMMIT`, the WAL flush) and the total.
+    herald: Vec<(String, PerEvent)>,
+    /// The same insert into `raw_events`, then its commit: the bench's UNNEST baseline.
+    raw: Vec<(String, PerEvent)>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir())?;
+    let names = Names::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
+    let result = async {
+        Node::setup(bin, &names)?;
+        let pool = baseline::pool(&names, 2).await?;
+        let producer = baseline::create_raw_table(&pool).await?;
+        for sql in &args.setup_sql {
+            say(format!("setup: {sql}"));
+            sqlx::raw_sql(sql).execute(&pool).await?;
+        }
+        say(format!(
+            "prefill: {} delivered events over {} users",
+            args.prefill, args.users
+        ));
+        prefill(&pool, args.prefill, args.users, producer).await?;
+        let mut conn = pool.acquire().await?;
+        measure(&mut conn, &args, producer).await
+    }
+    .await;
+    say("cleaning up");
+    crate::node::clean_up(&names).await;
+    let costs = result?;
+    print_costs(&costs);
+    std::fs::write(
+        out_dir().join("rowcost-latest.json"),
+        serde_json::to_string_pretty(&costs)?,
+    )?;
+    Ok(())
+}
+
+/// `n` delivered events over `users` users, their counters and watermarks as the commit and
+/// retention leave them, analyzed: the history a commit lands on.
+async fn prefill(pool: &sqlx::PgPool, n: u64, users: u64, producer: i64) -> anyhow::Result<()> {
+    let n = i64::try_from(n)?;
+    let users = i64::try_from(users.max(1))?;
+    for table in ["events", "raw_events"] {
+        sqlx::query(&format!(
+            "INSERT INTO {table} (id, producer_id, user_id, seq, event, data, enqueued_at, status,
+                                  attempts, push_count, published_at, delivered_at)
+             SELECT gen_random_uuid(), $1, 'r' || (i % $3), i / $3 + 1, 'bench',
+                    jsonb_build_object('i', i, 'pad', repeat('0123456789abcdef', 4)),
+                    now() - make_interval(secs => ($2 - i) / 1000.0), 'delivered', 1, 1, now(), now()
+             FROM generate_series(0, $2 - 1) AS i"
+        ))
+        .bind(producer)
+        .bind(n)
+        .bind(users)
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO user_seqs (user_id, last_seq)
+         SELECT user_id, max(seq) FROM events GROUP BY user_id",
+    )
+    .execute(pool)
+    .await?;
+    // A checkpoint last, so that both tables start equal: the first change to each page after it
+    // writes the whole page to the WAL (the prefill's own WAL forced checkpoints at random points).
+    for sql in ["VACUUM ANALYZE", "CHECKPOINT"] {
+        sqlx::raw_sql(sql).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// The commits, each statement explained; a round of the raw insert after each.
+async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow::Result<RowCosts> {
+    let limits: MessageLimits = herald::config::Settings::default().message_limits();
+    let (mut bump, mut insert, mut outbox, mut commit) = (
+        Cost::default(),
+        Cost::default(),
+        Cost::default(),
+        Cost::default(),
+    );
+    let (mut raw_insert, mut raw_commit) = (Cost::default(), Cost::default());
+    let mut next = 0;
+    for round in 0..args.rounds {
+        let batch = Batch::new(args.batch, &mut next, args.users, producer);
+        let (users, counts) = batch.per_user();
+        let by_user: BTreeMap<String, i64> =
+            users.iter().cloned().zip(counts.iter().copied()).collect();
+
+        sqlx::query("BEGIN").execute(&mut *conn).await?;
+        let mut bind = PgArguments::default();
+        bind.add(&users).map_err(|e| anyhow::anyhow!("bind: {e}"))?;
+        bind.add(&counts)
+            .map_err(|e| anyhow::anyhow!("bind: {e}"))?;
+        Cost::add(&mut bump, explain(conn, BUMP_USER_SEQS_SQL, bind).await?);
+        // EXPLAIN ANALYZE answers the plan, not the rows: the new last seqs are read back.
+        let bumped: Vec<(String, i64)> =
+            sqlx::query_as("SELECT user_id, last_seq FROM user_seqs WHERE user_id = ANY($1)")
+                .bind(&users)
+                .fetch_all(&mut *conn)
+                .await?;
+        let seqs = batch.seqs(&bumped, &by_user);
+        Cost::add(
+            &mut insert,
+            explain(conn, INSERT_EVENTS_SQL, batch.insert_arguments(&seqs)?).await?,
+        );
+        let sizes = batch
+            .datas
+            .iter()
+            .zip(&batch.users)
+            .map(|(data, user)| {
+                let data = serde_json::value::RawValue::from_string(data.clone())?;
+                Ok(herald::event::envelope_size(&data, user, "bench"))
+            })
+            .collect::<anyhow::Result<Vec<usize>>>()?;
+        let messages = plan_messages(
+            batch
+                .users
+                .iter()
+                .zip(sizes)
+                .enumerate()
+                .map(|(i, (u, size))| (i, u.as_str(), size)),
+            args.partitions,
+            limits,
+        );
+        let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
+        for message in &messages {
+            for &i in &message.events {
+                rows.push(message.id);
+                events.push(batch.ids[i]);
+                partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
+            }
+        }
+        let mut bind = PgArguments::default();
+        let err = |e| anyhow::anyhow!("bind: {e}");
+        bind.add(&rows).map_err(err)?;
+        bind.add(&events).map_err(err)?;
+        bind.add(&partitions).map_err(err)?;
+        bind.add(0.0_f64).map_err(err)?;
+        Cost::add(
+            &mut outbox,
+            explain(conn, INSERT_OUTBOX_ROWS_SQL, bind).await?,
+        );
+        let flushed = Instant::now();
+        sqlx::query("COMMIT").execute(&mut *conn).await?;
+        commit.ms += flushed.elapsed().as_secs_f64() * 1000.0;
+
+        // The raw baseline: the same rows (new ids) into `raw_events`, in a transaction of its own.
+        let raw = Batch::new(args.batch, &mut next, args.users, producer);
+        sqlx::query("BEGIN").execute(&mut *conn).await?;
+        let raw_sql = INSERT_EVENTS_SQL.replacen("INTO events", "INTO raw_events", 1);
+        let raw_seqs: Vec<i64> = (0..args.batch as i64)
+            .map(|k| 1_000_000_000 + (round * args.batch) as i64 + k)
+            .collect();
+        Cost::add(
+            &mut raw_insert,
+            explain(conn, &raw_sql, raw.insert_arguments(&raw_seqs)?).await?,
+        );
+        let flushed = Instant::now();
+        sqlx::query("COMMIT").execute(&mut *conn).await?;
+        raw_commit.ms += flushed.elapsed().as_secs_f64() * 1000.0;
+    }
+    let events = (args.rounds * args.batch) as f64;
+    let total = [bump, insert, outbox, commit]
+        .into_iter()
+        .fold(Cost::default(), |mut t, c| {
+            t.add(c);
+            t
+        });
+    let mut raw_total = raw_insert;
+    raw_total.add(raw_commit);
+    Ok(RowCosts {
+        git: crate::git_revision(),
+        setup_sql: args.setup_sql.clone(),
+        batch: args.batch,
+        rounds: args.rounds,
+        prefill: args.prefill,
+        users: args.users,
+        herald: vec![
+            ("bump user seqs".into(), bump.per(events)),
+            ("insert events".into(), insert.per(events)),
+            ("insert outbox rows".into(), outbox.per(events)),
+            ("commit (client's wait)".into(), commit.per(events)),
+            ("total".into(), total.per(events)),
+        ],
+        raw: vec![
+            ("insert raw_events".into(), raw_insert.per(events)),
+            ("commit (client's wait)".into(), raw_commit.per(events)),
+            ("total".into(), raw_total.per(events)),
+        ],
+    })
+}
+
+fn print_costs(costs: &RowCosts) {
+    println!(
+        "\nPer-event cost of a group commit of {} events, {} commits, on {} events over {} users (git {})\n",
+        costs.batch, costs.rounds, costs.prefill, costs.users, costs.git
+    );
+    for sql in &costs.setup_sql {
+        println!("setup: {sql}");
+    }
+    println!(
+        "| statement | us / event | WAL records / event | WAL bytes / event | full-page images / event | buffers dirtied / event | buffers read or hit / event |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let row = |side: &str, (name, c): &(String, PerEvent)| {
+        println!(
+            "| {side}{name} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1} |",
+            c.us, c.wal_records, c.wal_bytes, c.wal_fpi, c.dirtied, c.buffers
+        );
+    };
+    for statement in &costs.herald {
+        row("herald: ", statement);
+    }
+    for statement in &costs.raw {
+        row("raw: ", statement);
+    }
+    let total = |side: &[(String, PerEvent)]| side.last().map_or(0.0, |(_, c)| c.us);
+    let (herald, raw) = (total(&costs.herald), total(&costs.raw));
+    if raw > 0.0 {
+        println!(
+            "\nherald / raw, time per event: {:.2}x ({herald:.2} / {raw:.2} us)",
+            herald / raw
+        );
+    }
+}
