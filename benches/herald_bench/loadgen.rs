@@ -245,7 +245,10 @@ impl Shared {
             return; // a reply (join, heartbeat), not a push
         }
         self.received.fetch_add(1, Ordering::Relaxed);
-        if let Some(sent_us) = field_i64(text, r#""sent_us":"#) {
+        // Only while a paced phase is open: the other phases' frames are not searched for it.
+        if self.paced_lo.load(Ordering::Relaxed) != i64::MAX
+            && let Some(sent_us) = field_i64(text, r#""sent_us":"#)
+        {
             self.on_paced(sent_us);
             return;
         }
