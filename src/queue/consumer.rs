@@ -6,9 +6,14 @@ use super::{
     open_channel,
 };
 use crate::config::QueueSettings;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use std::future::Future;
+use std::time::Duration;
 
 /// Most unacked messages the broker hands one partition consumer. The worker's own demand is
 /// `queue.prefetch` events per partition; this keeps enough messages on hand to fill it (a message
@@ -25,6 +30,9 @@ pub struct ConsumerLink {
     pub channel: Channel,
     /// Retries and dead letters.
     pub retry_channel: Channel,
+    /// Bound on each call below (`queue.confirm_timeout_ms`): see [`settle`] for why a call that
+    /// the broker answers in milliseconds still gets one.
+    answer_timeout: Duration,
 }
 
 impl ConsumerLink {
@@ -48,13 +56,14 @@ impl ConsumerLink {
             connection,
             channel,
             retry_channel,
+            answer_timeout: settings.confirm_timeout(),
         })
     }
 
     /// Starts consuming partition `partition` with manual acks, tagged `tag`.
     ///
     /// # Errors
-    /// The channel failed.
+    /// The channel failed, or the broker did not answer in time.
     pub async fn consume(
         &self,
         settings: &QueueSettings,
@@ -63,33 +72,99 @@ impl ConsumerLink {
     ) -> Result<Consumer, Error> {
         let names = Topology::new(&settings.prefix, settings.partitions);
         // Applies to the consumers started after it on this channel, each on its own.
-        self.channel
-            .basic_qos(
-                settings.prefetch.min(PARTITION_QOS_MESSAGES),
-                BasicQosOptions::default(),
-            )
-            .await
-            .map_err(Error::channel("set prefetch"))?;
-        self.channel
-            .basic_consume(
-                names.partition_queue(partition).as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(Error::channel("start consuming"))
+        let qos = self.channel.basic_qos(
+            settings.prefetch.min(PARTITION_QOS_MESSAGES),
+            BasicQosOptions::default(),
+        );
+        self.answered("set prefetch", qos).await?;
+        let consume = self.channel.basic_consume(
+            names.partition_queue(partition).as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        self.answered("start consuming", consume).await
     }
 
     /// Stops the consumer `tag`: the broker sends it nothing more (its stream ends after what was
     /// already sent), and its unacked deliveries can still be settled.
     ///
     /// # Errors
-    /// The channel failed.
+    /// The channel failed, or the broker did not answer in time.
     pub async fn cancel(&self, tag: &str) -> Result<(), Error> {
-        self.channel
-            .basic_cancel(tag.into(), BasicCancelOptions::default())
-            .await
-            .map_err(Error::channel("cancel a consumer"))
+        let cancel = self
+            .channel
+            .basic_cancel(tag.into(), BasicCancelOptions::default());
+        self.answered("cancel a consumer", cancel).await
+    }
+
+    /// `call`'s answer, within the link's answer timeout.
+    async fn answered<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.answer_timeout, call).await {
+            Ok(answer) => answer.map_err(Error::channel(what)),
+            Err(_) => Err(Error::NoAnswer(what)),
+        }
+    }
+}
+
+/// How a consumed message is let go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done with: the broker forgets it.
+    Ack,
+    /// Back to its queue's head, for the next consumer.
+    Requeue,
+    /// Refused for good: dead-lettered by the queue.
+    Reject,
+}
+
+/// Why a message could not be settled. Either way it stays unacked on its channel, and the broker
+/// redelivers it when that channel closes.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsettled {
+    /// The channel or connection failed.
+    #[error("the channel failed")]
+    Lost(#[source] lapin::Error),
+    /// lapin refused before sending: the channel is closed, or the message was settled before.
+    #[error("the channel is closed, or the message was settled before")]
+    Unusable,
+    /// lapin did not report the frame sent within the limit.
+    #[error("not sent within {} ms", .0.as_millis())]
+    Timeout(Duration),
+}
+
+/// Settles `delivery` as `how` says, waiting at most `limit`. The bound is not for the broker (an
+/// ack has no answer): lapin can leave an ack queued just as its connection breaks waiting forever,
+/// and whatever waits on it with it (a partition's drain waits for every event in work, so a worker
+/// that failed over to the next broker node never consumed that partition again). A message whose
+/// connection is gone is redelivered anyway, so giving up the wait loses nothing.
+///
+/// # Errors
+/// The channel failed, or the settle was not sent within `limit`.
+pub async fn settle(
+    delivery: &Delivery,
+    how: Settlement,
+    limit: Duration,
+) -> Result<(), Unsettled> {
+    let nack = |requeue| BasicNackOptions {
+        requeue,
+        ..BasicNackOptions::default()
+    };
+    let sent = match how {
+        Settlement::Ack => {
+            tokio::time::timeout(limit, delivery.ack(BasicAckOptions::default())).await
+        }
+        Settlement::Requeue => tokio::time::timeout(limit, delivery.nack(nack(true))).await,
+        Settlement::Reject => tokio::time::timeout(limit, delivery.nack(nack(false))).await,
+    };
+    match sent {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(Unsettled::Unusable),
+        Ok(Err(error)) => Err(Unsettled::Lost(error)),
+        Err(_) => Err(Unsettled::Timeout(limit)),
     }
 }

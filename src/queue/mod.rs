@@ -17,7 +17,7 @@ mod retry;
 pub mod selfcheck;
 mod topology;
 
-pub use consumer::{ConsumerLink, PARTITION_QOS_MESSAGES};
+pub use consumer::{ConsumerLink, PARTITION_QOS_MESSAGES, Settlement, Unsettled, settle};
 pub use nodes::BrokerNodes;
 pub use probe::{DepthProbe, ready_counts, ready_messages};
 pub use publisher::{OutgoingMessage, Publisher, PublisherEvent, PublisherHandle, Source};
@@ -59,6 +59,9 @@ pub enum Error {
     /// A publish was not confirmed in time.
     #[error("RabbitMQ did not confirm in time")]
     ConfirmTimeout,
+    /// A channel call was not answered in time.
+    #[error("cannot {0}: no answer in time")]
+    NoAnswer(&'static str),
     /// Opening a channel or starting to consume failed.
     #[error("cannot {what}")]
     Channel {

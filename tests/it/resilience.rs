@@ -258,3 +258,79 @@ async fn every_connection_moves_to_the_next_broker_node_when_its_node_fails() {
     }
     app.wait_all_delivered().await;
 }
+
+/// A message whose channel closed under it is reported unsettled (lapin declines the ack of a
+/// closed channel with `Ok(false)`, which is not an ack), the call returns at once rather than
+/// waiting, and the broker has the message back for the next consumer: nothing is lost.
+#[tokio::test]
+async fn a_settle_on_a_closed_channel_is_reported_and_the_message_comes_back() {
+    use futures_util::StreamExt;
+    use herald::queue::{Settlement, Unsettled, settle};
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    let settings = crate::common::test_settings().queue;
+    let connection = herald::queue::connect(&settings, "test-settle")
+        .await
+        .expect("broker");
+    let queue = format!("{}_settle", settings.prefix);
+    let channel = herald::queue::open_channel(&connection).await.unwrap();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"one",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "settle-test".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the consumer runs")
+        .expect("a delivery");
+    channel.close(200, "test".into()).await.unwrap();
+
+    let limit = Duration::from_secs(30);
+    let started = tokio::time::Instant::now();
+    let settled = settle(&delivery, Settlement::Ack, limit).await;
+    assert!(
+        matches!(settled, Err(Unsettled::Unusable | Unsettled::Lost(_))),
+        "an ack on a closed channel is no ack: {settled:?}"
+    );
+    assert!(started.elapsed() < limit, "reported, not waited out");
+
+    let probe = herald::queue::open_channel(&connection).await.unwrap();
+    let back = probe
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(back.message_count(), 1, "the broker has the message back");
+    probe
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+}

@@ -8,11 +8,10 @@ use super::partition::{PartitionWork, WorkCount, wait_for_room};
 use crate::event::{Envelope, decode_batch};
 use crate::pipeline::lanes::Lanes;
 use crate::pipeline::lease::Lease;
-use crate::queue::{self, ConsumerLink};
+use crate::queue::{self, ConsumerLink, Settlement};
 use futures_util::StreamExt;
 use lapin::Consumer;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,11 +103,8 @@ impl Worker {
                 returned.push(delivery);
             }
             for delivery in returned {
-                let options = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                if let Err(error) = delivery.nack(options).await {
+                let returned = queue::settle(&delivery, Settlement::Requeue, self.settle_timeout);
+                if let Err(error) = returned.await {
                     tracing::warn!(error = %error, partition, "cannot return a message");
                 }
             }
@@ -123,17 +119,14 @@ impl Worker {
         match decode_batch(&delivery.data) {
             Ok(events) if !events.is_empty() => Some(events),
             Ok(_) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = queue::settle(delivery, Settlement::Ack, self.settle_timeout).await;
                 None
             }
             Err(error) => {
                 tracing::error!(error = %error, "undecodable message dead-lettered");
-                let options = BasicNackOptions {
-                    requeue: false,
-                    ..BasicNackOptions::default()
-                };
-                if let Err(error) = delivery.nack(options).await {
-                    tracing::warn!(error = %error, "nack failed");
+                let rejected = queue::settle(delivery, Settlement::Reject, self.settle_timeout);
+                if let Err(error) = rejected.await {
+                    tracing::warn!(error = %error, "cannot dead-letter an undecodable message");
                 }
                 self.metrics.dead_lettered();
                 None
@@ -158,6 +151,7 @@ impl Worker {
             delivery,
             events.len(),
             self.settled.clone(),
+            self.settle_timeout,
         ));
         for Incoming {
             envelope,

@@ -9,10 +9,11 @@ use crate::event::Envelope;
 use crate::pipeline::lanes::Sequenced;
 use crate::pipeline::lease::Lease;
 use crate::pipeline::outcomes::Settled;
+use crate::queue::{self, Settlement};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
@@ -68,6 +69,8 @@ pub(super) struct MessageInWork {
     row: Option<Uuid>,
     keep_row: AtomicBool,
     settled: Settled,
+    /// Bound on sending its ack or requeue.
+    settle_timeout: Duration,
 }
 
 /// How one event lets go of its message once settled.
@@ -84,8 +87,13 @@ pub(super) enum Release {
 
 impl MessageInWork {
     /// `delivery`, carrying `events` events, whose outbox row is forgotten through `settled` once
-    /// it is acked.
-    pub(super) fn new(delivery: Delivery, events: usize, settled: Settled) -> Self {
+    /// it is acked, and whose ack or requeue is sent within `settle_timeout`.
+    pub(super) fn new(
+        delivery: Delivery,
+        events: usize,
+        settled: Settled,
+        settle_timeout: Duration,
+    ) -> Self {
         let row = delivery
             .properties
             .message_id()
@@ -98,6 +106,7 @@ impl MessageInWork {
             row,
             keep_row: AtomicBool::new(false),
             settled,
+            settle_timeout,
         }
     }
 
@@ -112,18 +121,14 @@ impl MessageInWork {
             return;
         }
         let requeue = self.requeue.load(Ordering::Relaxed);
-        let result = if requeue {
-            // Some event's outcome could not be stored: the whole message comes back (events
-            // already delivered come again and are dropped by seq at the socket).
-            let options = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            self.delivery.nack(options).await
+        // Some event's outcome could not be stored: the whole message comes back (events already
+        // delivered come again and are dropped by seq at the socket).
+        let how = if requeue {
+            Settlement::Requeue
         } else {
-            self.delivery.ack(BasicAckOptions::default()).await
+            Settlement::Ack
         };
-        if let Err(error) = result {
+        if let Err(error) = queue::settle(&self.delivery, how, self.settle_timeout).await {
             // The channel is gone: the broker redelivers, and the socket drops duplicates by seq.
             tracing::warn!(error = %error, "cannot settle a message");
         }

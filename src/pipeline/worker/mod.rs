@@ -78,6 +78,9 @@ pub struct Worker {
     pub retry_delays_ms: Arc<[u64]>,
     /// Bound on one attempt.
     pub attempt_timeout: Duration,
+    /// Bound on sending a message's ack or requeue (`queue.confirm_timeout_ms`; see
+    /// [`crate::queue::settle`]).
+    pub settle_timeout: Duration,
     /// How long a lane waits for a missing seq (`pipeline.reorder_window_ms`).
     pub reorder_window_ms: u64,
     /// The test fault injector (empty in production).
