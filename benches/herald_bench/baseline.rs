@@ -110,8 +110,9 @@ pub async fn create_raw_table(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(producer)
 }
 
-/// The statement `store::insert_events` runs, aimed at `raw_events`.
-const UNNEST_INSERT: &str = "INSERT INTO raw_events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
+/// A bare `INSERT ... UNNEST` of the events' columns into `raw_events`: what a group commit would
+/// cost without seqs, keys or an outbox.
+pub const UNNEST_INSERT: &str = "INSERT INTO raw_events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
      SELECT id, p, u, s, e, d::jsonb, k, to_timestamp(t / 1000.0)
      FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
                  $7::text[], $8::int8[]) AS x(id, p, u, s, e, d, k, t)";

@@ -1,23 +1,20 @@
 //! What one group commit costs inside PostgreSQL, per event (`scripts/bench rowcost`; issue 21,
-//! BENCHMARKS.md, *Per-row costs*): each statement `store::insert_events` runs, with its own SQL
-//! text (the `pub const`s) and binds of the same shape, under `EXPLAIN (ANALYZE, BUFFERS, WAL)`,
-//! in batches on a table that already holds `--prefill` events, then the commit (its WAL flush).
+//! BENCHMARKS.md, *Per-row costs*): the statement `store::insert_events` runs
+//! (`COMMIT_EVENTS_SQL`, binds of the same shape) under `EXPLAIN (ANALYZE, BUFFERS, WAL)`, in
+//! batches on a table that already holds `--prefill` events, then the commit (its WAL flush).
 //! Reported per event: execution time, WAL records and bytes, full-page images and buffers
-//! dirtied, per statement and for the whole; beside them the same insert into `raw_events` (a
-//! copy of `events` with its indexes), which is what the bench's UNNEST baseline runs.
+//! dirtied; beside them the same insert into `raw_events` (a copy of `events` with its indexes),
+//! which is what the bench's UNNEST baseline runs.
 //!
 //! The statements run on their own connection, one batch at a time: what a commit costs, not how
 //! commits contend (the bench's ingest figures say that).
 
 use crate::node::{Names, Node};
 use crate::{baseline, out_dir, say};
-use herald::store::{
-    BUMP_USER_SEQS_SQL, INSERT_EVENTS_SQL, INSERT_OUTBOX_ROWS_SQL, MessageLimits, plan_messages,
-};
+use herald::store::{COMMIT_EVENTS_SQL, MessageLimits, outbox_columns, plan_messages};
 use serde::Serialize;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgConnection, Row};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 use uuid::Uuid;
@@ -149,32 +146,47 @@ impl Batch {
         batch
     }
 
-    /// Each user of the batch once, with its number of events (sorted, as the commit bumps them).
-    fn per_user(&self) -> (Vec<String>, Vec<i64>) {
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for u in &self.users {
-            *counts.entry(u.as_str()).or_default() += 1;
-        }
-        counts.into_iter().map(|(u, c)| (u.to_owned(), c)).unzip()
-    }
-
-    /// Each event's seq from the users' new last seqs (`last - count + 1` on, in batch order).
-    fn seqs(&self, bumped: &[(String, i64)], counts: &BTreeMap<String, i64>) -> Vec<i64> {
-        let mut next: BTreeMap<&str, i64> = bumped
+    /// The commit's binds: the events, then the outbox rows planned for them over `partitions`.
+    fn commit_arguments(
+        &self,
+        partitions: u16,
+        limits: MessageLimits,
+    ) -> anyhow::Result<PgArguments> {
+        let sizes = self
+            .datas
             .iter()
-            .map(|(u, last)| (u.as_str(), last - counts.get(u).copied().unwrap_or(0) + 1))
-            .collect();
-        self.users
-            .iter()
-            .map(|u| {
-                let slot = next.entry(u.as_str()).or_insert(1);
-                *slot += 1;
-                *slot - 1
+            .zip(&self.users)
+            .map(|(data, user)| {
+                let data = serde_json::value::RawValue::from_string(data.clone())?;
+                Ok(herald::event::envelope_size(&data, user, "bench"))
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<usize>>>()?;
+        let messages = plan_messages(
+            self.users
+                .iter()
+                .zip(sizes)
+                .enumerate()
+                .map(|(i, (u, size))| (i, u.as_str(), size)),
+            partitions,
+            limits,
+        );
+        let (rows, events, row_partitions) = outbox_columns(&messages, |i| self.ids[i].into());
+        let mut args = PgArguments::default();
+        let err = |e| anyhow::anyhow!("bind: {e}");
+        args.add(&self.ids).map_err(err)?;
+        args.add(&self.producers).map_err(err)?;
+        args.add(&self.users).map_err(err)?;
+        args.add(&self.names).map_err(err)?;
+        args.add(&self.datas).map_err(err)?;
+        args.add(&self.keys).map_err(err)?;
+        args.add(&self.ats).map_err(err)?;
+        args.add(&rows).map_err(err)?;
+        args.add(&events).map_err(err)?;
+        args.add(&row_partitions).map_err(err)?;
+        Ok(args)
     }
 
-    /// The insert's binds, with `seqs`.
+    /// The raw insert's binds, with `seqs`.
     fn insert_arguments(&self, seqs: &[i64]) -> anyhow::Result<PgArguments> {
         let mut args = PgArguments::default();
         let err = |e| anyhow::anyhow!("bind: {e}");
@@ -208,8 +220,8 @@ struct RowCosts {
     rounds: usize,
     prefill: u64,
     users: u64,
-    /// Per statement of the commit, in the order it runs them, then the commit itself (`us` only:
-    /// the client's wait for `COMMIT`, the WAL flush) and the total.
+    /// The commit's statement, then the commit itself (`us` only: the client's wait for `COMMIT`,
+    /// the WAL flush) and the total.
     herald: Vec<(String, PerEvent)>,
     /// The same insert into `raw_events`, then its commit: the bench's UNNEST baseline.
     raw: Vec<(String, PerEvent)>,
@@ -284,73 +296,18 @@ async fn prefill(pool: &sqlx::PgPool, n: u64, users: u64, producer: i64) -> anyh
 /// The commits, each statement explained; a round of the raw insert after each.
 async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow::Result<RowCosts> {
     let limits: MessageLimits = herald::config::Settings::default().message_limits();
-    let (mut bump, mut insert, mut outbox, mut commit) = (
-        Cost::default(),
-        Cost::default(),
-        Cost::default(),
-        Cost::default(),
-    );
+    let (mut statement, mut commit) = (Cost::default(), Cost::default());
     let (mut raw_insert, mut raw_commit) = (Cost::default(), Cost::default());
     let mut next = 0;
     for round in 0..args.rounds {
+        // Herald's commit is one statement in autocommit; here it runs in a transaction of its own
+        // so that its flush (the `COMMIT`) is timed apart from its execution.
         let batch = Batch::new(args.batch, &mut next, args.users, producer);
-        let (users, counts) = batch.per_user();
-        let by_user: BTreeMap<String, i64> =
-            users.iter().cloned().zip(counts.iter().copied()).collect();
-
         sqlx::query("BEGIN").execute(&mut *conn).await?;
-        let mut bind = PgArguments::default();
-        bind.add(&users).map_err(|e| anyhow::anyhow!("bind: {e}"))?;
-        bind.add(&counts)
-            .map_err(|e| anyhow::anyhow!("bind: {e}"))?;
-        Cost::add(&mut bump, explain(conn, BUMP_USER_SEQS_SQL, bind).await?);
-        // EXPLAIN ANALYZE answers the plan, not the rows: the new last seqs are read back.
-        let bumped: Vec<(String, i64)> =
-            sqlx::query_as("SELECT user_id, last_seq FROM user_seqs WHERE user_id = ANY($1)")
-                .bind(&users)
-                .fetch_all(&mut *conn)
-                .await?;
-        let seqs = batch.seqs(&bumped, &by_user);
+        let bind = batch.commit_arguments(args.partitions, limits)?;
         Cost::add(
-            &mut insert,
-            explain(conn, INSERT_EVENTS_SQL, batch.insert_arguments(&seqs)?).await?,
-        );
-        let sizes = batch
-            .datas
-            .iter()
-            .zip(&batch.users)
-            .map(|(data, user)| {
-                let data = serde_json::value::RawValue::from_string(data.clone())?;
-                Ok(herald::event::envelope_size(&data, user, "bench"))
-            })
-            .collect::<anyhow::Result<Vec<usize>>>()?;
-        let messages = plan_messages(
-            batch
-                .users
-                .iter()
-                .zip(sizes)
-                .enumerate()
-                .map(|(i, (u, size))| (i, u.as_str(), size)),
-            args.partitions,
-            limits,
-        );
-        let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
-        for message in &messages {
-            for &i in &message.events {
-                rows.push(message.id);
-                events.push(batch.ids[i]);
-                partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
-            }
-        }
-        let mut bind = PgArguments::default();
-        let err = |e| anyhow::anyhow!("bind: {e}");
-        bind.add(&rows).map_err(err)?;
-        bind.add(&events).map_err(err)?;
-        bind.add(&partitions).map_err(err)?;
-        bind.add(0.0_f64).map_err(err)?;
-        Cost::add(
-            &mut outbox,
-            explain(conn, INSERT_OUTBOX_ROWS_SQL, bind).await?,
+            &mut statement,
+            explain(conn, COMMIT_EVENTS_SQL, bind).await?,
         );
         let flushed = Instant::now();
         sqlx::query("COMMIT").execute(&mut *conn).await?;
@@ -359,25 +316,25 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
         // The raw baseline: the same rows (new ids) into `raw_events`, in a transaction of its own.
         let raw = Batch::new(args.batch, &mut next, args.users, producer);
         sqlx::query("BEGIN").execute(&mut *conn).await?;
-        let raw_sql = INSERT_EVENTS_SQL.replacen("INTO events", "INTO raw_events", 1);
         let raw_seqs: Vec<i64> = (0..args.batch as i64)
             .map(|k| 1_000_000_000 + (round * args.batch) as i64 + k)
             .collect();
         Cost::add(
             &mut raw_insert,
-            explain(conn, &raw_sql, raw.insert_arguments(&raw_seqs)?).await?,
+            explain(
+                conn,
+                baseline::UNNEST_INSERT,
+                raw.insert_arguments(&raw_seqs)?,
+            )
+            .await?,
         );
         let flushed = Instant::now();
         sqlx::query("COMMIT").execute(&mut *conn).await?;
         raw_commit.ms += flushed.elapsed().as_secs_f64() * 1000.0;
     }
     let events = (args.rounds * args.batch) as f64;
-    let total = [bump, insert, outbox, commit]
-        .into_iter()
-        .fold(Cost::default(), |mut t, c| {
-            t.add(c);
-            t
-        });
+    let mut total = statement;
+    total.add(commit);
     let mut raw_total = raw_insert;
     raw_total.add(raw_commit);
     Ok(RowCosts {
@@ -388,9 +345,10 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
         prefill: args.prefill,
         users: args.users,
         herald: vec![
-            ("bump user seqs".into(), bump.per(events)),
-            ("insert events".into(), insert.per(events)),
-            ("insert outbox rows".into(), outbox.per(events)),
+            (
+                "commit statement (keys, counters, events, outbox)".into(),
+                statement.per(events),
+            ),
             ("commit (client's wait)".into(), commit.per(events)),
             ("total".into(), total.per(events)),
         ],

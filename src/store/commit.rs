@@ -1,12 +1,13 @@
-//! The group commit's statement side: one transaction inserts a batch of events, numbering them
-//! per user and answering repeated idempotency keys with their original, and writes the outbox
-//! rows of the broker messages that will carry them (the batching itself is `pipeline::batch`).
+//! The group commit's statement side: one statement, so one round trip and its own transaction,
+//! inserts a batch of events, numbering them per user, claims their idempotency keys, and writes
+//! the outbox rows of the broker messages that will carry them; repeated keys are answered with
+//! their original (the batching itself is `pipeline::batch`).
 
-use super::outbox::{self, MessageLimits, OutboxMessage, plan_messages};
+use super::outbox::{MessageLimits, OutboxMessage, outbox_columns, plan_messages};
 use super::{Error, EventStatus, Store};
 use crate::event::{Envelope, EventId, EventName, UserId, envelope_size, now_unix_ms};
 use serde_json::value::RawValue;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// An event to insert, validated by the API.
 #[derive(Debug)]
@@ -101,118 +102,169 @@ pub struct Committed {
     pub messages: Vec<OutboxMessage>,
 }
 
-/// The group commit's counter bump (`$1` the users, `$2` each one's number of new events): one
-/// upsert per user, through the primary key, answering each user's new last seq.
-pub const BUMP_USER_SEQS_SQL: &str = "INSERT INTO user_seqs AS s (user_id, last_seq)
-     SELECT * FROM UNNEST($1::text[], $2::int8[])
-     ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
-     RETURNING user_id, last_seq";
-
-/// The group commit's insert of its new events, one row per element of the arrays (id, producer,
-/// user, seq, name, data, idempotency key, enqueue time in Unix ms).
-pub const INSERT_EVENTS_SQL: &str =
-    "INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
-     SELECT id, p, u, s, e, d::jsonb, k, to_timestamp(t / 1000.0)
-     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
-                 $7::text[], $8::int8[]) AS x(id, p, u, s, e, d, k, t)";
+/// The group commit, one statement (autocommit: its own transaction, one round trip). `$1`-`$7`
+/// the batch's events (id, producer, user, name, data, idempotency key, enqueue time in Unix ms;
+/// a key repeated within the batch is given once), `$8`-`$10` the outbox rows planned for them
+/// (message, event, partition: a row per event). In order:
+///
+/// - `claimed`: each key not taken yet is claimed, sorted, so concurrent commits take the index
+///   locks in one order (a concurrent commit of the same key waits on the unique index, then sees
+///   it taken);
+/// - `fresh`: the events that go in (no key, or a key claimed here), each with its rank among its
+///   user's fresh events and their count;
+/// - `bumped`: each user's counter, raised once by that count, in user order (no deadlock between
+///   commits sharing users); an event's seq is then `last_seq - count + rank`, so one user's events
+///   get consecutive seqs in batch order;
+/// - `inserted`: the rows; `outboxed`: one outbox row per message, of its fresh events only.
+///
+/// Answers each inserted event's id and seq; an event missing from the answer had its key taken.
+pub const COMMIT_EVENTS_SQL: &str = "WITH batch AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::int8[]) WITH ORDINALITY AS x(id, p, u, e, d, k, t, o)
+     ), claimed AS (
+         INSERT INTO idempotency_keys (producer_id, key, event_id)
+         SELECT p, k, id FROM batch WHERE k IS NOT NULL ORDER BY p, k
+         ON CONFLICT DO NOTHING RETURNING event_id
+     ), fresh AS (
+         SELECT batch.*, row_number() OVER (PARTITION BY u ORDER BY o) AS r,
+                count(*) OVER (PARTITION BY u) AS c
+         FROM batch WHERE k IS NULL OR id IN (SELECT event_id FROM claimed)
+     ), bumped AS (
+         INSERT INTO user_seqs AS s (user_id, last_seq)
+         SELECT u, count(*) FROM fresh GROUP BY u ORDER BY u
+         ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+         RETURNING user_id, last_seq
+     ), inserted AS (
+         INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
+         SELECT f.id, f.p, f.u, b.last_seq - f.c + f.r, f.e, f.d::jsonb, f.k, to_timestamp(f.t / 1000.0)
+         FROM fresh f JOIN bumped b ON b.user_id = f.u
+         RETURNING id, seq
+     ), outboxed AS (
+         INSERT INTO outbox (id, event_ids, partition, created_at)
+         SELECT m, array_agg(e ORDER BY o), min(p), clock_timestamp()
+         FROM UNNEST($8::uuid[], $9::uuid[], $10::int2[]) WITH ORDINALITY AS y(m, e, p, o)
+         WHERE e IN (SELECT id FROM inserted)
+         GROUP BY m
+     )
+     SELECT id, seq FROM inserted";
 
 impl Store {
-    /// Inserts a batch of events in one transaction, numbers them per user, and plans the broker
-    /// messages that carry the new ones (one per partition, split at `limits`), writing their outbox
-    /// rows in the same transaction.
-    ///
-    /// Steps, each one statement: claim the idempotency keys (a concurrent duplicate waits on the
-    /// unique index, then is seen); bump each user's counter once by its number of new events, in
-    /// user order so concurrent batches cannot deadlock; insert the rows with `UNNEST`; insert the
-    /// outbox rows. Events of one user get consecutive seqs in input order.
+    /// Inserts a batch of events in one statement ([`COMMIT_EVENTS_SQL`]), numbers them per user,
+    /// and plans the broker messages that carry the new ones (one per partition, split at
+    /// `limits`), writing their outbox rows in the same statement. Events of one user get
+    /// consecutive seqs in input order. An event whose key is taken is answered with the original,
+    /// read after the commit (a key and its event commit together, so the original is there).
     ///
     /// # Errors
-    /// The transaction failed; nothing of the batch is stored.
+    /// The statement failed (nothing of the batch is stored), or a taken key's original could not
+    /// be read.
     pub async fn insert_events(
         &self,
         events: &[NewEvent],
         partitions: u16,
         limits: MessageLimits,
     ) -> Result<Committed, Error> {
-        let mut tx = self.pool.begin().await.map_err(Error::query("begin"))?;
-        let keyed = claim_idempotency_keys(&mut tx, events).await?;
-        let fresh = || {
-            keyed
+        let repeats = repeats_of(events);
+        let given = || {
+            events
                 .iter()
-                .zip(events)
-                .filter(|(k, _)| matches!(k, Keyed::Fresh))
-                .map(|(_, e)| e)
+                .enumerate()
+                .filter(|(i, _)| repeats[*i].is_none())
         };
-        let mut per_user: BTreeMap<&str, i64> = BTreeMap::new();
-        for e in fresh() {
-            *per_user.entry(e.user_id.as_str()).or_default() += 1;
-        }
-        let (users, counts): (Vec<&str>, Vec<i64>) = per_user.iter().map(|(u, c)| (*u, *c)).unzip();
-        let rows: Vec<(String, i64)> = sqlx::query_as(BUMP_USER_SEQS_SQL)
-            .bind(&users)
-            .bind(&counts)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(Error::query("bump user seqs"))?;
-        // The next seq to hand out per user: last_seq - count + 1.
-        let mut next: HashMap<String, i64> = rows
-            .into_iter()
-            .map(|(user, last)| {
-                let count = per_user.get(user.as_str()).copied().unwrap_or(0);
-                (user, last - count + 1)
-            })
-            .collect();
-
-        // Each event's answer, decided once, in order: a repeat's first occurrence comes before it.
-        let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
-        let mut rows = NewRows::with_capacity(fresh().count());
-        for (i, (e, keyed)) in events.iter().zip(&keyed).enumerate() {
-            let outcome = match keyed {
-                Keyed::Fresh => {
-                    let slot = next.get_mut(e.user_id.as_str()).ok_or(Error::Query {
-                        what: "bump user seqs",
-                        source: sqlx::Error::RowNotFound,
-                    })?;
-                    let seq = *slot;
-                    *slot += 1;
-                    rows.push(i, e, seq);
-                    InsertOutcome::Inserted { seq }
-                }
-                Keyed::Original(original) => original.clone(),
-                Keyed::RepeatOf(first) => match outcomes.get(*first) {
-                    Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
-                        id: events[*first].id,
-                        seq: *seq,
-                        status: EventStatus::Accepted,
-                    },
-                    Some(duplicate) => duplicate.clone(),
-                    None => unreachable_repeat(i, *first)?,
-                },
-            };
-            outcomes.push(outcome);
-        }
-        rows.insert(&mut tx).await?;
-        let messages = plan_messages(
-            rows.indices.iter().map(|&i| {
-                let e = &events[i];
+        let planned = plan_messages(
+            given().map(|(i, e)| {
                 let size = envelope_size(&e.data, e.user_id.as_str(), e.event.as_str());
                 (i, e.user_id.as_str(), size)
             }),
             partitions,
             limits,
         );
-        outbox::insert_rows(&mut tx, &messages, |i| events[i].id, 0).await?;
-        tx.commit().await.map_err(Error::query("commit events"))?;
+        let columns = Columns::of(given().map(|(_, e)| e));
+        let (rows, row_events, row_partitions) = outbox_columns(&planned, |i| events[i].id);
+        let stored: Vec<(EventId, i64)> = sqlx::query_as(COMMIT_EVENTS_SQL)
+            .bind(&columns.ids)
+            .bind(&columns.producers)
+            .bind(&columns.user_ids)
+            .bind(&columns.names)
+            .bind(&columns.datas)
+            .bind(&columns.keys)
+            .bind(&columns.ats)
+            .bind(&rows)
+            .bind(&row_events)
+            .bind(&row_partitions)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::query("commit events"))?;
+        let seqs: HashMap<EventId, i64> = stored.into_iter().collect();
+        let originals = self.originals_of_taken(events, &repeats, &seqs).await?;
+
+        // Each event's answer, in order: a repeat's first occurrence comes before it.
+        let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let outcome = match (repeats[i], seqs.get(&e.id)) {
+                (None, Some(&seq)) => InsertOutcome::Inserted { seq },
+                (None, None) => original_of(e, &originals)?,
+                (Some(first), _) => match outcomes.get(first) {
+                    Some(InsertOutcome::Inserted { seq }) => InsertOutcome::Duplicate {
+                        id: events[first].id,
+                        seq: *seq,
+                        status: EventStatus::Accepted,
+                    },
+                    Some(duplicate) => duplicate.clone(),
+                    None => unreachable_repeat(i, first)?,
+                },
+            };
+            outcomes.push(outcome);
+        }
+        // The messages as stored: of their fresh events only (the statement filtered alike).
+        let messages = planned
+            .into_iter()
+            .filter_map(|mut message| {
+                message.events.retain(|&i| seqs.contains_key(&events[i].id));
+                (!message.events.is_empty()).then_some(message)
+            })
+            .collect();
         Ok(Committed { outcomes, messages })
     }
-}
 
-/// The group commit's claim of its idempotency keys (`$1` the producers, `$2` the keys, `$3` the
-/// events): inserts those not taken, through the primary key, answering them.
-pub const CLAIM_IDEMPOTENCY_KEYS_SQL: &str =
-    "INSERT INTO idempotency_keys (producer_id, key, event_id)
-     SELECT * FROM UNNEST($1::int8[], $2::text[], $3::uuid[])
-     ON CONFLICT DO NOTHING RETURNING producer_id, key";
+    /// The originals of the batch's keys that were taken (given, not repeats, and not stored),
+    /// keyed by (producer, key); none read when every key was claimed.
+    async fn originals_of_taken(
+        &self,
+        events: &[NewEvent],
+        repeats: &[Option<usize>],
+        seqs: &HashMap<EventId, i64>,
+    ) -> Result<HashMap<(i64, String), InsertOutcome>, Error> {
+        let (producers, keys): (Vec<i64>, Vec<&str>) = events
+            .iter()
+            .zip(repeats)
+            .filter(|(e, repeat)| repeat.is_none() && !seqs.contains_key(&e.id))
+            .filter_map(|(e, _)| Some((e.producer_id, e.idempotency_key.as_deref()?)))
+            .unzip();
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
+        // (a key and its event commit together), answered with the seq its key recorded.
+        let originals: Vec<(i64, String, EventId, i64, EventStatus)> =
+            sqlx::query_as(IDEMPOTENT_ORIGINALS_SQL)
+                .bind(&producers)
+                .bind(&keys)
+                .bind(EventStatus::Pruned)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::query("read idempotent originals"))?;
+        Ok(originals
+            .into_iter()
+            .map(|(producer, key, id, seq, status)| {
+                (
+                    (producer, key),
+                    InsertOutcome::Duplicate { id, seq, status },
+                )
+            })
+            .collect())
+    }
+}
 
 /// The originals of keys already taken (`$1` the producers, `$2` the keys, `$3` the status of an
 /// event retention removed): each key, its event, and the event's seq and status.
@@ -222,18 +274,45 @@ pub const IDEMPOTENT_ORIGINALS_SQL: &str =
      JOIN idempotency_keys k ON k.producer_id = x.p AND k.key = x.k
      LEFT JOIN events e ON e.id = k.event_id";
 
-/// What the idempotency keys say of one event of a batch, before anything is numbered.
-enum Keyed {
-    /// New (no key, or a key nobody held): it gets a seq and a row.
-    Fresh,
-    /// A committed event holds its key: the answer is that event ([`InsertOutcome::Duplicate`]).
-    Original(InsertOutcome),
-    /// It repeats the key of the batch's earlier event at this index: answered like that one.
-    RepeatOf(usize),
+/// For each event, the index of the batch's earlier event with the same (producer, key), if any:
+/// a repeat is not given to the statement, and is answered like its first occurrence.
+fn repeats_of(events: &[NewEvent]) -> Vec<Option<usize>> {
+    let mut first: HashMap<(i64, &str), usize> = HashMap::new();
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let key = e.idempotency_key.as_deref()?;
+            match first.get(&(e.producer_id, key)) {
+                Some(&j) => Some(j),
+                None => {
+                    first.insert((e.producer_id, key), i);
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
-/// A batch whose repeat points at itself or ahead: [`claim_idempotency_keys`] never makes one, so
-/// this says so as an error rather than a panic.
+/// The answer to an event whose key was taken: its original. A key that vanished between the
+/// commit and the read (expired that instant) is an error, so the producer retries rather than
+/// being told of an event that may not exist.
+fn original_of(
+    event: &NewEvent,
+    originals: &HashMap<(i64, String), InsertOutcome>,
+) -> Result<InsertOutcome, Error> {
+    let key = event.idempotency_key.clone().unwrap_or_default();
+    originals
+        .get(&(event.producer_id, key))
+        .cloned()
+        .ok_or_else(|| Error::Query {
+            what: "read idempotent originals",
+            source: sqlx::Error::RowNotFound,
+        })
+}
+
+/// A batch whose repeat points at itself or ahead: [`repeats_of`] never makes one, so this says
+/// so as an error rather than a panic.
 fn unreachable_repeat(at: usize, first: usize) -> Result<InsertOutcome, Error> {
     Err(Error::Query {
         what: "answer a repeated idempotency key",
@@ -241,127 +320,37 @@ fn unreachable_repeat(at: usize, first: usize) -> Result<InsertOutcome, Error> {
     })
 }
 
-/// The columns of the batch's new rows, for one `INSERT ... UNNEST`.
-struct NewRows<'a> {
-    /// Each row's index in the batch.
-    indices: Vec<usize>,
+/// The columns of the events given to [`COMMIT_EVENTS_SQL`], one array each.
+struct Columns<'a> {
     ids: Vec<EventId>,
     producers: Vec<i64>,
     user_ids: Vec<&'a str>,
-    seqs: Vec<i64>,
     names: Vec<&'a str>,
     datas: Vec<&'a str>,
     keys: Vec<Option<&'a str>>,
     ats: Vec<i64>,
 }
 
-impl<'a> NewRows<'a> {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            indices: Vec::with_capacity(n),
-            ids: Vec::with_capacity(n),
-            producers: Vec::with_capacity(n),
-            user_ids: Vec::with_capacity(n),
-            seqs: Vec::with_capacity(n),
-            names: Vec::with_capacity(n),
-            datas: Vec::with_capacity(n),
-            keys: Vec::with_capacity(n),
-            ats: Vec::with_capacity(n),
+impl<'a> Columns<'a> {
+    fn of(events: impl Iterator<Item = &'a NewEvent>) -> Self {
+        let mut columns = Self {
+            ids: Vec::new(),
+            producers: Vec::new(),
+            user_ids: Vec::new(),
+            names: Vec::new(),
+            datas: Vec::new(),
+            keys: Vec::new(),
+            ats: Vec::new(),
+        };
+        for e in events {
+            columns.ids.push(e.id);
+            columns.producers.push(e.producer_id);
+            columns.user_ids.push(e.user_id.as_str());
+            columns.names.push(e.event.as_str());
+            columns.datas.push(e.data.get());
+            columns.keys.push(e.idempotency_key.as_deref());
+            columns.ats.push(e.enqueued_at_ms);
         }
+        columns
     }
-
-    fn push(&mut self, index: usize, e: &'a NewEvent, seq: i64) {
-        self.indices.push(index);
-        self.ids.push(e.id);
-        self.producers.push(e.producer_id);
-        self.user_ids.push(e.user_id.as_str());
-        self.seqs.push(seq);
-        self.names.push(e.event.as_str());
-        self.datas.push(e.data.get());
-        self.keys.push(e.idempotency_key.as_deref());
-        self.ats.push(e.enqueued_at_ms);
-    }
-
-    async fn insert(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), Error> {
-        if self.ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(INSERT_EVENTS_SQL)
-            .bind(&self.ids)
-            .bind(&self.producers)
-            .bind(&self.user_ids)
-            .bind(&self.seqs)
-            .bind(&self.names)
-            .bind(&self.datas)
-            .bind(&self.keys)
-            .bind(&self.ats)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::query("insert events"))?;
-        Ok(())
-    }
-}
-
-/// Claims the batch's idempotency keys and says, per event, whether it is new, answered by the
-/// committed event holding its key, or a repeat of an earlier event of the batch.
-async fn claim_idempotency_keys(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    events: &[NewEvent],
-) -> Result<Vec<Keyed>, Error> {
-    // First occurrence of each (producer, key) in the batch; later ones repeat it.
-    let mut first: BTreeMap<(i64, &str), usize> = BTreeMap::new();
-    let mut keyed: Vec<Keyed> = Vec::with_capacity(events.len());
-    for (i, e) in events.iter().enumerate() {
-        let repeat =
-            e.idempotency_key
-                .as_deref()
-                .and_then(|key| match first.get(&(e.producer_id, key)) {
-                    Some(&j) => Some(j),
-                    None => {
-                        first.insert((e.producer_id, key), i);
-                        None
-                    }
-                });
-        keyed.push(repeat.map_or(Keyed::Fresh, Keyed::RepeatOf));
-    }
-    if first.is_empty() {
-        return Ok(keyed);
-    }
-    // Sorted (BTreeMap order), so concurrent transactions take the index locks in one order.
-    let producers: Vec<i64> = first.keys().map(|(p, _)| *p).collect();
-    let keys: Vec<&str> = first.keys().map(|(_, k)| *k).collect();
-    let ids: Vec<EventId> = first.values().map(|&i| events[i].id).collect();
-    let claimed: Vec<(i64, String)> = sqlx::query_as(CLAIM_IDEMPOTENCY_KEYS_SQL)
-        .bind(&producers)
-        .bind(&keys)
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(Error::query("claim idempotency keys"))?;
-
-    if claimed.len() < first.len() {
-        let claimed: std::collections::HashSet<(i64, &str)> =
-            claimed.iter().map(|(p, k)| (*p, k.as_str())).collect();
-        let (taken_p, taken_k): (Vec<i64>, Vec<&str>) = first
-            .keys()
-            .filter(|pk| !claimed.contains(pk))
-            .map(|(p, k)| (*p, *k))
-            .unzip();
-        // A key outlives its event by `store.idempotency_ttl_secs`: an event gone is a pruned one
-        // (a key and its event commit together), answered with the seq its key recorded.
-        let originals: Vec<(i64, String, EventId, i64, EventStatus)> =
-            sqlx::query_as(IDEMPOTENT_ORIGINALS_SQL)
-                .bind(&taken_p)
-                .bind(&taken_k)
-                .bind(EventStatus::Pruned)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(Error::query("read idempotent originals"))?;
-        for (producer, key, id, seq, status) in originals {
-            if let Some(&i) = first.get(&(producer, key.as_str())) {
-                keyed[i] = Keyed::Original(InsertOutcome::Duplicate { id, seq, status });
-            }
-        }
-    }
-    Ok(keyed)
 }

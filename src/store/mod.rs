@@ -41,10 +41,7 @@ mod status;
 mod sweep;
 mod upkeep;
 
-pub use commit::{
-    BUMP_USER_SEQS_SQL, CLAIM_IDEMPOTENCY_KEYS_SQL, Committed, IDEMPOTENT_ORIGINALS_SQL,
-    INSERT_EVENTS_SQL, InsertOutcome, NewEvent,
-};
+pub use commit::{COMMIT_EVENTS_SQL, Committed, IDEMPOTENT_ORIGINALS_SQL, InsertOutcome, NewEvent};
 pub use delivery::{
     AttemptRecord, AttemptResult, AttemptRow, EventRecord, RECORD_ATTEMPTS_SQL, ReplayCursor,
     ReplayPage,
@@ -59,7 +56,7 @@ pub use filter::{EventFilter, FilterText};
 pub use outbox::{
     CLAIM_UNCONFIRMED_SQL, CONFIRM_MESSAGES_SQL, ClaimedMessage, FORGET_MESSAGES_SQL,
     INSERT_OUTBOX_ROWS_SQL, MessageLimits, OUTBOX_DEPTH_SQL, OutboxMessage, UNCONFIRMED_EVENTS_SQL,
-    plan_messages,
+    outbox_columns, plan_messages,
 };
 pub use partitions::{Layout, LeaseToken, PartitionLease};
 pub use producers::{ApiKey, Producer};

@@ -88,14 +88,7 @@ pub(super) async fn insert_rows(
     if messages.is_empty() {
         return Ok(());
     }
-    let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
-    for message in messages {
-        for &i in &message.events {
-            rows.push(message.id);
-            events.push(ids(i));
-            partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
-        }
-    }
+    let (rows, events, partitions) = outbox_columns(messages, ids);
     sqlx::query(INSERT_OUTBOX_ROWS_SQL)
         .bind(&rows)
         .bind(&events)
@@ -105,6 +98,24 @@ pub(super) async fn insert_rows(
         .await
         .map_err(Error::query("insert outbox rows"))?;
     Ok(())
+}
+
+/// The columns of `messages`' outbox rows, a row per event (`ids` maps an event index to its
+/// event id): the message (row) id, the event, the partition. What [`INSERT_OUTBOX_ROWS_SQL`] and
+/// the group commit's statement aggregate back into one row per message.
+pub fn outbox_columns(
+    messages: &[OutboxMessage],
+    ids: impl Fn(usize) -> EventId,
+) -> (Vec<Uuid>, Vec<EventId>, Vec<i16>) {
+    let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
+    for message in messages {
+        for &i in &message.events {
+            rows.push(message.id);
+            events.push(ids(i));
+            partitions.push(i16::try_from(message.partition).unwrap_or(i16::MAX));
+        }
+    }
+    (rows, events, partitions)
 }
 
 /// An outbox row the relay claimed: its message, rebuilt from the events still undelivered.

@@ -329,3 +329,114 @@ async fn a_failing_stream_leaves_the_others_committing() {
     );
     app.wait_all_delivered().await;
 }
+
+/// Commits racing on the same idempotency keys, each on its own connection (as api nodes and
+/// streams do), straight through the store: every key is stored once, every racer is answered with
+/// that one event (id and seq), only stored events are in the commits' messages (each once), and
+/// each user's seqs run 1..=n with no hole, whatever order the racers' statements ran in.
+#[tokio::test]
+async fn commits_racing_on_the_same_keys_store_each_once_with_no_seq_hole() {
+    use herald::store::{InsertOutcome, NewEvent};
+    // The relay leaves the outbox rows alone while the test reads them.
+    let app = spawn_app_with(|s| {
+        s.pipeline.relay_grace_ms = 600_000;
+        s.pipeline.sweep_after_ms = 1_200_000;
+    })
+    .await;
+    let producer: i64 = sqlx::query_scalar("SELECT id FROM producers LIMIT 1")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let event = |user: &str, key: Option<String>| {
+        NewEvent::new(
+            producer,
+            herald::event::UserId::parse(user).unwrap(),
+            herald::event::EventName::default_push(),
+            serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            key,
+        )
+    };
+    const RACERS: usize = 8;
+    const KEYS: usize = 20;
+    const KEYLESS: usize = 5;
+    let racers = (0..RACERS).map(|r| {
+        // Each racer: the 20 keys (users alternating), rotated so racers start apart, a key
+        // repeated within the batch, and events of its own without a key.
+        let mut batch: Vec<NewEvent> = (0..KEYS)
+            .map(|k| (k + r * 3) % KEYS)
+            .map(|k| event(["race", "other"][k % 2], Some(format!("k{k}"))))
+            .collect();
+        batch.insert(5, event("race", Some(format!("k{}", (r * 3) % KEYS))));
+        batch.extend((0..KEYLESS).map(|_| event("race", None)));
+        let (store, partitions, limits) = (
+            app.store.clone(),
+            app.settings.queue.partitions,
+            app.settings.message_limits(),
+        );
+        tokio::spawn(async move {
+            let committed = store.insert_events(&batch, partitions, limits).await;
+            (batch, committed.expect("the commit succeeds"))
+        })
+    });
+    let mut answers: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    let mut inserted: HashMap<String, usize> = HashMap::new();
+    let mut in_messages: Vec<String> = Vec::new();
+    for racer in racers {
+        let (batch, committed) = racer.await.unwrap();
+        for message in &committed.messages {
+            in_messages.extend(message.events.iter().map(|&i| batch[i].id.to_string()));
+        }
+        for (e, outcome) in batch.iter().zip(&committed.outcomes) {
+            let (id, seq) = match outcome {
+                InsertOutcome::Inserted { seq } => {
+                    *inserted.entry(e.id.to_string()).or_default() += 1;
+                    (e.id.to_string(), *seq)
+                }
+                InsertOutcome::Duplicate { id, seq, .. } => (id.to_string(), *seq),
+            };
+            if let Some(key) = &e.idempotency_key {
+                answers.entry(key.clone()).or_default().push((id, seq));
+            }
+        }
+    }
+    for (key, seen) in &answers {
+        assert!(
+            seen.windows(2).all(|w| w[0] == w[1]),
+            "{key}: every racer answered with one event: {seen:?}"
+        );
+        assert_eq!(inserted.get(&seen[0].0), Some(&1), "{key}: stored once");
+    }
+    let stored: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT user_id, seq, id::text FROM events ORDER BY user_id, seq")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored.len(),
+        KEYS + RACERS * KEYLESS,
+        "the keys once, every keyless event"
+    );
+    for user in ["race", "other"] {
+        let seqs: Vec<i64> = stored.iter().filter(|s| s.0 == user).map(|s| s.1).collect();
+        let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
+        assert_eq!(seqs, expected, "{user}: seqs with no hole");
+    }
+    let mut carried = in_messages.clone();
+    carried.sort();
+    carried.dedup();
+    assert_eq!(
+        carried.len(),
+        in_messages.len(),
+        "each event in one message"
+    );
+    let mut ids: Vec<String> = stored.into_iter().map(|s| s.2).collect();
+    ids.sort();
+    assert_eq!(carried, ids, "the messages carry exactly the stored events");
+    let mut rows: Vec<String> =
+        sqlx::query_scalar("SELECT e::text FROM outbox, unnest(event_ids) AS e")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    rows.sort();
+    assert_eq!(rows, ids, "the outbox rows carry exactly the stored events");
+}

@@ -452,21 +452,27 @@ fn statements(rows: &Rows) -> Vec<Statement> {
             .as_millis(),
     )
     .unwrap();
+    // The commit's outbox rows: one message per partition of 16, a row per event.
+    let message_of: Vec<Uuid> = (0..16).map(|_| Uuid::now_v7()).collect();
+    let partition_of = |u: &String| herald::event::partition_of(u, 16);
     let commit = format!(
-        "{}, {}, {}, {}, {}, {}, {}, {}",
+        "{}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
         uuids(&fresh),
         array(users.iter().map(|_| Some("1")), "int8"),
         array(users.iter().map(Some), "text"),
-        array(users.iter().map(|_| Some("100001")), "int8"),
         array(users.iter().map(|_| Some("push")), "text"),
         array(users.iter().map(|_| Some("{}")), "text"),
         array(keys.iter().map(Option::as_ref), "text"),
         array(users.iter().map(|_| Some(now_ms)), "int8"),
+        uuids(
+            &users
+                .iter()
+                .map(|u| message_of[usize::from(partition_of(u))])
+                .collect::<Vec<_>>()
+        ),
+        uuids(&fresh),
+        array(users.iter().map(|u| Some(partition_of(u))), "int2"),
     );
-    let bumped: Vec<String> = (0..5)
-        .map(|h| format!("hot{h}"))
-        .chain((0..500).map(|c| format!("u{c}")))
-        .collect();
     let outbox_rows = format!(
         "{}, {}, {}, 0",
         uuids(&fresh.iter().map(|_| fresh[0]).collect::<Vec<_>>()),
@@ -556,18 +562,13 @@ fn statements(rows: &Rows) -> Vec<Statement> {
     let cap = store::UNREAD_CAP;
 
     vec![
-        // The group commit, one transaction of five statements.
+        // The group commit, one statement; then, for a batch whose keys were taken, its originals.
         Statement {
-            sql: named!(CLAIM_IDEMPOTENCY_KEYS_SQL),
-            types: "int8[], text[], uuid[]",
+            sql: named!(COMMIT_EVENTS_SQL),
+            types: "uuid[], int8[], text[], text[], text[], text[], int8[], uuid[], uuid[], int2[]",
             cases: vec![(
-                "100 new keys",
-                format!(
-                    "{}, {}, {}",
-                    array((0..100).map(|_| Some(1)), "int8"),
-                    array((0..100).map(|i| Some(format!("new{i}"))), "text"),
-                    uuids(&fresh[..100])
-                ),
+                "1,000 events, one in ten keyed, 5 hot and 500 cold users",
+                commit,
             )],
             scans: &[],
             planning: None,
@@ -576,27 +577,6 @@ fn statements(rows: &Rows) -> Vec<Statement> {
             sql: named!(IDEMPOTENT_ORIGINALS_SQL),
             types: "int8[], text[], text",
             cases: vec![("1,000 taken keys", taken_keys)],
-            scans: &[],
-            planning: None,
-        },
-        Statement {
-            sql: named!(BUMP_USER_SEQS_SQL),
-            types: "text[], int8[]",
-            cases: vec![(
-                "5 hot and 500 cold users",
-                format!(
-                    "{}, {}",
-                    array(bumped.iter().map(Some), "text"),
-                    array(bumped.iter().map(|_| Some(2)), "int8")
-                ),
-            )],
-            scans: &[],
-            planning: None,
-        },
-        Statement {
-            sql: named!(INSERT_EVENTS_SQL),
-            types: "uuid[], int8[], text[], int8[], text[], text[], text[], int8[]",
-            cases: vec![("1,000 events", commit)],
             scans: &[],
             planning: None,
         },
