@@ -2,8 +2,8 @@
 //! channel its retries and dead letters use.
 
 use super::{
-    BrokerNodes, Error, Topology, declare_retry_queues, declare_topology, enable_confirms,
-    open_channel,
+    BrokerNodes, Error, Topology, answered, declare_retry_queues, declare_topology,
+    enable_confirms, open_channel,
 };
 use crate::config::QueueSettings;
 use lapin::message::Delivery;
@@ -30,8 +30,7 @@ pub struct ConsumerLink {
     pub channel: Channel,
     /// Retries and dead letters.
     pub retry_channel: Channel,
-    /// Bound on each call below (`queue.confirm_timeout_ms`): see [`settle`] for why a call that
-    /// the broker answers in milliseconds still gets one.
+    /// Bound on each call below (`queue.confirm_timeout_ms`; see [`answered`]).
     answer_timeout: Duration,
 }
 
@@ -104,10 +103,13 @@ impl ConsumerLink {
         what: &'static str,
         call: impl Future<Output = Result<T, lapin::Error>>,
     ) -> Result<T, Error> {
-        match tokio::time::timeout(self.answer_timeout, call).await {
-            Ok(answer) => answer.map_err(Error::channel(what)),
-            Err(_) => Err(Error::NoAnswer(what)),
-        }
+        answered(
+            || what.to_owned(),
+            self.answer_timeout,
+            call,
+            Error::channel(what),
+        )
+        .await
     }
 }
 

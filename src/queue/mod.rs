@@ -61,7 +61,7 @@ pub enum Error {
     ConfirmTimeout,
     /// A channel call was not answered in time.
     #[error("cannot {0}: no answer in time")]
-    NoAnswer(&'static str),
+    NoAnswer(String),
     /// Opening a channel or starting to consume failed.
     #[error("cannot {what}")]
     Channel {
@@ -131,6 +131,25 @@ pub async fn publish_and_confirm(
         }
         Ok(Err(error)) => Err(Unconfirmed::Lost(error)),
         Err(_) => Err(Unconfirmed::Timeout),
+    }
+}
+
+/// `call`'s answer within `limit` (`queue.confirm_timeout_ms` where settings are at hand): a
+/// channel call the broker answers in milliseconds can otherwise wait forever on a connection that
+/// broke under it, as lapin's acks were seen to (see [`settle`]), and hold up whatever waits on it.
+/// `what` names the call for the error.
+///
+/// # Errors
+/// The call failed (`failed` maps its error), or no answer came within `limit`.
+pub(crate) async fn answered<T>(
+    what: impl FnOnce() -> String,
+    limit: Duration,
+    call: impl Future<Output = Result<T, lapin::Error>>,
+    failed: impl FnOnce(lapin::Error) -> Error,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(answer) => answer.map_err(failed),
+        Err(_) => Err(Error::NoAnswer(what())),
     }
 }
 

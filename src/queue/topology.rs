@@ -2,13 +2,16 @@
 //! consumer, bound to the partition exchange by number), the delay queues of retries, the
 //! dead-letter exchange and queue; and their removal.
 
-use super::{Error, PARTITION_HEADER, connect, fanout, open_channel, ready_counts, ready_messages};
+use super::{
+    Error, PARTITION_HEADER, answered, connect, fanout, open_channel, ready_counts, ready_messages,
+};
 use crate::config::{QueueSettings, QueueType};
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
+use std::time::Duration;
 
 /// The names of everything Herald declares, all under one prefix.
 #[derive(Clone, Debug)]
@@ -68,6 +71,7 @@ pub async fn declare_retry_queues(
     delays_ms: &[u64],
 ) -> Result<(), Error> {
     let names = Topology::new(&settings.prefix, settings.partitions);
+    let limit = settings.confirm_timeout();
     for &delay in delays_ms {
         let queue = names.delay_queue(delay);
         let mut args = queue_arguments(settings, Some(&names.partition_exchange));
@@ -83,7 +87,7 @@ pub async fn declare_retry_queues(
                 AMQPValue::LongString("reject-publish".into()),
             );
         }
-        declare_queue(channel, &queue, args).await?;
+        declare_queue(channel, &queue, args, limit).await?;
     }
     Ok(())
 }
@@ -114,21 +118,16 @@ pub async fn delete_retry_queues(settings: &QueueSettings, delays_ms: &[u64]) ->
 /// A declaration failed (e.g. an existing queue with other arguments).
 pub async fn declare_topology(channel: &Channel, settings: &QueueSettings) -> Result<(), Error> {
     let names = Topology::new(&settings.prefix, settings.partitions);
-    declare_exchange(channel, &names.dead_letter_exchange, ExchangeKind::Fanout).await?;
-    declare_queue(
-        channel,
-        &names.dead_letter_queue,
-        queue_arguments(settings, None),
-    )
-    .await?;
-    bind(
-        channel,
-        &names.dead_letter_queue,
-        &names.dead_letter_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    declare_exchange(channel, &names.partition_exchange, ExchangeKind::Headers).await?;
+    // Each call bounded (see `answered`): the declarations run on every (re)connect, and one that
+    // waits forever keeps a worker or publisher from ever reconnecting.
+    let limit = settings.confirm_timeout();
+    let (dead_letters, partitions) = (&names.dead_letter_exchange, &names.partition_exchange);
+    declare_exchange(channel, dead_letters, ExchangeKind::Fanout, limit).await?;
+    let args = queue_arguments(settings, None);
+    declare_queue(channel, &names.dead_letter_queue, args, limit).await?;
+    let (queue, no_args) = (&names.dead_letter_queue, FieldTable::default());
+    bind(channel, queue, dead_letters, no_args, limit).await?;
+    declare_exchange(channel, partitions, ExchangeKind::Headers, limit).await?;
     for p in 0..names.partitions {
         let queue = names.partition_queue(p);
         let mut args = queue_arguments(settings, Some(&names.dead_letter_exchange));
@@ -136,49 +135,53 @@ pub async fn declare_topology(channel: &Channel, settings: &QueueSettings) -> Re
         // two worker nodes ever deliver one user's events at once, whatever they believe about
         // their leases.
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        declare_queue(channel, &queue, args).await?;
+        declare_queue(channel, &queue, args, limit).await?;
         let mut binding = FieldTable::default();
         binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
         binding.insert(
             PARTITION_HEADER.into(),
             AMQPValue::LongString(p.to_string().into()),
         );
-        bind(channel, &queue, &names.partition_exchange, binding).await?;
+        bind(channel, &queue, partitions, binding, limit).await?;
     }
     Ok(())
 }
 
-async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> Result<(), Error> {
-    channel
-        .exchange_declare(
-            name.into(),
-            kind,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| Error::Topology {
-            what: name.to_owned(),
-            source,
-        })
+/// What failed declaring `what`.
+fn declaring(what: String) -> impl FnOnce(lapin::Error) -> Error {
+    move |source| Error::Topology { what, source }
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), Error> {
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    limit: Duration,
+) -> Result<(), Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let call = channel.exchange_declare(name.into(), kind, durable, FieldTable::default());
+    let what = || format!("declare {name}");
+    answered(what, limit, call, declaring(name.to_owned())).await
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+    limit: Duration,
+) -> Result<(), Error> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(name.into(), durable, args)
+    let call = channel.queue_declare(name.into(), durable, args);
+    let what = || format!("declare {name}");
+    answered(what, limit, call, declaring(name.to_owned()))
         .await
         .map(|_| ())
-        .map_err(|source| Error::Topology {
-            what: name.to_owned(),
-            source,
-        })
 }
 
 async fn bind(
@@ -186,20 +189,17 @@ async fn bind(
     queue: &str,
     exchange: &str,
     args: FieldTable,
+    limit: Duration,
 ) -> Result<(), Error> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            args,
-        )
-        .await
-        .map_err(|source| Error::Topology {
-            what: format!("binding of {queue}"),
-            source,
-        })
+    let call = channel.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        args,
+    );
+    let what = || format!("bind {queue}");
+    answered(what, limit, call, declaring(format!("binding of {queue}"))).await
 }
 
 fn queue_arguments(settings: &QueueSettings, dead_letter_exchange: Option<&str>) -> FieldTable {

@@ -334,3 +334,32 @@ async fn a_settle_on_a_closed_channel_is_reported_and_the_message_comes_back() {
         .await
         .unwrap();
 }
+
+/// A broker that stops answering mid-session (its connection open, every byte held) makes each
+/// topology declaration give up after `queue.confirm_timeout_ms` with an error naming it, so a
+/// worker or publisher reconnecting through it goes back to its backoff instead of waiting forever.
+#[tokio::test]
+async fn a_declaration_on_a_silent_broker_gives_up_in_time() {
+    let (proxy, via_proxy) = TcpProxy::in_front_of(&amqp_url()).await;
+    let mut settings = crate::common::test_settings().queue;
+    settings.amqp_url = via_proxy;
+    settings.confirm_timeout_ms = 500;
+    let connection = herald::queue::connect(&settings, "test-silent")
+        .await
+        .expect("broker");
+    let channel = herald::queue::open_channel(&connection).await.unwrap();
+    proxy.stall();
+    let declared = tokio::time::timeout(
+        PATIENCE,
+        herald::queue::declare_topology(&channel, &settings),
+    )
+    .await
+    .expect("the declaration gives up by itself, well within the test's patience");
+    let error = declared.expect_err("nothing answered");
+    assert!(
+        matches!(error, herald::queue::Error::NoAnswer(ref what) if what.starts_with("declare ")),
+        "{error:?}"
+    );
+    proxy.resume();
+    let _ = herald::queue::delete_topology(&settings).await;
+}
