@@ -158,11 +158,6 @@ impl EventId {
     pub fn mint() -> Self {
         Self(Uuid::now_v7())
     }
-
-    /// The id as a UUID.
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
 }
 
 impl From<Uuid> for EventId {

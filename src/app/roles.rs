@@ -159,7 +159,7 @@ impl App {
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
             retry_delays_ms: settings.retry.delays_ms().into(),
             attempt_timeout: settings.retry.attempt_timeout(),
-            settle_timeout: settings.queue.confirm_timeout(),
+            broker_timeout: settings.queue.confirm_timeout(),
             reorder_window_ms: settings.pipeline.reorder_window_ms,
             faults: Arc::clone(&self.faults),
         };

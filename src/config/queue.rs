@@ -44,8 +44,9 @@ pub struct QueueSettings {
     /// Publishes awaiting a broker confirm at once (pipelined confirms).
     pub max_inflight_confirms: usize,
     /// A confirm not received within this is treated as a failed publish (the relay retries it).
-    /// Also the bound on every other broker call that waits (acks, declarations, starting and
-    /// cancelling consumers): lapin can leave a call made as its connection breaks waiting forever.
+    /// Also the bound on a worker's acks and requeues, on starting and cancelling its consumers,
+    /// and on each topology declaration: lapin can leave a call made as its connection breaks
+    /// waiting forever.
     pub confirm_timeout_ms: u64,
     /// Timeout of one connection attempt.
     pub connect_timeout_ms: u64,

@@ -152,17 +152,20 @@ pub async fn settle(
     how: Settlement,
     limit: Duration,
 ) -> Result<(), Unsettled> {
-    let nack = |requeue| BasicNackOptions {
-        requeue,
-        ..BasicNackOptions::default()
-    };
-    let sent = match how {
-        Settlement::Ack => {
-            tokio::time::timeout(limit, delivery.ack(BasicAckOptions::default())).await
+    let sent = tokio::time::timeout(limit, async {
+        match how {
+            Settlement::Ack => delivery.ack(BasicAckOptions::default()).await,
+            Settlement::Requeue | Settlement::Reject => {
+                let requeue = how == Settlement::Requeue;
+                let options = BasicNackOptions {
+                    requeue,
+                    ..BasicNackOptions::default()
+                };
+                delivery.nack(options).await
+            }
         }
-        Settlement::Requeue => tokio::time::timeout(limit, delivery.nack(nack(true))).await,
-        Settlement::Reject => tokio::time::timeout(limit, delivery.nack(nack(false))).await,
-    };
+    })
+    .await;
     match sent {
         Ok(Ok(true)) => Ok(()),
         Ok(Ok(false)) => Err(Unsettled::Unusable),

@@ -425,14 +425,19 @@ impl Connection {
             }
             return Ok(());
         }
+        // None: left while the message was queued.
+        let Some((channel, mut io)) = self.user_channel(&message.topic) else {
+            return self.wire.flush().await;
+        };
+        let mut hole = None;
         for push in &message.pushes {
-            // None: left while the message was queued (or closed over a hole by an earlier push).
-            let Some((channel, mut io)) = self.user_channel(&message.topic) else {
+            if let Err(found) = channel.deliver(&mut io, push).await? {
+                hole = Some(found); // the channel closes over it: nothing after it goes out
                 break;
-            };
-            if let Err(hole) = channel.deliver(&mut io, push).await? {
-                self.error_channel(&message.topic, hole).await?;
             }
+        }
+        if let Some(hole) = hole {
+            self.error_channel(&message.topic, hole).await?;
         }
         self.wire.flush().await
     }

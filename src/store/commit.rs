@@ -156,8 +156,9 @@ impl Store {
     /// read after the commit (a key and its event commit together, so the original is there).
     ///
     /// # Errors
-    /// The statement failed (nothing of the batch is stored), or a taken key's original could not
-    /// be read.
+    /// The statement failed (nothing of the batch is stored), or, after it committed, a taken key's
+    /// original could not be read (retried first; the batch is stored, and its messages are left
+    /// to the outbox relay).
     pub async fn insert_events(
         &self,
         events: &[NewEvent],
@@ -179,7 +180,7 @@ impl Store {
             partitions,
             limits,
         );
-        let columns = Columns::of(given().map(|(_, e)| e));
+        let columns = Columns::of(given().map(|(_, e)| e), given().count());
         let (rows, row_events, row_partitions) = outbox_columns(&planned, |i| events[i].id);
         let stored: Vec<(EventId, i64)> = sqlx::query_as(COMMIT_EVENTS_SQL)
             .bind(&columns.ids)
@@ -196,7 +197,12 @@ impl Store {
             .await
             .map_err(Error::query("commit events"))?;
         let seqs: HashMap<EventId, i64> = stored.into_iter().collect();
-        let originals = self.originals_of_taken(events, &repeats, &seqs).await?;
+        // The batch is committed: a failure from here on would answer its producers an error for
+        // events that are stored, so the read is retried before it gives up.
+        let originals = crate::backoff::with_retries("read idempotent originals", 3, || {
+            self.originals_of_taken(events, &repeats, &seqs)
+        })
+        .await?;
 
         // Each event's answer, in order: a repeat's first occurrence comes before it.
         let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
@@ -305,19 +311,15 @@ fn original_of(
     originals
         .get(&(event.producer_id, key))
         .cloned()
-        .ok_or_else(|| Error::Query {
-            what: "read idempotent originals",
-            source: sqlx::Error::RowNotFound,
-        })
+        .ok_or_else(|| Error::query("read idempotent originals")(sqlx::Error::RowNotFound))
 }
 
 /// A batch whose repeat points at itself or ahead: [`repeats_of`] never makes one, so this says
 /// so as an error rather than a panic.
 fn unreachable_repeat(at: usize, first: usize) -> Result<InsertOutcome, Error> {
-    Err(Error::Query {
-        what: "answer a repeated idempotency key",
-        source: sqlx::Error::Protocol(format!("event {at} repeats event {first}, not before it")),
-    })
+    Err(Error::query("answer a repeated idempotency key")(
+        sqlx::Error::Protocol(format!("event {at} repeats event {first}, not before it")),
+    ))
 }
 
 /// The columns of the events given to [`COMMIT_EVENTS_SQL`], one array each.
@@ -332,15 +334,16 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn of(events: impl Iterator<Item = &'a NewEvent>) -> Self {
+    /// The columns of `events`, `n` of them.
+    fn of(events: impl Iterator<Item = &'a NewEvent>, n: usize) -> Self {
         let mut columns = Self {
-            ids: Vec::new(),
-            producers: Vec::new(),
-            user_ids: Vec::new(),
-            names: Vec::new(),
-            datas: Vec::new(),
-            keys: Vec::new(),
-            ats: Vec::new(),
+            ids: Vec::with_capacity(n),
+            producers: Vec::with_capacity(n),
+            user_ids: Vec::with_capacity(n),
+            names: Vec::with_capacity(n),
+            datas: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            ats: Vec::with_capacity(n),
         };
         for e in events {
             columns.ids.push(e.id);

@@ -107,7 +107,12 @@ pub fn outbox_columns(
     messages: &[OutboxMessage],
     ids: impl Fn(usize) -> EventId,
 ) -> (Vec<Uuid>, Vec<EventId>, Vec<i16>) {
-    let (mut rows, mut events, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
+    let n = messages.iter().map(|m| m.events.len()).sum();
+    let (mut rows, mut events, mut partitions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for message in messages {
         for &i in &message.events {
             rows.push(message.id);
@@ -228,7 +233,10 @@ impl Store {
             .map_err(Error::query("claim unconfirmed outbox rows"))?;
         // Oldest first: a user's older message goes before its newer one.
         claimed.sort_by_key(|(id, _, created)| (*created, *id));
-        let all: Vec<EventId> = claimed.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
+        let all: Vec<EventId> = claimed
+            .iter()
+            .flat_map(|(_, ids, _)| ids.iter().copied())
+            .collect();
         let rows: Vec<StoredEvent> = sqlx::query_as(UNCONFIRMED_EVENTS_SQL)
             .bind(&all)
             .bind(EventStatus::Accepted)

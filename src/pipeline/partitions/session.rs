@@ -42,7 +42,6 @@ impl Coordinator {
         let lanes = self.worker.lanes(
             Arc::clone(&link),
             names,
-            queue.confirm_timeout(),
             self.settings.pipeline.max_run_events,
             tasks.clone(),
         );

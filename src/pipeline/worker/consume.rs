@@ -103,9 +103,12 @@ impl Worker {
                 returned.push(delivery);
             }
             for delivery in returned {
-                let returned = queue::settle(&delivery, Settlement::Requeue, self.settle_timeout);
+                let returned = queue::settle(&delivery, Settlement::Requeue, self.broker_timeout);
                 if let Err(error) = returned.await {
+                    // They share one channel: the rest would wait out the bound in turn. The
+                    // broker returns them all when the channel closes.
                     tracing::warn!(error = %error, partition, "cannot return a message");
+                    break;
                 }
             }
         }
@@ -119,12 +122,12 @@ impl Worker {
         match decode_batch(&delivery.data) {
             Ok(events) if !events.is_empty() => Some(events),
             Ok(_) => {
-                let _ = queue::settle(delivery, Settlement::Ack, self.settle_timeout).await;
+                let _ = queue::settle(delivery, Settlement::Ack, self.broker_timeout).await;
                 None
             }
             Err(error) => {
                 tracing::error!(error = %error, "undecodable message dead-lettered");
-                let rejected = queue::settle(delivery, Settlement::Reject, self.settle_timeout);
+                let rejected = queue::settle(delivery, Settlement::Reject, self.broker_timeout);
                 if let Err(error) = rejected.await {
                     tracing::warn!(error = %error, "cannot dead-letter an undecodable message");
                 }
@@ -151,7 +154,7 @@ impl Worker {
             delivery,
             events.len(),
             self.settled.clone(),
-            self.settle_timeout,
+            self.broker_timeout,
         ));
         for Incoming {
             envelope,

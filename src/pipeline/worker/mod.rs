@@ -78,9 +78,9 @@ pub struct Worker {
     pub retry_delays_ms: Arc<[u64]>,
     /// Bound on one attempt.
     pub attempt_timeout: Duration,
-    /// Bound on sending a message's ack or requeue (`queue.confirm_timeout_ms`; see
-    /// [`crate::queue::settle`]).
-    pub settle_timeout: Duration,
+    /// Bound on every broker call a delivery waits for (`queue.confirm_timeout_ms`): a message's
+    /// ack or requeue (see [`crate::queue::settle`]), a retry's or dead letter's confirm.
+    pub broker_timeout: Duration,
     /// How long a lane waits for a missing seq (`pipeline.reorder_window_ms`).
     pub reorder_window_ms: u64,
     /// The test fault injector (empty in production).
@@ -93,7 +93,6 @@ impl Worker {
         &self,
         link: Arc<ConsumerLink>,
         names: Arc<Topology>,
-        confirm_timeout: Duration,
         max_run: usize,
         tasks: TaskTracker,
     ) -> Lanes<EventInWork> {
@@ -106,7 +105,7 @@ impl Worker {
                     let route = RetryRoute {
                         channel: &link.retry_channel,
                         names: &names,
-                        confirm_timeout,
+                        confirm_timeout: worker.broker_timeout,
                     };
                     worker.deliver_run(run, &route).await;
                 }
@@ -125,13 +124,14 @@ impl Worker {
         self.metrics.worker_run(run.len());
         let attempted = self.attempt(run).await;
         let at = (started_at_ms, now_unix_ms());
-        let decided: Vec<Decided> = futures_util::future::join_all(
+        let mut decided: Vec<Decided> = futures_util::future::join_all(
             attempted
                 .into_iter()
                 .map(|(item, attempted)| self.decide(item, attempted, at, route)),
         )
         .await;
-        let records: Vec<AttemptRecord> = decided.iter().filter_map(|d| d.record.clone()).collect();
+        let records: Vec<AttemptRecord> =
+            decided.iter_mut().filter_map(|d| d.record.take()).collect();
         let recorded: Recorded = if records.is_empty() {
             Ok(HashSet::new())
         } else {
