@@ -18,6 +18,9 @@
 #   LOAD=latency RATE=3000         open-loop latency to 1,000 joined sockets
 #   LOAD=paced RATE=200 PRODUCERS=1  single events at a fixed rate, each producer sequential,
 #                                  send -> push and send -> 2xx to 1,000 joined sockets, 8 s
+#   LOAD=e2e SKEW=1.1              closed loop to 1,000 joined sockets (16 producers, batches of
+#                                  100, at most 4,000 events in flight), pushed/s over 8 s; SKEW
+#                                  (optional) draws users from a Zipf distribution
 #   ROUNDS=3                       rounds (the default)
 #   SLOW_COMMIT_US=2000            every commit of each node's database waits this long before its
 #                                  WAL flush (commit_delay with commit_siblings = 0): a slow disk
@@ -26,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then
-  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 scripts/services
@@ -39,7 +42,8 @@ case "${LOAD:-single}" in
   batch) cmd='{"cmd":"ingest_batch","secs":5,"producers":16}' ;;
   latency) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"latency\",\"rate\":${RATE:-3000},\"warmup\":2,\"secs\":6}" ;;
   paced) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"paced\",\"rate\":${RATE:-200},\"producers\":${PRODUCERS:-1},\"warmup\":1,\"secs\":8}" ;;
-  *) echo "LOAD is single, batch, latency or paced" >&2; exit 2 ;;
+  e2e) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"e2e\",\"warmup\":3,\"secs\":8,\"producers\":16,\"window\":4000${SKEW:+,\"skew\":$SKEW}}" ;;
+  *) echo "LOAD is single, batch, latency, paced or e2e" >&2; exit 2 ;;
 esac
 ulimit -n 20000 2>/dev/null || true
 port=47999
@@ -73,7 +77,9 @@ run_one() {
     node=$!
     trap 'kill -TERM $node 2>/dev/null; wait $node 2>/dev/null; "$herald" destroy --yes >/dev/null 2>&1' EXIT
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
-    printf '%b\n' "$cmd" | "$bench" loadgen --base "http://127.0.0.1:$port" --key "$key" | tail -1
+    # The last answer, or for the closed loop its measured window (the `end` mark) and the `done`.
+    printf '%b\n' "$cmd" | "$bench" loadgen --base "http://127.0.0.1:$port" --key "$key" |
+      if [ "${LOAD:-single}" = e2e ]; then grep -E '"mark":"(end|done)"' | paste -sd' '; else tail -1; fi
   )
 }
 for round in $(seq "${ROUNDS:-3}"); do

@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// A broadcast as it travels between nodes: a topic and its pushes, in order.
@@ -55,59 +55,180 @@ pub fn origin_of(node: &str) -> String {
     format!("{node}/{}", uuid::Uuid::now_v7().simple())
 }
 
-/// Broadcasts over RabbitMQ.
+/// Most broadcasts one fan-out message carries.
+const MAX_BATCH_BROADCASTS: usize = 256;
+/// About the most bytes one fan-out message carries (a single larger broadcast goes alone).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Fan-out messages awaiting their confirm at once. While they are out, the broadcasts that come
+/// in wait and go together in the next message: alone, a broadcast is published at once; under
+/// load, messages grow by themselves (as the group commit's batches do).
+const MESSAGES_IN_FLIGHT: usize = 2;
+/// Broadcasts waiting for a message; the worker's lanes already bound how many are made at once.
+const PENDING_BROADCASTS: usize = 4096;
+
+/// Broadcasts over RabbitMQ, several to a message: the broadcasts that wait while earlier messages
+/// are unconfirmed go together, each message to every bucket its broadcasts fall in.
 pub struct RabbitTransport {
-    publisher: FanoutPublisher,
-    timeout: Duration,
+    buckets: u16,
+    pending: mpsc::Sender<Pending>,
+    nodes: BrokerNodes,
+}
+
+/// One broadcast waiting for its message: its encoded [`Wire`], and who waits for the confirm.
+struct Pending {
+    bucket: u16,
+    wire: Vec<u8>,
+    pushes: usize,
+    routed: oneshot::Sender<Result<bool, PubSubError>>,
 }
 
 impl RabbitTransport {
     /// A transport publishing with `queue` settings for the node process `origin` (see
-    /// [`origin_of`]).
-    pub fn new(queue: QueueSettings, pubsub: &PubSubSettings, origin: &str) -> Self {
+    /// [`origin_of`]). Starts its batcher: call within the runtime.
+    pub fn new(
+        queue: QueueSettings,
+        pubsub: &PubSubSettings,
+        origin: &str,
+        metrics: Metrics,
+    ) -> Self {
+        let publisher = FanoutPublisher::new(queue, origin.to_owned());
+        let nodes = publisher.broker_nodes();
+        let (pending, waiting) = mpsc::channel(PENDING_BROADCASTS);
+        tokio::spawn(publish_batches(
+            Arc::new(publisher),
+            waiting,
+            pubsub.publish_timeout(),
+            metrics,
+        ));
         Self {
-            publisher: FanoutPublisher::new(queue, pubsub.buckets, origin.to_owned()),
-            timeout: pubsub.publish_timeout(),
+            buckets: pubsub.buckets,
+            pending,
+            nodes,
         }
     }
 
     /// The broker nodes its publisher moves between, and the one it uses.
     pub fn broker_nodes(&self) -> BrokerNodes {
-        self.publisher.broker_nodes()
+        self.nodes.clone()
     }
 }
 
 impl Transport for RabbitTransport {
     fn publish<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<bool, PubSubError>> {
         Box::pin(async move {
-            let payloads = message
-                .pushes
-                .iter()
-                .map(|push| serde_json::from_str::<&RawValue>(&push.payload))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| PubSubError::Unavailable(format!("payload is not JSON: {e}")))?;
-            let wire = Wire {
-                topic: Cow::Borrowed(message.topic.as_str()),
-                pushes: message
-                    .pushes
-                    .iter()
-                    .zip(payloads)
-                    .map(|(push, payload)| WirePush {
-                        event: Cow::Borrowed(&push.event),
-                        seq: push.seq,
-                        at: push.enqueued_at_ms,
-                        payload,
-                    })
-                    .collect(),
-            };
-            let body =
-                serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))?;
-            self.publisher
-                .publish(message.topic.as_str(), &body, self.timeout)
+            let wire = encode(message)?;
+            let (routed, confirmed) = oneshot::channel();
+            let gone = || PubSubError::Unavailable("the fan-out publisher stopped".into());
+            self.pending
+                .send(Pending {
+                    bucket: crate::event::stable_bucket(message.topic.as_str(), self.buckets),
+                    wire,
+                    pushes: message.pushes.len(),
+                    routed,
+                })
                 .await
-                .map_err(|e| PubSubError::Unavailable(e.to_string()))
+                .map_err(|_| gone())?;
+            confirmed.await.map_err(|_| gone())?
         })
     }
+}
+
+/// `message` as it travels: a [`Wire`], JSON.
+fn encode(message: &Message) -> Result<Vec<u8>, PubSubError> {
+    let payloads = message
+        .pushes
+        .iter()
+        .map(|push| serde_json::from_str::<&RawValue>(&push.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PubSubError::Unavailable(format!("payload is not JSON: {e}")))?;
+    let wire = Wire {
+        topic: Cow::Borrowed(message.topic.as_str()),
+        pushes: message
+            .pushes
+            .iter()
+            .zip(payloads)
+            .map(|(push, payload)| WirePush {
+                event: Cow::Borrowed(&push.event),
+                seq: push.seq,
+                at: push.enqueued_at_ms,
+                payload,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))
+}
+
+/// Publishes what waits in `pending`, a message at a time, at most [`MESSAGES_IN_FLIGHT`]
+/// unconfirmed, until every sender is gone; tells each broadcast's caller how its message went.
+async fn publish_batches(
+    publisher: Arc<FanoutPublisher>,
+    mut pending: mpsc::Receiver<Pending>,
+    limit: Duration,
+    metrics: Metrics,
+) {
+    let in_flight = Arc::new(Semaphore::new(MESSAGES_IN_FLIGHT));
+    while let Some(first) = pending.recv().await {
+        // A slot first: what arrives while none is free joins this message.
+        let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let batch = take_batch(first, &mut pending);
+        let publisher = Arc::clone(&publisher);
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let (buckets, body) = assemble(&batch);
+            let pushes = batch.iter().map(|p| p.pushes).sum();
+            metrics.fanout_published(batch.len(), pushes);
+            let routed = publisher
+                .publish(&buckets, &body, limit)
+                .await
+                .map_err(|e| PubSubError::Unavailable(e.to_string()));
+            drop(slot);
+            for broadcast in batch {
+                let _ = broadcast.routed.send(routed.clone());
+            }
+        });
+    }
+}
+
+/// `first` and what else waits, up to a message's bounds.
+fn take_batch(first: Pending, pending: &mut mpsc::Receiver<Pending>) -> Vec<Pending> {
+    let mut bytes = first.wire.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_BROADCASTS && bytes < MAX_BATCH_BYTES {
+        match pending.try_recv() {
+            Ok(next) => {
+                bytes += next.wire.len();
+                batch.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// A message's distinct buckets, in first-seen order, and its body: one broadcast's [`Wire`], or
+/// several as a JSON array of them.
+fn assemble(batch: &[Pending]) -> (Vec<u16>, Vec<u8>) {
+    let mut buckets: Vec<u16> = Vec::with_capacity(batch.len());
+    for broadcast in batch {
+        if !buckets.contains(&broadcast.bucket) {
+            buckets.push(broadcast.bucket);
+        }
+    }
+    if let [only] = batch {
+        return (buckets, only.wire.clone());
+    }
+    let mut body = Vec::with_capacity(batch.iter().map(|p| p.wire.len() + 1).sum::<usize>() + 1);
+    body.push(b'[');
+    for (i, broadcast) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&broadcast.wire);
+    }
+    body.push(b']');
+    (buckets, body)
 }
 
 /// Runs this node's fan-out queue until `stop`: delivers what arrives to local subscribers and
@@ -284,24 +405,37 @@ fn refuse_pending(binds: &mut mpsc::Receiver<BindRequest>) {
     }
 }
 
+/// Hands a received message's broadcasts to this node's subscribers: a message carries one
+/// [`Wire`] or an array of them, and topics nobody joined here (their bucket is bound for others)
+/// are skipped before anything is copied.
 fn deliver(pubsub: &PubSub, body: &[u8]) {
-    let Ok(wire) = serde_json::from_slice::<Wire>(body) else {
+    let wires = if body.first() == Some(&b'[') {
+        serde_json::from_slice::<Vec<Wire>>(body)
+    } else {
+        serde_json::from_slice::<Wire>(body).map(|wire| vec![wire])
+    };
+    let Ok(wires) = wires else {
         tracing::warn!("undecodable broadcast dropped");
         return;
     };
-    pubsub.deliver_local(Arc::new(Message {
-        topic: Topic::from(wire.topic.as_ref()),
-        pushes: wire
-            .pushes
-            .into_iter()
-            .map(|push| Push {
-                event: push.event.into_owned(),
-                seq: push.seq,
-                payload: push.payload.get().to_owned(),
-                enqueued_at_ms: push.at,
-            })
-            .collect(),
-    }));
+    for wire in wires {
+        if !pubsub.has_subscribers(&wire.topic) {
+            continue;
+        }
+        pubsub.deliver_local(Arc::new(Message {
+            topic: Topic::from(wire.topic.as_ref()),
+            pushes: wire
+                .pushes
+                .into_iter()
+                .map(|push| Push {
+                    event: push.event.into_owned(),
+                    seq: push.seq,
+                    payload: push.payload.get().to_owned(),
+                    enqueued_at_ms: push.at,
+                })
+                .collect(),
+        }));
+    }
 }
 
 fn resync_local(pubsub: &PubSub) {

@@ -61,7 +61,7 @@ impl App {
             None
         };
         let fanout_origin = cluster::origin_of(&node);
-        let (pubsub, bind_requests, fanout_nodes) = pubsub(&settings, &fanout_origin);
+        let (pubsub, bind_requests, fanout_nodes) = pubsub(&settings, &fanout_origin, &metrics);
         let faults = faults(&settings)?;
         Ok(Self {
             upkeep,
@@ -120,6 +120,7 @@ async fn load_demo(
 fn pubsub(
     settings: &Settings,
     fanout_origin: &str,
+    metrics: &Metrics,
 ) -> (
     PubSub,
     Option<mpsc::Receiver<BindRequest>>,
@@ -128,7 +129,12 @@ fn pubsub(
     if !settings.cluster() {
         return (PubSub::new(), None, None);
     }
-    let transport = RabbitTransport::new(settings.queue.clone(), &settings.pubsub, fanout_origin);
+    let transport = RabbitTransport::new(
+        settings.queue.clone(),
+        &settings.pubsub,
+        fanout_origin,
+        metrics.clone(),
+    );
     let nodes = transport.broker_nodes();
     let timeout = settings.pubsub.bind_timeout();
     let (pubsub, requests) = PubSub::cluster(Arc::new(transport), timeout);

@@ -178,6 +178,12 @@ instruments! {
         "Messages handed to the broker.";
     publish_events: Counter "queue.publish.events" ["source"]
         "Events carried by the messages handed to the broker.";
+    fanout_messages: Counter "pubsub.fanout.messages" []
+        "Cross-node fan-out messages handed to the broker (cluster mode).";
+    fanout_events: Counter "pubsub.fanout.events" []
+        "Events carried by the cross-node fan-out messages (cluster mode).";
+    fanout_broadcasts: Histogram(SIZES) "pubsub.fanout.broadcasts" []
+        "Broadcasts (user runs) per cross-node fan-out message.";
     outbox_messages: Gauge "pipeline.outbox.messages" []
         "Messages waiting for a broker confirm (sampled by the relay).";
     worker_message_events: Histogram(SIZES) "pipeline.worker.message_events" []

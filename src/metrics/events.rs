@@ -99,6 +99,14 @@ impl Metrics {
         }
     }
 
+    /// One cross-node fan-out message handed to the broker, carrying `broadcasts` user runs of
+    /// `events` events in all: messages per event is the fan-out's batching.
+    pub fn fanout_published(&self, broadcasts: usize, events: usize) {
+        self.at().fanout_messages.add(1, []);
+        self.at().fanout_events.add(events as u64, []);
+        self.at().fanout_broadcasts.observe(broadcasts as f64, []);
+    }
+
     /// Messages (outbox rows) waiting for a broker confirm, sampled by the relay.
     pub fn outbox_depth(&self, messages: i64) {
         self.at().outbox_messages.set(messages.max(0) as u64, []);

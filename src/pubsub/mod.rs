@@ -93,7 +93,8 @@ pub struct SubscriptionId(u64);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reach {
     /// Subscribers whose queue took the message. In cluster mode, where other nodes' sockets are not
-    /// counted: 1 when at least one node subscribes to the topic, 0 when none does.
+    /// counted: 1 when at least one node binds a bucket of the fan-out message that carried it (its
+    /// topic's, or another broadcast's sent with it), 0 when none does.
     pub delivered: usize,
     /// Subscribers dropped because their queue was full.
     pub overflowed: usize,

@@ -1,11 +1,15 @@
 //! Cross-node fan-out over RabbitMQ: a direct exchange keyed by bucket (`{prefix}.fanout.buckets`,
-//! a broadcast's routing key is the bucket of its topic, see [`bucket_key`]), a publisher of
+//! a broadcast's routing key is the bucket of its topic, see [`bucket_key_of`]), a publisher of
 //! broadcasts with confirms, and each socket node's own exclusive queue, bound to the buckets its
 //! clients' topics fall in. Bindings so stay at most the bucket count per node, however many users
 //! it holds; the node drops what arrives for topics nobody joined on it.
 //!
-//! A broadcast is published `mandatory`: when no node binds its bucket the broker returns it, which
-//! tells the worker "nobody online" without counting sockets across nodes. The node queue is
+//! One message may carry the broadcasts of several buckets: its routing key is the first bucket's
+//! and the others ride in its `CC` header (RabbitMQ's sender-selected distribution), so the broker
+//! routes it to every node bound to any of them, once per node.
+//!
+//! A message is published `mandatory`: when no node binds any of its buckets the broker returns it,
+//! which tells the worker "nobody online" without counting sockets across nodes. The node queue is
 //! exclusive and auto-deleted, so a dead node leaves nothing behind; its clients reconnect elsewhere
 //! and catch up from PostgreSQL.
 //!
@@ -18,7 +22,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -31,11 +35,6 @@ pub fn exchange_name(prefix: &str) -> String {
 /// The exchange of the fan-out before buckets (routed by topic), for `herald destroy`.
 pub fn legacy_exchange_name(prefix: &str) -> String {
     format!("{prefix}.fanout")
-}
-
-/// The routing key of `topic`'s broadcasts: its bucket of `buckets`.
-pub fn bucket_key(topic: &str, buckets: u16) -> String {
-    bucket_key_of(crate::event::stable_bucket(topic, buckets))
 }
 
 /// The routing key of bucket `bucket`.
@@ -59,11 +58,10 @@ async fn declare_exchange(channel: &Channel, prefix: &str) -> Result<(), Error> 
         .map_err(|source| Error::Topology { what: name, source })
 }
 
-/// Publishes broadcasts; shared by a worker's delivery tasks (publishes on one channel are
-/// pipelined, each task awaiting its own confirm). Reconnects lazily after a failure.
+/// Publishes fan-out messages; shared (publishes on one channel are pipelined, each caller
+/// awaiting its own confirm). Reconnects lazily after a failure.
 pub struct FanoutPublisher {
     settings: QueueSettings,
-    buckets: u16,
     /// This node's name, sent as each broadcast's `app_id`: the node's own queue drops its own.
     origin: String,
     link: Mutex<Option<(Connection, Channel)>>,
@@ -71,12 +69,11 @@ pub struct FanoutPublisher {
 }
 
 impl FanoutPublisher {
-    /// A publisher that connects on first use, to an exchange of `buckets`, for node `origin`.
-    pub fn new(settings: QueueSettings, buckets: u16, origin: String) -> Self {
+    /// A publisher that connects on first use, for node `origin`.
+    pub fn new(settings: QueueSettings, origin: String) -> Self {
         Self {
             nodes: BrokerNodes::new(&settings),
             settings,
-            buckets,
             origin,
             link: Mutex::new(None),
         }
@@ -108,24 +105,42 @@ impl FanoutPublisher {
         Ok(channel)
     }
 
-    /// Publishes `body` for `topic` to its bucket; resolves to whether any node binds the bucket.
+    /// Publishes `body` to the buckets `buckets` (the first is the routing key, the others go in
+    /// `CC`); resolves to whether any node binds any of them (false for no bucket at all).
     ///
     /// # Errors
     /// The broker is unreachable, refused the message, or did not confirm within `limit`.
-    pub async fn publish(&self, topic: &str, body: &[u8], limit: Duration) -> Result<bool, Error> {
+    pub async fn publish(
+        &self,
+        buckets: &[u16],
+        body: &[u8],
+        limit: Duration,
+    ) -> Result<bool, Error> {
+        let Some((&first, others)) = buckets.split_first() else {
+            return Ok(false);
+        };
         let channel = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
-        let key = bucket_key(topic, self.buckets);
+        // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
+        let mut properties = BasicProperties::default().with_app_id(self.origin.as_str().into());
+        if !others.is_empty() {
+            let keys: Vec<AMQPValue> = others
+                .iter()
+                .map(|&bucket| AMQPValue::LongString(bucket_key_of(bucket).into()))
+                .collect();
+            let mut headers = FieldTable::default();
+            headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(keys)));
+            properties = properties.with_headers(headers);
+        }
         let publish = channel.basic_publish(
             exchange.as_str().into(),
-            key.as_str().into(),
+            bucket_key_of(first).as_str().into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
             body,
-            // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
-            BasicProperties::default().with_app_id(self.origin.as_str().into()),
+            properties,
         );
         let confirm = publish_and_confirm(publish, limit).await;
         let error = match confirm {

@@ -456,3 +456,68 @@ async fn a_worker_socket_node_pushes_to_its_own_sockets_and_still_reaches_the_ot
         "node a's own broadcasts came back to its channels"
     );
 }
+
+/// A worker packs the runs it broadcasts close together into one fan-out message addressed to
+/// every bucket they fall in (RabbitMQ's `CC` header): a node bound to only some of those buckets
+/// gets the message even when its routing key is another node's bucket, delivers its own users'
+/// runs and skips the rest. Users of even buckets are on one socket node and of odd buckets on the
+/// other, over 1,024 buckets (each socket's own topic binds one more, anywhere), so nearly every
+/// message reaches one of them through `CC` alone. Every client gets exactly
+/// its own user's events, in order, once; and messages did carry several runs (planting a batch of
+/// one makes the last assertion fail; planting routing by the first bucket alone starves a node).
+#[tokio::test]
+async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets() {
+    let statsd = StatsdListener::bind().await;
+    let buckets = 1024;
+    let (api, node_a, node_b) = spawn_cluster_with(|s| {
+        s.pubsub.buckets = buckets;
+        s.metrics.statsd_addr = statsd.addr.to_string();
+    })
+    .await;
+    let users: Vec<String> = (0..40).map(|u| format!("cc{u}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        let bucket = herald::event::stable_bucket(&format!("user:{user}"), buckets);
+        let node = if bucket.is_multiple_of(2) { &node_a } else { &node_b };
+        clients.push(node.connect_joined(user).await);
+    }
+    let bindings = fanout_bindings(&api.settings.queue.prefix);
+    assert_eq!(bindings.len(), 2, "one queue per socket node: {bindings:?}");
+    // Ten batch requests with an event for every user: each commit makes 40 runs at once.
+    for round in 1..=10 {
+        let events: Vec<Value> = users
+            .iter()
+            .map(|user| json!({"user_id": user, "data": {"round": round}}))
+            .collect();
+        let r = api.post_batch(json!(events)).await;
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    for (client, user) in clients.iter_mut().zip(&users) {
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let push = client.recv_push().await;
+            assert_eq!(push[2], format!("user:{user}"), "another user's event");
+            got.push(push[4]["seq"].as_i64().unwrap());
+        }
+        assert_eq!(got, (1..=10).collect::<Vec<i64>>(), "{user}: in order");
+    }
+    // Once each: a second copy would come before the user's next event.
+    for user in &users {
+        api.post_sentinel(user).await;
+    }
+    for client in &mut clients {
+        client.expect_sentinel().await;
+    }
+    let lines = statsd.lines_through("socket.connections", 6).await;
+    let most = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("pubsub.fanout.broadcasts:"))
+        .filter_map(|rest| rest.split('|').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    assert!(
+        most > 1.0,
+        "no fan-out message carried more than one run ({} messages for {} events)",
+        counter_sum(&lines, "pubsub.fanout.messages"),
+        counter_sum(&lines, "pubsub.fanout.events")
+    );
+}
