@@ -18,9 +18,10 @@
 #   LOAD=latency RATE=3000         open-loop latency to 1,000 joined sockets
 #   LOAD=paced RATE=200 PRODUCERS=1  single events at a fixed rate, each producer sequential,
 #                                  send -> push and send -> 2xx to 1,000 joined sockets, 8 s
-#   LOAD=e2e SKEW=1.1              closed loop to 1,000 joined sockets (16 producers, batches of
+#   LOAD=e2e SKEW=1.1              closed loop to the joined sockets (16 producers, batches of
 #                                  100, at most 4,000 events in flight), pushed/s over 8 s; SKEW
 #                                  (optional) draws users from a Zipf distribution
+#   SOCKETS=1000                   the joined sockets of latency, paced and e2e (the default)
 #   ROUNDS=3                       rounds (the default)
 #   SLOW_COMMIT_US=2000            every commit of each node's database waits this long before its
 #                                  WAL flush (commit_delay with commit_siblings = 0): a slow disk
@@ -29,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then
-  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 scripts/services
@@ -40,9 +41,9 @@ bench=$(cargo bench --bench herald-bench --no-run --message-format=json 2>/dev/n
 case "${LOAD:-single}" in
   single) cmd='{"cmd":"ingest_single","secs":5,"clients":32}' ;;
   batch) cmd='{"cmd":"ingest_batch","secs":5,"producers":16}' ;;
-  latency) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"latency\",\"rate\":${RATE:-3000},\"warmup\":2,\"secs\":6}" ;;
-  paced) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"paced\",\"rate\":${RATE:-200},\"producers\":${PRODUCERS:-1},\"warmup\":1,\"secs\":8}" ;;
-  e2e) cmd="{\"cmd\":\"connect\",\"n\":1000}\n{\"cmd\":\"e2e\",\"warmup\":3,\"secs\":8,\"producers\":16,\"window\":4000${SKEW:+,\"skew\":$SKEW}}" ;;
+  latency) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"latency\",\"rate\":${RATE:-3000},\"warmup\":2,\"secs\":6}" ;;
+  paced) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"paced\",\"rate\":${RATE:-200},\"producers\":${PRODUCERS:-1},\"warmup\":1,\"secs\":8}" ;;
+  e2e) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"e2e\",\"warmup\":3,\"secs\":8,\"producers\":16,\"window\":4000${SKEW:+,\"skew\":$SKEW}}" ;;
   *) echo "LOAD is single, batch, latency, paced or e2e" >&2; exit 2 ;;
 esac
 ulimit -n 20000 2>/dev/null || true

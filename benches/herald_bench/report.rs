@@ -936,14 +936,14 @@ impl Report {
     /// the phase leaves a backlog): what the group commits and the relay handed to the broker.
     fn render_wire(&self) -> String {
         let mut out = String::from(
-            "\nMessages published per event, per phase (node counters; relay = outbox republishes):\n\n",
+            "\nMessages published per event, per phase (node counters; relay = outbox republishes; fan-out = cluster mode's broadcasts to socket nodes, several user runs to a message):\n\n",
         );
-        out.push_str("| phase | events accepted | messages published | events published | messages per event | events published per accepted | relay-republished events | target |\n");
-        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str("| phase | events accepted | messages published | events published | messages per event | events published per accepted | relay-republished events | fan-out messages per event | target |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in &self.wire {
             let w = &p.figures;
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} |\n",
                 p.phase,
                 thousands(w.accepted),
                 thousands(w.messages),
@@ -951,6 +951,15 @@ impl Report {
                 w.messages_per_event,
                 w.events_per_accepted,
                 thousands(w.relay_events),
+                if w.fanout_events > 0.0 {
+                    format!(
+                        "{:.3} ({} messages)",
+                        w.fanout_messages / w.fanout_events,
+                        thousands(w.fanout_messages)
+                    )
+                } else {
+                    "-".to_owned()
+                },
                 verdict(
                     w.messages_per_event <= MAX_MESSAGES_PER_EVENT,
                     &format!("<= {MAX_MESSAGES_PER_EVENT}")

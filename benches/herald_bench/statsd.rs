@@ -178,6 +178,9 @@ pub struct Wire {
     pub replay_events: f64,
     pub confirmed: f64,
     pub unconfirmed: f64,
+    /// Cluster mode's fan-out: messages published, and the events they carried.
+    pub fanout_messages: f64,
+    pub fanout_events: f64,
     pub statsd_udp_drops: u64,
 }
 
@@ -207,6 +210,8 @@ pub fn wire(metrics: &[Snapshot]) -> Wire {
         replay_events: counter(metrics, "queue.publish.events#source:replay"),
         confirmed: counter(metrics, "queue.publish.confirmed"),
         unconfirmed: counter(metrics, "queue.publish.unconfirmed"),
+        fanout_messages: counter(metrics, "pubsub.fanout.messages"),
+        fanout_events: counter(metrics, "pubsub.fanout.events"),
         statsd_udp_drops: metrics.iter().map(|m| m.udp_drops).sum(),
     }
 }

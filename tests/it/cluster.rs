@@ -478,7 +478,11 @@ async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets(
     let mut clients = Vec::new();
     for user in &users {
         let bucket = herald::event::stable_bucket(&format!("user:{user}"), buckets);
-        let node = if bucket.is_multiple_of(2) { &node_a } else { &node_b };
+        let node = if bucket.is_multiple_of(2) {
+            &node_a
+        } else {
+            &node_b
+        };
         clients.push(node.connect_joined(user).await);
     }
     let bindings = fanout_bindings(&api.settings.queue.prefix);
