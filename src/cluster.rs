@@ -158,8 +158,10 @@ fn encode(message: &Message) -> Result<Vec<u8>, PubSubError> {
     serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))
 }
 
-/// Publishes what waits in `pending`, a message at a time, at most [`MESSAGES_IN_FLIGHT`]
-/// unconfirmed, until every sender is gone; tells each broadcast's caller how its message went.
+/// Publishes what waits in `pending`, a message at a time and in order, at most
+/// [`MESSAGES_IN_FLIGHT`] unconfirmed, until every sender is gone; tells each broadcast's caller
+/// how its message went. Messages are sent here, one after another, so they reach the broker in
+/// the order their broadcasts were made; only the confirms are awaited apart.
 async fn publish_batches(
     publisher: Arc<FanoutPublisher>,
     mut pending: mpsc::Receiver<Pending>,
@@ -167,57 +169,96 @@ async fn publish_batches(
     metrics: Metrics,
 ) {
     let in_flight = Arc::new(Semaphore::new(MESSAGES_IN_FLIGHT));
-    while let Some(first) = pending.recv().await {
+    let mut held = None;
+    loop {
+        let first = match held.take() {
+            Some(first) => first,
+            None => match pending.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        if abandoned(&first) {
+            continue;
+        }
         // A slot first: what arrives while none is free joins this message.
         let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
             return;
         };
-        let batch = take_batch(first, &mut pending);
+        let (batch, next) = take_batch(first, &mut pending);
+        held = next;
+        let (bucket, cc, body) = assemble(&batch);
+        let deadline = tokio::time::Instant::now() + limit;
+        let sent = match publisher.send(bucket, &cc, &body, deadline).await {
+            Ok(sent) => sent,
+            Err(error) => {
+                drop(slot);
+                tell(batch, &Err(PubSubError::Unavailable(error.to_string())));
+                continue;
+            }
+        };
+        metrics.fanout_published(batch.len(), batch.iter().map(|p| p.pushes).sum());
         let publisher = Arc::clone(&publisher);
-        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let (buckets, body) = assemble(&batch);
-            let pushes = batch.iter().map(|p| p.pushes).sum();
-            metrics.fanout_published(batch.len(), pushes);
             let routed = publisher
-                .publish(&buckets, &body, limit)
+                .confirmed(sent)
                 .await
                 .map_err(|e| PubSubError::Unavailable(e.to_string()));
             drop(slot);
-            for broadcast in batch {
-                let _ = broadcast.routed.send(routed.clone());
-            }
+            tell(batch, &routed);
         });
     }
 }
 
-/// `first` and what else waits, up to a message's bounds.
-fn take_batch(first: Pending, pending: &mut mpsc::Receiver<Pending>) -> Vec<Pending> {
-    let mut bytes = first.wire.len();
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH_BROADCASTS && bytes < MAX_BATCH_BYTES {
-        match pending.try_recv() {
-            Ok(next) => {
-                bytes += next.wire.len();
-                batch.push(next);
-            }
-            Err(_) => break,
-        }
-    }
-    batch
+/// Whether the caller of `broadcast` stopped waiting (its attempt timed out and will be made
+/// again): it is not sent late.
+fn abandoned(broadcast: &Pending) -> bool {
+    broadcast.routed.is_closed()
 }
 
-/// A message's distinct buckets, in first-seen order, and its body: one broadcast's [`Wire`], or
-/// several as a JSON array of them.
-fn assemble(batch: &[Pending]) -> (Vec<u16>, Vec<u8>) {
-    let mut buckets: Vec<u16> = Vec::with_capacity(batch.len());
+fn tell(batch: Vec<Pending>, routed: &Result<bool, PubSubError>) {
     for broadcast in batch {
-        if !buckets.contains(&broadcast.bucket) {
-            buckets.push(broadcast.bucket);
+        let _ = broadcast.routed.send(routed.clone());
+    }
+}
+
+/// The next message's broadcasts: `first` and what else waits, up to a message's bounds, and the
+/// broadcast that would have taken it past [`MAX_BATCH_BYTES`], to start the next one (a single
+/// broadcast larger than that goes alone).
+fn take_batch(
+    first: Pending,
+    pending: &mut mpsc::Receiver<Pending>,
+) -> (Vec<Pending>, Option<Pending>) {
+    let mut bytes = first.wire.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_BROADCASTS {
+        let Ok(next) = pending.try_recv() else {
+            break;
+        };
+        if abandoned(&next) {
+            continue;
+        }
+        if bytes + next.wire.len() > MAX_BATCH_BYTES {
+            return (batch, Some(next));
+        }
+        bytes += next.wire.len();
+        batch.push(next);
+    }
+    (batch, None)
+}
+
+/// A message's route and body: the first broadcast's bucket, the other distinct buckets (its
+/// `CC`), and one broadcast's [`Wire`] or several as a JSON array of them.
+fn assemble(batch: &[Pending]) -> (u16, Vec<u16>, Vec<u8>) {
+    let bucket = batch.first().map_or(0, |first| first.bucket);
+    let mut cc: Vec<u16> = Vec::new();
+    for broadcast in batch {
+        if broadcast.bucket != bucket && !cc.contains(&broadcast.bucket) {
+            cc.push(broadcast.bucket);
         }
     }
     if let [only] = batch {
-        return (buckets, only.wire.clone());
+        return (bucket, cc, only.wire.clone());
     }
     let mut body = Vec::with_capacity(batch.iter().map(|p| p.wire.len() + 1).sum::<usize>() + 1);
     body.push(b'[');
@@ -228,7 +269,7 @@ fn assemble(batch: &[Pending]) -> (Vec<u16>, Vec<u8>) {
         body.extend_from_slice(&broadcast.wire);
     }
     body.push(b']');
-    (buckets, body)
+    (bucket, cc, body)
 }
 
 /// Runs this node's fan-out queue until `stop`: delivers what arrives to local subscribers and

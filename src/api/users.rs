@@ -18,7 +18,8 @@ pub struct DisconnectResponse {
     /// The user.
     #[schema(value_type = String)]
     user_id: UserId,
-    /// Sockets told to close (in cluster mode, socket nodes with subscribers).
+    /// Sockets told to close. In cluster mode 1 when a socket node binds a bucket of the fan-out
+    /// message that carried the disconnect (it may carry other users' broadcasts), else 0.
     connections: usize,
 }
 

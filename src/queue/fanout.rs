@@ -16,7 +16,7 @@
 //! Every node must route by the same bucket count: PostgreSQL records the deployment's
 //! (`deployment_settings`), and a node with another refuses to start (see `App::build`).
 
-use super::{BrokerNodes, Error, Unconfirmed, enable_confirms, open_channel, publish_and_confirm};
+use super::{BrokerNodes, Error, Unconfirmed, confirmed, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -24,8 +24,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
-use std::time::Duration;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 /// The fan-out exchange of `prefix`.
 pub fn exchange_name(prefix: &str) -> String {
@@ -58,14 +58,30 @@ async fn declare_exchange(channel: &Channel, prefix: &str) -> Result<(), Error> 
         .map_err(|source| Error::Topology { what: name, source })
 }
 
-/// Publishes fan-out messages; shared (publishes on one channel are pipelined, each caller
-/// awaiting its own confirm). Reconnects lazily after a failure.
+/// Publishes fan-out messages: [`Self::send`] one after another (they reach the broker in that
+/// order), each message's confirm awaited apart ([`Self::confirmed`]). Reconnects lazily after a
+/// failure.
 pub struct FanoutPublisher {
     settings: QueueSettings,
     /// This node's name, sent as each broadcast's `app_id`: the node's own queue drops its own.
     origin: String,
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Link>,
     nodes: BrokerNodes,
+}
+
+/// The publisher's connection and channel, if open, and which one it is: a failure seen on an
+/// older link (a confirm that was still out when the link was replaced) must not drop the new one.
+#[derive(Default)]
+struct Link {
+    open: Option<(Connection, Channel)>,
+    generation: u64,
+}
+
+/// A fan-out message the broker has been sent, its confirm still to come.
+pub struct Sent {
+    confirm: lapin::PublisherConfirm,
+    generation: u64,
+    deadline: Instant,
 }
 
 impl FanoutPublisher {
@@ -75,7 +91,7 @@ impl FanoutPublisher {
             nodes: BrokerNodes::new(&settings),
             settings,
             origin,
-            link: Mutex::new(None),
+            link: Mutex::new(Link::default()),
         }
     }
 
@@ -84,12 +100,13 @@ impl FanoutPublisher {
         self.nodes.clone()
     }
 
-    async fn channel(&self) -> Result<Channel, Error> {
+    /// The open channel and its link's generation, connecting first if there is none.
+    async fn channel(&self) -> Result<(u64, Channel), Error> {
         let mut link = self.link.lock().await;
-        if let Some((_, channel)) = link.as_ref()
+        if let Some((_, channel)) = link.open.as_ref()
             && channel.status().connected()
         {
-            return Ok(channel.clone());
+            return Ok((link.generation, channel.clone()));
         }
         let connection = self
             .nodes
@@ -101,30 +118,39 @@ impl FanoutPublisher {
         let channel = open_channel(&connection).await?;
         declare_exchange(&channel, &self.settings.prefix).await?;
         enable_confirms(&channel).await?;
-        *link = Some((connection, channel.clone()));
-        Ok(channel)
+        link.open = Some((connection, channel.clone()));
+        link.generation += 1;
+        Ok((link.generation, channel))
     }
 
-    /// Publishes `body` to the buckets `buckets` (the first is the routing key, the others go in
-    /// `CC`); resolves to whether any node binds any of them (false for no bucket at all).
+    /// Forgets link `generation` after a failure on it (the channel may be dead or wedged): the
+    /// next send opens a new one. A newer link stays.
+    async fn failed_on(&self, generation: u64) {
+        let mut link = self.link.lock().await;
+        if link.generation == generation {
+            link.open = None;
+        }
+    }
+
+    /// Sends `body` to bucket `bucket` (its routing key) and to the buckets `cc` (its `CC` header),
+    /// by `deadline`; returns once the broker has been sent it, its confirm to be awaited with
+    /// [`Self::confirmed`].
     ///
     /// # Errors
-    /// The broker is unreachable, refused the message, or did not confirm within `limit`.
-    pub async fn publish(
+    /// The broker is unreachable, or the send did not go out by `deadline`.
+    pub async fn send(
         &self,
-        buckets: &[u16],
+        bucket: u16,
+        cc: &[u16],
         body: &[u8],
-        limit: Duration,
-    ) -> Result<bool, Error> {
-        let Some((&first, others)) = buckets.split_first() else {
-            return Ok(false);
-        };
-        let channel = self.channel().await?;
+        deadline: Instant,
+    ) -> Result<Sent, Error> {
+        let (generation, channel) = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
         // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
         let mut properties = BasicProperties::default().with_app_id(self.origin.as_str().into());
-        if !others.is_empty() {
-            let keys: Vec<AMQPValue> = others
+        if !cc.is_empty() {
+            let keys: Vec<AMQPValue> = cc
                 .iter()
                 .map(|&bucket| AMQPValue::LongString(bucket_key_of(bucket).into()))
                 .collect();
@@ -134,7 +160,7 @@ impl FanoutPublisher {
         }
         let publish = channel.basic_publish(
             exchange.as_str().into(),
-            bucket_key_of(first).as_str().into(),
+            bucket_key_of(bucket).as_str().into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -142,15 +168,35 @@ impl FanoutPublisher {
             body,
             properties,
         );
-        let confirm = publish_and_confirm(publish, limit).await;
-        let error = match confirm {
+        let error = match tokio::time::timeout_at(deadline, publish).await {
+            Ok(Ok(confirm)) => {
+                return Ok(Sent {
+                    confirm,
+                    generation,
+                    deadline,
+                });
+            }
+            Ok(Err(source)) => Error::channel("publish a broadcast")(source),
+            Err(_) => Error::ConfirmTimeout,
+        };
+        self.failed_on(generation).await;
+        Err(error)
+    }
+
+    /// Waits for the confirm of `sent` until its deadline; resolves to whether any node binds any
+    /// of its buckets (a `mandatory` message no queue takes comes back).
+    ///
+    /// # Errors
+    /// The broker refused the message, the channel failed, or no confirm came in time.
+    pub async fn confirmed(&self, sent: Sent) -> Result<bool, Error> {
+        let left = sent.deadline.saturating_duration_since(Instant::now());
+        let error = match confirmed(sent.confirm, left).await {
             Ok(routed) => return Ok(routed),
             Err(Unconfirmed::Nacked) => return Err(Error::Nacked),
             Err(Unconfirmed::Timeout) => Error::ConfirmTimeout,
             Err(Unconfirmed::Lost(source)) => Error::channel("publish a broadcast")(source),
         };
-        // The channel may be dead or wedged: the next publish opens a new one.
-        *self.link.lock().await = None;
+        self.failed_on(sent.generation).await;
         Err(error)
     }
 }

@@ -96,8 +96,8 @@ pub enum Unconfirmed {
 
 /// Waits up to `limit` for the broker's confirm of a publish on a confirm-mode channel. Resolves to
 /// whether a queue took the message: a mandatory publish that no queue binds comes back, acked.
-/// The one confirm wait: of the publisher (which pipelines its confirms) and, through
-/// [`publish_and_confirm`], of the fan-out and retries.
+/// The one confirm wait: of the publisher and the fan-out (which pipeline their confirms) and,
+/// through [`publish_and_confirm`], of retries.
 ///
 /// # Errors
 /// The channel failed, the broker nacked, or no confirm came within `limit`.
@@ -114,8 +114,8 @@ pub async fn confirmed(
 }
 
 /// Sends a publish and waits for its confirm, the two together within `limit` (a wedged channel
-/// can stall the send as well as the confirm): for publishes that wait for their own confirm, the
-/// fan-out's broadcasts and retries. Resolves as [`confirmed`] does.
+/// can stall the send as well as the confirm): for publishes that wait for their own confirm,
+/// retries. Resolves as [`confirmed`] does.
 ///
 /// # Errors
 /// The channel failed, the broker nacked, or the send and confirm took longer than `limit`.

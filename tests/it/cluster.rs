@@ -463,8 +463,9 @@ async fn a_worker_socket_node_pushes_to_its_own_sockets_and_still_reaches_the_ot
 /// runs and skips the rest. Users of even buckets are on one socket node and of odd buckets on the
 /// other, over 1,024 buckets (each socket's own topic binds one more, anywhere), so nearly every
 /// message reaches one of them through `CC` alone. Every client gets exactly
-/// its own user's events, in order, once; and messages did carry several runs (planting a batch of
-/// one makes the last assertion fail; planting routing by the first bucket alone starves a node).
+/// its own user's events, in order, once, with nothing for the socket's order guard to repair; and
+/// messages did carry several runs (planting a batch of one makes the last assertion fail;
+/// planting routing by the first bucket alone starves a node).
 #[tokio::test]
 async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets() {
     let statsd = StatsdListener::bind().await;
@@ -505,7 +506,6 @@ async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets(
         }
         assert_eq!(got, (1..=10).collect::<Vec<i64>>(), "{user}: in order");
     }
-    // Once each: a second copy would come before the user's next event.
     for user in &users {
         api.post_sentinel(user).await;
     }
@@ -513,6 +513,11 @@ async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets(
         client.expect_sentinel().await;
     }
     let lines = statsd.lines_through("socket.connections", 6).await;
+    // The socket's order guard would hide a copy or a reordering from the client: it must have had
+    // nothing to repair.
+    for repaired in ["socket.push.duplicate", "socket.push.gap_filled"] {
+        assert_eq!(counter_sum(&lines, repaired), 0, "{repaired}");
+    }
     let most = lines
         .iter()
         .filter_map(|l| l.strip_prefix("pubsub.fanout.broadcasts:"))
