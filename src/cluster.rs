@@ -484,3 +484,78 @@ fn resync_local(pubsub: &PubSub) {
         pubsub.deliver_local(Arc::new(Message::control(&topic, RESYNC_EVENT, "{}")));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(
+        bucket: u16,
+        bytes: usize,
+    ) -> (Pending, oneshot::Receiver<Result<bool, PubSubError>>) {
+        let (routed, confirmed) = oneshot::channel();
+        let wire = format!(
+            "{{\"topic\":\"user:{bucket}\",\"pad\":\"{}\"}}",
+            "x".repeat(bytes)
+        );
+        let broadcast = Pending {
+            bucket,
+            wire: wire.into_bytes(),
+            pushes: 1,
+            routed,
+        };
+        (broadcast, confirmed)
+    }
+
+    #[test]
+    fn a_message_takes_what_waits_up_to_its_byte_bound_and_the_next_one_starts_with_the_rest() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let (first, _a) = pending(1, 10);
+        let (small, _b) = pending(2, 10);
+        let (big, _c) = pending(3, MAX_BATCH_BYTES);
+        let (after, _d) = pending(4, 10);
+        for p in [small, big, after] {
+            tx.try_send(p).ok().unwrap();
+        }
+        let (batch, held) = take_batch(first, &mut rx);
+        assert_eq!(batch.iter().map(|p| p.bucket).collect::<Vec<_>>(), [1, 2]);
+        let held = held.expect("the broadcast past the bound is held for the next message");
+        assert_eq!(held.bucket, 3);
+        // Alone it goes, however large; then the rest.
+        let (batch, held) = take_batch(held, &mut rx);
+        assert_eq!(batch.iter().map(|p| p.bucket).collect::<Vec<_>>(), [3]);
+        assert_eq!(held.map(|p| p.bucket), Some(4));
+    }
+
+    #[test]
+    fn a_broadcast_whose_caller_gave_up_is_not_sent() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let (first, _a) = pending(1, 10);
+        let (gone, caller) = pending(2, 10);
+        drop(caller);
+        let (kept, _c) = pending(3, 10);
+        for p in [gone, kept] {
+            tx.try_send(p).ok().unwrap();
+        }
+        let (batch, held) = take_batch(first, &mut rx);
+        assert_eq!(batch.iter().map(|p| p.bucket).collect::<Vec<_>>(), [1, 3]);
+        assert!(held.is_none());
+    }
+
+    #[test]
+    fn a_message_is_routed_to_its_first_bucket_with_each_other_bucket_once_in_cc() {
+        let receivers: Vec<_> = [7, 3, 7, 9, 3].map(|b| pending(b, 1)).into_iter().collect();
+        let (batch, _callers): (Vec<Pending>, Vec<_>) = receivers.into_iter().unzip();
+        let (bucket, cc, body) = assemble(&batch);
+        assert_eq!((bucket, cc), (7, vec![3, 9]));
+        let wires: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
+        assert_eq!(wires.len(), 5);
+        let (one, _caller) = pending(5, 1);
+        let (bucket, cc, body) = assemble(std::slice::from_ref(&one));
+        assert_eq!((bucket, cc.len()), (5, 0));
+        assert_eq!(
+            body, one.wire,
+            "alone, a broadcast travels as itself (older nodes read it)"
+        );
+    }
+}

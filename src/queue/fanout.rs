@@ -145,7 +145,11 @@ impl FanoutPublisher {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Sent, Error> {
-        let (generation, channel) = self.channel().await?;
+        // Connecting is bounded by the same deadline: a wedged connection must not hold up every
+        // message after this one.
+        let (generation, channel) = tokio::time::timeout_at(deadline, self.channel())
+            .await
+            .map_err(|_| Error::NoAnswer("open the fan-out publisher's channel".into()))??;
         let exchange = exchange_name(&self.settings.prefix);
         // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
         let mut properties = BasicProperties::default().with_app_id(self.origin.as_str().into());
