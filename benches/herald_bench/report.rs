@@ -16,6 +16,13 @@ use std::collections::BTreeMap;
 /// near it means events went out more than once (relay republishes, replays).
 const MAX_MESSAGES_PER_EVENT: f64 = 1.02;
 
+/// The most cross-node fan-out messages per event a cluster phase (closed loop, at saturation) may
+/// publish. A worker node sends at most two fan-out messages per confirm round trip and packs the
+/// rest, so at saturation a message should carry ten events or more: the fan-out then adds at most
+/// a tenth of a broker message per event, the order of what the partition messages cost at a
+/// quarter of the sustained rate. One message per user run (what it was) is about 1.
+const MAX_FANOUT_MESSAGES_PER_EVENT: f64 = 0.1;
+
 /// Everything one run measured, with the plan it ran.
 #[derive(Serialize)]
 pub struct Report {
@@ -957,10 +964,14 @@ impl Report {
                 w.events_per_accepted,
                 thousands(w.relay_events),
                 if w.fanout_events > 0.0 {
+                    let per_event = w.fanout_messages / w.fanout_events;
                     format!(
-                        "{:.3} ({} messages)",
-                        w.fanout_messages / w.fanout_events,
-                        thousands(w.fanout_messages)
+                        "{per_event:.3} ({} messages; {})",
+                        thousands(w.fanout_messages),
+                        verdict(
+                            per_event <= MAX_FANOUT_MESSAGES_PER_EVENT,
+                            &format!("<= {MAX_FANOUT_MESSAGES_PER_EVENT}")
+                        )
                     )
                 } else {
                     "-".to_owned()
