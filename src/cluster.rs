@@ -185,6 +185,10 @@ async fn publish_batches(
         let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
             return;
         };
+        // The wait for a slot may have outlasted its caller's patience.
+        if abandoned(&first) {
+            continue;
+        }
         let (batch, next) = take_batch(first, &mut pending);
         held = next;
         let (bucket, cc, body) = assemble(&batch);

@@ -115,9 +115,17 @@ impl FanoutPublisher {
                 &format!("{}-fanout-publisher", self.settings.prefix),
             )
             .await?;
-        let channel = open_channel(&connection).await?;
-        declare_exchange(&channel, &self.settings.prefix).await?;
-        enable_confirms(&channel).await?;
+        // Connecting is bounded node by node (and moves on to the next); the channel's setup on the
+        // new connection is bounded here, so a wedged one cannot hold up every message after it.
+        let setup = async {
+            let channel = open_channel(&connection).await?;
+            declare_exchange(&channel, &self.settings.prefix).await?;
+            enable_confirms(&channel).await?;
+            Ok::<_, Error>(channel)
+        };
+        let channel = tokio::time::timeout(self.settings.confirm_timeout(), setup)
+            .await
+            .map_err(|_| Error::NoAnswer("set up the fan-out publisher's channel".into()))??;
         link.open = Some((connection, channel.clone()));
         link.generation += 1;
         Ok((link.generation, channel))
@@ -145,11 +153,7 @@ impl FanoutPublisher {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Sent, Error> {
-        // Connecting is bounded by the same deadline: a wedged connection must not hold up every
-        // message after this one.
-        let (generation, channel) = tokio::time::timeout_at(deadline, self.channel())
-            .await
-            .map_err(|_| Error::NoAnswer("open the fan-out publisher's channel".into()))??;
+        let (generation, channel) = self.channel().await?;
         let exchange = exchange_name(&self.settings.prefix);
         // Transient: a broadcast that misses its moment is caught up from PostgreSQL.
         let mut properties = BasicProperties::default().with_app_id(self.origin.as_str().into());
