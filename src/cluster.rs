@@ -178,36 +178,30 @@ async fn publish_batches(
                 None => return,
             },
         };
-        if abandoned(&first) {
-            continue;
-        }
         // A slot first: what arrives while none is free joins this message.
         let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
             return;
         };
-        // The wait for a slot may have outlasted its caller's patience.
+        // Its caller may have given up meanwhile (or before).
         if abandoned(&first) {
             continue;
         }
-        let (batch, next) = take_batch(first, &mut pending);
+        let (mut batch, next) = take_batch(first, &mut pending);
         held = next;
-        let (bucket, cc, body) = assemble(&batch);
+        let (bucket, cc, body) = assemble(&mut batch);
         let deadline = tokio::time::Instant::now() + limit;
         let sent = match publisher.send(bucket, &cc, &body, deadline).await {
             Ok(sent) => sent,
             Err(error) => {
                 drop(slot);
-                tell(batch, &Err(PubSubError::Unavailable(error.to_string())));
+                tell(batch, &Err(unavailable(error)));
                 continue;
             }
         };
         metrics.fanout_published(batch.len(), batch.iter().map(|p| p.pushes).sum());
         let publisher = Arc::clone(&publisher);
         tokio::spawn(async move {
-            let routed = publisher
-                .confirmed(sent)
-                .await
-                .map_err(|e| PubSubError::Unavailable(e.to_string()));
+            let routed = publisher.confirmed(sent).await.map_err(unavailable);
             drop(slot);
             tell(batch, &routed);
         });
@@ -218,6 +212,11 @@ async fn publish_batches(
 /// again): it is not sent late.
 fn abandoned(broadcast: &Pending) -> bool {
     broadcast.routed.is_closed()
+}
+
+/// A broker failure, as pubsub reports it.
+fn unavailable(error: queue::Error) -> PubSubError {
+    PubSubError::Unavailable(error.to_string())
 }
 
 fn tell(batch: Vec<Pending>, routed: &Result<bool, PubSubError>) {
@@ -252,17 +251,17 @@ fn take_batch(
 }
 
 /// A message's route and body: the first broadcast's bucket, the other distinct buckets (its
-/// `CC`), and one broadcast's [`Wire`] or several as a JSON array of them.
-fn assemble(batch: &[Pending]) -> (u16, Vec<u16>, Vec<u8>) {
+/// `CC`), and one broadcast's [`Wire`] (moved out, not copied) or several as a JSON array of them.
+fn assemble(batch: &mut [Pending]) -> (u16, Vec<u16>, Vec<u8>) {
     let bucket = batch.first().map_or(0, |first| first.bucket);
     let mut cc: Vec<u16> = Vec::new();
-    for broadcast in batch {
+    for broadcast in batch.iter() {
         if broadcast.bucket != bucket && !cc.contains(&broadcast.bucket) {
             cc.push(broadcast.bucket);
         }
     }
     if let [only] = batch {
-        return (bucket, cc, only.wire.clone());
+        return (bucket, cc, std::mem::take(&mut only.wire));
     }
     let mut body = Vec::with_capacity(batch.iter().map(|p| p.wire.len() + 1).sum::<usize>() + 1);
     body.push(b'[');
@@ -408,7 +407,6 @@ impl Bound {
         pubsub: &PubSub,
         topic: &Topic,
     ) -> Result<(), PubSubError> {
-        let unavailable = |e: queue::Error| PubSubError::Unavailable(e.to_string());
         let bucket = crate::event::stable_bucket(topic.as_str(), self.buckets);
         if pubsub.has_subscribers(topic.as_str()) {
             let topics = self.topics.entry(bucket).or_default();
@@ -549,16 +547,17 @@ mod tests {
     #[test]
     fn a_message_is_routed_to_its_first_bucket_with_each_other_bucket_once_in_cc() {
         let receivers: Vec<_> = [7, 3, 7, 9, 3].map(|b| pending(b, 1)).into_iter().collect();
-        let (batch, _callers): (Vec<Pending>, Vec<_>) = receivers.into_iter().unzip();
-        let (bucket, cc, body) = assemble(&batch);
+        let (mut batch, _callers): (Vec<Pending>, Vec<_>) = receivers.into_iter().unzip();
+        let (bucket, cc, body) = assemble(&mut batch);
         assert_eq!((bucket, cc), (7, vec![3, 9]));
         let wires: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
         assert_eq!(wires.len(), 5);
         let (one, _caller) = pending(5, 1);
-        let (bucket, cc, body) = assemble(std::slice::from_ref(&one));
+        let wire = one.wire.clone();
+        let (bucket, cc, body) = assemble(&mut [one]);
         assert_eq!((bucket, cc.len()), (5, 0));
         assert_eq!(
-            body, one.wire,
+            body, wire,
             "alone, a broadcast travels as itself (older nodes read it)"
         );
     }
