@@ -451,6 +451,17 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
         outbox.contains(&"autovacuum_vacuum_threshold=10000".to_owned()),
         "{outbox:?}"
     );
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(reloptions) FROM pg_class WHERE relname = 'events'")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    for option in [
+        "autovacuum_vacuum_scale_factor=0.05",
+        "autovacuum_vacuum_cost_limit=2000",
+    ] {
+        assert!(events.contains(&option.to_owned()), "{events:?}");
+    }
     let mode = store.upkeep_mode().await.unwrap();
     let app = crate::common::spawn_app_with(|s| {
         s.store.database_url = settings.store.database_url.clone();

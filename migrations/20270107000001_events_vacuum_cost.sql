@@ -1,0 +1,11 @@
+-- Issue 23: at PostgreSQL's default autovacuum cost limits (a 2 ms sleep after every 200 cost
+-- units, a dirtied page costing 20) a vacuum of `events` dirties at most about 5,000 pages a
+-- second. Retention deletes the oldest events of each user, so the dead rows are spread over the
+-- whole table and a visit dirties most of its pages: at half the sustained rate on a two-core box a
+-- visit took about a minute, as long as the deletes it had to catch up with. That level held for
+-- 52 minutes of an hour's soak, then a slower visit let dead rows pile up, the table grew, the
+-- next visit took longer still, and `events` grew 74 % in eight minutes. Ten times the default
+-- limit lets a visit keep up with the deletes with room to spare; the sleep stays, so a visit
+-- still yields to the hot path. (Herald's own upkeep, where autovacuum is off, vacuums unthrottled,
+-- as a manual VACUUM does.)
+ALTER TABLE events SET (autovacuum_vacuum_cost_limit = 2000);
