@@ -16,7 +16,7 @@
 //! Every node must route by the same bucket count: PostgreSQL records the deployment's
 //! (`deployment_settings`), and a node with another refuses to start (see `App::build`).
 
-use super::{BrokerNodes, Error, Unconfirmed, confirmed, enable_confirms, open_channel};
+use super::{BrokerNodes, Error, Unconfirmed, answered, confirmed, enable_confirms, open_channel};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -220,6 +220,9 @@ pub struct NodeQueue {
     /// Broadcasts for the bound topics (no acks: a missed broadcast is caught up from PostgreSQL).
     pub consumer: Consumer,
     exchange: String,
+    /// How long a bind or unbind may wait for its answer (`queue.confirm_timeout_ms`): the loop
+    /// that binds also consumes, so a wedged channel must not hold up every broadcast and join.
+    answer_timeout: std::time::Duration,
 }
 
 impl NodeQueue {
@@ -236,7 +239,28 @@ impl NodeQueue {
         let connection = nodes
             .connect(settings, &format!("{}-fanout-{node}", settings.prefix))
             .await?;
-        let channel = open_channel(&connection).await?;
+        // Connecting is bounded node by node; the setup on the new connection is bounded here.
+        let setup = Self::set_up(&connection, settings, node);
+        let (channel, queue, consumer) = tokio::time::timeout(settings.confirm_timeout(), setup)
+            .await
+            .map_err(|_| Error::NoAnswer("set up the node fan-out queue".into()))??;
+        Ok(Self {
+            connection,
+            channel,
+            queue,
+            consumer,
+            exchange: exchange_name(&settings.prefix),
+            answer_timeout: settings.confirm_timeout(),
+        })
+    }
+
+    /// On a new connection: the exchange, an exclusive server-named queue, and its consumer.
+    async fn set_up(
+        connection: &Connection,
+        settings: &QueueSettings,
+        node: &str,
+    ) -> Result<(Channel, String, Consumer), Error> {
+        let channel = open_channel(connection).await?;
         declare_exchange(&channel, &settings.prefix).await?;
         let declared = channel
             .queue_declare(
@@ -266,45 +290,49 @@ impl NodeQueue {
             )
             .await
             .map_err(Error::channel("consume the node fan-out queue"))?;
-        Ok(Self {
-            connection,
-            channel,
-            queue,
-            consumer,
-            exchange: exchange_name(&settings.prefix),
-        })
+        Ok((channel, queue, consumer))
     }
 
     /// Receives broadcasts of bucket `bucket` from now on.
     ///
     /// # Errors
-    /// The channel failed.
+    /// The channel failed, or did not answer within `queue.confirm_timeout_ms`.
     pub async fn bind(&self, bucket: u16) -> Result<(), Error> {
-        self.channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                bucket_key_of(bucket).as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(Error::channel("bind a bucket"))
+        let call = self.channel.queue_bind(
+            self.queue.as_str().into(),
+            self.exchange.as_str().into(),
+            bucket_key_of(bucket).as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        );
+        let what = "bind a bucket";
+        answered(
+            || what.into(),
+            self.answer_timeout,
+            call,
+            Error::channel(what),
+        )
+        .await
     }
 
     /// Stops receiving broadcasts of bucket `bucket`.
     ///
     /// # Errors
-    /// The channel failed.
+    /// The channel failed, or did not answer within `queue.confirm_timeout_ms`.
     pub async fn unbind(&self, bucket: u16) -> Result<(), Error> {
-        self.channel
-            .queue_unbind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                bucket_key_of(bucket).as_str().into(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(Error::channel("unbind a bucket"))
+        let call = self.channel.queue_unbind(
+            self.queue.as_str().into(),
+            self.exchange.as_str().into(),
+            bucket_key_of(bucket).as_str().into(),
+            FieldTable::default(),
+        );
+        let what = "unbind a bucket";
+        answered(
+            || what.into(),
+            self.answer_timeout,
+            call,
+            Error::channel(what),
+        )
+        .await
     }
 }

@@ -530,3 +530,33 @@ async fn runs_broadcast_together_reach_every_node_bound_to_any_of_their_buckets(
         counter_sum(&lines, "pubsub.fanout.events")
     );
 }
+
+/// A socket node binds and consumes on one loop, so a bind the broker never answers (a wedged
+/// channel: the connection stays open, nothing comes back) would hold up every broadcast and join
+/// behind it for good. It fails within `queue.confirm_timeout_ms` instead, and the loop rebuilds
+/// its link.
+#[tokio::test]
+async fn a_bind_the_broker_never_answers_fails_instead_of_holding_the_node_queue() {
+    let mut settings = crate::common::test_settings().queue;
+    settings.confirm_timeout_ms = 500;
+    let (proxy, via_proxy) = TcpProxy::in_front_of(settings.amqp_url.expose()).await;
+    settings.amqp_url = via_proxy;
+    let nodes = herald::queue::BrokerNodes::new(&settings);
+    let link = herald::queue::fanout::NodeQueue::open(&settings, "wedged", &nodes)
+        .await
+        .expect("the node queue opens");
+    link.bind(1).await.expect("a bind answered");
+    proxy.stall();
+    let unanswered = tokio::time::timeout(PATIENCE, link.bind(2))
+        .await
+        .expect("the bind gives up on its own, long before the test's patience");
+    assert!(
+        matches!(unanswered, Err(herald::queue::Error::NoAnswer(_))),
+        "{unanswered:?}"
+    );
+    let unanswered = tokio::time::timeout(PATIENCE, link.unbind(1))
+        .await
+        .expect("so does an unbind");
+    assert!(unanswered.is_err(), "{unanswered:?}");
+    proxy.resume();
+}
