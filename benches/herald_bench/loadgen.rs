@@ -1005,15 +1005,15 @@ async fn serve_socket(ws: Ws, shared: Arc<Shared>, i: u64, close: CancellationTo
 
 /// Opens the sockets of users `users` with `open`, [`CONNECT_CONCURRENCY`] at a time: the joined
 /// ones with their index (which names the socket, `s<i>`), in no order, and how many failed.
-pub(crate) async fn join_all_users<F, Fut>(
+pub(crate) async fn join_all_users<F, Fut, T>(
     users: std::ops::Range<usize>,
     open: F,
-) -> (Vec<(usize, Ws)>, usize)
+) -> (Vec<(usize, T)>, usize)
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Option<Ws>>,
+    Fut: std::future::Future<Output = Option<T>>,
 {
-    let results: Vec<(usize, Option<Ws>)> = stream::iter(users)
+    let results: Vec<(usize, Option<T>)> = stream::iter(users)
         .map(|i| {
             let opening = open(i);
             async move { (i, opening.await) }
@@ -1032,7 +1032,35 @@ where
 /// Connects to the user socket at `url` (its token included) and joins `user:<user>`: the socket,
 /// once the join is answered `ok`.
 pub(crate) async fn join_user(url: String, user: &UserId) -> Option<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+    join_user_from(url, user, None).await
+}
+
+/// [`join_user`] from the local address `source` when given: one process's sockets to one node
+/// share a source address's ephemeral ports (about 28,000), so the scale-out run gives each load
+/// generator a loopback address of its own (`127.0.0.<n>`).
+pub(crate) async fn join_user_from(
+    url: String,
+    user: &UserId,
+    source: Option<std::net::IpAddr>,
+) -> Option<Ws> {
+    let mut ws = match source {
+        None => tokio_tungstenite::connect_async(url).await.ok()?.0,
+        Some(source) => {
+            let address = url.split("://").nth(1)?.split('/').next()?;
+            let server = tokio::net::lookup_host(address).await.ok()?.next()?;
+            let socket = match source {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .ok()?;
+            socket.bind(std::net::SocketAddr::new(source, 0)).ok()?;
+            let stream = socket.connect(server).await.ok()?;
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+                .await
+                .ok()?
+                .0
+        }
+    };
     let join = format!(r#"["1","1","user:{user}","phx_join",{{}}]"#);
     ws.send(Message::Text(join.into())).await.ok()?;
     loop {

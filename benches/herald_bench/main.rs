@@ -20,6 +20,7 @@ mod node;
 mod protocol;
 mod report;
 mod rowcost;
+mod scale;
 mod soak;
 mod sockmem;
 mod statsd;
@@ -130,6 +131,8 @@ enum Role {
     Sockmem(sockmem::Args),
     /// What a group commit costs inside PostgreSQL, per event (BENCHMARKS.md, *Per-row costs*).
     Rowcost(rowcost::Args),
+    /// 100,000 sockets over several socket nodes, beside one node's 10,000 (scripts/scale).
+    Scale(scale::Args),
 }
 
 /// Phase lengths, in seconds.
@@ -202,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         Some(Role::SoakLoadgen(args)) => runtime.block_on(soak::loadgen(args)),
         Some(Role::Sockmem(args)) => runtime.block_on(sockmem::run(args)),
         Some(Role::Rowcost(args)) => runtime.block_on(rowcost::run(args)),
+        Some(Role::Scale(args)) => runtime.block_on(scale::run(args)),
         None => runtime.block_on(harness(Plan::new(&cli))),
     }
 }
@@ -1063,7 +1067,7 @@ async fn herald_e2e_via(
     let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
     let cpu_of = || nodes.iter().map(|n| n.cpu_time()).sum::<Duration>();
     let cpu0 = cpu_of();
-    let groups0 = sys::cpu_by_group(&pids, load.child.id());
+    let groups0 = sys::cpu_by_group(&pids, load.child.id().as_slice());
     sink.take();
     let stop_sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
@@ -1075,7 +1079,7 @@ async fn herald_e2e_via(
     stop_sampling.cancel();
     let ready = sampler.await.unwrap_or_default();
     let mean_ready = ready.iter().map(|&n| f64::from(n)).sum::<f64>() / ready.len().max(1) as f64;
-    let groups1 = sys::cpu_by_group(&pids, load.child.id());
+    let groups1 = sys::cpu_by_group(&pids, load.child.id().as_slice());
     let node_metrics = sink.take();
     let cores_used = sys::cores_used(&groups0, &groups1, end.secs.max(0.001));
     let done: E2eDone = load.recv().await?;

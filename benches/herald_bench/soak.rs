@@ -13,7 +13,7 @@
 //! Whatever ends a run (the end, an error, a panic, ctrl-c, SIGTERM), the nodes are stopped, the
 //! database dropped and the queues deleted; the samples taken so far are still reported.
 
-mod load;
+pub(crate) mod load;
 
 pub use load::{Args as LoadgenArgs, run as loadgen};
 
@@ -677,7 +677,7 @@ async fn soak(
 
     let mut broker = Broker::new(names);
     let pids: Vec<u32> = deployment.nodes.iter().map(|n| n.pid).collect();
-    let mut cpu_before = sys::cpu_by_group(&pids, load.child.id());
+    let mut cpu_before = sys::cpu_by_group(&pids, load.child.id().as_slice());
     sink.take();
     let _: Started = load.call(&Command::Start { rate }).await?;
     let started = Instant::now();
@@ -690,7 +690,7 @@ async fn soak(
         let node_metrics = sink.take();
         let latency = histogram_of(&window.latency);
         let secs = window.counts.secs.max(1e-3);
-        let cpu_now = sys::cpu_by_group(&pids, load.child.id());
+        let cpu_now = sys::cpu_by_group(&pids, load.child.id().as_slice());
         let cores = sys::cores_used(&cpu_before, &cpu_now, secs);
         cpu_before = cpu_now;
         let sample = Sample {
@@ -825,13 +825,47 @@ fn start_load(
     bases: &[String],
     key: &str,
 ) -> anyhow::Result<crate::Loadgen> {
+    spawn_loadgen(&LoadSpec {
+        key,
+        socket_bases: bases,
+        api_bases: &[],
+        first_user: 0,
+        users,
+        source: None,
+        skew: args.skew,
+        batch: args.batch,
+    })
+}
+
+/// What a `soak-loadgen` process is started with (see [`load::Args`]).
+pub(crate) struct LoadSpec<'a> {
+    pub key: &'a str,
+    pub socket_bases: &'a [String],
+    /// Empty: requests go to the socket bases too.
+    pub api_bases: &'a [String],
+    pub first_user: usize,
+    pub users: usize,
+    pub source: Option<std::net::IpAddr>,
+    pub skew: f64,
+    pub batch: usize,
+}
+
+/// Starts a `soak-loadgen` process on the bench's command pipe.
+pub(crate) fn spawn_loadgen(spec: &LoadSpec<'_>) -> anyhow::Result<crate::Loadgen> {
     let mut command = tokio::process::Command::new(std::env::current_exe()?);
-    command.args(["soak-loadgen", "--key", key]);
-    command.args(["--users", &users.to_string()]);
-    command.args(["--skew", &args.skew.to_string()]);
-    command.args(["--batch", &args.batch.to_string()]);
-    for base in bases {
+    command.args(["soak-loadgen", "--key", spec.key]);
+    command.args(["--users", &spec.users.to_string()]);
+    command.args(["--first-user", &spec.first_user.to_string()]);
+    command.args(["--skew", &spec.skew.to_string()]);
+    command.args(["--batch", &spec.batch.to_string()]);
+    for base in spec.socket_bases {
         command.args(["--base", base]);
+    }
+    for base in spec.api_bases {
+        command.args(["--api-base", base]);
+    }
+    if let Some(source) = spec.source {
+        command.args(["--source", &source.to_string()]);
     }
     let mut child = command
         .stdin(Stdio::piped())
@@ -849,7 +883,7 @@ fn start_load(
 }
 
 /// A window's latency histogram from the load generator's (value, count) pairs.
-fn histogram_of(pairs: &[[u64; 2]]) -> Histogram<u64> {
+pub(crate) fn histogram_of(pairs: &[[u64; 2]]) -> Histogram<u64> {
     let mut h = Histogram::new_with_bounds(1, 3_600_000, 3)
         .expect("1 ms to an hour at 3 significant figures are valid bounds");
     for &[value, count] in pairs {

@@ -140,11 +140,11 @@ pub fn machine() -> String {
 }
 
 /// CPU time used so far by every process of the box, grouped: the nodes (all of the deployment), the
-/// load generator, PostgreSQL (all backends), RabbitMQ (the Erlang VM) and everything else. Lets the
+/// load generators, PostgreSQL (all backends), RabbitMQ (the Erlang VM) and everything else. Lets the
 /// report say which process the cores went to during a phase.
 pub fn cpu_by_group(
     nodes: &[u32],
-    loadgen: Option<u32>,
+    loadgens: &[u32],
 ) -> std::collections::BTreeMap<&'static str, Duration> {
     let mut groups = std::collections::BTreeMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -162,7 +162,7 @@ pub fn cpu_by_group(
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let group = if nodes.contains(&pid) {
             "herald"
-        } else if Some(pid) == loadgen {
+        } else if loadgens.contains(&pid) {
             "loadgen"
         } else if comm.starts_with("postgres") {
             "postgresql"

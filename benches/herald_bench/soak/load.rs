@@ -8,6 +8,8 @@
 //! exceeds `sockets`, the cold tail is offline), and answers, for each window between two `sample`
 //! commands, what was accepted and pushed and the latency of those pushes. Counters only grow;
 //! a window is the difference from the last sample, so nothing is reset under the producers' feet.
+//! The scale-out run (`scale.rs`) starts several, each with its own users (`--first-user F`: user
+//! `s<F + k>` for rank k) and source address, so each counts only its own users' events and pushes.
 //!
 //! Unlike the bench's sockets, these rejoin a channel Herald closed (`phx_error`, `phx_close`)
 //! after a second with the last seq they received, as the official client does: an hour is long
@@ -15,7 +17,7 @@
 //! pushes instead of the repair it is. Rejoins are counted per window.
 
 use crate::loadgen::{
-    BATCH, Ws, batch_json, event_json, field_i64, join_all_users, join_user, reply,
+    BATCH, Ws, batch_json, event_json, field_i64, join_all_users, join_user_from, reply,
 };
 use crate::protocol::Connected;
 use crate::zipf::{SplitMix64, Zipf};
@@ -50,11 +52,22 @@ pub struct Args {
     /// An API base per node, `http://127.0.0.1:<port>`: sockets and requests go round the list.
     #[arg(long = "base", required = true)]
     pub bases: Vec<String>,
+    /// Where requests go instead, when given (nodes without the socket role's sockets, or the
+    /// other way round): requests go round this list, sockets round `--base`.
+    #[arg(long = "api-base")]
+    pub api_bases: Vec<String>,
     #[arg(long)]
     pub key: String,
-    /// Users events are drawn over (`s0..s<users>`).
+    /// Users events are drawn over (`s<first>..s<first + users>`).
     #[arg(long)]
     pub users: usize,
+    /// The first user's number: several load generators share a deployment's users between
+    /// them, each drawing events over its own users and holding their sockets.
+    #[arg(long, default_value_t = 0)]
+    pub first_user: usize,
+    /// The local address the sockets connect from (the OS's choice when not given).
+    #[arg(long)]
+    pub source: Option<std::net::IpAddr>,
     /// Exponent of the Zipf distribution of users.
     #[arg(long)]
     pub skew: f64,
@@ -67,8 +80,8 @@ pub struct Args {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
-    /// Connect the sockets of users `s0..s<n>` (socket i to node i mod nodes) and join each user's
-    /// channel.
+    /// Connect the sockets of users `s<first>..s<first + n>` (socket of user i to node i mod
+    /// nodes) and join each user's channel.
     Connect { n: usize },
     /// Closed loop, the bench's way (`producers` posting batches as answered, at most `window`
     /// events to joined users accepted but not yet pushed): the sustained rate of this deployment
@@ -202,7 +215,7 @@ struct Load {
     http: reqwest::Client,
     shared: Arc<Shared>,
     zipf: Arc<Zipf>,
-    /// Users `s0..s<joined>` have a socket.
+    /// This load generator's first `joined` users have a socket.
     joined: usize,
     sockets: TaskTracker,
     close_sockets: CancellationToken,
@@ -289,6 +302,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 impl Load {
+    fn users(&self) -> Users {
+        Users {
+            first: self.args.first_user,
+            joined: self.joined,
+        }
+    }
+
     fn base(&self, i: usize) -> &str {
         &self.args.bases[i % self.args.bases.len()]
     }
@@ -296,16 +316,21 @@ impl Load {
     async fn connect(&mut self, n: usize) -> Connected {
         let started = Instant::now();
         let this = &*self;
-        let (joined, failed) = join_all_users(0..n, |i| this.connect_user(i)).await;
-        for (i, ws) in joined {
-            self.sockets.spawn(hold_socket(
+        let first = this.args.first_user;
+        // Each socket is held (heartbeats, pushes counted) from its join on: joining 100,000
+        // takes minutes, and Herald closes a socket silent for 60 s.
+        let hold = |i: usize| async move {
+            let ws = this.connect_user(i).await?;
+            this.sockets.spawn(hold_socket(
                 ws,
                 format!("s{i}"),
-                Arc::clone(&self.shared),
+                Arc::clone(&this.shared),
                 i as u64,
-                self.close_sockets.clone(),
+                this.close_sockets.clone(),
             ));
-        }
+            Some(())
+        };
+        let (_, failed) = join_all_users(first..first + n, hold).await;
         self.joined = n;
         Connected {
             connected: n - failed,
@@ -319,7 +344,7 @@ impl Load {
         let token = self.signer.sign(&user, now_unix_secs() + 7 * 24 * 3600);
         let ws_base = self.base(i).replacen("http", "ws", 1);
         let url = format!("{ws_base}/socket/websocket?vsn=2.0.0&token={token}");
-        join_user(url, &user).await
+        join_user_from(url, &user, self.args.source).await
     }
 
     /// A batch request to node `k mod nodes`, for [`draw`]'s body.
@@ -357,7 +382,7 @@ impl Load {
                     }
                     let n = self.args.batch.max(1) as u64;
                     let (body, joined) =
-                        draw(&self.zipf, self.joined, &mut rng, &self.next_event, n);
+                        draw(&self.zipf, self.users(), &mut rng, &self.next_event, n);
                     sent_joined.fetch_add(joined, Ordering::Relaxed);
                     let answered = self.request(k, body).send().await;
                     k += producers as u64;
@@ -506,12 +531,19 @@ impl Load {
     }
 }
 
+/// This load generator's users: rank k of its Zipf distribution is user `s<first + k>`, and the
+/// ranks below `joined` have a socket.
+#[derive(Clone, Copy)]
+struct Users {
+    first: usize,
+    joined: usize,
+}
+
 /// A batch request's body of `n` events numbered from `next_event` on, each to a user drawn from
-/// `zipf` (rank k is user `s<k>`); returns it with how many of its events go to a joined user
-/// (rank below `joined`).
+/// `zipf` over `users`; returns it with how many of its events go to a joined user.
 fn draw(
     zipf: &Zipf,
-    joined: usize,
+    users: Users,
     rng: &mut SplitMix64,
     next_event: &AtomicU64,
     n: u64,
@@ -520,8 +552,8 @@ fn draw(
     let mut to_joined = 0;
     let body = batch_json((first..first + n).map(|i| {
         let rank = zipf.sample(rng);
-        to_joined += u64::from(rank < joined);
-        event_json(&format!("s{rank}"), i)
+        to_joined += u64::from(rank < users.joined);
+        event_json(&format!("s{}", users.first + rank), i)
     }));
     (body, to_joined)
 }
@@ -533,7 +565,12 @@ fn batch_request(
     k: u64,
     body: String,
 ) -> reqwest::RequestBuilder {
-    let base = &args.bases[k as usize % args.bases.len()];
+    let bases = if args.api_bases.is_empty() {
+        &args.bases
+    } else {
+        &args.api_bases
+    };
+    let base = &bases[k as usize % bases.len()];
     http.post(format!("{base}/api/v1/events/batch"))
         .bearer_auth(&args.key)
         .header("content-type", "application/json")
@@ -574,7 +611,11 @@ async fn open_loop(p: Producer, rate: f64, stop: CancellationToken) {
             };
             let n = (due - sent).min(p.args.batch.max(1) as u64);
             sent += n;
-            let (body, joined) = draw(&p.zipf, p.joined, &mut rng, &p.next_event, n);
+            let users = Users {
+                first: p.args.first_user,
+                joined: p.joined,
+            };
+            let (body, joined) = draw(&p.zipf, users, &mut rng, &p.next_event, n);
             let request = batch_request(&p.http, &p.args, requests, body);
             requests += 1;
             let shared = Arc::clone(&p.shared);
