@@ -2,7 +2,7 @@
 //! channel its retries and dead letters use.
 
 use super::{
-    BrokerNodes, Error, Topology, answered, declare_retry_queues, declare_topology,
+    BrokerNodes, Error, Topology, channel_answered, declare_retry_queues, declare_topology,
     enable_confirms, open_channel,
 };
 use crate::config::QueueSettings;
@@ -30,7 +30,7 @@ pub struct ConsumerLink {
     pub channel: Channel,
     /// Retries and dead letters.
     pub retry_channel: Channel,
-    /// Bound on each call below (`queue.confirm_timeout_ms`; see [`answered`]).
+    /// Bound on each call below (`queue.confirm_timeout_ms`; see [`channel_answered`]).
     answer_timeout: Duration,
 }
 
@@ -103,13 +103,7 @@ impl ConsumerLink {
         what: &'static str,
         call: impl Future<Output = Result<T, lapin::Error>>,
     ) -> Result<T, Error> {
-        answered(
-            || what.to_owned(),
-            self.answer_timeout,
-            call,
-            Error::channel(what),
-        )
-        .await
+        channel_answered(what, self.answer_timeout, call).await
     }
 }
 

@@ -16,7 +16,9 @@
 //! Every node must route by the same bucket count: PostgreSQL records the deployment's
 //! (`deployment_settings`), and a node with another refuses to start (see `App::build`).
 
-use super::{BrokerNodes, Error, Unconfirmed, answered, confirmed, enable_confirms, open_channel};
+use super::{
+    BrokerNodes, Error, Unconfirmed, channel_answered, confirmed, enable_confirms, open_channel,
+};
 use crate::config::QueueSettings;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -305,14 +307,7 @@ impl NodeQueue {
             QueueBindOptions::default(),
             FieldTable::default(),
         );
-        let what = "bind a bucket";
-        answered(
-            || what.into(),
-            self.answer_timeout,
-            call,
-            Error::channel(what),
-        )
-        .await
+        channel_answered("bind a bucket", self.answer_timeout, call).await
     }
 
     /// Stops receiving broadcasts of bucket `bucket`.
@@ -326,13 +321,6 @@ impl NodeQueue {
             bucket_key_of(bucket).as_str().into(),
             FieldTable::default(),
         );
-        let what = "unbind a bucket";
-        answered(
-            || what.into(),
-            self.answer_timeout,
-            call,
-            Error::channel(what),
-        )
-        .await
+        channel_answered("unbind a bucket", self.answer_timeout, call).await
     }
 }

@@ -153,6 +153,18 @@ pub(crate) async fn answered<T>(
     }
 }
 
+/// [`answered`] for a channel call named `what`, its failure a [`Error::Channel`].
+///
+/// # Errors
+/// The channel failed, or no answer came within `limit`.
+pub(crate) async fn channel_answered<T>(
+    what: &'static str,
+    limit: Duration,
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, Error> {
+    answered(|| what.to_owned(), limit, call, Error::channel(what)).await
+}
+
 /// Connects to the first node of `queue.amqp_url` that answers (see [`BrokerNodes`]), each with a
 /// timeout: for short-lived connections (checks, cleanup). Each long-lived role (publisher,
 /// consumer, fan-out) has its own connection, and its own [`BrokerNodes`] to move between nodes,
