@@ -13,7 +13,7 @@
 use crate::node::{self, Names, Node};
 use crate::protocol::Connected;
 use crate::soak::load::{Command, Drained, Measured, Started, Stopped, Window};
-use crate::soak::{LoadSpec, histogram_of, spawn_loadgen};
+use crate::soak::{LoadSpec, histogram_of, pools, shown, spawn_loadgen};
 use crate::{Deployment, Loadgen, out_dir, statsd, sys, thousands};
 use anyhow::{Context, bail};
 use futures_util::future::try_join_all;
@@ -303,14 +303,6 @@ async fn run_shape(
     result
 }
 
-fn pools((background, writes, reads): (u32, u32, u32)) -> Vec<(&'static str, String)> {
-    vec![
-        ("HERALD_STORE__MAX_CONNECTIONS", background.to_string()),
-        ("HERALD_STORE__WRITE_CONNECTIONS", writes.to_string()),
-        ("HERALD_STORE__READ_CONNECTIONS", reads.to_string()),
-    ]
-}
-
 /// Sends `command` to every load generator at once; their answers in order.
 async fn call_all<R: DeserializeOwned>(
     loads: &mut [Loadgen],
@@ -534,10 +526,6 @@ async fn measure(
         let _ = load.child.kill().await;
     }
     Ok(measures)
-}
-
-fn shown<T: std::fmt::Display>(value: Option<T>) -> String {
-    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 /// The table: a row per figure, a column per shape, and the last shape against the first.

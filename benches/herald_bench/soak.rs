@@ -449,7 +449,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let names = Names::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
     let (sink, statsd_addr) = statsd::Sink::start()?;
-    let (background, writes, reads) = POOLS;
     let mut settings = vec![
         ("HERALD_STATSD_ADDR", statsd_addr),
         (
@@ -460,9 +459,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "HERALD_STORE__RETENTION_INTERVAL_SECS",
             args.retention_interval_secs.to_string(),
         ),
-        ("HERALD_STORE__MAX_CONNECTIONS", background.to_string()),
-        ("HERALD_STORE__WRITE_CONNECTIONS", writes.to_string()),
-        ("HERALD_STORE__READ_CONNECTIONS", reads.to_string()),
         (
             "HERALD_SOCKET__MAX_CONNECTIONS",
             (args.sockets.div_ceil(args.nodes) + 100)
@@ -470,6 +466,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .to_string(),
         ),
     ];
+    settings.extend(pools(POOLS));
     if args.nodes > 1 {
         settings.push(("HERALD_PUBSUB__MODE", "cluster".to_owned()));
     }
@@ -987,7 +984,16 @@ impl Broker {
     }
 }
 
-fn shown<T: std::fmt::Display>(value: Option<T>) -> String {
+/// The node settings of pools of (background, writes, reads) connections.
+pub(crate) fn pools((background, writes, reads): (u32, u32, u32)) -> Vec<(&'static str, String)> {
+    vec![
+        ("HERALD_STORE__MAX_CONNECTIONS", background.to_string()),
+        ("HERALD_STORE__WRITE_CONNECTIONS", writes.to_string()),
+        ("HERALD_STORE__READ_CONNECTIONS", reads.to_string()),
+    ]
+}
+
+pub(crate) fn shown<T: std::fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
