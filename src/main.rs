@@ -73,6 +73,9 @@ enum Command {
     },
     /// Print a fresh random secret for HERALD_SECRET (32 random bytes, base64url).
     Secret,
+    /// Print a fresh VAPID key pair for Web Push: the private key for
+    /// HERALD_WEBPUSH__VAPID_PRIVATE_KEY, the public key pages subscribe with.
+    VapidKey,
     /// First run: migrate, create (or re-key) the `demo` producer, print how to connect, and serve
     /// with the demo page on /demo.
     Demo,
@@ -186,6 +189,9 @@ async fn run() -> anyhow::Result<()> {
         // Needs no settings: it is how a first deployment gets its HERALD_SECRET.
         return secret();
     }
+    if let Command::VapidKey = cli.command {
+        return vapid_key();
+    }
     let loaded = Settings::load(cli.config.as_deref(), env).context("cannot load settings");
     if let Command::Check { .. } = cli.command
         && let Err(error) = &loaded
@@ -202,6 +208,7 @@ async fn run() -> anyhow::Result<()> {
             user_id, ttl_secs, ..
         } => token(&settings, &user_id, ttl_secs),
         Command::Secret => secret(),
+        Command::VapidKey => vapid_key(),
         Command::Demo => demo(settings).await,
         Command::Destroy { yes } => destroy(&settings, yes).await,
         Command::Replay(args) => replay::run(settings, args).await,
@@ -322,6 +329,14 @@ fn secret() -> anyhow::Result<()> {
         "{}",
         base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
     );
+    Ok(())
+}
+
+fn vapid_key() -> anyhow::Result<()> {
+    let key = herald::webpush::VapidKey::generate();
+    println!("HERALD_WEBPUSH__VAPID_PRIVATE_KEY={}", key.private_base64());
+    println!("# public key (applicationServerKey; also served at GET /api/v1/webpush/key):");
+    println!("# {}", key.public_base64());
     Ok(())
 }
 

@@ -239,6 +239,25 @@ pub struct EventDetail {
     data: Value,
     /// Every attempt, first to last.
     attempt_log: Vec<AttemptRow>,
+    /// Every Web Push send of its fallback, first to last (empty when it had none).
+    webpush_log: Vec<WebPushAttemptRow>,
+}
+
+/// One Web Push send of an event's fallback.
+#[derive(Serialize, ToSchema)]
+pub struct WebPushAttemptRow {
+    /// Always `webpush`: the channel, beside the socket attempts of `attempt_log`.
+    channel: &'static str,
+    /// When it ended, Unix ms.
+    at: i64,
+    /// The push service's origin (the endpoint's path is the browser's and is not kept).
+    origin: String,
+    /// The push service's HTTP status; null when it did not answer.
+    status: Option<i32>,
+    /// `sent`, `retrying`, `failed`, or `gone` (the subscription expired and was removed).
+    outcome: String,
+    /// Why it failed.
+    error: Option<String>,
 }
 
 /// `GET /api/v1/admin/events/{id}`: the event, its data, and every attempt.
@@ -272,10 +291,25 @@ pub async fn get_event(
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or(Value::Null);
     let attempt_log = state.store.attempts_of(id).await?;
+    let webpush_log = state
+        .store
+        .webpush_attempts(id)
+        .await?
+        .into_iter()
+        .map(|a| WebPushAttemptRow {
+            channel: "webpush",
+            at: a.at_ms,
+            origin: a.origin,
+            status: a.status,
+            outcome: a.outcome,
+            error: a.error,
+        })
+        .collect();
     Ok(Json(EventDetail {
         event,
         data,
         attempt_log,
+        webpush_log,
     }))
 }
 

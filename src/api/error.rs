@@ -30,6 +30,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// The route exists; what it names does not (or is not enabled on this node).
+    #[error("{0}")]
+    Missing(String),
     /// The route exists, not with this method (the `Allow` header lists those it has).
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
@@ -56,7 +59,7 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NotFound | Self::Missing(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),

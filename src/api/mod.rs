@@ -16,6 +16,7 @@ pub mod request;
 pub mod scrape;
 mod tokens;
 mod users;
+pub mod webpush;
 
 pub use extract::{ApiJson, KeyCache};
 
@@ -88,6 +89,8 @@ pub struct ApiState {
     pub default_replay_rate: u32,
     /// Ready messages per partition queue, for the console.
     pub depths: Arc<DepthProbe>,
+    /// Web Push subscriptions (a node with a VAPID key).
+    pub webpush: Option<Arc<webpush::WebPushApi>>,
 }
 
 impl axum::extract::FromRef<ApiState> for Arc<Limits> {
@@ -110,6 +113,15 @@ pub fn router() -> Router<ApiState> {
         )
         .route("/api/v1/inbox", get(inbox::list))
         .route("/api/v1/inbox/read", post(inbox::mark_read))
+        .route("/api/v1/webpush/key", get(webpush::public_key))
+        .route(
+            "/api/v1/webpush/subscriptions",
+            post(webpush::subscribe).get(webpush::list),
+        )
+        .route(
+            "/api/v1/webpush/subscriptions/{id}",
+            axum::routing::delete(webpush::unsubscribe),
+        )
         .route("/api/v1/admin/events", get(admin::list_events))
         .route("/api/v1/admin/events/{id}", get(admin::get_event))
         .route("/api/v1/admin/replays", post(admin::start_replay))

@@ -9,7 +9,7 @@
 //! Channels, not HTTP requests and answers) and the dev-only demo.
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{admin, events, health, inbox, tokens, users};
+use super::{admin, events, health, inbox, tokens, users, webpush};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use std::sync::LazyLock;
@@ -41,6 +41,10 @@ pub const PATH: &str = "/api/v1/openapi.json";
         users::disconnect,
         inbox::list,
         inbox::mark_read,
+        webpush::public_key,
+        webpush::subscribe,
+        webpush::list,
+        webpush::unsubscribe,
         admin::list_events,
         admin::get_event,
         admin::start_replay,
@@ -56,6 +60,7 @@ pub const PATH: &str = "/api/v1/openapi.json";
         (name = "producer", description = "Backends enqueueing events for their users (API key)"),
         (name = "admin", description = "Operators: failed events, replays (API key with the admin role)"),
         (name = "inbox", description = "A user's client, with its socket token"),
+        (name = "webpush", description = "A user's browser registering for Web Push, with its socket token"),
         (name = "health", description = "Liveness and readiness, on every node"),
         (name = "meta", description = "This document"),
     )

@@ -63,7 +63,17 @@ impl App {
         let fanout_origin = cluster::origin_of(&node);
         let (pubsub, bind_requests, fanout_nodes) = pubsub(&settings, &fanout_origin, &metrics);
         let faults = faults(&settings)?;
+        let webpush_sender = match roles.worker && settings.webpush.enabled() {
+            true => Some(Arc::new(crate::webpush::sender::Sender::new(
+                store.clone(),
+                metrics.clone(),
+                Arc::new(settings.webpush.clone()),
+                Arc::new(crate::pipeline::retry::RetryPolicy::new(&settings.retry)),
+            )?)),
+            false => None,
+        };
         Ok(Self {
+            webpush_sender,
             upkeep,
             faults: Arc::new(faults),
             settings,

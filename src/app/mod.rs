@@ -64,6 +64,9 @@ pub enum Error {
     /// The settings cannot be served: a weak or missing secret.
     #[error(transparent)]
     Settings(#[from] crate::config::Error),
+    /// The Web Push sender cannot be built.
+    #[error(transparent)]
+    WebPush(#[from] crate::webpush::sender::SenderError),
     /// The partition count cannot be used (see [`crate::pipeline::partitions::check_layout`]).
     #[error(transparent)]
     Layout(#[from] crate::pipeline::partitions::LayoutError),
@@ -108,6 +111,8 @@ pub struct App {
     faults: Arc<Faults>,
     /// Who looks after the tables (see [`store::Upkeep`]), for /readyz.
     upkeep: &'static str,
+    /// The Web Push sender, on a worker node with Web Push on.
+    webpush_sender: Option<Arc<crate::webpush::sender::Sender>>,
 }
 
 impl App {

@@ -111,6 +111,7 @@ impl App {
             admin_keys: Arc::new(KeyCache::new(1_000)),
             replays: replays.clone(),
             default_replay_rate: settings.replay.default_rate,
+            webpush: webpush_api(&settings.webpush),
         };
         wiring.router = router
             .merge(api::console::routes())
@@ -157,6 +158,15 @@ impl App {
             settled,
             metrics: metrics.clone(),
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
+            webpush_after_ms: Arc::new(
+                settings
+                    .webpush
+                    .events
+                    .iter()
+                    .filter(|_| settings.webpush.enabled())
+                    .map(|(name, policy)| (name.clone(), policy.after_ms))
+                    .collect(),
+            ),
             retry_delays_ms: settings.retry.delays_ms().into(),
             attempt_timeout: settings.retry.attempt_timeout(),
             broker_timeout: settings.queue.confirm_timeout(),
@@ -184,10 +194,17 @@ impl App {
             metrics: metrics.clone(),
             nodes: consumer_nodes,
         };
+        let webpush_stop = CancellationToken::new();
+        let webpush_task = self
+            .webpush_sender
+            .take()
+            .map(|sender| tokio::spawn(sender.run(webpush_stop.clone())));
         WorkerRole {
             consumers: tokio::spawn(coordinator.run(shutdown.child_token())),
             outcomes_close,
             outcome_task: tokio::spawn(outcome_task),
+            webpush_stop,
+            webpush_task,
         }
     }
 
@@ -199,7 +216,7 @@ impl App {
         shutdown: &CancellationToken,
     ) -> SocketRole {
         let closing = CancellationToken::new();
-        let state = SocketState::new(
+        let mut state = SocketState::new(
             &self.settings.socket,
             self.pubsub.clone(),
             self.reads.clone(),
@@ -208,7 +225,19 @@ impl App {
             closing.clone(),
         );
         let mut fanout_task = None;
+        let receipts_stop = CancellationToken::new();
+        let mut receipts_task = None;
         if self.roles.socket {
+            state.receipts = crate::webpush::receipts::Receipts::new(&self.settings.webpush);
+            receipts_task = state.receipts.clone().map(|receipts| {
+                tokio::spawn(crate::webpush::receipts::run(
+                    receipts,
+                    self.store.clone(),
+                    self.metrics.clone(),
+                    self.settings.webpush.receipt_flush(),
+                    receipts_stop.clone(),
+                ))
+            });
             wiring.router = std::mem::take(&mut wiring.router).merge(socket::routes(state.clone()));
             if let Some(requests) = self.bind_requests.take() {
                 let connected = Arc::new(AtomicBool::new(false));
@@ -237,6 +266,8 @@ impl App {
             state,
             closing,
             fanout_task,
+            receipts_stop,
+            receipts_task,
         }
     }
 
@@ -301,6 +332,17 @@ impl App {
     }
 }
 
+/// What the subscription routes need of Web Push, on a node with a VAPID key (validated at load).
+fn webpush_api(settings: &crate::config::WebPushSettings) -> Option<Arc<api::webpush::WebPushApi>> {
+    let key = settings.vapid_private_key.as_ref()?;
+    let key = crate::webpush::VapidKey::from_base64(key.expose()).ok()?;
+    Some(Arc::new(api::webpush::WebPushApi {
+        public_key: key.public_base64().to_owned(),
+        policy: crate::webpush::sender::policy_of(settings),
+        max_per_user: settings.max_subscriptions_per_user,
+    }))
+}
+
 /// What the roles add to the node's routes and readiness as they start.
 #[derive(Default)]
 pub(super) struct Wiring {
@@ -357,6 +399,9 @@ pub(super) struct WorkerRole {
     consumers: JoinHandle<()>,
     outcomes_close: CancellationToken,
     outcome_task: JoinHandle<()>,
+    /// The Web Push sender: stops claiming, then waits for its requests in flight.
+    webpush_stop: CancellationToken,
+    webpush_task: Option<JoinHandle<()>>,
 }
 
 impl WorkerRole {
@@ -365,10 +410,15 @@ impl WorkerRole {
         drain("worker pool", deadline, &mut self.consumers).await;
     }
 
-    /// Step 4: the outcome writer writes what the drained deliveries reported.
+    /// Step 4: the outcome writer writes what the drained deliveries reported; the Web Push
+    /// sender finishes its requests (a push it could not record is due again after its claim).
     pub(super) async fn close(mut self, deadline: Instant) {
         self.outcomes_close.cancel();
+        self.webpush_stop.cancel();
         drain("outcome writer", deadline, &mut self.outcome_task).await;
+        if let Some(task) = self.webpush_task {
+            drain("web push sender", deadline, task).await;
+        }
     }
 }
 
@@ -378,6 +428,9 @@ pub(super) struct SocketRole {
     /// Cancelled once deliveries are drained: each socket sends its close frame.
     closing: CancellationToken,
     fanout_task: Option<JoinHandle<()>>,
+    /// The Web Push receipts' flusher: stopped after the sockets, then flushes once more.
+    receipts_stop: CancellationToken,
+    receipts_task: Option<JoinHandle<()>>,
 }
 
 impl SocketRole {
@@ -388,6 +441,10 @@ impl SocketRole {
         drain("sockets", deadline, self.state.tracker.wait()).await;
         if let Some(task) = self.fanout_task {
             drain("fan-out queue", deadline, task).await;
+        }
+        self.receipts_stop.cancel();
+        if let Some(task) = self.receipts_task {
+            drain("push receipts", deadline, task).await;
         }
     }
 }

@@ -55,6 +55,7 @@ mod retry;
 mod socket;
 mod store;
 mod validate;
+mod webpush;
 
 pub use demo::DemoSettings;
 pub use faults::FaultSettings;
@@ -68,6 +69,7 @@ pub use replay::ReplaySettings;
 pub use retry::{EventRetrySettings, RetrySettings};
 pub use socket::SocketSettings;
 pub use store::StoreSettings;
+pub use webpush::{EventWebPushSettings, FallbackUnless, URGENCIES, WebPushSettings};
 
 /// Environment variables with fixed names, and the setting each one sets.
 pub const ENV_ALIASES: &[(&str, &str)] = &[
@@ -147,6 +149,8 @@ pub struct Settings {
     pub faults: FaultSettings,
     /// Topic fan-out within and across nodes.
     pub pubsub: PubSubSettings,
+    /// Web Push for users who are away.
+    pub webpush: WebPushSettings,
 }
 
 /// A string that never reaches logs: its `Debug` is redacted.

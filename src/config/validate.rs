@@ -43,6 +43,7 @@ impl Settings {
         self.metrics.validate()?;
         self.retry.validate()?;
         self.replay.validate()?;
+        self.webpush.validate(self.node.dev)?;
         self.cross_check()
     }
 

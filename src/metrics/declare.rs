@@ -262,6 +262,14 @@ instruments! {
         "Events a replay handed to the publisher.";
     replay_deferred: Counter "pipeline.replay.deferred" ["source"]
         "Replayed events left to the outbox relay.";
+    webpush_scheduled: Counter "webpush.scheduled" []
+        "Web pushes scheduled (one per delivered event with a fallback, per subscription of its user).";
+    webpush_sent: Counter "webpush.sent" ["outcome"]
+        "Web pushes ended: sent, retrying, failed, gone (subscription removed), received (not needed).";
+    webpush_request_time: TimingMs(WORK_MS) "webpush.request.time" ["outcome"]
+        "One request to a push service, from sending to its answer.";
+    webpush_receipts: Counter "webpush.receipts" []
+        "Users whose receipts a socket node recorded (one row per user per flush).";
 }
 
 #[cfg(test)]

@@ -247,6 +247,25 @@ impl Metrics {
         self.at().replay_deferred.add(count as u64, [source]);
     }
 
+    /// Web pushes scheduled when delivered events with a fallback were recorded.
+    pub fn webpush_scheduled(&self, count: u64) {
+        self.at().webpush_scheduled.add(count, []);
+    }
+
+    /// One web push ended (`outcome` as in `webpush_attempts`, or `received`), after `took` on the
+    /// wire when a request was made.
+    pub fn webpush_sent(&self, outcome: &'static str, took: Option<Duration>) {
+        self.at().webpush_sent.add(1, [outcome]);
+        if let Some(took) = took {
+            self.at().webpush_request_time.observe(ms(took), [outcome]);
+        }
+    }
+
+    /// Users whose push receipts were recorded in one flush.
+    pub fn webpush_receipts(&self, users: usize) {
+        self.at().webpush_receipts.add(users as u64, []);
+    }
+
     /// A connection was dropped because its outbound queue was full (a client that does not read).
     pub fn socket_overflow(&self) {
         self.at().socket_overflow.add(1, []);

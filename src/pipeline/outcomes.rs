@@ -9,7 +9,7 @@ use super::batch::{Batcher, Flush};
 use crate::backoff::with_retries;
 use crate::event::EventId;
 use crate::metrics::Metrics;
-use crate::store::{AttemptRecord, Store};
+use crate::store::{AttemptRecord, AttemptResult, Store};
 use std::collections::HashSet;
 use std::future::Future;
 use std::time::Instant;
@@ -94,6 +94,46 @@ pub fn writer(
     (outcomes, settled, task)
 }
 
+impl OutcomeWriter {
+    /// Schedules the Web Push fallbacks of the delivered events among `outcomes` (those not
+    /// `fenced`). Before the messages are settled: if it fails, the messages come back and the
+    /// next attempt schedules them (once per event and subscription).
+    async fn schedule_webpush(
+        &self,
+        outcomes: &[AttemptRecord],
+        fenced: &HashSet<EventId>,
+    ) -> Result<(), NotRecorded> {
+        let due: Vec<(EventId, i64)> = outcomes
+            .iter()
+            .filter(|record| !fenced.contains(&record.id))
+            .filter_map(|record| match record.result {
+                AttemptResult::Delivered {
+                    webpush_due_ms: Some(due),
+                    ..
+                } => Some((record.id, due)),
+                _ => None,
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        match with_retries("schedule web pushes", TRIES, || {
+            self.store.schedule_webpush(&due)
+        })
+        .await
+        {
+            Ok(scheduled) => {
+                self.metrics.webpush_scheduled(scheduled);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(error = ?error, events = due.len(), "cannot schedule web pushes; the events' messages go back");
+                Err(NotRecorded)
+            }
+        }
+    }
+}
+
 impl Flush for OutcomeWriter {
     /// One lane run's attempts.
     type Item = Vec<AttemptRecord>;
@@ -122,6 +162,9 @@ impl Flush for OutcomeWriter {
                     );
                 }
                 let fenced: HashSet<EventId> = fenced.into_iter().collect();
+                if let Err(NotRecorded) = self.schedule_webpush(&outcomes, &fenced).await {
+                    return vec![Err(NotRecorded); runs.len()];
+                }
                 runs.iter()
                     .map(|run| {
                         Ok(run

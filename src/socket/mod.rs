@@ -67,6 +67,8 @@ pub struct SocketState {
     pub stats_slots: Arc<Semaphore>,
     /// `socket.check_origin`, parsed.
     pub allowed_origins: Arc<[OriginPattern]>,
+    /// Where pushes of events with a Web Push fallback are noted (none when nothing falls back).
+    pub receipts: Option<Arc<crate::webpush::receipts::Receipts>>,
 }
 
 impl SocketState {
@@ -95,6 +97,7 @@ impl SocketState {
             user_slots: Arc::new(Semaphore::new(settings.max_connections)),
             stats_slots: Arc::new(Semaphore::new(settings.stats_max_connections)),
             allowed_origins,
+            receipts: None,
         }
     }
 

@@ -340,6 +340,9 @@ impl UserChannel {
             self.guard.pushed(seq);
         }
         io.wire.feed_push(io.join_ref, io.topic, push).await?;
+        if let (Some(seq), Some(receipts)) = (seq, &io.state.receipts) {
+            receipts.record(io.user.as_str(), &push.event, seq);
+        }
         if let Some(at) = push.enqueued_at_ms {
             let waited = now_unix_ms().saturating_sub(at).max(0);
             io.state.metrics.push_delivered(waited as u64);

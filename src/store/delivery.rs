@@ -39,6 +39,9 @@ pub enum AttemptResult {
     Delivered {
         /// Sockets reached.
         sockets: i32,
+        /// When its Web Push fallback is due (Unix ms), for an event whose name has one: its pushes
+        /// are scheduled once this record is stored.
+        webpush_due_ms: Option<i64>,
     },
     /// The attempt failed and another one is scheduled: the event stays `published`.
     Retrying {
@@ -330,7 +333,7 @@ impl Store {
             started.push(record.started_at_ms);
             finished.push(record.finished_at_ms);
             let (kind, reached, error, at, message) = match &record.result {
-                AttemptResult::Delivered { sockets } => {
+                AttemptResult::Delivered { sockets, .. } => {
                     ("delivered", Some(*sockets), None, None, None)
                 }
                 AttemptResult::Retrying {

@@ -40,6 +40,7 @@ mod schema;
 mod status;
 mod sweep;
 mod upkeep;
+mod webpush;
 
 pub use commit::{COMMIT_EVENTS_SQL, Committed, IDEMPOTENT_ORIGINALS_SQL, InsertOutcome, NewEvent};
 pub use delivery::{
@@ -68,6 +69,7 @@ pub use sweep::{
     TAKE_STALE_MESSAGES_SQL, UNPLACED_MESSAGES_SQL,
 };
 pub use upkeep::Upkeep;
+pub use webpush::{DuePush, PushAttempt, PushOutcome, Subscription};
 
 use crate::config::StoreSettings;
 use sqlx::migrate::MigrateDatabase;

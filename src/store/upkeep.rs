@@ -15,6 +15,8 @@ const CHURNING: &[&str] = &[
     "read_watermarks",
     "retention_watermarks",
     "idempotency_keys",
+    "webpush_outbox",
+    "webpush_receipts",
 ];
 
 /// Large tables: analyzed at each upkeep (a sample: cheap whatever their size), vacuumed at a full

@@ -25,3 +25,4 @@ mod resilience;
 mod retry;
 mod socket;
 mod sweep;
+mod webpush;

@@ -103,7 +103,13 @@ impl Worker {
         let (record, settle, outcome) = match attempted {
             Attempted::Fenced => (None, Settle::Requeue, None),
             Attempted::Reached(sockets) => (
-                Some(record(AttemptResult::Delivered { sockets })),
+                Some(record(AttemptResult::Delivered {
+                    sockets,
+                    webpush_due_ms: self
+                        .webpush_after_ms
+                        .get(item.envelope.event.as_str())
+                        .map(|after| item.envelope.at + *after as i64),
+                })),
                 Settle::Delivered,
                 Some(if sockets > 0 { "pushed" } else { "offline" }),
             ),
