@@ -36,6 +36,8 @@ struct Assets {
     index: String,
     app: String,
     phoenix: String,
+    /// The service worker that shows Web Push notifications (scope `/demo/`).
+    service_worker: String,
 }
 
 /// The demo, loaded at start (so a missing asset stops the node with a clear message).
@@ -78,6 +80,7 @@ impl Demo {
             index: read("index.html")?,
             app: read("app.js")?,
             phoenix: read("node_modules/phoenix/priv/static/phoenix.mjs")?,
+            service_worker: read("sw.js")?,
         };
         Ok(Self {
             assets: Arc::new(assets),
@@ -104,6 +107,7 @@ fn routes(state: DemoState) -> Router {
         .route("/demo", get(index))
         .route("/demo/app.js", get(app_js))
         .route("/demo/phoenix.mjs", get(phoenix_js))
+        .route("/demo/sw.js", get(service_worker))
         .route("/demo/token", post(token))
         .route("/demo/events", post(send_event))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
@@ -128,6 +132,13 @@ async fn phoenix_js(State(state): State<DemoState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript")],
         state.assets.phoenix.clone(),
+    )
+}
+
+async fn service_worker(State(state): State<DemoState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript")],
+        state.assets.service_worker.clone(),
     )
 }
 

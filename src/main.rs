@@ -305,6 +305,30 @@ async fn producers(settings: &Settings, command: ProducersCommand) -> anyhow::Re
 
 /// A fresh key for the demo's producer `name` (created on the first demo), with the admin role or
 /// without: each demo start re-keys it, so a key printed once never outlives its demo.
+/// The demo's Web Push: unless configured, a VAPID key made for this run (a browser subscribed in
+/// an earlier run must subscribe again) and a fallback for the page's `push_timed` events.
+fn demo_webpush(settings: &mut Settings) {
+    let webpush = &mut settings.webpush;
+    if webpush.vapid_private_key.is_none() {
+        let key = herald::webpush::VapidKey::generate();
+        webpush.vapid_private_key = Some(herald::config::Secret::new(key.private_base64()));
+        eprintln!(
+            "warning: Web Push uses a VAPID key made for this demo run; set \
+             HERALD_WEBPUSH__VAPID_PRIVATE_KEY (`herald vapid-key`) to keep subscriptions across runs"
+        );
+    }
+    if webpush.subject.is_empty() {
+        webpush.subject = "mailto:demo@localhost".into();
+    }
+    if webpush.events.is_empty() {
+        let fallback = herald::config::EventWebPushSettings {
+            after_ms: 5_000,
+            ..Default::default()
+        };
+        webpush.events.insert("push_timed".into(), fallback);
+    }
+}
+
 async fn demo_key(store: &Store, name: &str, admin: bool) -> anyhow::Result<herald::store::ApiKey> {
     let (_, key) = match store.rotate_producer_key(name).await? {
         Some(rekeyed) => rekeyed,
@@ -334,9 +358,13 @@ fn secret() -> anyhow::Result<()> {
 
 fn vapid_key() -> anyhow::Result<()> {
     let key = herald::webpush::VapidKey::generate();
-    println!("HERALD_WEBPUSH__VAPID_PRIVATE_KEY={}", key.private_base64());
-    println!("# public key (applicationServerKey; also served at GET /api/v1/webpush/key):");
-    println!("# {}", key.public_base64());
+    // One write, so `| head -n 1` takes the first line without a broken pipe.
+    print!(
+        "HERALD_WEBPUSH__VAPID_PRIVATE_KEY={}\n\
+         # public key (applicationServerKey; also served at GET /api/v1/webpush/key):\n# {}\n",
+        key.private_base64(),
+        key.public_base64()
+    );
     Ok(())
 }
 
@@ -363,6 +391,7 @@ async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     settings.demo.enabled = true;
     // The page's stats channel tries ping, slow_ping and parallel_slow_ping.
     settings.socket.stats_enabled = true;
+    demo_webpush(&mut settings);
     let store = migrate(&settings).await?;
     let key = demo_key(&store, "demo", false).await?;
     // The console's key: an admin producer of its own, so the demo producer stays a plain one.

@@ -12,7 +12,8 @@ use utoipa::ToSchema;
 /// adds are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SubscriptionInput {
-    /// The push service's URL for this browser.
+    /// The push service's URL for this browser: `https:`, on a push service this node sends to.
+    #[schema(max_length = 2048, pattern = "^https?://")]
     pub endpoint: String,
     /// When the push service will end the subscription (Unix ms), if it says; informative.
     #[serde(rename = "expirationTime")]
@@ -26,8 +27,10 @@ pub struct SubscriptionInput {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SubscriptionKeys {
     /// The browser's P-256 public key, uncompressed (65 bytes).
+    #[schema(min_length = 87, max_length = 88, pattern = "^[A-Za-z0-9_+/-]+=?$")]
     pub p256dh: String,
     /// The browser's authentication secret (16 bytes).
+    #[schema(min_length = 22, max_length = 24, pattern = "^[A-Za-z0-9_+/-]+={0,2}$")]
     pub auth: String,
 }
 

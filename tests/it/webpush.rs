@@ -3,13 +3,16 @@
 //! the test decrypts each payload with the subscription's private key (RFC 8291), which proves a
 //! browser holding that key could read it.
 
-use crate::common::{PATIENCE, TestApp, poll_until, spawn_app_with, test_settings, wait_until};
+use crate::common::{
+    PATIENCE, TestApp, poll_until, spawn_app_with, spawn_cluster_with, test_settings, wait_until,
+};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use herald::config::FallbackUnless;
 use herald::config::{EventWebPushSettings, Secret, Settings};
 use herald::webpush::VapidKey;
 use p256::ecdsa::signature::Verifier;
@@ -319,7 +322,8 @@ async fn an_offline_users_event_reaches_the_browser_encrypted_and_vapid_signed()
 #[tokio::test]
 async fn no_push_goes_to_a_user_whose_client_received_the_event() {
     let push = PushService::start().await;
-    let app = spawn_app_with(|s| with_webpush(s, 300)).await;
+    // Due 2 s after acceptance: the receipt is written within a flush (100 ms) of the push.
+    let app = spawn_app_with(|s| with_webpush(s, 2_000)).await;
     let online = Browser::new(push.endpoint("online", &[201]));
     let away = Browser::new(push.endpoint("away", &[201]));
     assert_eq!(subscribe(&app, "on1", &online).await.0, 201);
@@ -351,6 +355,70 @@ async fn no_push_goes_to_a_user_whose_client_received_the_event() {
         0,
         "the received events were not pushed"
     );
+}
+
+/// Waits until no push is waiting; the pushes a service took on `name` then.
+async fn settled_pushes(app: &TestApp, push: &PushService, name: &str) -> usize {
+    let settled = poll_until(PATIENCE, Duration::from_millis(100), || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "every fallback was settled");
+    push.received(name).len()
+}
+
+#[tokio::test]
+async fn with_unless_acked_only_a_clients_ack_keeps_the_push_from_going() {
+    let push = PushService::start().await;
+    let app = spawn_app_with(|s| {
+        with_webpush(s, 3_000);
+        s.webpush.events.get_mut("chat").unwrap().unless = FallbackUnless::Acked;
+    })
+    .await;
+    let browser = Browser::new(push.endpoint("phone", &[201]));
+    assert_eq!(subscribe(&app, "ack1", &browser).await.0, 201);
+    let mut client = app.connect_joined("ack1").await;
+    let shown = chat(&app, "ack1", "shown").await;
+    let unseen = chat(&app, "ack1", "received, never shown").await;
+    for _ in 0..2 {
+        client.recv_push().await;
+    }
+    // The page showed the first and acks it; the second reached the socket but was never shown.
+    client
+        .send(json!(["1", "a1", "user:ack1", "ack", {"ids": [shown]}]))
+        .await;
+    assert_eq!(client.recv().await[4]["response"]["acked"], 1);
+    let got = wait_pushes(&push, "phone", 1).await;
+    assert_eq!(browser.read(&got[0].body)["id"], unseen);
+    assert_eq!(
+        settled_pushes(&app, &push, "phone").await,
+        1,
+        "the acked one was not pushed"
+    );
+}
+
+#[tokio::test]
+async fn in_cluster_mode_a_socket_nodes_receipts_keep_the_worker_nodes_push_from_going() {
+    let push = PushService::start().await;
+    let (api, socket_a, _socket_b) = spawn_cluster_with(|s| with_webpush(s, 2_000)).await;
+    let online = Browser::new(push.endpoint("online", &[201]));
+    let away = Browser::new(push.endpoint("away", &[201]));
+    assert_eq!(subscribe(&api, "c-on", &online).await.0, 201);
+    assert_eq!(subscribe(&api, "c-away", &away).await.0, 201);
+    let mut client = socket_a.connect_joined("c-on").await;
+    for i in 0..3 {
+        chat(&api, "c-on", &format!("live {i}")).await;
+        chat(&api, "c-away", &format!("away {i}")).await;
+    }
+    for _ in 0..3 {
+        client.recv_push().await;
+    }
+    wait_pushes(&push, "away", 3).await;
+    assert_eq!(settled_pushes(&api, &push, "online").await, 0);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 // is kept under target/ for CI.
 
 import assert from "node:assert/strict"
+import {createECDH, randomBytes} from "node:crypto"
 import {existsSync, mkdirSync} from "node:fs"
 import {after, before, it} from "node:test"
 import {chromium} from "playwright-core"
@@ -72,4 +73,44 @@ it("prints the console's address and an admin key, and the page's link leads the
   // The demo producer's key is not an admin key.
   const refused = await fetch(`${herald.url}/api/v1/admin/events`, {headers: {authorization: `Bearer ${herald.key}`}})
   assert.ok([401, 403].includes(refused.status), `${refused.status}`)
+})
+
+it("offers Web Push: the page subscribes or says why it cannot, and lists the user's subscriptions", async (t) => {
+  const context = await browser.newContext()
+  await context.grantPermissions(["notifications"], {origin: herald.url})
+  const page = await context.newPage()
+  const errors = []
+  page.on("pageerror", (error) => errors.push(error.message))
+  await page.goto(`${herald.url}/demo`)
+  const key = await (await fetch(`${herald.url}/api/v1/webpush/key`)).json()
+  assert.match(key.public_key, /^[A-Za-z0-9_-]{87}$/, "the demo serves a VAPID public key")
+  // Subscribing needs the browser's push service (on the internet): here it either works or the
+  // page shows the browser's reason.
+  await page.click("#webpush-subscribe")
+  await page.waitForFunction(() => /^(subscribed|cannot)/.test(document.querySelector("#webpush-status").textContent))
+  const status = await page.locator("#webpush-status").textContent()
+  assert.match(status, /^(subscribed \(https:\/\/|cannot subscribe: )/, status)
+  t.diagnostic(`the page: ${status}`)
+  // A subscription registered for user 42 (as a browser with a push service would) is listed.
+  const {token} = await (await fetch(`${herald.url}/demo/token`, {
+    method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify({user_id: "42"}),
+  })).json()
+  const ecdh = createECDH("prime256v1")
+  ecdh.generateKeys()
+  const registered = await fetch(`${herald.url}/api/v1/webpush/subscriptions`, {
+    method: "POST",
+    headers: {"content-type": "application/json", authorization: `Bearer ${token}`},
+    body: JSON.stringify({
+      endpoint: "https://fcm.googleapis.com/fcm/send/demo-test",
+      expirationTime: null,
+      keys: {p256dh: ecdh.getPublicKey("base64url"), auth: randomBytes(16).toString("base64url")},
+    }),
+  })
+  assert.equal(registered.status, 201, await registered.text())
+  await page.click("#webpush-list")
+  await page.waitForFunction(() => /subscriptions? for user 42$/.test(document.querySelector("#webpush-status").textContent))
+  const listed = await page.locator("#webpush-subscriptions li").allTextContents()
+  assert.ok(listed.some((l) => l.startsWith("https://fcm.googleapis.com since ")), listed.join(" | "))
+  assert.deepEqual(errors, [])
+  await context.close()
 })
