@@ -282,7 +282,7 @@ async function showEvent(id) {
       ["Producer", event.producer], ["Attempts", event.attempts], ["Replays", event.replays],
       ["Last error", event.last_error], ["Enqueued", when(event.enqueued_at)], ["First attempt", when(event.published_at)],
       ["Delivered", when(event.delivered_at)], ["Failed", when(event.failed_at)], ["Next attempt", when(event.next_attempt_at)],
-      ["Sockets reached", event.push_count],
+      ["Sockets reached", event.push_count], ["Trace", event.trace_id],
     ]
     for (const [label, value] of shown) {
       if (value === null || value === undefined || value === "") continue
@@ -307,6 +307,17 @@ async function showEvent(id) {
       const took = new Date(attempt.finished_at) - new Date(attempt.started_at)
       row.append(cell(String(attempt.attempt), "num"), outcome, cell(attempt.sockets ?? "", "num"),
         cell(when(attempt.started_at)), cell(Number.isNaN(took) ? "" : formatMs(took), "num"), cell(attempt.error, "error-text"))
+      attempts.append(row)
+    }
+    // Its Web Push sends, if its name falls back: the push service's origin and answer.
+    for (const push of event.webpush_log ?? []) {
+      const row = document.createElement("tr")
+      row.dataset.channel = "webpush"
+      const outcome = document.createElement("td")
+      outcome.append(pill(push.outcome))
+      const said = [push.origin, push.status, push.error].filter((x) => x !== null && x !== undefined).join(" ")
+      row.append(cell("web push", "num"), outcome, cell("", "num"), cell(when(new Date(push.at).toISOString())),
+        cell("", "num"), cell(said, "error-text"))
       attempts.append(row)
     }
     $("detail").scrollIntoView({block: "nearest"})

@@ -37,6 +37,14 @@ struct Wire<'a> {
     topic: Cow<'a, str>,
     #[serde(borrow)]
     pushes: Vec<WirePush<'a>>,
+    /// The sending run's trace, if sampled (nodes built before traces ignore it).
+    #[serde(
+        rename = "tp",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::traces::lenient"
+    )]
+    trace: Option<crate::traces::TraceParent>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -154,6 +162,7 @@ fn encode(message: &Message) -> Result<Vec<u8>, PubSubError> {
                 payload,
             })
             .collect(),
+        trace: message.trace,
     };
     serde_json::to_vec(&wire).map_err(|e| PubSubError::Unavailable(e.to_string()))
 }
@@ -477,6 +486,7 @@ fn deliver(pubsub: &PubSub, body: &[u8]) {
                     enqueued_at_ms: push.at,
                 })
                 .collect(),
+            trace: wire.trace,
         }));
     }
 }

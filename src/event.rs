@@ -252,6 +252,15 @@ pub struct Envelope {
     pub at: i64,
     /// The producer's data, kept as raw JSON so it is never re-encoded on the way.
     pub data: Box<RawValue>,
+    /// The trace the event continues (W3C `traceparent`), when it has one; a malformed one reads
+    /// as none rather than failing the message.
+    #[serde(
+        rename = "tp",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::traces::lenient"
+    )]
+    pub trace: Option<crate::traces::TraceParent>,
 }
 
 impl Envelope {
@@ -369,6 +378,7 @@ mod tests {
             event: EventName::default_push(),
             at: 1,
             data: RawValue::from_string(r#"{"n":1}"#.into()).unwrap(),
+            trace: None,
         };
         let body = encode_batch(&[envelope(1), envelope(2)]);
         let back = decode_batch(&body).unwrap();
@@ -385,6 +395,7 @@ mod tests {
             event: EventName::default_push(),
             at: 1700,
             data: RawValue::from_string(r#"{"n": 1}"#.into()).unwrap(),
+            trace: None,
         };
         assert_eq!(
             env.push_payload(),

@@ -25,6 +25,7 @@ pub mod server;
 pub mod socket;
 pub mod store;
 pub mod token;
+pub mod traces;
 pub mod webpush;
 
 pub use app::App;

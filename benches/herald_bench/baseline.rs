@@ -228,6 +228,7 @@ fn envelope_body(i: u64) -> Vec<u8> {
         event: EventName::parse("bench").unwrap_or_else(|_| unreachable!()),
         at: now_unix_ms(),
         data: RawValue::from_string(data(i)).unwrap_or_else(|_| unreachable!()),
+        trace: None,
     };
     herald::event::encode_batch(std::slice::from_ref(&envelope))
 }

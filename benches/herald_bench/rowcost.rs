@@ -183,6 +183,9 @@ impl Batch {
         args.add(&rows).map_err(err)?;
         args.add(&events).map_err(err)?;
         args.add(&row_partitions).map_err(err)?;
+        // No traceparents: what a producer that sends none costs.
+        args.add(vec![None::<String>; self.ids.len()])
+            .map_err(err)?;
         Ok(args)
     }
 

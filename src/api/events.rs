@@ -11,9 +11,11 @@ use super::request::{self, BatchRequest, EventRequest};
 use crate::event::EventId;
 use crate::pipeline::enqueue::Accepted;
 use crate::store::{EventRecord, EventStatus};
+use crate::traces::{self, Span as _};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -49,7 +51,10 @@ pub struct BatchResponse {
     path = "/api/v1/events",
     tag = "producer",
     request_body = EventRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with a key the producer used before answers 200 with the original event")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry with a key the producer used before answers 200 with the original event"),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: the event continues this trace (a malformed one starts a new trace)"),
+    ),
     security(("producer_key" = [])),
     responses(
         (status = 202, description = "Committed to PostgreSQL", body = EventResponse),
@@ -75,13 +80,22 @@ pub async fn create(
         })
         .transpose()?;
     let event = request::validate(request, header_key, &state.limits.request(), "")?;
-    let mut accepted = state
-        .enqueue
-        .enqueue(vec![event.stamp(producer.id)])
-        .await?;
+    let mut trace = request_trace("POST /api/v1/events", &headers, producer.id);
+    let event = event.stamp(producer.id).traced(trace.traceparent);
+    if let Some(span) = &mut trace.span {
+        span.set_attribute(KeyValue::new("herald.event_id", event.id.to_string()));
+        span.set_attribute(KeyValue::new(
+            "herald.user_id",
+            event.user_id.as_str().to_owned(),
+        ));
+    }
+    let mut accepted = state.enqueue.enqueue(vec![event]).await?;
     let accepted = accepted
         .pop()
         .ok_or_else(|| ApiError::Internal("enqueue answered nothing".into()))?;
+    if let Some(span) = &mut trace.span {
+        span.set_attribute(KeyValue::new("herald.seq", accepted.seq));
+    }
     let duplicate = accepted.duplicate_of_status.is_some();
     state
         .metrics
@@ -101,6 +115,7 @@ pub async fn create(
     path = "/api/v1/events/batch",
     tag = "producer",
     request_body = BatchRequest,
+    params(("traceparent" = Option<String>, Header, description = "W3C Trace Context: every event of the batch continues this trace")),
     security(("producer_key" = [])),
     responses(
         (status = 202, description = "All committed", body = BatchResponse),
@@ -114,12 +129,17 @@ pub async fn create(
 pub async fn create_batch(
     State(state): State<ApiState>,
     Authenticated(producer): Authenticated,
+    headers: HeaderMap,
     ApiJson(batch): ApiJson<BatchRequest>,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
-    let events = request::validate_batch(batch, &state.limits.request())?
+    let mut trace = request_trace("POST /api/v1/events/batch", &headers, producer.id);
+    let events: Vec<_> = request::validate_batch(batch, &state.limits.request())?
         .into_iter()
-        .map(|event| event.stamp(producer.id))
+        .map(|event| event.stamp(producer.id).traced(trace.traceparent))
         .collect();
+    if let Some(span) = &mut trace.span {
+        span.set_attribute(KeyValue::new("herald.events", events.len() as i64));
+    }
     let accepted = state.enqueue.enqueue(events).await?;
     let duplicates = accepted
         .iter()
@@ -136,6 +156,22 @@ pub async fn create_batch(
     };
     let events = accepted.into_iter().map(response).collect();
     Ok((status, Json(BatchResponse { events })))
+}
+
+/// The request's trace: a child of the producer's `traceparent` header (a malformed one starts a
+/// new trace, as W3C Trace Context says), its span recorded when traces are on and sampled.
+fn request_trace(route: &'static str, headers: &HeaderMap, producer: i64) -> traces::RequestTrace {
+    let header = headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok());
+    traces::request(
+        "herald.enqueue",
+        header,
+        vec![
+            KeyValue::new("http.route", route),
+            KeyValue::new("herald.producer_id", producer),
+        ],
+    )
 }
 
 fn response(accepted: Accepted) -> EventResponse {

@@ -38,6 +38,9 @@ impl App {
         let roles = settings.node.roles;
         let node = node_name(&settings.node.name);
         let metrics = Metrics::new(&settings.metrics, &node, &roles.names().replace(',', "+"))?;
+        if crate::traces::install(&settings.traces, &node)? {
+            tracing::info!(endpoint = %settings.traces.otlp_endpoint, ratio = settings.traces.sample_ratio, "exporting traces over OTLP");
+        }
         let store = Store::connect(&settings.store).await?;
         let writes =
             Store::connect_sized(&settings.store, settings.store.write_connections).await?;

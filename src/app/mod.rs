@@ -64,6 +64,9 @@ pub enum Error {
     /// The settings cannot be served: a weak or missing secret.
     #[error(transparent)]
     Settings(#[from] crate::config::Error),
+    /// Traces cannot be exported as configured.
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TracesError),
     /// The Web Push sender cannot be built.
     #[error(transparent)]
     WebPush(#[from] crate::webpush::sender::SenderError),
@@ -182,6 +185,8 @@ impl App {
         })
         .await;
         every_node.close(deadline, &self.metrics).await;
+        // The exporter waits for its last requests, which run on this runtime: off its threads.
+        let _ = tokio::task::spawn_blocking(crate::traces::flush).await;
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -54,6 +54,7 @@ mod replay;
 mod retry;
 mod socket;
 mod store;
+mod traces;
 mod validate;
 mod webpush;
 
@@ -69,6 +70,7 @@ pub use replay::ReplaySettings;
 pub use retry::{EventRetrySettings, RetrySettings};
 pub use socket::SocketSettings;
 pub use store::StoreSettings;
+pub use traces::TracesSettings;
 pub use webpush::{EventWebPushSettings, FallbackUnless, URGENCIES, WebPushSettings};
 
 /// Environment variables with fixed names, and the setting each one sets.
@@ -151,6 +153,8 @@ pub struct Settings {
     pub pubsub: PubSubSettings,
     /// Web Push for users who are away.
     pub webpush: WebPushSettings,
+    /// OpenTelemetry traces of each event across the nodes it crosses.
+    pub traces: TracesSettings,
 }
 
 /// A string that never reaches logs: its `Debug` is redacted.

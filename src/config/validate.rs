@@ -44,6 +44,7 @@ impl Settings {
         self.retry.validate()?;
         self.replay.validate()?;
         self.webpush.validate(self.node.dev)?;
+        self.traces.validate()?;
         self.cross_check()
     }
 

@@ -23,7 +23,10 @@ use crate::event::{Envelope, EventId};
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
 use crate::store::{self, Committed, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
+use crate::traces::{self, Span as _, TraceParent};
 use futures_util::FutureExt;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, Status};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -377,6 +380,15 @@ impl Committer {
         // before the relay may claim the rows, however long the commit and the wait for room take.
         let publish_by = super::publish_deadline(self.publish_window);
         let span = tracing::info_span!("commit", events = events.len());
+        let mut trace = traces::continue_traces(
+            "herald.group_commit",
+            SpanKind::Internal,
+            events.iter().filter_map(|e| e.traceparent.as_ref()),
+            vec![
+                KeyValue::new("herald.events", events.len() as i64),
+                KeyValue::new("herald.requests", sizes.len() as i64),
+            ],
+        );
         let result = self
             .store
             .insert_events(&events, self.partitions, self.limits)
@@ -384,7 +396,12 @@ impl Committer {
             .await;
         let committed = match result {
             Ok(committed) => committed,
-            Err(error) => return Err((error, events)),
+            Err(error) => {
+                if let Some(span) = &mut trace {
+                    span.set_status(Status::error(error.to_string()));
+                }
+                return Err((error, events));
+            }
         };
         self.metrics.commit(events.len(), started.elapsed());
         let accepted: Vec<Accepted> = events
@@ -392,7 +409,9 @@ impl Committer {
             .zip(&committed.outcomes)
             .map(|(event, outcome)| accepted(event.id, outcome))
             .collect();
-        self.publish_new(events, committed, publish_by).await;
+        let commit_trace = trace.as_ref().map(traces::traceparent_of);
+        self.publish_new(events, committed, publish_by, commit_trace)
+            .await;
         Ok(split(accepted, sizes))
     }
 
@@ -407,6 +426,7 @@ impl Committer {
         events: Vec<NewEvent>,
         committed: Committed,
         publish_by: tokio::time::Instant,
+        commit_trace: Option<TraceParent>,
     ) {
         let mut envelopes: Vec<Option<Envelope>> = events
             .into_iter()
@@ -424,6 +444,22 @@ impl Committer {
                 .iter()
                 .filter_map(|&i| envelopes.get_mut(i).and_then(Option::take))
                 .collect();
+            // A message of traced events is published under the commit's span.
+            let mut trace = batch
+                .iter()
+                .any(|e| e.trace.is_some_and(|tp| tp.sampled))
+                .then(|| {
+                    traces::continue_traces(
+                        "herald.publish",
+                        SpanKind::Producer,
+                        commit_trace.as_ref(),
+                        vec![
+                            KeyValue::new("herald.partition", i64::from(planned.partition)),
+                            KeyValue::new("herald.events", batch.len() as i64),
+                        ],
+                    )
+                })
+                .flatten();
             let message = super::message(planned.id, planned.partition, &batch, publish_by);
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.publisher.publish_within(message, wait).await.is_ok() {
@@ -431,6 +467,9 @@ impl Committer {
                 carried += batch.len();
             } else {
                 deferred += 1;
+                if let Some(span) = &mut trace {
+                    span.set_status(Status::error("left to the outbox relay"));
+                }
             }
         }
         self.metrics

@@ -157,6 +157,7 @@ mod tests {
             event: EventName::parse(name).unwrap(),
             at: 0,
             data: RawValue::from_string("{}".into()).unwrap(),
+            trace: None,
         }
     }
 

@@ -33,6 +33,9 @@ pub struct Message {
     pub topic: Topic,
     /// What the subscribers push, in order.
     pub pushes: Vec<Push>,
+    /// The trace of the run that sent it (a worker's `herald.deliver` span), if sampled: each
+    /// node that delivers it records a `herald.push` span under it.
+    pub trace: Option<crate::traces::TraceParent>,
 }
 
 /// One push of a [`Message`].
@@ -71,6 +74,7 @@ impl Message {
                 payload: payload.to_owned(),
                 enqueued_at_ms: None,
             }],
+            trace: None,
         }
     }
 }
@@ -297,6 +301,33 @@ impl PubSub {
     /// Hands `message` to this node's subscribers of its topic (what a node does with a broadcast
     /// it receives from another).
     pub fn deliver_local(&self, message: Arc<Message>) -> Reach {
+        // A node with no subscriber of the topic (a worker node's own copy) records nothing.
+        let traced = message
+            .trace
+            .filter(|_| self.has_subscribers(message.topic.as_str()));
+        let mut trace = traced.as_ref().and_then(|tp| {
+            crate::traces::continue_traces(
+                "herald.push",
+                opentelemetry::trace::SpanKind::Consumer,
+                [tp],
+                vec![opentelemetry::KeyValue::new(
+                    "herald.topic",
+                    message.topic.as_str().to_owned(),
+                )],
+            )
+        });
+        let reach = self.deliver_to_subscribers(message);
+        if let Some(span) = &mut trace {
+            use crate::traces::Span as _;
+            span.set_attribute(opentelemetry::KeyValue::new(
+                "herald.sockets",
+                reach.delivered as i64,
+            ));
+        }
+        reach
+    }
+
+    fn deliver_to_subscribers(&self, message: Arc<Message>) -> Reach {
         let mut reach = Reach::default();
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         let Some(subs) = topics.get(message.topic.as_str()) else {

@@ -6,6 +6,7 @@
 use super::outbox::{MessageLimits, OutboxMessage, outbox_columns, plan_messages};
 use super::{Error, EventStatus, Store};
 use crate::event::{Envelope, EventId, EventName, UserId, envelope_size, now_unix_ms};
+use crate::traces::TraceParent;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 
@@ -26,6 +27,9 @@ pub struct NewEvent {
     pub idempotency_key: Option<String>,
     /// When the API accepted it, Unix ms.
     pub enqueued_at_ms: i64,
+    /// The W3C `traceparent` its request continues (see [`crate::traces`]): kept on the row and
+    /// carried in its broker message, so the worker and the socket continue the trace.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl NewEvent {
@@ -46,6 +50,15 @@ impl NewEvent {
             data,
             idempotency_key,
             enqueued_at_ms: now_unix_ms(),
+            traceparent: None,
+        }
+    }
+
+    /// The event, continuing the trace of `traceparent`.
+    pub fn traced(self, traceparent: Option<TraceParent>) -> Self {
+        Self {
+            traceparent,
+            ..self
         }
     }
 
@@ -68,6 +81,7 @@ impl NewEvent {
             event: self.event,
             at: self.enqueued_at_ms,
             data: self.data,
+            trace: self.traceparent,
         }
     }
 }
@@ -120,7 +134,8 @@ pub struct Committed {
 /// Answers each inserted event's id and seq; an event missing from the answer had its key taken.
 pub const COMMIT_EVENTS_SQL: &str = "WITH batch AS (
          SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::int8[]) WITH ORDINALITY AS x(id, p, u, e, d, k, t, o)
+                              $6::text[], $7::int8[], $11::text[])
+             WITH ORDINALITY AS x(id, p, u, e, d, k, t, tp, o)
      ), claimed AS (
          INSERT INTO idempotency_keys (producer_id, key, event_id)
          SELECT p, k, id FROM batch WHERE k IS NOT NULL ORDER BY p, k
@@ -135,8 +150,10 @@ pub const COMMIT_EVENTS_SQL: &str = "WITH batch AS (
          ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
          RETURNING user_id, last_seq
      ), inserted AS (
-         INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at)
-         SELECT f.id, f.p, f.u, b.last_seq - f.c + f.r, f.e, f.d::jsonb, f.k, to_timestamp(f.t / 1000.0)
+         INSERT INTO events (id, producer_id, user_id, seq, event, data, idempotency_key, enqueued_at,
+                             traceparent)
+         SELECT f.id, f.p, f.u, b.last_seq - f.c + f.r, f.e, f.d::jsonb, f.k, to_timestamp(f.t / 1000.0),
+                f.tp
          FROM fresh f JOIN bumped b ON b.user_id = f.u
          RETURNING id, seq
      ), outboxed AS (
@@ -193,6 +210,7 @@ impl Store {
             .bind(&rows)
             .bind(&row_events)
             .bind(&row_partitions)
+            .bind(&columns.traces)
             .fetch_all(&self.pool)
             .await
             .map_err(Error::query("commit events"))?;
@@ -331,6 +349,7 @@ struct Columns<'a> {
     datas: Vec<&'a str>,
     keys: Vec<Option<&'a str>>,
     ats: Vec<i64>,
+    traces: Vec<Option<String>>,
 }
 
 impl<'a> Columns<'a> {
@@ -344,6 +363,7 @@ impl<'a> Columns<'a> {
             datas: Vec::with_capacity(n),
             keys: Vec::with_capacity(n),
             ats: Vec::with_capacity(n),
+            traces: Vec::with_capacity(n),
         };
         for e in events {
             columns.ids.push(e.id);
@@ -353,6 +373,7 @@ impl<'a> Columns<'a> {
             columns.datas.push(e.data.get());
             columns.keys.push(e.idempotency_key.as_deref());
             columns.ats.push(e.enqueued_at_ms);
+            columns.traces.push(e.traceparent.map(|tp| tp.to_string()));
         }
         columns
     }

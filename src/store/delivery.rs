@@ -106,6 +106,9 @@ pub struct EventRecord {
     pub sweeps: i32,
     /// The last sweep.
     pub swept_at: Option<String>,
+    /// The W3C trace id of the request that made it (the producer's `traceparent`, or the trace
+    /// Herald started): paste it into the tracing backend to follow the event across nodes.
+    pub trace_id: Option<String>,
 }
 
 /// One recorded attempt, as read back.
@@ -147,7 +150,7 @@ const EVENT_RECORD_COLUMNS: &str = concat!(
     rfc3339!("e.replayed_at"),
     " AS replayed_at, e.sweeps, ",
     rfc3339!("e.swept_at"),
-    " AS swept_at"
+    " AS swept_at, substring(e.traceparent FROM 4 FOR 32) AS trace_id"
 );
 
 /// The filter as SQL over `events e JOIN producers p`, with its binds at `$1..$7`.

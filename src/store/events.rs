@@ -22,6 +22,8 @@ pub struct StoredEvent {
     pub at: i64,
     /// A client acknowledged it: a channel `ack`, or the inbox's read mark covering its seq.
     pub acked: bool,
+    /// The W3C `traceparent` its request continued, if any.
+    pub traceparent: Option<String>,
 }
 
 impl StoredEvent {
@@ -34,6 +36,10 @@ impl StoredEvent {
             event: EventName::parse(self.event).ok()?,
             at: self.at,
             data: RawValue::from_string(self.data).ok()?,
+            trace: self
+                .traceparent
+                .as_deref()
+                .and_then(crate::traces::TraceParent::parse),
         })
     }
 }

@@ -21,7 +21,7 @@ macro_rules! rfc3339 {
 /// `concat!` can be `const`s.
 macro_rules! stored_event_columns {
     () => {
-        "id, user_id, seq, event, data::text AS data, \
+        "id, user_id, seq, event, data::text AS data, traceparent, \
          (extract(epoch FROM enqueued_at) * 1000)::int8 AS at, \
          acked_at IS NOT NULL OR seq <= coalesce((SELECT r.read_through FROM read_watermarks r \
                                                   WHERE r.user_id = events.user_id), 0) AS acked"

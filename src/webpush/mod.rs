@@ -80,6 +80,7 @@ mod tests {
             data,
             at: 1_700_000_000_000,
             acked: false,
+            traceparent: None,
         }
     }
 

@@ -25,4 +25,5 @@ mod resilience;
 mod retry;
 mod socket;
 mod sweep;
+mod traces;
 mod webpush;

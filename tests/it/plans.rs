@@ -456,7 +456,7 @@ fn statements(rows: &Rows) -> Vec<Statement> {
     let message_of: Vec<Uuid> = (0..16).map(|_| Uuid::now_v7()).collect();
     let partition_of = |u: &String| herald::event::partition_of(u, 16);
     let commit = format!(
-        "{}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
+        "{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
         uuids(&fresh),
         array(users.iter().map(|_| Some("1")), "int8"),
         array(users.iter().map(Some), "text"),
@@ -472,6 +472,7 @@ fn statements(rows: &Rows) -> Vec<Statement> {
         ),
         uuids(&fresh),
         array(users.iter().map(|u| Some(partition_of(u))), "int2"),
+        array(users.iter().map(|_| None::<&str>), "text"),
     );
     let outbox_rows = format!(
         "{}, {}, {}, 0",
@@ -565,7 +566,8 @@ fn statements(rows: &Rows) -> Vec<Statement> {
         // The group commit, one statement; then, for a batch whose keys were taken, its originals.
         Statement {
             sql: named!(COMMIT_EVENTS_SQL),
-            types: "uuid[], int8[], text[], text[], text[], text[], int8[], uuid[], uuid[], int2[]",
+            types: "uuid[], int8[], text[], text[], text[], text[], int8[], uuid[], uuid[], int2[], \
+                    text[]",
             cases: vec![(
                 "1,000 events, one in ten keyed, 5 hot and 500 cold users",
                 commit,

@@ -5,7 +5,10 @@
 use super::Worker;
 use super::in_work::EventInWork;
 use crate::pubsub::{Message, Push};
+use crate::traces::{self, Span as _};
 use futures_util::FutureExt;
+use opentelemetry::trace::{SpanKind, Status};
+use opentelemetry::{Array, KeyValue, StringValue, Value};
 use std::panic::AssertUnwindSafe;
 
 /// How one event's attempt went, before it is recorded.
@@ -89,11 +92,25 @@ impl Worker {
             .collect();
         let broadcast = match run.first() {
             Some((first, _)) if !pushes.is_empty() => {
+                let mut trace = run_trace(&run);
                 let message = Message {
                     topic: first.envelope.user_id.topic(),
                     pushes,
+                    trace: trace.as_ref().map(traces::traceparent_of),
                 };
-                self.broadcast(message).await
+                let broadcast = self.broadcast(message).await;
+                if let Some(span) = &mut trace {
+                    match &broadcast {
+                        Attempted::Reached(sockets) => {
+                            span.set_attribute(KeyValue::new("herald.sockets", i64::from(*sockets)))
+                        }
+                        Attempted::Failed(error) => {
+                            span.set_status(Status::error(error.to_string()))
+                        }
+                        Attempted::Fenced => {}
+                    }
+                }
+                broadcast
             }
             _ => Attempted::Reached(0), // nothing left to broadcast: no event takes it
         };
@@ -135,6 +152,34 @@ impl Worker {
             Ok(Ok(result)) => result,
         }
     }
+}
+
+/// The run's span, when any of its events is in a sampled trace: a child of the first one's
+/// request, linked to the others, naming what it delivers.
+fn run_trace(run: &[(EventInWork, Option<Attempted>)]) -> Option<traces::ActiveSpan> {
+    let attempted = || {
+        run.iter()
+            .filter(|(_, early)| early.is_none())
+            .map(|(item, _)| item)
+    };
+    let first = attempted().next()?;
+    let last = attempted().next_back()?;
+    let ids: Vec<StringValue> = attempted()
+        .map(|item| item.envelope.id.to_string().into())
+        .collect();
+    traces::continue_traces(
+        "herald.deliver",
+        SpanKind::Consumer,
+        attempted().filter_map(|item| item.envelope.trace.as_ref()),
+        vec![
+            KeyValue::new("herald.user_id", first.envelope.user_id.as_str().to_owned()),
+            KeyValue::new("herald.partition", i64::from(first.lease.token().partition)),
+            KeyValue::new("herald.seq.first", first.envelope.seq),
+            KeyValue::new("herald.seq.last", last.envelope.seq),
+            KeyValue::new("herald.events", ids.len() as i64),
+            KeyValue::new("herald.event_ids", Value::Array(Array::String(ids))),
+        ],
+    )
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
