@@ -80,6 +80,11 @@ pub struct Args {
     /// Exponent of the Zipf distribution of each load generator's users.
     #[arg(long, default_value_t = 1.1)]
     skew: f64,
+    /// Instead of the shapes: one node with --baseline-sockets, three times on fresh deployments,
+    /// traces off, then on at 10% and at 100% sampling (exported to an OTLP receiver in this
+    /// harness): what traces cost per event (issue 20).
+    #[arg(long)]
+    traces: bool,
     /// `cargo bench` appends this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -92,6 +97,16 @@ struct Shape {
     /// 0: one node with every role and local pubsub holds the sockets.
     socket_nodes: usize,
     loadgens: usize,
+    /// What `--traces` compares; `NotCompared` otherwise.
+    traces: Traces,
+}
+
+/// A shape's traces, when `--traces` compares them.
+#[derive(Clone, Copy, Debug, Serialize)]
+enum Traces {
+    NotCompared,
+    Off,
+    Sampled(f64),
 }
 
 impl Shape {
@@ -100,6 +115,11 @@ impl Shape {
     }
 
     fn label(&self) -> String {
+        match self.traces {
+            Traces::Off => return "traces off".to_owned(),
+            Traces::Sampled(ratio) => return format!("traces, {:.0}% sampled", ratio * 100.0),
+            Traces::NotCompared => {}
+        }
         if self.socket_nodes == 0 {
             format!(
                 "{} sockets, one node (all roles, local pubsub)",
@@ -152,6 +172,8 @@ struct Measures {
     closed_loop_counters: BTreeMap<&'static str, f64>,
     rejoins: u64,
     sockets_closed: u64,
+    /// Spans the OTLP receiver took during the fixed rate (`--traces`).
+    spans: u64,
 }
 
 impl Measures {
@@ -193,7 +215,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             sockets: args.baseline_sockets,
             socket_nodes: 0,
             loadgens: args.baseline_sockets.div_ceil(per_process),
+            traces: Traces::NotCompared,
         });
+    }
+    if args.traces {
+        return run_traces(&args, shapes.first().copied()).await;
     }
     if args
         .sockets
@@ -217,12 +243,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sockets: args.sockets,
         socket_nodes,
         loadgens: args.sockets.div_ceil(per_process),
+        traces: Traces::NotCompared,
     });
     let mut results = Vec::new();
     for (index, shape) in shapes.into_iter().enumerate() {
         say(shape.label());
         let names = Names::new();
-        let measured = run_shape(&args, shape, index, &names).await;
+        let measured = run_shape(&args, shape, index, &names, None).await;
         node::clean_up(&names).await;
         results.push(measured?);
     }
@@ -265,6 +292,7 @@ async fn run_shape(
     shape: Shape,
     index: usize,
     names: &Names,
+    spans: Option<&SpanSink>,
 ) -> anyhow::Result<Measures> {
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
     let (sink, statsd_addr) = statsd::Sink::start()?;
@@ -280,6 +308,12 @@ async fn run_shape(
         if shape.socket_nodes == 0 {
             let mut settings = pools(HUB_POOLS);
             settings.push(("HERALD_SOCKET__MAX_CONNECTIONS", per_node));
+            if let (Traces::Sampled(ratio), Some(sink)) = (shape.traces, spans) {
+                settings.push(("HERALD_TRACES__OTLP_ENDPOINT", sink.url.clone()));
+                settings.push(("HERALD_TRACES__SAMPLE_RATIO", ratio.to_string()));
+                settings.push(("HERALD_TRACES__EXPORT_INTERVAL_MS", "1000".to_owned()));
+                settings.push(("HERALD_TRACES__MAX_QUEUED_SPANS", "65536".to_owned()));
+            }
             deployment.start("scale-single", &settings).await?;
         } else {
             let mut hub = pools(HUB_POOLS);
@@ -296,7 +330,7 @@ async fn run_shape(
                     .await?;
             }
         }
-        measure(args, shape, index, &deployment, &sink).await
+        measure(args, shape, index, &deployment, &sink, spans).await
     }
     .await;
     deployment.stop_all().await;
@@ -338,6 +372,7 @@ async fn measure(
     index: usize,
     deployment: &Deployment<'_>,
     sink: &statsd::Sink,
+    spans: Option<&SpanSink>,
 ) -> anyhow::Result<Measures> {
     let (api, holders): (Vec<&Node>, Vec<&Node>) = if shape.socket_nodes == 0 {
         let node = deployment.nodes.first().context("no node")?;
@@ -460,6 +495,12 @@ async fn measure(
     ));
     let cpu_before = sys::cpu_by_group(&pids, &loadgen_pids);
     sink.take();
+    // Spans the closed loop made are exported by now or soon: counted from here on, with the
+    // fixed rate's, less what the first export interval still brings of the loop's (at most 1 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(spans) = spans {
+        spans.take();
+    }
     // Each load generator's share of the rate is its share of the users.
     let _: Vec<Started> = call_each(&mut loads, |j| Command::Start {
         rate: args.rate * users[j] as f64 / shape.sockets as f64,
@@ -477,6 +518,14 @@ async fn measure(
     let _: Vec<Stopped> = call_all(&mut loads, &Command::Stop).await?;
     let drained: Vec<Drained> = call_all(&mut loads, &Command::Drain { limit: 30.0 }).await?;
     let metrics = sink.take();
+    // The last export interval's spans.
+    let spans = match spans {
+        Some(spans) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            spans.take()
+        }
+        None => 0,
+    };
     let mut latency = histogram_of(&[]);
     for window in &windows {
         latency.add(histogram_of(&window.latency))?;
@@ -512,6 +561,7 @@ async fn measure(
         closed_loop_counters,
         rejoins: sum(|w| w.counts.rejoins),
         sockets_closed: sum(|w| w.counts.sockets_closed),
+        spans,
     };
     say(format!(
         "  pushed/accepted {:.4}, p50 {} ms, p99 {} ms, drained {}",
@@ -646,6 +696,153 @@ fn print_table(args: &Args, results: &[Measures]) {
         println!();
     }
     println!();
+}
+
+/// `--traces`: the single node three times on fresh deployments (traces off, 10%, 100%), the same
+/// phases each time; a table of what traces cost against the run with them off.
+async fn run_traces(args: &Args, single: Option<Shape>) -> anyhow::Result<()> {
+    let single = single.context("--traces measures the single node: --baseline-sockets above 0")?;
+    let sink = SpanSink::start().await?;
+    let mut results = Vec::new();
+    for (index, traces) in [Traces::Off, Traces::Sampled(0.1), Traces::Sampled(1.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let shape = Shape { traces, ..single };
+        say(shape.label());
+        let names = Names::new();
+        let measured = run_shape(args, shape, index, &names, Some(&sink)).await;
+        node::clean_up(&names).await;
+        results.push(measured?);
+    }
+    print_traces_table(args, &results);
+    let path = out_dir().join("traces-latest.json");
+    let report = serde_json::json!({
+        "git": crate::git_revision(),
+        "machine": sys::machine(),
+        "started_unix": crate::unix_now(),
+        "runs": results,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    say(format!("wrote {}", path.display()));
+    for m in &results {
+        if m.pushed == 0 || m.sustained <= 0.0 || m.join_failed > 0 || !m.drained {
+            bail!("{}: measured nothing worth reading", m.shape.label());
+        }
+        if matches!(m.shape.traces, Traces::Sampled(_)) && m.spans == 0 {
+            bail!("{}: no span reached the OTLP receiver", m.shape.label());
+        }
+    }
+    Ok(())
+}
+
+/// Herald's CPU per event accepted at the fixed rate, in microseconds.
+fn cpu_us_per_event(m: &Measures) -> f64 {
+    let herald = m.cores.get("herald").copied().unwrap_or(0.0);
+    herald * m.phase_secs * 1e6 / m.accepted.max(1) as f64
+}
+
+fn print_traces_table(args: &Args, results: &[Measures]) {
+    println!();
+    println!(
+        "Traces (issue 20): one node, {} sockets; closed loop {} s, then {}/s for {} s; each against traces off",
+        thousands(results[0].shape.sockets as f64),
+        args.measure_secs,
+        thousands(args.rate),
+        args.secs
+    );
+    println!();
+    print!("| figure |");
+    for m in results {
+        print!(" {} |", m.shape.label());
+    }
+    println!();
+    println!("|{}", " --- |".repeat(results.len() + 1));
+    type Row = (&'static str, fn(&Measures) -> f64, fn(f64) -> String);
+    let rows: [Row; 5] = [
+        (
+            "sustained, events/s (closed loop)",
+            |m| m.sustained,
+            thousands,
+        ),
+        (
+            "fixed rate: herald CPU per event, us",
+            cpu_us_per_event,
+            |v| format!("{v:.1}"),
+        ),
+        (
+            "fixed rate: p50 enqueue -> push, ms",
+            |m| m.p50_ms.unwrap_or(0) as f64,
+            |v| format!("{v:.0}"),
+        ),
+        (
+            "fixed rate: p99 enqueue -> push, ms",
+            |m| m.p99_ms.unwrap_or(0) as f64,
+            |v| format!("{v:.0}"),
+        ),
+        (
+            "fixed rate: spans exported per event",
+            |m| m.spans as f64 / m.accepted.max(1) as f64,
+            |v| format!("{v:.2}"),
+        ),
+    ];
+    let off = &results[0];
+    for (name, value, shown) in rows {
+        print!("| {name} |");
+        for (k, m) in results.iter().enumerate() {
+            let v = value(m);
+            if k == 0 || value(off) <= 0.0 {
+                print!(" {} |", shown(v));
+            } else {
+                print!(" {} ({:.2}x) |", shown(v), v / value(off));
+            }
+        }
+        println!();
+    }
+    println!();
+}
+
+/// An OTLP/HTTP receiver in the harness that only counts the spans posted to it.
+struct SpanSink {
+    url: String,
+    spans: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SpanSink {
+    async fn start() -> anyhow::Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let spans = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&spans);
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or_default();
+                    let n: usize = value["resourceSpans"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|r| r["scopeSpans"].as_array().into_iter().flatten())
+                        .map(|s| s["spans"].as_array().map_or(0, Vec::len))
+                        .sum();
+                    counted.fetch_add(n as u64, Ordering::Relaxed);
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { url, spans })
+    }
+
+    /// Spans received since the last take.
+    fn take(&self) -> u64 {
+        self.spans.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Cores used by herald / postgresql / rabbitmq / the load generators.
