@@ -174,6 +174,8 @@ struct Measures {
     sockets_closed: u64,
     /// Spans the OTLP receiver took during the fixed rate (`--traces`).
     spans: u64,
+    /// The node processes' CPU time over the fixed rate, seconds (unrounded, unlike `cores`).
+    herald_cpu_secs: f64,
 }
 
 impl Measures {
@@ -510,11 +512,12 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs_f64(args.secs)).await;
     let windows: Vec<Window> = call_all(&mut loads, &Command::Sample).await?;
     let phase_secs = phase.elapsed().as_secs_f64();
-    let cores = sys::cores_used(
-        &cpu_before,
-        &sys::cpu_by_group(&pids, &loadgen_pids),
-        phase_secs,
-    );
+    let cpu_after = sys::cpu_by_group(&pids, &loadgen_pids);
+    let cores = sys::cores_used(&cpu_before, &cpu_after, phase_secs);
+    let herald_cpu_secs = match (cpu_before.get("herald"), cpu_after.get("herald")) {
+        (Some(before), Some(after)) => after.saturating_sub(*before).as_secs_f64(),
+        _ => 0.0,
+    };
     let _: Vec<Stopped> = call_all(&mut loads, &Command::Stop).await?;
     let drained: Vec<Drained> = call_all(&mut loads, &Command::Drain { limit: 30.0 }).await?;
     let metrics = sink.take();
@@ -562,6 +565,7 @@ async fn measure(
         rejoins: sum(|w| w.counts.rejoins),
         sockets_closed: sum(|w| w.counts.sockets_closed),
         spans,
+        herald_cpu_secs,
     };
     say(format!(
         "  pushed/accepted {:.4}, p50 {} ms, p99 {} ms, drained {}",
@@ -738,8 +742,7 @@ async fn run_traces(args: &Args, single: Option<Shape>) -> anyhow::Result<()> {
 
 /// Herald's CPU per event accepted at the fixed rate, in microseconds.
 fn cpu_us_per_event(m: &Measures) -> f64 {
-    let herald = m.cores.get("herald").copied().unwrap_or(0.0);
-    herald * m.phase_secs * 1e6 / m.accepted.max(1) as f64
+    m.herald_cpu_secs * 1e6 / m.accepted.max(1) as f64
 }
 
 fn print_traces_table(args: &Args, results: &[Measures]) {

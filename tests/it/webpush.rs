@@ -485,6 +485,28 @@ async fn a_gone_subscription_is_removed_and_a_busy_push_service_is_tried_again()
 }
 
 #[tokio::test]
+async fn an_event_a_push_service_finds_too_large_goes_again_as_its_summary() {
+    let push = PushService::start().await;
+    let app = spawn_app_with(|s| with_webpush(s, 100)).await;
+    let browser = Browser::new(push.endpoint("small", &[413, 201]));
+    assert_eq!(subscribe(&app, "big1", &browser).await.0, 201);
+    let id = chat(&app, "big1", "a long story").await;
+    let got = wait_pushes(&push, "small", 2).await;
+    let first = browser.read(&got[0].body);
+    assert_eq!(first["data"]["text"], "a long story");
+    let second = browser.read(&got[1].body);
+    assert_eq!(second["truncated"], true);
+    assert_eq!(second["id"], id);
+    assert!(second.get("data").is_none(), "{second}");
+    // An event over what push services take is summarised from the start.
+    let long = "x".repeat(herald::webpush::MAX_PAYLOAD_BYTES);
+    chat(&app, "big1", &long).await;
+    let got = wait_pushes(&push, "small", 3).await;
+    assert!(got[2].body.len() <= 4_096, "{} bytes", got[2].body.len());
+    assert_eq!(browser.read(&got[2].body)["truncated"], true);
+}
+
+#[tokio::test]
 async fn a_push_service_that_hangs_holds_up_no_socket_delivery() {
     let push = PushService::start().await;
     let app = spawn_app_with(|s| {
