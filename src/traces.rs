@@ -235,11 +235,12 @@ pub struct RequestTrace {
     pub traceparent: Option<TraceParent>,
 }
 
-/// The trace of an API request given the producer's `traceparent` header, if any.
+/// The trace of an API request given the producer's `traceparent` header, if any; `attributes`
+/// are made only for a span that is started.
 pub fn request(
     name: &'static str,
     header: Option<&str>,
-    attributes: Vec<KeyValue>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> RequestTrace {
     let given = header.and_then(TraceParent::parse);
     let Some(installed) = TRACER.get() else {
@@ -248,6 +249,7 @@ pub fn request(
             traceparent: given,
         };
     };
+    let attributes = attributes();
     let parent = given.map_or_else(Context::new, |tp| tp.context());
     let span = installed
         .tracer
@@ -263,16 +265,18 @@ pub fn request(
 }
 
 /// A span continuing the sampled traces among `parents`: a child of the first, linked to the
-/// others (a group commit, a lane run). `None` when none is sampled or traces are off.
+/// others (a group commit, a lane run). `None` when none is sampled or traces are off; then
+/// `attributes` is never called, so the hot path pays nothing for them.
 pub fn continue_traces<'a>(
     name: &'static str,
     kind: SpanKind,
     parents: impl IntoIterator<Item = &'a TraceParent>,
-    attributes: Vec<KeyValue>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> Option<ActiveSpan> {
     let installed = TRACER.get()?;
     let mut sampled = parents.into_iter().filter(|tp| tp.sampled);
     let first = sampled.next()?;
+    let attributes = attributes();
     let links: Vec<Link> = std::iter::once(first)
         .chain(sampled)
         .map(|tp| Link::with_context(tp.span_context()))
@@ -366,16 +370,16 @@ mod tests {
     #[test]
     fn without_a_tracer_a_request_keeps_the_producers_traceparent_and_makes_no_span() {
         let text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let trace = request("t", Some(text), Vec::new());
+        let trace = request("t", Some(text), Vec::new);
         assert!(trace.span.is_none());
         assert_eq!(trace.traceparent.unwrap().to_string(), text);
-        assert!(request("t", None, Vec::new()).traceparent.is_none());
+        assert!(request("t", None, Vec::new).traceparent.is_none());
         assert!(
             continue_traces(
                 "t",
                 SpanKind::Internal,
                 [&trace.traceparent.unwrap()],
-                Vec::new()
+                Vec::new
             )
             .is_none()
         );

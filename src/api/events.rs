@@ -164,14 +164,12 @@ fn request_trace(route: &'static str, headers: &HeaderMap, producer: i64) -> tra
     let header = headers
         .get("traceparent")
         .and_then(|value| value.to_str().ok());
-    traces::request(
-        "herald.enqueue",
-        header,
+    traces::request("herald.enqueue", header, || {
         vec![
             KeyValue::new("http.route", route),
             KeyValue::new("herald.producer_id", producer),
-        ],
-    )
+        ]
+    })
 }
 
 fn response(accepted: Accepted) -> EventResponse {

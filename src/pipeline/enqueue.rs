@@ -384,10 +384,12 @@ impl Committer {
             "herald.group_commit",
             SpanKind::Internal,
             events.iter().filter_map(|e| e.traceparent.as_ref()),
-            vec![
-                KeyValue::new("herald.events", events.len() as i64),
-                KeyValue::new("herald.requests", sizes.len() as i64),
-            ],
+            || {
+                vec![
+                    KeyValue::new("herald.events", events.len() as i64),
+                    KeyValue::new("herald.requests", sizes.len() as i64),
+                ]
+            },
         );
         let result = self
             .store
@@ -445,21 +447,22 @@ impl Committer {
                 .filter_map(|&i| envelopes.get_mut(i).and_then(Option::take))
                 .collect();
             // A message of traced events is published under the commit's span.
-            let mut trace = batch
-                .iter()
-                .any(|e| e.trace.is_some_and(|tp| tp.sampled))
-                .then(|| {
-                    traces::continue_traces(
-                        "herald.publish",
-                        SpanKind::Producer,
-                        commit_trace.as_ref(),
+            let mut trace = (commit_trace.is_some()
+                && batch.iter().any(|e| e.trace.is_some_and(|tp| tp.sampled)))
+            .then(|| {
+                traces::continue_traces(
+                    "herald.publish",
+                    SpanKind::Producer,
+                    commit_trace.as_ref(),
+                    || {
                         vec![
                             KeyValue::new("herald.partition", i64::from(planned.partition)),
                             KeyValue::new("herald.events", batch.len() as i64),
-                        ],
-                    )
-                })
-                .flatten();
+                        ]
+                    },
+                )
+            })
+            .flatten();
             let message = super::message(planned.id, planned.partition, &batch, publish_by);
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.publisher.publish_within(message, wait).await.is_ok() {

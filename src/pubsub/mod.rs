@@ -310,10 +310,12 @@ impl PubSub {
                 "herald.push",
                 opentelemetry::trace::SpanKind::Consumer,
                 [tp],
-                vec![opentelemetry::KeyValue::new(
-                    "herald.topic",
-                    message.topic.as_str().to_owned(),
-                )],
+                || {
+                    vec![opentelemetry::KeyValue::new(
+                        "herald.topic",
+                        message.topic.as_str().to_owned(),
+                    )]
+                },
             )
         });
         let reach = self.deliver_to_subscribers(message);

@@ -162,23 +162,28 @@ fn run_trace(run: &[(EventInWork, Option<Attempted>)]) -> Option<traces::ActiveS
             .filter(|(_, early)| early.is_none())
             .map(|(item, _)| item)
     };
-    let first = attempted().next()?;
-    let last = attempted().next_back()?;
-    let ids: Vec<StringValue> = attempted()
-        .map(|item| item.envelope.id.to_string().into())
-        .collect();
     traces::continue_traces(
         "herald.deliver",
         SpanKind::Consumer,
         attempted().filter_map(|item| item.envelope.trace.as_ref()),
-        vec![
-            KeyValue::new("herald.user_id", first.envelope.user_id.as_str().to_owned()),
-            KeyValue::new("herald.partition", i64::from(first.lease.token().partition)),
-            KeyValue::new("herald.seq.first", first.envelope.seq),
-            KeyValue::new("herald.seq.last", last.envelope.seq),
-            KeyValue::new("herald.events", ids.len() as i64),
-            KeyValue::new("herald.event_ids", Value::Array(Array::String(ids))),
-        ],
+        || {
+            let ids: Vec<StringValue> = attempted()
+                .map(|item| item.envelope.id.to_string().into())
+                .collect();
+            let mut attributes = vec![
+                KeyValue::new("herald.events", ids.len() as i64),
+                KeyValue::new("herald.event_ids", Value::Array(Array::String(ids))),
+            ];
+            if let (Some(first), Some(last)) = (attempted().next(), attempted().next_back()) {
+                attributes.extend([
+                    KeyValue::new("herald.user_id", first.envelope.user_id.as_str().to_owned()),
+                    KeyValue::new("herald.partition", i64::from(first.lease.token().partition)),
+                    KeyValue::new("herald.seq.first", first.envelope.seq),
+                    KeyValue::new("herald.seq.last", last.envelope.seq),
+                ]);
+            }
+            attributes
+        },
     )
 }
 
