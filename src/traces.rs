@@ -16,7 +16,8 @@
 //! Off (no `traces.otlp_endpoint`) nothing is made: the only cost is the `traceparent` a producer
 //! sends, kept on its events so operators still see its trace id. On, only sampled traces make spans
 //! (`traces.sample_ratio`; a producer's sampled flag is followed). Spans are exported by a
-//! background thread over OTLP/HTTP (JSON), in batches, from a bounded queue.
+//! background thread over OTLP/HTTP (JSON, or protobuf with `traces.protocol`), in batches, from a
+//! bounded queue.
 //!
 //! The tracer is process-wide, as OpenTelemetry's is: a node installs it at start.
 
@@ -79,7 +80,11 @@ pub fn install(settings: &TracesSettings, node: &str) -> Result<bool, TracesErro
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client)
-        .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
+        .with_protocol(if settings.protocol == "http/protobuf" {
+            opentelemetry_otlp::Protocol::HttpBinary
+        } else {
+            opentelemetry_otlp::Protocol::HttpJson
+        })
         .with_endpoint(endpoint)
         .with_timeout(settings.export_timeout())
         .build()

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct TracesSettings {
     /// The OTLP/HTTP collector's base URL (`http://127.0.0.1:4318`): spans go to
-    /// `<endpoint>/v1/traces` as OTLP JSON. Empty: no spans are made or exported.
+    /// `<endpoint>/v1/traces`. Empty: no spans are made or exported.
     pub otlp_endpoint: String,
+    /// OTLP/HTTP's encoding: `http/json` or `http/protobuf` (collectors take both).
+    pub protocol: String,
     /// The share of new traces recorded (0 to 1). A producer's `traceparent` that says sampled is
     /// always followed, one that says not sampled never.
     pub sample_ratio: f64,
@@ -28,6 +30,7 @@ impl Default for TracesSettings {
     fn default() -> Self {
         Self {
             otlp_endpoint: String::new(),
+            protocol: "http/json".into(),
             sample_ratio: 0.1,
             service_name: "herald".into(),
             export_interval_ms: 5_000,
@@ -60,6 +63,9 @@ impl TracesSettings {
                 "traces",
                 "export_interval_ms, max_queued_spans and export_timeout_ms must be at least 1",
             );
+        }
+        if !["http/json", "http/protobuf"].contains(&self.protocol.as_str()) {
+            return invalid("traces.protocol", "must be http/json or http/protobuf");
         }
         if self.enabled()
             && !(self.otlp_endpoint.starts_with("http://")

@@ -241,3 +241,59 @@ async fn one_events_trace_is_complete_and_parented_across_api_worker_and_socket_
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_the_protobuf_protocol_spans_are_posted_as_otlp_protobuf() {
+    let posts = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
+    let kept = Arc::clone(&posts);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let kept = Arc::clone(&kept);
+                async move {
+                    let kind = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    kept.lock().unwrap().push((kind, body.len()));
+                    ""
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut settings = test_settings();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.traces.otlp_endpoint = collector;
+    settings.traces.protocol = "http/protobuf".into();
+    settings.traces.sample_ratio = 1.0;
+    settings.traces.export_interval_ms = 100;
+    let _cleanup = DropsDeployment(settings.clone());
+    Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = Store::connect(&settings.store).await.unwrap();
+    store.migrate().await.unwrap();
+    let (_, key) = store.create_producer("traced").await.unwrap();
+    let node = Node::serve(&settings, &[]).await;
+    let sent = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/events", node.addr))
+        .bearer_auth(key.expose())
+        .json(&json!({"user_id": "tp1", "event": "note", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    let posted = wait_until("a protobuf export", PATIENCE, || async {
+        let posts = posts.lock().unwrap();
+        posts.first().cloned()
+    })
+    .await;
+    assert_eq!(posted.0, "application/x-protobuf");
+    assert!(posted.1 > 0);
+}
