@@ -87,6 +87,29 @@ fn attribute(attributes: &Value, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A migrated deployment whose nodes export every trace to `collector` (adjusted by `adjust`):
+/// its settings, the guard that drops it, its store and a producer's key.
+async fn traced_deployment(
+    collector: &str,
+    adjust: impl FnOnce(&mut Settings),
+) -> (Settings, DropsDeployment, Store, String) {
+    let mut settings = test_settings();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.traces.otlp_endpoint = collector.to_owned();
+    settings.traces.sample_ratio = 1.0;
+    settings.traces.export_interval_ms = 100;
+    adjust(&mut settings);
+    let cleanup = DropsDeployment(settings.clone());
+    Store::create_database_if_missing(&settings.store)
+        .await
+        .unwrap();
+    let store = Store::connect(&settings.store).await.unwrap();
+    store.migrate().await.unwrap();
+    let (_, key) = store.create_producer("traced").await.unwrap();
+    let key = key.expose().to_owned();
+    (settings, cleanup, store, key)
+}
+
 fn node_settings(base: &Settings, roles: &str, name: &str) -> Settings {
     let mut s = base.clone();
     s.node.roles = roles.parse().unwrap();
@@ -97,20 +120,8 @@ fn node_settings(base: &Settings, roles: &str, name: &str) -> Settings {
 #[tokio::test]
 async fn one_events_trace_is_complete_and_parented_across_api_worker_and_socket_nodes() {
     let (collector, spans) = receiver().await;
-    let mut settings = test_settings();
-    settings.http.addr = "127.0.0.1:0".parse().unwrap();
-    settings.pubsub.mode = PubSubMode::Cluster;
-    settings.traces.otlp_endpoint = collector;
-    settings.traces.sample_ratio = 1.0;
-    settings.traces.export_interval_ms = 100;
-    let _cleanup = DropsDeployment(settings.clone());
-    Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = Store::connect(&settings.store).await.unwrap();
-    store.migrate().await.unwrap();
-    let (_, key) = store.create_producer("traced").await.unwrap();
-    let key = key.expose().to_owned();
+    let (settings, _cleanup, store, key) =
+        traced_deployment(&collector, |s| s.pubsub.mode = PubSubMode::Cluster).await;
 
     let api = Node::serve(&node_settings(&settings, "api", "api-node"), &[]).await;
     let _worker = Node::serve(&node_settings(&settings, "worker", "worker-node"), &[]).await;
@@ -267,23 +278,14 @@ async fn with_the_protobuf_protocol_spans_are_posted_as_otlp_protobuf() {
     let collector = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let mut settings = test_settings();
-    settings.http.addr = "127.0.0.1:0".parse().unwrap();
-    settings.traces.otlp_endpoint = collector;
-    settings.traces.protocol = "http/protobuf".into();
-    settings.traces.sample_ratio = 1.0;
-    settings.traces.export_interval_ms = 100;
-    let _cleanup = DropsDeployment(settings.clone());
-    Store::create_database_if_missing(&settings.store)
-        .await
-        .unwrap();
-    let store = Store::connect(&settings.store).await.unwrap();
-    store.migrate().await.unwrap();
-    let (_, key) = store.create_producer("traced").await.unwrap();
+    let (settings, _cleanup, _store, key) = traced_deployment(&collector, |s| {
+        s.traces.protocol = "http/protobuf".into();
+    })
+    .await;
     let node = Node::serve(&settings, &[]).await;
     let sent = reqwest::Client::new()
         .post(format!("http://{}/api/v1/events", node.addr))
-        .bearer_auth(key.expose())
+        .bearer_auth(&key)
         .json(&json!({"user_id": "tp1", "event": "note", "data": {}}))
         .send()
         .await
