@@ -88,7 +88,9 @@ async function operate(page) {
     document.querySelector("#fig-channels").textContent === "1", null, {timeout: PATIENCE})
 
   // A failed event: the list shows it; its detail shows both failed attempts.
-  const failed = await herald.send("6", {order: 42}, "flaky")
+  // Sent with the producer's W3C trace context: the detail shows its trace id.
+  const trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+  const failed = await herald.send("6", {order: 42}, "flaky", {traceparent: `00-${trace}-00f067aa0ba902b7-01`})
   await page.waitForFunction(() => document.querySelector("#fig-failed-events").textContent === "1", null, {timeout: PATIENCE})
   await page.waitForFunction(() => Number(document.querySelector("#total-dead").textContent) >= 1, null, {timeout: PATIENCE})
   await page.click("#apply")
@@ -102,6 +104,7 @@ async function operate(page) {
   assert.equal(await page.locator("#detail-attempts tr").count(), 2)
   assert.match(await page.textContent("#detail-attempts"), /injected fault for flaky/)
   assert.match(await page.textContent("#detail-data"), /"order": 42/)
+  assert.match(await page.textContent("#detail-fields"), new RegExp(`Trace${trace}`))
 
   // Replay: a dry-run count first, then the job's progress until done, then the event delivered.
   await page.click("#detail-replay")

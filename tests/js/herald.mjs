@@ -180,10 +180,10 @@ export class Herald {
     await run(["destroy", "--yes"], this.env)
   }
 
-  async api(path, body) {
+  async api(path, body, headers = {}) {
     const response = await fetch(`${this.url}${path}`, {
       method: "POST",
-      headers: {authorization: `Bearer ${this.key}`, "content-type": "application/json"},
+      headers: {authorization: `Bearer ${this.key}`, "content-type": "application/json", ...headers},
       body: JSON.stringify(body),
     })
     const json = await response.json()
@@ -200,8 +200,8 @@ export class Herald {
     return (await this.api("/api/v1/tokens", {user_id: userId})).token
   }
 
-  async send(userId, data, event = "push") {
-    return this.api("/api/v1/events", {user_id: userId, event, data})
+  async send(userId, data, event = "push", headers = {}) {
+    return this.api("/api/v1/events", {user_id: userId, event, data}, headers)
   }
 
   /** An official phoenix client Socket for `userId`, not yet connected. */
