@@ -5,6 +5,7 @@
 
 use herald::app::Listener;
 use herald::config::Settings;
+use herald::errors::one_line;
 use herald::pipeline::upkeep::Keeper;
 use herald::queue::{self, selfcheck};
 use herald::store::{Layout, MigrationState, Store};
@@ -207,22 +208,6 @@ async fn get_status(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Strin
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .map_err(|_| std::io::Error::other("timed out after 5 s"))?
-}
-
-/// An error with its causes, on one line: what `herald` prints when a command fails, too.
-pub fn one_line(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        // Some errors print their cause in their own message already.
-        let said = inner.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        cause = inner.source();
-    }
-    text
 }
 
 /// `host:port/database` of a PostgreSQL URL, without its credentials.

@@ -16,6 +16,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod errors;
 pub mod event;
 pub mod metrics;
 pub mod pipeline;

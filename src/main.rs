@@ -152,7 +152,7 @@ async fn main() -> std::process::ExitCode {
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", check::one_line(error.as_ref()));
+            eprintln!("error: {}", herald::errors::one_line(error.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

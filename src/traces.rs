@@ -211,7 +211,7 @@ impl std::fmt::Display for TraceParent {
 }
 
 /// `Option<TraceParent>` as a string in messages: written as the header is, read leniently (a
-/// malformed value is none, never an undecodable message).
+/// string that does not parse is none, never an undecodable message).
 pub mod lenient {
     use super::TraceParent;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -224,9 +224,9 @@ pub mod lenient {
         }
     }
 
-    /// Reads a `traceparent` string; anything else is none.
+    /// Reads a `traceparent` string; one that does not parse is none.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TraceParent>, D::Error> {
-        let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d).unwrap_or(None);
+        let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
         Ok(text.as_deref().and_then(TraceParent::parse))
     }
 }

@@ -158,15 +158,7 @@ impl App {
             settled,
             metrics: metrics.clone(),
             retry: Arc::new(RetryPolicy::new(&settings.retry)),
-            webpush_after_ms: Arc::new(
-                settings
-                    .webpush
-                    .events
-                    .iter()
-                    .filter(|_| settings.webpush.enabled())
-                    .map(|(name, policy)| (name.clone(), policy.after_ms))
-                    .collect(),
-            ),
+            webpush: Arc::new(settings.webpush.clone()),
             retry_delays_ms: settings.retry.delays_ms().into(),
             attempt_timeout: settings.retry.attempt_timeout(),
             broker_timeout: settings.queue.confirm_timeout(),

@@ -447,22 +447,19 @@ impl Committer {
                 .filter_map(|&i| envelopes.get_mut(i).and_then(Option::take))
                 .collect();
             // A message of traced events is published under the commit's span.
-            let mut trace = (commit_trace.is_some()
-                && batch.iter().any(|e| e.trace.is_some_and(|tp| tp.sampled)))
-            .then(|| {
-                traces::continue_traces(
-                    "herald.publish",
-                    SpanKind::Producer,
-                    commit_trace.as_ref(),
-                    || {
-                        vec![
-                            KeyValue::new("herald.partition", i64::from(planned.partition)),
-                            KeyValue::new("herald.events", batch.len() as i64),
-                        ]
-                    },
-                )
-            })
-            .flatten();
+            let traced =
+                commit_trace.filter(|_| batch.iter().any(|e| e.trace.is_some_and(|tp| tp.sampled)));
+            let mut trace = traces::continue_traces(
+                "herald.publish",
+                SpanKind::Producer,
+                traced.as_ref(),
+                || {
+                    vec![
+                        KeyValue::new("herald.partition", i64::from(planned.partition)),
+                        KeyValue::new("herald.events", batch.len() as i64),
+                    ]
+                },
+            );
             let message = super::message(planned.id, planned.partition, &batch, publish_by);
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.publisher.publish_within(message, wait).await.is_ok() {

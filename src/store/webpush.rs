@@ -311,24 +311,21 @@ impl Store {
         origin: &str,
         outcome: &PushOutcome,
     ) -> Result<(), Error> {
-        let (kind, status, error, retry_at, summarize) = match outcome {
-            PushOutcome::Received => ("received", None, None, None, false),
-            PushOutcome::Sent { status } => ("sent", Some(*status), None, None, false),
-            PushOutcome::Gone { status, error } => ("gone", *status, Some(error), None, false),
+        // The statement's kinds are the metric labels, and `deferred` for a push put off.
+        let kind = outcome.label().unwrap_or("deferred");
+        let (status, error, retry_at, summarize) = match outcome {
+            PushOutcome::Received => (None, None, None, false),
+            PushOutcome::Sent { status } => (Some(*status), None, None, false),
+            PushOutcome::Gone { status, error } | PushOutcome::Failed { status, error } => {
+                (*status, Some(error), None, false)
+            }
             PushOutcome::Retrying {
                 status,
                 error,
                 retry_at_ms,
                 summarize,
-            } => (
-                "retrying",
-                *status,
-                Some(error),
-                Some(*retry_at_ms),
-                *summarize,
-            ),
-            PushOutcome::Failed { status, error } => ("failed", *status, Some(error), None, false),
-            PushOutcome::Deferred { until_ms } => ("deferred", None, None, Some(*until_ms), false),
+            } => (*status, Some(error), Some(*retry_at_ms), *summarize),
+            PushOutcome::Deferred { until_ms } => (None, None, Some(*until_ms), false),
         };
         sqlx::query(FINISH_SQL)
             .bind(event)

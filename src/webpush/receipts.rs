@@ -62,7 +62,7 @@ impl Receipts {
     }
 
     /// Puts back receipts a flush could not write, under any newer ones.
-    fn restore(&self, receipts: HashMap<String, i64>) {
+    fn restore(&self, receipts: impl IntoIterator<Item = (String, i64)>) {
         let mut pending = self.pending.lock().expect("receipts lock");
         for (user, seq) in receipts {
             if pending.len() >= MAX_USERS && !pending.contains_key(&user) {
@@ -79,13 +79,12 @@ impl Receipts {
         if taken.is_empty() {
             return;
         }
-        let (users, seqs): (Vec<String>, Vec<i64>) =
-            taken.iter().map(|(u, s)| (u.clone(), *s)).unzip();
+        let (users, seqs): (Vec<String>, Vec<i64>) = taken.into_iter().unzip();
         match store.record_webpush_receipts(&users, &seqs).await {
             Ok(()) => metrics.webpush_receipts(users.len()),
             Err(error) => {
                 tracing::warn!(error = ?error, users = users.len(), "cannot record push receipts; kept for the next flush");
-                self.restore(taken);
+                self.restore(users.into_iter().zip(seqs));
             }
         }
     }

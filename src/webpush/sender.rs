@@ -13,7 +13,8 @@
 use super::guard::{EndpointPolicy, PublicResolver};
 use super::{VapidKey, payload};
 use crate::backoff::random_unit;
-use crate::config::{FallbackUnless, WebPushSettings};
+use crate::config::{EventWebPushSettings, FallbackUnless, WebPushSettings};
+use crate::errors::one_line;
 use crate::event::now_unix_ms;
 use crate::metrics::Metrics;
 use crate::pipeline::retry::{Decision, RetryPolicy};
@@ -150,14 +151,14 @@ impl Sender {
         let event = push.event.id;
         let subscription = push.subscription.id;
         let origin = origin_of(&push.subscription.endpoint);
-        let (outcome, took) = match self.fallback_unless(&push) {
-            Some(unless) if settled(&push, unless) => (PushOutcome::Received, None),
+        let (outcome, took) = match self.settings.fallback(&push.event.event) {
+            Some(policy) if settled(&push, policy.unless) => (PushOutcome::Received, None),
             // The event name no longer falls back (settings changed): nothing to send.
             None => (PushOutcome::Received, None),
-            Some(_) => match self.origin_slot(&origin) {
+            Some(policy) => match self.origin_slot(&origin) {
                 Some(_origin_slot) => {
                     let started = Instant::now();
-                    let outcome = self.request(&push, &origin).await;
+                    let outcome = self.request(&push, policy, &origin).await;
                     (outcome, Some(started.elapsed()))
                 }
                 None => {
@@ -180,12 +181,6 @@ impl Sender {
         }
     }
 
-    fn fallback_unless(&self, push: &DuePush) -> Option<FallbackUnless> {
-        self.settings
-            .fallback(&push.event.event)
-            .map(|policy| policy.unless)
-    }
-
     /// A slot of `origin`'s share, if one is free.
     fn origin_slot(&self, origin: &str) -> Option<OwnedSemaphorePermit> {
         let mut origins = self.origins.lock().expect("origins lock");
@@ -200,8 +195,13 @@ impl Sender {
         Arc::clone(slots).try_acquire_owned().ok()
     }
 
-    /// Encrypts, signs and sends one push; what its answer means.
-    async fn request(&self, push: &DuePush, origin: &str) -> PushOutcome {
+    /// Encrypts, signs and sends one push under its event name's `policy`; what its answer means.
+    async fn request(
+        &self,
+        push: &DuePush,
+        policy: &EventWebPushSettings,
+        origin: &str,
+    ) -> PushOutcome {
         let url = match self.policy.check_endpoint(&push.subscription.endpoint) {
             Ok(url) => url,
             Err(why) => return gone(None, why.to_string()),
@@ -210,8 +210,6 @@ impl Sender {
             Ok(body) => body,
             Err(why) => return gone(None, why),
         };
-        let name = push.event.event.as_str();
-        let policy = self.settings.fallback(name).cloned().unwrap_or_default();
         let ttl = policy.ttl_secs.unwrap_or(self.settings.ttl_secs);
         let mut headers = HeaderMap::new();
         headers.insert("TTL", HeaderValue::from(ttl));
@@ -240,7 +238,7 @@ impl Sender {
                 let why = if error.is_timeout() {
                     "the push service did not answer in time".to_owned()
                 } else {
-                    format!("cannot reach the push service: {}", error_chain(&error))
+                    format!("cannot reach the push service: {}", one_line(&error))
                 };
                 self.retry_or_fail(push, None, why, None)
             }
@@ -370,16 +368,4 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
-}
-
-/// An error with its causes, for the attempt log.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -110,6 +110,11 @@ async fn traced_deployment(
     (settings, cleanup, store, key)
 }
 
+/// Sends `request`; its answer's JSON body.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 fn node_settings(base: &Settings, roles: &str, name: &str) -> Settings {
     let mut s = base.clone();
     s.node.roles = roles.parse().unwrap();
@@ -133,17 +138,13 @@ async fn one_events_trace_is_complete_and_parented_across_api_worker_and_socket_
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let producer_span = "00f067aa0ba902b7";
     let http = reqwest::Client::new();
-    let answer: Value = http
-        .post(format!("http://{}/api/v1/events", api.addr))
-        .bearer_auth(&key)
-        .header("traceparent", format!("00-{trace}-{producer_span}-01"))
-        .json(&json!({"user_id": "tr1", "event": "note", "data": {"n": 1}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http.post(format!("http://{}/api/v1/events", api.addr))
+            .bearer_auth(&key)
+            .header("traceparent", format!("00-{trace}-{producer_span}-01"))
+            .json(&json!({"user_id": "tr1", "event": "note", "data": {"n": 1}})),
+    )
+    .await;
     let id = answer["id"].as_str().unwrap().to_owned();
     let push = client.recv_push().await;
     assert_eq!(push[4]["id"], id.as_str());
@@ -203,42 +204,30 @@ async fn one_events_trace_is_complete_and_parented_across_api_worker_and_socket_
 
     // The admin API shows the event's trace id.
     let admin = create_admin_key(&store).await;
-    let event: Value = http
-        .get(format!("http://{}/api/v1/admin/events/{id}", api.addr))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let event = json_of(
+        http.get(format!("http://{}/api/v1/admin/events/{id}", api.addr))
+            .bearer_auth(&admin),
+    )
+    .await;
     assert_eq!(event["trace_id"], trace);
 
     // An event sent without a traceparent starts a trace of its own (ratio 1: recorded).
-    let answer: Value = http
-        .post(format!("http://{}/api/v1/events", api.addr))
-        .bearer_auth(&key)
-        .json(&json!({"user_id": "tr1", "event": "note", "data": {"n": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http.post(format!("http://{}/api/v1/events", api.addr))
+            .bearer_auth(&key)
+            .json(&json!({"user_id": "tr1", "event": "note", "data": {"n": 2}})),
+    )
+    .await;
     client.recv_push().await;
-    let own: Value = http
-        .get(format!(
+    let own = json_of(
+        http.get(format!(
             "http://{}/api/v1/events/{}",
             api.addr,
             answer["id"].as_str().unwrap()
         ))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .bearer_auth(&key),
+    )
+    .await;
     let new_trace = own["trace_id"].as_str().unwrap().to_owned();
     assert_eq!(new_trace.len(), 32);
     assert_ne!(new_trace, trace);

@@ -74,8 +74,8 @@ pub struct Worker {
     pub metrics: Metrics,
     /// When to retry, and when to give up.
     pub retry: Arc<RetryPolicy>,
-    /// The event names that fall back to Web Push, with their delay (empty when it is off).
-    pub webpush_after_ms: Arc<HashMap<String, u64>>,
+    /// Web Push: which event names fall back, and after how long ([`crate::config::WebPushSettings::fallback`]).
+    pub webpush: Arc<crate::config::WebPushSettings>,
     /// Every distinct retry delay: one delay queue each.
     pub retry_delays_ms: Arc<[u64]>,
     /// Bound on one attempt.

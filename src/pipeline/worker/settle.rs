@@ -106,9 +106,9 @@ impl Worker {
                 Some(record(AttemptResult::Delivered {
                     sockets,
                     webpush_due_ms: self
-                        .webpush_after_ms
-                        .get(item.envelope.event.as_str())
-                        .map(|after| item.envelope.at + *after as i64),
+                        .webpush
+                        .fallback(item.envelope.event.as_str())
+                        .map(|policy| item.envelope.at + policy.after_ms as i64),
                 })),
                 Settle::Delivered,
                 Some(if sockets > 0 { "pushed" } else { "offline" }),
