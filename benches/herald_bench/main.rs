@@ -18,6 +18,7 @@ mod echo;
 mod loadgen;
 mod node;
 mod protocol;
+mod prunecost;
 mod report;
 mod rowcost;
 mod scale;
@@ -131,6 +132,9 @@ enum Role {
     Sockmem(sockmem::Args),
     /// What a group commit costs inside PostgreSQL, per event (BENCHMARKS.md, *Per-row costs*).
     Rowcost(rowcost::Args),
+    /// What pruning by the per-user cap costs inside PostgreSQL, per pruned event (BENCHMARKS.md,
+    /// *Pruning costs*).
+    Prunecost(prunecost::Args),
     /// 100,000 sockets over several socket nodes, beside one node's 10,000 (scripts/scale).
     Scale(scale::Args),
 }
@@ -205,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         Some(Role::SoakLoadgen(args)) => runtime.block_on(soak::loadgen(args)),
         Some(Role::Sockmem(args)) => runtime.block_on(sockmem::run(args)),
         Some(Role::Rowcost(args)) => runtime.block_on(rowcost::run(args)),
+        Some(Role::Prunecost(args)) => runtime.block_on(prunecost::run(args)),
         Some(Role::Scale(args)) => runtime.block_on(scale::run(args)),
         None => runtime.block_on(harness(Plan::new(&cli))),
     }

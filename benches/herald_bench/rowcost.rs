@@ -48,25 +48,33 @@ pub struct Args {
 
 /// One statement's `EXPLAIN (ANALYZE, BUFFERS, WAL)` figures, summed over the rounds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-struct Cost {
+pub struct Cost {
     /// Execution time plus planning time, ms.
-    ms: f64,
-    wal_records: f64,
-    wal_bytes: f64,
-    wal_fpi: f64,
-    dirtied: f64,
-    hit: f64,
-    read: f64,
+    pub ms: f64,
+    pub wal_records: f64,
+    pub wal_bytes: f64,
+    pub wal_fpi: f64,
+    pub dirtied: f64,
+    pub hit: f64,
+    pub read: f64,
 }
 
 impl Cost {
     /// The figures of one `EXPLAIN (..., FORMAT JSON)` answer.
-    fn of(explain: &serde_json::Value) -> Self {
+    pub fn of(explain: &serde_json::Value) -> Self {
         let top = &explain[0];
-        let plan = &top["Plan"];
         let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         Self {
             ms: n(&top["Execution Time"]) + n(&top["Planning Time"]),
+            ..Self::of_node(&top["Plan"])
+        }
+    }
+
+    /// The figures of one node of a plan, its children included (`ms` its actual total time).
+    pub fn of_node(plan: &serde_json::Value) -> Self {
+        let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        Self {
+            ms: n(&plan["Actual Total Time"]) * n(&plan["Actual Loops"]).max(1.0),
             wal_records: n(&plan["WAL Records"]),
             wal_bytes: n(&plan["WAL Bytes"]),
             wal_fpi: n(&plan["WAL FPI"]),
@@ -76,18 +84,27 @@ impl Cost {
         }
     }
 
-    fn add(&mut self, other: Self) {
-        self.ms += other.ms;
-        self.wal_records += other.wal_records;
-        self.wal_bytes += other.wal_bytes;
-        self.wal_fpi += other.wal_fpi;
-        self.dirtied += other.dirtied;
-        self.hit += other.hit;
-        self.read += other.read;
+    /// What is left of `self` without `part` (a node's own work without a child's).
+    pub fn subtract(&mut self, part: Self) {
+        self.add_times(part, -1.0);
+    }
+
+    pub fn add(&mut self, other: Self) {
+        self.add_times(other, 1.0);
+    }
+
+    fn add_times(&mut self, other: Self, k: f64) {
+        self.ms += k * other.ms;
+        self.wal_records += k * other.wal_records;
+        self.wal_bytes += k * other.wal_bytes;
+        self.wal_fpi += k * other.wal_fpi;
+        self.dirtied += k * other.dirtied;
+        self.hit += k * other.hit;
+        self.read += k * other.read;
     }
 
     /// Per event, `events` being how many the sums cover.
-    fn per(self, events: f64) -> PerEvent {
+    pub fn per(self, events: f64) -> PerEvent {
         PerEvent {
             us: self.ms * 1000.0 / events,
             wal_records: self.wal_records / events,
@@ -101,13 +118,13 @@ impl Cost {
 
 /// A statement's cost per event.
 #[derive(Clone, Copy, Debug, Serialize)]
-struct PerEvent {
-    us: f64,
-    wal_records: f64,
-    wal_bytes: f64,
-    wal_fpi: f64,
-    dirtied: f64,
-    buffers: f64,
+pub struct PerEvent {
+    pub us: f64,
+    pub wal_records: f64,
+    pub wal_bytes: f64,
+    pub wal_fpi: f64,
+    pub dirtied: f64,
+    pub buffers: f64,
 }
 
 /// One batch's columns, as `insert_events` binds them.
@@ -207,11 +224,20 @@ impl Batch {
 
 /// `EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON)` of `sql` with `args`: its cost.
 async fn explain(conn: &mut PgConnection, sql: &str, args: PgArguments) -> anyhow::Result<Cost> {
+    Ok(Cost::of(&explained(conn, sql, args).await?))
+}
+
+/// The whole `EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON)` answer of `sql` with `args`.
+pub async fn explained(
+    conn: &mut PgConnection,
+    sql: &str,
+    args: PgArguments,
+) -> anyhow::Result<serde_json::Value> {
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON) {sql}");
     let row = sqlx::query_with(&explain, args).fetch_one(conn).await?;
     // `json`, whose wire form is its text: read as such (sqlx's `json` feature is not enabled).
     let plan: String = row.try_get_unchecked(0)?;
-    Ok(Cost::of(&serde_json::from_str(&plan)?))
+    Ok(serde_json::from_str(&plan)?)
 }
 
 /// The figures of a run.
@@ -371,22 +397,7 @@ fn print_costs(costs: &RowCosts) {
     for sql in &costs.setup_sql {
         println!("setup: {sql}");
     }
-    println!(
-        "| statement | us / event | WAL records / event | WAL bytes / event | full-page images / event | buffers dirtied / event | buffers read or hit / event |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let row = |side: &str, (name, c): &(String, PerEvent)| {
-        println!(
-            "| {side}{name} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1} |",
-            c.us, c.wal_records, c.wal_bytes, c.wal_fpi, c.dirtied, c.buffers
-        );
-    };
-    for statement in &costs.herald {
-        row("herald: ", statement);
-    }
-    for statement in &costs.raw {
-        row("raw: ", statement);
-    }
+    print_table(&[("herald", &costs.herald), ("raw", &costs.raw)]);
     let total = |side: &[(String, PerEvent)]| side.last().map_or(0.0, |(_, c)| c.us);
     let (herald, raw) = (total(&costs.herald), total(&costs.raw));
     if raw > 0.0 {
@@ -394,5 +405,22 @@ fn print_costs(costs: &RowCosts) {
             "\nherald / raw, time per event: {:.2}x ({herald:.2} / {raw:.2} us)",
             herald / raw
         );
+    }
+}
+
+/// A table of statements' costs per event, as BENCHMARKS.md shows them: each side's rows, named
+/// `side: statement`.
+pub fn print_table(sides: &[(&str, &[(String, PerEvent)])]) {
+    println!(
+        "| statement | us / event | WAL records / event | WAL bytes / event | full-page images / event | buffers dirtied / event | buffers read or hit / event |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (side, rows) in sides {
+        for (name, c) in rows.iter() {
+            println!(
+                "| {side}: {name} | {:.2} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1} |",
+                c.us, c.wal_records, c.wal_bytes, c.wal_fpi, c.dirtied, c.buffers
+            );
+        }
     }
 }
