@@ -140,15 +140,24 @@ const SCHEDULE_SQL: &str = "INSERT INTO webpush_outbox (event_id, subscription_i
 
 /// Claims up to `$1` due pushes by moving them `$2` ms ahead (past their request's bound: a
 /// sender that dies leaves them due again), with their events and subscriptions. Several nodes
-/// claim side by side (SKIP LOCKED).
+/// claim side by side (SKIP LOCKED). A due push whose event is gone (retention pruned it while it
+/// waited: the outbox has no foreign key to `events`, so pruning does not pay a check per row) is
+/// deleted unsent.
 const CLAIM_SQL: &str = concat!(
     "WITH due AS (
-        SELECT event_id, subscription_id FROM webpush_outbox
-        WHERE due_at <= now() ORDER BY due_at LIMIT $1
-        FOR UPDATE SKIP LOCKED),
+        SELECT o.event_id, o.subscription_id,
+               EXISTS (SELECT 1 FROM events e WHERE e.id = o.event_id) AS kept
+        FROM webpush_outbox o
+        WHERE o.due_at <= now() ORDER BY o.due_at LIMIT $1
+        FOR UPDATE OF o SKIP LOCKED),
+    orphaned AS (
+        DELETE FROM webpush_outbox o USING due
+        WHERE NOT due.kept AND o.event_id = due.event_id
+          AND o.subscription_id = due.subscription_id),
     claimed AS (
         UPDATE webpush_outbox o SET due_at = now() + make_interval(secs => $2 / 1000.0)
-        FROM due WHERE o.event_id = due.event_id AND o.subscription_id = due.subscription_id
+        FROM due WHERE due.kept AND o.event_id = due.event_id
+          AND o.subscription_id = due.subscription_id
         RETURNING o.event_id, o.subscription_id, o.tries, o.summarize)
     SELECT ev.*, c.subscription_id, s.endpoint, s.p256dh, s.auth,
        (extract(epoch FROM s.created_at) * 1000)::int8 AS subscribed_at_ms,
@@ -163,7 +172,7 @@ const CLAIM_SQL: &str = concat!(
 );
 
 /// Ends one push, or puts it off: `$3` says how. The attempt row is written unless the event was
-/// received or the push put off.
+/// received or the push put off, or is gone (pruned while its push was out).
 const FINISH_SQL: &str = "WITH ended AS (
         DELETE FROM webpush_outbox
         WHERE event_id = $1 AND subscription_id = $2 AND $3 IN ('sent', 'failed', 'received')),
@@ -175,7 +184,8 @@ const FINISH_SQL: &str = "WITH ended AS (
             due_at = to_timestamp($7 / 1000.0), summarize = summarize OR $8
         WHERE event_id = $1 AND subscription_id = $2 AND $3 IN ('retrying', 'deferred'))
     INSERT INTO webpush_attempts (event_id, origin, status, outcome, error)
-    SELECT $1, $4, $5, $3, $6 WHERE $3 NOT IN ('received', 'deferred')";
+    SELECT $1, $4, $5, $3, $6 WHERE $3 NOT IN ('received', 'deferred')
+        AND EXISTS (SELECT 1 FROM events WHERE id = $1)";
 
 /// Raises the users' receipts (`$1`, `$2`), never down.
 const RECEIPTS_SQL: &str = "INSERT INTO webpush_receipts AS r (user_id, seq)

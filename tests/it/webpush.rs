@@ -363,6 +363,37 @@ async fn settled_pushes(app: &TestApp, push: &PushService, name: &str) -> usize 
 }
 
 #[tokio::test]
+async fn a_push_whose_event_retention_pruned_before_it_came_due_is_dropped_unsent() {
+    let push = PushService::start().await;
+    // Due 3 s after acceptance: retention prunes the first event well before.
+    let app = spawn_app_with(|s| with_webpush(s, 3_000)).await;
+    let browser = Browser::new(push.endpoint("b1", &[201]));
+    assert_eq!(subscribe(&app, "pr1", &browser).await.0, 201);
+    chat(&app, "pr1", "soon gone").await;
+    let kept = chat(&app, "pr1", "kept").await;
+    // Both pushes are planned once their deliveries are recorded.
+    wait_until("both pushes planned", PATIENCE, || async {
+        let planned: i64 = sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        (planned == 2).then_some(())
+    })
+    .await;
+    // Retention's per-user cap of one event deletes the first (its own statement, as a round runs
+    // it); its push waits in the outbox with no foreign key to take it along.
+    assert_eq!(app.store.prune_events(0, 1, 100).await.unwrap(), 1);
+
+    assert_eq!(
+        settled_pushes(&app, &push, "b1").await,
+        1,
+        "the pruned event's push was dropped, not sent or left waiting"
+    );
+    let message = browser.read(&push.received("b1")[0].body);
+    assert_eq!(message["id"], kept);
+}
+
+#[tokio::test]
 async fn with_unless_acked_only_a_clients_ack_keeps_the_push_from_going() {
     let push = PushService::start().await;
     let app = spawn_app_with(|s| {
