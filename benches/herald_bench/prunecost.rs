@@ -11,14 +11,14 @@
 //! finding). A checkpoint comes before the first batch, as one does every few minutes in
 //! production: the first change to a page after it writes the whole page to the WAL.
 
-use crate::node::{Names, Node};
-use crate::rowcost::{Cost, PerEvent, explained, print_table};
-use crate::{baseline, out_dir, say};
+use crate::rowcost::{
+    Cost, PerEvent, Spread, explained, in_scratch_database, prefill, print_table,
+};
+use crate::say;
 use herald::store::PRUNE_EVENTS_PAST_COUNT_SQL;
 use serde::Serialize;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgConnection};
-use std::path::Path;
 use std::time::Instant;
 
 /// Arguments of `prunecost`.
@@ -62,71 +62,31 @@ struct PruneCosts {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out_dir())?;
-    let names = Names::new();
-    let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
-    let result = async {
-        Node::setup(bin, &names)?;
-        let pool = baseline::pool(&names, 2).await?;
-        let producer = baseline::create_raw_table(&pool).await?;
+    let costs = in_scratch_database("prunecost-latest.json", async |pool, producer| {
         say(format!(
             "prefill: {} delivered events over {} users, users at random",
             args.prefill, args.users
         ));
-        prefill(&pool, args.prefill, args.users, producer).await?;
+        prefill(pool, args.prefill, args.users, producer, AT_RANDOM).await?;
         let mut conn = pool.acquire().await?;
         for sql in &args.session_sql {
             say(format!("session: {sql}"));
             sqlx::raw_sql(sql).execute(&mut *conn).await?;
         }
         measure(&mut conn, &args).await
-    }
-    .await;
-    say("cleaning up");
-    crate::node::clean_up(&names).await;
-    let costs = result?;
+    })
+    .await?;
     print_costs(&costs);
-    std::fs::write(
-        out_dir().join("prunecost-latest.json"),
-        serde_json::to_string_pretty(&costs)?,
-    )?;
     Ok(())
 }
 
-/// The same `n` delivered events in `events` and `raw_events`: in arrival order, each to a user
-/// drawn by a hash of its position (the same in both tables), seqs per user in that order; the
-/// counters as the commit leaves them; analyzed and checkpointed.
-async fn prefill(pool: &sqlx::PgPool, n: u64, users: u64, producer: i64) -> anyhow::Result<()> {
-    let n = i64::try_from(n)?;
-    let users = i64::try_from(users.max(1))?;
-    for table in ["events", "raw_events"] {
-        sqlx::query(&format!(
-            "INSERT INTO {table} (id, producer_id, user_id, seq, event, data, enqueued_at, status,
-                                  attempts, push_count, published_at, delivered_at)
-             SELECT gen_random_uuid(), $1, 'r' || u, row_number() OVER (PARTITION BY u ORDER BY i),
-                    'bench', jsonb_build_object('i', i, 'pad', repeat('0123456789abcdef', 4)),
-                    now() - make_interval(secs => ($2 - i) / 1000.0), 'delivered', 1, 1, now(),
-                    now()
-             FROM (SELECT i, abs(hashint8(i)) % $3 AS u FROM generate_series(0, $2 - 1) AS i) AS x
-             ORDER BY i"
-        ))
-        .bind(producer)
-        .bind(n)
-        .bind(users)
-        .execute(pool)
-        .await?;
-    }
-    sqlx::query(
-        "INSERT INTO user_seqs (user_id, last_seq)
-         SELECT user_id, max(seq) FROM events GROUP BY user_id",
-    )
-    .execute(pool)
-    .await?;
-    for sql in ["VACUUM ANALYZE", "CHECKPOINT"] {
-        sqlx::raw_sql(sql).execute(pool).await?;
-    }
-    Ok(())
-}
+/// Each event to a user drawn by a hash of its position (the same in both tables), seqs per user in
+/// arrival order: a day's intake, users interleaved.
+const AT_RANDOM: Spread = Spread {
+    rows: "(SELECT i, abs(hashint8(i)) % $3 AS u FROM generate_series(0, $2 - 1) AS i) AS x",
+    user: "u",
+    seq: "row_number() OVER (PARTITION BY u ORDER BY i)",
+};
 
 /// What the rows of a batch cost: the statement, its parts, the commit.
 #[derive(Default)]

@@ -257,6 +257,31 @@ struct RowCosts {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let costs = in_scratch_database("rowcost-latest.json", async |pool, producer| {
+        for sql in &args.setup_sql {
+            say(format!("setup: {sql}"));
+            sqlx::raw_sql(sql).execute(pool).await?;
+        }
+        say(format!(
+            "prefill: {} delivered events over {} users",
+            args.prefill, args.users
+        ));
+        prefill(pool, args.prefill, args.users, producer, ROUND_ROBIN).await?;
+        let mut conn = pool.acquire().await?;
+        measure(&mut conn, &args, producer).await
+    })
+    .await?;
+    print_costs(&costs);
+    Ok(())
+}
+
+/// Runs `work` on a migrated database of its own (with `raw_events` and a producer, whose id it
+/// gets), drops the database whatever happens, and writes what `work` measured to `json` in the
+/// bench's output directory.
+pub async fn in_scratch_database<T: Serialize>(
+    json: &str,
+    work: impl AsyncFnOnce(&sqlx::PgPool, i64) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     std::fs::create_dir_all(out_dir())?;
     let names = Names::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
@@ -264,43 +289,56 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Node::setup(bin, &names)?;
         let pool = baseline::pool(&names, 2).await?;
         let producer = baseline::create_raw_table(&pool).await?;
-        for sql in &args.setup_sql {
-            say(format!("setup: {sql}"));
-            sqlx::raw_sql(sql).execute(&pool).await?;
-        }
-        say(format!(
-            "prefill: {} delivered events over {} users",
-            args.prefill, args.users
-        ));
-        prefill(&pool, args.prefill, args.users, producer).await?;
-        let mut conn = pool.acquire().await?;
-        measure(&mut conn, &args, producer).await
+        work(&pool, producer).await
     }
     .await;
     say("cleaning up");
     crate::node::clean_up(&names).await;
-    let costs = result?;
-    print_costs(&costs);
+    let measured = result?;
     std::fs::write(
-        out_dir().join("rowcost-latest.json"),
-        serde_json::to_string_pretty(&costs)?,
+        out_dir().join(json),
+        serde_json::to_string_pretty(&measured)?,
     )?;
-    Ok(())
+    Ok(measured)
 }
 
-/// `n` delivered events over `users` users, their counters and watermarks as the commit and
-/// retention leave them, analyzed: the history a commit lands on.
-async fn prefill(pool: &sqlx::PgPool, n: u64, users: u64, producer: i64) -> anyhow::Result<()> {
+/// How a prefill spreads its events over users: SQL for the rows (numbered `i` from 0, `$2` of
+/// them, `$3` users) and each one's user and seq.
+pub struct Spread {
+    pub rows: &'static str,
+    pub user: &'static str,
+    pub seq: &'static str,
+}
+
+/// Round-robin: event i to user i mod users.
+const ROUND_ROBIN: Spread = Spread {
+    rows: "generate_series(0, $2 - 1) AS i",
+    user: "i % $3",
+    seq: "i / $3 + 1",
+};
+
+/// `n` delivered events over `users` users, spread by `spread`, the same in `events` and
+/// `raw_events`, written in the order of `i`; the counters as the commit leaves them; analyzed and
+/// checkpointed: the history a statement lands on.
+pub async fn prefill(
+    pool: &sqlx::PgPool,
+    n: u64,
+    users: u64,
+    producer: i64,
+    spread: Spread,
+) -> anyhow::Result<()> {
     let n = i64::try_from(n)?;
     let users = i64::try_from(users.max(1))?;
+    let Spread { rows, user, seq } = spread;
     for table in ["events", "raw_events"] {
         sqlx::query(&format!(
             "INSERT INTO {table} (id, producer_id, user_id, seq, event, data, enqueued_at, status,
                                   attempts, push_count, published_at, delivered_at)
-             SELECT gen_random_uuid(), $1, 'r' || (i % $3), i / $3 + 1, 'bench',
+             SELECT gen_random_uuid(), $1, 'r' || ({user}), {seq}, 'bench',
                     jsonb_build_object('i', i, 'pad', repeat('0123456789abcdef', 4)),
                     now() - make_interval(secs => ($2 - i) / 1000.0), 'delivered', 1, 1, now(), now()
-             FROM generate_series(0, $2 - 1) AS i"
+             FROM {rows}
+             ORDER BY i"
         ))
         .bind(producer)
         .bind(n)

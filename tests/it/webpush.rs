@@ -312,11 +312,7 @@ async fn an_offline_users_event_reaches_the_browser_encrypted_and_vapid_signed()
         1,
         "the note was not pushed, the chat once"
     );
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(outbox_rows(&app).await, 0);
 }
 
 #[tokio::test]
@@ -348,14 +344,18 @@ async fn no_push_goes_to_a_user_whose_client_received_the_event() {
     );
 }
 
+/// The pushes waiting in the outbox.
+async fn outbox_rows(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+}
+
 /// Waits until no push is waiting; the pushes a service took on `name` then.
 async fn settled_pushes(app: &TestApp, push: &PushService, name: &str) -> usize {
     let settled = poll_until(PATIENCE, Duration::from_millis(100), || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
-            .fetch_one(app.store.pool())
-            .await
-            .unwrap();
-        (left == 0).then_some(())
+        (outbox_rows(app).await == 0).then_some(())
     })
     .await;
     assert!(settled.is_some(), "every fallback was settled");
@@ -373,11 +373,7 @@ async fn a_push_whose_event_retention_pruned_before_it_came_due_is_dropped_unsen
     let kept = chat(&app, "pr1", "kept").await;
     // Both pushes are planned once their deliveries are recorded.
     wait_until("both pushes planned", PATIENCE, || async {
-        let planned: i64 = sqlx::query_scalar("SELECT count(*) FROM webpush_outbox")
-            .fetch_one(app.store.pool())
-            .await
-            .unwrap();
-        (planned == 2).then_some(())
+        (outbox_rows(&app).await == 2).then_some(())
     })
     .await;
     // Retention's per-user cap of one event deletes the first (its own statement, as a round runs
