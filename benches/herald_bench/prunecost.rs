@@ -12,7 +12,7 @@
 //! production: the first change to a page after it writes the whole page to the WAL.
 
 use crate::rowcost::{
-    Cost, PerEvent, Spread, explained, in_scratch_database, prefill, print_table,
+    Cost, PerEvent, Spread, explained, in_scratch_database, prefill, print_table, timed_commit,
 };
 use crate::say;
 use herald::store::PRUNE_EVENTS_PAST_COUNT_SQL;
@@ -112,9 +112,8 @@ async fn measure(conn: &mut PgConnection, args: &Args) -> anyhow::Result<PruneCo
         let before = watermarks(conn).await?;
         sqlx::query("BEGIN").execute(&mut *conn).await?;
         let mut bind = PgArguments::default();
-        bind.add(cap).map_err(|e| anyhow::anyhow!("bind: {e}"))?;
-        bind.add(args.batch)
-            .map_err(|e| anyhow::anyhow!("bind: {e}"))?;
+        bind.add(cap).map_err(bind_error)?;
+        bind.add(args.batch).map_err(bind_error)?;
         let plan = explained(conn, PRUNE_EVENTS_PAST_COUNT_SQL, bind).await?;
         herald.statement.add(Cost::of(&plan));
         let (find, delete, bookkeeping) = statement_parts(&plan[0]["Plan"]);
@@ -129,7 +128,7 @@ async fn measure(conn: &mut PgConnection, args: &Args) -> anyhow::Result<PruneCo
 
         sqlx::query("BEGIN").execute(&mut *conn).await?;
         let mut bind = PgArguments::default();
-        bind.add(&rows).map_err(|e| anyhow::anyhow!("bind: {e}"))?;
+        bind.add(&rows).map_err(bind_error)?;
         raw.statement.add(Cost::of(
             &explained(
                 conn,
@@ -184,6 +183,10 @@ async fn measure(conn: &mut PgConnection, args: &Args) -> anyhow::Result<PruneCo
     })
 }
 
+fn bind_error(error: sqlx::error::BoxDynError) -> anyhow::Error {
+    anyhow::anyhow!("bind: {error}")
+}
+
 /// The statement's plan split: the subquery that finds the rows (the `ARRAY` under the delete's
 /// TID scan), the rest of the delete (the rows, their index entries stay until a vacuum), and the
 /// other data-modifying CTEs (watermarks, keys).
@@ -233,13 +236,6 @@ fn find_node<'a>(
         }
     }
     None
-}
-
-/// `COMMIT`, timed at the client (its WAL flush), ms.
-async fn timed_commit(conn: &mut PgConnection) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    sqlx::query("COMMIT").execute(&mut *conn).await?;
-    Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// Every user's retention watermark.

@@ -240,6 +240,13 @@ pub async fn explained(
     Ok(serde_json::from_str(&plan)?)
 }
 
+/// `COMMIT`, timed at the client (its WAL flush), ms.
+pub async fn timed_commit(conn: &mut PgConnection) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
 /// The figures of a run.
 #[derive(Serialize)]
 struct RowCosts {
@@ -376,9 +383,7 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
             &mut statement,
             explain(conn, COMMIT_EVENTS_SQL, bind).await?,
         );
-        let flushed = Instant::now();
-        sqlx::query("COMMIT").execute(&mut *conn).await?;
-        commit.ms += flushed.elapsed().as_secs_f64() * 1000.0;
+        commit.ms += timed_commit(conn).await?;
 
         // The raw baseline: the same rows (new ids) into `raw_events`, in a transaction of its own.
         let raw = Batch::new(args.batch, &mut next, args.users, producer);
@@ -395,9 +400,7 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
             )
             .await?,
         );
-        let flushed = Instant::now();
-        sqlx::query("COMMIT").execute(&mut *conn).await?;
-        raw_commit.ms += flushed.elapsed().as_secs_f64() * 1000.0;
+        raw_commit.ms += timed_commit(conn).await?;
     }
     let events = (args.rounds * args.batch) as f64;
     let mut total = statement;
