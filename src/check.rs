@@ -8,7 +8,7 @@ use herald::config::Settings;
 use herald::errors::one_line;
 use herald::pipeline::upkeep::Keeper;
 use herald::queue::{self, selfcheck};
-use herald::store::{Layout, MigrationState, Store};
+use herald::store::{Checkpoints, Layout, MigrationState, Store};
 use sqlx::Connection;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -77,6 +77,7 @@ pub async fn run(settings: &Settings, running: bool) -> anyhow::Result<()> {
         Some(store) => {
             check_migrations(&store, &mut report).await;
             check_upkeep(settings, &store, &mut report).await;
+            check_wal(&store, &mut report).await;
             if roles.api || roles.worker {
                 check_partitions(settings, &store, &mut report).await;
             }
@@ -306,6 +307,46 @@ async fn check_upkeep(settings: &Settings, store: &Store, report: &mut Report) {
             Some(warning) => report.warn("upkeep", warning),
         },
         Err(error) => report.fail("upkeep", one_line(&error)),
+    }
+}
+
+/// Whether checkpoints come on time or are forced: a warning, since only the operator knows whether
+/// something else requests them (a `CREATE DATABASE`, a base backup).
+async fn check_wal(store: &Store, report: &mut Report) {
+    let checkpoints = match store.checkpoints().await {
+        Ok(checkpoints) => checkpoints,
+        Err(error) => return report.warn("wal", one_line(&error)),
+    };
+    let Checkpoints {
+        timed,
+        requested,
+        max_wal_size,
+        wal_compression,
+        ..
+    } = &checkpoints;
+    let since = checkpoints
+        .since
+        .as_deref()
+        .map_or_else(String::new, |since| format!(" since {since} UTC"));
+    let counts = format!(
+        "{requested} of {} checkpoints{since} requested",
+        timed + requested
+    );
+    if checkpoints.mostly_requested() {
+        report.warn(
+            "wal",
+            format!(
+                "{counts}, not timed: at max_wal_size {max_wal_size} the WAL's volume (or \
+                 commands such as CREATE DATABASE) forces them, and each forced checkpoint makes \
+                 retention's next deletes write whole pages to the WAL; raise max_wal_size \
+                 (wal_compression is {wal_compression}; README, \"PostgreSQL settings\")"
+            ),
+        );
+    } else {
+        report.ok(
+            "wal",
+            format!("{counts}; max_wal_size {max_wal_size}, wal_compression {wal_compression}"),
+        );
     }
 }
 

@@ -68,7 +68,7 @@ pub use sweep::{
     KEEP_IN_FLIGHT_SQL, PLACE_MESSAGES_SQL, STALE_MESSAGES_SQL, SWEEP_STALE_EVENTS_SQL,
     TAKE_STALE_MESSAGES_SQL, UNPLACED_MESSAGES_SQL,
 };
-pub use upkeep::Upkeep;
+pub use upkeep::{Checkpoints, Upkeep};
 pub use webpush::{DuePush, PushAttempt, PushOutcome, Subscription};
 
 use crate::config::StoreSettings;

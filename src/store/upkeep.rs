@@ -126,6 +126,73 @@ impl Store {
     }
 }
 
+/// What PostgreSQL's checkpoints have been since its statistics were reset, and the settings that
+/// decide them: retention's deletes land on pages all over `events`, and the first change to a page
+/// after a checkpoint writes the whole page to the WAL, so checkpoints forced by WAL volume (rather
+/// than timed) multiply pruning's WAL (README, "PostgreSQL settings").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoints {
+    /// Checkpoints started by `checkpoint_timeout`.
+    pub timed: i64,
+    /// Checkpoints requested: by WAL volume (`max_wal_size`), or by a command (`CHECKPOINT`,
+    /// `CREATE DATABASE`, a base backup).
+    pub requested: i64,
+    /// Since when they are counted (UTC, to the minute), if PostgreSQL says.
+    pub since: Option<String>,
+    /// `max_wal_size` as PostgreSQL shows it (`1GB`).
+    pub max_wal_size: String,
+    /// `wal_compression` as PostgreSQL shows it (`off`, `lz4`...).
+    pub wal_compression: String,
+}
+
+/// PostgreSQL 17 moved the checkpoint counters to `pg_stat_checkpointer`.
+const CHECKPOINTS_SINCE_17: &str = "SELECT num_timed, num_requested, \
+     to_char(stats_reset AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM pg_stat_checkpointer";
+const CHECKPOINTS_BEFORE_17: &str = "SELECT checkpoints_timed, checkpoints_req, \
+     to_char(stats_reset AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM pg_stat_bgwriter";
+
+impl Store {
+    /// The server's checkpoints so far and its WAL settings.
+    ///
+    /// # Errors
+    /// A query failed.
+    pub async fn checkpoints(&self) -> Result<Checkpoints, Error> {
+        let (newer, max_wal_size, wal_compression): (bool, String, String) = sqlx::query_as(
+            "SELECT to_regclass('pg_catalog.pg_stat_checkpointer') IS NOT NULL, \
+                    current_setting('max_wal_size'), current_setting('wal_compression')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::query("read the WAL settings"))?;
+        let counters = match newer {
+            true => CHECKPOINTS_SINCE_17,
+            false => CHECKPOINTS_BEFORE_17,
+        };
+        let (timed, requested, since): (i64, i64, Option<String>) = sqlx::query_as(counters)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::query("read the checkpoint counters"))?;
+        Ok(Checkpoints {
+            timed,
+            requested,
+            since,
+            max_wal_size,
+            wal_compression,
+        })
+    }
+}
+
+impl Checkpoints {
+    /// Below this many checkpoints, the split says nothing yet.
+    const TELLING: i64 = 10;
+
+    /// Whether checkpoints mostly come by request (WAL volume, mostly, on a database server that
+    /// does not create databases all day) rather than on time.
+    pub fn mostly_requested(&self) -> bool {
+        self.timed + self.requested >= Self::TELLING && self.requested > self.timed
+    }
+}
+
 /// Runs `statements` one by one on the simple protocol (no arguments: VACUUM runs in no
 /// transaction block and cannot be prepared); stops at the first failure.
 async fn run_each(connection: &mut PgConnection, statements: &[String]) -> Result<(), Error> {

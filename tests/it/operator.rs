@@ -210,10 +210,12 @@ async fn herald_check_passes_on_a_healthy_deployment_and_names_each_broken_depen
     ] {
         assert!(line(&lines, "ok", name).is_some(), "{name}: {lines:#?}");
     }
-    assert!(
-        line(&lines, "ok", "upkeep").is_some() || line(&lines, "warn", "upkeep").is_some(),
-        "{lines:#?}"
-    );
+    for name in ["upkeep", "wal"] {
+        assert!(
+            line(&lines, "ok", name).is_some() || line(&lines, "warn", name).is_some(),
+            "{name}: {lines:#?}"
+        );
+    }
     assert!(lines.last().unwrap().contains("all passed"), "{lines:#?}");
 
     // The port taken: the line names the setting.
@@ -480,4 +482,42 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
             .await;
         }
     }
+}
+
+/// `herald check`'s `wal` line reads the server's own checkpoint counters (a requested checkpoint
+/// counts), and warns only once requested checkpoints outnumber timed ones.
+#[tokio::test]
+async fn the_wal_check_counts_the_servers_checkpoints() {
+    let settings = test_settings();
+    let _deployment = DropsDeployment(settings.clone());
+    migrate(&settings).await;
+    let store = herald::store::Store::connect(&settings.store)
+        .await
+        .unwrap();
+    let before = store.checkpoints().await.unwrap();
+    assert!(!before.max_wal_size.is_empty() && !before.wal_compression.is_empty());
+    sqlx::query("CHECKPOINT")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let after = crate::common::wait_until("the CHECKPOINT counted", PATIENCE, || {
+        let store = store.clone();
+        let before = before.requested;
+        async move {
+            let now = store.checkpoints().await.unwrap();
+            (now.requested > before).then_some(now)
+        }
+    })
+    .await;
+    assert!(after.timed >= before.timed, "{before:?} -> {after:?}");
+
+    let split = |timed, requested| herald::store::Checkpoints {
+        timed,
+        requested,
+        ..after.clone()
+    };
+    assert!(split(2, 83).mostly_requested());
+    assert!(!split(80, 20).mostly_requested());
+    // Too few to tell: a fresh server's first CREATE DATABASE.
+    assert!(!split(0, 3).mostly_requested());
 }
