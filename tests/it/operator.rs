@@ -488,12 +488,7 @@ async fn herald_keeps_its_tables_analyzed_and_vacuumed_when_autovacuum_is_off() 
 /// counts), and warns only once requested checkpoints outnumber timed ones.
 #[tokio::test]
 async fn the_wal_check_counts_the_servers_checkpoints() {
-    let settings = test_settings();
-    let _deployment = DropsDeployment(settings.clone());
-    migrate(&settings).await;
-    let store = herald::store::Store::connect(&settings.store)
-        .await
-        .unwrap();
+    let (_deployment, store) = crate::common::migrated_store().await;
     let before = store.checkpoints().await.unwrap();
     assert!(!before.max_wal_size.is_empty() && !before.wal_compression.is_empty());
     sqlx::query("CHECKPOINT")
