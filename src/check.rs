@@ -320,12 +320,11 @@ async fn check_wal(store: &Store, report: &mut Report) {
     let Checkpoints {
         timed,
         requested,
+        since,
         max_wal_size,
         wal_compression,
-        ..
     } = &checkpoints;
-    let since = checkpoints
-        .since
+    let since = since
         .as_deref()
         .map_or_else(String::new, |since| format!(" since {since} UTC"));
     let counts = format!(

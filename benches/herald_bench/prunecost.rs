@@ -12,7 +12,8 @@
 //! production: the first change to a page after it writes the whole page to the WAL.
 
 use crate::rowcost::{
-    Cost, PerEvent, Spread, explained, in_scratch_database, prefill, print_table, timed_commit,
+    Cost, PerEvent, Spread, explained, in_scratch_database, prefill, print_ratio, print_table,
+    timed_commit,
 };
 use crate::say;
 use herald::store::PRUNE_EVENTS_PAST_COUNT_SQL;
@@ -142,11 +143,6 @@ async fn measure(conn: &mut PgConnection, args: &Args) -> anyhow::Result<PruneCo
     let events = pruned.max(1) as f64;
     let herald_vacuum = vacuum(conn, "events").await?;
     let raw_vacuum = vacuum(conn, "raw_events").await?;
-    let total = |parts: &Parts| {
-        let mut total = parts.statement;
-        total.add(parts.commit);
-        total
-    };
     Ok(PruneCosts {
         git: crate::git_revision(),
         session_sql: args.session_sql.clone(),
@@ -168,13 +164,16 @@ async fn measure(conn: &mut PgConnection, args: &Args) -> anyhow::Result<PruneCo
                 herald.cascades.per(events),
             ),
             ("commit (client's wait)".into(), herald.commit.per(events)),
-            ("total".into(), total(&herald).per(events)),
+            (
+                "total".into(),
+                herald.statement.plus(herald.commit).per(events),
+            ),
             ("VACUUM events afterwards".into(), herald_vacuum.per(events)),
         ],
         raw: vec![
             ("delete by ctid".into(), raw.statement.per(events)),
             ("commit (client's wait)".into(), raw.commit.per(events)),
-            ("total".into(), total(&raw).per(events)),
+            ("total".into(), raw.statement.plus(raw.commit).per(events)),
             (
                 "VACUUM raw_events afterwards".into(),
                 raw_vacuum.per(events),
@@ -305,16 +304,10 @@ fn print_costs(costs: &PruneCosts) {
         println!("session: {sql}");
     }
     print_table(&[("herald", &costs.herald), ("raw", &costs.raw)]);
-    let us = |rows: &[(String, PerEvent)], name: &str| {
-        rows.iter()
-            .find(|(n, _)| n == name)
-            .map_or(0.0, |(_, c)| c.us)
-    };
-    let (herald, raw) = (us(&costs.herald, "total"), us(&costs.raw, "total"));
-    if raw > 0.0 {
-        println!(
-            "\nherald / raw, time per pruned event: {:.2}x ({herald:.2} / {raw:.2} us; vacuums not included)",
-            herald / raw
-        );
-    }
+    print_ratio(
+        &costs.herald,
+        &costs.raw,
+        "time per pruned event",
+        "; vacuums not included",
+    );
 }

@@ -93,6 +93,12 @@ impl Cost {
         self.add_times(other, 1.0);
     }
 
+    /// `self` and `other` together (a statement and its commit).
+    pub fn plus(mut self, other: Self) -> Self {
+        self.add(other);
+        self
+    }
+
     fn add_times(&mut self, other: Self, k: f64) {
         self.ms += k * other.ms;
         self.wal_records += k * other.wal_records;
@@ -403,10 +409,6 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
         raw_commit.ms += timed_commit(conn).await?;
     }
     let events = (args.rounds * args.batch) as f64;
-    let mut total = statement;
-    total.add(commit);
-    let mut raw_total = raw_insert;
-    raw_total.add(raw_commit);
     Ok(RowCosts {
         git: crate::git_revision(),
         setup_sql: args.setup_sql.clone(),
@@ -420,12 +422,12 @@ async fn measure(conn: &mut PgConnection, args: &Args, producer: i64) -> anyhow:
                 statement.per(events),
             ),
             ("commit (client's wait)".into(), commit.per(events)),
-            ("total".into(), total.per(events)),
+            ("total".into(), statement.plus(commit).per(events)),
         ],
         raw: vec![
             ("insert raw_events".into(), raw_insert.per(events)),
             ("commit (client's wait)".into(), raw_commit.per(events)),
-            ("total".into(), raw_total.per(events)),
+            ("total".into(), raw_insert.plus(raw_commit).per(events)),
         ],
     })
 }
@@ -439,11 +441,25 @@ fn print_costs(costs: &RowCosts) {
         println!("setup: {sql}");
     }
     print_table(&[("herald", &costs.herald), ("raw", &costs.raw)]);
-    let total = |side: &[(String, PerEvent)]| side.last().map_or(0.0, |(_, c)| c.us);
-    let (herald, raw) = (total(&costs.herald), total(&costs.raw));
+    print_ratio(&costs.herald, &costs.raw, "time per event", "");
+}
+
+/// Herald's `total` row against the baseline's, in time per event.
+pub fn print_ratio(
+    herald: &[(String, PerEvent)],
+    raw: &[(String, PerEvent)],
+    what: &str,
+    note: &str,
+) {
+    let total = |side: &[(String, PerEvent)]| {
+        side.iter()
+            .find(|(name, _)| name == "total")
+            .map_or(0.0, |(_, c)| c.us)
+    };
+    let (herald, raw) = (total(herald), total(raw));
     if raw > 0.0 {
         println!(
-            "\nherald / raw, time per event: {:.2}x ({herald:.2} / {raw:.2} us)",
+            "\nherald / raw, {what}: {:.2}x ({herald:.2} / {raw:.2} us{note})",
             herald / raw
         );
     }
