@@ -19,6 +19,17 @@ pub enum Role {
 
 impl Role {
     pub const ALL: [Role; 3] = [Role::Api, Role::Worker, Role::Socket];
+    /// Nodes of each role.
+    pub const NODES: usize = 2;
+    /// Nodes in all: `Cluster::slots` holds them by role, in `ALL`'s order.
+    pub const SLOTS: usize = Self::ALL.len() * Self::NODES;
+
+    /// The slot (an index into `Cluster::slots`) of the role's node `n % NODES`: fixed for a
+    /// run, so the nemesis can tell which faults touch the same node while it plans.
+    pub fn slot(self, n: u64) -> usize {
+        let role = Self::ALL.iter().position(|&r| r == self).unwrap_or(0);
+        role * Self::NODES + (n % Self::NODES as u64) as usize
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -109,7 +120,7 @@ impl Cluster {
     pub async fn start(base: &Settings, bin: &str) -> Self {
         let mut slots = Vec::new();
         for role in Role::ALL {
-            for index in 0..2 {
+            for index in 0..Role::NODES {
                 let (postgres, pg_url) =
                     TcpProxy::in_front_of(base.store.database_url.expose()).await;
                 let (rabbitmq, amqp_url) =
@@ -125,6 +136,7 @@ impl Cluster {
                     settings.pipeline.commit_streams = 3;
                     settings.store.write_connections = 5;
                 }
+                debug_assert_eq!(slots.len(), role.slot(index as u64));
                 slots.push(Slot {
                     role,
                     index,
@@ -172,13 +184,6 @@ impl Cluster {
                 .collect();
             registry.send_replace(live);
         }
-    }
-
-    /// The slots of `role`, as indexes into `slots`.
-    pub fn of(&self, role: Role) -> Vec<usize> {
-        (0..self.slots.len())
-            .filter(|&i| self.slots[i].role == role)
-            .collect()
     }
 
     /// SIGKILLs the node in `slot` (taken out of the registry first); returns its name.

@@ -671,6 +671,7 @@ fn summary(
     for op in done {
         *faults.entry(format!("{:?}", op.fault)).or_insert(0) += 1;
     }
+    let overlapped = done.iter().filter(|op| op.overlapped).count();
     let poison = snapshot
         .events
         .iter()
@@ -681,7 +682,8 @@ fn summary(
     format!(
         "{accepted} events accepted in {} requests ({} batches); stored {} (delivered {}, failed \
          {} of which {poison} poison, {swept} sweeps), pruned {}; {} channel instances ({with} \
-         joins with last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}",
+         joins with last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}, \
+         {overlapped} of them struck while another was on",
         stats.requests.load(Ordering::Relaxed),
         stats.batches.load(Ordering::Relaxed),
         snapshot.events.len(),

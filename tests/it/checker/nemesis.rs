@@ -1,6 +1,7 @@
-//! The nemesis: faults on a schedule drawn from the seed, one at a time, each healed before the
-//! next, while the producers stream. The first round has every kind of fault once, in a seeded
-//! order, so even a short run meets them all; later ones are drawn at random.
+//! The nemesis: faults on a schedule drawn from the seed while the producers stream, most healed
+//! before the next and some striking while the one before is still on (pairs of faults that may
+//! meet: see [`Planned::meets`]). The first round has every kind of fault once, in a seeded order,
+//! so even a short run meets them all; later ones are drawn at random.
 
 use super::cluster::{Cluster, Role};
 use super::rng::Rng;
@@ -10,7 +11,7 @@ use herald::config::QueueSettings;
 use herald::queue::Topology;
 use serde_json::{Value, json};
 use std::time::Duration;
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 /// A kind of fault.
@@ -71,8 +72,12 @@ impl Fault {
 #[derive(Clone, Debug)]
 pub struct Planned {
     /// How long after the previous fault was healed (or the stream started) it strikes: a slow
-    /// heal (a restart, rabbitmqctl) delays the rest instead of squeezing them together.
+    /// heal (a restart, rabbitmqctl) delays the rest instead of squeezing them together. For a
+    /// fault that `overlaps`, how long after the previous one *struck*.
     pub after: Duration,
+    /// It strikes while the previous fault is still on (a node killed while another's link is
+    /// cut, say): faults that meet are where the races nobody planned live.
+    pub overlaps: bool,
     pub fault: Fault,
     /// Which node (of the role, or of all six for a cut), drawn once.
     pub pick: u64,
@@ -82,16 +87,47 @@ pub struct Planned {
     pub user: String,
 }
 
+impl Planned {
+    /// The slot the fault strikes, if it strikes one node.
+    fn slot(&self) -> Option<usize> {
+        match self.fault {
+            Fault::Kill(role) | Fault::Pause(role) => Some(role.slot(self.pick)),
+            Fault::CutPostgres
+            | Fault::CutRabbitmq
+            | Fault::StallPostgres
+            | Fault::StallRabbitmq => Some((self.pick % Role::SLOTS as u64) as usize),
+            Fault::PurgeQueue => Some(Role::Worker.slot(self.pick)),
+            Fault::ExhaustPostgres
+            | Fault::CloseBrokerConnections
+            | Fault::ReplayFailed
+            | Fault::ReplayUserDelivered => None,
+        }
+    }
+
+    /// Whether `other` may strike while this fault is on: never the same node twice (a cut
+    /// node's restart would wait on its own proxy), and no restart while PostgreSQL takes no
+    /// new connection (it could not start).
+    fn meets(&self, other: &Planned) -> bool {
+        let same_node = self.slot().is_some() && self.slot() == other.slot();
+        let restart_without_postgres = matches!(
+            (self.fault, other.fault),
+            (Fault::Kill(_), Fault::ExhaustPostgres) | (Fault::ExhaustPostgres, Fault::Kill(_))
+        );
+        !same_node && !restart_without_postgres
+    }
+}
+
 /// Draws the schedule for a stream of `run`: a fault every few seconds, more than the run can
-/// hold (the run stops it). `lease_ms`: a paused node stays stopped 1.5 to 2 leases.
+/// hold (the run stops it). `lease_ms`: a paused node stays stopped 1.5 to 2 leases. About half
+/// of the faults that may strike while the one before is on do (pairs, never three).
 pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
     let mut rng = Rng::stream(seed, "nemesis", 0);
     let mut first_round = Fault::ALL.to_vec();
     rng.shuffle(&mut first_round);
-    let mut planned = Vec::new();
+    let mut planned: Vec<Planned> = Vec::new();
     // At least one fault every two seconds fits in no run.
     while planned.len() as u64 <= run.as_secs() / 2 {
-        let after = Duration::from_millis(if planned.is_empty() {
+        let mut after = Duration::from_millis(if planned.is_empty() {
             rng.between(3_000, 5_000)
         } else {
             rng.between(2_000, 4_000)
@@ -110,14 +146,29 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
             Fault::ExhaustPostgres => rng.between(5_000, 40_000),
             _ => 0,
         });
-        planned.push(Planned {
+        let mut op = Planned {
             after,
+            overlaps: false,
             fault,
             pick: rng.next_u64(),
             length,
             // A cold user: its replay stays small.
             user: format!("u{}", rng.between(super::HOT_USERS, super::USERS - 1)),
-        });
+        };
+        let chance = rng.chance(0.5);
+        if let Some(before) = planned.last()
+            && !before.overlaps
+            && before.length >= Duration::from_millis(500)
+            && before.meets(&op)
+            && chance
+        {
+            // Somewhere in the first three quarters of the fault before.
+            let on = before.length.as_millis() as u64;
+            after = Duration::from_millis(rng.between(100, on * 3 / 4));
+            op.after = after;
+            op.overlaps = true;
+        }
+        planned.push(op);
     }
     planned
 }
@@ -127,11 +178,42 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
 pub struct Done {
     pub at_ms: u64,
     pub fault: Fault,
+    /// It struck while another fault was on.
+    pub overlapped: bool,
     pub what: String,
 }
 
-/// Runs the schedule against `cluster` until `stop` (the last fault struck is healed first); then
-/// heals everything and hands the cluster back with what was done.
+/// A fault struck and not healed yet.
+struct Active {
+    op: Planned,
+    at_ms: u64,
+    heal_at: Instant,
+    struck: Struck,
+}
+
+/// What striking a fault left to undo.
+enum Struck {
+    /// The node of `slot`, killed: its name.
+    Killed { slot: usize, name: String },
+    /// The node of `slot`, stopped: its name.
+    Paused { slot: usize, name: String },
+    /// The proxy to PostgreSQL (or RabbitMQ) of `slot`, cut or stalled.
+    Link {
+        slot: usize,
+        postgres: bool,
+        cut: bool,
+    },
+    /// Every node's PostgreSQL proxy, refusing new connections.
+    Exhausted,
+    /// A worker cut off from RabbitMQ until its partition queues are purged.
+    Purging { slot: usize },
+    /// Nothing left to undo: what was done.
+    Over(String),
+}
+
+/// Runs the schedule against `cluster` until `stop` (the faults on then are healed first, each
+/// at its time); then heals everything and hands the cluster back with what was done, in the
+/// order the faults struck.
 pub async fn run(
     mut cluster: Cluster,
     plan: Vec<Planned>,
@@ -145,108 +227,206 @@ pub async fn run(
         .build()
         .unwrap();
     let mut done = Vec::new();
-    let ms = || started.elapsed().as_millis() as u64;
+    let mut active: Vec<Active> = Vec::new();
+    let mut last_strike = Instant::now();
     for op in plan {
+        let at = if op.overlaps {
+            last_strike + op.after
+        } else {
+            heal_until(&mut cluster, &mut active, None, &queue, started, &mut done).await;
+            Instant::now() + op.after
+        };
+        heal_until(
+            &mut cluster,
+            &mut active,
+            Some(at),
+            &queue,
+            started,
+            &mut done,
+        )
+        .await;
         tokio::select! {
-            () = sleep(op.after) => {}
+            () = sleep_until(at) => {}
             () = stop.cancelled() => break,
         }
-        let at_ms = ms();
-        let what = strike(&mut cluster, &op, &http, &admin_key, &queue).await;
-        println!(
-            "[{:>6.1}s] nemesis: {what} (healed at {:.1}s)",
-            at_ms as f64 / 1000.0,
-            ms() as f64 / 1000.0
-        );
-        done.push(Done {
+        last_strike = Instant::now();
+        let at_ms = started.elapsed().as_millis() as u64;
+        let struck = strike(&mut cluster, &op, &http, &admin_key, &queue).await;
+        active.push(Active {
+            heal_at: last_strike + op.length,
+            op,
             at_ms,
-            fault: op.fault,
-            what,
+            struck,
         });
     }
+    heal_until(&mut cluster, &mut active, None, &queue, started, &mut done).await;
     cluster.heal().await;
+    done.sort_by_key(|d| d.at_ms);
     (cluster, done)
 }
 
-/// Makes the fault happen and heals it; says what it did.
+/// Heals the faults on whose time comes before `until` (all of them, with `None`), each at its
+/// time, in that order.
+async fn heal_until(
+    cluster: &mut Cluster,
+    active: &mut Vec<Active>,
+    until: Option<Instant>,
+    queue: &QueueSettings,
+    started: std::time::Instant,
+    done: &mut Vec<Done>,
+) {
+    active.sort_by_key(|a| a.heal_at);
+    while let Some(next) = active.first()
+        && until.is_none_or(|until| next.heal_at <= until)
+    {
+        let next = active.remove(0);
+        sleep_until(next.heal_at).await;
+        let what = heal(cluster, next.struck, next.op.length, queue).await;
+        let what = if next.op.overlaps {
+            format!("{what} (struck while the fault before was on)")
+        } else {
+            what
+        };
+        println!(
+            "[{:>6.1}s] nemesis: {what} (healed at {:.1}s)",
+            next.at_ms as f64 / 1000.0,
+            started.elapsed().as_secs_f64()
+        );
+        done.push(Done {
+            at_ms: next.at_ms,
+            fault: next.op.fault,
+            overlapped: next.op.overlaps,
+            what,
+        });
+    }
+}
+
+/// Makes the fault happen; what is left to undo (an instant fault is over at once).
 async fn strike(
     cluster: &mut Cluster,
     op: &Planned,
     http: &reqwest::Client,
     admin_key: &str,
     queue: &QueueSettings,
-) -> String {
-    let ms = op.length.as_millis();
+) -> Struck {
+    let slot = op.slot().unwrap_or(0);
     match op.fault {
-        Fault::Kill(role) => {
-            let slots = cluster.of(role);
-            let slot = slots[op.pick as usize % slots.len()];
-            let killed = cluster.kill(slot).await;
-            sleep(op.length).await;
-            let started = cluster.restart(slot).await;
-            format!("SIGKILL {killed}, down {ms} ms, restarted as {started}")
+        Fault::Kill(_) => {
+            let name = cluster.kill(slot).await;
+            Struck::Killed { slot, name }
         }
-        Fault::Pause(role) => {
-            let slots = cluster.of(role);
-            let slot = slots[op.pick as usize % slots.len()];
+        Fault::Pause(_) => {
             let name = cluster.slots[slot].name();
             cluster.pause(slot);
-            sleep(op.length).await;
-            cluster.resume(slot);
-            format!("SIGSTOP {name} for {ms} ms, then SIGCONT")
+            Struck::Paused { slot, name }
         }
-        Fault::CutPostgres | Fault::CutRabbitmq => {
-            let slot = &cluster.slots[op.pick as usize % cluster.slots.len()];
-            let (proxy, what) = if op.fault == Fault::CutPostgres {
-                (&slot.postgres, "PostgreSQL")
+        Fault::CutPostgres | Fault::CutRabbitmq | Fault::StallPostgres | Fault::StallRabbitmq => {
+            let postgres = matches!(op.fault, Fault::CutPostgres | Fault::StallPostgres);
+            let cut = matches!(op.fault, Fault::CutPostgres | Fault::CutRabbitmq);
+            let proxy = link(cluster, slot, postgres);
+            if cut {
+                proxy.cut()
             } else {
-                (&slot.rabbitmq, "RabbitMQ")
-            };
-            proxy.cut();
-            sleep(op.length).await;
-            proxy.restore();
-            format!("cut {}'s {what} for {ms} ms", slot.name())
-        }
-        Fault::StallPostgres | Fault::StallRabbitmq => {
-            let slot = &cluster.slots[op.pick as usize % cluster.slots.len()];
-            let (proxy, what) = if op.fault == Fault::StallPostgres {
-                (&slot.postgres, "PostgreSQL")
-            } else {
-                (&slot.rabbitmq, "RabbitMQ")
-            };
-            proxy.stall();
-            sleep(op.length).await;
-            proxy.resume();
-            format!("stalled {}'s {what} for {ms} ms", slot.name())
+                proxy.stall()
+            }
+            Struck::Link {
+                slot,
+                postgres,
+                cut,
+            }
         }
         Fault::ExhaustPostgres => {
             for slot in &cluster.slots {
                 slot.postgres.refuse_new();
             }
-            sleep(op.length).await;
-            for slot in &cluster.slots {
-                slot.postgres.accept_new();
-            }
-            format!("PostgreSQL refused every node's new connections for {ms} ms")
+            Struck::Exhausted
+        }
+        Fault::PurgeQueue => {
+            // Its partitions have no consumer until their leases move: messages wait, ready.
+            cluster.slots[slot].rabbitmq.cut();
+            Struck::Purging { slot }
         }
         Fault::CloseBrokerConnections => {
             let prefix = queue.prefix.clone();
             let closed = tokio::task::spawn_blocking(move || close_broker_connections(&prefix))
                 .await
                 .unwrap_or(0);
-            format!("rabbitmqctl closed {closed} connection(s) of the deployment")
+            Struck::Over(format!(
+                "rabbitmqctl closed {closed} connection(s) of the deployment"
+            ))
         }
         Fault::ReplayFailed => {
             let body = json!({"status": "failed", "rate": 500});
             let answer = replay(cluster, http, admin_key, &body).await;
-            format!("replay of failed events: {answer}")
+            Struck::Over(format!("replay of failed events: {answer}"))
         }
-        Fault::PurgeQueue => {
-            let workers = cluster.of(Role::Worker);
-            let slot = &cluster.slots[workers[op.pick as usize % workers.len()]];
-            slot.rabbitmq.cut();
-            // Its partitions have no consumer until their leases move: messages wait, ready.
-            sleep(op.length).await;
+        Fault::ReplayUserDelivered => {
+            let body = json!({"user_id": op.user, "include_delivered": true, "rate": 500});
+            let answer = replay(cluster, http, admin_key, &body).await;
+            Struck::Over(format!(
+                "replay of {}'s events, delivered included: {answer}",
+                op.user
+            ))
+        }
+    }
+}
+
+/// The proxy of `slot` to PostgreSQL, or to RabbitMQ.
+fn link(cluster: &Cluster, slot: usize, postgres: bool) -> &crate::common::TcpProxy {
+    let slot = &cluster.slots[slot];
+    if postgres {
+        &slot.postgres
+    } else {
+        &slot.rabbitmq
+    }
+}
+
+/// Undoes what a strike left, `length` after it; says what the fault was.
+async fn heal(
+    cluster: &mut Cluster,
+    struck: Struck,
+    length: Duration,
+    queue: &QueueSettings,
+) -> String {
+    let ms = length.as_millis();
+    match struck {
+        Struck::Killed { slot, name } => {
+            let down = Instant::now();
+            let started = cluster.restart(slot).await;
+            format!(
+                "SIGKILL {name}, down {ms} ms, restarted as {started} ({} ms to ready)",
+                down.elapsed().as_millis()
+            )
+        }
+        Struck::Paused { slot, name } => {
+            cluster.resume(slot);
+            format!("SIGSTOP {name} for {ms} ms, then SIGCONT")
+        }
+        Struck::Link {
+            slot,
+            postgres,
+            cut,
+        } => {
+            let proxy = link(cluster, slot, postgres);
+            if cut {
+                proxy.restore()
+            } else {
+                proxy.resume()
+            }
+            format!(
+                "{} {}'s {} for {ms} ms",
+                if cut { "cut" } else { "stalled" },
+                cluster.slots[slot].name(),
+                if postgres { "PostgreSQL" } else { "RabbitMQ" }
+            )
+        }
+        Struck::Exhausted => {
+            for slot in &cluster.slots {
+                slot.postgres.accept_new();
+            }
+            format!("PostgreSQL refused every node's new connections for {ms} ms")
+        }
+        Struck::Purging { slot } => {
             let names = Topology::new(&queue.prefix, queue.partitions);
             let (mut purged, mut failed) = (0, Vec::new());
             for p in 0..queue.partitions {
@@ -255,11 +435,11 @@ async fn strike(
                     Err(error) => failed.push(error),
                 }
             }
-            slot.rabbitmq.restore();
+            cluster.slots[slot].rabbitmq.restore();
             format!(
                 "cut {}'s RabbitMQ for {ms} ms and purged {purged} message(s) from the partition \
                  queues meanwhile{}",
-                slot.name(),
+                cluster.slots[slot].name(),
                 if failed.is_empty() {
                     String::new()
                 } else {
@@ -267,14 +447,7 @@ async fn strike(
                 }
             )
         }
-        Fault::ReplayUserDelivered => {
-            let body = json!({"user_id": op.user, "include_delivered": true, "rate": 500});
-            let answer = replay(cluster, http, admin_key, &body).await;
-            format!(
-                "replay of {}'s events, delivered included: {answer}",
-                op.user
-            )
-        }
+        Struck::Over(what) => what,
     }
 }
 
@@ -303,4 +476,52 @@ async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Val
         sleep(Duration::from_millis(200)).await;
     }
     format!("not started: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn a_schedule_meets_every_fault_first_and_overlaps_only_faults_that_may_meet() {
+        let (mut pairs, mut faults) = (0, 0);
+        for seed in 0..100 {
+            let plan = plan(seed, Duration::from_secs(300), 2_000);
+            let first: BTreeSet<Fault> = plan[..Fault::ALL.len()].iter().map(|p| p.fault).collect();
+            assert_eq!(first.len(), Fault::ALL.len(), "seed {seed}: {plan:?}");
+            assert!(!plan[0].overlaps);
+            for two in plan.windows(2) {
+                let (before, op) = (&two[0], &two[1]);
+                if op.overlaps {
+                    pairs += 1;
+                    assert!(!before.overlaps, "seed {seed}: three faults at once");
+                    assert!(
+                        before.meets(op),
+                        "seed {seed}: {before:?} and {op:?} may not meet"
+                    );
+                    assert!(
+                        op.after < before.length,
+                        "seed {seed}: {op:?} after {before:?}"
+                    );
+                }
+            }
+            faults += plan.len();
+        }
+        // About half of the faults that may overlap do: a schedule without pairs is a bug.
+        assert!(pairs * 10 > faults, "{pairs} pairs in {faults} faults");
+        let on = |fault, pick| Planned {
+            after: Duration::ZERO,
+            overlaps: false,
+            fault,
+            pick,
+            length: Duration::from_secs(1),
+            user: String::new(),
+        };
+        assert!(!on(Fault::Kill(Role::Worker), 0).meets(&on(Fault::PurgeQueue, 2)));
+        assert!(on(Fault::Kill(Role::Worker), 0).meets(&on(Fault::PurgeQueue, 1)));
+        assert!(!on(Fault::CutPostgres, 3).meets(&on(Fault::Pause(Role::Worker), 1)));
+        assert!(!on(Fault::ExhaustPostgres, 0).meets(&on(Fault::Kill(Role::Api), 0)));
+        assert!(on(Fault::ExhaustPostgres, 0).meets(&on(Fault::Pause(Role::Api), 0)));
+    }
 }
