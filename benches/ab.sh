@@ -18,6 +18,8 @@
 #   LOAD=latency RATE=3000         open-loop latency to 1,000 joined sockets
 #   LOAD=paced RATE=200 PRODUCERS=1  single events at a fixed rate, each producer sequential,
 #                                  send -> push and send -> 2xx to 1,000 joined sockets, 8 s
+#   LOAD=join                      SOCKETS (here 10,000 by default) sockets connecting and joining
+#                                  their users, 64 at a time: the time it takes
 #   LOAD=e2e SKEW=1.1              closed loop to the joined sockets (16 producers, batches of
 #                                  100, at most 4,000 events in flight), pushed/s over 8 s; SKEW
 #                                  (optional) draws users from a Zipf distribution
@@ -30,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then
-  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 scripts/services
@@ -43,8 +45,9 @@ case "${LOAD:-single}" in
   batch) cmd='{"cmd":"ingest_batch","secs":5,"producers":16}' ;;
   latency) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"latency\",\"rate\":${RATE:-3000},\"warmup\":2,\"secs\":6}" ;;
   paced) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"paced\",\"rate\":${RATE:-200},\"producers\":${PRODUCERS:-1},\"warmup\":1,\"secs\":8}" ;;
+  join) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-10000}}" ;;
   e2e) cmd="{\"cmd\":\"connect\",\"n\":${SOCKETS:-1000}}\n{\"cmd\":\"e2e\",\"warmup\":3,\"secs\":8,\"producers\":16,\"window\":4000${SKEW:+,\"skew\":$SKEW}}" ;;
-  *) echo "LOAD is single, batch, latency, paced or e2e" >&2; exit 2 ;;
+  *) echo "LOAD is single, batch, latency, paced, join or e2e" >&2; exit 2 ;;
 esac
 ulimit -n 20000 2>/dev/null || true
 port=47999

@@ -200,6 +200,10 @@ instruments! {
         "Socket connects accepted or refused.";
     channel_join: Counter "channel_join" ["status", "channel"]
         "Channel joins accepted or refused.";
+    join_read_size: Histogram(SIZES) "socket.join_read.batch_size" []
+        "Joins per read of users' seqs (the joins waiting at one moment share one statement).";
+    join_read_time: TimingMs(WORK_MS) "socket.join_read.time" []
+        "Time of one read of joining users' seqs.";
     socket_connections: Gauge "socket.connections" []
         "Open WebSockets on the node.";
     socket_channels: Gauge "socket.channels" []

@@ -90,6 +90,12 @@ impl Metrics {
         self.at().status_time.observe(ms(elapsed), [kind]);
     }
 
+    /// One read of joining users' seqs, for `joins` joins.
+    pub fn join_reads(&self, joins: usize, elapsed: Duration) {
+        self.at().join_read_size.observe(joins as f64, []);
+        self.at().join_read_time.observe(ms(elapsed), []);
+    }
+
     /// Messages handed to the publisher (`source` = commit, relay or replay) and the events they
     /// carry: messages per event is the wire's batching, and relay republishes are amplification.
     pub fn messages_published(&self, source: &'static str, messages: usize, events: usize) {

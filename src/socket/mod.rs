@@ -10,10 +10,12 @@
 //! holds a permit until it ends. Protocol parsing is in [`protocol`] (pure), the per-connection loop in
 //! `connection` (writing through its `wire`, fed by its `mailbox`), the user channel (its order
 //! guard, gap fills, catch-up and acks) in `user_channel`, the bookkeeping those rest on (the guard,
-//! gap paging, the catch-up budget) in [`channel`].
+//! gap paging, the catch-up budget) in [`channel`], and the joins' batched reads of their users'
+//! seqs in `join_reads`.
 
 pub mod channel;
 mod connection;
+mod join_reads;
 mod mailbox;
 pub mod origin;
 pub mod protocol;
@@ -51,6 +53,8 @@ pub struct SocketState {
     pub pubsub: PubSub,
     /// For filling gaps in a user's sequence.
     pub store: Store,
+    /// Where joins read their users' seqs (from `store`, batched).
+    join_reads: join_reads::JoinReads,
     /// Metrics.
     pub metrics: Metrics,
     /// Limits and timeouts.
@@ -87,6 +91,11 @@ impl SocketState {
             .filter_map(|pattern| OriginPattern::parse(pattern).ok())
             .collect();
         Self {
+            join_reads: join_reads::JoinReads::spawn(
+                store.clone(),
+                metrics.clone(),
+                closing.clone(),
+            ),
             pubsub,
             store,
             metrics,

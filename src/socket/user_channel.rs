@@ -11,7 +11,7 @@ use super::protocol::{Frame, Reply};
 use super::wire::Wire;
 use crate::event::{EventId, RESYNC_EVENT, Topic, UserId, now_unix_ms};
 use crate::pubsub::{Push, Subscriber, SubscriptionId};
-use crate::store::{ReadMark, SeqOrder};
+use crate::store::{ReadMark, SeqBounds, SeqOrder};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::time::Duration;
@@ -36,13 +36,14 @@ async fn catch_up_plan(state: &SocketState, user: &UserId, params: &RawValue) ->
         .ok()
         .and_then(|p| p.last_seq)
         .filter(|seq| *seq >= 0);
-    let read = timeout(GAP_PAGE_TIMEOUT, state.store.user_seq_bounds(user.as_str())).await;
-    let (pruned_through, last) = match read {
-        Ok(Ok(bounds)) => bounds,
-        Ok(Err(error)) => {
-            tracing::warn!(error = ?error, "join refused: cannot read the user's seqs");
-            return None;
-        }
+    let read = timeout(GAP_PAGE_TIMEOUT, state.join_reads.seq_bounds(user.as_str())).await;
+    let SeqBounds {
+        pruned_through,
+        last_seq: last,
+    } = match read {
+        Ok(Some(bounds)) => bounds,
+        // Logged by the reader.
+        Ok(None) => return None,
         Err(_) => {
             tracing::warn!("join refused: reading the user's seqs timed out");
             return None;

@@ -156,11 +156,22 @@ macro_rules! prune_sql {
     };
 }
 
-/// A user's retention watermark and last seq (`$1` the user): two primary-key reads, what a join
-/// reads before it catches up.
+/// Where a user's sequence stands, as a join reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqBounds {
+    /// The highest seq retention removed, if it removed any.
+    pub pruned_through: Option<i64>,
+    /// The last seq handed out, if any.
+    pub last_seq: Option<i64>,
+}
+
+/// Users' retention watermarks and last seqs (`$1` the users), in their order: what joins read
+/// before they catch up, two primary-key reads per user (scalar subqueries, so never a join that
+/// statistics could turn into a whole read), the joins waiting at one moment in one statement.
 pub const USER_SEQ_BOUNDS_SQL: &str =
-    "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = $1),
-            (SELECT last_seq FROM user_seqs WHERE user_id = $1)";
+    "SELECT (SELECT pruned_through FROM retention_watermarks WHERE user_id = u.id),
+            (SELECT last_seq FROM user_seqs WHERE user_id = u.id)
+     FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY u.n";
 
 /// Retention by age (`$1` the days, `$2` the batch): delivered events enqueued before the cutoff,
 /// found through the BRIN index on `enqueued_at`. Run after [`PRUNE_OLD_EVENTS_PLANNING_SQL`], in
@@ -248,20 +259,24 @@ pub const USER_EVENTS_DESCENDING_SQL: &str = concat!(
 );
 
 impl Store {
-    /// The highest seq of `user_id` that retention has removed (its watermark; events above it
-    /// may still be pruned later) and the last seq handed out, each if any.
+    /// For each of `users`, in order (`unnest` gives a row per element): the highest seq retention has removed (its watermark;
+    /// events above it may still be pruned later) and the last seq handed out, each if any.
     ///
     /// # Errors
     /// The query failed.
-    pub async fn user_seq_bounds(
-        &self,
-        user_id: &str,
-    ) -> Result<(Option<i64>, Option<i64>), Error> {
-        sqlx::query_as(USER_SEQ_BOUNDS_SQL)
-            .bind(user_id)
-            .fetch_one(&self.pool)
+    pub async fn user_seq_bounds(&self, users: &[&str]) -> Result<Vec<SeqBounds>, Error> {
+        let rows: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(USER_SEQ_BOUNDS_SQL)
+            .bind(users)
+            .fetch_all(&self.pool)
             .await
-            .map_err(Error::query("read a user's seq bounds"))
+            .map_err(Error::query("read users' seq bounds"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(pruned_through, last_seq)| SeqBounds {
+                pruned_through,
+                last_seq,
+            })
+            .collect())
     }
 
     /// Deletes up to `limit` delivered events past retention: older than `max_age_days` (0: no age

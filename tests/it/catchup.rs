@@ -250,3 +250,41 @@ async fn repeated_catch_ups_on_one_connection_are_bounded_by_its_budget() {
         json!({"reason": "gap_unfilled", "cause": "throttled", "last_seq": got})
     );
 }
+
+#[tokio::test]
+async fn joins_racing_each_other_each_read_their_own_users_seqs() {
+    // Joins waiting at one moment read their users' seqs in one statement: each must still hear
+    // its own user's, or it would drop that user's next events (or push another's as history).
+    let app = spawn_app().await;
+    let users = 40;
+    let events: Vec<Value> = (1..=users)
+        .flat_map(|u| (0..u).map(move |n| json!({"user_id": format!("r{u}"), "data": {"n": n}})))
+        .collect();
+    assert_eq!(app.post_batch(Value::Array(events)).await.status(), 202);
+    let bounds = app
+        .store
+        .user_seq_bounds(&["r3", "nobody", "r1", "r3"])
+        .await
+        .expect("read");
+    let last: Vec<Option<i64>> = bounds.iter().map(|b| b.last_seq).collect();
+    assert_eq!(last, [Some(3), None, Some(1), Some(3)]);
+    assert!(bounds.iter().all(|b| b.pruned_through.is_none()));
+
+    let joins = (1..=users).map(|u| {
+        let app = &app;
+        async move {
+            let user = format!("r{u}");
+            let mut client = app.connect(&user).await;
+            let reply = client.join(&format!("user:{user}"), json!({})).await;
+            (u, reply[4].clone())
+        }
+    });
+    for (u, reply) in futures_util::future::join_all(joins).await {
+        assert_eq!(reply["status"], "ok", "r{u}: {reply}");
+        assert_eq!(
+            reply["response"],
+            json!({"last_seq": u, "missed": false}),
+            "r{u}"
+        );
+    }
+}

@@ -656,8 +656,15 @@ fn statements(rows: &Rows) -> Vec<Statement> {
         // A join's catch-up and a channel's gap fill.
         Statement {
             sql: named!(USER_SEQ_BOUNDS_SQL),
-            types: "text",
-            cases: vec![("hot user", "'hot0'".into()), ("cold user", "'u42'".into())],
+            types: "text[]",
+            cases: vec![
+                ("hot user", "ARRAY['hot0']".into()),
+                ("cold user", "ARRAY['u42']".into()),
+                ("256 joins at once", {
+                    let users: Vec<String> = (0..256).map(|i| format!("'u{i}'")).collect();
+                    format!("ARRAY['hot0', {}]", users.join(", "))
+                }),
+            ],
             scans: &[],
             planning: None,
         },
