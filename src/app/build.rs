@@ -41,10 +41,25 @@ impl App {
         if crate::traces::install(&settings.traces, &node)? {
             tracing::info!(endpoint = %settings.traces.otlp_endpoint, ratio = settings.traces.sample_ratio, "exporting traces over OTLP");
         }
-        let store = Store::connect(&settings.store).await?;
-        let writes =
-            Store::connect_sized(&settings.store, settings.store.write_connections).await?;
-        let reads = Store::connect_sized(&settings.store, settings.store.read_connections).await?;
+        let pool = |name: &str| format!("herald {node} {name}");
+        let store = Store::connect_as(
+            &settings.store,
+            settings.store.max_connections,
+            &pool("background"),
+        )
+        .await?;
+        let writes = Store::connect_as(
+            &settings.store,
+            settings.store.write_connections,
+            &pool("writes"),
+        )
+        .await?;
+        let reads = Store::connect_as(
+            &settings.store,
+            settings.store.read_connections,
+            &pool("reads"),
+        )
+        .await?;
         if roles.api || roles.worker {
             check_layout(&settings, &store).await?;
         }

@@ -112,17 +112,24 @@ impl Error {
     }
 
     /// True when the database could not be reached (as opposed to a bad query): worth a retry, and a
-    /// 503 rather than a 500.
+    /// 503 rather than a 500. That includes PostgreSQL ending the session itself: a restart, a
+    /// failover's shutdown or an administrator's `pg_terminate_backend` (SQLSTATE class 57P, and
+    /// class 08, the connection exceptions), which fail the statement in flight with a database
+    /// error rather than a broken socket.
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Connect(_) => true,
-            Self::Query { source, .. } => matches!(
-                source,
-                sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::WorkerCrashed
-            ),
+            Self::Query { source, .. } => {
+                matches!(
+                    source,
+                    sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || self
+                    .sqlstate()
+                    .is_some_and(|code| code.starts_with("57P") || code.starts_with("08"))
+            }
             _ => false,
         }
     }
@@ -187,24 +194,41 @@ impl Store {
     /// # Errors
     /// A bad URL or an unreachable database.
     pub async fn connect_sized(settings: &StoreSettings, size: u32) -> Result<Self, Error> {
-        let options = PgConnectOptions::from_str(settings.database_url.expose())
-            .map_err(Error::Url)?
-            .options([
-                // Every statement is bounded: a stuck query fails instead of holding a request
-                // forever.
-                ("statement_timeout", "30s"),
-                // Every execution is planned for its arguments and the tables as they are then.
-                // sqlx keeps statements prepared per connection, and PostgreSQL may settle on a
-                // generic plan after five runs and keep it until an `ANALYZE` of one of its
-                // tables: a node's first runs are on a fresh deployment's empty tables, and the
-                // plans made for those read whole tables once they have grown. The soak's first
-                // minute (issue 23): the outcome writer's update, planned on a few dozen events,
-                // read all of `events` for each event of its batch, 0.3-2.2 s a statement at
-                // 15,000 events, until the upkeep's next `ANALYZE`; 35 of the hot path's plans
-                // do that (`tests/it/plans.rs`). Planning again costs about 0.5 ms a statement
-                // (the outcome writer's, 100 events), not the whole-table reads.
-                ("plan_cache_mode", "force_custom_plan"),
-            ]);
+        Self::connect_as(settings, size, "herald").await
+    }
+
+    /// Like [`Self::connect_sized`], its sessions named `application_name` (unless the database
+    /// URL names them): a node's pools say which node and pool they are in `pg_stat_activity`, so
+    /// an operator can tell whose connections fill the server, and end one node's sessions.
+    ///
+    /// # Errors
+    /// A bad URL or an unreachable database.
+    pub async fn connect_as(
+        settings: &StoreSettings,
+        size: u32,
+        application_name: &str,
+    ) -> Result<Self, Error> {
+        let mut options =
+            PgConnectOptions::from_str(settings.database_url.expose()).map_err(Error::Url)?;
+        if options.get_application_name().is_none() {
+            options = options.application_name(application_name);
+        }
+        let options = options.options([
+            // Every statement is bounded: a stuck query fails instead of holding a request
+            // forever.
+            ("statement_timeout", "30s"),
+            // Every execution is planned for its arguments and the tables as they are then.
+            // sqlx keeps statements prepared per connection, and PostgreSQL may settle on a
+            // generic plan after five runs and keep it until an `ANALYZE` of one of its
+            // tables: a node's first runs are on a fresh deployment's empty tables, and the
+            // plans made for those read whole tables once they have grown. The soak's first
+            // minute (issue 23): the outcome writer's update, planned on a few dozen events,
+            // read all of `events` for each event of its batch, 0.3-2.2 s a statement at
+            // 15,000 events, until the upkeep's next `ANALYZE`; 35 of the hot path's plans
+            // do that (`tests/it/plans.rs`). Planning again costs about 0.5 ms a statement
+            // (the outcome writer's, 100 events), not the whole-table reads.
+            ("plan_cache_mode", "force_custom_plan"),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(settings.acquire_timeout())

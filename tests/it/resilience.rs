@@ -363,3 +363,62 @@ async fn a_declaration_on_a_silent_broker_gives_up_in_time() {
     proxy.resume();
     let _ = herald::queue::delete_topology(&settings).await;
 }
+
+#[tokio::test]
+async fn postgresql_ending_a_commits_session_is_a_503_to_retry_and_the_retry_stores_it_once() {
+    // A PostgreSQL restart or failover ends every session (`terminating connection due to
+    // administrator command`, SQLSTATE 57P01): a request whose commit was in flight must hear
+    // "unavailable, retry later", as for a cut link, not an internal error.
+    let app = spawn_app().await;
+    let first = app
+        .post_event(json!({"user_id": "57", "data": {"n": 1}}))
+        .await;
+    assert_eq!(first.status(), 202);
+    // Hold the user's counter row, so the next commit of the user waits on it, in flight.
+    let mut holder = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT last_seq FROM user_seqs WHERE user_id = '57' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let request = app
+        .http
+        .post(app.url("/api/v1/events"))
+        .bearer_auth(&app.api_key)
+        .header("Idempotency-Key", "during-restart")
+        .json(&json!({"user_id": "57", "data": {"n": 2}}));
+    let posting = tokio::spawn(request.try_clone().unwrap().send());
+    let waiting = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock'";
+    wait_until("the commit waits on the counter row", PATIENCE, || async {
+        let pids: Vec<i32> = sqlx::query_scalar(waiting)
+            .fetch_all(app.store.pool())
+            .await
+            .ok()?;
+        (!pids.is_empty()).then_some(())
+    })
+    .await;
+    let ended: Vec<bool> = sqlx::query_scalar(&format!(
+        "SELECT pg_terminate_backend(pid) FROM ({waiting}) w"
+    ))
+    .fetch_all(&mut *holder)
+    .await
+    .unwrap();
+    assert_eq!(ended, [true]);
+    let answer = posting.await.unwrap().unwrap();
+    let status = answer.status();
+    let retry_after = answer.headers().get("retry-after").is_some();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after, "a 503 says when to retry: {body}");
+    holder.rollback().await.unwrap();
+
+    let retried = request.send().await.unwrap();
+    assert_eq!(retried.status(), 202);
+    let body: Value = retried.json().await.unwrap();
+    assert_eq!(body["seq"], 2, "{body}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE user_id = '57'")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+}

@@ -191,6 +191,7 @@ async fn run() {
         plan,
         admin_key,
         settings.queue.clone(),
+        store.clone(),
         started,
         stop_nemesis.clone(),
     ));

@@ -9,6 +9,7 @@ use crate::chaos::close_broker_connections;
 use crate::common::purge_queue;
 use herald::config::QueueSettings;
 use herald::queue::Topology;
+use herald::store::Store;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -37,6 +38,10 @@ pub enum Fault {
     ExhaustPostgres,
     /// The broker closes every connection of the deployment (`rabbitmqctl close_connection`).
     CloseBrokerConnections,
+    /// PostgreSQL ends every session of the deployment's nodes (`pg_terminate_backend`, as a
+    /// restart or a failover does): statements in flight fail with SQLSTATE 57P01 rather than a
+    /// broken socket, and every pool reconnects.
+    EndPostgresSessions,
     /// An operator replays the failed events (admin API).
     ReplayFailed,
     /// An operator replays one user's events, delivered ones included (admin API).
@@ -49,7 +54,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 15] = [
+    const ALL: [Fault; 16] = [
         Fault::Kill(Role::Api),
         Fault::Kill(Role::Worker),
         Fault::Kill(Role::Socket),
@@ -62,6 +67,7 @@ impl Fault {
         Fault::StallRabbitmq,
         Fault::ExhaustPostgres,
         Fault::CloseBrokerConnections,
+        Fault::EndPostgresSessions,
         Fault::ReplayFailed,
         Fault::ReplayUserDelivered,
         Fault::PurgeQueue,
@@ -99,6 +105,7 @@ impl Planned {
             Fault::PurgeQueue => Some(Role::Worker.slot(self.pick)),
             Fault::ExhaustPostgres
             | Fault::CloseBrokerConnections
+            | Fault::EndPostgresSessions
             | Fault::ReplayFailed
             | Fault::ReplayUserDelivered => None,
         }
@@ -183,6 +190,15 @@ pub struct Done {
     pub what: String,
 }
 
+/// What the nemesis reaches the deployment with, besides its nodes.
+struct Deployment {
+    http: reqwest::Client,
+    admin_key: String,
+    queue: QueueSettings,
+    /// The checker's own connections (sessions named plain `herald`).
+    store: Store,
+}
+
 /// A fault struck and not healed yet.
 struct Active {
     op: Planned,
@@ -219,39 +235,46 @@ pub async fn run(
     plan: Vec<Planned>,
     admin_key: String,
     queue: QueueSettings,
+    store: Store,
     started: std::time::Instant,
     stop: CancellationToken,
 ) -> (Cluster, Vec<Done>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let at = Deployment {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+        admin_key,
+        queue,
+        store,
+    };
+    let queue = &at.queue;
     let mut done = Vec::new();
     let mut active: Vec<Active> = Vec::new();
     let mut last_strike = Instant::now();
     for op in plan {
-        let at = if op.overlaps {
+        let when = if op.overlaps {
             last_strike + op.after
         } else {
-            heal_until(&mut cluster, &mut active, None, &queue, started, &mut done).await;
+            heal_until(&mut cluster, &mut active, None, queue, started, &mut done).await;
             Instant::now() + op.after
         };
         heal_until(
             &mut cluster,
             &mut active,
-            Some(at),
-            &queue,
+            Some(when),
+            queue,
             started,
             &mut done,
         )
         .await;
         tokio::select! {
-            () = sleep_until(at) => {}
+            () = sleep_until(when) => {}
             () = stop.cancelled() => break,
         }
         last_strike = Instant::now();
         let at_ms = started.elapsed().as_millis() as u64;
-        let struck = strike(&mut cluster, &op, &http, &admin_key, &queue).await;
+        let struck = strike(&mut cluster, &op, &at).await;
         active.push(Active {
             heal_at: last_strike + op.length,
             op,
@@ -259,7 +282,7 @@ pub async fn run(
             struck,
         });
     }
-    heal_until(&mut cluster, &mut active, None, &queue, started, &mut done).await;
+    heal_until(&mut cluster, &mut active, None, queue, started, &mut done).await;
     cluster.heal().await;
     done.sort_by_key(|d| d.at_ms);
     (cluster, done)
@@ -302,13 +325,13 @@ async fn heal_until(
 }
 
 /// Makes the fault happen; what is left to undo (an instant fault is over at once).
-async fn strike(
-    cluster: &mut Cluster,
-    op: &Planned,
-    http: &reqwest::Client,
-    admin_key: &str,
-    queue: &QueueSettings,
-) -> Struck {
+async fn strike(cluster: &mut Cluster, op: &Planned, at: &Deployment) -> Struck {
+    let Deployment {
+        http,
+        admin_key,
+        queue,
+        store,
+    } = at;
     let slot = op.slot().unwrap_or(0);
     match op.fault {
         Fault::Kill(_) => {
@@ -354,6 +377,20 @@ async fn strike(
             Struck::Over(format!(
                 "rabbitmqctl closed {closed} connection(s) of the deployment"
             ))
+        }
+        Fault::EndPostgresSessions => {
+            // The nodes' pools name their sessions `herald <node> <pool>`; the checker's own
+            // are plain `herald`.
+            let ended: Result<i64, _> = sqlx::query_scalar(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name LIKE 'herald %'",
+            )
+            .fetch_one(store.pool())
+            .await;
+            Struck::Over(match ended {
+                Ok(n) => format!("PostgreSQL ended {n} session(s) of the nodes"),
+                Err(error) => format!("PostgreSQL did not end the nodes' sessions: {error}"),
+            })
         }
         Fault::ReplayFailed => {
             let body = json!({"status": "failed", "rate": 500});
