@@ -27,7 +27,7 @@ use cluster::{Cluster, Role};
 use herald::config::{PubSubMode, Settings};
 use herald::queue::Topology;
 use herald::store::Store;
-use history::{History, OutboxRow, Snapshot, StoredEvent};
+use history::{End, History, OutboxRow, Snapshot, StoredEvent};
 use producer::ProducerStats;
 use rng::Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -99,7 +99,7 @@ fn random_seed() -> u64 {
 
 /// Every node's settings: cluster fan-out, poison events failing after a fast schedule, short
 /// leases (`test_settings` has 3 s, and a relay grace of 2 s), a sweeper and retention that act
-/// within the run.
+/// within the run, and gap fills in small pages.
 fn settings() -> Settings {
     let mut s = test_settings();
     s.pubsub.mode = PubSubMode::Cluster;
@@ -114,6 +114,12 @@ fn settings() -> Settings {
     s.pipeline.sweep_after_ms = 10_000;
     s.pipeline.sweep_interval_ms = 1_000;
     s.pipeline.sweep_idle_ms = 1_000;
+    // Small pages and a small cap on one live gap: catch-ups and gap fills go in many pages, and
+    // a wide gap (a purged queue's events, back only after the sweeper) closes its channel with
+    // `phx_error` for the client to rejoin, paths the defaults (1,000 a page, 10,000 a gap) leave
+    // to far larger deployments than this run's.
+    s.socket.max_gap_fill = 20;
+    s.socket.max_gap_fill_total = 60;
     s.store.retention_per_user = 300;
     s.store.retention_interval_secs = 2;
     s.store.acquire_timeout_ms = 2_000;
@@ -673,6 +679,12 @@ fn summary(
         *faults.entry(format!("{:?}", op.fault)).or_insert(0) += 1;
     }
     let overlapped = done.iter().filter(|op| op.overlapped).count();
+    // Channels the node closed on a gap it would not fill (too wide, pruned, PostgreSQL away).
+    let unfilled = history
+        .instances
+        .iter()
+        .filter(|i| matches!(&i.end, Some(End::Errored(why)) if why.contains("gap_unfilled")))
+        .count();
     let poison = snapshot
         .events
         .iter()
@@ -683,7 +695,8 @@ fn summary(
     format!(
         "{accepted} events accepted in {} requests ({} batches); stored {} (delivered {}, failed \
          {} of which {poison} poison, {swept} sweeps), pruned {}; {} channel instances ({with} \
-         joins with last_seq, {} without), {pushes} pushes, {} acks; nemesis: {faults:?}, \
+         joins with last_seq, {} without, {unfilled} closed on a gap), {pushes} pushes, {} acks; \
+         nemesis: {faults:?}, \
          {overlapped} of them struck while another was on",
         stats.requests.load(Ordering::Relaxed),
         stats.batches.load(Ordering::Relaxed),
