@@ -43,6 +43,9 @@ pub enum Kind {
     KeyTwoIds,
     /// A producer never got a 2xx for a key, retrying to the end of the run.
     KeyNeverAnswered,
+    /// A valid request answered neither 2xx nor "retry later" (503 or 429): a 500, say, under a
+    /// fault the deployment should have reported as unavailable.
+    Unretryable,
     /// An event answered 2xx is not in PostgreSQL, and retention did not prune it.
     AcceptedMissing,
     /// An event answered 2xx is stored under another user or seq than answered.
@@ -357,6 +360,17 @@ fn check_keys(history: &History, snapshot: &Snapshot, ix: &Index<'_>, out: &mut 
                 detail,
             });
         };
+        if let Some((http, body)) = key.refused.first() {
+            push(
+                Kind::Unretryable,
+                None,
+                format!(
+                    "key {} answered {http} {body} ({} such answers)",
+                    key.key,
+                    key.refused.len()
+                ),
+            );
+        }
         let Some(first) = key.answers.first() else {
             if key.gave_up {
                 push(
@@ -676,6 +690,7 @@ mod tests {
                 status: "accepted".into(),
             }],
             gave_up: false,
+            refused: Vec::new(),
         }
     }
 
@@ -942,6 +957,15 @@ mod tests {
             kinds(&history, &snapshot),
             [Kind::KeyNeverAnswered, Kind::StoredUnanswered]
         );
+    }
+
+    #[test]
+    fn a_valid_request_answered_500() {
+        let (mut history, snapshot) = clean();
+        history.keys[3]
+            .refused
+            .push((500, r#"{"error":{"code":"internal"}}"#.into()));
+        assert_eq!(kinds(&history, &snapshot), [Kind::Unretryable]);
     }
 
     #[test]

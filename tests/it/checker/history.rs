@@ -27,6 +27,9 @@ pub struct KeyRecord {
     pub answers: Vec<Answer>,
     /// The producer stopped retrying without a 2xx (the deployment never answered).
     pub gave_up: bool,
+    /// Answers that were neither 2xx nor "retry later" (503, 429): HTTP status and body. The
+    /// requests are valid, so a backend hearing one of these could not tell to retry.
+    pub refused: Vec<(u16, String)>,
 }
 
 /// A 2xx answer naming the event behind a key.

@@ -38,9 +38,9 @@ pub enum Fault {
     ExhaustPostgres,
     /// The broker closes every connection of the deployment (`rabbitmqctl close_connection`).
     CloseBrokerConnections,
-    /// PostgreSQL ends every session of the deployment's nodes (`pg_terminate_backend`, as a
-    /// restart or a failover does): statements in flight fail with SQLSTATE 57P01 rather than a
-    /// broken socket, and every pool reconnects.
+    /// PostgreSQL ends the sessions of the deployment's nodes as they come, every 50 ms for a
+    /// while (`pg_terminate_backend`, as a restart or a failover in progress does): statements in
+    /// flight fail with SQLSTATE 57P01 rather than a broken socket, and pools reconnect.
     EndPostgresSessions,
     /// An operator replays the failed events (admin API).
     ReplayFailed,
@@ -113,12 +113,13 @@ impl Planned {
 
     /// Whether `other` may strike while this fault is on: never the same node twice (a cut
     /// node's restart would wait on its own proxy), and no restart while PostgreSQL takes no
-    /// new connection (it could not start).
+    /// new connection or ends them (it could not start).
     fn meets(&self, other: &Planned) -> bool {
         let same_node = self.slot().is_some() && self.slot() == other.slot();
+        let no_postgres = |f| matches!(f, Fault::ExhaustPostgres | Fault::EndPostgresSessions);
         let restart_without_postgres = matches!(
             (self.fault, other.fault),
-            (Fault::Kill(_), Fault::ExhaustPostgres) | (Fault::ExhaustPostgres, Fault::Kill(_))
+            (Fault::Kill(_), f) | (f, Fault::Kill(_)) if no_postgres(f)
         );
         !same_node && !restart_without_postgres
     }
@@ -151,6 +152,7 @@ pub fn plan(seed: u64, run: Duration, lease_ms: u64) -> Vec<Planned> {
             Fault::PurgeQueue => rng.between(1_000, 2_500),
             Fault::StallPostgres | Fault::StallRabbitmq => rng.between(1_000, 4_000),
             Fault::ExhaustPostgres => rng.between(5_000, 40_000),
+            Fault::EndPostgresSessions => rng.between(500, 2_000),
             _ => 0,
         });
         let mut op = Planned {
@@ -223,6 +225,11 @@ enum Struck {
     Exhausted,
     /// A worker cut off from RabbitMQ until its partition queues are purged.
     Purging { slot: usize },
+    /// PostgreSQL ending the nodes' sessions until `stop`; `ending` counts them.
+    EndingSessions {
+        stop: CancellationToken,
+        ending: tokio::task::JoinHandle<(i64, Option<String>)>,
+    },
     /// Nothing left to undo: what was done.
     Over(String),
 }
@@ -379,18 +386,9 @@ async fn strike(cluster: &mut Cluster, op: &Planned, at: &Deployment) -> Struck 
             ))
         }
         Fault::EndPostgresSessions => {
-            // The nodes' pools name their sessions `herald <node> <pool>`; the checker's own
-            // are plain `herald`.
-            let ended: Result<i64, _> = sqlx::query_scalar(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name LIKE 'herald %'",
-            )
-            .fetch_one(store.pool())
-            .await;
-            Struck::Over(match ended {
-                Ok(n) => format!("PostgreSQL ended {n} session(s) of the nodes"),
-                Err(error) => format!("PostgreSQL did not end the nodes' sessions: {error}"),
-            })
+            let (stop, store) = (CancellationToken::new(), store.clone());
+            let ending = tokio::spawn(end_sessions(store, stop.clone()));
+            Struck::EndingSessions { stop, ending }
         }
         Fault::ReplayFailed => {
             let body = json!({"status": "failed", "rate": 500});
@@ -484,8 +482,42 @@ async fn heal(
                 }
             )
         }
+        Struck::EndingSessions { stop, ending } => {
+            stop.cancel();
+            let (ended, error) = ending.await.unwrap_or((0, None));
+            format!(
+                "PostgreSQL ended {ended} session(s) of the nodes as they came for {ms} ms{}",
+                error
+                    .map(|e| format!(" (a round failed: {e})"))
+                    .unwrap_or_default()
+            )
+        }
         Struck::Over(what) => what,
     }
+}
+
+/// Ends the nodes' PostgreSQL sessions every 50 ms until `stop`: how many, and the first error.
+/// The nodes' pools name their sessions `herald <node> <pool>`; the checker's own are plain
+/// `herald`.
+async fn end_sessions(store: Store, stop: CancellationToken) -> (i64, Option<String>) {
+    let (mut ended, mut error) = (0, None);
+    while !stop.is_cancelled() {
+        let round: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'herald %'",
+        )
+        .fetch_one(store.pool())
+        .await;
+        match round {
+            Ok(n) => ended += n,
+            Err(e) => error = error.or(Some(e.to_string())),
+        }
+        tokio::select! {
+            () = sleep(Duration::from_millis(50)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    (ended, error)
 }
 
 /// Starts a replay job on a live api node (another if one fails); returns its answer.
@@ -560,5 +592,6 @@ mod tests {
         assert!(!on(Fault::CutPostgres, 3).meets(&on(Fault::Pause(Role::Worker), 1)));
         assert!(!on(Fault::ExhaustPostgres, 0).meets(&on(Fault::Kill(Role::Api), 0)));
         assert!(on(Fault::ExhaustPostgres, 0).meets(&on(Fault::Pause(Role::Api), 0)));
+        assert!(!on(Fault::Kill(Role::Socket), 0).meets(&on(Fault::EndPostgresSessions, 0)));
     }
 }

@@ -59,6 +59,7 @@ pub async fn produce(
                 poison: rng.below(POISON_ONE_IN) == 0,
                 answers: Vec::new(),
                 gave_up: false,
+                refused: Vec::new(),
             });
         }
         let batch = &mut records[first..];
@@ -119,13 +120,19 @@ impl Sent<'_> {
                 if let [event] = &*events {
                     request = request.header("Idempotency-Key", &event.key);
                 }
-                if let Some(answers) = answered(request.send().await).await
-                    && answers.len() == events.len()
-                {
-                    for (event, answer) in events.iter_mut().zip(answers) {
-                        event.answers.push(answer);
+                match answered(request.send().await).await {
+                    Ok(answers) if answers.len() == events.len() => {
+                        for (event, answer) in events.iter_mut().zip(answers) {
+                            event.answers.push(answer);
+                        }
+                        return;
                     }
-                    return;
+                    Err(Some(refusal)) => {
+                        for event in events.iter_mut() {
+                            event.refused.push(refusal.clone());
+                        }
+                    }
+                    Ok(_) | Err(None) => {}
                 }
             }
             // Refused, 503, cut off or no node up: retry (the keys dedupe), as a backend would.
@@ -142,14 +149,21 @@ fn body_of(event: &KeyRecord) -> Value {
     json!({"user_id": event.user, "event": name, "data": {"key": event.key}})
 }
 
-/// The answers of a 2xx (one per event, a batch's in order); `None` for anything else.
-async fn answered(response: reqwest::Result<reqwest::Response>) -> Option<Vec<Answer>> {
-    let response = response.ok()?;
+/// The answers of a 2xx (one per event, a batch's in order); otherwise an answer that was not
+/// "retry later" (503, 429), with its body, or `None` (retry later, cut off, unreadable).
+async fn answered(
+    response: reqwest::Result<reqwest::Response>,
+) -> Result<Vec<Answer>, Option<(u16, String)>> {
+    let response = response.map_err(|_| None)?;
     let http = response.status().as_u16();
     if !response.status().is_success() {
-        return None;
+        if matches!(http, 503 | 429) {
+            return Err(None);
+        }
+        let body = response.text().await.unwrap_or_default();
+        return Err(Some((http, body.chars().take(300).collect())));
     }
-    let body: Value = response.json().await.ok()?;
+    let body: Value = response.json().await.map_err(|_| None)?;
     let answer = |v: &Value| {
         Some(Answer {
             http,
@@ -159,7 +173,7 @@ async fn answered(response: reqwest::Result<reqwest::Response>) -> Option<Vec<An
         })
     };
     match body["events"].as_array() {
-        Some(list) => list.iter().map(answer).collect(),
-        None => Some(vec![answer(&body)?]),
+        Some(list) => list.iter().map(answer).collect::<Option<_>>().ok_or(None),
+        None => Ok(vec![answer(&body).ok_or(None)?]),
     }
 }
