@@ -43,8 +43,9 @@ pub enum Kind {
     KeyTwoIds,
     /// A producer never got a 2xx for a key, retrying to the end of the run.
     KeyNeverAnswered,
-    /// A valid request answered neither 2xx nor "retry later" (503 or 429): a 500, say, under a
-    /// fault the deployment should have reported as unavailable.
+    /// A producer's valid request answered neither 2xx nor "retry later" (503 or 429), or an
+    /// operator's replay request answered a 5xx other than 503: a 500, say, under a fault the
+    /// deployment should have reported as unavailable.
     Unretryable,
     /// An event answered 2xx is not in PostgreSQL, and retention did not prune it.
     AcceptedMissing,

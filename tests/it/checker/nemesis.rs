@@ -521,8 +521,11 @@ async fn end_sessions(store: Store, stop: CancellationToken) -> (i64, Option<Str
 }
 
 /// Starts a replay job on a live api node (another if one fails); returns its answer.
+/// A 500 (any 5xx but 503) to an operator's valid replay request is marked `UNRETRYABLE` in the
+/// answer, which the checker counts as a violation (see `Done::unretryable`).
 async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Value) -> String {
     let mut last = String::from("no api node up");
+    let mut unretryable = None;
     for _ in 0..5 {
         let nodes = cluster.registry(Role::Api).borrow().clone();
         for (name, addr) in nodes {
@@ -536,16 +539,35 @@ async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Val
                 Ok(r) if r.status().is_success() => {
                     let status = r.status().as_u16();
                     let answer = r.json::<Value>().await.unwrap_or(Value::Null);
-                    return format!("{status} {answer} from {name}");
+                    let earlier = unretryable.map(|u| format!(" ({UNRETRYABLE} before: {u})"));
+                    return format!(
+                        "{status} {answer} from {name}{}",
+                        earlier.unwrap_or_default()
+                    );
                 }
-                Ok(r) => last = format!("{} from {name}", r.status()),
+                Ok(r) => {
+                    let status = r.status();
+                    last = format!(
+                        "{status} {} from {name}",
+                        r.text().await.unwrap_or_default()
+                    );
+                    if status.is_server_error() && status.as_u16() != 503 {
+                        unretryable = unretryable.or(Some(last.clone()));
+                    }
+                }
                 Err(e) => last = format!("{e} from {name}"),
             }
         }
         sleep(Duration::from_millis(200)).await;
     }
-    format!("not started: {last}")
+    match unretryable {
+        Some(answer) => format!("{UNRETRYABLE} {answer}; not started: {last}"),
+        None => format!("not started: {last}"),
+    }
 }
+
+/// Marks an answer no client could act on in a fault's description.
+pub const UNRETRYABLE: &str = "UNRETRYABLE";
 
 #[cfg(test)]
 mod tests {
