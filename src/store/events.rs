@@ -259,8 +259,9 @@ pub const USER_EVENTS_DESCENDING_SQL: &str = concat!(
 );
 
 impl Store {
-    /// For each of `users`, in order (`unnest` gives a row per element): the highest seq retention has removed (its watermark;
-    /// events above it may still be pruned later) and the last seq handed out, each if any.
+    /// For each of `users`, in order (`unnest` gives a row per element): the highest seq retention
+    /// has removed (its watermark; events above it may still be pruned later) and the last seq
+    /// handed out, each if any.
     ///
     /// # Errors
     /// The query failed.

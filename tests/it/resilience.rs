@@ -388,7 +388,7 @@ async fn postgresql_ending_a_commits_session_is_a_503_to_retry_and_the_retry_sto
         .json(&json!({"user_id": "57", "data": {"n": 2}}));
     let posting = tokio::spawn(request.try_clone().unwrap().send());
     let waiting = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-                   AND wait_event_type = 'Lock'";
+                   AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO user_seqs%'";
     wait_until("the commit waits on the counter row", PATIENCE, || async {
         let pids: Vec<i32> = sqlx::query_scalar(waiting)
             .fetch_all(app.store.pool())
