@@ -164,9 +164,10 @@ impl Store {
         .fetch_one(&self.pool)
         .await
         .map_err(Error::query("read the WAL settings"))?;
-        let counters = match newer {
-            true => CHECKPOINTS_SINCE_17,
-            false => CHECKPOINTS_BEFORE_17,
+        let counters = if newer {
+            CHECKPOINTS_SINCE_17
+        } else {
+            CHECKPOINTS_BEFORE_17
         };
         let (timed, requested, since): (i64, i64, Option<String>) = sqlx::query_as(counters)
             .fetch_one(&self.pool)

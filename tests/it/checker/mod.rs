@@ -239,19 +239,21 @@ async fn run() {
         stray,
     };
     let mut violations = check::check(&history, &snapshot);
-    // An operator's replay request answered 500 under a fault (the nemesis marks it).
-    violations.extend(
-        done.iter()
-            .filter(|op| op.what.contains(nemesis::UNRETRYABLE))
-            .map(|op| check::Violation {
-                kind: check::Kind::Unretryable,
-                instance: None,
-                key: None,
-                user: None,
-                seq: None,
-                detail: op.what.clone(),
-            }),
-    );
+    // An operator's replay request answered 500 under a fault.
+    violations.extend(done.iter().filter_map(|op| {
+        Some(check::Violation {
+            kind: check::Kind::Unretryable,
+            instance: None,
+            key: None,
+            user: None,
+            seq: None,
+            detail: format!(
+                "{} (answered before: {})",
+                op.what,
+                op.unretryable.as_ref()?
+            ),
+        })
+    }));
     write_log(config.seed, &history, &snapshot, &done);
     let streamed = format!(
         "seed {}, {} s streamed, {:.0} s in all",

@@ -189,6 +189,8 @@ pub struct Done {
     pub fault: Fault,
     /// It struck while another fault was on.
     pub overlapped: bool,
+    /// An answer to the fault's request that no client could act on (a replay's 500), if any.
+    pub unretryable: Option<String>,
     pub what: String,
 }
 
@@ -229,6 +231,12 @@ enum Struck {
     EndingSessions {
         stop: CancellationToken,
         ending: tokio::task::JoinHandle<(i64, Option<String>)>,
+    },
+    /// An operator's replay request, answered: what was asked and answered, and an answer
+    /// before it no client could act on (a 5xx other than 503), if any.
+    Replayed {
+        what: String,
+        unretryable: Option<String>,
     },
     /// Nothing left to undo: what was done.
     Over(String),
@@ -311,6 +319,10 @@ async fn heal_until(
     {
         let next = active.remove(0);
         sleep_until(next.heal_at).await;
+        let unretryable = match &next.struck {
+            Struck::Replayed { unretryable, .. } => unretryable.clone(),
+            _ => None,
+        };
         let what = heal(cluster, next.struck, next.op.length, queue).await;
         let what = if next.op.overlaps {
             format!("{what} (struck while the fault before was on)")
@@ -326,6 +338,7 @@ async fn heal_until(
             at_ms: next.at_ms,
             fault: next.op.fault,
             overlapped: next.op.overlaps,
+            unretryable,
             what,
         });
     }
@@ -392,16 +405,22 @@ async fn strike(cluster: &mut Cluster, op: &Planned, at: &Deployment) -> Struck 
         }
         Fault::ReplayFailed => {
             let body = json!({"status": "failed", "rate": 500});
-            let answer = replay(cluster, http, admin_key, &body).await;
-            Struck::Over(format!("replay of failed events: {answer}"))
+            let replayed = replay(cluster, http, admin_key, &body).await;
+            Struck::Replayed {
+                what: format!("replay of failed events: {}", replayed.answer),
+                unretryable: replayed.unretryable,
+            }
         }
         Fault::ReplayUserDelivered => {
             let body = json!({"user_id": op.user, "include_delivered": true, "rate": 500});
-            let answer = replay(cluster, http, admin_key, &body).await;
-            Struck::Over(format!(
-                "replay of {}'s events, delivered included: {answer}",
-                op.user
-            ))
+            let replayed = replay(cluster, http, admin_key, &body).await;
+            Struck::Replayed {
+                what: format!(
+                    "replay of {}'s events, delivered included: {}",
+                    op.user, replayed.answer
+                ),
+                unretryable: replayed.unretryable,
+            }
         }
     }
 }
@@ -492,7 +511,7 @@ async fn heal(
                     .unwrap_or_default()
             )
         }
-        Struck::Over(what) => what,
+        Struck::Over(what) | Struck::Replayed { what, .. } => what,
     }
 }
 
@@ -520,10 +539,16 @@ async fn end_sessions(store: Store, stop: CancellationToken) -> (i64, Option<Str
     (ended, error)
 }
 
-/// Starts a replay job on a live api node (another if one fails); returns its answer.
-/// A 500 (any 5xx but 503) to an operator's valid replay request is marked `UNRETRYABLE` in the
-/// answer, which the checker counts as a violation (see `Done::unretryable`).
-async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Value) -> String {
+/// An operator's replay request, as the nemesis made it.
+struct Replayed {
+    /// The answer that started it, or why none did.
+    answer: String,
+    /// The first answer that was a 5xx other than 503 (an operator could not tell to retry).
+    unretryable: Option<String>,
+}
+
+/// Starts a replay job on a live api node (another if one fails).
+async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Value) -> Replayed {
     let mut last = String::from("no api node up");
     let mut unretryable = None;
     for _ in 0..5 {
@@ -539,11 +564,10 @@ async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Val
                 Ok(r) if r.status().is_success() => {
                     let status = r.status().as_u16();
                     let answer = r.json::<Value>().await.unwrap_or(Value::Null);
-                    let earlier = unretryable.map(|u| format!(" ({UNRETRYABLE} before: {u})"));
-                    return format!(
-                        "{status} {answer} from {name}{}",
-                        earlier.unwrap_or_default()
-                    );
+                    return Replayed {
+                        answer: format!("{status} {answer} from {name}"),
+                        unretryable,
+                    };
                 }
                 Ok(r) => {
                     let status = r.status();
@@ -560,14 +584,11 @@ async fn replay(cluster: &Cluster, http: &reqwest::Client, key: &str, body: &Val
         }
         sleep(Duration::from_millis(200)).await;
     }
-    match unretryable {
-        Some(answer) => format!("{UNRETRYABLE} {answer}; not started: {last}"),
-        None => format!("not started: {last}"),
+    Replayed {
+        answer: format!("not started: {last}"),
+        unretryable,
     }
 }
-
-/// Marks an answer no client could act on in a fault's description.
-pub const UNRETRYABLE: &str = "UNRETRYABLE";
 
 #[cfg(test)]
 mod tests {
