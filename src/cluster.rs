@@ -487,6 +487,7 @@ fn deliver(pubsub: &PubSub, body: &[u8]) {
                 })
                 .collect(),
             trace: wire.trace,
+            from_commit: false,
         }));
     }
 }

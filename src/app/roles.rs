@@ -8,6 +8,7 @@ use crate::cluster;
 use crate::event::USER_TOPIC_PREFIX;
 use crate::metrics::Metrics;
 use crate::pipeline::enqueue::Enqueue;
+use crate::pipeline::head_start::HeadStart;
 use crate::pipeline::partitions::Coordinator;
 use crate::pipeline::replay::ReplayJobs;
 use crate::pipeline::retry::RetryPolicy;
@@ -53,11 +54,15 @@ impl App {
             settings.pipeline.max_status_batch,
         ));
         let commit_close = CancellationToken::new();
+        // A node that also serves sockets gives its own clients a head start.
+        let head_start = (self.roles.socket && settings.pipeline.push_from_commit)
+            .then(|| HeadStart::new(self.pubsub.clone(), Arc::clone(&self.faults)));
         let (enqueue, commit_task) = Enqueue::new(
             self.writes.clone(),
             publisher_handle.clone(),
             metrics.clone(),
             settings,
+            head_start,
             commit_close.clone(),
         );
         let commit_task = tokio::spawn(commit_task);

@@ -220,6 +220,8 @@ instruments! {
         "Client frames that could not be decoded.";
     push_duplicate: Counter "socket.push.duplicate" []
         "Repeated seqs dropped by the order guard.";
+    push_from_commit: Counter "socket.push.from_commit" ["outcome"]
+        "Events this node's group commit handed to its own channels ahead of the worker: pushed (the next seq), behind (already pushed) or ahead (an earlier seq still on its way; left to the worker).";
     push_gap_filled: Counter "socket.push.gap_filled" []
         "Events the order guard filled from PostgreSQL.";
     push_gap_unfilled: Counter "socket.push.gap_unfilled" ["reason"]

@@ -287,6 +287,14 @@ impl Metrics {
         self.at().push_duplicate.add(1, []);
     }
 
+    /// A channel was handed `count` events by this node's group commit, ahead of the worker
+    /// (`outcome`: `pushed`, `behind`, `ahead`).
+    pub fn socket_push_from_commit(&self, outcome: &'static str, count: u64) {
+        if count > 0 {
+            self.at().push_from_commit.add(count, [outcome]);
+        }
+    }
+
     /// A channel filled a gap in a user's sequence from PostgreSQL (`count` events).
     pub fn socket_gap_filled(&self, count: usize) {
         self.at().push_gap_filled.add(count as u64, []);

@@ -19,10 +19,11 @@
 //! two commits in flight never wait on each other's counter rows.
 
 use super::batch::{Batcher, Flush};
+use super::head_start::HeadStart;
 use crate::event::{Envelope, EventId};
 use crate::metrics::Metrics;
 use crate::queue::{PublisherHandle, Source};
-use crate::store::{self, Committed, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
+use crate::store::{self, EventStatus, InsertOutcome, MessageLimits, NewEvent, Store};
 use crate::traces::{self, Span as _, TraceParent};
 use futures_util::FutureExt;
 use opentelemetry::KeyValue;
@@ -144,16 +145,19 @@ pub struct Committer {
     publish_window: Duration,
     turns: Turns,
     owner: Owner,
+    head_start: Option<HeadStart>,
 }
 
 impl Enqueue {
     /// The enqueue front and its commit streams' task (spawn it). The task ends when `close` is
-    /// cancelled and every request submitted before has been committed and answered.
+    /// cancelled and every request submitted before has been committed and answered. With a
+    /// `head_start`, each commit hands its events to this node's own channels as well.
     pub fn new(
         store: Store,
         publisher: PublisherHandle,
         metrics: Metrics,
         settings: &crate::config::Settings,
+        head_start: Option<HeadStart>,
         close: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + use<>) {
         let pipeline = &settings.pipeline;
@@ -162,7 +166,8 @@ impl Enqueue {
         let mut batcher = |owner| {
             let committer =
                 Committer::new(store.clone(), publisher.clone(), metrics.clone(), settings)
-                    .with_turns(turns.clone(), owner);
+                    .with_turns(turns.clone(), owner)
+                    .with_head_start(head_start.clone());
             // Each queue can hold the whole buffer: the room below is what bounds them all.
             let (batcher, task) = Batcher::new(
                 committer,
@@ -355,7 +360,13 @@ impl Committer {
             publish_window: super::publish_window(settings),
             turns: Turns::new(1, settings.queue.partitions),
             owner: Owner::Stream(0),
+            head_start: None,
         }
+    }
+
+    /// This writer handing each commit's events to `head_start` too, if any.
+    pub fn with_head_start(self, head_start: Option<HeadStart>) -> Self {
+        Self { head_start, ..self }
     }
 
     /// This writer as `owner` of several streams sharing `turns`.
@@ -412,7 +423,21 @@ impl Committer {
             .map(|(event, outcome)| accepted(event.id, outcome))
             .collect();
         let commit_trace = trace.as_ref().map(traces::traceparent_of);
-        self.publish_new(events, committed, publish_by, commit_trace)
+        let envelopes: Vec<Option<Envelope>> = events
+            .into_iter()
+            .zip(committed.outcomes)
+            .map(|(event, outcome)| match outcome {
+                InsertOutcome::Inserted { seq } => Some(event.into_envelope(seq)),
+                InsertOutcome::Duplicate { .. } => None,
+            })
+            .collect();
+        // Before the messages, still holding the turns: the channels get a user's commits in
+        // commit order.
+        if let Some(head_start) = &self.head_start {
+            let new: Vec<&Envelope> = envelopes.iter().flatten().collect();
+            head_start.hand(&new);
+        }
+        self.publish_new(envelopes, committed.messages, publish_by, commit_trace)
             .await;
         Ok(split(accepted, sizes))
     }
@@ -425,22 +450,14 @@ impl Committer {
     /// outbox.
     async fn publish_new(
         &self,
-        events: Vec<NewEvent>,
-        committed: Committed,
+        mut envelopes: Vec<Option<Envelope>>,
+        messages: Vec<store::OutboxMessage>,
         publish_by: tokio::time::Instant,
         commit_trace: Option<TraceParent>,
     ) {
-        let mut envelopes: Vec<Option<Envelope>> = events
-            .into_iter()
-            .zip(committed.outcomes)
-            .map(|(event, outcome)| match outcome {
-                InsertOutcome::Inserted { seq } => Some(event.into_envelope(seq)),
-                InsertOutcome::Duplicate { .. } => None,
-            })
-            .collect();
         let (mut sent, mut carried, mut deferred) = (0, 0, 0);
         let deadline = (tokio::time::Instant::now() + self.publish_window / 2).min(publish_by);
-        for planned in committed.messages {
+        for planned in messages {
             let batch: Vec<Envelope> = planned
                 .events
                 .iter()

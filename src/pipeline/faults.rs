@@ -104,6 +104,13 @@ impl Faults {
         self.rules.is_empty()
     }
 
+    /// True when a rule names `envelope`'s event (whether or not its next attempt fails).
+    pub fn names(&self, envelope: &Envelope) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.event == envelope.event.as_str())
+    }
+
     /// Fails this attempt of `envelope` if a rule says so: returns the error, panics, never
     /// returns, or returns late, per the rule's mode.
     ///

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod enqueue;
 pub mod faults;
+pub mod head_start;
 mod lanes;
 pub mod lease;
 pub mod outcomes;

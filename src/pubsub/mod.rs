@@ -36,6 +36,10 @@ pub struct Message {
     /// The trace of the run that sent it (a worker's `herald.deliver` span), if sampled: each
     /// node that delivers it records a `herald.push` span under it.
     pub trace: Option<crate::traces::TraceParent>,
+    /// Sent by this node's group commit, ahead of the worker's broadcast of the same events
+    /// ([`PubSub::deliver_from_commit`]): a channel pushes such an event only when it is the next
+    /// one its client needs, and otherwise leaves it to the worker's copy (no gap fill for it).
+    pub from_commit: bool,
 }
 
 /// One push of a [`Message`].
@@ -75,6 +79,7 @@ impl Message {
                 enqueued_at_ms: None,
             }],
             trace: None,
+            from_commit: false,
         }
     }
 }
@@ -329,6 +334,24 @@ impl PubSub {
         reach
     }
 
+    /// Hands `message`, a group commit's events of one user, to this node's subscribers of its
+    /// topic ahead of the worker's broadcast of them (`pipeline.push_from_commit`). It is only a
+    /// head start: a subscriber whose queue is half full or more is skipped, never flagged as
+    /// overflowing, so it keeps its room for what it must receive; the worker's copy follows.
+    /// Returns the subscribers it reached.
+    pub fn deliver_from_commit(&self, message: Message) -> usize {
+        debug_assert!(message.from_commit);
+        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        let Some(subs) = topics.get(message.topic.as_str()) else {
+            return 0;
+        };
+        let message = Arc::new(message);
+        subs.iter()
+            .filter(|(_, sub)| sub.queue.capacity() * 2 > sub.queue.max_capacity())
+            .filter(|(_, sub)| sub.queue.try_send(Arc::clone(&message)).is_ok())
+            .count()
+    }
+
     fn deliver_to_subscribers(&self, message: Arc<Message>) -> Reach {
         let mut reach = Reach::default();
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
@@ -425,6 +448,29 @@ mod tests {
         );
         assert!(flag.is_cancelled());
         assert!(rx_fast.recv().await.is_some() && rx_fast.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_commits_head_start_skips_half_full_queues_and_flags_nobody() {
+        let pubsub = PubSub::new();
+        let (roomy, mut rx_roomy) = subscriber(4);
+        let (busy, _rx_busy) = subscriber(4);
+        let busy_flag = busy.overflowed.clone();
+        let topic = Topic::from("user:1");
+        for sub in [roomy, busy.clone()] {
+            pubsub.subscribe(&topic, sub).await.unwrap();
+        }
+        for _ in 0..2 {
+            busy.queue.try_send(Arc::new(message("user:1"))).unwrap();
+        }
+        let early = |topic: &str| Message {
+            from_commit: true,
+            ..message(topic)
+        };
+        assert_eq!(pubsub.deliver_from_commit(early("user:1")), 1);
+        assert_eq!(pubsub.deliver_from_commit(early("user:2")), 0);
+        assert!(rx_roomy.recv().await.unwrap().from_commit);
+        assert!(!busy_flag.is_cancelled());
     }
 
     #[tokio::test]

@@ -33,17 +33,34 @@ pub enum Admit {
     },
 }
 
-/// The per-channel memory of the last seq pushed (or the seq the channel started after).
+/// The per-channel memory of the last seq pushed (or the seq the channel started after), and of
+/// the last one pushed ahead of the worker, straight from this node's group commit.
 #[derive(Debug)]
 pub struct OrderGuard {
     last_seq: i64,
+    from_commit_through: i64,
 }
 
 impl OrderGuard {
     /// A guard for a channel that starts after `seq`: the join's answered `last_seq`, or the
     /// client's own `last_seq` it catches up from. Its next push must be `seq + 1`.
     pub fn after(seq: i64) -> Self {
-        Self { last_seq: seq }
+        Self {
+            last_seq: seq,
+            from_commit_through: 0,
+        }
+    }
+
+    /// Records that `seq` was pushed straight from this node's commit: the worker's copy of it,
+    /// when it comes, is the expected second path, not a duplicate worth counting.
+    pub fn pushed_from_commit(&mut self, seq: i64) {
+        self.pushed(seq);
+        self.from_commit_through = self.from_commit_through.max(seq);
+    }
+
+    /// True when `seq` (a duplicate) was most likely pushed from this node's commit.
+    pub fn was_pushed_from_commit(&self, seq: i64) -> bool {
+        seq <= self.from_commit_through
     }
 
     /// Decides what to do with seq `seq`; does not record it (call [`Self::pushed`] after writing).

@@ -429,6 +429,10 @@ impl Connection {
         let Some((channel, mut io)) = self.user_channel(&message.topic) else {
             return self.wire.flush().await;
         };
+        if message.from_commit {
+            channel.push_from_commit(&mut io, &message.pushes).await?;
+            return self.wire.flush().await;
+        }
         let mut hole = None;
         for push in &message.pushes {
             if let Err(found) = channel.deliver(&mut io, push).await? {

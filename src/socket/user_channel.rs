@@ -224,12 +224,44 @@ impl UserChannel {
         };
         match self.guard.admit(seq) {
             Admit::Duplicate => {
-                io.state.metrics.socket_duplicate_dropped();
+                if !self.guard.was_pushed_from_commit(seq) {
+                    io.state.metrics.socket_duplicate_dropped();
+                }
                 Ok(Ok(()))
             }
             Admit::Push => self.push(io, Some(seq), push).await.map(Ok),
             Admit::Gap { after } => Box::pin(self.fill_gap(io, after, seq, push)).await,
         }
+    }
+
+    /// Pushes the events of this node's group commit that are the next seqs the client needs. One
+    /// already pushed (the worker was first) or further ahead (an earlier event is still on its
+    /// way, from another api node or a retry) is left alone: the worker's copy follows and goes
+    /// through [`Self::deliver`], which fills gaps. So the head start never opens a gap, never
+    /// reads PostgreSQL and never pushes a seq twice. The caller flushes.
+    pub(super) async fn push_from_commit(
+        &mut self,
+        io: &mut ChannelIo<'_>,
+        pushes: &[Push],
+    ) -> Result<(), ConnectionEnd> {
+        let (mut pushed, mut behind, mut ahead) = (0, 0, 0);
+        for push in pushes {
+            let Some(seq) = push.seq else { continue };
+            match self.guard.admit(seq) {
+                Admit::Push => {
+                    self.guard.pushed_from_commit(seq);
+                    self.push(io, Some(seq), push).await?;
+                    pushed += 1;
+                }
+                Admit::Duplicate => behind += 1,
+                Admit::Gap { .. } => ahead += 1,
+            }
+        }
+        let metrics = &io.state.metrics;
+        metrics.socket_push_from_commit("pushed", pushed);
+        metrics.socket_push_from_commit("behind", behind);
+        metrics.socket_push_from_commit("ahead", ahead);
+        Ok(())
     }
 
     /// Fills the gap between `after` (pushed) and `seq` (just arrived) from PostgreSQL, then pushes

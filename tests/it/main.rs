@@ -10,6 +10,7 @@ mod cluster;
 mod common;
 mod deploy;
 mod gaps;
+mod head_start;
 mod hostile;
 mod inbox;
 mod ingest;

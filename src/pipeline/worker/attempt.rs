@@ -97,6 +97,7 @@ impl Worker {
                     topic: first.envelope.user_id.topic(),
                     pushes,
                     trace: trace.as_ref().map(traces::traceparent_of),
+                    from_commit: false,
                 };
                 let broadcast = self.broadcast(message).await;
                 if let Some(span) = &mut trace {

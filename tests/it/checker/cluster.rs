@@ -49,6 +49,8 @@ pub type Registry = watch::Receiver<Vec<(String, SocketAddr)>>;
 pub struct Slot {
     pub role: Role,
     pub index: usize,
+    /// What `--roles` the node runs: its role's name, or more (see [`Cluster::start`]).
+    roles: &'static str,
     generation: u32,
     settings: Settings,
     pub postgres: Arc<TcpProxy>,
@@ -86,8 +88,12 @@ impl Slot {
     async fn start(&mut self, bin: &str) {
         self.generation += 1;
         self.settings.node.name = self.name();
-        let roles = self.role.name();
-        self.node = Some(Node::serve_of(bin, &self.settings, &["--roles", roles]).await);
+        self.node = Some(Node::serve_of(bin, &self.settings, &["--roles", self.roles]).await);
+    }
+
+    /// True when clients connect to the node: a socket node, or the api node that serves sockets.
+    fn serves(&self, role: Role) -> bool {
+        self.role == role || self.roles.split(',').any(|r| r == role.name())
     }
 
     /// The last lines the process logged, for a report.
@@ -106,7 +112,8 @@ impl Drop for Slot {
     }
 }
 
-/// Six nodes (two per role) and the registry of the live api and socket nodes.
+/// Six nodes (two per role, the second api node serving sockets too) and the registry of the live
+/// api and socket nodes.
 pub struct Cluster {
     bin: String,
     pub slots: Vec<Slot>,
@@ -125,9 +132,17 @@ impl Cluster {
                     TcpProxy::in_front_of(base.store.database_url.expose()).await;
                 let (rabbitmq, amqp_url) =
                     TcpProxy::in_front_of(base.queue.amqp_url.expose()).await;
+                // The second api node serves sockets as well: its commits push to its own clients
+                // ahead of the workers (`pipeline.push_from_commit`), racing their broadcasts and
+                // the other api node's commits of the same users.
+                let roles = match (role, index) {
+                    (Role::Api, 1) => "api,socket",
+                    _ => role.name(),
+                };
                 let mut settings = base.clone();
                 settings.http.addr = "127.0.0.1:0".parse().unwrap();
-                settings.node.roles = role.name().parse().unwrap();
+                settings.node.roles = roles.parse().unwrap();
+                settings.pipeline.push_from_commit = true;
                 settings.store.database_url = pg_url;
                 settings.queue.amqp_url = amqp_url;
                 if role == Role::Api && index == 1 {
@@ -140,6 +155,7 @@ impl Cluster {
                 slots.push(Slot {
                     role,
                     index,
+                    roles,
                     generation: 0,
                     settings,
                     postgres,
@@ -179,7 +195,7 @@ impl Cluster {
             let live = self
                 .slots
                 .iter()
-                .filter(|s| s.role == role)
+                .filter(|s| s.serves(role))
                 .filter_map(|s| Some((s.name(), s.node.as_ref()?.addr)))
                 .collect();
             registry.send_replace(live);
