@@ -465,6 +465,9 @@ async fn run(
             ));
             let checkpoints = forced_checkpoints(&pool).await;
             let mut herald = herald_e2e(plan, names, &[node], &mut load, sink, skew).await?;
+            // The clients have every push; the worker may still be delivering its copies (the
+            // head start, `pipeline.push_from_commit`): the next round starts on an idle pipeline.
+            wait_drained(&pool, PHASE_DRAIN_SECS).await?;
             herald.forced_checkpoints = Some(forced_checkpoints(&pool).await - checkpoints);
             say(format!(
                 "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
@@ -893,6 +896,7 @@ async fn workers(
                 owned.push(node.partitions().await);
             }
             let mut herald = herald_e2e(plan, names, &nodes, load, sink, None).await?;
+            wait_drained(pool, PHASE_DRAIN_SECS).await?;
             herald.partitions = Some(owned);
             say(format!(
                 "  {:.0} events/s; cores used: {}",
@@ -987,6 +991,7 @@ async fn order(
             // Skewed users: hot users' events land in consecutive batches, sent to both nodes.
             let mut herald =
                 herald_e2e_via(plan, names, &nodes, load, sink, Some(ZIPF_S), &apis).await?;
+            wait_drained(pool, PHASE_DRAIN_SECS).await?;
             let reorder = Reorder::of(&herald.node_metrics);
             say(format!(
                 "  {:.0} events/s; gap fills per event {:.4}; lanes put {} events back in place, waited {} times in time and {} in vain",
@@ -1151,9 +1156,13 @@ async fn checkpointed<R: DeserializeOwned>(
     sink.take();
     let checkpoints = forced_checkpoints(pool).await;
     let answer: R = load.call(command).await?;
+    let forced_checkpoints = forced_checkpoints(pool).await - checkpoints;
+    // The clients have every push, but with the head start (`pipeline.push_from_commit`) the
+    // worker may still be delivering its copies: the next phase starts on an idle pipeline.
+    wait_drained(pool, PHASE_DRAIN_SECS).await?;
     Ok(Checkpointed {
         load: answer,
-        forced_checkpoints: forced_checkpoints(pool).await - checkpoints,
+        forced_checkpoints,
         node_metrics: sink.take(),
     })
 }
@@ -1164,6 +1173,9 @@ async fn forced_checkpoints(pool: &sqlx::PgPool) -> i64 {
         .await
         .unwrap_or(0)
 }
+
+/// How long a phase waits for the worker to deliver what its clients already have.
+const PHASE_DRAIN_SECS: u64 = 120;
 
 /// Waits until every event is delivered (none `accepted` or `published`); returns how long it took.
 async fn wait_drained(pool: &sqlx::PgPool, limit_secs: u64) -> anyhow::Result<f64> {

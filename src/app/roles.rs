@@ -55,8 +55,9 @@ impl App {
         ));
         let commit_close = CancellationToken::new();
         // A node that also serves sockets gives its own clients a head start.
-        let head_start = (self.roles.socket && settings.pipeline.push_from_commit)
-            .then(|| HeadStart::new(self.pubsub.clone(), Arc::clone(&self.faults)));
+        let max_events = settings.pipeline.push_from_commit;
+        let head_start = (self.roles.socket && max_events > 0)
+            .then(|| HeadStart::new(self.pubsub.clone(), Arc::clone(&self.faults), max_events));
         let (enqueue, commit_task) = Enqueue::new(
             self.writes.clone(),
             publisher_handle.clone(),

@@ -24,13 +24,15 @@ pub struct PipelineSettings {
     /// messages) smaller: 2 streams ingested 12% fewer single events on two cores. Raise it where
     /// PostgreSQL's commits are slow (a remote or replicated WAL flush) and it has cores to spare.
     pub commit_streams: usize,
-    /// On a node that runs the api and socket roles, a group commit hands its events straight to
-    /// the node's own joined channels of their users, ahead of the worker's broadcast (which still
-    /// follows, through the broker, and is the one that records delivery): a client on the node
-    /// that took the request is pushed its event one WAL flush after the request, without waiting
-    /// for a broker round trip. A channel pushes such an event only when it is the next seq it
-    /// needs, so the head start can neither open a gap nor push a seq twice.
-    pub push_from_commit: bool,
+    /// On a node that runs the api and socket roles, a group commit of at most this many events
+    /// hands them straight to the node's own joined channels of their users, ahead of the worker's
+    /// broadcast (which still follows, through the broker, and is the one that records delivery):
+    /// a client on the node that took the request is pushed its event one WAL flush after the
+    /// request, without waiting for a broker round trip. A channel pushes such an event only when
+    /// it is the next seq it needs, so the head start can neither open a gap nor push a seq twice.
+    /// A larger commit leaves its events to the worker: commits grow with load, and on a busy node
+    /// turning every event into pushes twice costs more than the head start gains. 0: never.
+    pub push_from_commit: usize,
     /// How long a request may wait for room in the enqueue buffer before it gets 503.
     pub enqueue_timeout_ms: u64,
     /// Most events in one `POST /api/v1/events/batch`.
@@ -70,7 +72,7 @@ impl Default for PipelineSettings {
             enqueue_buffer_bytes: 64 * 1024 * 1024,
             max_commit_batch: 1_000,
             commit_streams: 1,
-            push_from_commit: true,
+            push_from_commit: 32,
             enqueue_timeout_ms: 5_000,
             max_batch_events: 1_000,
             max_data_bytes: 64 * 1024,

@@ -25,19 +25,26 @@ pub struct HeadStart {
     /// Events a test fault rule names are left to the worker: their failed attempts are what the
     /// rule is there to show.
     faults: Arc<Faults>,
+    /// The largest commit handed on (`pipeline.push_from_commit`).
+    max_events: usize,
 }
 
 impl HeadStart {
-    /// The head start into `pubsub`'s local subscribers.
-    pub fn new(pubsub: PubSub, faults: Arc<Faults>) -> Self {
-        Self { pubsub, faults }
+    /// The head start into `pubsub`'s local subscribers, for commits of at most `max_events`.
+    pub fn new(pubsub: PubSub, faults: Arc<Faults>, max_events: usize) -> Self {
+        Self {
+            pubsub,
+            faults,
+            max_events,
+        }
     }
 
     /// Hands a commit's new events (in commit order) to this node's subscribers of their users'
-    /// topics, one message per user holding its events in seq order. Users nobody joined here cost
-    /// a lookup each. Returns the events handed to at least one subscriber.
+    /// topics, one message per user holding its events in seq order, unless the commit is larger
+    /// than `pipeline.push_from_commit`. Users nobody joined here cost a lookup each. Returns the
+    /// events handed to at least one subscriber.
     pub fn hand(&self, committed: &[&Envelope]) -> usize {
-        if self.pubsub.topic_count() == 0 {
+        if committed.len() > self.max_events || self.pubsub.topic_count() == 0 {
             return 0;
         }
         // Per user: its message, or None when nobody here subscribes to it or one of its events

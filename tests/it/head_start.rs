@@ -23,7 +23,7 @@ async fn a_client_of_the_node_that_took_the_request_is_pushed_from_the_commit_be
     let app = spawn_app_with(|s| {
         s.node.roles = "api,socket".parse().unwrap();
         s.pubsub.mode = PubSubMode::Cluster;
-        s.pipeline.push_from_commit = true;
+        s.pipeline.push_from_commit = 1_000;
     })
     .await;
     let mut client = app.connect_joined("h1").await;
@@ -56,7 +56,7 @@ async fn a_commits_event_ahead_of_one_still_on_its_way_is_left_to_the_workers_co
     let app = spawn_app_with(|s| {
         s.node.roles = "api,socket".parse().unwrap();
         s.pubsub.mode = PubSubMode::Cluster;
-        s.pipeline.push_from_commit = true;
+        s.pipeline.push_from_commit = 1_000;
         // The unpublished event must reach the client through the gap fill, not the relay.
         s.pipeline.relay_grace_ms = 600_000;
         s.pipeline.sweep_after_ms = 1_200_000;
@@ -95,11 +95,11 @@ async fn users_racing_on_two_api_nodes_with_head_starts_reach_every_client_in_or
     let a = spawn_app_with(|s| {
         s.node.roles = "api,socket".parse().unwrap();
         s.pubsub.mode = PubSubMode::Cluster;
-        s.pipeline.push_from_commit = true;
+        s.pipeline.push_from_commit = 1_000;
     })
     .await;
     let b = spawn_node(&a, "api,socket", "api-socket-b", |s| {
-        s.pipeline.push_from_commit = true;
+        s.pipeline.push_from_commit = 1_000;
     })
     .await;
     let _worker = spawn_node(&a, "worker", "worker-1", |_| {}).await;

@@ -142,7 +142,7 @@ impl Cluster {
                 let mut settings = base.clone();
                 settings.http.addr = "127.0.0.1:0".parse().unwrap();
                 settings.node.roles = roles.parse().unwrap();
-                settings.pipeline.push_from_commit = true;
+                settings.pipeline.push_from_commit = 1_000;
                 settings.store.database_url = pg_url;
                 settings.queue.amqp_url = amqp_url;
                 if role == Role::Api && index == 1 {

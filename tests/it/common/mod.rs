@@ -76,7 +76,7 @@ pub fn test_settings() -> Settings {
     // gap fill, a retry), and a client on the node that took the request would otherwise be
     // pushed its events straight from the commit, whatever became of that path. The head start's
     // own tests (`head_start`), the history checker and the JavaScript suite run with it on.
-    s.pipeline.push_from_commit = false;
+    s.pipeline.push_from_commit = 0;
     s.metrics.statsd_addr = String::new();
     s.metrics.prometheus_addr = "127.0.0.1:0".into();
     s.socket.secret = Some(Secret::new(TEST_SECRET));
