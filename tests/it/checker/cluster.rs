@@ -123,8 +123,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts two nodes of each role on the deployment of `base` (its database and prefix), the
-    /// binary at `bin`, each behind proxies of its own; returns once every node is ready.
-    pub async fn start(base: &Settings, bin: &str) -> Self {
+    /// binary at `bin`, each behind proxies of its own; returns once every node is ready. The api
+    /// node that serves sockets sends its StatsD lines to `head_start_statsd`.
+    pub async fn start(base: &Settings, bin: &str, head_start_statsd: &str) -> Self {
         let mut slots = Vec::new();
         for role in Role::ALL {
             for index in 0..Role::NODES {
@@ -143,6 +144,9 @@ impl Cluster {
                 settings.http.addr = "127.0.0.1:0".parse().unwrap();
                 settings.node.roles = roles.parse().unwrap();
                 settings.pipeline.push_from_commit = 1_000;
+                if roles == "api,socket" {
+                    settings.metrics.statsd_addr = head_start_statsd.to_owned();
+                }
                 settings.store.database_url = pg_url;
                 settings.queue.amqp_url = amqp_url;
                 if role == Role::Api && index == 1 {

@@ -19,6 +19,7 @@ mod history;
 mod nemesis;
 mod producer;
 mod rng;
+mod tally;
 
 use crate::chaos::Cleanup;
 use crate::common::{create_admin_key, poll_until, test_settings};
@@ -146,7 +147,8 @@ async fn run() {
     store.migrate().await.expect("migrations");
     let (_, key) = store.create_producer("checker").await.expect("producer");
     let admin_key = create_admin_key(&store).await;
-    let cluster = Cluster::start(&settings, &config.bin).await;
+    let head_start = tally::HeadStartTally::bind().await;
+    let cluster = Cluster::start(&settings, &config.bin, &head_start.addr.to_string()).await;
     println!(
         "checker: 6 nodes ready in {:.1} s",
         whole.elapsed().as_secs_f64()
@@ -261,17 +263,16 @@ async fn run() {
         config.secs,
         whole.elapsed().as_secs_f64()
     );
+    let summary = format!(
+        "{}; {}",
+        summary(&history, &snapshot, &stats, &recorder, &done),
+        head_start.summary()
+    );
     if violations.is_empty() {
-        println!(
-            "checker: OK: {streamed}; {}",
-            summary(&history, &snapshot, &stats, &recorder, &done)
-        );
+        println!("checker: OK: {streamed}; {summary}");
     } else {
         println!("{}", report(&violations, &history, &snapshot, &done));
-        println!(
-            "checker: {streamed}; {}",
-            summary(&history, &snapshot, &stats, &recorder, &done)
-        );
+        println!("checker: {streamed}; {summary}");
     }
     drop(cluster);
     store.close().await;
