@@ -465,10 +465,10 @@ async fn run(
             ));
             let checkpoints = forced_checkpoints(&pool).await;
             let mut herald = herald_e2e(plan, names, &[node], &mut load, sink, skew).await?;
+            herald.forced_checkpoints = Some(forced_checkpoints(&pool).await - checkpoints);
             // The clients have every push; the worker may still be delivering its copies (the
             // head start, `pipeline.push_from_commit`): the next round starts on an idle pipeline.
             wait_drained(&pool, PHASE_DRAIN_SECS).await?;
-            herald.forced_checkpoints = Some(forced_checkpoints(&pool).await - checkpoints);
             say(format!(
                 "  {:.0} events/s; ready in the queue: {:.0} on average; cores used: {}",
                 herald.rate,

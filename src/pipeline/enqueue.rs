@@ -434,8 +434,7 @@ impl Committer {
         // Before the messages, still holding the turns: the channels get a user's commits in
         // commit order.
         if let Some(head_start) = &self.head_start {
-            let new: Vec<&Envelope> = envelopes.iter().flatten().collect();
-            head_start.hand(&new);
+            head_start.hand(&envelopes);
         }
         self.publish_new(envelopes, committed.messages, publish_by, commit_trace)
             .await;

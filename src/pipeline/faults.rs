@@ -106,9 +106,13 @@ impl Faults {
 
     /// True when a rule names `envelope`'s event (whether or not its next attempt fails).
     pub fn names(&self, envelope: &Envelope) -> bool {
+        self.rule_for(envelope).is_some()
+    }
+
+    fn rule_for(&self, envelope: &Envelope) -> Option<&FaultRule> {
         self.rules
             .iter()
-            .any(|r| r.event == envelope.event.as_str())
+            .find(|r| r.event == envelope.event.as_str())
     }
 
     /// Fails this attempt of `envelope` if a rule says so: returns the error, panics, never
@@ -120,11 +124,7 @@ impl Faults {
     /// # Panics
     /// When the matching rule's mode is `panic`: that is the fault.
     pub async fn inject(&self, envelope: &Envelope) -> Result<(), String> {
-        let Some(rule) = self
-            .rules
-            .iter()
-            .find(|r| r.event == envelope.event.as_str())
-        else {
+        let Some(rule) = self.rule_for(envelope) else {
             return Ok(());
         };
         if let Some(limit) = rule.attempts {

@@ -39,51 +39,43 @@ impl HeadStart {
         }
     }
 
-    /// Hands a commit's new events (in commit order) to this node's subscribers of their users'
-    /// topics, one message per user holding its events in seq order, unless the commit is larger
-    /// than `pipeline.push_from_commit`. Users nobody joined here cost a lookup each. Returns the
-    /// events handed to at least one subscriber.
-    pub fn hand(&self, committed: &[&Envelope]) -> usize {
+    /// Hands a commit's new events (in commit order; `None` for an idempotent repeat) to this
+    /// node's subscribers of their users' topics, one message per user holding its events in seq
+    /// order, unless the commit is larger than `pipeline.push_from_commit`. Users nobody joined
+    /// here cost a lookup each.
+    pub fn hand(&self, committed: &[Option<Envelope>]) {
         if committed.len() > self.max_events || self.pubsub.topic_count() == 0 {
-            return 0;
+            return;
         }
-        // Per user: its message, or None when nobody here subscribes to it or one of its events
-        // is left to the worker (what follows that one would be ahead of the channel anyway).
-        let mut users: HashMap<&str, Option<Message>> = HashMap::new();
-        let mut order: Vec<&str> = Vec::new();
-        for envelope in committed {
-            let user = envelope.user_id.as_str();
-            let message = users.entry(user).or_insert_with(|| {
-                order.push(user);
+        // Per user, in order of first appearance: its message, or None when nobody here
+        // subscribes to it or one of its events is left to the worker (what follows that one
+        // would be ahead of the channel anyway).
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut messages: Vec<Option<Message>> = Vec::new();
+        for envelope in committed.iter().flatten() {
+            let at = *index.entry(envelope.user_id.as_str()).or_insert_with(|| {
                 let topic: Topic = envelope.user_id.topic();
-                self.pubsub
-                    .has_subscribers(topic.as_str())
-                    .then(|| Message {
-                        topic,
-                        pushes: Vec::new(),
-                        trace: None,
-                        from_commit: true,
-                    })
+                messages.push(
+                    self.pubsub
+                        .has_subscribers(topic.as_str())
+                        .then(|| Message {
+                            topic,
+                            pushes: Vec::new(),
+                            trace: None,
+                            from_commit: true,
+                        }),
+                );
+                messages.len() - 1
             });
             if self.faults.names(envelope) {
-                *message = None;
+                messages[at] = None;
             }
-            if let Some(message) = message {
-                message.pushes.push(Push::from(*envelope));
+            if let Some(message) = &mut messages[at] {
+                message.pushes.push(Push::from(envelope));
             }
         }
-        order
-            .into_iter()
-            .filter_map(|user| users.remove(user).flatten())
-            .filter(|message| !message.pushes.is_empty())
-            .map(|message| {
-                let events = message.pushes.len();
-                if self.pubsub.deliver_from_commit(message) > 0 {
-                    events
-                } else {
-                    0
-                }
-            })
-            .sum()
+        for message in messages.into_iter().flatten() {
+            self.pubsub.deliver_from_commit(message);
+        }
     }
 }

@@ -133,20 +133,9 @@ impl Cluster {
                     TcpProxy::in_front_of(base.store.database_url.expose()).await;
                 let (rabbitmq, amqp_url) =
                     TcpProxy::in_front_of(base.queue.amqp_url.expose()).await;
-                // The second api node serves sockets as well: its commits push to its own clients
-                // ahead of the workers (`pipeline.push_from_commit`), racing their broadcasts and
-                // the other api node's commits of the same users.
-                let roles = match (role, index) {
-                    (Role::Api, 1) => "api,socket",
-                    _ => role.name(),
-                };
+                let mut roles = role.name();
                 let mut settings = base.clone();
                 settings.http.addr = "127.0.0.1:0".parse().unwrap();
-                settings.node.roles = roles.parse().unwrap();
-                settings.pipeline.push_from_commit = 1_000;
-                if roles == "api,socket" {
-                    settings.metrics.statsd_addr = head_start_statsd.to_owned();
-                }
                 settings.store.database_url = pg_url;
                 settings.queue.amqp_url = amqp_url;
                 if role == Role::Api && index == 1 {
@@ -154,7 +143,14 @@ impl Cluster {
                     // across them), the first in one: both paths run under the nemesis.
                     settings.pipeline.commit_streams = 3;
                     settings.store.write_connections = 5;
+                    // It serves sockets as well: its commits push to its own clients ahead of the
+                    // workers (`pipeline.push_from_commit`, every commit), racing their broadcasts
+                    // and the other api node's commits of the same users.
+                    roles = "api,socket";
+                    settings.pipeline.push_from_commit = 1_000;
+                    settings.metrics.statsd_addr = head_start_statsd.to_owned();
                 }
+                settings.node.roles = roles.parse().unwrap();
                 debug_assert_eq!(slots.len(), role.slot(index as u64));
                 slots.push(Slot {
                     role,
