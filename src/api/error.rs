@@ -144,6 +144,8 @@ impl From<crate::store::Error> for ApiError {
         }
         if error.is_unavailable() {
             Self::Unavailable("the event store is unavailable; retry later".into())
+        } else if error.is_transient() {
+            Self::Unavailable("the event store was busy and did nothing; retry later".into())
         } else {
             Self::Internal(Box::new(error))
         }

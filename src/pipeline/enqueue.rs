@@ -47,6 +47,10 @@ pub enum EnqueueError {
     /// PostgreSQL is unreachable.
     #[error("the event store is unavailable; retry later")]
     StoreUnavailable,
+    /// The commit lost a race inside PostgreSQL or ran out of time (a lock wait, a deadlock, a
+    /// statement timeout): nothing of it was stored, and the same request may succeed again.
+    #[error("the event store was busy and stored nothing; retry later")]
+    StoreBusy,
     /// The commit failed for another reason (logged where it happened).
     #[error("storing the events failed")]
     StoreFailed,
@@ -497,6 +501,8 @@ impl Committer {
 fn failure(error: &store::Error) -> EnqueueError {
     if error.is_unavailable() {
         EnqueueError::StoreUnavailable
+    } else if error.is_transient() {
+        EnqueueError::StoreBusy
     } else {
         EnqueueError::StoreFailed
     }

@@ -150,6 +150,18 @@ impl Error {
             .is_some_and(|code| code == "55P03" || code == "40P01")
     }
 
+    /// The statement lost a race or ran out of time and did nothing: a lock conflict (see
+    /// [`Self::is_lock_conflict`]), a serialization failure (40001), or the statement cancelled by
+    /// its `statement_timeout` or an administrator's `pg_cancel_backend` (57014). Unlike
+    /// [`Self::is_unavailable`], PostgreSQL is up; like it, the same request may well succeed when
+    /// tried again, so a client is told to retry (a 503), never that Herald broke (a 500).
+    pub fn is_transient(&self) -> bool {
+        self.is_lock_conflict()
+            || self
+                .sqlstate()
+                .is_some_and(|code| code == "40001" || code == "57014")
+    }
+
     /// The SQLSTATE of an error PostgreSQL returned.
     fn sqlstate(&self) -> Option<std::borrow::Cow<'_, str>> {
         match self {

@@ -369,6 +369,22 @@ async fn postgresql_ending_a_commits_session_is_a_503_to_retry_and_the_retry_sto
     // A PostgreSQL restart or failover ends every session (`terminating connection due to
     // administrator command`, SQLSTATE 57P01): a request whose commit was in flight must hear
     // "unavailable, retry later", as for a cut link, not an internal error.
+    interrupt_a_commit_in_flight("pg_terminate_backend").await;
+}
+
+#[tokio::test]
+async fn postgresql_cancelling_a_commit_is_a_503_to_retry_and_the_retry_stores_it_once() {
+    // A statement past its `statement_timeout`, or cancelled by an administrator, fails with
+    // `canceling statement` (SQLSTATE 57014) on a session that stays up; a deadlock or a lock
+    // timeout fails it the same way (40P01, 55P03). Nothing was stored and the retry may well
+    // succeed: the answer is "retry later" (503), not an internal error (500).
+    interrupt_a_commit_in_flight("pg_cancel_backend").await;
+}
+
+/// Posts an event whose commit waits on its user's counter row, held by the test, interrupts the
+/// commit with `interrupt` (a PostgreSQL function of a backend's pid), and checks the answer is a
+/// 503 to retry and that the retry, with the same idempotency key, stores the event once.
+async fn interrupt_a_commit_in_flight(interrupt: &str) {
     let app = spawn_app().await;
     let first = app
         .post_event(json!({"user_id": "57", "data": {"n": 1}}))
@@ -397,12 +413,11 @@ async fn postgresql_ending_a_commits_session_is_a_503_to_retry_and_the_retry_sto
         (!pids.is_empty()).then_some(())
     })
     .await;
-    let ended: Vec<bool> = sqlx::query_scalar(&format!(
-        "SELECT pg_terminate_backend(pid) FROM ({waiting}) w"
-    ))
-    .fetch_all(&mut *holder)
-    .await
-    .unwrap();
+    let ended: Vec<bool> =
+        sqlx::query_scalar(&format!("SELECT {interrupt}(pid) FROM ({waiting}) w"))
+            .fetch_all(&mut *holder)
+            .await
+            .unwrap();
     assert_eq!(ended, [true]);
     let answer = posting.await.unwrap().unwrap();
     let status = answer.status();
