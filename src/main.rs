@@ -13,6 +13,13 @@ use tokio_util::sync::CancellationToken;
 mod check;
 mod replay;
 
+/// mimalloc rather than glibc's malloc: a node allocates and frees small buffers across threads
+/// all day (a push's frame on a worker thread, freed after the socket's write on another), where
+/// glibc's arenas spent 10-15% of the node's CPU in `_int_malloc`, `unlink_chunk` and
+/// `malloc_consolidate` (perf, BENCHMARKS.md *The allocator*).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Herald: durable real-time notification delivery (HTTP API -> PostgreSQL -> RabbitMQ -> Phoenix
 /// Channels).
 #[derive(Parser)]
