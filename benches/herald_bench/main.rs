@@ -797,13 +797,14 @@ async fn run(
     })
 }
 
-/// End-to-end with one and with two worker nodes. The deployment becomes node A (`api,worker,socket`,
-/// the sockets and the API) and, in turns, node B (`worker` only), both with `pubsub.mode = cluster`
-/// (a deployment of several nodes needs it everywhere: every broadcast then rides RabbitMQ, even to
-/// A's own sockets), on the run's database and queue prefix. The rounds alternate A alone and A + B
-/// (B joins or leaves between them, and the partitions move); the baseline of the two-node rate is
-/// the one-node rate in the same rounds, both in cluster mode; the usual single node (local pubsub)
-/// was measured earlier in the run.
+/// End-to-end with one and with two worker nodes, and the same node without cluster pubsub. The
+/// deployment becomes node A (`api,worker,socket`, the sockets and the API) and, in turns, node B
+/// (`worker` only), both with `pubsub.mode = cluster` (a deployment of several nodes needs it
+/// everywhere: every broadcast then rides RabbitMQ to the other nodes), on the run's database and
+/// queue prefix. Each round runs node A with local pubsub, node A alone in cluster mode, and A + B
+/// (B joins or leaves between them, and the partitions move), in a rotating order; both cluster
+/// figures are compared with the local node A of the same rounds (the first e2e phase ran on a
+/// smaller table, earlier: not a fair baseline for these).
 async fn workers(
     plan: &Plan,
     names: &Names,
@@ -814,81 +815,46 @@ async fn workers(
     phases: &mut Phases,
 ) -> anyhow::Result<Workers> {
     let partitions = herald::config::QueueSettings::default().partitions;
-    let cluster = ("HERALD_PUBSUB__MODE", "cluster".to_owned());
     wait_drained(pool, plan.drain_limit_secs()).await?;
-    say("two worker nodes: node A (api,worker,socket) and node B (worker), cluster pubsub");
-    let _: Disconnected = load.call(&Command::Disconnect).await?;
-    deployment.stop_all().await;
-    deployment
-        .start(
-            "herald-a",
-            &[
-                cluster.clone(),
-                ("HERALD_NODE__ROLES", "api,worker,socket".into()),
-                ("HERALD_NODE__NAME", "bench-a".into()),
-            ],
-        )
-        .await?;
-    let owned_secs = wait_partitions(&deployment.nodes, partitions).await?;
-    let base = deployment.nodes[0].base.clone();
-    let connected: Connected = load
-        .call(&Command::Connect {
-            n: plan.sockets,
-            base: Some(base),
-        })
-        .await?;
-    let bindings = fanout_bindings(&names.prefix);
-    say(format!(
-        "  node A owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected to it in {:.1} s; {} fan-out bindings",
-        connected.connected,
-        connected.secs,
-        bindings.map_or_else(|| "?".to_owned(), |b| b.to_string())
-    ));
-    let (mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new());
+    say(
+        "two worker nodes: node A (api,worker,socket) and node B (worker), cluster pubsub; node A with local pubsub beside them",
+    );
+    let mut connected = None;
+    let mut bindings = None;
+    let (mut local, mut one, mut two, mut moves) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut a_mode = None;
     for round in 1..=plan.rounds {
-        // Alternate which goes first; B joins or leaves once per round.
-        let order = if round % 2 == 1 { [1, 2] } else { [2, 1] };
-        for workers in order {
-            if workers == 2 && deployment.nodes.len() == 1 {
-                deployment
-                    .start(
-                        "herald-b",
-                        &[
-                            cluster.clone(),
-                            ("HERALD_NODE__ROLES", "worker".into()),
-                            ("HERALD_NODE__NAME", "bench-b".into()),
-                        ],
-                    )
-                    .await?;
-                let secs = wait_partitions(&deployment.nodes, partitions).await?;
-                say(format!(
-                    "  node B joined; partitions shared after {secs:.1} s"
-                ));
-                moves.push(Move {
-                    change: "B joined",
-                    secs,
-                });
-            } else if workers == 1 && deployment.nodes.len() == 2 {
-                if let Some(b) = deployment.nodes.pop() {
-                    b.stop().await;
+        // Rotate which goes first; a mode change restarts node A and reconnects the sockets.
+        let order = match round % 3 {
+            1 => [Variant::Local, Variant::One, Variant::Two],
+            2 => [Variant::Two, Variant::One, Variant::Local],
+            _ => [Variant::One, Variant::Two, Variant::Local],
+        };
+        for variant in order {
+            let cluster = variant != Variant::Local;
+            if a_mode != Some(cluster) {
+                let joined = restart_node_a(plan, deployment, load, cluster, partitions).await?;
+                if cluster && connected.is_none() {
+                    bindings = fanout_bindings(&names.prefix);
+                    say(format!(
+                        "  {} sockets connected to node A in cluster mode in {:.1} s; {} fan-out bindings",
+                        joined.connected,
+                        joined.secs,
+                        bindings.map_or_else(|| "?".to_owned(), |b| b.to_string())
+                    ));
+                    connected = Some(joined);
                 }
+                a_mode = Some(cluster);
+            }
+            if let Some(change) = set_node_b(deployment, variant == Variant::Two).await? {
                 let secs = wait_partitions(&deployment.nodes, partitions).await?;
-                say(format!(
-                    "  node B left; node A owns every partition after {secs:.1} s"
-                ));
-                moves.push(Move {
-                    change: "B left",
-                    secs,
-                });
+                say(format!("  {change}; partitions settled after {secs:.1} s"));
+                moves.push(Move { change, secs });
             }
             say(format!(
-                "end-to-end, round {round}/{}: {} (cluster pubsub)",
+                "end-to-end, round {round}/{}: {}",
                 plan.rounds,
-                if workers == 1 {
-                    "node A alone"
-                } else {
-                    "node A + worker node B"
-                }
+                variant.label()
             ));
             let nodes: Vec<&Node> = deployment.nodes.iter().collect();
             let mut owned = Vec::new();
@@ -903,21 +869,114 @@ async fn workers(
                 herald.rate,
                 cores_shown(&herald)
             ));
-            if workers == 1 {
-                phases.add("end-to-end, node A alone (cluster)", &herald.node_metrics);
-                one.push(herald);
-            } else {
-                phases.add("end-to-end, nodes A + B (cluster)", &herald.node_metrics);
-                two.push(herald);
+            phases.add(variant.phase(), &herald.node_metrics);
+            match variant {
+                Variant::Local => local.push(herald),
+                Variant::One => one.push(herald),
+                Variant::Two => two.push(herald),
             }
         }
     }
     Ok(Workers {
-        versus: Versus::new(one, two),
-        connect: connected,
+        versus: Versus::new(local.clone(), one),
+        two: Versus::new(local, two),
+        connect: connected.context("node A never ran in cluster mode")?,
         fanout_bindings: bindings,
         moves,
     })
+}
+
+/// The three deployments of [`workers`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Node A with local pubsub.
+    Local,
+    /// Node A alone, cluster pubsub.
+    One,
+    /// Nodes A + B, cluster pubsub.
+    Two,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Local => "node A alone (local pubsub)",
+            Self::One => "node A alone (cluster pubsub)",
+            Self::Two => "node A + worker node B (cluster pubsub)",
+        }
+    }
+
+    fn phase(self) -> &'static str {
+        match self {
+            Self::Local => "end-to-end, node A alone (local)",
+            Self::One => "end-to-end, node A alone (cluster)",
+            Self::Two => "end-to-end, nodes A + B (cluster)",
+        }
+    }
+}
+
+/// Stops every node, starts node A (`api,worker,socket`) with cluster pubsub or without, waits
+/// until it owns every partition, and connects the run's sockets to it.
+async fn restart_node_a(
+    plan: &Plan,
+    deployment: &mut Deployment<'_>,
+    load: &mut Loadgen,
+    cluster: bool,
+    partitions: u16,
+) -> anyhow::Result<Connected> {
+    let _: Disconnected = load.call(&Command::Disconnect).await?;
+    deployment.stop_all().await;
+    let mode = if cluster { "cluster" } else { "local" };
+    deployment
+        .start(
+            "herald-a",
+            &[
+                ("HERALD_PUBSUB__MODE", mode.to_owned()),
+                ("HERALD_NODE__ROLES", "api,worker,socket".into()),
+                ("HERALD_NODE__NAME", "bench-a".into()),
+            ],
+        )
+        .await?;
+    let owned_secs = wait_partitions(&deployment.nodes, partitions).await?;
+    let connected: Connected = load
+        .call(&Command::Connect {
+            n: plan.sockets,
+            base: Some(deployment.nodes[0].base.clone()),
+        })
+        .await?;
+    say(format!(
+        "  node A ({mode} pubsub) owns the {partitions} partitions after {owned_secs:.1} s; {} sockets connected in {:.1} s",
+        connected.connected, connected.secs
+    ));
+    Ok(connected)
+}
+
+/// Starts worker node B (cluster pubsub) or stops it, as `wanted`; says what changed, if anything.
+async fn set_node_b(
+    deployment: &mut Deployment<'_>,
+    wanted: bool,
+) -> anyhow::Result<Option<&'static str>> {
+    let running = deployment.nodes.len() == 2;
+    if wanted && !running {
+        deployment
+            .start(
+                "herald-b",
+                &[
+                    ("HERALD_PUBSUB__MODE", "cluster".to_owned()),
+                    ("HERALD_NODE__ROLES", "worker".into()),
+                    ("HERALD_NODE__NAME", "bench-b".into()),
+                ],
+            )
+            .await?;
+        return Ok(Some("B joined"));
+    }
+    if !wanted && running {
+        if let Some(b) = deployment.nodes.pop() {
+            b.stop().await;
+        }
+        return Ok(Some("B left"));
+    }
+    Ok(None)
 }
 
 /// The bindings of the deployment's fan-out exchange (one socket node: that node's), as

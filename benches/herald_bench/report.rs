@@ -295,11 +295,13 @@ pub struct Skew {
     pub s: f64,
 }
 
-/// Node A alone (`base`) vs nodes A + B (`other`), both in cluster mode.
+/// Node A with local pubsub (`base`) vs node A alone in cluster mode (`other`), in the same rounds.
 #[derive(Serialize)]
 pub struct Workers {
     #[serde(flatten)]
     pub versus: Versus<HeraldE2e>,
+    /// The same local node A (`base`) vs nodes A + B in cluster mode (`other`).
+    pub two: Versus<HeraldE2e>,
     /// The sockets joining node A in cluster mode.
     pub connect: Connected,
     /// The fan-out exchange's bindings; `None` when `rabbitmqctl` cannot be run.
@@ -457,7 +459,7 @@ impl Report {
         let paced = |k: usize, f: fn(&PacedPoint) -> u64| self.paced.get(k).map_or(0, f) as f64;
         let pushed = |p: &PacedPoint| p.herald.load.push.map_or(0, |q| q.count);
         let burst = &self.burst.load;
-        let workers = self.workers.done().map(|w| &w.versus);
+        let workers = self.workers.done();
         let order = self.order.done().map(|o| &o.versus);
         let mut missing = Vec::new();
         for (figure, value) in [
@@ -481,12 +483,16 @@ impl Report {
                 rate_of(self.skew.versus.other.as_ref()),
             ),
             (
+                "end-to-end, node A alone (local)",
+                rate_of(workers.and_then(|w| w.versus.base.as_ref())),
+            ),
+            (
                 "end-to-end, node A alone (cluster)",
-                rate_of(workers.and_then(|w| w.base.as_ref())),
+                rate_of(workers.and_then(|w| w.versus.other.as_ref())),
             ),
             (
                 "end-to-end, nodes A + B (cluster)",
-                rate_of(workers.and_then(|w| w.other.as_ref())),
+                rate_of(workers.and_then(|w| w.two.other.as_ref())),
             ),
             (
                 "order across api nodes, window 0",
@@ -646,14 +652,16 @@ impl Report {
         ]
     }
 
-    fn cluster_rows(&self) -> [[String; 5]; 3] {
+    fn cluster_rows(&self) -> [[String; 5]; 4] {
         let n = self.sockets as f64;
         let workers = self.workers.done();
-        let versus = workers.map(|w| &w.versus);
-        let (one, two) = (
-            rate_of(versus.and_then(|v| v.base.as_ref())),
-            rate_of(versus.and_then(|v| v.other.as_ref())),
+        let (local, one, two) = (
+            rate_of(workers.and_then(|w| w.versus.base.as_ref())),
+            rate_of(workers.and_then(|w| w.versus.other.as_ref())),
+            rate_of(workers.and_then(|w| w.two.other.as_ref())),
         );
+        let (one_ratio, two_ratio) = workers.map_or((0.0, 0.0), |w| (w.versus.ratio, w.two.ratio));
+        let failed = self.workers.error().map(|error| format!("failed: {error}"));
         let connect = workers.map(|w| &w.connect);
         let sockets = connect.map_or(0.0, |c| c.connected as f64);
         let cluster_secs = connect.map_or(0.0, |c| c.secs);
@@ -675,23 +683,30 @@ impl Report {
         let waits = with_reorder
             .as_ref()
             .map_or(0.0, |r| r.reorder_restored + r.reorder_passed);
+        let local_node = format!(
+            "{} (node A alone, local pubsub, same rounds)",
+            thousands(local)
+        );
         [
             [
                 format!(
-                    "end-to-end events/s, two worker nodes: A (api,worker,socket; the {} sockets) + B (worker), cluster pubsub",
+                    "end-to-end events/s, node A (api,worker,socket; the {} sockets) alone in cluster pubsub",
                     thousands(n)
                 ),
-                format!(
-                    "{} (node A alone, cluster pubsub, same rounds; the usual single node, local pubsub: {})",
-                    thousands(one),
-                    thousands(rate_of(self.e2e.herald.as_ref()))
+                local_node.clone(),
+                failed.clone().unwrap_or_else(|| thousands(one)),
+                format!("{one_ratio:.2}x"),
+                verdict(one_ratio >= 0.9, ">= 0.9x"),
+            ],
+            [
+                "end-to-end events/s, two nodes in cluster pubsub: A + B (worker)".to_owned(),
+                local_node,
+                failed.unwrap_or_else(|| thousands(two)),
+                format!("{two_ratio:.2}x"),
+                verdict(
+                    two_ratio >= 0.8,
+                    ">= 0.8x (2 cores: a second node adds no CPU)",
                 ),
-                match self.workers.error() {
-                    Some(error) => format!("failed: {error}"),
-                    None => thousands(two),
-                },
-                format!("{:.2}x", versus.map_or(0.0, |v| v.ratio)),
-                "none (2 cores: a second node adds no CPU)".into(),
             ],
             [
                 format!(
