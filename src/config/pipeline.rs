@@ -72,7 +72,7 @@ impl Default for PipelineSettings {
             enqueue_buffer_bytes: 64 * 1024 * 1024,
             max_commit_batch: 1_000,
             commit_streams: 1,
-            push_from_commit: 32,
+            push_from_commit: 128,
             enqueue_timeout_ms: 5_000,
             max_batch_events: 1_000,
             max_data_bytes: 64 * 1024,
